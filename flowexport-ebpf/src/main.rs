@@ -1,0 +1,413 @@
+//! flowexport's kernel side: an XDP program on ingress and a TC (TCX) program
+//! on egress that count packets and bytes per flow in one per-CPU hash map.
+//!
+//! Both programs only observe: XDP always returns XDP_PASS and TC returns
+//! TC_ACT_UNSPEC (== TCX_NEXT), so other programs attached after us still run
+//! and the packet continues untouched.
+//!
+//! Exact draining: every key carries the generation it was counted in, read
+//! from `CONTROL[0]`. Userspace flips the generation, waits for an RCU grace
+//! period (so no program still runs with the old value), and only then reads
+//! and deletes the old generation's entries, which nobody writes any more.
+//! See `flowexport/src/capture/drain.rs`.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_UNSPEC},
+    helpers::bpf_ktime_get_ns,
+    macros::{classifier, map, xdp},
+    maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{TcContext, XdpContext},
+};
+use core::mem::size_of;
+use flowexport_common::{
+    FallbackEvent, FlowKey, FlowValue, CONTROL_GENERATION, CONTROL_LEN, DIR_EGRESS, DIR_INGRESS,
+    STAT_FALLBACK_PACKETS, STAT_LEN, STAT_MALFORMED_EGRESS, STAT_MALFORMED_INGRESS,
+    STAT_NON_IP_EGRESS, STAT_NON_IP_INGRESS, STAT_OVERFLOW_BYTES_EGRESS,
+    STAT_OVERFLOW_BYTES_INGRESS, STAT_OVERFLOW_PACKETS_EGRESS, STAT_OVERFLOW_PACKETS_INGRESS,
+};
+
+/// The flow table. Per-CPU so the hot path needs no atomics: each CPU adds to
+/// its own slot and userspace sums the slots when it drains.
+///
+/// Sizing: the loader overrides max_entries with `--max-flows` (default
+/// 65536): the number of distinct flows that may appear between two drains
+/// (the old generation's entries are deleted within the drain itself). The
+/// map is preallocated (no BPF_F_NO_PREALLOC), so an insert never fails for
+/// lack of memory, only with E2BIG when the table is full; the cost is
+/// max_entries × (key + value × possible CPUs) bytes up front, ~12 MiB for the
+/// default on 2 CPUs. A full table is not a loss: see `FALLBACK`.
+#[map]
+static FLOWS: PerCpuHashMap<FlowKey, FlowValue> = PerCpuHashMap::with_max_entries(65536, 0);
+
+/// `CONTROL[0]`: the current generation (0 or 1), written only by userspace.
+#[map]
+static CONTROL: Array<u32> = Array::with_max_entries(CONTROL_LEN, 0);
+
+/// Counters that are not flows (non-IP frames, fallback use); see the STAT_*
+/// indices in flowexport-common. Per-CPU, cumulative, never reset.
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_LEN, 0);
+
+/// Fallback path for packets that find the flow table full: one event per
+/// packet, with its full key, so userspace still counts it in the right flow.
+/// Sized by `--fallback-ring-bytes` (default 1 MiB = ~13k events of 80 bytes
+/// between two reads). If the ring is full too, the packet lands in the
+/// per-direction overflow counters of `STATS`, so totals stay exact.
+#[map]
+static FALLBACK: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+const ETH_HDR_LEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+const ETH_P_QINQ1: u16 = 0x9100;
+
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_AH: u8 = 51;
+const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_DSTOPTS: u8 = 60;
+const IPPROTO_SCTP: u8 = 132;
+const IPPROTO_UDPLITE: u8 = 136;
+
+/// Verifier bound: at most two VLAN tags (802.1ad outer + 802.1Q inner) are
+/// parsed; a third tag leaves the frame classified by that tag's ethertype
+/// (non-IP).
+const MAX_VLAN_TAGS: usize = 2;
+/// Verifier bound: at most this many IPv6 extension headers are walked. Each
+/// is at most 2048 bytes ((255 + 1) × 8), so the L4 offset stays below
+/// 14 + 8 + 40 + 6 × 2048 = 12350, well inside the verifier's 64 KiB packet
+/// offset limit. A chain longer than this is counted with the next-header
+/// value where the walk stopped and no ports.
+const MAX_IPV6_EXT_HDRS: usize = 6;
+
+/// Reads a value at a byte offset of the packet, or None past its end.
+///
+/// Each header is read as one byte array with one bounds check: besides being
+/// cheaper, this keeps LLVM from turning a 1-byte check `p + 1 > end` into
+/// `p >= end`, a form the verifier does not learn a packet range from.
+trait Packet {
+    fn load<T: Copy>(&self, off: usize) -> Option<T>;
+}
+
+/// XDP: direct packet access, bounds-checked against data_end.
+struct XdpPacket<'a>(&'a XdpContext);
+
+impl Packet for XdpPacket<'_> {
+    #[inline(always)]
+    fn load<T: Copy>(&self, off: usize) -> Option<T> {
+        let start = self.0.data();
+        let end = self.0.data_end();
+        if start + off + size_of::<T>() > end {
+            return None;
+        }
+        // SAFETY: the range [start+off, start+off+size) lies inside the packet.
+        Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
+    }
+}
+
+/// TC: bpf_skb_load_bytes, which also reads non-linear (paged) skb data.
+struct SkbPacket<'a>(&'a TcContext);
+
+impl Packet for SkbPacket<'_> {
+    #[inline(always)]
+    fn load<T: Copy>(&self, off: usize) -> Option<T> {
+        self.0.load::<T>(off).ok()
+    }
+}
+
+#[inline(always)]
+fn be16(b: &[u8], i: usize) -> u16 {
+    u16::from_be_bytes([b[i], b[i + 1]])
+}
+
+enum Parsed {
+    Flow { l3_off: usize, l4_hdr_end: usize },
+    NonIp,
+    Malformed,
+}
+
+/// Parses Ethernet / VLAN / IPv4 / IPv6 / L4 into `key` and `ip_len` (the
+/// IP-layer length: IPv4 total length, IPv6 payload length + 40).
+#[inline(always)]
+fn parse<P: Packet>(
+    p: &P,
+    key: &mut FlowKey,
+    ip_len: &mut u64,
+    tcp_flags: &mut u8,
+    mut vlan_seen: bool,
+) -> Parsed {
+    let Some(eth) = p.load::<[u8; ETH_HDR_LEN]>(0) else {
+        return Parsed::NonIp;
+    };
+    let mut etype = be16(&eth, 12);
+    let mut off = ETH_HDR_LEN;
+    for _ in 0..MAX_VLAN_TAGS {
+        if etype != ETH_P_8021Q && etype != ETH_P_8021AD && etype != ETH_P_QINQ1 {
+            break;
+        }
+        let Some(tag) = p.load::<[u8; 4]>(off) else {
+            return Parsed::Malformed;
+        };
+        // The key keeps the outermost tag: the one on this link.
+        if !vlan_seen {
+            key.vlan_id = be16(&tag, 0) & 0x0fff;
+            vlan_seen = true;
+        }
+        etype = be16(&tag, 2);
+        off += 4;
+    }
+    let l3_off = off;
+    let mut l4_off: usize;
+    let mut has_ports = true;
+    let proto;
+    match etype {
+        ETH_P_IP => {
+            let Some(h) = p.load::<[u8; 20]>(off) else {
+                return Parsed::Malformed;
+            };
+            let ihl = ((h[0] & 0x0f) as usize) * 4;
+            if h[0] >> 4 != 4 || ihl < 20 {
+                return Parsed::Malformed;
+            }
+            key.ip_version = 4;
+            key.src_addr[..4].copy_from_slice(&h[12..16]);
+            key.dst_addr[..4].copy_from_slice(&h[16..20]);
+            *ip_len = be16(&h, 2) as u64;
+            // Only the first fragment (offset 0) carries the L4 header.
+            if be16(&h, 6) & 0x1fff != 0 {
+                has_ports = false;
+            }
+            proto = h[9];
+            l4_off = off + ihl;
+        }
+        ETH_P_IPV6 => {
+            let Some(h) = p.load::<[u8; 40]>(off) else {
+                return Parsed::Malformed;
+            };
+            if h[0] >> 4 != 6 {
+                return Parsed::Malformed;
+            }
+            key.ip_version = 6;
+            key.src_addr.copy_from_slice(&h[8..24]);
+            key.dst_addr.copy_from_slice(&h[24..40]);
+            *ip_len = be16(&h, 4) as u64 + 40;
+            let mut next = h[6];
+            l4_off = off + 40;
+            for _ in 0..MAX_IPV6_EXT_HDRS {
+                let hdr_len = match next {
+                    IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH
+                    | IPPROTO_FRAGMENT => 0,
+                    _ => break,
+                };
+                let Some(x) = p.load::<[u8; 4]>(l4_off) else {
+                    has_ports = false;
+                    break;
+                };
+                let hdr_len = hdr_len
+                    + match next {
+                        // Fixed 8 bytes; a non-zero offset means no L4 header.
+                        IPPROTO_FRAGMENT => {
+                            if be16(&x, 2) & 0xfff8 != 0 {
+                                has_ports = false;
+                            }
+                            8
+                        }
+                        // AH counts 4-byte units minus 2.
+                        IPPROTO_AH => (x[1] as usize + 2) * 4,
+                        // The others count 8-byte units after the first 8.
+                        _ => (x[1] as usize + 1) * 8,
+                    };
+                next = x[0];
+                l4_off += hdr_len;
+            }
+            proto = next;
+        }
+        _ => return Parsed::NonIp,
+    }
+    key.proto = proto;
+    let mut l4_hdr_end = l4_off;
+    if has_ports {
+        match proto {
+            IPPROTO_TCP => {
+                if let Some(t) = p.load::<[u8; 14]>(l4_off) {
+                    key.src_port = be16(&t, 0);
+                    key.dst_port = be16(&t, 2);
+                    *tcp_flags = t[13];
+                    l4_hdr_end = l4_off + ((t[12] >> 4) as usize) * 4;
+                }
+            }
+            IPPROTO_UDP | IPPROTO_UDPLITE | IPPROTO_SCTP => {
+                if let Some(u) = p.load::<[u8; 4]>(l4_off) {
+                    key.src_port = be16(&u, 0);
+                    key.dst_port = be16(&u, 2);
+                    l4_hdr_end = l4_off + 8;
+                }
+            }
+            IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+                if let Some(i) = p.load::<[u8; 2]>(l4_off) {
+                    key.dst_port = be16(&i, 0);
+                }
+            }
+            _ => {}
+        }
+    }
+    Parsed::Flow { l3_off, l4_hdr_end }
+}
+
+#[inline(always)]
+fn stat_add(index: u32, n: u64) {
+    if let Some(c) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot; programs do not nest on one CPU for this map.
+        unsafe { *c += n };
+    }
+}
+
+/// Adds one packet (or one GSO super-packet of `packets` segments) to its flow.
+#[inline(always)]
+fn account(key: &mut FlowKey, packets: u64, bytes: u64, tcp_flags: u8) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    key.generation = match CONTROL.get(CONTROL_GENERATION) {
+        Some(g) => *g as u8,
+        None => 0,
+    };
+    if let Some(v) = FLOWS.get_ptr_mut(&*key) {
+        // SAFETY: the pointer is this CPU's slot of an existing entry.
+        unsafe {
+            (*v).packets += packets;
+            (*v).bytes += bytes;
+            (*v).last_seen_ns = now;
+            (*v).tcp_flags |= tcp_flags;
+        }
+        return;
+    }
+    let value = FlowValue {
+        packets,
+        bytes,
+        first_seen_ns: now,
+        last_seen_ns: now,
+        tcp_flags,
+        _pad: [0; 7],
+    };
+    // BPF_ANY: on a per-CPU map this writes only this CPU's slot, so a racing
+    // insert of the same key on another CPU loses nothing. It fails only when
+    // the table is full (E2BIG).
+    if FLOWS.insert(&*key, &value, 0).is_ok() {
+        return;
+    }
+    stat_add(STAT_FALLBACK_PACKETS, packets);
+    if let Some(mut slot) = FALLBACK.reserve::<FallbackEvent>(0) {
+        slot.write(FallbackEvent {
+            key: *key,
+            packets,
+            bytes,
+            ts_ns: now,
+            tcp_flags,
+            _pad: [0; 7],
+        });
+        slot.submit(0);
+        return;
+    }
+    if key.direction == DIR_INGRESS {
+        stat_add(STAT_OVERFLOW_PACKETS_INGRESS, packets);
+        stat_add(STAT_OVERFLOW_BYTES_INGRESS, bytes);
+    } else {
+        stat_add(STAT_OVERFLOW_PACKETS_EGRESS, packets);
+        stat_add(STAT_OVERFLOW_BYTES_EGRESS, bytes);
+    }
+}
+
+#[inline(always)]
+fn empty_key(ifindex: u32, direction: u8) -> FlowKey {
+    FlowKey {
+        src_addr: [0; 16],
+        dst_addr: [0; 16],
+        ifindex,
+        src_port: 0,
+        dst_port: 0,
+        vlan_id: 0,
+        direction,
+        ip_version: 0,
+        proto: 0,
+        generation: 0,
+        _pad: [0; 2],
+    }
+}
+
+#[xdp]
+pub fn flowexport_ingress(ctx: XdpContext) -> u32 {
+    // SAFETY: ctx.ctx points at the kernel's xdp_md for this packet.
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    let mut key = empty_key(ifindex, DIR_INGRESS);
+    let mut ip_len = 0u64;
+    let mut flags = 0u8;
+    match parse(&XdpPacket(&ctx), &mut key, &mut ip_len, &mut flags, false) {
+        Parsed::Flow { .. } => account(&mut key, 1, ip_len, flags),
+        Parsed::NonIp => stat_add(STAT_NON_IP_INGRESS, 1),
+        Parsed::Malformed => stat_add(STAT_MALFORMED_INGRESS, 1),
+    }
+    xdp_action::XDP_PASS
+}
+
+#[classifier]
+pub fn flowexport_egress(ctx: TcContext) -> i32 {
+    // SAFETY: ctx.skb.skb points at the kernel's __sk_buff for this packet.
+    let (ifindex, vlan_present, vlan_tci, gso_segs, skb_len) = unsafe {
+        let s = &*ctx.skb.skb;
+        (s.ifindex, s.vlan_present, s.vlan_tci, s.gso_segs, s.len)
+    };
+    let mut key = empty_key(ifindex, DIR_EGRESS);
+    // A tag the stack keeps out of band (hardware-accelerated VLAN) is the
+    // outermost one; tags still in the frame are inner.
+    if vlan_present != 0 {
+        key.vlan_id = (vlan_tci & 0x0fff) as u16;
+    }
+    let mut ip_len = 0u64;
+    let mut flags = 0u8;
+    match parse(
+        &SkbPacket(&ctx),
+        &mut key,
+        &mut ip_len,
+        &mut flags,
+        vlan_present != 0,
+    ) {
+        Parsed::Flow { l3_off, l4_hdr_end } => {
+            if gso_segs > 1 {
+                // A GSO super-packet leaves as `gso_segs` wire packets, each
+                // carrying its own copy of the IP and L4 headers.
+                let segs = gso_segs as u64;
+                let hdrs = (l4_hdr_end - l3_off) as u64;
+                let total = (skb_len as u64).saturating_sub(l3_off as u64);
+                account(&mut key, segs, total + (segs - 1) * hdrs, flags)
+            } else {
+                account(&mut key, 1, ip_len, flags)
+            }
+        }
+        Parsed::NonIp => stat_add(STAT_NON_IP_EGRESS, 1),
+        Parsed::Malformed => stat_add(STAT_MALFORMED_EGRESS, 1),
+    }
+    TC_ACT_UNSPEC
+}
+
+/// Baseline for `cargo xtask bench xdp`: the cheapest possible XDP program.
+#[xdp]
+pub fn flowexport_bench_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,264 @@
+//! Loads flowexport's kernel programs and attaches them: XDP on ingress, TC
+//! (TCX on kernels >= 6.6, clsact before) on egress.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use aya::programs::{
+    tc, xdp::XdpLinkId, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+};
+use aya::{Ebpf, EbpfError, EbpfLoader};
+use flowexport_common::{MAP_FALLBACK, MAP_FLOWS, PROG_EGRESS, PROG_INGRESS};
+
+/// The kernel object built by `cargo xtask build-ebpf`, embedded at build time.
+static EMBEDDED_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("FLOWEXPORT_EBPF_OBJECT"));
+
+/// How `--xdp-mode` asks for the XDP program to be attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpModeChoice {
+    /// Native (driver) mode: wire packets, fastest. Fails if the driver lacks it.
+    Native,
+    /// Generic (skb) mode: works everywhere, sees GSO super-packets.
+    Skb,
+    /// Native, falling back to skb mode with a log line.
+    Auto,
+}
+
+impl std::str::FromStr for XdpModeChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "native" | "drv" | "driver" => Ok(XdpModeChoice::Native),
+            "skb" | "generic" => Ok(XdpModeChoice::Skb),
+            "auto" => Ok(XdpModeChoice::Auto),
+            other => Err(format!(
+                "unknown XDP mode {other:?}: use native, skb or auto"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("interface {0:?} does not exist (see `ip link`)")]
+    NoSuchInterface(String),
+    #[error(
+        "not permitted to load BPF programs ({0}); run as root or grant CAP_BPF, \
+         CAP_NET_ADMIN and CAP_PERFMON"
+    )]
+    NotPermitted(String),
+    #[error("cannot read the eBPF object {path}: {source}; build it with `cargo xtask build-ebpf`")]
+    ObjectUnreadable { path: PathBuf, source: io::Error },
+    #[error(
+        "interface {0:?} already has an XDP program attached by someone else; flowexport \
+         does not replace it. Detach it first (`ip link set dev {0} xdp off`) or choose \
+         another interface"
+    )]
+    XdpBusy(String),
+    #[error("cannot attach XDP to {iface:?} in {mode} mode: {source}{hint}")]
+    XdpAttach {
+        iface: String,
+        mode: &'static str,
+        hint: &'static str,
+        source: ProgramError,
+    },
+    #[error("cannot attach the TC egress program to {iface:?}: {source}")]
+    TcAttach { iface: String, source: ProgramError },
+    #[error("the kernel rejected flowexport's eBPF object: {0}")]
+    Load(String),
+    #[error("the eBPF object lacks {0}; rebuild it with `cargo xtask build-ebpf`")]
+    MissingPart(&'static str),
+}
+
+pub struct LoadOptions {
+    /// Flow-table capacity (max_entries of the per-CPU hash).
+    pub max_flows: u32,
+    /// Fallback ring buffer size in bytes (power of two, >= page size).
+    pub fallback_ring_bytes: u32,
+    /// Load this object instead of the embedded one.
+    pub object: Option<PathBuf>,
+}
+
+/// Loaded programs and their attachments. Dropping it detaches everything.
+pub struct Capture {
+    pub ebpf: Ebpf,
+    xdp_links: Vec<(String, XdpLinkId)>,
+    tc_links: Vec<(String, tc::SchedClassifierLinkId)>,
+}
+
+fn is_perm(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EPERM)
+}
+
+fn program_io_error(e: &ProgramError) -> Option<&io::Error> {
+    match e {
+        ProgramError::SyscallError(s) => Some(&s.io_error),
+        ProgramError::LoadError { io_error, .. } => Some(io_error),
+        _ => None,
+    }
+}
+
+fn map_load_error(e: EbpfError) -> CaptureError {
+    let perm = match &e {
+        EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. }) => is_perm(io_error),
+        EbpfError::ProgramError(p) => program_io_error(p).is_some_and(is_perm),
+        _ => false,
+    };
+    if perm {
+        CaptureError::NotPermitted(e.to_string())
+    } else {
+        CaptureError::Load(e.to_string())
+    }
+}
+
+/// The interface's index, or a clear error if it does not exist.
+pub fn ifindex(iface: &str) -> Result<u32, CaptureError> {
+    let c = std::ffi::CString::new(iface)
+        .map_err(|_| CaptureError::NoSuchInterface(iface.to_string()))?;
+    // SAFETY: c is a valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(CaptureError::NoSuchInterface(iface.to_string())),
+        i => Ok(i),
+    }
+}
+
+impl Capture {
+    /// Loads the object (embedded or `opts.object`) and its programs into the
+    /// kernel, without attaching them.
+    pub fn load(opts: &LoadOptions) -> Result<Capture, CaptureError> {
+        let owned;
+        let bytes: &[u8] = match &opts.object {
+            Some(path) => {
+                owned = read_object(path)?;
+                &owned
+            }
+            None => EMBEDDED_OBJECT,
+        };
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(MAP_FLOWS, opts.max_flows)
+            .map_max_entries(MAP_FALLBACK, opts.fallback_ring_bytes)
+            .load(bytes)
+            .map_err(map_load_error)?;
+        let xdp: &mut Xdp = ebpf
+            .program_mut(PROG_INGRESS)
+            .ok_or(CaptureError::MissingPart(PROG_INGRESS))?
+            .try_into()
+            .map_err(|_| CaptureError::MissingPart(PROG_INGRESS))?;
+        xdp.load().map_err(|e| map_load_error(e.into()))?;
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(PROG_EGRESS)
+            .ok_or(CaptureError::MissingPart(PROG_EGRESS))?
+            .try_into()
+            .map_err(|_| CaptureError::MissingPart(PROG_EGRESS))?;
+        tc.load().map_err(|e| map_load_error(e.into()))?;
+        Ok(Capture {
+            ebpf,
+            xdp_links: Vec::new(),
+            tc_links: Vec::new(),
+        })
+    }
+
+    /// Attaches XDP (ingress) and TC (egress) to `iface`. Returns the XDP
+    /// mode actually used.
+    pub fn attach(&mut self, iface: &str, mode: XdpModeChoice) -> Result<&'static str, CaptureError> {
+        ifindex(iface)?;
+        let used = self.attach_xdp(iface, mode)?;
+        let tc: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(PROG_EGRESS)
+            .ok_or(CaptureError::MissingPart(PROG_EGRESS))?
+            .try_into()
+            .map_err(|_| CaptureError::MissingPart(PROG_EGRESS))?;
+        let link = match tc.attach(iface, TcAttachType::Egress) {
+            Ok(l) => l,
+            Err(first) => {
+                // Kernels before 6.6 have no TCX: netlink needs a clsact qdisc.
+                // EEXIST means it is already there, which is fine.
+                let _ = tc::qdisc_add_clsact(iface);
+                tc.attach(iface, TcAttachType::Egress)
+                    .map_err(|_| CaptureError::TcAttach {
+                        iface: iface.to_string(),
+                        source: first,
+                    })?
+            }
+        };
+        self.tc_links.push((iface.to_string(), link));
+        Ok(used)
+    }
+
+    fn attach_xdp(&mut self, iface: &str, mode: XdpModeChoice) -> Result<&'static str, CaptureError> {
+        let xdp: &mut Xdp = self
+            .ebpf
+            .program_mut(PROG_INGRESS)
+            .ok_or(CaptureError::MissingPart(PROG_INGRESS))?
+            .try_into()
+            .map_err(|_| CaptureError::MissingPart(PROG_INGRESS))?;
+        let busy = |e: &ProgramError| {
+            program_io_error(e)
+                .and_then(|e| e.raw_os_error())
+                .is_some_and(|c| c == libc::EBUSY || c == libc::EEXIST)
+        };
+        let attempt = |xdp: &mut Xdp, m: XdpMode, name: &'static str| {
+            xdp.attach(iface, m).map_err(|e| {
+                if busy(&e) {
+                    CaptureError::XdpBusy(iface.to_string())
+                } else {
+                    CaptureError::XdpAttach {
+                        iface: iface.to_string(),
+                        mode: name,
+                        hint: if name == "native" {
+                            " (the driver may lack native XDP; try --xdp-mode skb or auto)"
+                        } else {
+                            ""
+                        },
+                        source: e,
+                    }
+                }
+            })
+        };
+        let (link, used) = match mode {
+            XdpModeChoice::Native => (attempt(xdp, XdpMode::Driver, "native")?, "native"),
+            XdpModeChoice::Skb => (attempt(xdp, XdpMode::Skb, "skb")?, "skb"),
+            XdpModeChoice::Auto => match attempt(xdp, XdpMode::Driver, "native") {
+                Ok(l) => (l, "native"),
+                Err(e @ CaptureError::XdpBusy(_)) => return Err(e),
+                Err(e) => {
+                    log::warn!("{e}; falling back to skb (generic) mode on {iface}");
+                    (attempt(xdp, XdpMode::Skb, "skb")?, "skb")
+                }
+            },
+        };
+        self.xdp_links.push((iface.to_string(), link));
+        Ok(used)
+    }
+
+    /// Detaches every program from every interface. Packets already inside a
+    /// program still finish; wait for a grace period before the final drain.
+    pub fn detach_all(&mut self) {
+        if let Some(p) = self.ebpf.program_mut(PROG_INGRESS) {
+            if let Ok(xdp) = <&mut Xdp>::try_from(p) {
+                for (iface, link) in self.xdp_links.drain(..) {
+                    if let Err(e) = xdp.detach(link) {
+                        log::warn!("detaching XDP from {iface}: {e}");
+                    }
+                }
+            }
+        }
+        if let Some(p) = self.ebpf.program_mut(PROG_EGRESS) {
+            if let Ok(tc) = <&mut SchedClassifier>::try_from(p) {
+                for (iface, link) in self.tc_links.drain(..) {
+                    if let Err(e) = tc.detach(link) {
+                        log::warn!("detaching TC from {iface}: {e}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn read_object(path: &Path) -> Result<Vec<u8>, CaptureError> {
+    std::fs::read(path).map_err(|source| CaptureError::ObjectUnreadable {
+        path: path.to_path_buf(),
+        source,
+    })
+}

@@ -1,0 +1,4 @@
+//! Capture stage: the kernel programs, their loader, and the exact drain.
+pub mod drain;
+pub mod loader;
+pub mod rcu;

@@ -1,0 +1,373 @@
+//! `flowexport agent` settings: command-line flags, an optional TOML file
+//! (`--config`) that may set every flag, and the defaults. Flags win over the
+//! file, the file over the defaults.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::Deserialize;
+
+use crate::capture::loader::XdpModeChoice;
+
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+pub const DEFAULT_ACTIVE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_DRAIN_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_MAX_FLOWS: u32 = 65_536;
+pub const DEFAULT_FALLBACK_RING_BYTES: u32 = 1 << 20;
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9590";
+
+/// Parses "15s", "500ms", "2m", "1h" or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 15s, 500ms, 2m"))?;
+    let secs = match unit.trim() {
+        "" | "s" => n,
+        "ms" => n / 1e3,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        other => {
+            return Err(format!(
+                "invalid duration unit {other:?} in {s:?}: use ms, s, m or h"
+            ))
+        }
+    };
+    if !secs.is_finite() || secs <= 0.0 {
+        return Err(format!("duration {s:?} must be greater than zero"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Flags of `flowexport agent`. Every flag is optional here so that a value
+/// from `--config` can fill it; defaults are applied in [`AgentArgs::resolve`].
+#[derive(Args, Debug, Default, Clone)]
+pub struct AgentArgs {
+    /// Interface to attach to (repeat for several). Required here or in the config file.
+    #[arg(long = "iface", value_name = "IF")]
+    pub iface: Vec<String>,
+    /// XDP attach mode: native (driver), skb (generic), or auto = native,
+    /// falling back to skb with a log line. [default: auto]
+    #[arg(long, value_name = "MODE")]
+    pub xdp_mode: Option<XdpModeChoice>,
+    /// Export a flow once it has seen no packet for this long. [default: 15s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub idle_timeout: Option<Duration>,
+    /// Export a long-lived flow every DURATION, with the counts since its
+    /// last export. [default: 60s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub active_timeout: Option<Duration>,
+    /// How often the kernel table is drained (timeouts are checked then);
+    /// at most the smaller timeout. [default: 1s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub drain_interval: Option<Duration>,
+    /// Kernel flow-table capacity: distinct flows per drain interval before
+    /// packets take the fallback ring. [default: 65536]
+    #[arg(long, value_name = "N")]
+    pub max_flows: Option<u32>,
+    /// Size of the fallback ring buffer in bytes (a power of two, at least
+    /// the page size). [default: 1048576]
+    #[arg(long, value_name = "BYTES")]
+    pub fallback_ring_bytes: Option<u32>,
+    /// Prometheus endpoint address (serves /metrics). [default: 127.0.0.1:9590]
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// `sampler_address` of every record; "none" for empty. [default: the
+    /// host's first non-loopback address, IPv4 first]
+    #[arg(long, value_name = "IP|none")]
+    pub sampler_address: Option<String>,
+    /// Load the kernel object from this file instead of the embedded one.
+    #[arg(long, value_name = "PATH")]
+    pub bpf_object: Option<PathBuf>,
+    /// TOML file with any of these settings (keys as the flag names, e.g.
+    /// `idle-timeout = "10s"`, `iface = ["eth0"]`). Flags win.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// The `--config` file: the same settings as the flags.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    iface: Option<Vec<String>>,
+    xdp_mode: Option<String>,
+    idle_timeout: Option<String>,
+    active_timeout: Option<String>,
+    drain_interval: Option<String>,
+    max_flows: Option<u32>,
+    fallback_ring_bytes: Option<u32>,
+    metrics_addr: Option<String>,
+    sampler_address: Option<String>,
+    bpf_object: Option<PathBuf>,
+}
+
+/// Fully resolved agent settings.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub ifaces: Vec<String>,
+    pub xdp_mode: XdpModeChoice,
+    pub idle_timeout: Duration,
+    pub active_timeout: Duration,
+    pub drain_interval: Duration,
+    pub max_flows: u32,
+    pub fallback_ring_bytes: u32,
+    pub metrics_addr: SocketAddr,
+    pub sampler_address: Option<IpAddr>,
+    pub bpf_object: Option<PathBuf>,
+}
+
+fn file_duration(path: &Path, key: &str, v: Option<String>) -> Result<Option<Duration>> {
+    v.map(|s| parse_duration(&s))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("{}: {key}: {e}", path.display()))
+}
+
+fn parse_sampler(s: &str) -> Result<Option<IpAddr>> {
+    if s.eq_ignore_ascii_case("none") || s.is_empty() {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .with_context(|| format!("invalid --sampler-address {s:?}: expected an IP address or none"))
+}
+
+impl AgentArgs {
+    /// Merges flags over the config file over the defaults, and validates.
+    pub fn resolve(self) -> Result<AgentConfig> {
+        let file = match &self.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read config file {}", p.display()))?;
+                let f: FileConfig = toml::from_str(&text)
+                    .with_context(|| format!("invalid config file {}", p.display()))?;
+                Some((p.clone(), f))
+            }
+            None => None,
+        };
+        let (path, f) = match file {
+            Some((p, f)) => (p, f),
+            None => (PathBuf::new(), FileConfig::default()),
+        };
+        let ifaces = if self.iface.is_empty() {
+            f.iface.unwrap_or_default()
+        } else {
+            self.iface
+        };
+        if ifaces.is_empty() {
+            bail!("no interface given: use --iface IF (repeatable) or `iface = [...]` in --config");
+        }
+        let xdp_mode = match (self.xdp_mode, f.xdp_mode) {
+            (Some(m), _) => m,
+            (None, Some(s)) => s
+                .parse()
+                .map_err(|e| anyhow::anyhow!("{}: xdp-mode: {e}", path.display()))?,
+            (None, None) => XdpModeChoice::Auto,
+        };
+        let idle_timeout = self
+            .idle_timeout
+            .or(file_duration(&path, "idle-timeout", f.idle_timeout)?)
+            .unwrap_or(DEFAULT_IDLE_TIMEOUT);
+        let active_timeout = self
+            .active_timeout
+            .or(file_duration(&path, "active-timeout", f.active_timeout)?)
+            .unwrap_or(DEFAULT_ACTIVE_TIMEOUT);
+        let drain_interval = self
+            .drain_interval
+            .or(file_duration(&path, "drain-interval", f.drain_interval)?)
+            .unwrap_or_else(|| DEFAULT_DRAIN_INTERVAL.min(idle_timeout).min(active_timeout));
+        if drain_interval > idle_timeout.min(active_timeout) {
+            bail!(
+                "--drain-interval ({drain_interval:?}) must not exceed the idle ({idle_timeout:?}) \
+                 or active ({active_timeout:?}) timeout: timeouts are only checked at drains"
+            );
+        }
+        let max_flows = self
+            .max_flows
+            .or(f.max_flows)
+            .unwrap_or(DEFAULT_MAX_FLOWS);
+        if max_flows == 0 {
+            bail!("--max-flows must be at least 1");
+        }
+        let fallback_ring_bytes = self
+            .fallback_ring_bytes
+            .or(f.fallback_ring_bytes)
+            .unwrap_or(DEFAULT_FALLBACK_RING_BYTES);
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u32;
+        if !fallback_ring_bytes.is_power_of_two() || fallback_ring_bytes < page {
+            bail!(
+                "--fallback-ring-bytes {fallback_ring_bytes} must be a power of two and at least \
+                 the page size ({page})"
+            );
+        }
+        let metrics_addr = match (self.metrics_addr, f.metrics_addr) {
+            (Some(a), _) => a,
+            (None, Some(s)) => s.parse().with_context(|| {
+                format!("{}: metrics-addr {s:?}: expected ADDR:PORT", path.display())
+            })?,
+            (None, None) => DEFAULT_METRICS_ADDR.parse().expect("valid default"),
+        };
+        let sampler_address = match self.sampler_address.or(f.sampler_address) {
+            Some(s) => parse_sampler(&s)?,
+            None => host_address(),
+        };
+        Ok(AgentConfig {
+            ifaces,
+            xdp_mode,
+            idle_timeout,
+            active_timeout,
+            drain_interval,
+            max_flows,
+            fallback_ring_bytes,
+            metrics_addr,
+            sampler_address,
+            bpf_object: self.bpf_object.or(f.bpf_object),
+        })
+    }
+}
+
+/// The host's first non-loopback, non-link-local address: IPv4 first, then
+/// global IPv6. None if the host has none.
+pub fn host_address() -> Option<IpAddr> {
+    let mut found: Vec<IpAddr> = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return None;
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: cur walks the list returned by getifaddrs.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points at a sockaddr of the family it names.
+            unsafe {
+                match (*ifa.ifa_addr).sa_family as i32 {
+                    libc::AF_INET => {
+                        let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                        found.push(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                        found.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: head came from getifaddrs.
+    unsafe { libc::freeifaddrs(head) };
+    let usable = |a: &IpAddr| match a {
+        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified(),
+        IpAddr::V6(v6) => {
+            !v6.is_loopback() && !v6.is_unspecified() && (v6.segments()[0] & 0xffc0) != 0xfe80
+        }
+    };
+    found
+        .iter()
+        .find(|a| a.is_ipv4() && usable(a))
+        .or_else(|| found.iter().find(|a| usable(a)))
+        .copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("15s").unwrap(), Duration::from_secs(15));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("10 parsecs").is_err());
+        assert!(parse_duration("fast").is_err());
+    }
+
+    fn args(iface: &[&str]) -> AgentArgs {
+        AgentArgs {
+            iface: iface.iter().map(|s| s.to_string()).collect(),
+            sampler_address: Some("none".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let c = args(&["eth0"]).resolve().unwrap();
+        assert_eq!(c.ifaces, vec!["eth0"]);
+        assert_eq!(c.xdp_mode, XdpModeChoice::Auto);
+        assert_eq!(c.idle_timeout, Duration::from_secs(15));
+        assert_eq!(c.active_timeout, Duration::from_secs(60));
+        assert_eq!(c.drain_interval, Duration::from_secs(1));
+        assert_eq!(c.max_flows, 65_536);
+        assert_eq!(c.fallback_ring_bytes, 1 << 20);
+        assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9590");
+        assert_eq!(c.sampler_address, None);
+    }
+
+    #[test]
+    fn file_fills_and_flags_win() {
+        let dir = std::env::temp_dir().join(format!("fe-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("agent.toml");
+        std::fs::write(
+            &p,
+            "iface = [\"veth9\"]\nidle-timeout = \"5s\"\nmax-flows = 128\nxdp-mode = \"skb\"\n\
+             metrics-addr = \"127.0.0.1:9999\"\nsampler-address = \"192.0.2.7\"\n",
+        )
+        .unwrap();
+        let mut a = args(&[]);
+        a.sampler_address = None;
+        a.config = Some(p.clone());
+        a.max_flows = Some(256);
+        let c = a.resolve().unwrap();
+        assert_eq!(c.ifaces, vec!["veth9"]);
+        assert_eq!(c.idle_timeout, Duration::from_secs(5));
+        assert_eq!(c.max_flows, 256, "flag wins over file");
+        assert_eq!(c.xdp_mode, XdpModeChoice::Skb);
+        assert_eq!(c.metrics_addr.port(), 9999);
+        assert_eq!(c.sampler_address, Some("192.0.2.7".parse().unwrap()));
+
+        std::fs::write(&p, "iface = [\"a\"]\nidle_timeot = \"5s\"\n").unwrap();
+        let mut a = args(&[]);
+        a.config = Some(p.clone());
+        let err = format!("{:#}", a.resolve().unwrap_err());
+        assert!(err.contains("unknown field"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        let mut a = args(&["eth0"]);
+        a.drain_interval = Some(Duration::from_secs(30));
+        assert!(format!("{:#}", a.resolve().unwrap_err()).contains("--drain-interval"));
+        let mut a = args(&["eth0"]);
+        a.fallback_ring_bytes = Some(5000);
+        assert!(format!("{:#}", a.resolve().unwrap_err()).contains("power of two"));
+        let mut a = args(&["eth0"]);
+        a.max_flows = Some(0);
+        assert!(a.resolve().is_err());
+        assert!(args(&[]).resolve().is_err());
+        let mut a = args(&["eth0"]);
+        a.sampler_address = Some("not-an-ip".into());
+        assert!(format!("{:#}", a.resolve().unwrap_err()).contains("sampler-address"));
+    }
+
+    #[test]
+    fn short_timeouts_shrink_default_drain_interval() {
+        let mut a = args(&["eth0"]);
+        a.active_timeout = Some(Duration::from_millis(300));
+        let c = a.resolve().unwrap();
+        assert_eq!(c.drain_interval, Duration::from_millis(300));
+    }
+}

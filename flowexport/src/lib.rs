@@ -1,0 +1,13 @@
+//! flowexport: a network-flow exporter. The data path is a pipeline, one
+//! module per stage:
+//!
+//! capture (kernel programs + loader, [`capture`]) → exact drain into a
+//! userspace flow table ([`capture::drain`]) → [`record::FlowRecord`] →
+//! sinks ([`sink`]) and metrics ([`metrics`]).
+pub mod agent;
+pub mod capture;
+pub mod config;
+pub mod metrics;
+pub mod record;
+pub mod sink;
+pub mod timeconv;

@@ -1,0 +1,41 @@
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use flowexport::config::AgentArgs;
+use flowexport::sink::{stdout::JsonLinesSink, Sink};
+
+/// flowexport: per-flow packet and byte counters from XDP/TC programs, exported
+/// as flow records (JSON lines on stdout by default).
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Count flows on interfaces with XDP (ingress) and TC (egress) programs
+    /// and export them; runs until SIGINT/SIGTERM, then drains and exits.
+    Agent(AgentArgs),
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .target(env_logger::Target::Stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Agent(args) => args.resolve().and_then(|cfg| {
+            let sinks: Vec<Box<dyn Sink>> = vec![Box::new(JsonLinesSink::stdout())];
+            flowexport::agent::run(cfg, sinks)
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

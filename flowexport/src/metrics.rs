@@ -1,0 +1,187 @@
+//! Prometheus metrics of the agent, served on `--metrics-addr` at `/metrics`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric the agent exports. Names follow Prometheus conventions:
+/// `flowexport_` prefix, `_total` for counters, base units (bytes, seconds).
+#[derive(Clone)]
+pub struct AgentMetrics {
+    pub registry: Registry,
+    pub packets: IntCounterVec,
+    pub bytes: IntCounterVec,
+    pub flows_exported: IntCounter,
+    pub drains: IntCounter,
+    pub drain_duration: Histogram,
+    pub table_entries: IntGauge,
+    pub table_capacity: IntGauge,
+    pub flows_active: IntGauge,
+    pub fallback_packets: IntCounter,
+    pub overflow_packets: IntCounter,
+    pub non_ip_packets: IntCounterVec,
+    pub malformed_packets: IntCounterVec,
+    pub sink_errors: IntCounterVec,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+impl AgentMetrics {
+    pub fn new() -> AgentMetrics {
+        let r = Registry::new();
+        let drain_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "flowexport_drain_duration_seconds",
+                "Time one drain of the kernel flow table took (flip, grace period, read, delete).",
+            )
+            .buckets(vec![
+                0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
+            ]),
+        )
+        .expect("valid metric");
+        r.register(Box::new(drain_duration.clone()))
+            .expect("unique metric");
+        AgentMetrics {
+            packets: counter_vec(
+                &r,
+                "flowexport_packets_total",
+                "IP packets counted into flows, by direction (ingress/egress).",
+                &["direction"],
+            ),
+            bytes: counter_vec(
+                &r,
+                "flowexport_bytes_total",
+                "IP-layer bytes counted into flows, by direction.",
+                &["direction"],
+            ),
+            flows_exported: counter(
+                &r,
+                "flowexport_flows_exported_total",
+                "Flow records handed to the sinks.",
+            ),
+            drains: counter(&r, "flowexport_drains_total", "Drains of the kernel flow table."),
+            drain_duration,
+            table_entries: gauge(
+                &r,
+                "flowexport_flow_table_entries",
+                "Entries the last drain found in the kernel flow table (one generation).",
+            ),
+            table_capacity: gauge(
+                &r,
+                "flowexport_flow_table_capacity",
+                "Capacity of the kernel flow table (--max-flows).",
+            ),
+            flows_active: gauge(
+                &r,
+                "flowexport_flows_active",
+                "Flows held in userspace waiting for their idle/active timeout.",
+            ),
+            fallback_packets: counter(
+                &r,
+                "flowexport_table_full_fallback_packets_total",
+                "Packets that found the kernel flow table full and went through the fallback ring.",
+            ),
+            overflow_packets: counter(
+                &r,
+                "flowexport_fallback_overflow_packets_total",
+                "Packets that found the flow table and the fallback ring full; exported as overflow records without addresses.",
+            ),
+            non_ip_packets: counter_vec(
+                &r,
+                "flowexport_non_ip_packets_total",
+                "Frames that were not IPv4/IPv6 (ARP, LLDP, ...), by direction; not flows.",
+                &["direction"],
+            ),
+            malformed_packets: counter_vec(
+                &r,
+                "flowexport_malformed_packets_total",
+                "IP packets whose headers were cut short, by direction; not flows.",
+                &["direction"],
+            ),
+            sink_errors: counter_vec(
+                &r,
+                "flowexport_sink_errors_total",
+                "Batches a sink failed to deliver, by sink.",
+                &["sink"],
+            ),
+            registry: r,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding of metrics");
+        String::from_utf8(buf).expect("metrics are UTF-8")
+    }
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+    render: std::sync::Arc<dyn Fn() -> String + Send + Sync>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let resp = if req.uri().path() == "/metrics" {
+        Response::builder()
+            .header("content-type", "text/plain; version=0.0.4")
+            .body(Full::new(Bytes::from(render())))
+    } else {
+        Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .body(Full::new(Bytes::from("not found: try /metrics\n")))
+    };
+    Ok(resp.expect("valid response"))
+}
+
+/// Binds `addr` now (so a bad address fails at start) and serves `/metrics`
+/// until the runtime shuts down.
+pub async fn serve(
+    addr: SocketAddr,
+    render: std::sync::Arc<dyn Fn() -> String + Send + Sync>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let render = render.clone();
+            tokio::spawn(async move {
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let svc = hyper::service::service_fn(move |req| handle(req, render.clone()));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, svc)
+                    .await;
+            });
+        }
+    }))
+}

@@ -1,0 +1,105 @@
+//! Developer tasks: `cargo xtask build-ebpf`, `cargo xtask bench xdp`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the kernel programs (flowexport-ebpf) with nightly for
+    /// bpfel-unknown-none into target/bpfel-unknown-none/release/flowexport.
+    BuildEbpf {
+        /// Build without optimizations (the verifier may reject it).
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Benchmarks; see BENCHMARKS.md.
+    Bench {
+        /// What to benchmark: xdp.
+        what: String,
+        /// Extra arguments for the benchmark binary.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+pub fn build_ebpf(debug: bool) -> Result<()> {
+    let root = root();
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root.join("flowexport-ebpf"))
+        // Whatever toolchain runs xtask, the kernel crate needs nightly
+        // (-Z build-std, set in flowexport-ebpf/.cargo/config.toml).
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("CARGO_TARGET_DIR")
+        .args(["+nightly", "build", "--target-dir"])
+        .arg(root.join("target"));
+    if !debug {
+        cmd.arg("--release");
+    }
+    run(&mut cmd).context(
+        "building the eBPF object failed; it needs the nightly toolchain with rust-src and \
+         bpf-linker (scripts/setup.sh installs both)",
+    )?;
+    let profile = if debug { "debug" } else { "release" };
+    println!(
+        "eBPF object: {}",
+        root.join("target/bpfel-unknown-none")
+            .join(profile)
+            .join("flowexport")
+            .display()
+    );
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::BuildEbpf { debug } => build_ebpf(debug),
+        Cmd::Bench { what, args } => {
+            build_ebpf(false)?;
+            match what.as_str() {
+                "xdp" => run(Command::new("cargo")
+                    .current_dir(root())
+                    .args([
+                        "run",
+                        "--release",
+                        "--quiet",
+                        "-p",
+                        "flowexport",
+                        "--bin",
+                        "flowexport-bench",
+                        "--",
+                        "xdp",
+                    ])
+                    .args(&args)),
+                other => bail!("unknown benchmark {other:?}: available: xdp"),
+            }
+        }
+    }
+}
