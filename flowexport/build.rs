@@ -22,6 +22,8 @@ fn main() {
         );
         std::process::exit(1);
     }
-    let path = path.canonicalize().expect("canonical path of the eBPF object");
+    let path = path
+        .canonicalize()
+        .expect("canonical path of the eBPF object");
     println!("cargo:rustc-env=FLOWEXPORT_EBPF_OBJECT={}", path.display());
 }

@@ -278,9 +278,14 @@ fn account(key: &mut FlowKey, packets: u64, bytes: u64, tcp_flags: u8) {
         Some(g) => *g as u8,
         None => 0,
     };
-    if let Some(v) = FLOWS.get_ptr_mut(&*key) {
+    if let Some(v) = FLOWS.get_ptr_mut(*key) {
         // SAFETY: the pointer is this CPU's slot of an existing entry.
         unsafe {
+            // Another CPU may have created the entry: then this CPU's slot
+            // starts zeroed and this is its first packet.
+            if (*v).first_seen_ns == 0 {
+                (*v).first_seen_ns = now;
+            }
             (*v).packets += packets;
             (*v).bytes += bytes;
             (*v).last_seen_ns = now;
@@ -299,7 +304,7 @@ fn account(key: &mut FlowKey, packets: u64, bytes: u64, tcp_flags: u8) {
     // BPF_ANY: on a per-CPU map this writes only this CPU's slot, so a racing
     // insert of the same key on another CPU loses nothing. It fails only when
     // the table is full (E2BIG).
-    if FLOWS.insert(&*key, &value, 0).is_ok() {
+    if FLOWS.insert(*key, value, 0).is_ok() {
         return;
     }
     stat_add(STAT_FALLBACK_PACKETS, packets);

@@ -140,7 +140,10 @@ pub fn run(cfg: AgentConfig, sinks: Vec<Box<dyn Sink>>) -> Result<()> {
         .context("starting the tokio runtime")?;
     let m2 = metrics.clone();
     runtime
-        .block_on(crate::metrics::serve(cfg.metrics_addr, Arc::new(move || m2.render())))
+        .block_on(crate::metrics::serve(
+            cfg.metrics_addr,
+            Arc::new(move || m2.render()),
+        ))
         .with_context(|| {
             format!(
                 "cannot serve metrics on {} (in use? choose another with --metrics-addr)",
@@ -166,13 +169,8 @@ pub fn run(cfg: AgentConfig, sinks: Vec<Box<dyn Sink>>) -> Result<()> {
     let drain_thread = std::thread::Builder::new()
         .name("drain".into())
         .spawn(move || -> Result<()> {
-            loop {
-                match stop_rx.recv_timeout(interval) {
-                    Err(mpsc::RecvTimeoutError::Timeout) => {
-                        drainer.cycle(false)?;
-                    }
-                    _ => break,
-                }
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stop_rx.recv_timeout(interval) {
+                drainer.cycle(false)?;
             }
             // Shutdown: stop counting, wait out programs still running, then
             // take everything that is left and flush.

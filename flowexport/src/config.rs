@@ -22,7 +22,9 @@ pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9590";
 /// Parses "15s", "500ms", "2m", "1h" or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: f64 = num
         .parse()
@@ -186,10 +188,7 @@ impl AgentArgs {
                  or active ({active_timeout:?}) timeout: timeouts are only checked at drains"
             );
         }
-        let max_flows = self
-            .max_flows
-            .or(f.max_flows)
-            .unwrap_or(DEFAULT_MAX_FLOWS);
+        let max_flows = self.max_flows.or(f.max_flows).unwrap_or(DEFAULT_MAX_FLOWS);
         if max_flows == 0 {
             bail!("--max-flows must be at least 1");
         }
@@ -250,7 +249,9 @@ pub fn host_address() -> Option<IpAddr> {
                 match (*ifa.ifa_addr).sa_family as i32 {
                     libc::AF_INET => {
                         let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                        found.push(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
+                        found.push(IpAddr::from(
+                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                        ));
                     }
                     libc::AF_INET6 => {
                         let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);

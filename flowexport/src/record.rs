@@ -103,7 +103,12 @@ impl FlowCounters {
         }
         self.packets += other.packets;
         self.bytes += other.bytes;
-        self.first_seen_ns = self.first_seen_ns.min(other.first_seen_ns);
+        // 0 means "not known" (never a real CLOCK_MONOTONIC reading).
+        self.first_seen_ns = match (self.first_seen_ns, other.first_seen_ns) {
+            (0, b) => b,
+            (a, 0) => a,
+            (a, b) => a.min(b),
+        };
         self.last_seen_ns = self.last_seen_ns.max(other.last_seen_ns);
         self.tcp_flags |= other.tcp_flags;
     }
@@ -308,5 +313,14 @@ mod tests {
         let mut z = FlowCounters::default();
         z.merge(&a);
         assert_eq!(z, a);
+        // A per-CPU slot created by another CPU may lack its first-seen time.
+        z.merge(&FlowCounters {
+            packets: 1,
+            bytes: 1,
+            first_seen_ns: 0,
+            last_seen_ns: 80,
+            tcp_flags: 0,
+        });
+        assert_eq!((z.first_seen_ns, z.last_seen_ns), (40, 80));
     }
 }

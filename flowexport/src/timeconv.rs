@@ -14,7 +14,10 @@ fn clock_ns(clock: libc::clockid_t) -> i128 {
     };
     // SAFETY: valid clock id and a valid out-pointer.
     let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime cannot fail for CLOCK_MONOTONIC/REALTIME");
+    assert_eq!(
+        rc, 0,
+        "clock_gettime cannot fail for CLOCK_MONOTONIC/REALTIME"
+    );
     ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
 }
 

@@ -1,1 +1,524 @@
+//! Test harness for flowexport's integration tests: network namespaces and
+//! veth pairs created per test (removed on drop, also when a test panics),
+//! raw frames built byte by byte and injected with AF_PACKET, and the real
+//! `flowexport` binary run inside a namespace.
+//!
+//! Traffic only ever crosses veth pairs created here: frames are injected on
+//! one end and seen by the programs on the other.
 
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+pub mod frames;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A short name unique to this process and call (interface names are
+/// limited to 15 bytes).
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}x{}",
+        std::process::id() % 100_000,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn sh(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {args:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A network namespace, deleted (with every interface in it) on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new() -> Result<Netns> {
+        let name = unique("fens");
+        sh(&["ip", "netns", "add", &name])?;
+        let ns = Netns { name };
+        // No IPv6 autoconfiguration, router solicitations or MLD reports: the
+        // only packets on our links are the ones a test sends.
+        ns.exec(&[
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ])?;
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Runs a command inside the namespace and returns its stdout.
+    pub fn exec(&self, args: &[&str]) -> Result<String> {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    /// Runs `f` on a thread that has entered this namespace.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let path = format!("/run/netns/{}", self.name);
+        let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        let h = std::thread::spawn(move || {
+            // SAFETY: setns on this thread only; the fd is a netns file.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(f())
+        });
+        h.join()
+            .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?
+            .context("setns")
+    }
+
+    pub fn ifindex(&self, dev: &str) -> Result<u32> {
+        let dev = dev.to_string();
+        self.run(move || {
+            let c = std::ffi::CString::new(dev).unwrap();
+            // SAFETY: valid C string.
+            unsafe { libc::if_nametoindex(c.as_ptr()) }
+        })
+    }
+
+    /// (tx_dropped, rx_dropped) of an interface in this namespace.
+    pub fn drops(&self, dev: &str) -> Result<(u64, u64)> {
+        let out = self.exec(&["ip", "-j", "-s", "link", "show", dev])?;
+        let v: Value = serde_json::from_str(&out)?;
+        let s = &v[0]["stats64"];
+        Ok((
+            s["tx"]["dropped"].as_u64().unwrap_or(0),
+            s["rx"]["dropped"].as_u64().unwrap_or(0),
+        ))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Two namespaces joined by a veth pair: `a.a_dev` <-> `b.b_dev`, both up,
+/// no addresses.
+pub struct Link {
+    pub a: Netns,
+    pub b: Netns,
+    pub a_dev: String,
+    pub b_dev: String,
+}
+
+impl Link {
+    pub fn new() -> Result<Link> {
+        let a = Netns::new()?;
+        let b = Netns::new()?;
+        Link::between(a, b)
+    }
+
+    /// A new veth pair from `a` to `b` (both namespaces already exist).
+    pub fn between(a: Netns, b: Netns) -> Result<Link> {
+        let (a_dev, b_dev) = veth_between(&a, &b)?;
+        Ok(Link { a, b, a_dev, b_dev })
+    }
+}
+
+/// Adds a veth pair between two namespaces without owning them; returns
+/// (dev in `a`, dev in `b`). Removed when either namespace is deleted.
+pub fn veth_between(a: &Netns, b: &Netns) -> Result<(String, String)> {
+    let a_dev = unique("vea");
+    let b_dev = unique("veb");
+    sh(&[
+        "ip", "link", "add", &a_dev, "netns", &a.name, "type", "veth", "peer", "name", &b_dev,
+        "netns", &b.name,
+    ])?;
+    a.exec(&["ip", "link", "set", &a_dev, "up"])?;
+    b.exec(&["ip", "link", "set", &b_dev, "up"])?;
+    Ok((a_dev, b_dev))
+}
+
+/// Sends each frame `repeat` times out of `dev` in `ns` with AF_PACKET.
+/// Every `pace_every` frames it sleeps `pace` so the receiving veth's ring
+/// never overflows. Returns the number of frames sent.
+pub fn send_frames(
+    ns: &Netns,
+    dev: &str,
+    frames: Vec<Vec<u8>>,
+    repeat: usize,
+    pace_every: usize,
+    pace: Duration,
+) -> Result<u64> {
+    let dev = dev.to_string();
+    ns.run(move || -> Result<u64> {
+        // SAFETY: plain socket syscalls with valid arguments.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            if fd < 0 {
+                bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+            }
+            let c = std::ffi::CString::new(dev.clone()).unwrap();
+            let ifindex = libc::if_nametoindex(c.as_ptr());
+            if ifindex == 0 {
+                libc::close(fd);
+                bail!("no interface {dev}");
+            }
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = ifindex as i32;
+            let mut sent = 0u64;
+            for _ in 0..repeat {
+                for f in &frames {
+                    let n = libc::sendto(
+                        fd,
+                        f.as_ptr() as *const libc::c_void,
+                        f.len(),
+                        0,
+                        &addr as *const libc::sockaddr_ll as *const libc::sockaddr,
+                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                    );
+                    if n != f.len() as isize {
+                        let e = std::io::Error::last_os_error();
+                        libc::close(fd);
+                        bail!("sendto on {dev} after {sent} frames: {e}");
+                    }
+                    sent += 1;
+                    if pace_every > 0 && sent.is_multiple_of(pace_every as u64) {
+                        std::thread::sleep(pace);
+                    }
+                }
+            }
+            libc::close(fd);
+            Ok(sent)
+        }
+    })?
+}
+
+/// Path of the `flowexport` binary under test: $FLOWEXPORT_BIN, else the
+/// one cargo built next to this test executable.
+pub fn flowexport_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("FLOWEXPORT_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/flowexport
+    let p = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("flowexport");
+    assert!(
+        p.is_file(),
+        "{} not found: build it first (`cargo build --bins`) or set FLOWEXPORT_BIN",
+        p.display()
+    );
+    p
+}
+
+/// A running `flowexport agent` inside a namespace. Killed on drop.
+pub struct Agent {
+    child: Option<Child>,
+    stdout: Option<std::thread::JoinHandle<Vec<String>>>,
+    stderr_lines: Arc<Mutex<Vec<String>>>,
+    ns_name: String,
+}
+
+/// What a finished agent left behind.
+pub struct AgentOutput {
+    pub status: std::process::ExitStatus,
+    pub records: Vec<Value>,
+    pub stderr: String,
+}
+
+impl Agent {
+    /// Starts `flowexport agent ARGS` in `ns` and waits until it reports that
+    /// it is running (programs attached).
+    pub fn start(ns: &Netns, args: &[&str]) -> Result<Agent> {
+        let mut agent = Agent::spawn(ns, args)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if agent.stderr().contains("flowexport agent running") {
+                return Ok(agent);
+            }
+            if let Some(status) = agent.child.as_mut().unwrap().try_wait()? {
+                std::thread::sleep(Duration::from_millis(100));
+                bail!("agent exited early ({status}): {}", agent.stderr());
+            }
+            if Instant::now() > deadline {
+                bail!("agent not ready after 30s: {}", agent.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the agent without waiting for it (for start-up error tests).
+    pub fn spawn(ns: &Netns, args: &[&str]) -> Result<Agent> {
+        let bin = flowexport_bin();
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(&bin)
+            .arg("agent")
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let out = child.stdout.take().unwrap();
+        let stdout = std::thread::spawn(move || {
+            BufReader::new(out)
+                .lines()
+                .map_while(|l| l.ok())
+                .collect::<Vec<_>>()
+        });
+        let err = child.stderr.take().unwrap();
+        let stderr_lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = stderr_lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(|l| l.ok()) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Ok(Agent {
+            child: Some(child),
+            stdout: Some(stdout),
+            stderr_lines,
+            ns_name: ns.name.clone(),
+        })
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr_lines.lock().unwrap().join("\n")
+    }
+
+    /// Sends SIGTERM (unless the agent already exited), waits up to 30 s,
+    /// and returns its status, parsed stdout records and stderr.
+    pub fn stop(mut self) -> Result<AgentOutput> {
+        let mut child = self.child.take().unwrap();
+        if child.try_wait()?.is_none() {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!(
+                    "agent did not exit within 30s of SIGTERM: {}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let lines = self.stdout.take().unwrap().join().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let mut records = Vec::new();
+        for l in lines {
+            let v: Value = serde_json::from_str(&l)
+                .with_context(|| format!("stdout line is not JSON: {l:?}"))?;
+            records.push(v);
+        }
+        Ok(AgentOutput {
+            status,
+            records,
+            stderr: self.stderr(),
+        })
+    }
+
+    /// Waits for the agent to exit by itself (start-up errors).
+    pub fn wait_exit(mut self, timeout: Duration) -> Result<AgentOutput> {
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("agent still running after {timeout:?}: {}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let _ = self.stdout.take().unwrap().join();
+        std::thread::sleep(Duration::from_millis(50));
+        Ok(AgentOutput {
+            status,
+            records: Vec::new(),
+            stderr: self.stderr(),
+        })
+    }
+
+    /// Fetches /metrics from the agent's default endpoint inside its namespace.
+    pub fn metrics(&self, port: u16) -> Result<String> {
+        let ns = Netns {
+            name: self.ns_name.clone(),
+        };
+        let r = ns.run(move || -> Result<String> {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+            let mut body = String::new();
+            s.read_to_string(&mut body)?;
+            Ok(body)
+        });
+        // Borrowed name only: the namespace belongs to the test.
+        std::mem::forget(ns);
+        r?
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The value of one metric sample (`name{labels} value`) in a scrape.
+pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (k, v) = l.rsplit_once(' ')?;
+        (k == name_and_labels).then(|| v.parse().ok())?
+    })
+}
+
+/// Identity of a flow in the JSON records (everything but the counters).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FlowId {
+    pub direction: u64,
+    pub in_if: u64,
+    pub out_if: u64,
+    pub src: String,
+    pub dst: String,
+    pub proto: u64,
+    pub src_port: u64,
+    pub dst_port: u64,
+    pub icmp_type: u64,
+    pub icmp_code: u64,
+    pub vlan_id: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub packets: u64,
+    pub bytes: u64,
+    pub tcp_flags: u64,
+    pub records: u64,
+}
+
+fn u(v: &Value, k: &str) -> u64 {
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("record field {k} missing or not a number: {v}"))
+}
+
+impl FlowId {
+    pub fn of(v: &Value) -> FlowId {
+        FlowId {
+            direction: u(v, "flow_direction"),
+            in_if: u(v, "in_if"),
+            out_if: u(v, "out_if"),
+            src: v["src_addr"].as_str().unwrap().to_string(),
+            dst: v["dst_addr"].as_str().unwrap().to_string(),
+            proto: u(v, "proto"),
+            src_port: u(v, "src_port"),
+            dst_port: u(v, "dst_port"),
+            icmp_type: u(v, "icmp_type"),
+            icmp_code: u(v, "icmp_code"),
+            vlan_id: u(v, "vlan_id"),
+        }
+    }
+
+    /// Shorthand for the common case.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        direction: u64,
+        ifindex: u32,
+        src: &str,
+        dst: &str,
+        proto: u64,
+        src_port: u64,
+        dst_port: u64,
+        vlan_id: u64,
+    ) -> FlowId {
+        let ifindex = ifindex as u64;
+        FlowId {
+            direction,
+            in_if: if direction == 0 { ifindex } else { 0 },
+            out_if: if direction == 1 { ifindex } else { 0 },
+            src: src.to_string(),
+            dst: dst.to_string(),
+            proto,
+            src_port,
+            dst_port,
+            icmp_type: 0,
+            icmp_code: 0,
+            vlan_id,
+        }
+    }
+
+    pub fn icmp(mut self, ty: u64, code: u64) -> FlowId {
+        self.icmp_type = ty;
+        self.icmp_code = code;
+        self
+    }
+}
+
+/// Sums records per flow (a flow may be split across active-timeout slices).
+pub fn totals(records: &[Value]) -> BTreeMap<FlowId, Totals> {
+    let mut m: BTreeMap<FlowId, Totals> = BTreeMap::new();
+    for r in records {
+        let t = m.entry(FlowId::of(r)).or_default();
+        t.packets += u(r, "packets");
+        t.bytes += u(r, "bytes");
+        t.tcp_flags |= u(r, "tcp_flags");
+        t.records += 1;
+    }
+    m
+}
+
+pub fn v4(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+pub fn v6(s: &str) -> Ipv6Addr {
+    s.parse().unwrap()
+}
+
+/// Runs `f` with a deadline; used to bound waits in tests.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}

@@ -229,10 +229,7 @@ impl KernelTables {
     pub fn stats(&self) -> Result<KernelStats, DrainError> {
         let mut s = KernelStats::default();
         for (i, slot) in s.values.iter_mut().enumerate() {
-            let per_cpu = self
-                .stats
-                .get(&(i as u32), 0)
-                .map_err(map_err(MAP_STATS))?;
+            let per_cpu = self.stats.get(&(i as u32), 0).map_err(map_err(MAP_STATS))?;
             *slot = per_cpu.iter().sum();
         }
         Ok(s)

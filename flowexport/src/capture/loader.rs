@@ -47,7 +47,9 @@ pub enum CaptureError {
          CAP_NET_ADMIN and CAP_PERFMON"
     )]
     NotPermitted(String),
-    #[error("cannot read the eBPF object {path}: {source}; build it with `cargo xtask build-ebpf`")]
+    #[error(
+        "cannot read the eBPF object {path}: {source}; build it with `cargo xtask build-ebpf`"
+    )]
     ObjectUnreadable { path: PathBuf, source: io::Error },
     #[error(
         "interface {0:?} already has an XDP program attached by someone else; flowexport \
@@ -60,10 +62,13 @@ pub enum CaptureError {
         iface: String,
         mode: &'static str,
         hint: &'static str,
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("cannot attach the TC egress program to {iface:?}: {source}")]
-    TcAttach { iface: String, source: ProgramError },
+    TcAttach {
+        iface: String,
+        source: Box<ProgramError>,
+    },
     #[error("the kernel rejected flowexport's eBPF object: {0}")]
     Load(String),
     #[error("the eBPF object lacks {0}; rebuild it with `cargo xtask build-ebpf`")]
@@ -160,7 +165,11 @@ impl Capture {
 
     /// Attaches XDP (ingress) and TC (egress) to `iface`. Returns the XDP
     /// mode actually used.
-    pub fn attach(&mut self, iface: &str, mode: XdpModeChoice) -> Result<&'static str, CaptureError> {
+    pub fn attach(
+        &mut self,
+        iface: &str,
+        mode: XdpModeChoice,
+    ) -> Result<&'static str, CaptureError> {
         ifindex(iface)?;
         let used = self.attach_xdp(iface, mode)?;
         let tc: &mut SchedClassifier = self
@@ -178,7 +187,7 @@ impl Capture {
                 tc.attach(iface, TcAttachType::Egress)
                     .map_err(|_| CaptureError::TcAttach {
                         iface: iface.to_string(),
-                        source: first,
+                        source: Box::new(first),
                     })?
             }
         };
@@ -186,7 +195,11 @@ impl Capture {
         Ok(used)
     }
 
-    fn attach_xdp(&mut self, iface: &str, mode: XdpModeChoice) -> Result<&'static str, CaptureError> {
+    fn attach_xdp(
+        &mut self,
+        iface: &str,
+        mode: XdpModeChoice,
+    ) -> Result<&'static str, CaptureError> {
         let xdp: &mut Xdp = self
             .ebpf
             .program_mut(PROG_INGRESS)
@@ -211,7 +224,7 @@ impl Capture {
                         } else {
                             ""
                         },
-                        source: e,
+                        source: Box::new(e),
                     }
                 }
             })

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Installs what flowexport needs to build, run and test, idempotently: Debian
+# packages, the nightly toolchain's rust-src, bpf-linker, and a bpffs mount.
+# Run as root on Debian 12. Safe to run again: every step checks first.
+set -euo pipefail
+export PATH="$HOME/.cargo/bin:$PATH"
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "scripts/setup.sh: run as root (it installs packages and loads BPF programs)" >&2
+    exit 1
+fi
+
+# --- Debian packages -------------------------------------------------------
+# llvm-22 + polly/zstd/zlib: bpf-linker links against LLVM 22 (nightly's LLVM).
+# iproute2: namespaces/veth for tests; util-linux: setpriv for the
+# unprivileged-user test.
+PKGS=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 util-linux
+      build-essential pkg-config ca-certificates)
+missing=()
+for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "==> apt-get install ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# --- Rust toolchains -------------------------------------------------------
+if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+    echo "==> rustup toolchain install nightly"
+    rustup toolchain install nightly --profile minimal
+fi
+if ! rustup component list --toolchain nightly --installed | grep -q '^rust-src'; then
+    echo "==> rustup component add rust-src (nightly)"
+    rustup component add rust-src --toolchain nightly
+fi
+for c in clippy rustfmt; do
+    rustup component list --installed | grep -q "^$c" || rustup component add "$c"
+done
+
+# --- bpf-linker (built against LLVM 22) ------------------------------------
+if ! bpf-linker --version 2>/dev/null | grep -q "0.13.0"; then
+    echo "==> cargo install bpf-linker 0.13.0 (a few minutes, once per machine)"
+    LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker@0.13.0 --locked \
+        --no-default-features --features llvm-22
+fi
+
+# --- bpffs -----------------------------------------------------------------
+if ! mountpoint -q /sys/fs/bpf; then
+    mount -t bpf bpf /sys/fs/bpf
+fi
+echo "==> setup complete"

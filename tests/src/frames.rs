@@ -1,0 +1,197 @@
+//! Frames built byte by byte, so a test knows exactly what crossed the link.
+//! Checksums are left zero: the programs under test only count, and the
+//! receiving stack (which has no addresses) drops the packets anyway.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
+pub const TCP_ACK: u8 = 0x10;
+
+/// An L4 header and payload.
+#[derive(Clone, Debug)]
+pub enum L4 {
+    Udp {
+        sport: u16,
+        dport: u16,
+        payload: usize,
+    },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+        payload: usize,
+    },
+    Icmp {
+        ty: u8,
+        code: u8,
+        payload: usize,
+    },
+    Icmpv6 {
+        ty: u8,
+        code: u8,
+        payload: usize,
+    },
+    Raw {
+        proto: u8,
+        payload: usize,
+    },
+}
+
+impl L4 {
+    pub fn proto(&self) -> u8 {
+        match self {
+            L4::Udp { .. } => 17,
+            L4::Tcp { .. } => 6,
+            L4::Icmp { .. } => 1,
+            L4::Icmpv6 { .. } => 58,
+            L4::Raw { proto, .. } => *proto,
+        }
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        match *self {
+            L4::Udp {
+                sport,
+                dport,
+                payload,
+            } => {
+                b.extend_from_slice(&sport.to_be_bytes());
+                b.extend_from_slice(&dport.to_be_bytes());
+                b.extend_from_slice(&((8 + payload) as u16).to_be_bytes());
+                b.extend_from_slice(&[0, 0]);
+                b.resize(8 + payload, 0x55);
+            }
+            L4::Tcp {
+                sport,
+                dport,
+                flags,
+                payload,
+            } => {
+                b.extend_from_slice(&sport.to_be_bytes());
+                b.extend_from_slice(&dport.to_be_bytes());
+                b.extend_from_slice(&1u32.to_be_bytes()); // seq
+                b.extend_from_slice(&0u32.to_be_bytes()); // ack
+                b.push(5 << 4); // data offset: 20 bytes
+                b.push(flags);
+                b.extend_from_slice(&65535u16.to_be_bytes());
+                b.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+                b.resize(20 + payload, 0x66);
+            }
+            L4::Icmp { ty, code, payload } | L4::Icmpv6 { ty, code, payload } => {
+                b.extend_from_slice(&[ty, code, 0, 0, 0, 1, 0, 1]); // id 1, seq 1
+                b.resize(8 + payload, 0x77);
+            }
+            L4::Raw { payload, .. } => b.resize(payload, 0x88),
+        }
+        b
+    }
+}
+
+/// An IPv4 packet. `frag_off` in 8-byte units; `more` sets MF.
+pub fn ipv4_raw(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    payload: &[u8],
+    frag_off: u16,
+    more: bool,
+) -> Vec<u8> {
+    let mut h = vec![0x45, 0];
+    h.extend_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    h.extend_from_slice(&0x1234u16.to_be_bytes()); // identification
+    let flags = frag_off | if more { 0x2000 } else { 0 };
+    h.extend_from_slice(&flags.to_be_bytes());
+    h.push(64);
+    h.push(proto);
+    h.extend_from_slice(&[0, 0]);
+    h.extend_from_slice(&src.octets());
+    h.extend_from_slice(&dst.octets());
+    h.extend_from_slice(payload);
+    h
+}
+
+pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, l4: &L4) -> Vec<u8> {
+    ipv4_raw(src, dst, l4.proto(), &l4.bytes(), 0, false)
+}
+
+/// An IPv6 packet whose payload starts with header `next`.
+pub fn ipv6_raw(src: Ipv6Addr, dst: Ipv6Addr, next: u8, payload: &[u8]) -> Vec<u8> {
+    let mut h = vec![0x60, 0, 0, 0];
+    h.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    h.push(next);
+    h.push(64);
+    h.extend_from_slice(&src.octets());
+    h.extend_from_slice(&dst.octets());
+    h.extend_from_slice(payload);
+    h
+}
+
+pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, l4: &L4) -> Vec<u8> {
+    ipv6_raw(src, dst, l4.proto(), &l4.bytes())
+}
+
+/// An IPv6 extension header (hop-by-hop 0, routing 43, destination options
+/// 60) of `len8` 8-byte units beyond the first 8, followed by `rest`.
+pub fn ipv6_ext(next: u8, len8: u8, rest: &[u8]) -> Vec<u8> {
+    let mut h = vec![next, len8];
+    h.resize(8 + 8 * len8 as usize, 0);
+    if len8 == 0 {
+        // A PadN option filling the 6 bytes keeps hop-by-hop/dst-opts valid.
+        h[2] = 1;
+        h[3] = 4;
+    }
+    h.extend_from_slice(rest);
+    h
+}
+
+/// An IPv6 fragment header (offset in 8-byte units).
+pub fn ipv6_frag(next: u8, offset: u16, more: bool, rest: &[u8]) -> Vec<u8> {
+    let mut h = vec![next, 0];
+    h.extend_from_slice(&((offset << 3) | more as u16).to_be_bytes());
+    h.extend_from_slice(&0xabcdu32.to_be_bytes());
+    h.extend_from_slice(rest);
+    h
+}
+
+/// An Ethernet frame carrying `payload`, with VLAN tags (TPID, VID) outermost
+/// first.
+pub fn ethernet(vlans: &[(u16, u16)], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 0xbb, 0x02, 0, 0, 0, 0, 0xaa];
+    for (tpid, vid) in vlans {
+        f.extend_from_slice(&tpid.to_be_bytes());
+        f.extend_from_slice(&vid.to_be_bytes());
+    }
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    // Minimum frame size without FCS; the padding is not part of the IP length.
+    if f.len() < 60 {
+        f.resize(60, 0);
+    }
+    f
+}
+
+pub fn eth_ipv4(ip: Vec<u8>) -> Vec<u8> {
+    ethernet(&[], ETH_P_IP, &ip)
+}
+
+pub fn eth_ipv6(ip: Vec<u8>) -> Vec<u8> {
+    ethernet(&[], ETH_P_IPV6, &ip)
+}
+
+/// An ARP request (a non-IP frame).
+pub fn arp() -> Vec<u8> {
+    let mut p = vec![0, 1, 8, 0, 6, 4, 0, 1];
+    p.extend_from_slice(&[0x02, 0, 0, 0, 0, 0xaa, 192, 0, 2, 1]);
+    p.extend_from_slice(&[0, 0, 0, 0, 0, 0, 192, 0, 2, 2]);
+    ethernet(&[], ETH_P_ARP, &p)
+}

@@ -1,0 +1,750 @@
+//! Integration tests of `flowexport agent`: the real kernel programs attached
+//! to veth pairs in namespaces created here, known frames injected with
+//! AF_PACKET, and the JSON records the agent prints checked exactly.
+//!
+//! Needs root (CI runs as root). Every namespace is removed on drop, also
+//! when an assertion fails.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use flowexport_tests::frames::*;
+use flowexport_tests::*;
+
+const PACE: Duration = Duration::from_micros(200);
+
+fn send(ns: &Netns, dev: &str, frames: Vec<Vec<u8>>, repeat: usize) -> u64 {
+    send_frames(ns, dev, frames, repeat, 64, PACE).expect("send frames")
+}
+
+/// Agent flags shared by the tests: native XDP, timeouts long enough that
+/// only shutdown exports (unless a test says otherwise).
+fn agent_args<'a>(iface: &'a [&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = Vec::new();
+    for i in iface {
+        a.push("--iface");
+        a.push(*i);
+    }
+    a.extend_from_slice(&["--xdp-mode", "native", "--sampler-address", "192.0.2.10"]);
+    a.extend_from_slice(extra);
+    a
+}
+
+fn assert_flows(got: &BTreeMap<FlowId, Totals>, want: &[(FlowId, u64, u64, u64)]) {
+    let want_map: BTreeMap<FlowId, (u64, u64, u64)> = want
+        .iter()
+        .map(|(id, p, b, f)| (id.clone(), (*p, *b, *f)))
+        .collect();
+    let got_map: BTreeMap<FlowId, (u64, u64, u64)> = got
+        .iter()
+        .map(|(id, t)| (id.clone(), (t.packets, t.bytes, t.tcp_flags)))
+        .collect();
+    assert_eq!(
+        got_map, want_map,
+        "flows (packets, bytes, tcp_flags) differ"
+    );
+}
+
+#[test]
+fn ipv4_ipv6_udp_tcp_icmp_both_directions_exact() {
+    // A --(a0/b0)--> B <--(b1/c0)-- C ; agent in B on b0 and b1.
+    let ab = Link::new().unwrap();
+    let c = Netns::new().unwrap();
+    let (b1, c0) = veth_between(&ab.b, &c).unwrap();
+    let _ = c0;
+    let b0 = ab.b_dev.clone();
+    let if_b0 = ab.b.ifindex(&b0).unwrap();
+    let if_b1 = ab.b.ifindex(&b1).unwrap();
+    let agent = Agent::start(&ab.b, &agent_args(&[&b0, &b1], &[])).unwrap();
+
+    let (a4, b4) = (v4("10.1.0.1"), v4("10.1.0.2"));
+    let (a6, b6) = (v6("2001:db8:1::1"), v6("2001:db8:1::2"));
+    // Ingress on b0, sent from A.
+    let udp4 = ipv4(
+        a4,
+        b4,
+        &L4::Udp {
+            sport: 40000,
+            dport: 53,
+            payload: 100,
+        },
+    );
+    let icmp4 = ipv4(
+        a4,
+        b4,
+        &L4::Icmp {
+            ty: 8,
+            code: 0,
+            payload: 56,
+        },
+    );
+    let udp6 = ipv6(
+        a6,
+        b6,
+        &L4::Udp {
+            sport: 40001,
+            dport: 443,
+            payload: 300,
+        },
+    );
+    let icmp6 = ipv6(
+        a6,
+        b6,
+        &L4::Icmpv6 {
+            ty: 128,
+            code: 0,
+            payload: 56,
+        },
+    );
+    let syn = ipv4(
+        a4,
+        b4,
+        &L4::Tcp {
+            sport: 50000,
+            dport: 80,
+            flags: TCP_SYN,
+            payload: 0,
+        },
+    );
+    let data = ipv4(
+        a4,
+        b4,
+        &L4::Tcp {
+            sport: 50000,
+            dport: 80,
+            flags: TCP_ACK | TCP_PSH,
+            payload: 1000,
+        },
+    );
+    let fin = ipv4(
+        a4,
+        b4,
+        &L4::Tcp {
+            sport: 50000,
+            dport: 80,
+            flags: TCP_FIN | TCP_ACK,
+            payload: 0,
+        },
+    );
+    let tcp6 = ipv6(
+        a6,
+        b6,
+        &L4::Tcp {
+            sport: 50001,
+            dport: 22,
+            flags: TCP_ACK,
+            payload: 500,
+        },
+    );
+    assert_eq!(
+        send(&ab.a, &ab.a_dev, vec![eth_ipv4(udp4.clone())], 100),
+        100
+    );
+    assert_eq!(send(&ab.a, &ab.a_dev, vec![eth_ipv4(icmp4.clone())], 7), 7);
+    assert_eq!(send(&ab.a, &ab.a_dev, vec![eth_ipv6(udp6.clone())], 50), 50);
+    assert_eq!(send(&ab.a, &ab.a_dev, vec![eth_ipv6(icmp6.clone())], 3), 3);
+    send(&ab.a, &ab.a_dev, vec![eth_ipv4(syn.clone())], 1);
+    send(&ab.a, &ab.a_dev, vec![eth_ipv4(data.clone())], 20);
+    send(&ab.a, &ab.a_dev, vec![eth_ipv4(fin.clone())], 1);
+    send(&ab.a, &ab.a_dev, vec![eth_ipv6(tcp6.clone())], 11);
+    // Egress on b1, injected in B (towards C).
+    let (b4o, c4) = (v4("10.2.0.2"), v4("10.2.0.3"));
+    let (b6o, c6) = (v6("2001:db8:2::2"), v6("2001:db8:2::3"));
+    let out4 = ipv4(
+        b4o,
+        c4,
+        &L4::Udp {
+            sport: 1234,
+            dport: 5678,
+            payload: 200,
+        },
+    );
+    let out6 = ipv6(
+        b6o,
+        c6,
+        &L4::Tcp {
+            sport: 2345,
+            dport: 443,
+            flags: TCP_SYN | TCP_ACK,
+            payload: 0,
+        },
+    );
+    assert_eq!(send(&ab.b, &b1, vec![eth_ipv4(out4.clone())], 25), 25);
+    assert_eq!(send(&ab.b, &b1, vec![eth_ipv6(out6.clone())], 4), 4);
+
+    let out = agent.stop().unwrap();
+    assert!(out.status.success(), "agent failed: {}", out.stderr);
+    let got = totals(&out.records);
+    assert_flows(
+        &got,
+        &[
+            (
+                FlowId::new(0, if_b0, "10.1.0.1", "10.1.0.2", 17, 40000, 53, 0),
+                100,
+                100 * 128,
+                0,
+            ),
+            (
+                FlowId::new(0, if_b0, "10.1.0.1", "10.1.0.2", 1, 0, 0, 0).icmp(8, 0),
+                7,
+                7 * 84,
+                0,
+            ),
+            (
+                FlowId::new(
+                    0,
+                    if_b0,
+                    "2001:db8:1::1",
+                    "2001:db8:1::2",
+                    17,
+                    40001,
+                    443,
+                    0,
+                ),
+                50,
+                50 * 348,
+                0,
+            ),
+            (
+                FlowId::new(0, if_b0, "2001:db8:1::1", "2001:db8:1::2", 58, 0, 0, 0).icmp(128, 0),
+                3,
+                3 * 104,
+                0,
+            ),
+            (
+                FlowId::new(0, if_b0, "10.1.0.1", "10.1.0.2", 6, 50000, 80, 0),
+                22,
+                40 + 20 * 1040 + 40,
+                (TCP_SYN | TCP_ACK | TCP_PSH | TCP_FIN) as u64,
+            ),
+            (
+                FlowId::new(0, if_b0, "2001:db8:1::1", "2001:db8:1::2", 6, 50001, 22, 0),
+                11,
+                11 * 560,
+                TCP_ACK as u64,
+            ),
+            (
+                FlowId::new(1, if_b1, "10.2.0.2", "10.2.0.3", 17, 1234, 5678, 0),
+                25,
+                25 * 228,
+                0,
+            ),
+            (
+                FlowId::new(1, if_b1, "2001:db8:2::2", "2001:db8:2::3", 6, 2345, 443, 0),
+                4,
+                4 * 60,
+                (TCP_SYN | TCP_ACK) as u64,
+            ),
+        ],
+    );
+    // Long timeouts: every flow is exported once, at shutdown.
+    assert!(got.values().all(|t| t.records == 1), "{got:?}");
+    // Record fields beyond the key.
+    let r = &out.records[0];
+    assert_eq!(r["type"], "EBPF");
+    assert_eq!(r["sampler_address"], "192.0.2.10");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    for rec in &out.records {
+        let start = rec["time_flow_start_ns"].as_u64().unwrap();
+        let end = rec["time_flow_end_ns"].as_u64().unwrap();
+        let recv = rec["time_received_ns"].as_u64().unwrap();
+        assert!(0 < start && start <= end && end <= recv, "{rec}");
+        assert!(
+            now - start < 120_000_000_000,
+            "start is not wall-clock time: {rec}"
+        );
+    }
+    for rec in &out.records {
+        let want = if rec["src_addr"].as_str().unwrap().contains(':') {
+            0x86dd
+        } else {
+            0x800
+        };
+        assert_eq!(rec["etype"], want);
+    }
+}
+
+#[test]
+fn vlan_tags_and_non_ip_frames() {
+    let l = Link::new().unwrap();
+    let ifb = l.b.ifindex(&l.b_dev).unwrap();
+    let agent = Agent::start(&l.b, &agent_args(&[&l.b_dev], &[])).unwrap();
+    let ip = ipv4(
+        v4("10.3.0.1"),
+        v4("10.3.0.2"),
+        &L4::Udp {
+            sport: 7,
+            dport: 9,
+            payload: 64,
+        },
+    );
+    let one_tag = ethernet(&[(ETH_P_8021Q, 100)], ETH_P_IP, &ip);
+    let qinq = ethernet(&[(ETH_P_8021AD, 200), (ETH_P_8021Q, 100)], ETH_P_IP, &ip);
+    let ip6 = ipv6(
+        v6("2001:db8:3::1"),
+        v6("2001:db8:3::2"),
+        &L4::Udp {
+            sport: 7,
+            dport: 9,
+            payload: 64,
+        },
+    );
+    let tagged6 = ethernet(&[(ETH_P_8021Q, 4094)], ETH_P_IPV6, &ip6);
+    assert_eq!(send(&l.a, &l.a_dev, vec![one_tag], 9), 9);
+    assert_eq!(send(&l.a, &l.a_dev, vec![qinq], 6), 6);
+    assert_eq!(send(&l.a, &l.a_dev, vec![tagged6], 5), 5);
+    assert_eq!(send(&l.a, &l.a_dev, vec![arp()], 13), 13);
+    // Egress with a tag in the frame.
+    let tagged_out = ethernet(&[(ETH_P_8021Q, 42)], ETH_P_IP, &ip);
+    assert_eq!(send(&l.b, &l.b_dev, vec![tagged_out], 4), 4);
+    assert_eq!(send(&l.b, &l.b_dev, vec![arp()], 2), 2);
+
+    // Non-IP frames show up in the metrics (after a drain), never as flows.
+    let mut m = String::new();
+    let seen = wait_until(Duration::from_secs(10), || {
+        m = agent.metrics(9590).unwrap_or_default();
+        metric(&m, "flowexport_non_ip_packets_total{direction=\"ingress\"}") == Some(13.0)
+            && metric(&m, "flowexport_non_ip_packets_total{direction=\"egress\"}") == Some(2.0)
+    });
+    assert!(seen, "non-IP counters wrong:\n{m}");
+    let out = agent.stop().unwrap();
+    assert!(out.status.success(), "{}", out.stderr);
+    let got = totals(&out.records);
+    assert_flows(
+        &got,
+        &[
+            (
+                FlowId::new(0, ifb, "10.3.0.1", "10.3.0.2", 17, 7, 9, 100),
+                9,
+                9 * 92,
+                0,
+            ),
+            (
+                FlowId::new(0, ifb, "10.3.0.1", "10.3.0.2", 17, 7, 9, 200),
+                6,
+                6 * 92,
+                0,
+            ),
+            (
+                FlowId::new(0, ifb, "2001:db8:3::1", "2001:db8:3::2", 17, 7, 9, 4094),
+                5,
+                5 * 112,
+                0,
+            ),
+            (
+                FlowId::new(1, ifb, "10.3.0.1", "10.3.0.2", 17, 7, 9, 42),
+                4,
+                4 * 92,
+                0,
+            ),
+        ],
+    );
+}
+
+#[test]
+fn ipv4_fragments_and_ipv6_extension_headers() {
+    let l = Link::new().unwrap();
+    let ifb = l.b.ifindex(&l.b_dev).unwrap();
+    let agent = Agent::start(&l.b, &agent_args(&[&l.b_dev], &[])).unwrap();
+    let (s4, d4) = (v4("10.4.0.1"), v4("10.4.0.2"));
+    // One 3000-byte UDP datagram in three fragments: only the first carries
+    // the UDP header, so the other two form a port-less flow.
+    let udp = L4::Udp {
+        sport: 3333,
+        dport: 4444,
+        payload: 2992,
+    }
+    .bytes();
+    assert_eq!(udp.len(), 3000);
+    let f1 = ipv4_raw(s4, d4, 17, &udp[..1480], 0, true);
+    let f2 = ipv4_raw(s4, d4, 17, &udp[1480..2960], 185, true);
+    let f3 = ipv4_raw(s4, d4, 17, &udp[2960..], 370, false);
+    let frames = vec![eth_ipv4(f1), eth_ipv4(f2), eth_ipv4(f3)];
+    assert_eq!(send(&l.a, &l.a_dev, frames, 4), 12);
+
+    // IPv6: hop-by-hop + destination options + routing + fragment (first
+    // fragment, offset 0) before TCP; and a later fragment with no L4 header.
+    let (s6, d6) = (v6("2001:db8:4::1"), v6("2001:db8:4::2"));
+    let tcp = L4::Tcp {
+        sport: 6000,
+        dport: 7000,
+        flags: TCP_SYN,
+        payload: 40,
+    }
+    .bytes();
+    let frag0 = ipv6_frag(6, 0, true, &tcp);
+    let routing = {
+        // Type 4 (SRH-like), segments left 0: parsers must skip it by length.
+        let mut r = ipv6_ext(44, 2, &frag0);
+        r[2] = 4;
+        r[3] = 0;
+        r
+    };
+    let dst = ipv6_ext(43, 1, &routing);
+    let hbh = ipv6_ext(60, 0, &dst);
+    let p1 = ipv6_raw(s6, d6, 0, &hbh);
+    let later = ipv6_frag(6, 100, false, &[0u8; 64]);
+    let p2 = ipv6_raw(s6, d6, 44, &later);
+    assert_eq!(
+        send(
+            &l.a,
+            &l.a_dev,
+            vec![eth_ipv6(p1.clone()), eth_ipv6(p2.clone())],
+            3
+        ),
+        6
+    );
+    // A protocol with no ports (GRE, 47), by number.
+    let gre = ipv4(
+        s4,
+        d4,
+        &L4::Raw {
+            proto: 47,
+            payload: 30,
+        },
+    );
+    assert_eq!(send(&l.a, &l.a_dev, vec![eth_ipv4(gre)], 2), 2);
+
+    let out = agent.stop().unwrap();
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_flows(
+        &totals(&out.records),
+        &[
+            (
+                FlowId::new(0, ifb, "10.4.0.1", "10.4.0.2", 17, 3333, 4444, 0),
+                4,
+                4 * 1500,
+                0,
+            ),
+            (
+                FlowId::new(0, ifb, "10.4.0.1", "10.4.0.2", 17, 0, 0, 0),
+                8,
+                4 * (1500 + 60),
+                0,
+            ),
+            (
+                FlowId::new(0, ifb, "2001:db8:4::1", "2001:db8:4::2", 6, 6000, 7000, 0),
+                3,
+                3 * p1.len() as u64,
+                TCP_SYN as u64,
+            ),
+            (
+                FlowId::new(0, ifb, "2001:db8:4::1", "2001:db8:4::2", 6, 0, 0, 0),
+                3,
+                3 * p2.len() as u64,
+                0,
+            ),
+            (
+                FlowId::new(0, ifb, "10.4.0.1", "10.4.0.2", 47, 0, 0, 0),
+                2,
+                2 * 50,
+                0,
+            ),
+        ],
+    );
+}
+
+#[test]
+fn exact_under_concurrent_load_with_active_timeout() {
+    let l = Link::new().unwrap();
+    let ifb = l.b.ifindex(&l.b_dev).unwrap();
+    let agent = Agent::start(
+        &l.b,
+        &agent_args(
+            &[&l.b_dev],
+            &[
+                "--active-timeout",
+                "300ms",
+                "--idle-timeout",
+                "5s",
+                "--drain-interval",
+                "50ms",
+            ],
+        ),
+    )
+    .unwrap();
+    let (tx0, rx0) = l.a.drops(&l.a_dev).unwrap();
+    let (btx0, brx0) = l.b.drops(&l.b_dev).unwrap();
+    // 64 flows, 2000 rounds: 128000 packets over a few seconds, while the
+    // agent drains every 50 ms and exports active slices every 300 ms.
+    let frames: Vec<Vec<u8>> = (0..64u16)
+        .map(|i| {
+            eth_ipv4(ipv4(
+                v4("10.5.0.1"),
+                v4("10.5.0.2"),
+                &L4::Udp {
+                    sport: 10000 + i,
+                    dport: 80,
+                    payload: 18,
+                },
+            ))
+        })
+        .collect();
+    let sent = send_frames(&l.a, &l.a_dev, frames, 2000, 32, Duration::from_micros(300)).unwrap();
+    assert_eq!(sent, 128_000);
+    let m = agent.metrics(9590).unwrap();
+    let drains = metric(&m, "flowexport_drains_total").unwrap();
+    let out = agent.stop().unwrap();
+    assert!(out.status.success(), "{}", out.stderr);
+    // The link itself dropped nothing, so every sent frame reached XDP.
+    assert_eq!(l.a.drops(&l.a_dev).unwrap(), (tx0, rx0));
+    assert_eq!(l.b.drops(&l.b_dev).unwrap(), (btx0, brx0));
+    let got = totals(&out.records);
+    assert_eq!(got.len(), 64);
+    let mut slices = 0;
+    for i in 0..64u16 {
+        let t = got[&FlowId::new(0, ifb, "10.5.0.1", "10.5.0.2", 17, 10000 + i as u64, 80, 0)];
+        assert_eq!((t.packets, t.bytes), (2000, 2000 * 46), "flow {i}");
+        slices += t.records;
+    }
+    let total: u64 = got.values().map(|t| t.packets).sum();
+    assert_eq!(total, sent);
+    // The traffic really was split by drains and active timeouts.
+    assert!(drains >= 20.0, "only {drains} drains during the load");
+    assert!(
+        slices >= 64 * 3,
+        "only {slices} records: active timeout not exercised"
+    );
+}
+
+#[test]
+fn full_table_falls_back_without_loss() {
+    let l = Link::new().unwrap();
+    let ifb = l.b.ifindex(&l.b_dev).unwrap();
+    // 16 entries for 400 flows: most packets take the fallback ring.
+    let agent = Agent::start(&l.b, &agent_args(&[&l.b_dev], &["--max-flows", "16"])).unwrap();
+    let frames: Vec<Vec<u8>> = (0..400u16)
+        .map(|i| {
+            eth_ipv4(ipv4(
+                v4("10.6.0.1"),
+                v4("10.6.1.1"),
+                &L4::Udp {
+                    sport: 20000 + i,
+                    dport: 53,
+                    payload: 30,
+                },
+            ))
+        })
+        .collect();
+    assert_eq!(send(&l.a, &l.a_dev, frames, 3), 1200);
+    let mut m = String::new();
+    wait_until(Duration::from_secs(5), || {
+        m = agent.metrics(9590).unwrap_or_default();
+        metric(&m, "flowexport_packets_total{direction=\"ingress\"}") == Some(1200.0)
+    });
+    let out = agent.stop().unwrap();
+    assert!(out.status.success(), "{}", out.stderr);
+    let fallback = metric(&m, "flowexport_table_full_fallback_packets_total").unwrap();
+    assert!(
+        fallback >= 1000.0,
+        "fallback used for only {fallback} packets:\n{m}"
+    );
+    assert_eq!(metric(&m, "flowexport_flow_table_capacity"), Some(16.0));
+    let got = totals(&out.records);
+    assert_eq!(got.len(), 400);
+    for i in 0..400u16 {
+        let t = got[&FlowId::new(0, ifb, "10.6.0.1", "10.6.1.1", 17, 20000 + i as u64, 53, 0)];
+        assert_eq!((t.packets, t.bytes), (3, 3 * 58), "flow {i}");
+    }
+}
+
+#[test]
+fn full_table_and_full_ring_still_account_every_packet() {
+    let l = Link::new().unwrap();
+    // One-page ring (46 events of 88 bytes) and 8 table entries for 600 flows:
+    // the rest can only go to the overflow counters.
+    let agent = Agent::start(
+        &l.b,
+        &agent_args(
+            &[&l.b_dev],
+            &[
+                "--max-flows",
+                "8",
+                "--fallback-ring-bytes",
+                "4096",
+                "--drain-interval",
+                "1s",
+            ],
+        ),
+    )
+    .unwrap();
+    let frames: Vec<Vec<u8>> = (0..600u16)
+        .map(|i| {
+            eth_ipv4(ipv4(
+                v4("10.7.0.1"),
+                v4("10.7.1.1"),
+                &L4::Udp {
+                    sport: 30000 + i,
+                    dport: 53,
+                    payload: 30,
+                },
+            ))
+        })
+        .collect();
+    // 600 frames take a few ms: most land within one drain interval.
+    assert_eq!(send(&l.a, &l.a_dev, frames, 1), 600);
+    let out = agent.stop().unwrap();
+    assert!(out.status.success(), "{}", out.stderr);
+    let got = totals(&out.records);
+    let packets: u64 = got.values().map(|t| t.packets).sum();
+    let bytes: u64 = got.values().map(|t| t.bytes).sum();
+    assert_eq!((packets, bytes), (600, 600 * 58));
+    let overflow: Vec<_> = got.iter().filter(|(id, _)| id.proto == 0).collect();
+    assert_eq!(
+        overflow.len(),
+        1,
+        "one overflow record for ingress: {got:?}"
+    );
+    assert!(overflow[0].1.packets > 0);
+    assert_eq!(overflow[0].0.src, "0.0.0.0");
+}
+
+#[test]
+fn start_up_errors_are_clear() {
+    let l = Link::new().unwrap();
+    // Missing interface.
+    let out = Agent::spawn(&l.b, &["--iface", "nosuch0"])
+        .unwrap()
+        .wait_exit(Duration::from_secs(30))
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        out.stderr.contains("interface \"nosuch0\" does not exist"),
+        "{}",
+        out.stderr
+    );
+    // Missing object file.
+    let out = Agent::spawn(
+        &l.b,
+        &[
+            "--iface",
+            &l.b_dev,
+            "--bpf-object",
+            "/nonexistent/flowexport.o",
+        ],
+    )
+    .unwrap()
+    .wait_exit(Duration::from_secs(30))
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        out.stderr
+            .contains("cannot read the eBPF object /nonexistent/flowexport.o"),
+        "{}",
+        out.stderr
+    );
+    // Bad flag value.
+    let out = Agent::spawn(&l.b, &["--iface", &l.b_dev, "--idle-timeout", "soon"])
+        .unwrap()
+        .wait_exit(Duration::from_secs(30))
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(out.stderr.contains("invalid duration"), "{}", out.stderr);
+    // An interface that already carries another XDP program is refused, and
+    // the program already there keeps running.
+    let first = Agent::start(&l.b, &agent_args(&[&l.b_dev], &[])).unwrap();
+    let out = Agent::spawn(
+        &l.b,
+        &["--iface", &l.b_dev, "--metrics-addr", "127.0.0.1:9591"],
+    )
+    .unwrap()
+    .wait_exit(Duration::from_secs(30))
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        out.stderr.contains("already has an XDP program attached"),
+        "{}",
+        out.stderr
+    );
+    let ip = ipv4(
+        v4("10.8.0.1"),
+        v4("10.8.0.2"),
+        &L4::Udp {
+            sport: 1,
+            dport: 2,
+            payload: 10,
+        },
+    );
+    assert_eq!(send(&l.a, &l.a_dev, vec![eth_ipv4(ip)], 5), 5);
+    let out = first.stop().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        totals(&out.records)
+            .values()
+            .map(|t| t.packets)
+            .sum::<u64>(),
+        5
+    );
+}
+
+#[test]
+fn unprivileged_user_gets_a_permission_error() {
+    let l = Link::new().unwrap();
+    let bin = flowexport_bin();
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &l.b.name,
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ])
+        .arg(&bin)
+        .args(["agent", "--iface", &l.b_dev])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("not permitted to load BPF programs"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn config_file_sets_flags_and_flags_win() {
+    let l = Link::new().unwrap();
+    let dir = std::env::temp_dir().join(unique("fecfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "iface = [\"{}\"]\nxdp-mode = \"native\"\nmax-flows = 4096\nsampler-address = \"198.51.100.1\"\n\
+             metrics-addr = \"127.0.0.1:9700\"\n",
+            l.b_dev
+        ),
+    )
+    .unwrap();
+    let agent = Agent::start(
+        &l.b,
+        &["--config", cfg.to_str().unwrap(), "--max-flows", "512"],
+    )
+    .unwrap();
+    let m = agent.metrics(9700).unwrap();
+    let ip = ipv4(
+        v4("10.9.0.1"),
+        v4("10.9.0.2"),
+        &L4::Udp {
+            sport: 1,
+            dport: 2,
+            payload: 10,
+        },
+    );
+    assert_eq!(send(&l.a, &l.a_dev, vec![eth_ipv4(ip)], 3), 3);
+    let out = agent.stop().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(
+        metric(&m, "flowexport_flow_table_capacity"),
+        Some(512.0),
+        "flag wins"
+    );
+    assert_eq!(out.records.len(), 1);
+    assert_eq!(out.records[0]["sampler_address"], "198.51.100.1");
+    assert_eq!(out.records[0]["packets"], 3);
+}
