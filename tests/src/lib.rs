@@ -78,19 +78,42 @@ impl Netns {
 
     /// Runs `f` on a thread that has entered this namespace.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        self.spawn(f)?
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?
+            .context("setns")
+    }
+
+    /// Like [`Netns::run`], but returns at once with the thread's handle.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<std::thread::JoinHandle<std::io::Result<T>>> {
         let path = format!("/run/netns/{}", self.name);
         let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
-        let h = std::thread::spawn(move || {
+        Ok(std::thread::spawn(move || {
             // SAFETY: setns on this thread only; the fd is a netns file.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            if rc != 0 {
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(f())
-        });
-        h.join()
-            .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?
-            .context("setns")
+        }))
+    }
+
+    /// A counter from /proc/net/snmp in this namespace, e.g. ("Tcp", "OutSegs").
+    pub fn snmp(&self, group: &str, field: &str) -> Result<u64> {
+        let text = self.exec(&["cat", "/proc/net/snmp"])?;
+        let prefix = format!("{group}:");
+        let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+        let (names, values) = (lines.next(), lines.next());
+        let (Some(names), Some(values)) = (names, values) else {
+            bail!("no {group} section in /proc/net/snmp");
+        };
+        let i = names
+            .split_whitespace()
+            .position(|n| n == field)
+            .with_context(|| format!("no {group} {field} in /proc/net/snmp"))?;
+        Ok(values.split_whitespace().nth(i).unwrap().parse()?)
     }
 
     pub fn ifindex(&self, dev: &str) -> Result<u32> {

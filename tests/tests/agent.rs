@@ -748,3 +748,131 @@ fn config_file_sets_flags_and_flags_win() {
     assert_eq!(out.records[0]["sampler_address"], "198.51.100.1");
     assert_eq!(out.records[0]["packets"], 3);
 }
+
+/// A real TCP transfer through the kernel stack. B's sends leave b0 as TSO
+/// super-packets, which the TC program must count as the segments they become;
+/// the kernel's own TCP segment counters in B are the reference.
+#[test]
+fn real_tcp_transfer_counts_gso_segments_exactly() {
+    use std::io::{Read, Write};
+    let l = Link::new().unwrap();
+    l.a.exec(&["ip", "addr", "add", "10.20.0.1/24", "dev", &l.a_dev])
+        .unwrap();
+    l.b.exec(&["ip", "addr", "add", "10.20.0.2/24", "dev", &l.b_dev])
+        .unwrap();
+    let ifb = l.b.ifindex(&l.b_dev).unwrap();
+    let agent = Agent::start(&l.b, &agent_args(&[&l.b_dev], &[])).unwrap();
+    let out0 = l.b.snmp("Tcp", "OutSegs").unwrap();
+    let in0 = l.b.snmp("Tcp", "InSegs").unwrap();
+    let retrans0 = l.b.snmp("Tcp", "RetransSegs").unwrap();
+
+    let listener =
+        l.a.run(|| std::net::TcpListener::bind("10.20.0.1:5001"))
+            .unwrap()
+            .unwrap();
+    let server =
+        l.a.spawn(move || -> std::io::Result<usize> {
+            let (mut s, _) = listener.accept()?;
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf)?;
+            Ok(buf.len())
+        })
+        .unwrap();
+    const TOTAL: usize = 2_000_000;
+    let client_port =
+        l.b.run(|| -> std::io::Result<u16> {
+            let mut s = std::net::TcpStream::connect("10.20.0.1:5001")?;
+            let port = s.local_addr()?.port();
+            s.write_all(&vec![0x5a; TOTAL])?;
+            s.shutdown(std::net::Shutdown::Write)?;
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest)?; // the server's FIN
+            Ok(port)
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(server.join().unwrap().unwrap().unwrap(), TOTAL);
+    // The last ACK of B's FIN... let the connection's final segments pass.
+    std::thread::sleep(Duration::from_millis(300));
+    let out_segs = l.b.snmp("Tcp", "OutSegs").unwrap() - out0;
+    let in_segs = l.b.snmp("Tcp", "InSegs").unwrap() - in0;
+    assert_eq!(
+        l.b.snmp("Tcp", "RetransSegs").unwrap(),
+        retrans0,
+        "no retransmissions expected on veth"
+    );
+    let out = agent.stop().unwrap();
+    assert!(out.status.success(), "{}", out.stderr);
+    let got = totals(&out.records);
+    let port = client_port as u64;
+    let egress = got[&FlowId::new(1, ifb, "10.20.0.2", "10.20.0.1", 6, port, 5001, 0)];
+    let ingress = got[&FlowId::new(0, ifb, "10.20.0.1", "10.20.0.2", 6, 5001, port, 0)];
+    assert_eq!(egress.packets, out_segs, "egress segments vs TcpOutSegs");
+    assert_eq!(ingress.packets, in_segs, "ingress segments vs TcpInSegs");
+    // Bytes: every segment is 20 (IP) + 32 (TCP with timestamps) + payload,
+    // except the SYN and SYN-ACK, whose options make the TCP header 40.
+    assert_eq!(egress.bytes, TOTAL as u64 + 60 + 52 * (egress.packets - 1));
+    assert_eq!(ingress.bytes, 60 + 52 * (ingress.packets - 1));
+    assert!(egress.packets > 2 * TOTAL as u64 / 65536, "{egress:?}");
+    assert_eq!(got.len(), 2, "only the TCP connection's two flows: {got:?}");
+}
+
+/// `--xdp-mode auto` on a driver without native XDP (a bridge) falls back to
+/// skb mode with a log line; `native` there fails with a hint. Egress on the
+/// bridge still counts through TC.
+#[test]
+fn auto_mode_falls_back_to_skb_where_native_is_missing() {
+    let ns = Netns::new().unwrap();
+    let dev = unique("fed");
+    ns.exec(&["ip", "link", "add", &dev, "type", "bridge"])
+        .unwrap();
+    ns.exec(&["ip", "link", "set", &dev, "up"]).unwrap();
+    let ifd = ns.ifindex(&dev).unwrap();
+
+    let out = Agent::spawn(&ns, &["--iface", &dev, "--xdp-mode", "native"])
+        .unwrap()
+        .wait_exit(Duration::from_secs(30))
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(out.stderr.contains("in native mode"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("try --xdp-mode skb or auto"),
+        "{}",
+        out.stderr
+    );
+
+    let agent = Agent::start(&ns, &["--iface", &dev, "--xdp-mode", "auto"]).unwrap();
+    assert!(
+        agent
+            .stderr()
+            .contains("falling back to skb (generic) mode"),
+        "{}",
+        agent.stderr()
+    );
+    assert!(
+        agent.stderr().contains("XDP ingress (skb mode)"),
+        "{}",
+        agent.stderr()
+    );
+    let ip = ipv4(
+        v4("10.11.0.1"),
+        v4("10.11.0.2"),
+        &L4::Udp {
+            sport: 11,
+            dport: 12,
+            payload: 100,
+        },
+    );
+    assert_eq!(send(&ns, &dev, vec![eth_ipv4(ip)], 17), 17);
+    let out = agent.stop().unwrap();
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_flows(
+        &totals(&out.records),
+        &[(
+            FlowId::new(1, ifd, "10.11.0.1", "10.11.0.2", 17, 11, 12, 0),
+            17,
+            17 * 128,
+            0,
+        )],
+    );
+}
