@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# Installs what flowexport needs to build, run and test, idempotently: Debian
+# Installs what flowexport needs to build and run, idempotently: Debian
 # packages, the nightly toolchain's rust-src, bpf-linker, and a bpffs mount.
+# With --test, also what the tests need: the Tansu Kafka broker.
 # Run as root on Debian 12. Safe to run again: every step checks first.
 set -euo pipefail
 export PATH="$HOME/.cargo/bin:$PATH"
+
+for_tests=false
+case "${1:-}" in
+    --test) for_tests=true ;;
+    "") ;;
+    *) echo "usage: scripts/setup.sh [--test]" >&2; exit 2 ;;
+esac
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "scripts/setup.sh: run as root (it installs packages and loads BPF programs)" >&2
@@ -13,9 +21,10 @@ fi
 # --- Debian packages -------------------------------------------------------
 # llvm-22 + polly/zstd/zlib: bpf-linker links against LLVM 22 (nightly's LLVM).
 # iproute2: namespaces/veth for tests; util-linux: setpriv for the
-# unprivileged-user test.
+# unprivileged-user test; protobuf-compiler: prost-build compiles proto/flow.proto;
+# build-essential: librdkafka, which the rdkafka crate builds from source.
 PKGS=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 util-linux
-      build-essential pkg-config ca-certificates)
+      build-essential pkg-config ca-certificates protobuf-compiler)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -44,6 +53,13 @@ if ! bpf-linker --version 2>/dev/null | grep -q "0.13.0"; then
     echo "==> cargo install bpf-linker 0.13.0 (a few minutes, once per machine)"
     LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker@0.13.0 --locked \
         --no-default-features --features llvm-22
+fi
+
+# --- Tansu (tests only): a Kafka-protocol broker with SQLite storage --------
+# Apache Kafka itself is not installable here; Tansu is, from crates.io.
+if $for_tests && ! tansu --version 2>/dev/null | grep -q "0.6.0"; then
+    echo "==> cargo install tansu 0.6.0 (20-30 minutes on 2 cores, once per machine)"
+    cargo install tansu --version 0.6.0 --locked --features libsql
 fi
 
 # --- bpffs -----------------------------------------------------------------

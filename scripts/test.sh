@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Sets up a fresh machine (scripts/setup.sh) and runs every check and test:
+# Sets up a fresh machine (scripts/setup.sh --test: build tools and the Tansu
+# Kafka broker) and runs every check and test:
 # formatting, clippy (-D warnings), the kernel object build, unit tests and the
-# veth/network-namespace integration tests. Run as root.
+# veth/network-namespace and Kafka integration tests. Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
-scripts/setup.sh
+scripts/setup.sh --test
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 (cd flowexport-ebpf && cargo +nightly fmt -- --check)

@@ -14,6 +14,8 @@ use crate::capture::loader::{Capture, LoadOptions};
 use crate::config::AgentConfig;
 use crate::metrics::AgentMetrics;
 use crate::record::{ExportContext, FlowRecord};
+use crate::sink::kafka::KafkaSink;
+use crate::sink::stdout::JsonLinesSink;
 use crate::sink::Sink;
 use crate::timeconv::{monotonic_ns, wall_ns, ClockOffset};
 
@@ -116,8 +118,23 @@ impl Drainer {
     }
 }
 
+/// The sinks the configuration asks for. Fails on bad sink settings (for
+/// example an unknown `-X` property) before anything is attached.
+fn build_sinks(cfg: &AgentConfig, metrics: &AgentMetrics) -> Result<Vec<Box<dyn Sink>>> {
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    if let Some(k) = &cfg.kafka {
+        sinks.push(Box::new(KafkaSink::new(k.clone(), &metrics.registry)?));
+    }
+    if cfg.stdout {
+        sinks.push(Box::new(JsonLinesSink::stdout()));
+    }
+    Ok(sinks)
+}
+
 /// Runs the agent until SIGINT/SIGTERM.
-pub fn run(cfg: AgentConfig, sinks: Vec<Box<dyn Sink>>) -> Result<()> {
+pub fn run(cfg: AgentConfig) -> Result<()> {
+    let metrics = AgentMetrics::new();
+    let sinks = build_sinks(&cfg, &metrics)?;
     raise_memlock();
     let mut capture = Capture::load(&LoadOptions {
         max_flows: cfg.max_flows,
@@ -131,7 +148,6 @@ pub fn run(cfg: AgentConfig, sinks: Vec<Box<dyn Sink>>) -> Result<()> {
         log::info!("attached to {iface}: XDP ingress ({mode} mode), TC egress");
     }
 
-    let metrics = AgentMetrics::new();
     metrics.table_capacity.set(tables.capacity() as i64);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -11,6 +11,10 @@ use clap::Args;
 use serde::Deserialize;
 
 use crate::capture::loader::XdpModeChoice;
+use crate::sink::kafka::{
+    parse_property, KafkaConfig, KafkaFormat, DEFAULT_BUFFER_BYTES, DEFAULT_BUFFER_RECORDS,
+    DEFAULT_FLUSH_TIMEOUT, DEFAULT_TOPIC,
+};
 
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_ACTIVE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -86,10 +90,121 @@ pub struct AgentArgs {
     /// Load the kernel object from this file instead of the embedded one.
     #[arg(long, value_name = "PATH")]
     pub bpf_object: Option<PathBuf>,
+    /// Also print JSON lines on stdout when another sink is configured
+    /// (stdout is the sink when no other is).
+    #[arg(long)]
+    pub stdout: bool,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
     /// TOML file with any of these settings (keys as the flag names, e.g.
     /// `idle-timeout = "10s"`, `iface = ["eth0"]`). Flags win.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+}
+
+/// Kafka producer flags, shared by every command that writes to Kafka.
+#[derive(Args, Debug, Default, Clone)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap brokers; enables the Kafka sink.
+    #[arg(long, value_name = "HOST:PORT[,HOST:PORT]")]
+    pub kafka_brokers: Option<String>,
+    /// Topic to write flows to. [default: flows]
+    #[arg(long, value_name = "TOPIC")]
+    pub kafka_topic: Option<String>,
+    /// Message format: protobuf (goflow2 FlowMessage, proto/flow.proto) or
+    /// json (the stdout JSON object). [default: protobuf]
+    #[arg(long, value_name = "FORMAT")]
+    pub kafka_format: Option<KafkaFormat>,
+    /// Prefix each protobuf message with its varint length (goflow2's
+    /// fixed-length framing) for tools that expect it.
+    #[arg(long)]
+    pub kafka_length_prefix: bool,
+    /// A librdkafka property, e.g. -X compression.type=lz4 -X
+    /// security.protocol=SASL_SSL (repeatable; applied after flowexport's
+    /// defaults acks=all and message.timeout.ms=0).
+    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_property)]
+    pub kafka_property: Vec<(String, String)>,
+    /// Bound of records held while the broker does not acknowledge them;
+    /// past it new records are dropped and counted. [default: 100000]
+    #[arg(long, value_name = "N")]
+    pub kafka_buffer_records: Option<usize>,
+    /// Bound of bytes held the same way. [default: 268435456]
+    #[arg(long, value_name = "BYTES")]
+    pub kafka_buffer_bytes: Option<u64>,
+    /// How long shutdown waits for the broker to acknowledge what is
+    /// buffered. [default: 10s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub kafka_flush_timeout: Option<Duration>,
+}
+
+/// The Kafka keys of a config file (same names as the flags; `-X`
+/// properties go in a `[kafka-properties]` table).
+#[derive(Debug, Default)]
+pub struct FileKafka {
+    pub kafka_brokers: Option<String>,
+    pub kafka_topic: Option<String>,
+    pub kafka_format: Option<String>,
+    pub kafka_length_prefix: Option<bool>,
+    pub kafka_properties: Option<std::collections::BTreeMap<String, String>>,
+    pub kafka_buffer_records: Option<usize>,
+    pub kafka_buffer_bytes: Option<u64>,
+    pub kafka_flush_timeout: Option<String>,
+}
+
+impl KafkaArgs {
+    /// Flags over file over defaults; None when no brokers are configured.
+    pub fn resolve(self, path: &Path, f: FileKafka) -> Result<Option<KafkaConfig>> {
+        let Some(brokers) = self.kafka_brokers.or(f.kafka_brokers) else {
+            return Ok(None);
+        };
+        if brokers.trim().is_empty() {
+            bail!("--kafka-brokers is empty: give HOST:PORT[,HOST:PORT]");
+        }
+        let format = match (self.kafka_format, f.kafka_format) {
+            (Some(x), _) => x,
+            (None, Some(s)) => s
+                .parse()
+                .map_err(|e| anyhow::anyhow!("{}: kafka-format: {e}", path.display()))?,
+            (None, None) => KafkaFormat::Protobuf,
+        };
+        let mut properties: Vec<(String, String)> =
+            f.kafka_properties.unwrap_or_default().into_iter().collect();
+        properties.extend(self.kafka_property);
+        let buffer_records = self
+            .kafka_buffer_records
+            .or(f.kafka_buffer_records)
+            .unwrap_or(DEFAULT_BUFFER_RECORDS);
+        if buffer_records == 0 || buffer_records > 10_000_000 {
+            bail!("--kafka-buffer-records must be between 1 and 10000000 (librdkafka's limit)");
+        }
+        let buffer_bytes = self
+            .kafka_buffer_bytes
+            .or(f.kafka_buffer_bytes)
+            .unwrap_or(DEFAULT_BUFFER_BYTES);
+        if buffer_bytes < 1024 {
+            bail!("--kafka-buffer-bytes must be at least 1024");
+        }
+        Ok(Some(KafkaConfig {
+            brokers,
+            topic: self
+                .kafka_topic
+                .or(f.kafka_topic)
+                .unwrap_or_else(|| DEFAULT_TOPIC.to_string()),
+            format,
+            length_prefix: self.kafka_length_prefix || f.kafka_length_prefix.unwrap_or(false),
+            properties,
+            buffer_records,
+            buffer_bytes,
+            flush_timeout: self
+                .kafka_flush_timeout
+                .or(file_duration(
+                    path,
+                    "kafka-flush-timeout",
+                    f.kafka_flush_timeout,
+                )?)
+                .unwrap_or(DEFAULT_FLUSH_TIMEOUT),
+        }))
+    }
 }
 
 /// The `--config` file: the same settings as the flags.
@@ -106,6 +221,15 @@ struct FileConfig {
     metrics_addr: Option<String>,
     sampler_address: Option<String>,
     bpf_object: Option<PathBuf>,
+    stdout: Option<bool>,
+    kafka_brokers: Option<String>,
+    kafka_topic: Option<String>,
+    kafka_format: Option<String>,
+    kafka_length_prefix: Option<bool>,
+    kafka_properties: Option<std::collections::BTreeMap<String, String>>,
+    kafka_buffer_records: Option<usize>,
+    kafka_buffer_bytes: Option<u64>,
+    kafka_flush_timeout: Option<String>,
 }
 
 /// Fully resolved agent settings.
@@ -121,6 +245,9 @@ pub struct AgentConfig {
     pub metrics_addr: SocketAddr,
     pub sampler_address: Option<IpAddr>,
     pub bpf_object: Option<PathBuf>,
+    /// Print JSON lines on stdout (always true when no other sink is set).
+    pub stdout: bool,
+    pub kafka: Option<KafkaConfig>,
 }
 
 fn file_duration(path: &Path, key: &str, v: Option<String>) -> Result<Option<Duration>> {
@@ -215,7 +342,21 @@ impl AgentArgs {
             Some(s) => parse_sampler(&s)?,
             None => host_address(),
         };
+        let file_kafka = FileKafka {
+            kafka_brokers: f.kafka_brokers,
+            kafka_topic: f.kafka_topic,
+            kafka_format: f.kafka_format,
+            kafka_length_prefix: f.kafka_length_prefix,
+            kafka_properties: f.kafka_properties,
+            kafka_buffer_records: f.kafka_buffer_records,
+            kafka_buffer_bytes: f.kafka_buffer_bytes,
+            kafka_flush_timeout: f.kafka_flush_timeout,
+        };
+        let kafka = self.kafka.resolve(&path, file_kafka)?;
+        let stdout = self.stdout || f.stdout.unwrap_or(false) || kafka.is_none();
         Ok(AgentConfig {
+            stdout,
+            kafka,
             ifaces,
             xdp_mode,
             idle_timeout,
@@ -362,6 +503,52 @@ mod tests {
         let mut a = args(&["eth0"]);
         a.sampler_address = Some("not-an-ip".into());
         assert!(format!("{:#}", a.resolve().unwrap_err()).contains("sampler-address"));
+    }
+
+    #[test]
+    fn kafka_settings_from_flags_and_file() {
+        let c = args(&["eth0"]).resolve().unwrap();
+        assert!(c.kafka.is_none());
+        assert!(c.stdout, "stdout is the default sink");
+
+        let dir = std::env::temp_dir().join(format!("fe-kcfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("agent.toml");
+        std::fs::write(
+            &p,
+            "kafka-brokers = \"k1:9092,k2:9092\"\nkafka-format = \"json\"\n\
+             kafka-flush-timeout = \"3s\"\n[kafka-properties]\n\"compression.type\" = \"lz4\"\n",
+        )
+        .unwrap();
+        let mut a = args(&["eth0"]);
+        a.config = Some(p);
+        a.kafka.kafka_property = vec![("linger.ms".into(), "5".into())];
+        a.kafka.kafka_topic = Some("t1".into());
+        let c = a.resolve().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let k = c.kafka.unwrap();
+        assert!(!c.stdout, "another sink: stdout only with --stdout");
+        assert_eq!(k.brokers, "k1:9092,k2:9092");
+        assert_eq!(k.topic, "t1");
+        assert_eq!(k.format, KafkaFormat::Json);
+        assert_eq!(k.flush_timeout, Duration::from_secs(3));
+        assert_eq!(
+            k.properties,
+            vec![
+                ("compression.type".to_string(), "lz4".to_string()),
+                ("linger.ms".to_string(), "5".to_string())
+            ]
+        );
+        assert_eq!(k.buffer_records, DEFAULT_BUFFER_RECORDS);
+
+        let mut a = args(&["eth0"]);
+        a.kafka.kafka_brokers = Some("k:1".into());
+        a.kafka.kafka_buffer_records = Some(0);
+        assert!(a.resolve().is_err());
+        let mut a = args(&["eth0"]);
+        a.kafka.kafka_brokers = Some("k:1".into());
+        a.stdout = true;
+        assert!(a.resolve().unwrap().stdout);
     }
 
     #[test]

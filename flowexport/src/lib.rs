@@ -6,6 +6,7 @@
 //! sinks ([`sink`]) and metrics ([`metrics`]).
 pub mod agent;
 pub mod capture;
+pub mod codec;
 pub mod config;
 pub mod metrics;
 pub mod record;

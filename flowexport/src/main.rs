@@ -2,7 +2,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use flowexport::config::AgentArgs;
-use flowexport::sink::{stdout::JsonLinesSink, Sink};
 
 /// flowexport: per-flow packet and byte counters from XDP/TC programs, exported
 /// as flow records (JSON lines on stdout by default).
@@ -26,10 +25,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Agent(args) => args.resolve().and_then(|cfg| {
-            let sinks: Vec<Box<dyn Sink>> = vec![Box::new(JsonLinesSink::stdout())];
-            flowexport::agent::run(cfg, sinks)
-        }),
+        Command::Agent(args) => args.resolve().and_then(flowexport::agent::run),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -20,6 +20,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 pub mod frames;
+pub mod kafka;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -47,16 +48,18 @@ fn sh(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// A network namespace, deleted (with every interface in it) on drop.
+/// A network namespace, deleted (with every interface in it) on drop
+/// unless it is only borrowed.
 pub struct Netns {
     pub name: String,
+    owned: bool,
 }
 
 impl Netns {
     pub fn new() -> Result<Netns> {
         let name = unique("fens");
         sh(&["ip", "netns", "add", &name])?;
-        let ns = Netns { name };
+        let ns = Netns { name, owned: true };
         // No IPv6 autoconfiguration, router solicitations or MLD reports: the
         // only packets on our links are the ones a test sends.
         ns.exec(&[
@@ -67,6 +70,14 @@ impl Netns {
         ])?;
         ns.exec(&["ip", "link", "set", "lo", "up"])?;
         Ok(ns)
+    }
+
+    /// A handle on a namespace someone else owns (not deleted on drop).
+    pub fn borrowed(name: &str) -> Netns {
+        Netns {
+            name: name.to_string(),
+            owned: false,
+        }
     }
 
     /// Runs a command inside the namespace and returns its stdout.
@@ -139,6 +150,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
@@ -398,20 +412,14 @@ impl Agent {
 
     /// Fetches /metrics from the agent's default endpoint inside its namespace.
     pub fn metrics(&self, port: u16) -> Result<String> {
-        let ns = Netns {
-            name: self.ns_name.clone(),
-        };
-        let r = ns.run(move || -> Result<String> {
+        Netns::borrowed(&self.ns_name).run(move || -> Result<String> {
             let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
             s.set_read_timeout(Some(Duration::from_secs(10)))?;
             s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
             let mut body = String::new();
             s.read_to_string(&mut body)?;
             Ok(body)
-        });
-        // Borrowed name only: the namespace belongs to the test.
-        std::mem::forget(ns);
-        r?
+        })?
     }
 }
 

@@ -1,5 +1,6 @@
 //! Sinks: where flow records go. The agent (and later the bridge commands)
 //! hand every batch of records to each configured sink.
+pub mod kafka;
 pub mod stdout;
 
 use crate::record::FlowRecord;

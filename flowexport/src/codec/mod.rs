@@ -1,0 +1,2 @@
+//! Wire formats: pure functions over bytes and records, no I/O.
+pub mod protobuf;

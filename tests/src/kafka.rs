@@ -1,0 +1,222 @@
+//! A real Kafka-protocol broker for tests: Tansu with SQLite storage, run
+//! inside a test's network namespace on its loopback, with its own state
+//! directory. Topics are created explicitly (Tansu does not auto-create).
+//! Clients run on threads that entered the namespace, so librdkafka's own
+//! threads (created with the client) live there too.
+
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::{unique, Netns};
+
+/// The Tansu binary: $TANSU_BIN, else `tansu` on PATH (scripts/setup.sh
+/// installs it with cargo).
+pub fn tansu_bin() -> String {
+    std::env::var("TANSU_BIN").unwrap_or_else(|_| "tansu".to_string())
+}
+
+pub struct Broker {
+    ns_name: String,
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+/// One consumed message.
+#[derive(Clone, Debug)]
+pub struct Consumed {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Vec<u8>,
+    pub payload: Vec<u8>,
+}
+
+impl Broker {
+    /// Starts a broker in `ns` on a free loopback port.
+    pub fn start(ns: &Netns) -> Result<Broker> {
+        // A port that is free in this namespace (its loopback is private).
+        let port = ns.run(|| {
+            std::net::TcpListener::bind("127.0.0.1:0").map(|l| l.local_addr().unwrap().port())
+        })??;
+        let dir = std::env::temp_dir().join(unique("fe-tansu-"));
+        std::fs::create_dir_all(&dir)?;
+        let mut b = Broker {
+            ns_name: ns.name.clone(),
+            port,
+            dir,
+            child: None,
+        };
+        b.spawn()?;
+        Ok(b)
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn ns(&self) -> Netns {
+        Netns::borrowed(&self.ns_name)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("tansu.log"))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns_name])
+            .arg(tansu_bin())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "starting {} (install it with scripts/setup.sh or set TANSU_BIN)",
+                    tansu_bin()
+                )
+            })?;
+        self.child = Some(child);
+        let port = self.port;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let up = self
+                .ns()
+                .run(move || TcpStream::connect(("127.0.0.1", port)).is_ok())?;
+            if up {
+                return Ok(());
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait()? {
+                bail!("tansu exited ({status}): {}", self.log());
+            }
+            if Instant::now() > deadline {
+                bail!("tansu not listening after 20s: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("tansu.log")).unwrap_or_default()
+    }
+
+    /// Stops the broker (SIGTERM, then SIGKILL after 10 s). Its data stays.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the broker again on the same port and data.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.spawn()
+    }
+
+    pub fn create_topic(&self, name: &str, partitions: u32) -> Result<()> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns_name])
+            .arg(tansu_bin())
+            .args(["topic", "create", name, "--broker"])
+            .arg(format!("tcp://127.0.0.1:{}", self.port))
+            .args(["--partitions", &partitions.to_string()])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "tansu topic create {name}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// Reads every message of `topic` from the beginning up to the high
+    /// watermark of each partition at the time of the call.
+    pub fn consume_all(&self, topic: &str) -> Result<Vec<Consumed>> {
+        let brokers = self.addr();
+        let topic = topic.to_string();
+        self.ns().run(move || -> Result<Vec<Consumed>> {
+            let c: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", unique("fe-test-"))
+                .set("enable.auto.commit", "false")
+                .create()?;
+            let md = c.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+            let t = md
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic)
+                .context("topic missing")?;
+            let mut tpl = TopicPartitionList::new();
+            let mut remaining = 0i64;
+            let mut highs = std::collections::HashMap::new();
+            for p in t.partitions() {
+                let (lo, hi) = c.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
+                highs.insert(p.id(), hi);
+                remaining += hi - lo;
+                tpl.add_partition_offset(&topic, p.id(), Offset::Beginning)?;
+            }
+            c.assign(&tpl)?;
+            let mut out = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while remaining > 0 {
+                if Instant::now() > deadline {
+                    bail!("{remaining} messages of {topic} not consumed within 60s");
+                }
+                let Some(m) = c.poll(Duration::from_millis(500)) else {
+                    continue;
+                };
+                let m = m?;
+                if m.offset() < highs[&m.partition()] {
+                    remaining -= 1;
+                    out.push(Consumed {
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        key: m.key().unwrap_or_default().to_vec(),
+                        payload: m.payload().unwrap_or_default().to_vec(),
+                    });
+                }
+            }
+            Ok(out)
+        })?
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
