@@ -11,10 +11,12 @@ use flowexport_common::{DIR_EGRESS, DIR_INGRESS};
 
 use crate::capture::drain::{DrainReport, FlowAggregator, KernelStats, KernelTables, Timeouts};
 use crate::capture::loader::{Capture, LoadOptions};
+use crate::codec::export::ExportProtocol;
 use crate::config::AgentConfig;
 use crate::metrics::AgentMetrics;
 use crate::record::{ExportContext, FlowRecord};
 use crate::sink::kafka::KafkaSink;
+use crate::sink::netflow::FlowExportSink;
 use crate::sink::stdout::JsonLinesSink;
 use crate::sink::Sink;
 use crate::timeconv::{monotonic_ns, wall_ns, ClockOffset};
@@ -124,6 +126,16 @@ fn build_sinks(cfg: &AgentConfig, metrics: &AgentMetrics) -> Result<Vec<Box<dyn 
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     if let Some(k) = &cfg.kafka {
         sinks.push(Box::new(KafkaSink::new(k.clone(), &metrics.registry)?));
+    }
+    for (proto, targets) in [
+        (ExportProtocol::Ipfix, &cfg.ipfix),
+        (ExportProtocol::NetflowV9, &cfg.netflow9),
+    ] {
+        for t in targets {
+            let sink = FlowExportSink::new(proto, *t, &cfg.export).map_err(anyhow::Error::msg)?;
+            log::info!("exporting {} to {t}", sink.name());
+            sinks.push(Box::new(sink));
+        }
     }
     if cfg.stdout {
         sinks.push(Box::new(JsonLinesSink::stdout()));

@@ -15,6 +15,7 @@ use crate::sink::kafka::{
     parse_property, KafkaConfig, KafkaFormat, DEFAULT_BUFFER_BYTES, DEFAULT_BUFFER_RECORDS,
     DEFAULT_FLUSH_TIMEOUT, DEFAULT_TOPIC,
 };
+use crate::sink::netflow::{resolve, ExportSettings};
 
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_ACTIVE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -22,6 +23,9 @@ pub const DEFAULT_DRAIN_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_MAX_FLOWS: u32 = 65_536;
 pub const DEFAULT_FALLBACK_RING_BYTES: u32 = 1 << 20;
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9590";
+pub const DEFAULT_EXPORT_PACKET_SIZE: usize = 1400;
+pub const DEFAULT_TEMPLATE_INTERVAL: Duration = Duration::from_secs(30);
+pub const DEFAULT_TEMPLATE_PACKETS: u32 = 20;
 
 /// Parses "15s", "500ms", "2m", "1h" or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -94,6 +98,25 @@ pub struct AgentArgs {
     /// (stdout is the sink when no other is).
     #[arg(long)]
     pub stdout: bool,
+    /// Send IPFIX (RFC 7011) over UDP to this collector (repeatable).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub ipfix: Vec<String>,
+    /// Send NetFlow v9 (RFC 3954) over UDP to this collector (repeatable).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub netflow9: Vec<String>,
+    /// IPFIX observation domain id, also the NetFlow v9 source id. [default: 1]
+    #[arg(long, value_name = "ID")]
+    pub observation_domain: Option<u32>,
+    /// Largest IPFIX/NetFlow v9 packet (UDP payload); keep it under the
+    /// path MTU. [default: 1400]
+    #[arg(long, value_name = "BYTES")]
+    pub export_packet_size: Option<usize>,
+    /// Resend IPFIX/NetFlow v9 templates at least this often. [default: 30s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub template_interval: Option<Duration>,
+    /// ... and at least every N export packets. [default: 20]
+    #[arg(long, value_name = "N")]
+    pub template_packets: Option<u32>,
     #[command(flatten)]
     pub kafka: KafkaArgs,
     /// TOML file with any of these settings (keys as the flag names, e.g.
@@ -222,6 +245,12 @@ struct FileConfig {
     sampler_address: Option<String>,
     bpf_object: Option<PathBuf>,
     stdout: Option<bool>,
+    ipfix: Option<Vec<String>>,
+    netflow9: Option<Vec<String>>,
+    observation_domain: Option<u32>,
+    export_packet_size: Option<usize>,
+    template_interval: Option<String>,
+    template_packets: Option<u32>,
     kafka_brokers: Option<String>,
     kafka_topic: Option<String>,
     kafka_format: Option<String>,
@@ -248,6 +277,9 @@ pub struct AgentConfig {
     /// Print JSON lines on stdout (always true when no other sink is set).
     pub stdout: bool,
     pub kafka: Option<KafkaConfig>,
+    pub ipfix: Vec<SocketAddr>,
+    pub netflow9: Vec<SocketAddr>,
+    pub export: ExportSettings,
 }
 
 fn file_duration(path: &Path, key: &str, v: Option<String>) -> Result<Option<Duration>> {
@@ -353,10 +385,54 @@ impl AgentArgs {
             kafka_flush_timeout: f.kafka_flush_timeout,
         };
         let kafka = self.kafka.resolve(&path, file_kafka)?;
-        let stdout = self.stdout || f.stdout.unwrap_or(false) || kafka.is_none();
+        let resolve_all =
+            |flag: Vec<String>, file: Option<Vec<String>>| -> Result<Vec<SocketAddr>> {
+                let list = if flag.is_empty() {
+                    file.unwrap_or_default()
+                } else {
+                    flag
+                };
+                list.iter()
+                    .map(|t| resolve(t).map_err(|e| anyhow::anyhow!(e)))
+                    .collect()
+            };
+        let ipfix = resolve_all(self.ipfix, f.ipfix).context("--ipfix")?;
+        let netflow9 = resolve_all(self.netflow9, f.netflow9).context("--netflow9")?;
+        let export = ExportSettings {
+            observation_domain: self
+                .observation_domain
+                .or(f.observation_domain)
+                .unwrap_or(1),
+            max_packet: self
+                .export_packet_size
+                .or(f.export_packet_size)
+                .unwrap_or(DEFAULT_EXPORT_PACKET_SIZE),
+            template_interval_ms: self
+                .template_interval
+                .or(file_duration(
+                    &path,
+                    "template-interval",
+                    f.template_interval,
+                )?)
+                .unwrap_or(DEFAULT_TEMPLATE_INTERVAL)
+                .as_millis() as u64,
+            template_packets: self
+                .template_packets
+                .or(f.template_packets)
+                .unwrap_or(DEFAULT_TEMPLATE_PACKETS)
+                .max(1),
+        };
+        if !(256..=65_000).contains(&export.max_packet) {
+            bail!("--export-packet-size must be between 256 and 65000 bytes");
+        }
+        let other_sinks = kafka.is_some() || !ipfix.is_empty() || !netflow9.is_empty();
+        let stdout = self.stdout || f.stdout.unwrap_or(false) || !other_sinks;
         Ok(AgentConfig {
             stdout,
             kafka,
+            ipfix,
+            netflow9,
+            export,
             ifaces,
             xdp_mode,
             idle_timeout,

@@ -1,2 +1,3 @@
 //! Wire formats: pure functions over bytes and records, no I/O.
+pub mod export;
 pub mod protobuf;

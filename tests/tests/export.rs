@@ -1,0 +1,354 @@
+//! The agent's IPFIX and NetFlow v9 export, checked by real third-party
+//! decoders from Debian: nfcapd receives the export of known veth traffic and
+//! nfdump must report exactly the packets and bytes sent per flow; tshark
+//! dissects a capture of the same export and must find nothing malformed.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flowexport_tests::frames::*;
+use flowexport_tests::*;
+
+fn free_udp_port(ns: &Netns) -> u16 {
+    ns.run(|| {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    })
+    .unwrap()
+}
+
+/// A child process in a namespace, killed on drop.
+struct Proc(Option<Child>);
+
+impl Proc {
+    fn term(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn udp_listening(ns: &Netns, port: u16) -> bool {
+    ns.exec(&["ss", "-Hlun", &format!("sport = :{port}")])
+        .map(|o| !o.trim().is_empty())
+        .unwrap_or(false)
+}
+
+/// nfcapd writing into `dir`, listening on 127.0.0.1:`port` in `ns`.
+fn nfcapd(ns: &Netns, dir: &std::path::Path, port: u16) -> Proc {
+    std::fs::create_dir_all(dir).unwrap();
+    let child = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "nfcapd", "-w"])
+        .arg(dir)
+        .args(["-p", &port.to_string(), "-b", "127.0.0.1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nfcapd (Debian package nfdump) must be installed: scripts/setup.sh --test");
+    let p = Proc(Some(child));
+    assert!(
+        wait_until(Duration::from_secs(10), || udp_listening(ns, port)),
+        "nfcapd not listening"
+    );
+    p
+}
+
+/// tshark capturing UDP on the namespace's loopback into `file`.
+fn tshark_capture(ns: &Netns, file: &std::path::Path) -> Proc {
+    let mut child = Command::new("ip")
+        .args([
+            "netns", "exec", &ns.name, "tshark", "-i", "lo", "-f", "udp", "-w",
+        ])
+        .arg(file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tshark must be installed: scripts/setup.sh --test");
+    let err = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(|l| l.ok()) {
+            if line.contains("Capturing on") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("tshark did not start capturing");
+    Proc(Some(child))
+}
+
+/// nfdump's view of a directory: (src, dst, sport, dport, proto) ->
+/// (packets, bytes, in, out), summed.
+type NfKey = (String, String, u64, u64, String);
+fn nfdump(dir: &std::path::Path) -> BTreeMap<NfKey, (u64, u64, u64, u64)> {
+    let out = Command::new("nfdump")
+        .arg("-R")
+        .arg(dir)
+        .args(["-o", "csv"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nfdump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().expect("csv header").split(',').collect();
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| *h == name)
+            .unwrap_or_else(|| panic!("no column {name}"))
+    };
+    let (sa, da, sp, dp, pr, ipkt, ibyt, inn, outt) = (
+        col("sa"),
+        col("da"),
+        col("sp"),
+        col("dp"),
+        col("pr"),
+        col("ipkt"),
+        col("ibyt"),
+        col("in"),
+        col("out"),
+    );
+    let mut m = BTreeMap::new();
+    for l in lines {
+        let f: Vec<&str> = l.split(',').collect();
+        if f.len() < header.len() {
+            continue;
+        }
+        let n = |i: usize| f[i].trim().parse::<u64>().unwrap();
+        let e = m
+            .entry((
+                f[sa].to_string(),
+                f[da].to_string(),
+                n(sp),
+                n(dp),
+                f[pr].to_string(),
+            ))
+            .or_insert((0, 0, 0, 0));
+        e.0 += n(ipkt);
+        e.1 += n(ibyt);
+        e.2 = n(inn);
+        e.3 = n(outt);
+    }
+    m
+}
+
+/// Runs tshark over the capture, decoding both ports as NetFlow/IPFIX;
+/// returns (export packets dissected, malformed or warning/error items).
+fn tshark_check(file: &std::path::Path, ports: &[u16]) -> (usize, Vec<String>) {
+    let mut args: Vec<String> = vec!["-r".into(), file.to_str().unwrap().into()];
+    for p in ports {
+        args.push("-d".into());
+        args.push(format!("udp.port=={p},cflow"));
+    }
+    let count = Command::new("tshark")
+        .args(&args)
+        .args(["-Y", "cflow"])
+        .output()
+        .unwrap();
+    assert!(
+        count.status.success(),
+        "tshark: {}",
+        String::from_utf8_lossy(&count.stderr)
+    );
+    let n = String::from_utf8_lossy(&count.stdout)
+        .lines()
+        .filter(|l| l.contains("CFLOW"))
+        .count();
+    let bad = Command::new("tshark")
+        .args(&args)
+        .args(["-Y", "_ws.malformed || _ws.expert.severity >= 6291456"])
+        .args([
+            "-T",
+            "fields",
+            "-e",
+            "frame.number",
+            "-e",
+            "_ws.expert.message",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        bad.status.success(),
+        "tshark: {}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let bad = String::from_utf8_lossy(&bad.stdout)
+        .lines()
+        .map(|s| s.to_string())
+        .collect();
+    (n, bad)
+}
+
+#[test]
+fn ipfix_and_netflow9_export_decoded_by_nfdump_and_tshark() {
+    let l = Link::new().unwrap();
+    let dir = std::env::temp_dir().join(unique("fe-nf-"));
+    let (p_ipfix, p_v9) = (free_udp_port(&l.b), free_udp_port(&l.b));
+    let mut cap_ipfix = nfcapd(&l.b, &dir.join("ipfix"), p_ipfix);
+    let mut cap_v9 = nfcapd(&l.b, &dir.join("v9"), p_v9);
+    let pcap = dir.join("export.pcap");
+    let mut shark = tshark_capture(&l.b, &pcap);
+    let ifb = l.b.ifindex(&l.b_dev).unwrap() as u64;
+    let (t_ipfix, t_v9) = (format!("127.0.0.1:{p_ipfix}"), format!("127.0.0.1:{p_v9}"));
+    // Small packets and a template refresh every 2 packets: several export
+    // packets, some without templates, all checked.
+    let agent = Agent::start(
+        &l.b,
+        &[
+            "--iface",
+            &l.b_dev,
+            "--xdp-mode",
+            "native",
+            "--ipfix",
+            &t_ipfix,
+            "--netflow9",
+            &t_v9,
+            "--export-packet-size",
+            "400",
+            "--template-packets",
+            "2",
+            "--observation-domain",
+            "77",
+        ],
+    )
+    .unwrap();
+    let mut want: BTreeMap<NfKey, (u64, u64, u64, u64)> = BTreeMap::new();
+    for i in 0..20u16 {
+        let ip = ipv4(
+            v4("10.50.0.1"),
+            v4("10.50.0.2"),
+            &L4::Udp {
+                sport: 3000 + i,
+                dport: 53,
+                payload: 100 + i as usize,
+            },
+        );
+        let n = 1 + i as u64;
+        assert_eq!(
+            send_frames(
+                &l.a,
+                &l.a_dev,
+                vec![eth_ipv4(ip)],
+                n as usize,
+                64,
+                Duration::from_micros(200)
+            )
+            .unwrap(),
+            n
+        );
+        want.insert(
+            (
+                "10.50.0.1".into(),
+                "10.50.0.2".into(),
+                3000 + i as u64,
+                53,
+                "UDP".into(),
+            ),
+            (n, n * (128 + i as u64), ifb, 0),
+        );
+    }
+    let tcp6 = ipv6(
+        v6("2001:db8:50::1"),
+        v6("2001:db8:50::2"),
+        &L4::Tcp {
+            sport: 40000,
+            dport: 443,
+            flags: TCP_SYN | TCP_ACK,
+            payload: 200,
+        },
+    );
+    send_frames(
+        &l.a,
+        &l.a_dev,
+        vec![eth_ipv6(tcp6)],
+        6,
+        64,
+        Duration::from_micros(200),
+    )
+    .unwrap();
+    want.insert(
+        (
+            "2001:db8:50::1".into(),
+            "2001:db8:50::2".into(),
+            40000,
+            443,
+            "TCP".into(),
+        ),
+        (6, 6 * 260, ifb, 0),
+    );
+    // Egress.
+    let out4 = ipv4(
+        v4("10.50.1.2"),
+        v4("10.50.1.1"),
+        &L4::Udp {
+            sport: 123,
+            dport: 123,
+            payload: 48,
+        },
+    );
+    send_frames(
+        &l.b,
+        &l.b_dev,
+        vec![eth_ipv4(out4)],
+        4,
+        64,
+        Duration::from_micros(200),
+    )
+    .unwrap();
+    want.insert(
+        (
+            "10.50.1.2".into(),
+            "10.50.1.1".into(),
+            123,
+            123,
+            "UDP".into(),
+        ),
+        (4, 4 * 76, 0, ifb),
+    );
+
+    let out = agent.stop().unwrap();
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(out.records.is_empty(), "stdout is off with other sinks");
+    std::thread::sleep(Duration::from_millis(500));
+    cap_ipfix.term();
+    cap_v9.term();
+    shark.term();
+
+    for proto in ["ipfix", "v9"] {
+        let got = nfdump(&dir.join(proto));
+        assert_eq!(got, want, "{proto}: nfdump's flows differ");
+    }
+    let (n, bad) = tshark_check(&pcap, &[p_ipfix, p_v9]);
+    assert!(n >= 4, "tshark saw only {n} export packets");
+    assert!(bad.is_empty(), "tshark found problems: {bad:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
