@@ -72,6 +72,49 @@ pub struct FlowRecord {
     pub icmp_code: u8,
     /// 0 = ingress, 1 = egress (as goflow2's `flow_direction`).
     pub flow_direction: u8,
+    pub ip_tos: u8,
+    pub src_as: u32,
+    pub dst_as: u32,
+    /// MAC addresses in the low 48 bits, as goflow2 carries them.
+    pub src_mac: u64,
+    pub dst_mac: u64,
+    /// IPFIX observation domain / NetFlow v9 source id of the exporter.
+    pub observation_domain_id: u32,
+}
+
+impl Default for FlowRecord {
+    fn default() -> Self {
+        FlowRecord {
+            flow_type: FlowType::Unknown,
+            time_received_ns: 0,
+            sequence_num: 0,
+            sampling_rate: 0,
+            sampler_address: None,
+            time_flow_start_ns: 0,
+            time_flow_end_ns: 0,
+            bytes: 0,
+            packets: 0,
+            src_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            dst_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            etype: 0,
+            proto: 0,
+            src_port: 0,
+            dst_port: 0,
+            in_if: 0,
+            out_if: 0,
+            vlan_id: 0,
+            tcp_flags: 0,
+            icmp_type: 0,
+            icmp_code: 0,
+            flow_direction: 0,
+            ip_tos: 0,
+            src_as: 0,
+            dst_as: 0,
+            src_mac: 0,
+            dst_mac: 0,
+            observation_domain_id: 0,
+        }
+    }
 }
 
 fn addr_or_empty<S: Serializer>(a: &Option<IpAddr>, s: S) -> Result<S::Ok, S::Error> {
@@ -185,6 +228,7 @@ impl FlowRecord {
             icmp_type,
             icmp_code,
             flow_direction: key.direction,
+            ..FlowRecord::default()
         }
     }
 

@@ -369,9 +369,8 @@ mod tests {
             out_if: 0,
             vlan_id: 7,
             tcp_flags: 0x1b,
-            icmp_type: 0,
-            icmp_code: 0,
             flow_direction: 0,
+            ..FlowRecord::default()
         }
     }
 

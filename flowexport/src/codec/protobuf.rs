@@ -97,6 +97,12 @@ pub fn to_message(r: &FlowRecord) -> FlowMessage {
         icmp_type: r.icmp_type as u32,
         icmp_code: r.icmp_code as u32,
         flow_direction: r.flow_direction as u32,
+        ip_tos: r.ip_tos as u32,
+        src_as: r.src_as,
+        dst_as: r.dst_as,
+        src_mac: r.src_mac,
+        dst_mac: r.dst_mac,
+        observation_domain_id: r.observation_domain_id,
         ..Default::default()
     }
 }
@@ -138,6 +144,12 @@ pub fn from_message(m: &FlowMessage) -> Result<FlowRecord, DecodeError> {
         icmp_type: narrow("icmp_type", m.icmp_type)?,
         icmp_code: narrow("icmp_code", m.icmp_code)?,
         flow_direction: narrow("flow_direction", m.flow_direction)?,
+        ip_tos: narrow("ip_tos", m.ip_tos)?,
+        src_as: m.src_as,
+        dst_as: m.dst_as,
+        src_mac: m.src_mac,
+        dst_mac: m.dst_mac,
+        observation_domain_id: m.observation_domain_id,
     })
 }
 
@@ -192,6 +204,12 @@ mod tests {
             icmp_type: 0,
             icmp_code: 0,
             flow_direction: 1,
+            ip_tos: 0x2e,
+            src_as: 64500,
+            dst_as: 64501,
+            src_mac: 0x0200_0000_00aa,
+            dst_mac: 0x0200_0000_00bb,
+            observation_domain_id: 9,
         }
     }
 
@@ -238,9 +256,16 @@ mod tests {
         let (mut plain, mut framed) = (Vec::new(), Vec::new());
         encode(&r, false, &mut plain);
         encode(&r, true, &mut framed);
-        assert!(plain.len() < 128);
-        assert_eq!(framed[0] as usize, plain.len());
-        assert_eq!(&framed[1..], &plain[..]);
+        let mut rest = &framed[..];
+        let n = prost::encoding::decode_varint(&mut rest).unwrap();
+        assert_eq!(n as usize, plain.len());
+        assert_eq!(rest, &plain[..]);
+        assert_eq!(
+            framed.len(),
+            plain.len() + 2,
+            "a 2-byte varint for {} bytes",
+            plain.len()
+        );
     }
 
     #[test]

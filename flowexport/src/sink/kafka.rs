@@ -388,9 +388,8 @@ mod tests {
             out_if: 0,
             vlan_id: 0,
             tcp_flags: 0,
-            icmp_type: 0,
-            icmp_code: 0,
             flow_direction: 0,
+            ..FlowRecord::default()
         }
     }
 

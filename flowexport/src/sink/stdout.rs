@@ -82,9 +82,8 @@ mod tests {
             out_if: 0,
             vlan_id: 0,
             tcp_flags: 2,
-            icmp_type: 0,
-            icmp_code: 0,
             flow_direction: 0,
+            ..FlowRecord::default()
         };
         let mut sink = JsonLinesSink::new(Vec::new());
         sink.send(&[rec.clone(), rec]).unwrap();
