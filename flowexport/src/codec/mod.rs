@@ -1,3 +1,4 @@
 //! Wire formats: pure functions over bytes and records, no I/O.
 pub mod export;
+pub mod netflow;
 pub mod protobuf;
