@@ -531,7 +531,7 @@ impl NetflowDecoder {
             let id = r.u16("options template")?;
             let scope_len = r.u16("options template")? as usize;
             let opt_len = r.u16("options template")? as usize;
-            if id < 256 || scope_len % 4 != 0 || opt_len % 4 != 0 {
+            if id < 256 || !scope_len.is_multiple_of(4) || !opt_len.is_multiple_of(4) {
                 return Err(NetflowError::Template("bad v9 options template header"));
             }
             let mut fields = Vec::new();
@@ -805,6 +805,7 @@ mod tests {
     }
 
     fn sample(i: u32, v6: bool) -> FlowRecord {
+        let icmp = i.is_multiple_of(3);
         FlowRecord {
             flow_type: FlowType::Ebpf,
             time_flow_start_ns: 1_763_799_990_123_000_000,
@@ -822,10 +823,10 @@ mod tests {
                 "10.4.5.6".parse().unwrap()
             },
             etype: if v6 { ETYPE_IPV6 } else { ETYPE_IPV4 },
-            proto: if i % 3 == 0 { 1 } else { 17 },
-            src_port: if i % 3 == 0 { 0 } else { 1000 + i as u16 },
-            dst_port: if i % 3 == 0 { 0 } else { 53 },
-            icmp_type: if i % 3 == 0 { 8 } else { 0 },
+            proto: if icmp { 1 } else { 17 },
+            src_port: if icmp { 0 } else { 1000 + i as u16 },
+            dst_port: if icmp { 0 } else { 53 },
+            icmp_type: if icmp { 8 } else { 0 },
             in_if: 4,
             out_if: 0,
             vlan_id: 12,
