@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod capture;
 pub mod codec;
+pub mod collect;
 pub mod config;
 pub mod metrics;
 pub mod record;

@@ -17,6 +17,9 @@ enum Command {
     /// Count flows on interfaces with XDP (ingress) and TC (egress) programs
     /// and export them; runs until SIGINT/SIGTERM, then drains and exits.
     Agent(AgentArgs),
+    /// Receive NetFlow v5/v9, IPFIX and sFlow v5 over UDP and publish every
+    /// flow to Kafka (or print JSON lines); runs until SIGINT/SIGTERM.
+    Collect(flowexport::collect::CollectArgs),
 }
 
 fn main() -> ExitCode {
@@ -26,6 +29,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Agent(args) => args.resolve().and_then(flowexport::agent::run),
+        Command::Collect(args) => flowexport::collect::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -132,11 +132,7 @@ impl AgentMetrics {
     }
 
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
-            .expect("text encoding of metrics");
-        String::from_utf8(buf).expect("metrics are UTF-8")
+        render_registry(&self.registry)
     }
 }
 
@@ -144,6 +140,15 @@ impl Default for AgentMetrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// A registry in the Prometheus text format.
+pub fn render_registry(r: &Registry) -> String {
+    let mut buf = Vec::new();
+    TextEncoder::new()
+        .encode(&r.gather(), &mut buf)
+        .expect("text encoding of metrics");
+    String::from_utf8(buf).expect("metrics are UTF-8")
 }
 
 async fn handle(

@@ -2,3 +2,4 @@
 pub mod export;
 pub mod netflow;
 pub mod protobuf;
+pub mod sflow;
