@@ -330,3 +330,166 @@ fn gateway(d: &mut Xdr<'_>) -> Result<(u32, u32), SflowError> {
     }
     Ok((src_as, dst_as))
 }
+
+#[cfg(test)]
+mod tests {
+    //! sFlow datagrams assembled by hand, field by field, following the
+    //! sFlow v5 specification's XDR structures (no sFlow agent is packaged
+    //! in Debian 12 to produce real ones).
+    use super::*;
+
+    fn u32s(v: &[u32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_be_bytes()).collect()
+    }
+
+    fn datagram(samples: &[(u32, Vec<u8>)]) -> Vec<u8> {
+        // version 5, agent IPv4 192.0.2.5, sub-agent 0, sequence 77, uptime
+        let mut d = u32s(&[5, 1]);
+        d.extend([192, 0, 2, 5]);
+        d.extend(u32s(&[0, 77, 123_456, samples.len() as u32]));
+        for (fmt, body) in samples {
+            d.extend(u32s(&[*fmt, body.len() as u32]));
+            d.extend(body);
+        }
+        d
+    }
+
+    fn record(fmt: u32, body: Vec<u8>) -> Vec<u8> {
+        let mut r = u32s(&[fmt, body.len() as u32]);
+        r.extend(body);
+        r
+    }
+
+    /// An Ethernet + 802.1Q + IPv4 + TCP header as a switch would sample it.
+    fn sampled_header() -> Vec<u8> {
+        let mut h = vec![
+            0x02, 0, 0, 0, 0, 0xbb, 0x02, 0, 0, 0, 0, 0xaa, 0x81, 0x00, 0x00, 0x64, 0x08, 0x00,
+        ];
+        h.extend([
+            0x45, 0xb8, 0x05, 0xdc, 0, 0, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ]);
+        h.extend([
+            0x01, 0xbb, 0xc3, 0x50, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0,
+        ]);
+        h
+    }
+
+    fn raw_header_record(h: &[u8]) -> Vec<u8> {
+        // header_protocol 1 (Ethernet), frame_length 1518, stripped 4, header
+        let mut b = u32s(&[1, 1518, 4, h.len() as u32]);
+        b.extend(h);
+        while b.len() % 4 != 0 {
+            b.push(0);
+        }
+        record(1, b)
+    }
+
+    #[test]
+    fn flow_sample_with_raw_header_switch_and_gateway() {
+        let mut recs = raw_header_record(&sampled_header());
+        recs.extend(record(1001, u32s(&[100, 0, 200, 0])));
+        // gateway: next hop IPv4, router AS, src AS, src peer AS, one
+        // AS_SEQUENCE segment of 2 ASNs, no communities, localpref
+        let mut gw = u32s(&[1]);
+        gw.extend([192, 0, 2, 254]);
+        gw.extend(u32s(&[64500, 64501, 64502, 1, 2, 2, 64510, 64511, 0, 100]));
+        recs.extend(record(1003, gw));
+        // flow_sample: seq, source id, rate 512, pool, drops, in 3, out 7, 3 records
+        let mut fs = u32s(&[1, 3, 512, 5120, 0, 3, 7, 3]);
+        fs.extend(recs);
+        // plus one counters sample
+        let d = datagram(&[(1, fs), (2, u32s(&[1, 3, 0]))]);
+        let mut out = Vec::new();
+        let counters = decode("198.51.100.1".parse().unwrap(), &d, 42, &mut out).unwrap();
+        assert_eq!(counters, 1);
+        assert_eq!(out.len(), 1);
+        let r = &out[0];
+        assert_eq!(r.flow_type, FlowType::SFlow5);
+        assert_eq!(
+            r.sampler_address,
+            Some("192.0.2.5".parse().unwrap()),
+            "the agent address"
+        );
+        assert_eq!((r.sequence_num, r.sampling_rate, r.packets), (77, 512, 1));
+        assert_eq!((r.in_if, r.out_if), (3, 7));
+        assert_eq!(r.bytes, 1500, "IP total length of the sampled packet");
+        assert_eq!(
+            (r.src_addr.to_string(), r.dst_addr.to_string()),
+            ("10.0.0.1".into(), "10.0.0.2".into())
+        );
+        assert_eq!(
+            (r.proto, r.src_port, r.dst_port, r.tcp_flags, r.ip_tos),
+            (6, 443, 50000, 0x18, 0xb8)
+        );
+        assert_eq!(r.vlan_id, 100, "from the frame's tag");
+        assert_eq!((r.src_mac, r.dst_mac), (0x0200_0000_00aa, 0x0200_0000_00bb));
+        assert_eq!((r.src_as, r.dst_as), (64501, 64511));
+        assert_eq!(r.time_flow_start_ns, 42);
+    }
+
+    #[test]
+    fn expanded_flow_sample_ipv6_icmp() {
+        let mut h = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x86, 0xdd];
+        let mut ip6 = vec![0x60, 0, 0, 0, 0, 16, 58, 64];
+        ip6.extend("2001:db8::1".parse::<Ipv6Addr>().unwrap().octets());
+        ip6.extend("2001:db8::2".parse::<Ipv6Addr>().unwrap().octets());
+        ip6.extend([128, 0, 0, 0, 0, 1, 0, 1]);
+        h.extend(ip6);
+        let mut fs = u32s(&[9, 0, 5, 1000, 10_000, 0, 0, 11, 0, 12, 1]);
+        fs.extend(raw_header_record(&h));
+        let d = datagram(&[(3, fs)]);
+        let mut out = Vec::new();
+        decode("198.51.100.1".parse().unwrap(), &d, 1, &mut out).unwrap();
+        let r = &out[0];
+        assert_eq!((r.in_if, r.out_if, r.sampling_rate), (11, 12, 1000));
+        assert_eq!(
+            (r.etype, r.proto, r.icmp_type, r.icmp_code),
+            (ETYPE_IPV6, 58, 128, 0)
+        );
+        assert_eq!(r.bytes, 56);
+        assert_eq!(r.src_addr.to_string(), "2001:db8::1");
+    }
+
+    #[test]
+    fn malformed_datagrams() {
+        let mut out = Vec::new();
+        let from: IpAddr = "198.51.100.1".parse().unwrap();
+        assert_eq!(
+            decode(from, &u32s(&[4]), 0, &mut out).unwrap_err().reason(),
+            "version"
+        );
+        assert_eq!(
+            decode(from, &u32s(&[5, 3, 0]), 0, &mut out)
+                .unwrap_err()
+                .reason(),
+            "address"
+        );
+        assert_eq!(
+            decode(from, &u32s(&[5, 1]), 0, &mut out)
+                .unwrap_err()
+                .reason(),
+            "truncated"
+        );
+        let mut d = datagram(&[(1, u32s(&[1, 2]))]);
+        assert_eq!(
+            decode(from, &d, 0, &mut out).unwrap_err().reason(),
+            "truncated"
+        );
+        d = datagram(&[]);
+        d.extend([0, 0]);
+        assert_eq!(
+            decode(from, &d, 0, &mut out).unwrap_err().reason(),
+            "length"
+        );
+        // A sample length beyond the datagram.
+        let mut d = datagram(&[]);
+        let n = d.len();
+        d[n - 4..].copy_from_slice(&1u32.to_be_bytes());
+        d.extend(u32s(&[1, 1000]));
+        assert_eq!(
+            decode(from, &d, 0, &mut out).unwrap_err().reason(),
+            "truncated"
+        );
+        assert!(out.is_empty());
+    }
+}
