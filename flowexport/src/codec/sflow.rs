@@ -378,7 +378,7 @@ mod tests {
         // header_protocol 1 (Ethernet), frame_length 1518, stripped 4, header
         let mut b = u32s(&[1, 1518, 4, h.len() as u32]);
         b.extend(h);
-        while b.len() % 4 != 0 {
+        while !b.len().is_multiple_of(4) {
             b.push(0);
         }
         record(1, b)
