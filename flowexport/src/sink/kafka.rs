@@ -7,8 +7,10 @@
 //! (`message.timeout.ms=0`, i.e. no give-up time, by default), so a broker
 //! outage costs nothing as long as the queue bound (`--kafka-buffer-records`,
 //! `--kafka-buffer-bytes`) holds; past the bound, new records are dropped and
-//! counted. A record that fails for good (for example a message too large,
-//! or an authorization error) is counted and logged. At shutdown the
+//! counted. When a request fails with an error that may pass (a broker error
+//! code librdkafka does not retry by itself, say), the record is produced
+//! again from the next batch on. A record that fails for good (a message too
+//! large, an authorization error) is counted and logged. At shutdown the
 //! producer is flushed, bounded by `--kafka-flush-timeout`.
 
 use std::net::IpAddr;
@@ -105,6 +107,7 @@ pub struct KafkaMetrics {
     pub delivered: IntCounter,
     pub failed: IntCounter,
     pub dropped: IntCounter,
+    pub retried: IntCounter,
     pub buffered: IntGauge,
     pub queue_length: IntGauge,
 }
@@ -137,6 +140,10 @@ impl KafkaMetrics {
             dropped: c(
                 "flowexport_kafka_records_dropped_total",
                 "Records dropped because the producer buffer was at its bound (--kafka-buffer-records/-bytes).",
+            ),
+            retried: c(
+                "flowexport_kafka_records_retried_total",
+                "Records produced again after a delivery error that may pass.",
             ),
             buffered: g(
                 "flowexport_kafka_records_buffered",
@@ -180,10 +187,37 @@ impl RateLimitedLog {
     }
 }
 
-/// Counts deliveries as librdkafka reports them (on its polling thread).
+/// Errors that retrying cannot fix: the record itself or our rights are at
+/// fault. Everything else (broker errors, transport trouble) may pass.
+fn permanent(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::InvalidMessage
+                | C::MessageBatchTooLarge
+                | C::InvalidRecord
+                | C::InvalidRequiredAcks
+                | C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::InvalidTopic
+                | C::BadMessage
+                | C::InvalidArgument
+        )
+    )
+}
+
+/// A record to produce again: (key, payload).
+type Retry = (Vec<u8>, Vec<u8>);
+
+/// Counts deliveries as librdkafka reports them (on its polling thread) and
+/// queues records whose error may pass for another attempt.
 pub struct DeliveryCounter {
     metrics: KafkaMetrics,
     log: RateLimitedLog,
+    retry: Mutex<Vec<Retry>>,
 }
 
 impl ClientContext for DeliveryCounter {}
@@ -192,14 +226,26 @@ impl ProducerContext for DeliveryCounter {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        self.metrics.buffered.dec();
         match result {
-            Ok(_) => self.metrics.delivered.inc(),
-            Err((e, msg)) => {
+            Ok(_) => {
+                self.metrics.buffered.dec();
+                self.metrics.delivered.inc();
+            }
+            Err((e, msg)) if permanent(e) => {
+                self.metrics.buffered.dec();
                 self.metrics.failed.inc();
                 let topic = msg.topic().to_string();
                 self.log
                     .error(|| format!("Kafka delivery to topic {topic} failed for good: {e}"));
+            }
+            Err((e, msg)) => {
+                // Still buffered: it goes out again with the next batch.
+                let key = msg.key().unwrap_or_default().to_vec();
+                let payload = msg.payload().unwrap_or_default().to_vec();
+                self.retry.lock().expect("retry lock").push((key, payload));
+                let topic = msg.topic().to_string();
+                self.log
+                    .error(|| format!("Kafka delivery to topic {topic} failed ({e}); retrying"));
             }
         }
     }
@@ -244,6 +290,7 @@ impl KafkaSink {
             .create_with_context(DeliveryCounter {
                 metrics: metrics.clone(),
                 log: RateLimitedLog::new(),
+                retry: Mutex::new(Vec::new()),
             })
             .map_err(KafkaSinkError::Config)?;
         let sink = KafkaSink {
@@ -289,13 +336,39 @@ impl KafkaSink {
     }
 }
 
+impl KafkaSink {
+    fn context(&self) -> &DeliveryCounter {
+        self.producer.context()
+    }
+
+    /// Produces the records queued for another attempt; returns how many
+    /// were dropped because the buffer is full.
+    fn produce_retries(&mut self) -> u64 {
+        let retries = std::mem::take(&mut *self.context().retry.lock().expect("retry lock"));
+        let mut dropped = 0;
+        for (key, payload) in retries {
+            let rec = BaseRecord::to(&self.cfg.topic)
+                .key(&key[..])
+                .payload(&payload[..]);
+            match self.producer.send(rec) {
+                Ok(()) => self.metrics.retried.inc(),
+                Err(_) => {
+                    self.metrics.buffered.dec();
+                    dropped += 1;
+                }
+            }
+        }
+        dropped
+    }
+}
+
 impl Sink for KafkaSink {
     fn name(&self) -> &'static str {
         "kafka"
     }
 
     fn send(&mut self, records: &[FlowRecord]) -> Result<(), SinkError> {
-        let mut dropped = 0u64;
+        let mut dropped = self.produce_retries();
         for r in records {
             self.payload.clear();
             match self.cfg.format {
@@ -342,7 +415,23 @@ impl Sink for KafkaSink {
 
     fn flush(&mut self) -> Result<(), SinkError> {
         let t = self.cfg.flush_timeout;
-        if self.producer.flush(t).is_err() {
+        let deadline = Instant::now() + t;
+        let mut flushed = false;
+        while Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            flushed = self
+                .producer
+                .flush(left.min(Duration::from_millis(500)))
+                .is_ok();
+            let retries = self.context().retry.lock().expect("retry lock").len();
+            if flushed && retries == 0 {
+                break;
+            }
+            let dropped = self.produce_retries();
+            self.metrics.dropped.inc_by(dropped);
+            flushed = false;
+        }
+        if !flushed {
             let left = self.metrics.buffered.get().max(0) as u64;
             self.metrics.failed.inc_by(left);
             log::error!(
