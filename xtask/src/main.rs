@@ -23,7 +23,7 @@ enum Cmd {
     },
     /// Benchmarks; see BENCHMARKS.md.
     Bench {
-        /// What to benchmark: xdp.
+        /// What to benchmark: xdp, kafka.
         what: String,
         /// Extra arguments for the benchmark binary.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -84,6 +84,19 @@ fn main() -> Result<()> {
         Cmd::Bench { what, args } => {
             build_ebpf(false)?;
             match what.as_str() {
+                "kafka" => run(Command::new("cargo")
+                    .current_dir(root())
+                    .args([
+                        "run",
+                        "--release",
+                        "--quiet",
+                        "-p",
+                        "flowexport",
+                        "--bin",
+                        "flowexport-bench-kafka",
+                        "--",
+                    ])
+                    .args(&args)),
                 "xdp" => run(Command::new("cargo")
                     .current_dir(root())
                     .args([
@@ -98,7 +111,7 @@ fn main() -> Result<()> {
                         "xdp",
                     ])
                     .args(&args)),
-                other => bail!("unknown benchmark {other:?}: available: xdp"),
+                other => bail!("unknown benchmark {other:?}: available: xdp, kafka"),
             }
         }
     }

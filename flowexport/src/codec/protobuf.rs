@@ -25,13 +25,6 @@ pub enum DecodeError {
     Range { field: &'static str, value: u64 },
 }
 
-fn addr_bytes(a: &IpAddr) -> Vec<u8> {
-    match a {
-        IpAddr::V4(v4) => v4.octets().to_vec(),
-        IpAddr::V6(v6) => v6.octets().to_vec(),
-    }
-}
-
 fn bytes_addr(field: &'static str, b: &[u8]) -> Result<IpAddr, DecodeError> {
     match b.len() {
         4 => Ok(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))),
@@ -70,40 +63,70 @@ fn type_from_pb(v: i32) -> FlowType {
 
 /// The FlowMessage for a record.
 pub fn to_message(r: &FlowRecord) -> FlowMessage {
-    FlowMessage {
-        r#type: type_to_pb(r.flow_type) as i32,
-        time_received_ns: r.time_received_ns,
-        sequence_num: r.sequence_num,
-        sampling_rate: r.sampling_rate,
-        sampler_address: r
-            .sampler_address
-            .as_ref()
-            .map(addr_bytes)
-            .unwrap_or_default(),
-        time_flow_start_ns: r.time_flow_start_ns,
-        time_flow_end_ns: r.time_flow_end_ns,
-        bytes: r.bytes,
-        packets: r.packets,
-        src_addr: addr_bytes(&r.src_addr),
-        dst_addr: addr_bytes(&r.dst_addr),
-        etype: r.etype as u32,
-        proto: r.proto as u32,
-        src_port: r.src_port as u32,
-        dst_port: r.dst_port as u32,
-        in_if: r.in_if,
-        out_if: r.out_if,
-        vlan_id: r.vlan_id as u32,
-        tcp_flags: r.tcp_flags as u32,
-        icmp_type: r.icmp_type as u32,
-        icmp_code: r.icmp_code as u32,
-        flow_direction: r.flow_direction as u32,
-        ip_tos: r.ip_tos as u32,
-        src_as: r.src_as,
-        dst_as: r.dst_as,
-        src_mac: r.src_mac,
-        dst_mac: r.dst_mac,
-        observation_domain_id: r.observation_domain_id,
-        ..Default::default()
+    let mut m = FlowMessage::default();
+    fill_message(&mut m, r);
+    m
+}
+
+fn set_addr(dst: &mut Vec<u8>, a: Option<&IpAddr>) {
+    dst.clear();
+    match a {
+        Some(IpAddr::V4(v4)) => dst.extend_from_slice(&v4.octets()),
+        Some(IpAddr::V6(v6)) => dst.extend_from_slice(&v6.octets()),
+        None => {}
+    }
+}
+
+/// Overwrites every field a record carries, reusing `m`'s buffers (the
+/// fields a record does not carry are left as they are: keep them empty).
+pub fn fill_message(m: &mut FlowMessage, r: &FlowRecord) {
+    m.r#type = type_to_pb(r.flow_type) as i32;
+    m.time_received_ns = r.time_received_ns;
+    m.sequence_num = r.sequence_num;
+    m.sampling_rate = r.sampling_rate;
+    set_addr(&mut m.sampler_address, r.sampler_address.as_ref());
+    m.time_flow_start_ns = r.time_flow_start_ns;
+    m.time_flow_end_ns = r.time_flow_end_ns;
+    m.bytes = r.bytes;
+    m.packets = r.packets;
+    set_addr(&mut m.src_addr, Some(&r.src_addr));
+    set_addr(&mut m.dst_addr, Some(&r.dst_addr));
+    m.etype = r.etype as u32;
+    m.proto = r.proto as u32;
+    m.src_port = r.src_port as u32;
+    m.dst_port = r.dst_port as u32;
+    m.in_if = r.in_if;
+    m.out_if = r.out_if;
+    m.vlan_id = r.vlan_id as u32;
+    m.tcp_flags = r.tcp_flags as u32;
+    m.icmp_type = r.icmp_type as u32;
+    m.icmp_code = r.icmp_code as u32;
+    m.flow_direction = r.flow_direction as u32;
+    m.ip_tos = r.ip_tos as u32;
+    m.src_as = r.src_as;
+    m.dst_as = r.dst_as;
+    m.src_mac = r.src_mac;
+    m.dst_mac = r.dst_mac;
+    m.observation_domain_id = r.observation_domain_id;
+}
+
+/// Encodes records one after another without allocating per record: the
+/// message and its address buffers are reused.
+#[derive(Default)]
+pub struct Encoder {
+    scratch: FlowMessage,
+}
+
+impl Encoder {
+    /// Appends the encoded record to `out` (see [`encode`]).
+    pub fn encode(&mut self, r: &FlowRecord, length_prefix: bool, out: &mut Vec<u8>) {
+        fill_message(&mut self.scratch, r);
+        if length_prefix {
+            self.scratch.encode_length_delimited(out)
+        } else {
+            self.scratch.encode(out)
+        }
+        .expect("a Vec grows as needed");
     }
 }
 
@@ -154,15 +177,10 @@ pub fn from_message(m: &FlowMessage) -> Result<FlowRecord, DecodeError> {
 }
 
 /// Appends the encoded message to `out`, with a varint length prefix if
-/// `length_prefix` (goflow2's framing for streams of messages).
+/// `length_prefix` (goflow2's framing for streams of messages). For many
+/// records, an [`Encoder`] avoids the per-record allocations.
 pub fn encode(r: &FlowRecord, length_prefix: bool, out: &mut Vec<u8>) {
-    let m = to_message(r);
-    if length_prefix {
-        m.encode_length_delimited(out)
-    } else {
-        m.encode(out)
-    }
-    .expect("a Vec grows as needed");
+    Encoder::default().encode(r, length_prefix, out)
 }
 
 /// Decodes one message (framed as [`encode`] wrote it).
@@ -248,6 +266,25 @@ mod tests {
         assert!(find(&[0xf0, 0x06]), "time_received_ns as field 110");
         assert!(find(&[0xc0, 0x3e, 0x01]), "flow_direction as field 1000");
         assert!(find(&[0xe8, 0x01, 0x0a]), "vlan_id=10 as field 29");
+    }
+
+    #[test]
+    fn reused_encoder_matches_fresh_encoding() {
+        let mut e = Encoder::default();
+        let mut v6 = sample();
+        let mut v4 = sample();
+        v4.src_addr = "10.0.0.1".parse().unwrap();
+        v4.sampler_address = None;
+        for r in [&v6, &v4, &v6] {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            e.encode(r, false, &mut a);
+            encode(r, false, &mut b);
+            assert_eq!(a, b);
+        }
+        v6.bytes = 1;
+        let mut a = Vec::new();
+        e.encode(&v6, true, &mut a);
+        assert_eq!(decode(&a, true).unwrap(), v6);
     }
 
     #[test]

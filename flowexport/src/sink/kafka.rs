@@ -255,6 +255,7 @@ pub struct KafkaSink {
     producer: ThreadedProducer<DeliveryCounter>,
     cfg: KafkaConfig,
     metrics: KafkaMetrics,
+    encoder: protobuf::Encoder,
     payload: Vec<u8>,
     key: Vec<u8>,
     drop_log: RateLimitedLog,
@@ -297,6 +298,7 @@ impl KafkaSink {
             producer,
             cfg,
             metrics,
+            encoder: protobuf::Encoder::default(),
             payload: Vec::with_capacity(512),
             key: Vec::with_capacity(32),
             drop_log: RateLimitedLog::new(),
@@ -373,7 +375,8 @@ impl Sink for KafkaSink {
             self.payload.clear();
             match self.cfg.format {
                 KafkaFormat::Protobuf => {
-                    protobuf::encode(r, self.cfg.length_prefix, &mut self.payload)
+                    self.encoder
+                        .encode(r, self.cfg.length_prefix, &mut self.payload)
                 }
                 KafkaFormat::Json => serde_json::to_writer(&mut self.payload, r)
                     .expect("FlowRecord serializes to JSON"),
