@@ -66,6 +66,12 @@ if $for_tests && ! tansu --version 2>/dev/null | grep -q "0.6.0"; then
     cargo install tansu --version 0.6.0 --locked --features libsql
 fi
 
+# --- cargo-fuzz (tests only): the decoders' fuzz targets run in CI ----------
+if $for_tests && ! cargo fuzz --version 2>/dev/null | grep -q "0.13.2"; then
+    echo "==> cargo install cargo-fuzz 0.13.2"
+    cargo install cargo-fuzz --version 0.13.2 --locked
+fi
+
 # --- bpffs -----------------------------------------------------------------
 if ! mountpoint -q /sys/fs/bpf; then
     mount -t bpf bpf /sys/fs/bpf

@@ -18,5 +18,20 @@ cargo clippy --workspace --all-targets -- -D warnings
 (cd flowexport-ebpf && cargo +nightly clippy --release -- -D warnings)
 echo "==> cargo build --bins"
 cargo build --workspace --bins
+# Each decoder's fuzz target for a bounded time (FUZZ_SECONDS, default 30);
+# a panic or an input slower than 10 s fails the run. BENCHMARKS.md has
+# longer runs.
+echo "==> cargo fuzz (${FUZZ_SECONDS:-30}s per target)"
+for target in netflow sflow protobuf; do
+    log=$(mktemp)
+    if ! cargo +nightly fuzz run "$target" -- -max_total_time="${FUZZ_SECONDS:-30}" -timeout=10 \
+        > "$log" 2>&1; then
+        tail -n 60 "$log"
+        echo "fuzz target $target failed (reproducer in fuzz/artifacts/$target/)"
+        exit 1
+    fi
+    echo "$target: $(grep -E '^Done' "$log")"
+    rm -f "$log"
+done
 echo "==> cargo test"
 cargo test --workspace

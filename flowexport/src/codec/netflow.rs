@@ -547,6 +547,9 @@ impl NetflowDecoder {
                     len,
                 });
             }
+            if fields.is_empty() {
+                return Err(NetflowError::Template("options template without fields"));
+            }
             self.learn(h, id, fields, true);
             self.replay(h, id);
         }
@@ -687,6 +690,9 @@ impl NetflowDecoder {
             self.hold(h, id, body);
             return Ok(());
         };
+        // Every template has a field and every field takes at least one
+        // byte, so each pass consumes input: the loop ends.
+        debug_assert!(t.min_len > 0);
         let mut r = Reader::new(body);
         while r.left() >= t.min_len.max(1) {
             let mut rec = FlowRecord {
