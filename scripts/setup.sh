@@ -25,9 +25,10 @@ fi
 # build-essential: librdkafka, which the rdkafka crate builds from source.
 PKGS=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 util-linux
       build-essential pkg-config ca-certificates protobuf-compiler)
-# Tests only: real third-party NetFlow/IPFIX decoders (nfcapd/nfdump, tshark).
+# Tests only: real third-party NetFlow/IPFIX decoders (nfcapd/nfdump, tshark)
+# and exporters (softflowd, fprobe, pmacct's pmacctd/nfacctd).
 if $for_tests; then
-    PKGS+=(nfdump tshark)
+    PKGS+=(nfdump tshark softflowd fprobe pmacct)
 fi
 missing=()
 for p in "${PKGS[@]}"; do
