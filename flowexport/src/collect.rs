@@ -51,6 +51,9 @@ pub struct CollectArgs {
     /// the sink when it is not).
     #[arg(long)]
     pub stdout: bool,
+    /// Decode and count only, export nothing (dry runs, benchmarks).
+    #[arg(long, conflicts_with_all = ["stdout", "kafka_brokers"])]
+    pub discard: bool,
     #[command(flatten)]
     pub kafka: KafkaArgs,
 }
@@ -225,6 +228,8 @@ struct Worker {
     stop: Arc<AtomicBool>,
     templates_reported: i64,
     expired_reported: u64,
+    /// Per-exporter packet counters, looked up once per exporter.
+    packet_counters: HashMap<IpAddr, IntCounter>,
 }
 
 impl Worker {
@@ -247,8 +252,11 @@ impl Worker {
                 }
             };
             let exporter = from.ip().to_canonical();
-            let label = exporter.to_string();
-            self.metrics.packets.with_label_values(&[&label]).inc();
+            let metrics = &self.metrics;
+            self.packet_counters
+                .entry(exporter)
+                .or_insert_with(|| metrics.packets.with_label_values(&[&exporter.to_string()]))
+                .inc();
             flows.clear();
             let now = wall_ns();
             let result = match self.kind {
@@ -263,7 +271,7 @@ impl Worker {
             if let Err((reason, msg)) = result {
                 self.metrics
                     .errors
-                    .with_label_values(&[&label, reason])
+                    .with_label_values(&[&exporter.to_string(), reason])
                     .inc();
                 self.errors.log(exporter, reason, &msg);
             }
@@ -280,12 +288,11 @@ impl Worker {
             if flows.is_empty() {
                 continue;
             }
-            for f in &flows {
-                self.metrics
-                    .flows
-                    .with_label_values(&[f.flow_type.as_str()])
-                    .inc();
-            }
+            // One datagram carries one record type.
+            self.metrics
+                .flows
+                .with_label_values(&[flows[0].flow_type.as_str()])
+                .inc_by(flows.len() as u64);
             let mut sinks = self.sinks.lock().expect("sink lock");
             for s in sinks.iter_mut() {
                 if let Err(e) = s.send(&flows) {
@@ -315,7 +322,7 @@ pub fn run(args: CollectArgs) -> Result<()> {
         .kafka
         .resolve(std::path::Path::new(""), FileKafka::default())?;
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
-    let stdout = args.stdout || kafka.is_none();
+    let stdout = !args.discard && (args.stdout || kafka.is_none());
     if let Some(k) = kafka {
         sinks.push(Box::new(KafkaSink::new(k, &metrics.registry)?));
     }
@@ -353,6 +360,7 @@ pub fn run(args: CollectArgs) -> Result<()> {
                 stop: stop.clone(),
                 templates_reported: 0,
                 expired_reported: 0,
+                packet_counters: HashMap::new(),
             };
             threads.push(
                 std::thread::Builder::new()

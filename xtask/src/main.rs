@@ -23,7 +23,7 @@ enum Cmd {
     },
     /// Benchmarks; see BENCHMARKS.md.
     Bench {
-        /// What to benchmark: xdp, kafka.
+        /// What to benchmark: xdp, kafka, collect.
         what: String,
         /// Extra arguments for the benchmark binary.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -111,7 +111,31 @@ fn main() -> Result<()> {
                         "xdp",
                     ])
                     .args(&args)),
-                other => bail!("unknown benchmark {other:?}: available: xdp, kafka"),
+                "collect" => {
+                    run(Command::new("cargo").current_dir(root()).args([
+                        "build",
+                        "--release",
+                        "--quiet",
+                        "-p",
+                        "flowexport",
+                        "--bin",
+                        "flowexport",
+                    ]))?;
+                    run(Command::new("cargo")
+                        .current_dir(root())
+                        .args([
+                            "run",
+                            "--release",
+                            "--quiet",
+                            "-p",
+                            "flowexport",
+                            "--bin",
+                            "flowexport-bench-collect",
+                            "--",
+                        ])
+                        .args(&args))
+                }
+                other => bail!("unknown benchmark {other:?}: available: xdp, kafka, collect"),
             }
         }
     }

@@ -10,11 +10,9 @@
 //!    Each side sends N records and waits until the broker acknowledged all
 //!    of them; rounds alternate, and the best of each side is reported.
 
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use flowexport::codec::protobuf;
 use flowexport::record::{FlowRecord, FlowType, ETYPE_IPV4};
 use flowexport::sink::kafka::{
@@ -23,6 +21,10 @@ use flowexport::sink::kafka::{
 use flowexport::sink::Sink;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+
+#[path = "bench-support/tansu.rs"]
+mod tansu;
+use tansu::Tansu;
 
 const ENCODE_ITERS: usize = 5_000_000;
 /// Below the sink's default buffer bound, so neither side drops anything.
@@ -70,76 +72,6 @@ fn bench_encoder() -> (f64, usize) {
     }
     let ns = t.elapsed().as_nanos() as f64 / ENCODE_ITERS as f64;
     (ns, total / ENCODE_ITERS)
-}
-
-struct Tansu {
-    child: Child,
-    dir: std::path::PathBuf,
-    port: u16,
-}
-
-impl Tansu {
-    fn start() -> Result<Tansu> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let dir = std::env::temp_dir().join(format!("fe-bench-tansu-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        let url = format!("tcp://127.0.0.1:{port}");
-        let bin = std::env::var("TANSU_BIN").unwrap_or_else(|_| "tansu".into());
-        let child = Command::new(&bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "sqlite://tansu.db"])
-            .current_dir(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {bin}: install it with scripts/setup.sh --test"))?;
-        let t = Tansu { child, dir, port };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                bail!("tansu did not listen within 20 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let out = Command::new(&bin)
-            .args([
-                "topic",
-                "create",
-                "bench",
-                "--broker",
-                &url,
-                "--partitions",
-                "1",
-            ])
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "creating the topic: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(t)
-    }
-
-    fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Tansu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 fn sink_config(brokers: &str) -> KafkaConfig {
@@ -226,7 +158,7 @@ fn main() -> Result<()> {
         "| encoder (prost FlowMessage, {size}-byte messages, 1 core) | {ns:.1} ns/record = {:.2} M records/s |",
         1e3 / ns
     );
-    let tansu = Tansu::start()?;
+    let tansu = Tansu::start("bench")?;
     let brokers = tansu.brokers();
     let recs = records(E2E_RECORDS);
     let msgs: Vec<(Vec<u8>, Vec<u8>)> = recs
