@@ -93,6 +93,10 @@ pub const PROG_INGRESS: &str = "flowexport_ingress";
 pub const PROG_EGRESS: &str = "flowexport_egress";
 /// An XDP program that only returns XDP_PASS: the baseline of `cargo xtask bench xdp`.
 pub const PROG_BENCH_PASS: &str = "flowexport_bench_pass";
+/// Cost-breakdown programs of `cargo xtask bench xdp`: the parser alone, and
+/// the parser plus the clock and generation reads.
+pub const PROG_BENCH_PARSE: &str = "flowexport_bench_parse";
+pub const PROG_BENCH_PARSE_CLOCK: &str = "flowexport_bench_parse_clock";
 
 #[cfg(feature = "user")]
 mod pod {

@@ -407,6 +407,41 @@ pub fn flowexport_bench_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// Cost breakdown for `cargo xtask bench xdp`: the ingress parser alone, the
+/// key kept alive by the return value (XDP_PASS for every real frame).
+#[xdp]
+pub fn flowexport_bench_parse(ctx: XdpContext) -> u32 {
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    let mut key = empty_key(ifindex, DIR_INGRESS);
+    let mut ip_len = 0u64;
+    let mut flags = 0u8;
+    let _ = parse(&XdpPacket(&ctx), &mut key, &mut ip_len, &mut flags, false);
+    if key.src_port == 0 && ip_len == 1 {
+        return xdp_action::XDP_DROP;
+    }
+    xdp_action::XDP_PASS
+}
+
+/// Cost breakdown for `cargo xtask bench xdp`: the parser plus the clock and
+/// generation reads that `account` does before its hash lookup.
+#[xdp]
+pub fn flowexport_bench_parse_clock(ctx: XdpContext) -> u32 {
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    let mut key = empty_key(ifindex, DIR_INGRESS);
+    let mut ip_len = 0u64;
+    let mut flags = 0u8;
+    let _ = parse(&XdpPacket(&ctx), &mut key, &mut ip_len, &mut flags, false);
+    let now = unsafe { bpf_ktime_get_ns() };
+    key.generation = match CONTROL.get(CONTROL_GENERATION) {
+        Some(g) => *g as u8,
+        None => 0,
+    };
+    if key.src_port == 0 && ip_len == now && key.generation == 7 {
+        return xdp_action::XDP_DROP;
+    }
+    xdp_action::XDP_PASS
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -1,0 +1,318 @@
+//! `cargo xtask bench xdp`: the XDP ingress program's cost per packet,
+//! measured with BPF_PROG_TEST_RUN beside an empty XDP_PASS program
+//! (`flowexport_bench_pass`, compiled into the same object) in the same run.
+//!
+//! For IPv4 and IPv6 64-byte UDP frames and flow tables holding 1, 10k and
+//! 1M flows:
+//!
+//! * **hot**: one existing flow's frame, `repeat` times in one
+//!   BPF_PROG_TEST_RUN call (default 1M): the per-packet cost of updating a
+//!   flow that is already in the table, with the table at that size. The
+//!   kernel reports the mean ns per run. The same frame goes through the
+//!   empty program with the same repeat; best of `--rounds` for each.
+//! * **breakdown**: the same hot frame through two cut-down copies of the
+//!   ingress program (parser only; parser + clock and generation reads), so
+//!   the cost of the hash lookup and update shows on its own.
+//! * **new**: the first packet of each of the N flows (one call per frame,
+//!   repeat 1): the insert path.
+//! * **rotating**: one more packet of each of the N flows, in order, one call
+//!   per frame: every lookup lands on a different bucket, so the table's
+//!   cache misses show. Single runs include the kernel's timer reads, so
+//!   compare them only with the empty program measured the same way.
+//!
+//! The table is filled by the real program (the "new" pass), then the run
+//! checks that no packet went to the fallback path and that the hot flow's
+//! packet count equals what was sent, so the numbers are for the path the
+//! agent really takes.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use anyhow::{bail, Context, Result};
+use aya::maps::{PerCpuArray, PerCpuHashMap};
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use clap::Parser;
+use flowexport::capture::loader::{Capture, LoadOptions};
+use flowexport_common::{
+    FlowKey, FlowValue, DIR_INGRESS, MAP_FLOWS, MAP_STATS, PROG_BENCH_PARSE,
+    PROG_BENCH_PARSE_CLOCK, PROG_BENCH_PASS, PROG_INGRESS, STAT_FALLBACK_PACKETS,
+};
+
+#[derive(Parser)]
+#[command(about = "XDP ingress program vs an empty XDP program, via BPF_PROG_TEST_RUN")]
+struct Args {
+    /// What to benchmark (only `xdp`).
+    what: String,
+    /// Repeat count of each hot-path BPF_PROG_TEST_RUN call.
+    #[arg(long, default_value_t = 1_000_000)]
+    repeat: u32,
+    /// Hot-path rounds per program; the best round is reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Table sizes (flows) to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,10000,1000000")]
+    flows: Vec<u32>,
+}
+
+const FRAME_LEN: usize = 64;
+/// The ifindex BPF_PROG_TEST_RUN gives XDP programs: the loopback device.
+const TEST_RUN_IFINDEX: u32 = 1;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Family {
+    V4,
+    V6,
+}
+
+/// The i-th flow: source address and port vary, destination fixed.
+fn flow_tuple(i: u32) -> (u32, u16) {
+    (i / 60_000, (1024 + i % 60_000) as u16)
+}
+
+/// A 64-byte Ethernet frame carrying UDP, IP lengths consistent with it.
+fn frame(family: Family, i: u32) -> Vec<u8> {
+    let (hi, sport) = flow_tuple(i);
+    let mut f = Vec::with_capacity(FRAME_LEN);
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1]);
+    match family {
+        Family::V4 => {
+            f.extend_from_slice(&0x0800u16.to_be_bytes());
+            let total = (FRAME_LEN - 14) as u16;
+            f.extend_from_slice(&[0x45, 0]);
+            f.extend_from_slice(&total.to_be_bytes());
+            f.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]);
+            f.extend_from_slice(&(Ipv4Addr::new(10, 1, 0, 0).to_bits() + hi).to_be_bytes());
+            f.extend_from_slice(&Ipv4Addr::new(10, 2, 0, 1).octets());
+        }
+        Family::V6 => {
+            f.extend_from_slice(&0x86ddu16.to_be_bytes());
+            let payload = (FRAME_LEN - 14 - 40) as u16;
+            f.extend_from_slice(&[0x60, 0, 0, 0]);
+            f.extend_from_slice(&payload.to_be_bytes());
+            f.extend_from_slice(&[17, 64]);
+            let src: Ipv6Addr = "2001:db8:1::".parse().unwrap();
+            f.extend_from_slice(&(src.to_bits() + hi as u128).to_be_bytes());
+            let dst: Ipv6Addr = "2001:db8:2::1".parse().unwrap();
+            f.extend_from_slice(&dst.octets());
+        }
+    }
+    let udp_len = (FRAME_LEN - f.len()) as u16;
+    f.extend_from_slice(&sport.to_be_bytes());
+    f.extend_from_slice(&4739u16.to_be_bytes());
+    f.extend_from_slice(&udp_len.to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.resize(FRAME_LEN, 0xab);
+    f
+}
+
+/// The key the ingress program builds for flow `i` (generation 0).
+fn key(family: Family, i: u32) -> FlowKey {
+    let (hi, sport) = flow_tuple(i);
+    let mut k = FlowKey {
+        ifindex: TEST_RUN_IFINDEX,
+        src_port: sport,
+        dst_port: 4739,
+        direction: DIR_INGRESS,
+        proto: 17,
+        ..FlowKey::default()
+    };
+    match family {
+        Family::V4 => {
+            k.ip_version = 4;
+            k.src_addr[..4]
+                .copy_from_slice(&(Ipv4Addr::new(10, 1, 0, 0).to_bits() + hi).to_be_bytes());
+            k.dst_addr[..4].copy_from_slice(&Ipv4Addr::new(10, 2, 0, 1).octets());
+        }
+        Family::V6 => {
+            k.ip_version = 6;
+            let src: Ipv6Addr = "2001:db8:1::".parse().unwrap();
+            k.src_addr = (src.to_bits() + hi as u128).to_be_bytes();
+            k.dst_addr = "2001:db8:2::1".parse::<Ipv6Addr>().unwrap().octets();
+        }
+    }
+    k
+}
+
+fn run(prog: &Xdp, data: &[u8], repeat: u32) -> Result<f64> {
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(data),
+            repeat,
+            ..TestRunOptions::default()
+        })
+        .context("BPF_PROG_TEST_RUN failed (needs root and CAP_BPF)")?;
+    if r.return_value != 2 {
+        bail!(
+            "program returned {} instead of XDP_PASS (2)",
+            r.return_value
+        );
+    }
+    Ok(r.duration.as_nanos() as f64)
+}
+
+/// Mean ns per frame over one call per frame.
+fn run_each(prog: &Xdp, frames: &[Vec<u8>]) -> Result<f64> {
+    let mut total = 0.0;
+    for f in frames {
+        total += run(prog, f, 1)?;
+    }
+    Ok(total / frames.len() as f64)
+}
+
+struct Row {
+    family: &'static str,
+    flows: u32,
+    hot: f64,
+    hot_empty: f64,
+    hot_parse: f64,
+    hot_parse_clock: f64,
+    new: Option<(f64, f64)>,
+    rotating: Option<(f64, f64)>,
+}
+
+fn measure(args: &Args, family: Family, n: u32) -> Result<Row> {
+    let mut cap = Capture::load(&LoadOptions {
+        max_flows: n + n / 4 + 1024,
+        fallback_ring_bytes: 1 << 16,
+        object: None,
+    })?;
+    for name in [PROG_BENCH_PASS, PROG_BENCH_PARSE, PROG_BENCH_PARSE_CLOCK] {
+        let p: &mut Xdp = cap
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("the eBPF object lacks {name}; rebuild it"))?
+            .try_into()?;
+        p.load()?;
+    }
+    let ingress: &Xdp = cap.ebpf.program(PROG_INGRESS).unwrap().try_into()?;
+    let pass: &Xdp = cap.ebpf.program(PROG_BENCH_PASS).unwrap().try_into()?;
+    let parse: &Xdp = cap.ebpf.program(PROG_BENCH_PARSE).unwrap().try_into()?;
+    let parse_clock: &Xdp = cap
+        .ebpf
+        .program(PROG_BENCH_PARSE_CLOCK)
+        .unwrap()
+        .try_into()?;
+
+    eprintln!("{}: {n} flows: filling the table", fam_name(family));
+    let frames: Vec<Vec<u8>> = (0..n).map(|i| frame(family, i)).collect();
+    let new = run_each(ingress, &frames)?;
+    let new_empty = run_each(pass, &frames)?;
+    let rotating = if n > 1 {
+        let r = run_each(ingress, &frames)?;
+        let e = run_each(pass, &frames)?;
+        Some((r, e))
+    } else {
+        None
+    };
+
+    let mut hot = f64::MAX;
+    let mut hot_empty = f64::MAX;
+    let mut hot_parse = f64::MAX;
+    let mut hot_parse_clock = f64::MAX;
+    for _ in 0..args.rounds {
+        hot = hot.min(run(ingress, &frames[0], args.repeat)?);
+        hot_empty = hot_empty.min(run(pass, &frames[0], args.repeat)?);
+        hot_parse = hot_parse.min(run(parse, &frames[0], args.repeat)?);
+        hot_parse_clock = hot_parse_clock.min(run(parse_clock, &frames[0], args.repeat)?);
+    }
+
+    // The numbers are only worth printing if the real path was taken.
+    let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(cap.ebpf.map(MAP_STATS).unwrap())?;
+    let fallback: u64 = stats.get(&STAT_FALLBACK_PACKETS, 0)?.iter().sum();
+    if fallback != 0 {
+        bail!("{fallback} packets went to the fallback path: the table was too small");
+    }
+    let flows: PerCpuHashMap<_, FlowKey, FlowValue> =
+        PerCpuHashMap::try_from(cap.ebpf.map(MAP_FLOWS).unwrap())?;
+    let got: u64 = flows
+        .get(&key(family, 0), 0)
+        .context("the hot flow is not in the table: the key layout drifted")?
+        .iter()
+        .map(|v| v.packets)
+        .sum();
+    let want = 1 + u64::from(n > 1) + u64::from(args.rounds) * u64::from(args.repeat);
+    if got != want {
+        bail!("hot flow counted {got} packets, expected {want}");
+    }
+    let entries = flows.keys().count();
+    if entries != n as usize {
+        bail!("table holds {entries} flows, expected {n}");
+    }
+    Ok(Row {
+        family: fam_name(family),
+        flows: n,
+        hot,
+        hot_empty,
+        hot_parse,
+        hot_parse_clock,
+        new: (n > 1).then_some((new, new_empty)),
+        rotating,
+    })
+}
+
+fn fam_name(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "IPv4",
+        Family::V6 => "IPv6",
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.what != "xdp" {
+        bail!("unknown benchmark {:?}: this binary runs `xdp`", args.what);
+    }
+    if args.repeat == 0 || args.rounds == 0 || args.flows.contains(&0) {
+        bail!("--repeat, --rounds and every --flows value must be at least 1");
+    }
+    let mut rows = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        for &n in &args.flows {
+            rows.push(measure(&args, family, n)?);
+        }
+    }
+    println!(
+        "XDP ingress vs empty XDP_PASS, BPF_PROG_TEST_RUN, {FRAME_LEN}-byte UDP frames; \
+         hot: repeat {} (best of {}); new/rotating: one call per flow",
+        args.repeat, args.rounds
+    );
+    println!(
+        "| family | flows | hot ns/pkt | empty ns/pkt | hot ratio | new ns (empty) | new ratio | rotating ns (empty) | rotating ratio |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let pair = |p: Option<(f64, f64)>| match p {
+        Some((a, b)) => (format!("{a:.1} ({b:.1})"), format!("{:.2}×", a / b)),
+        None => ("–".into(), "–".into()),
+    };
+    for r in &rows {
+        let (new, new_ratio) = pair(r.new);
+        let (rot, rot_ratio) = pair(r.rotating);
+        println!(
+            "| {} | {} | {:.1} | {:.1} | {:.2}× | {new} | {new_ratio} | {rot} | {rot_ratio} |",
+            r.family,
+            r.flows,
+            r.hot,
+            r.hot_empty,
+            r.hot / r.hot_empty
+        );
+    }
+    println!();
+    println!(
+        "Hot-path breakdown (ns/pkt, same frame and repeat): empty program; + parser; \
+         + clock and generation reads; + hash lookup and update (the real program)"
+    );
+    println!("| family | flows | empty | parse | parse+clock | full | hash share |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0}% |",
+            r.family,
+            r.flows,
+            r.hot_empty,
+            r.hot_parse,
+            r.hot_parse_clock,
+            r.hot,
+            100.0 * (r.hot - r.hot_parse_clock) / r.hot
+        );
+    }
+    Ok(())
+}
