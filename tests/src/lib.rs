@@ -21,6 +21,7 @@ use serde_json::Value;
 
 pub mod frames;
 pub mod kafka;
+pub mod tools;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -273,7 +274,7 @@ pub fn flowexport_bin() -> PathBuf {
     p
 }
 
-/// A running `flowexport agent` inside a namespace. Killed on drop.
+/// A running `flowexport agent` (or `collect`) inside a namespace. Killed on drop.
 pub struct Agent {
     child: Option<Child>,
     stdout: Option<std::thread::JoinHandle<Vec<String>>>,
@@ -292,18 +293,29 @@ impl Agent {
     /// Starts `flowexport agent ARGS` in `ns` and waits until it reports that
     /// it is running (programs attached).
     pub fn start(ns: &Netns, args: &[&str]) -> Result<Agent> {
-        let mut agent = Agent::spawn(ns, args)?;
+        Agent::start_command(ns, "agent", args, "flowexport agent running")
+    }
+
+    /// Starts `flowexport collect ARGS` in `ns` and waits until its sockets
+    /// and metrics endpoint are up.
+    pub fn collector(ns: &Netns, args: &[&str]) -> Result<Agent> {
+        Agent::start_command(ns, "collect", args, "flowexport collector running")
+    }
+
+    /// Starts `flowexport COMMAND ARGS` and waits for `ready` on stderr.
+    pub fn start_command(ns: &Netns, command: &str, args: &[&str], ready: &str) -> Result<Agent> {
+        let mut agent = Agent::spawn_command(ns, command, args)?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if agent.stderr().contains("flowexport agent running") {
+            if agent.stderr().contains(ready) {
                 return Ok(agent);
             }
             if let Some(status) = agent.child.as_mut().unwrap().try_wait()? {
                 std::thread::sleep(Duration::from_millis(100));
-                bail!("agent exited early ({status}): {}", agent.stderr());
+                bail!("{command} exited early ({status}): {}", agent.stderr());
             }
             if Instant::now() > deadline {
-                bail!("agent not ready after 30s: {}", agent.stderr());
+                bail!("{command} not ready after 30s: {}", agent.stderr());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -311,11 +323,16 @@ impl Agent {
 
     /// Starts the agent without waiting for it (for start-up error tests).
     pub fn spawn(ns: &Netns, args: &[&str]) -> Result<Agent> {
+        Agent::spawn_command(ns, "agent", args)
+    }
+
+    /// Starts `flowexport COMMAND ARGS` without waiting for it.
+    pub fn spawn_command(ns: &Netns, command: &str, args: &[&str]) -> Result<Agent> {
         let bin = flowexport_bin();
         let mut child = Command::new("ip")
             .args(["netns", "exec", &ns.name])
             .arg(&bin)
-            .arg("agent")
+            .arg(command)
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

@@ -5,77 +5,12 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use flowexport_tests::frames::*;
+use flowexport_tests::tools::*;
 use flowexport_tests::*;
-
-fn free_udp_port(ns: &Netns) -> u16 {
-    ns.run(|| {
-        std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    })
-    .unwrap()
-}
-
-/// A child process in a namespace, killed on drop.
-struct Proc(Option<Child>);
-
-impl Proc {
-    fn term(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn udp_listening(ns: &Netns, port: u16) -> bool {
-    ns.exec(&["ss", "-Hlun", &format!("sport = :{port}")])
-        .map(|o| !o.trim().is_empty())
-        .unwrap_or(false)
-}
-
-/// nfcapd writing into `dir`, listening on 127.0.0.1:`port` in `ns`.
-fn nfcapd(ns: &Netns, dir: &std::path::Path, port: u16) -> Proc {
-    std::fs::create_dir_all(dir).unwrap();
-    let child = Command::new("ip")
-        .args(["netns", "exec", &ns.name, "nfcapd", "-w"])
-        .arg(dir)
-        .args(["-p", &port.to_string(), "-b", "127.0.0.1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nfcapd (Debian package nfdump) must be installed: scripts/setup.sh --test");
-    let p = Proc(Some(child));
-    assert!(
-        wait_until(Duration::from_secs(10), || udp_listening(ns, port)),
-        "nfcapd not listening"
-    );
-    p
-}
 
 /// tshark capturing UDP on the namespace's loopback into `file`.
 fn tshark_capture(ns: &Netns, file: &std::path::Path) -> Proc {
@@ -100,65 +35,6 @@ fn tshark_capture(ns: &Netns, file: &std::path::Path) -> Proc {
     rx.recv_timeout(Duration::from_secs(30))
         .expect("tshark did not start capturing");
     Proc(Some(child))
-}
-
-/// nfdump's view of a directory: (src, dst, sport, dport, proto) ->
-/// (packets, bytes, in, out), summed.
-type NfKey = (String, String, u64, u64, String);
-fn nfdump(dir: &std::path::Path) -> BTreeMap<NfKey, (u64, u64, u64, u64)> {
-    let out = Command::new("nfdump")
-        .arg("-R")
-        .arg(dir)
-        .args(["-o", "csv"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "nfdump: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().expect("csv header").split(',').collect();
-    let col = |name: &str| {
-        header
-            .iter()
-            .position(|h| *h == name)
-            .unwrap_or_else(|| panic!("no column {name}"))
-    };
-    let (sa, da, sp, dp, pr, ipkt, ibyt, inn, outt) = (
-        col("sa"),
-        col("da"),
-        col("sp"),
-        col("dp"),
-        col("pr"),
-        col("ipkt"),
-        col("ibyt"),
-        col("in"),
-        col("out"),
-    );
-    let mut m = BTreeMap::new();
-    for l in lines {
-        let f: Vec<&str> = l.split(',').collect();
-        if f.len() < header.len() {
-            continue;
-        }
-        let n = |i: usize| f[i].trim().parse::<u64>().unwrap();
-        let e = m
-            .entry((
-                f[sa].to_string(),
-                f[da].to_string(),
-                n(sp),
-                n(dp),
-                f[pr].to_string(),
-            ))
-            .or_insert((0, 0, 0, 0));
-        e.0 += n(ipkt);
-        e.1 += n(ibyt);
-        e.2 = n(inn);
-        e.3 = n(outt);
-    }
-    m
 }
 
 /// Runs tshark over the capture, decoding both ports as NetFlow/IPFIX;
@@ -213,8 +89,8 @@ fn ipfix_and_netflow9_export_decoded_by_nfdump_and_tshark() {
     let l = Link::new().unwrap();
     let dir = std::env::temp_dir().join(unique("fe-nf-"));
     let (p_ipfix, p_v9) = (free_udp_port(&l.b), free_udp_port(&l.b));
-    let mut cap_ipfix = nfcapd(&l.b, &dir.join("ipfix"), p_ipfix);
-    let mut cap_v9 = nfcapd(&l.b, &dir.join("v9"), p_v9);
+    let mut cap_ipfix = nfcapd(&l.b, &dir.join("ipfix"), p_ipfix, None);
+    let mut cap_v9 = nfcapd(&l.b, &dir.join("v9"), p_v9, None);
     let pcap = dir.join("export.pcap");
     let mut shark = tshark_capture(&l.b, &pcap);
     let ifb = l.b.ifindex(&l.b_dev).unwrap() as u64;
