@@ -31,8 +31,8 @@ use flowexport_tests::*;
 type Key = (String, String, u64, u64, u64);
 /// Per flow: (packets, bytes).
 type Flows = BTreeMap<Key, (u64, u64)>;
-/// Frames and how often each is sent.
-type Frames = Vec<(Vec<u8>, u64)>;
+/// Frames, how often each is sent, and the flow each belongs to.
+type Frames = Vec<(Vec<u8>, u64, Key)>;
 
 /// Only the test's own addresses reach the exporters (the veth also carries
 /// IPv6 neighbour discovery).
@@ -40,8 +40,9 @@ const FILTER: &str = "net 10.60.0.0/16 or net 2001:db8:60::/48";
 
 #[derive(Clone, Copy, Debug)]
 enum Exporter {
-    /// softflowd `-v 5|9|10`.
-    Softflowd(&'static str),
+    /// softflowd `-v 5|9|10`, with `-s N` (1 in N periodic sampling) when
+    /// N > 1.
+    Softflowd(&'static str, u64),
     /// fprobe, NetFlow v5.
     Fprobe,
     /// pmacctd with the nfprobe plugin, `nfprobe_version: 9|10`.
@@ -50,13 +51,23 @@ enum Exporter {
 
 impl Exporter {
     fn carries_ipv6(self) -> bool {
-        !matches!(self, Exporter::Softflowd("5") | Exporter::Fprobe)
+        !matches!(self, Exporter::Softflowd("5", _) | Exporter::Fprobe)
+    }
+
+    /// The sampling rate the collector must report: softflowd's v9/IPFIX
+    /// state theirs in an options record (1 when unsampled); v5 headers
+    /// from softflowd and fprobe, and pmacctd's nfprobe, state none (0).
+    fn sampling_rate(self) -> u64 {
+        match self {
+            Exporter::Softflowd("9" | "10", n) => n,
+            _ => 0,
+        }
     }
 
     fn record_type(self) -> &'static str {
         match self {
-            Exporter::Softflowd("5") | Exporter::Fprobe => "NETFLOW_V5",
-            Exporter::Softflowd("9") | Exporter::Pmacctd(9) => "NETFLOW_V9",
+            Exporter::Softflowd("5", _) | Exporter::Fprobe => "NETFLOW_V5",
+            Exporter::Softflowd("9", _) | Exporter::Pmacctd(9) => "NETFLOW_V9",
             _ => "IPFIX",
         }
     }
@@ -69,7 +80,7 @@ impl Exporter {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &ns.name]);
         match self {
-            Exporter::Softflowd(_) => unreachable!("softflowd reads a pcap file"),
+            Exporter::Softflowd(..) => unreachable!("softflowd reads a pcap file"),
             Exporter::Fprobe => {
                 // `-l 2`: log to stderr, which also keeps it in the foreground.
                 cmd.args(["fprobe", "-l", "2", "-i", dev, "-f", FILTER, &target]);
@@ -111,7 +122,7 @@ impl Exporter {
 
 /// Writes `frames` (each repeated its count of times, 1 ms apart, starting
 /// now) as a classic pcap file.
-fn write_pcap(path: &Path, frames: &[(Vec<u8>, u64)]) {
+fn write_pcap(path: &Path, frames: &Frames) {
     let mut out = Vec::new();
     out.extend_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
     out.extend_from_slice(&2u16.to_le_bytes());
@@ -123,7 +134,7 @@ fn write_pcap(path: &Path, frames: &[(Vec<u8>, u64)]) {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap();
     let mut t = Duration::ZERO;
-    for (frame, n) in frames {
+    for (frame, n, _) in frames {
         for _ in 0..*n {
             let ts = start + t;
             out.extend_from_slice(&(ts.as_secs() as u32).to_le_bytes());
@@ -143,8 +154,8 @@ fn traffic(ipv6: bool) -> (Frames, Flows) {
     let mut frames = Vec::new();
     let mut want = BTreeMap::new();
     let mut add = |ip: Vec<u8>, v6: bool, key: Key, n: u64| {
-        want.insert(key, (n, n * ip.len() as u64));
-        frames.push((if v6 { eth_ipv6(ip) } else { eth_ipv4(ip) }, n));
+        want.insert(key.clone(), (n, n * ip.len() as u64));
+        frames.push((if v6 { eth_ipv6(ip) } else { eth_ipv4(ip) }, n, key));
     };
     for i in 0..6u64 {
         let l4 = L4::Udp {
@@ -209,8 +220,26 @@ fn traffic(ipv6: bool) -> (Frames, Flows) {
 const FILLER_SRC: &str = "10.60.255.1";
 const FILLER_FRAMES: usize = 4000;
 
-fn send_all(l: &Link, frames: &[(Vec<u8>, u64)]) {
-    for (f, n) in frames {
+/// What softflowd's periodic sampler (`-s N`) keeps: the first packet it
+/// sees and every Nth after it, counted over all packets in the order sent.
+fn sampled(frames: &Frames, n: u64) -> Flows {
+    let mut out = Flows::new();
+    let mut k = 0u64;
+    for (frame, count, key) in frames {
+        let kept = (k..k + count).filter(|i| i % n == 0).count() as u64;
+        k += count;
+        if kept > 0 {
+            let ip_len = (frame.len() - 14) as u64;
+            let e = out.entry(key.clone()).or_insert((0, 0));
+            e.0 += kept;
+            e.1 += kept * ip_len;
+        }
+    }
+    out
+}
+
+fn send_all(l: &Link, frames: &Frames) {
+    for (f, n, _) in frames {
         let sent = send_frames(
             &l.a,
             &l.a_dev,
@@ -257,9 +286,13 @@ fn run(exporter: Exporter) {
     .unwrap();
     let mut nfcapd = nfcapd(&l.b, &dir.join("nfcapd"), p_nfcapd, Some(p_collect));
 
-    let (frames, want) = traffic(exporter.carries_ipv6());
+    let (frames, mut want) = traffic(exporter.carries_ipv6());
+    let sampling = match exporter {
+        Exporter::Softflowd(_, n) => n,
+        _ => 1,
+    };
     match exporter {
-        Exporter::Softflowd(v) => {
+        Exporter::Softflowd(v, sampling) => {
             let pcap = dir.join("traffic.pcap");
             write_pcap(&pcap, &frames);
             let ctl = dir.join("softflowd.ctl");
@@ -267,6 +300,11 @@ fn run(exporter: Exporter) {
                 .args(["netns", "exec", &l.b.name, "softflowd", "-d", "-r"])
                 .arg(&pcap)
                 .args(["-n", &format!("127.0.0.1:{p_nfcapd}"), "-v", v])
+                .args(if sampling > 1 {
+                    vec!["-s".to_string(), sampling.to_string()]
+                } else {
+                    vec![]
+                })
                 .arg("-p")
                 .arg(dir.join("softflowd.pid"))
                 .arg("-c")
@@ -276,31 +314,28 @@ fn run(exporter: Exporter) {
                 .spawn()
                 .expect("softflowd must be installed: scripts/setup.sh --test");
             let mut exp = Proc(Some(child));
-            // After the file's end softflowd waits on its control socket:
-            // once it has processed every frame, `shutdown` makes it expire
-            // and export all flows, then exit.
-            let total: u64 = frames.iter().map(|(_, n)| n).sum();
+            // After the file's end softflowd either exports everything and
+            // exits (with -s), or waits on its control socket: then, once it
+            // has processed every frame, `shutdown` makes it expire and
+            // export all flows, and exit.
+            let total: u64 = frames.iter().map(|(_, n, _)| n).sum();
             let softflowctl = |cmd: &str| {
-                let out =
-                    l.b.exec(&["softflowctl", "-c", ctl.to_str().unwrap(), cmd])
-                        .unwrap_or_default();
-                out
+                l.b.exec(&["softflowctl", "-c", ctl.to_str().unwrap(), cmd])
+                    .unwrap_or_default()
             };
+            let mut exited = || exp.0.as_mut().unwrap().try_wait().unwrap().is_some();
             assert!(
-                wait_until(Duration::from_secs(10), || softflowctl("statistics")
-                    .contains(&format!("Packets processed: {total}\n"))),
+                wait_until(Duration::from_secs(10), || exited()
+                    || softflowctl("statistics")
+                        .contains(&format!("Packets processed: {total}\n"))),
                 "softflowd did not process the {total} frames: {}",
                 softflowctl("statistics")
             );
-            softflowctl("shutdown");
+            if !exited() {
+                softflowctl("shutdown");
+            }
             assert!(
-                wait_until(Duration::from_secs(10), || exp
-                    .0
-                    .as_mut()
-                    .unwrap()
-                    .try_wait()
-                    .unwrap()
-                    .is_some()),
+                wait_until(Duration::from_secs(10), &mut exited),
                 "softflowd did not exit after shutdown"
             );
             exp.term();
@@ -318,7 +353,8 @@ fn run(exporter: Exporter) {
                         payload: 10,
                     },
                 );
-                send_all(&l, &[(eth_ipv4(filler), FILLER_FRAMES as u64)]);
+                let key = (FILLER_SRC.into(), "10.60.255.2".into(), 17, 9, 9);
+                send_all(&l, &vec![(eth_ipv4(filler), FILLER_FRAMES as u64, key)]);
             }
             std::thread::sleep(Duration::from_millis(500));
             // Both expire and export every flow they hold when stopped:
@@ -329,6 +365,9 @@ fn run(exporter: Exporter) {
                 libc::SIGINT
             });
         }
+    }
+    if sampling > 1 {
+        want = sampled(&frames, sampling);
     }
     assert!(
         wait_until(Duration::from_secs(20), || collector_flows(
@@ -354,6 +393,21 @@ fn run(exporter: Exporter) {
         }
         assert_eq!(s("type"), exporter.record_type(), "{r}");
         assert_eq!(s("sampler_address"), "127.0.0.1", "{r}");
+        assert_eq!(n("sampling_rate"), exporter.sampling_rate(), "{r}");
+        // Same host, same clock: the flow ended within the test's run and
+        // not after the collector received it (exporters stamp whole ms or
+        // seconds, hence the slack).
+        let (start, end, recv) = (
+            n("time_flow_start_ns"),
+            n("time_flow_end_ns"),
+            n("time_received_ns"),
+        );
+        assert!(start <= end, "{r}");
+        assert!(end <= recv + 2_000_000_000, "flow ends after receipt: {r}");
+        assert!(
+            recv.saturating_sub(start) < 120_000_000_000,
+            "flow starts too early: {r}"
+        );
         let e = got
             .entry((
                 s("src_addr"),
@@ -397,17 +451,17 @@ fn free_tcp_port(ns: &Netns) -> u16 {
 
 #[test]
 fn softflowd_netflow5() {
-    run(Exporter::Softflowd("5"));
+    run(Exporter::Softflowd("5", 1));
 }
 
 #[test]
 fn softflowd_netflow9() {
-    run(Exporter::Softflowd("9"));
+    run(Exporter::Softflowd("9", 1));
 }
 
 #[test]
 fn softflowd_ipfix() {
-    run(Exporter::Softflowd("10"));
+    run(Exporter::Softflowd("10", 1));
 }
 
 #[test]
@@ -423,4 +477,14 @@ fn pmacctd_nfprobe_netflow9() {
 #[test]
 fn pmacctd_nfprobe_ipfix() {
     run(Exporter::Pmacctd(10));
+}
+
+#[test]
+fn softflowd_ipfix_sampled() {
+    run(Exporter::Softflowd("10", 4));
+}
+
+#[test]
+fn softflowd_netflow9_sampled() {
+    run(Exporter::Softflowd("9", 4));
 }

@@ -7,7 +7,8 @@
 //! before its template is held (bounded in count and age) and decoded when
 //! the template arrives. Sampling intervals come from the v5 header, from
 //! options data (samplingInterval 34, samplerRandomInterval 50,
-//! samplingPacketInterval 305) or from the data record itself.
+//! samplingPacketInterval 305 with samplingPacketSpace 306) or from the data
+//! record itself.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -79,9 +80,36 @@ struct Header {
     domain: u32,
     sequence: u32,
     export_ms: u64,
-    /// NetFlow v9: wall-clock ms of the exporter's boot (sysUptime zero).
-    boot_ms: u64,
+    /// NetFlow v9: the header's sysUptime (ms), which FIRST/LAST_SWITCHED
+    /// are relative to.
+    uptime_ms: u32,
     time_received_ns: u64,
+}
+
+/// Wall-clock ms of a sysUptime-relative timestamp `t`, given the export
+/// time and the sysUptime in the same header. The age `uptime - t` is taken
+/// modulo 2^32 as a signed value, so a flow that started before sysUptime
+/// wrapped (every 49.7 days), or that an exporter stamped a little after its
+/// header's uptime, still lands next to the export time instead of 49.7
+/// days away.
+fn uptime_to_wall_ms(export_ms: u64, uptime: u32, t: u32) -> u64 {
+    let age = uptime.wrapping_sub(t) as i32 as i64;
+    (export_ms as i64 - age).max(0) as u64
+}
+
+/// IPFIX flowStart/EndSysUpTime (`t`, ms since systemInitTimeMilliseconds
+/// `init`) as wall-clock ms. The counter is 32 bits, so of `init + t` and
+/// its neighbours 2^32 ms away, the one nearest the export time is taken:
+/// right after the counter wraps, and for softflowd reading a pcap file,
+/// whose flows predate its own init time.
+fn sysuptime_to_wall_ms(export_ms: u64, init: u64, t: u64) -> u64 {
+    let a = init as i64 + t as i64;
+    let e = export_ms as i64;
+    [a - (1 << 32), a, a + (1 << 32)]
+        .into_iter()
+        .min_by_key(|x| (x - e).abs())
+        .expect("three candidates")
+        .max(0) as u64
 }
 
 struct Pending {
@@ -190,6 +218,24 @@ struct RecordTimes {
     octets_delta: bool,
     packets_delta: bool,
     sampling: Option<u64>,
+    /// samplingPacketInterval (305) and samplingPacketSpace (306): sample
+    /// `interval` consecutive packets, skip `space` (RFC 5477).
+    packet_interval: Option<u64>,
+    packet_space: Option<u64>,
+}
+
+impl RecordTimes {
+    /// The sampling rate (1 in N) this record states, if any. 305 and 306
+    /// together give (interval + space) / interval (softflowd's `-s 4`
+    /// sends interval 1, space 3); 305 alone is taken as the rate, as
+    /// goflow2 does.
+    fn sampling_rate(&self) -> Option<u64> {
+        match (self.packet_interval, self.packet_space) {
+            (Some(i), Some(s)) if i > 0 => Some((i + s) / i),
+            (Some(i), None) => Some(i),
+            _ => self.sampling,
+        }
+    }
 }
 
 fn mac(b: &[u8]) -> u64 {
@@ -263,7 +309,9 @@ fn apply(r: &mut FlowRecord, t: &mut RecordTimes, id: u16, v: &[u8]) {
                 _ => ETYPE_IPV4,
             }
         }
-        34 | 50 | 305 => t.sampling = Some(n()),
+        34 | 50 => t.sampling = Some(n()),
+        305 => t.packet_interval = Some(n()),
+        306 => t.packet_space = Some(n()),
         21 => t.end_uptime = Some(n()),
         22 => t.start_uptime = Some(n()),
         150 => t.start_ms = Some(n() * 1000),
@@ -337,7 +385,7 @@ impl NetflowDecoder {
         let mut r = Reader::new(p);
         r.take(2, "v5 header")?;
         let count = r.u16("v5 header")? as usize;
-        let uptime = r.u32("v5 header")? as u64;
+        let uptime = r.u32("v5 header")?;
         let secs = r.u32("v5 header")? as u64;
         let nsecs = r.u32("v5 header")? as u64;
         let sequence = r.u32("v5 header")?;
@@ -350,7 +398,6 @@ impl NetflowDecoder {
             return Err(NetflowError::Truncated("v5 records"));
         }
         let export_ms = secs * 1000 + nsecs / 1_000_000;
-        let boot_ms = export_ms.saturating_sub(uptime);
         for _ in 0..count {
             let b = r.take(48, "v5 record")?;
             let mut f = FlowRecord {
@@ -365,8 +412,10 @@ impl NetflowDecoder {
                 out_if: uint(&b[14..16]) as u32,
                 packets: uint(&b[16..20]),
                 bytes: uint(&b[20..24]),
-                time_flow_start_ns: (boot_ms + uint(&b[24..28])) * 1_000_000,
-                time_flow_end_ns: (boot_ms + uint(&b[28..32])) * 1_000_000,
+                time_flow_start_ns: uptime_to_wall_ms(export_ms, uptime, uint(&b[24..28]) as u32)
+                    * 1_000_000,
+                time_flow_end_ns: uptime_to_wall_ms(export_ms, uptime, uint(&b[28..32]) as u32)
+                    * 1_000_000,
                 src_port: uint(&b[32..34]) as u16,
                 dst_port: uint(&b[34..36]) as u16,
                 tcp_flags: b[37],
@@ -391,7 +440,7 @@ impl NetflowDecoder {
         out: &mut Vec<FlowRecord>,
     ) -> Result<(), NetflowError> {
         let _count = r.u16("v9 header")?;
-        let uptime = r.u32("v9 header")? as u64;
+        let uptime = r.u32("v9 header")?;
         let secs = r.u32("v9 header")? as u64;
         let sequence = r.u32("v9 header")?;
         let domain = r.u32("v9 header")?;
@@ -401,7 +450,7 @@ impl NetflowDecoder {
             domain,
             sequence,
             export_ms: secs * 1000,
-            boot_ms: (secs * 1000).saturating_sub(uptime),
+            uptime_ms: uptime,
             time_received_ns: now_ns,
         };
         while r.left() >= 4 {
@@ -450,7 +499,7 @@ impl NetflowDecoder {
             domain,
             sequence,
             export_ms: secs * 1000,
-            boot_ms: 0,
+            uptime_ms: 0,
             time_received_ns: now_ns,
         };
         while r.left() > 0 {
@@ -726,7 +775,7 @@ impl NetflowDecoder {
             }
             if t.options {
                 self.counters.options_records += 1;
-                if let Some(s) = times.sampling {
+                if let Some(s) = times.sampling_rate() {
                     self.sampling.insert((h.exporter, h.version, h.domain), s);
                 }
                 if let Some(i) = times.sys_init_ms {
@@ -746,26 +795,30 @@ impl NetflowDecoder {
         let init = t
             .sys_init_ms
             .or_else(|| self.sys_init_ms.get(&(h.exporter, h.domain)).copied());
-        let uptime_base = if h.version == 9 {
-            Some(h.boot_ms)
-        } else {
-            init
+        // v9: relative to the header's sysUptime; IPFIX (flowStartSysUpTime):
+        // ms since systemInitTimeMilliseconds.
+        let from_uptime = |u: u64| -> Option<u64> {
+            if h.version == 9 {
+                Some(uptime_to_wall_ms(h.export_ms, h.uptime_ms, u as u32))
+            } else {
+                init.map(|b| sysuptime_to_wall_ms(h.export_ms, b, u))
+            }
         };
         let export_us = h.export_ms * 1000;
         rec.time_flow_start_ns = t
             .start_ns
             .or(t.start_ms.map(ms))
-            .or(t.start_uptime.zip(uptime_base).map(|(u, b)| ms(b + u)))
+            .or(t.start_uptime.and_then(from_uptime).map(ms))
             .or(t.start_delta_us.map(|d| export_us.saturating_sub(d) * 1000))
             .unwrap_or(ms(h.export_ms));
         rec.time_flow_end_ns = t
             .end_ns
             .or(t.end_ms.map(ms))
-            .or(t.end_uptime.zip(uptime_base).map(|(u, b)| ms(b + u)))
+            .or(t.end_uptime.and_then(from_uptime).map(ms))
             .or(t.end_delta_us.map(|d| export_us.saturating_sub(d) * 1000))
             .unwrap_or(rec.time_flow_start_ns);
         rec.sampling_rate = t
-            .sampling
+            .sampling_rate()
             .or_else(|| {
                 self.sampling
                     .get(&(h.exporter, h.version, h.domain))
@@ -1021,6 +1074,63 @@ mod tests {
         )
         .unwrap();
         assert_eq!(d.templates_known(), 0);
+    }
+
+    #[test]
+    fn uptime_relative_times_survive_the_32_bit_wrap() {
+        let export = 1_763_800_000_000u64;
+        // Ordinary: 5 s before the header's uptime.
+        assert_eq!(uptime_to_wall_ms(export, 60_000, 55_000), export - 5_000);
+        // The flow started before sysUptime wrapped: 3 s before the wrap,
+        // the header 2 s after it.
+        assert_eq!(
+            uptime_to_wall_ms(export, 2_000, u32::MAX - 2_999),
+            export - 5_000
+        );
+        // Stamped a little after the header's uptime (softflowd reading a
+        // pcap file does this): just after the export time, not 49.7 days.
+        assert_eq!(uptime_to_wall_ms(export, 1_000, 1_250), export + 250);
+        // IPFIX, relative to systemInitTimeMilliseconds.
+        let init = export - 10_000;
+        assert_eq!(sysuptime_to_wall_ms(export, init, 9_000), export - 1_000);
+        // Flows stamped before the init time arrive as 2^32 - d.
+        assert_eq!(
+            sysuptime_to_wall_ms(export, init, (1u64 << 32) - 500),
+            init - 500
+        );
+        // After the counter wrapped (init 50 days back).
+        let init = export - 50 * 86_400_000;
+        let t = (50 * 86_400_000 - 1_000) % (1u64 << 32);
+        assert_eq!(sysuptime_to_wall_ms(export, init, t), export - 1_000);
+    }
+
+    #[test]
+    fn packet_interval_and_space_give_the_sampling_rate() {
+        // softflowd -s 4 (IPFIX): interval 1, space 3.
+        let t = RecordTimes {
+            packet_interval: Some(1),
+            packet_space: Some(3),
+            ..RecordTimes::default()
+        };
+        assert_eq!(t.sampling_rate(), Some(4));
+        let t = RecordTimes {
+            packet_interval: Some(2),
+            packet_space: Some(6),
+            ..RecordTimes::default()
+        };
+        assert_eq!(t.sampling_rate(), Some(4));
+        // 305 alone is the rate (goflow2's reading); 34 as before.
+        let t = RecordTimes {
+            packet_interval: Some(100),
+            ..RecordTimes::default()
+        };
+        assert_eq!(t.sampling_rate(), Some(100));
+        let t = RecordTimes {
+            sampling: Some(512),
+            ..RecordTimes::default()
+        };
+        assert_eq!(t.sampling_rate(), Some(512));
+        assert_eq!(RecordTimes::default().sampling_rate(), None);
     }
 
     #[test]
