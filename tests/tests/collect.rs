@@ -15,6 +15,11 @@
 //! sends a burst of filler frames on a separate flow, which is left out of
 //! the comparison.
 //!
+//! Two runs publish to a real broker instead of stdout (Tansu in the test's
+//! namespace): protobuf FlowMessages and JSON, read back by a consumer and
+//! held to the same per-flow totals. Sampled runs (softflowd `-s 4`) check
+//! that the rate from the options records reaches every flow.
+//!
 //! Bytes are IP-layer lengths (IPv4 total length, IPv6 payload + 40), which
 //! is what all three exporters count.
 
@@ -23,9 +28,12 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use flowexport::codec::protobuf;
 use flowexport_tests::frames::*;
+use flowexport_tests::kafka::Broker;
 use flowexport_tests::tools::*;
 use flowexport_tests::*;
+use serde_json::Value;
 
 /// (src, dst, proto, src_port, dst_port)
 type Key = (String, String, u64, u64, u64);
@@ -268,22 +276,48 @@ fn collector_flows(c: &Agent, port: u16) -> u64 {
         .unwrap_or(0)
 }
 
+/// Where the collector sends its flows.
+#[derive(Clone, Copy, PartialEq)]
+enum Output {
+    Stdout,
+    /// A real broker (Tansu) in the test's namespace, with this
+    /// `--kafka-format`.
+    Kafka(&'static str),
+}
+
 fn run(exporter: Exporter) {
+    run_to(exporter, Output::Stdout)
+}
+
+fn run_to(exporter: Exporter, output: Output) {
     let l = Link::new().unwrap();
     let dir = std::env::temp_dir().join(unique("fe-col-"));
     std::fs::create_dir_all(&dir).unwrap();
     let (p_nfcapd, p_collect) = (free_udp_port(&l.b), free_udp_port(&l.b));
     let metrics_port = free_tcp_port(&l.b);
-    let collector = Agent::collector(
-        &l.b,
-        &[
-            "--listen",
-            &format!("127.0.0.1:{p_collect}"),
-            "--metrics-addr",
-            &format!("127.0.0.1:{metrics_port}"),
-        ],
-    )
-    .unwrap();
+    let broker = match output {
+        Output::Stdout => None,
+        Output::Kafka(_) => {
+            let b = Broker::start(&l.b).unwrap();
+            b.create_topic("input", 2).unwrap();
+            Some(b)
+        }
+    };
+    let listen = format!("127.0.0.1:{p_collect}");
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let mut args = vec!["--listen", &listen, "--metrics-addr", &metrics_addr];
+    let brokers = broker.as_ref().map(|b| b.addr()).unwrap_or_default();
+    if let Output::Kafka(format) = output {
+        args.extend([
+            "--kafka-brokers",
+            &brokers,
+            "--kafka-topic",
+            "input",
+            "--kafka-format",
+            format,
+        ]);
+    }
+    let collector = Agent::collector(&l.b, &args).unwrap();
     let mut nfcapd = nfcapd(&l.b, &dir.join("nfcapd"), p_nfcapd, Some(p_collect));
 
     let (frames, mut want) = traffic(exporter.carries_ipv6());
@@ -383,9 +417,29 @@ fn run(exporter: Exporter) {
     nfcapd.term();
     let out = collector.stop().unwrap();
     assert!(out.status.success(), "{}", out.stderr);
+    let records: Vec<Value> = match (output, &broker) {
+        (Output::Kafka(format), Some(b)) => {
+            assert!(
+                out.records.is_empty(),
+                "stdout is off when Kafka is the sink"
+            );
+            b.consume_all("input")
+                .unwrap()
+                .iter()
+                .map(|m| match format {
+                    "json" => serde_json::from_slice(&m.payload).expect("JSON record"),
+                    _ => serde_json::to_value(
+                        protobuf::decode(&m.payload, false).expect("a goflow2 FlowMessage"),
+                    )
+                    .unwrap(),
+                })
+                .collect()
+        }
+        _ => out.records,
+    };
 
     let mut got = Flows::new();
-    for r in &out.records {
+    for r in &records {
         let s = |k: &str| r[k].as_str().unwrap_or_default().to_string();
         let n = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k} in {r}"));
         if s("src_addr") == FILLER_SRC {
@@ -487,4 +541,14 @@ fn softflowd_ipfix_sampled() {
 #[test]
 fn softflowd_netflow9_sampled() {
     run(Exporter::Softflowd("9", 4));
+}
+
+#[test]
+fn softflowd_ipfix_into_kafka_protobuf() {
+    run_to(Exporter::Softflowd("10", 4), Output::Kafka("protobuf"));
+}
+
+#[test]
+fn pmacctd_netflow9_into_kafka_json() {
+    run_to(Exporter::Pmacctd(9), Output::Kafka("json"));
 }
