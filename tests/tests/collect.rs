@@ -15,6 +15,10 @@
 //! sends a burst of filler frames on a separate flow, which is left out of
 //! the comparison.
 //!
+//! sFlow v5 comes from a real agent too: pmacctd's sfprobe plugin, sampling
+//! every packet, sends straight to the collector's sFlow port; each sample
+//! is one packet, so the per-flow sums must equal the traffic sent.
+//!
 //! Two runs publish to a real broker instead of stdout (Tansu in the test's
 //! namespace): protobuf FlowMessages and JSON, read back by a consumer and
 //! held to the same per-flow totals. Sampled runs (softflowd `-s 4`) check
@@ -55,7 +59,14 @@ enum Exporter {
     Fprobe,
     /// pmacctd with the nfprobe plugin, `nfprobe_version: 9|10`.
     Pmacctd(u8),
+    /// pmacctd with the sfprobe plugin: sFlow v5, every packet sampled
+    /// (rate 1), straight to the collector's sFlow port (nfcapd does not
+    /// take sFlow).
+    PmacctdSflow,
 }
+
+/// The sFlow agent address pmacctd's sfprobe is given.
+const SFLOW_AGENT: &str = "192.0.2.9";
 
 impl Exporter {
     fn carries_ipv6(self) -> bool {
@@ -68,6 +79,7 @@ impl Exporter {
     fn sampling_rate(self) -> u64 {
         match self {
             Exporter::Softflowd("9" | "10", n) => n,
+            Exporter::PmacctdSflow => 1,
             _ => 0,
         }
     }
@@ -76,6 +88,7 @@ impl Exporter {
         match self {
             Exporter::Softflowd("5", _) | Exporter::Fprobe => "NETFLOW_V5",
             Exporter::Softflowd("9", _) | Exporter::Pmacctd(9) => "NETFLOW_V9",
+            Exporter::PmacctdSflow => "SFLOW_5",
             _ => "IPFIX",
         }
     }
@@ -100,6 +113,21 @@ impl Exporter {
                     format!(
                         "daemonize: false\npcap_interface: {dev}\npcap_filter: {FILTER}\n\
                          plugins: nfprobe\nnfprobe_receiver: {target}\nnfprobe_version: {v}\n\
+                         pidfile: {}\n",
+                        dir.join("pmacctd.pid").display()
+                    ),
+                )
+                .unwrap();
+                cmd.arg("pmacctd").arg("-f").arg(&conf);
+            }
+            Exporter::PmacctdSflow => {
+                let conf = dir.join("pmacctd.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "daemonize: false\npcap_interface: {dev}\npcap_filter: {FILTER}\n\
+                         plugins: sfprobe\nsfprobe_receiver: {target}\n\
+                         sfprobe_agentip: {SFLOW_AGENT}\nsfprobe_sampling_rate: 1\n\
                          pidfile: {}\n",
                         dir.join("pmacctd.pid").display()
                     ),
@@ -305,7 +333,9 @@ fn run_to(exporter: Exporter, output: Output) {
     };
     let listen = format!("127.0.0.1:{p_collect}");
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
-    let mut args = vec!["--listen", &listen, "--metrics-addr", &metrics_addr];
+    let sflow = matches!(exporter, Exporter::PmacctdSflow);
+    let listen_flag = if sflow { "--sflow-listen" } else { "--listen" };
+    let mut args = vec![listen_flag, &listen, "--metrics-addr", &metrics_addr];
     let brokers = broker.as_ref().map(|b| b.addr()).unwrap_or_default();
     if let Output::Kafka(format) = output {
         args.extend([
@@ -318,7 +348,14 @@ fn run_to(exporter: Exporter, output: Output) {
         ]);
     }
     let collector = Agent::collector(&l.b, &args).unwrap();
-    let mut nfcapd = nfcapd(&l.b, &dir.join("nfcapd"), p_nfcapd, Some(p_collect));
+    // The exporter sends to nfcapd, which repeats to the collector; sFlow
+    // goes to the collector directly.
+    let (mut nfcapd, p_export) = if sflow {
+        (None, p_collect)
+    } else {
+        let n = nfcapd(&l.b, &dir.join("nfcapd"), p_nfcapd, Some(p_collect));
+        (Some(n), p_nfcapd)
+    };
 
     let (frames, mut want) = traffic(exporter.carries_ipv6());
     let sampling = match exporter {
@@ -333,7 +370,7 @@ fn run_to(exporter: Exporter, output: Output) {
             let child = Command::new("ip")
                 .args(["netns", "exec", &l.b.name, "softflowd", "-d", "-r"])
                 .arg(&pcap)
-                .args(["-n", &format!("127.0.0.1:{p_nfcapd}"), "-v", v])
+                .args(["-n", &format!("127.0.0.1:{p_export}"), "-v", v])
                 .args(if sampling > 1 {
                     vec!["-s".to_string(), sampling.to_string()]
                 } else {
@@ -374,8 +411,8 @@ fn run_to(exporter: Exporter, output: Output) {
             );
             exp.term();
         }
-        Exporter::Fprobe | Exporter::Pmacctd(_) => {
-            let mut exp = exporter.start_live(&l.b, &l.b_dev, p_nfcapd, &dir);
+        Exporter::Fprobe | Exporter::Pmacctd(_) | Exporter::PmacctdSflow => {
+            let mut exp = exporter.start_live(&l.b, &l.b_dev, p_export, &dir);
             send_all(&l, &frames);
             if matches!(exporter, Exporter::Fprobe) {
                 let filler = ipv4(
@@ -392,7 +429,7 @@ fn run_to(exporter: Exporter, output: Output) {
             }
             std::thread::sleep(Duration::from_millis(500));
             // Both expire and export every flow they hold when stopped:
-            // fprobe on SIGTERM, pmacctd's nfprobe on SIGINT.
+            // fprobe on SIGTERM, pmacctd's plugins on SIGINT.
             exp.stop_with(if matches!(exporter, Exporter::Fprobe) {
                 libc::SIGTERM
             } else {
@@ -414,7 +451,9 @@ fn run_to(exporter: Exporter, output: Output) {
     );
     // Let a late export datagram (if any) arrive before stopping.
     std::thread::sleep(Duration::from_millis(500));
-    nfcapd.term();
+    if let Some(n) = nfcapd.as_mut() {
+        n.term();
+    }
     let out = collector.stop().unwrap();
     assert!(out.status.success(), "{}", out.stderr);
     let records: Vec<Value> = match (output, &broker) {
@@ -446,7 +485,10 @@ fn run_to(exporter: Exporter, output: Output) {
             continue;
         }
         assert_eq!(s("type"), exporter.record_type(), "{r}");
-        assert_eq!(s("sampler_address"), "127.0.0.1", "{r}");
+        // NetFlow/IPFIX: the datagram's source (nfcapd's repeater); sFlow:
+        // the agent address in the datagram.
+        let sampler = if sflow { SFLOW_AGENT } else { "127.0.0.1" };
+        assert_eq!(s("sampler_address"), sampler, "{r}");
         assert_eq!(n("sampling_rate"), exporter.sampling_rate(), "{r}");
         // Same host, same clock: the flow ended within the test's run and
         // not after the collector received it (exporters stamp whole ms or
@@ -475,6 +517,10 @@ fn run_to(exporter: Exporter, output: Output) {
         e.1 += n("bytes");
     }
     assert_eq!(got, want, "{exporter:?}: flowexport collect's flows");
+    if sflow {
+        std::fs::remove_dir_all(&dir).unwrap();
+        return;
+    }
 
     let nf: Flows = nfdump(&dir.join("nfcapd"))
         .into_iter()
@@ -551,4 +597,9 @@ fn softflowd_ipfix_into_kafka_protobuf() {
 #[test]
 fn pmacctd_netflow9_into_kafka_json() {
     run_to(Exporter::Pmacctd(9), Output::Kafka("json"));
+}
+
+#[test]
+fn pmacctd_sfprobe_sflow5() {
+    run(Exporter::PmacctdSflow);
 }
