@@ -103,13 +103,14 @@ fn uptime_to_wall_ms(export_ms: u64, uptime: u32, t: u32) -> u64 {
 /// right after the counter wraps, and for softflowd reading a pcap file,
 /// whose flows predate its own init time.
 fn sysuptime_to_wall_ms(export_ms: u64, init: u64, t: u64) -> u64 {
-    let a = init as i64 + t as i64;
-    let e = export_ms as i64;
+    // i128: both inputs are arbitrary 64-bit field values from the wire.
+    let a = init as i128 + t as i128;
+    let e = export_ms as i128;
     [a - (1 << 32), a, a + (1 << 32)]
         .into_iter()
         .min_by_key(|x| (x - e).abs())
         .expect("three candidates")
-        .max(0) as u64
+        .clamp(0, u64::MAX as i128) as u64
 }
 
 struct Pending {
@@ -231,7 +232,7 @@ impl RecordTimes {
     /// goflow2 does.
     fn sampling_rate(&self) -> Option<u64> {
         match (self.packet_interval, self.packet_space) {
-            (Some(i), Some(s)) if i > 0 => Some((i + s) / i),
+            (Some(i), Some(s)) if i > 0 => Some(i.saturating_add(s) / i),
             (Some(i), None) => Some(i),
             _ => self.sampling,
         }
@@ -314,8 +315,8 @@ fn apply(r: &mut FlowRecord, t: &mut RecordTimes, id: u16, v: &[u8]) {
         306 => t.packet_space = Some(n()),
         21 => t.end_uptime = Some(n()),
         22 => t.start_uptime = Some(n()),
-        150 => t.start_ms = Some(n() * 1000),
-        151 => t.end_ms = Some(n() * 1000),
+        150 => t.start_ms = Some(n().saturating_mul(1000)),
+        151 => t.end_ms = Some(n().saturating_mul(1000)),
         152 => t.start_ms = Some(n()),
         153 => t.end_ms = Some(n()),
         154 | 156 => t.start_ns = Some(ntp_to_unix_ns(n())),
@@ -791,7 +792,9 @@ impl NetflowDecoder {
 
     /// Resolves times, sampling, address family and ICMP for one record.
     fn finish(&self, h: &Header, rec: &mut FlowRecord, t: &RecordTimes) {
-        let ms = |v: u64| v * 1_000_000;
+        // Saturating: times are 64-bit wire values; nonsense stays nonsense
+        // but never overflows.
+        let ms = |v: u64| v.saturating_mul(1_000_000);
         let init = t
             .sys_init_ms
             .or_else(|| self.sys_init_ms.get(&(h.exporter, h.domain)).copied());
@@ -804,18 +807,18 @@ impl NetflowDecoder {
                 init.map(|b| sysuptime_to_wall_ms(h.export_ms, b, u))
             }
         };
-        let export_us = h.export_ms * 1000;
+        let export_us = h.export_ms.saturating_mul(1000);
         rec.time_flow_start_ns = t
             .start_ns
             .or(t.start_ms.map(ms))
             .or(t.start_uptime.and_then(from_uptime).map(ms))
-            .or(t.start_delta_us.map(|d| export_us.saturating_sub(d) * 1000))
+            .or(t.start_delta_us.map(|d| export_us.saturating_sub(d).saturating_mul(1000)))
             .unwrap_or(ms(h.export_ms));
         rec.time_flow_end_ns = t
             .end_ns
             .or(t.end_ms.map(ms))
             .or(t.end_uptime.and_then(from_uptime).map(ms))
-            .or(t.end_delta_us.map(|d| export_us.saturating_sub(d) * 1000))
+            .or(t.end_delta_us.map(|d| export_us.saturating_sub(d).saturating_mul(1000)))
             .unwrap_or(rec.time_flow_start_ns);
         rec.sampling_rate = t
             .sampling_rate()
@@ -1102,6 +1105,49 @@ mod tests {
         let init = export - 50 * 86_400_000;
         let t = (50 * 86_400_000 - 1_000) % (1u64 << 32);
         assert_eq!(sysuptime_to_wall_ms(export, init, t), export - 1_000);
+    }
+
+    /// 64-bit time and sampling fields at their maximum (found by the
+    /// netflow fuzz target as an arithmetic overflow): saturate, no panic.
+    #[test]
+    fn extreme_time_and_sampling_fields_saturate() {
+        let templates: [(u16, &[u16]); 3] = [
+            (256, &[160, 22, 21, 305, 306]),
+            (257, &[151, 158]),
+            (258, &[152, 153]),
+        ];
+        let mut p = vec![0, 10, 0, 0];
+        p.extend(1_763_800_000u32.to_be_bytes());
+        p.extend([0, 0, 0, 1, 0, 0, 0, 7]);
+        for (id, fields) in templates {
+            p.extend(2u16.to_be_bytes());
+            p.extend((8 + 4 * (2 + fields.len()) as u16).to_be_bytes());
+            p.extend(id.to_be_bytes());
+            p.extend((2 + fields.len() as u16).to_be_bytes());
+            for f in [8u16, 12].iter().chain(fields) {
+                p.extend(f.to_be_bytes());
+                p.extend((if *f == 8 || *f == 12 { 4u16 } else { 8 }).to_be_bytes());
+            }
+        }
+        for (id, fields) in templates {
+            p.extend(id.to_be_bytes());
+            p.extend((4 + 8 + 8 * fields.len() as u16).to_be_bytes());
+            p.extend([10, 0, 0, 1, 10, 0, 0, 2]);
+            p.extend(std::iter::repeat_n(0xff, 8 * fields.len()));
+        }
+        let len = p.len() as u16;
+        p[2..4].copy_from_slice(&len.to_be_bytes());
+        let mut d = NetflowDecoder::default();
+        let mut out = Vec::new();
+        d.decode(exporter(), &p, NOW, &mut out).unwrap();
+        let got: Vec<_> = out
+            .iter()
+            .map(|r| (r.time_flow_start_ns, r.time_flow_end_ns, r.sampling_rate))
+            .collect();
+        assert_eq!(
+            got,
+            [(u64::MAX, u64::MAX, 1), (0, u64::MAX, 0), (u64::MAX, u64::MAX, 0)]
+        );
     }
 
     #[test]
