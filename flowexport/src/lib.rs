@@ -5,10 +5,13 @@
 //! userspace flow table ([`capture::drain`]) → [`record::FlowRecord`] →
 //! sinks ([`sink`]) and metrics ([`metrics`]).
 pub mod agent;
+pub mod bridge;
 pub mod capture;
 pub mod codec;
 pub mod collect;
 pub mod config;
+pub mod consumers;
+pub mod enrich;
 pub mod metrics;
 pub mod record;
 pub mod sink;

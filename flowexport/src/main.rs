@@ -20,6 +20,12 @@ enum Command {
     /// Receive NetFlow v5/v9, IPFIX and sFlow v5 over UDP and publish every
     /// flow to Kafka (or print JSON lines); runs until SIGINT/SIGTERM.
     Collect(flowexport::collect::CollectArgs),
+    /// Read flows from Kafka, add customer ids (CIDR list) and AS numbers
+    /// (ASN table), write them to another topic; at least once.
+    Enrich(flowexport::consumers::EnrichArgs),
+    /// Read enriched flows from Kafka and write each to a per-customer
+    /// topic `<prefix><cid>`; at least once.
+    Split(flowexport::consumers::SplitArgs),
 }
 
 fn main() -> ExitCode {
@@ -30,6 +36,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Agent(args) => args.resolve().and_then(flowexport::agent::run),
         Command::Collect(args) => flowexport::collect::run(args),
+        Command::Enrich(args) => flowexport::consumers::run_enrich(args),
+        Command::Split(args) => flowexport::consumers::run_split(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -80,6 +80,23 @@ pub struct FlowRecord {
     pub dst_mac: u64,
     /// IPFIX observation domain / NetFlow v9 source id of the exporter.
     pub observation_domain_id: u32,
+    /// Customer ids set by `flowexport enrich` (0 = none): of the source,
+    /// the destination, and the local side. Left out of JSON when 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub src_cid: u32,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub dst_cid: u32,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub cid: u32,
+    /// AS names from enrich's ASN database. Left out of JSON when empty.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub src_as_name: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub dst_as_name: String,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 impl Default for FlowRecord {
@@ -113,6 +130,11 @@ impl Default for FlowRecord {
             src_mac: 0,
             dst_mac: 0,
             observation_domain_id: 0,
+            src_cid: 0,
+            dst_cid: 0,
+            cid: 0,
+            src_as_name: String::new(),
+            dst_as_name: String::new(),
         }
     }
 }

@@ -159,6 +159,61 @@ impl Broker {
         Ok(())
     }
 
+    /// Produces `(key, payload)` messages to `topic` (acks=all) and waits
+    /// until the broker acknowledged all of them.
+    pub fn produce(&self, topic: &str, msgs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
+        let brokers = self.addr();
+        let topic = topic.to_string();
+        self.ns().run(move || -> Result<()> {
+            use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+            let p: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+                ClientConfig::new()
+                    .set("bootstrap.servers", &brokers)
+                    .set("acks", "all")
+                    .set("queue.buffering.max.messages", "1000000")
+                    .create()?;
+            for (k, v) in &msgs {
+                let mut rec = BaseRecord::to(&topic).key(k).payload(v);
+                loop {
+                    match p.send(rec) {
+                        Ok(()) => break,
+                        Err((_, r)) => {
+                            rec = r;
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                    }
+                }
+            }
+            p.flush(Duration::from_secs(60))?;
+            Ok(())
+        })?
+    }
+
+    /// Messages in `topic` (sum of its partitions' high watermarks minus
+    /// low); 0 while the topic does not exist.
+    pub fn count(&self, topic: &str) -> u64 {
+        let brokers = self.addr();
+        let topic = topic.to_string();
+        self.ns()
+            .run(move || -> Result<u64> {
+                let c: BaseConsumer = ClientConfig::new()
+                    .set("bootstrap.servers", &brokers)
+                    .create()?;
+                let md = c.fetch_metadata(Some(&topic), Duration::from_secs(5))?;
+                let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+                    return Ok(0);
+                };
+                let mut n = 0;
+                for p in t.partitions() {
+                    let (lo, hi) = c.fetch_watermarks(&topic, p.id(), Duration::from_secs(5))?;
+                    n += (hi - lo) as u64;
+                }
+                Ok(n)
+            })
+            .and_then(|r| r)
+            .unwrap_or(0)
+    }
+
     /// Reads every message of `topic` from the beginning up to the high
     /// watermark of each partition at the time of the call.
     pub fn consume_all(&self, topic: &str) -> Result<Vec<Consumed>> {

@@ -363,6 +363,22 @@ impl Agent {
         })
     }
 
+    /// Sends `signal` (SIGHUP, say) and returns at once.
+    pub fn signal(&self, signal: i32) {
+        if let Some(c) = self.child.as_ref() {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(c.id() as i32, signal) };
+        }
+    }
+
+    /// SIGKILL, as a crash: nothing is flushed or committed.
+    pub fn kill9(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     pub fn stderr(&self) -> String {
         self.stderr_lines.lock().unwrap().join("\n")
     }

@@ -812,13 +812,17 @@ impl NetflowDecoder {
             .start_ns
             .or(t.start_ms.map(ms))
             .or(t.start_uptime.and_then(from_uptime).map(ms))
-            .or(t.start_delta_us.map(|d| export_us.saturating_sub(d).saturating_mul(1000)))
+            .or(t
+                .start_delta_us
+                .map(|d| export_us.saturating_sub(d).saturating_mul(1000)))
             .unwrap_or(ms(h.export_ms));
         rec.time_flow_end_ns = t
             .end_ns
             .or(t.end_ms.map(ms))
             .or(t.end_uptime.and_then(from_uptime).map(ms))
-            .or(t.end_delta_us.map(|d| export_us.saturating_sub(d).saturating_mul(1000)))
+            .or(t
+                .end_delta_us
+                .map(|d| export_us.saturating_sub(d).saturating_mul(1000)))
             .unwrap_or(rec.time_flow_start_ns);
         rec.sampling_rate = t
             .sampling_rate()
@@ -1146,7 +1150,11 @@ mod tests {
             .collect();
         assert_eq!(
             got,
-            [(u64::MAX, u64::MAX, 1), (0, u64::MAX, 0), (u64::MAX, u64::MAX, 0)]
+            [
+                (u64::MAX, u64::MAX, 1),
+                (0, u64::MAX, 0),
+                (u64::MAX, u64::MAX, 0)
+            ]
         );
     }
 

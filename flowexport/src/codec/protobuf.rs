@@ -108,6 +108,13 @@ pub fn fill_message(m: &mut FlowMessage, r: &FlowRecord) {
     m.src_mac = r.src_mac;
     m.dst_mac = r.dst_mac;
     m.observation_domain_id = r.observation_domain_id;
+    m.src_cid = r.src_cid;
+    m.dst_cid = r.dst_cid;
+    m.cid = r.cid;
+    m.src_as_name.clear();
+    m.src_as_name.push_str(&r.src_as_name);
+    m.dst_as_name.clear();
+    m.dst_as_name.push_str(&r.dst_as_name);
 }
 
 /// Encodes records one after another without allocating per record: the
@@ -173,6 +180,11 @@ pub fn from_message(m: &FlowMessage) -> Result<FlowRecord, DecodeError> {
         src_mac: m.src_mac,
         dst_mac: m.dst_mac,
         observation_domain_id: m.observation_domain_id,
+        src_cid: m.src_cid,
+        dst_cid: m.dst_cid,
+        cid: m.cid,
+        src_as_name: m.src_as_name.clone(),
+        dst_as_name: m.dst_as_name.clone(),
     })
 }
 
@@ -228,6 +240,11 @@ mod tests {
             src_mac: 0x0200_0000_00aa,
             dst_mac: 0x0200_0000_00bb,
             observation_domain_id: 9,
+            src_cid: 0,
+            dst_cid: 17,
+            cid: 17,
+            src_as_name: "EXAMPLE-AS".into(),
+            dst_as_name: String::new(),
         }
     }
 
@@ -266,6 +283,11 @@ mod tests {
         assert!(find(&[0xf0, 0x06]), "time_received_ns as field 110");
         assert!(find(&[0xc0, 0x3e, 0x01]), "flow_direction as field 1000");
         assert!(find(&[0xe8, 0x01, 0x0a]), "vlan_id=10 as field 29");
+        assert!(find(&[0xd8, 0x3e, 17]), "cid=17 as field 1003");
+        assert!(
+            find(&[0xe2, 0x3e, 10, b'E', b'X']),
+            "src_as_name as field 1004"
+        );
     }
 
     #[test]

@@ -189,7 +189,7 @@ impl RateLimitedLog {
 
 /// Errors that retrying cannot fix: the record itself or our rights are at
 /// fault. Everything else (broker errors, transport trouble) may pass.
-fn permanent(e: &KafkaError) -> bool {
+pub(crate) fn permanent(e: &KafkaError) -> bool {
     use RDKafkaErrorCode as C;
     matches!(
         e.rdkafka_error_code(),

@@ -1,0 +1,514 @@
+//! Kafka → transform → Kafka, at least once: the loop shared by `enrich`
+//! and `split`.
+//!
+//! Input is read by a consumer group member with automatic commits off. The
+//! loop takes a batch (up to `--batch-records` messages, or what arrived
+//! within `--batch-wait`), decodes each message, lets the transform change
+//! and route it, produces the results, waits until the broker acknowledged
+//! every one of them (`acks=all`; errors that may pass are produced again),
+//! and only then commits the batch's input offsets. A crash (even `kill
+//! -9`) therefore loses nothing: the uncommitted batch is read again on
+//! restart. The price is duplicates: at most the last uncommitted batch,
+//! i.e. `--batch-records` input messages per partition owner.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use prometheus::{IntCounter, Registry};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message as _;
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
+
+use crate::codec::protobuf;
+use crate::config::parse_duration;
+use crate::record::FlowRecord;
+use crate::sink::kafka::{message_key, parse_property, permanent, KafkaFormat};
+
+/// How long a stop waits for the broker to acknowledge the last batch.
+const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(10);
+
+/// Where a consumer group with no committed offset starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StartOffset {
+    Earliest,
+    Latest,
+}
+
+/// Flags every Kafka → Kafka command shares.
+#[derive(Args, Debug, Clone)]
+pub struct BridgeArgs {
+    /// Kafka bootstrap brokers.
+    #[arg(long, value_name = "HOST:PORT[,HOST:PORT]")]
+    pub kafka_brokers: String,
+    /// Topic to read flows from.
+    #[arg(long, value_name = "TOPIC")]
+    pub in_topic: String,
+    /// Consumer group; run several processes with the same group to share
+    /// the input's partitions. [default: the command's name]
+    #[arg(long, value_name = "GROUP")]
+    pub group_id: Option<String>,
+    /// Where a group without committed offsets starts reading.
+    #[arg(long, value_enum, default_value = "earliest")]
+    pub start_offset: StartOffset,
+    /// Format of the output messages: protobuf (goflow2 FlowMessage,
+    /// proto/flow.proto) or json. Input is protobuf.
+    #[arg(long, value_name = "FORMAT", default_value = "protobuf")]
+    pub out_format: KafkaFormat,
+    /// Input messages per batch; also the most that can be delivered twice
+    /// after a crash (offsets are committed once a batch is acknowledged).
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub batch_records: usize,
+    /// Longest wait for a batch to fill.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "200ms")]
+    pub batch_wait: Duration,
+    /// A librdkafka property for both the consumer and the producer (e.g.
+    /// -X security.protocol=SASL_SSL); repeatable.
+    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_property)]
+    pub kafka_property: Vec<(String, String)>,
+}
+
+/// What a transform decides for one record.
+pub enum Route<'a> {
+    /// Produce the (changed) record to this topic.
+    To(&'a str),
+    /// Drop it (counted by the transform's own metric).
+    Drop,
+}
+
+/// The per-command part of the loop.
+pub trait Transform {
+    /// Changes `r` in place and says where it goes.
+    fn apply(&mut self, r: &mut FlowRecord) -> Route<'_>;
+    /// SIGHUP: re-read whatever files the transform uses. An error keeps
+    /// the old state (the caller logs it).
+    fn reload(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Bridge metrics (`flowexport_bridge_*`).
+#[derive(Clone)]
+pub struct BridgeMetrics {
+    pub consumed: IntCounter,
+    pub undecodable: IntCounter,
+    pub produced: IntCounter,
+    pub delivered: IntCounter,
+    pub failed: IntCounter,
+    pub retried: IntCounter,
+    pub dropped: IntCounter,
+    pub batches: IntCounter,
+}
+
+impl BridgeMetrics {
+    pub fn new(r: &Registry) -> BridgeMetrics {
+        let c = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            r.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        BridgeMetrics {
+            consumed: c("flowexport_bridge_consumed_total", "Input messages read."),
+            undecodable: c(
+                "flowexport_bridge_undecodable_total",
+                "Input messages that are not a FlowMessage (counted and skipped).",
+            ),
+            produced: c(
+                "flowexport_bridge_produced_total",
+                "Output records produced.",
+            ),
+            delivered: c(
+                "flowexport_bridge_delivered_total",
+                "Output records the broker acknowledged.",
+            ),
+            failed: c(
+                "flowexport_bridge_failed_total",
+                "Output records that failed for good (too large, not authorized); logged.",
+            ),
+            retried: c(
+                "flowexport_bridge_retried_total",
+                "Output records produced again after an error that may pass.",
+            ),
+            dropped: c(
+                "flowexport_bridge_dropped_total",
+                "Input records the command dropped by rule (e.g. enrich --drop-unmatched).",
+            ),
+            batches: c(
+                "flowexport_bridge_batches_committed_total",
+                "Batches whose input offsets were committed after every output was acknowledged.",
+            ),
+        }
+    }
+}
+
+/// A record to produce again: (topic, key, payload).
+type Retry = (String, Vec<u8>, Vec<u8>);
+
+/// Delivery reports of one producer.
+struct Deliveries {
+    metrics: BridgeMetrics,
+    outstanding: AtomicU64,
+    retry: Mutex<Vec<Retry>>,
+    last_log: Mutex<Option<Instant>>,
+}
+
+impl Deliveries {
+    fn log(&self, msg: impl FnOnce() -> String) {
+        let mut last = self.last_log.lock().expect("log lock");
+        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            *last = Some(Instant::now());
+            log::error!("{}", msg());
+        }
+    }
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => {
+                self.metrics.delivered.inc();
+                self.outstanding.fetch_sub(1, Ordering::AcqRel);
+            }
+            Err((e, msg)) if permanent(e) => {
+                self.metrics.failed.inc();
+                self.outstanding.fetch_sub(1, Ordering::AcqRel);
+                let topic = msg.topic().to_string();
+                self.log(|| format!("delivery to topic {topic} failed for good: {e}"));
+            }
+            Err((e, msg)) => {
+                // Produced again before the batch is committed (queued
+                // first, then the count lowered: see await_acks).
+                self.retry.lock().expect("retry lock").push((
+                    msg.topic().to_string(),
+                    msg.key().unwrap_or_default().to_vec(),
+                    msg.payload().unwrap_or_default().to_vec(),
+                ));
+                self.outstanding.fetch_sub(1, Ordering::AcqRel);
+                let topic = msg.topic().to_string();
+                self.log(|| format!("delivery to topic {topic} failed ({e}); retrying"));
+            }
+        }
+    }
+}
+
+/// The running loop's clients and state.
+pub struct Bridge {
+    args: BridgeArgs,
+    consumer: BaseConsumer,
+    producer: ThreadedProducer<Deliveries>,
+    admin: AdminClient<DefaultClientContext>,
+    metrics: BridgeMetrics,
+    /// Output topics known to exist (created when missing, once each).
+    topics: HashSet<String>,
+    /// Whether to create missing output topics, and with how many
+    /// partitions (split); None: they must exist.
+    create_topics: Option<i32>,
+    encoder: protobuf::Encoder,
+    payload: Vec<u8>,
+    key: Vec<u8>,
+    decode_log: Option<Instant>,
+}
+
+impl Bridge {
+    /// Creates the clients and subscribes. Bad `-X` properties are errors.
+    pub fn new(
+        args: BridgeArgs,
+        default_group: &str,
+        create_topics: Option<i32>,
+        registry: &Registry,
+    ) -> Result<Bridge> {
+        if args.batch_records == 0 {
+            bail!("--batch-records must be at least 1");
+        }
+        let metrics = BridgeMetrics::new(registry);
+        let mut cc = ClientConfig::new();
+        cc.set("bootstrap.servers", &args.kafka_brokers);
+        for (k, v) in &args.kafka_property {
+            cc.set(k, v);
+        }
+        let mut consumer_cfg = cc.clone();
+        consumer_cfg
+            .set(
+                "group.id",
+                args.group_id.as_deref().unwrap_or(default_group),
+            )
+            .set("enable.auto.commit", "false")
+            .set(
+                "auto.offset.reset",
+                match args.start_offset {
+                    StartOffset::Earliest => "earliest",
+                    StartOffset::Latest => "latest",
+                },
+            );
+        let consumer: BaseConsumer = consumer_cfg
+            .create()
+            .context("invalid Kafka consumer configuration (check -X properties)")?;
+        consumer
+            .subscribe(&[args.in_topic.as_str()])
+            .with_context(|| format!("subscribing to topic {}", args.in_topic))?;
+        let mut producer_cfg = cc.clone();
+        producer_cfg
+            .set("acks", "all")
+            .set("message.timeout.ms", "0");
+        let producer: ThreadedProducer<Deliveries> = producer_cfg
+            .create_with_context(Deliveries {
+                metrics: metrics.clone(),
+                outstanding: AtomicU64::new(0),
+                retry: Mutex::new(Vec::new()),
+                last_log: Mutex::new(None),
+            })
+            .context("invalid Kafka producer configuration (check -X properties)")?;
+        let admin: AdminClient<DefaultClientContext> = cc
+            .create()
+            .context("invalid Kafka admin configuration (check -X properties)")?;
+        Ok(Bridge {
+            args,
+            consumer,
+            producer,
+            admin,
+            metrics,
+            topics: HashSet::new(),
+            create_topics,
+            encoder: protobuf::Encoder::default(),
+            payload: Vec::with_capacity(512),
+            key: Vec::with_capacity(40),
+            decode_log: None,
+        })
+    }
+
+    /// Runs batches until `stop` is set, then finishes the batch at hand
+    /// (delivered and committed) and returns. `reload` (SIGHUP) makes the
+    /// transform re-read its files between batches.
+    pub fn run(
+        &mut self,
+        t: &mut dyn Transform,
+        stop: &AtomicBool,
+        reload: &AtomicBool,
+    ) -> Result<()> {
+        let mut records = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            if reload.swap(false, Ordering::Relaxed) {
+                match t.reload() {
+                    Ok(()) => log::info!("SIGHUP: files reloaded"),
+                    Err(e) => log::error!("SIGHUP: reload failed, keeping the old tables: {e:#}"),
+                }
+            }
+            let n = self.batch(t, stop)?;
+            records += n as u64;
+        }
+        log::info!("stopped after {records} input messages; offsets committed");
+        Ok(())
+    }
+
+    /// One batch: read, transform, produce, wait for every ack, commit.
+    /// Returns the number of input messages.
+    fn batch(&mut self, t: &mut dyn Transform, stop: &AtomicBool) -> Result<usize> {
+        let deadline = Instant::now() + self.args.batch_wait;
+        let mut n = 0;
+        while n < self.args.batch_records {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let Some(m) = self.consumer.poll(left.min(Duration::from_millis(100))) else {
+                continue;
+            };
+            let m = match m {
+                Ok(m) => m,
+                Err(e) => {
+                    log::warn!("Kafka consumer: {e}");
+                    continue;
+                }
+            };
+            n += 1;
+            self.metrics.consumed.inc();
+            let mut r = match protobuf::decode(m.payload().unwrap_or_default(), false) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.metrics.undecodable.inc();
+                    if self
+                        .decode_log
+                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+                    {
+                        self.decode_log = Some(Instant::now());
+                        log::warn!(
+                            "skipping undecodable message at {} partition {} offset {}: {e}",
+                            m.topic(),
+                            m.partition(),
+                            m.offset()
+                        );
+                    }
+                    continue;
+                }
+            };
+            let topic = match t.apply(&mut r) {
+                Route::Drop => {
+                    self.metrics.dropped.inc();
+                    continue;
+                }
+                Route::To(topic) => topic.to_string(),
+            };
+            self.ensure_topic(&topic);
+            self.payload.clear();
+            match self.args.out_format {
+                KafkaFormat::Protobuf => self.encoder.encode(&r, false, &mut self.payload),
+                KafkaFormat::Json => {
+                    serde_json::to_writer(&mut self.payload, &r).expect("FlowRecord serializes")
+                }
+            }
+            self.key.clear();
+            message_key(&r, &mut self.key);
+            self.produce(&topic, &self.key, &self.payload, stop)?;
+            self.metrics.produced.inc();
+        }
+        if n == 0 {
+            return Ok(0);
+        }
+        self.await_acks(stop)?;
+        match self.consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => self.metrics.batches.inc(),
+            // After a rebalance the partitions may be someone else's: they
+            // read the batch again (duplicates, never losses).
+            Err(e) => {
+                log::warn!("committing input offsets failed ({e}); the batch may be read again")
+            }
+        }
+        Ok(n)
+    }
+
+    /// Produces one message, waiting while librdkafka's queue is full.
+    fn produce(&self, topic: &str, key: &[u8], payload: &[u8], stop: &AtomicBool) -> Result<()> {
+        let d = self.producer.context();
+        d.outstanding.fetch_add(1, Ordering::AcqRel);
+        let mut rec = BaseRecord::to(topic).key(key).payload(payload);
+        loop {
+            match self.producer.send(rec) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    if stop.load(Ordering::Relaxed) {
+                        d.outstanding.fetch_sub(1, Ordering::AcqRel);
+                        bail!(
+                            "shutting down while the producer queue is full (is the broker \
+                             down?); this batch's input offsets stay uncommitted and it is \
+                             read again on restart"
+                        );
+                    }
+                    rec = r;
+                    // A full queue drains as the broker acknowledges.
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => {
+                    d.outstanding.fetch_sub(1, Ordering::AcqRel);
+                    self.metrics.failed.inc();
+                    log::error!("producing to topic {topic} failed: {e}");
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until every record of the batch is acknowledged (or failed
+    /// for good), producing again what failed with errors that may pass.
+    fn await_acks(&mut self, stop: &AtomicBool) -> Result<()> {
+        let d = self.producer.context().clone();
+        let mut waited = Instant::now();
+        let mut stopping: Option<Instant> = None;
+        loop {
+            let _ = self.producer.flush(Duration::from_millis(500));
+            // The delivery callback queues a retry before it lowers the
+            // count, so once the count is 0 every retry is in the list.
+            let idle = d.outstanding.load(Ordering::Acquire) == 0;
+            let retry = std::mem::take(&mut *d.retry.lock().expect("retry lock"));
+            if idle && retry.is_empty() {
+                return Ok(());
+            }
+            for (topic, key, payload) in &retry {
+                self.metrics.retried.inc();
+                self.produce(topic, key, payload, stop)?;
+            }
+            if stop.load(Ordering::Relaxed) {
+                let since = *stopping.get_or_insert_with(Instant::now);
+                if since.elapsed() >= SHUTDOWN_ACK_WAIT {
+                    bail!(
+                        "{} records unacknowledged {}s after the stop signal; this batch's \
+                         input offsets stay uncommitted and it is read again on restart",
+                        d.outstanding.load(Ordering::Acquire),
+                        SHUTDOWN_ACK_WAIT.as_secs()
+                    );
+                }
+            }
+            if waited.elapsed() >= Duration::from_secs(30) {
+                log::warn!(
+                    "{} records still unacknowledged after 30s; waiting for the broker (offsets stay uncommitted)",
+                    d.outstanding.load(Ordering::Acquire)
+                );
+                waited = Instant::now();
+            }
+        }
+    }
+
+    /// Creates `topic` if it is missing and topic creation is on; logs
+    /// (once) if it cannot. Records for it wait in the producer meanwhile.
+    fn ensure_topic(&mut self, topic: &str) {
+        if self.topics.contains(topic) {
+            return;
+        }
+        self.topics.insert(topic.to_string());
+        let Some(partitions) = self.create_topics else {
+            return;
+        };
+        let exists = self
+            .producer
+            .client()
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .ok()
+            .and_then(|md| {
+                md.topics()
+                    .iter()
+                    .find(|t| t.name() == topic)
+                    .map(|t| t.error().is_none() && !t.partitions().is_empty())
+            })
+            .unwrap_or(false);
+        if exists {
+            return;
+        }
+        let nt = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let res = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt.block_on(self.admin.create_topics([&nt], &opts)),
+            Err(e) => {
+                log::error!("cannot create topic {topic}: no runtime ({e})");
+                return;
+            }
+        };
+        match res {
+            Ok(rs) => match rs.into_iter().next() {
+                Some(Ok(_)) => log::info!("created topic {topic} ({partitions} partitions)"),
+                Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => {}
+                Some(Err((_, e))) => log::error!(
+                    "cannot create topic {topic} ({e}); create it by hand, its records wait meanwhile"
+                ),
+                None => {}
+            },
+            Err(e) => log::error!(
+                "cannot create topic {topic} ({e}); create it by hand, its records wait meanwhile"
+            ),
+        }
+    }
+}

@@ -1,0 +1,473 @@
+//! `flowexport enrich` and `flowexport split` on a real Kafka-protocol broker
+//! (Tansu with SQLite storage, in the test's namespace): customer ids and AS
+//! numbers checked per record, per-customer topics checked for exact totals,
+//! and a `kill -9` of enrich mid-stream that loses nothing.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use flowexport::codec::protobuf;
+use flowexport::record::{FlowRecord, FlowType};
+use flowexport::sink::kafka::message_key;
+use flowexport_tests::kafka::Broker;
+use flowexport_tests::*;
+
+const CUSTOMERS: &str = "\
+# test customers: prefix,cid
+10.1.0.0/16,1
+10.1.5.0/24,11   # a more specific prefix of another customer
+2001:db8:1::/48,2
+";
+
+const ASN: &str = "\
+198.51.100.0/24,AS64501,DOC-NET, Example
+2001:db8:ff::/48,64502
+";
+
+/// The customer of an address, written out by hand (not with the
+/// library's prefix table) from CUSTOMERS.
+fn customer_of(a: IpAddr) -> u32 {
+    match a {
+        IpAddr::V4(v) => {
+            let o = v.octets();
+            match (o[0], o[1], o[2]) {
+                (10, 1, 5) => 11,
+                (10, 1, _) => 1,
+                _ => 0,
+            }
+        }
+        IpAddr::V6(v) => {
+            let s = v.segments();
+            if s[..3] == [0x2001, 0xdb8, 1] {
+                2
+            } else {
+                0
+            }
+        }
+    }
+}
+
+/// Flow `i` of the input: a mix of families, directions, customers on
+/// either side and no customer at all. `sequence_num` carries `i`.
+fn flow(i: u32) -> FlowRecord {
+    let (src, dst): (IpAddr, IpAddr) = match i % 6 {
+        0 => (
+            format!("10.1.5.{}", i % 250 + 1).parse().unwrap(),
+            "198.51.100.7".parse().unwrap(),
+        ),
+        1 => (
+            format!("10.1.9.{}", i % 250 + 1).parse().unwrap(),
+            "198.51.100.8".parse().unwrap(),
+        ),
+        2 => (
+            "198.51.100.9".parse().unwrap(),
+            format!("10.1.5.{}", i % 250 + 1).parse().unwrap(),
+        ),
+        3 => (
+            format!("2001:db8:1::{:x}", i).parse().unwrap(),
+            "2001:db8:ff::1".parse().unwrap(),
+        ),
+        4 => ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap()),
+        _ => (
+            format!("10.1.9.{}", i % 250 + 1).parse().unwrap(),
+            format!("10.1.5.{}", i % 250 + 1).parse().unwrap(),
+        ),
+    };
+    FlowRecord {
+        flow_type: FlowType::Ipfix,
+        sequence_num: i,
+        time_received_ns: 1_763_800_000_000_000_000 + i as u64,
+        src_addr: src,
+        dst_addr: dst,
+        etype: if src.is_ipv4() { 0x0800 } else { 0x86dd },
+        proto: 17,
+        src_port: 1000 + (i % 100) as u16,
+        dst_port: 53,
+        flow_direction: (i / 6 % 2) as u8,
+        packets: 1 + (i % 7) as u64,
+        bytes: 100 + (i % 13) as u64 * 10,
+        src_as: 7,
+        dst_as: 8,
+        ..FlowRecord::default()
+    }
+}
+
+/// The cid rule (README): the local side (destination of ingress, source of
+/// egress), else the other side.
+fn expected_cid(r: &FlowRecord) -> u32 {
+    let (s, d) = (customer_of(r.src_addr), customer_of(r.dst_addr));
+    let (local, remote) = if r.flow_direction == 1 {
+        (s, d)
+    } else {
+        (d, s)
+    };
+    if local != 0 {
+        local
+    } else {
+        remote
+    }
+}
+
+fn messages(flows: &[FlowRecord]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    flows
+        .iter()
+        .map(|r| {
+            let (mut k, mut v) = (Vec::new(), Vec::new());
+            message_key(r, &mut k);
+            protobuf::encode(r, false, &mut v);
+            (k, v)
+        })
+        .collect()
+}
+
+struct Files {
+    dir: PathBuf,
+}
+
+impl Files {
+    fn new() -> Files {
+        let dir = std::env::temp_dir().join(unique("fe-enrich-"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("customers.csv"), CUSTOMERS).unwrap();
+        std::fs::write(dir.join("asn.csv"), ASN).unwrap();
+        Files { dir }
+    }
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+}
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn decode_all(b: &Broker, topic: &str) -> Vec<FlowRecord> {
+    b.consume_all(topic)
+        .unwrap()
+        .iter()
+        .map(|m| protobuf::decode(&m.payload, false).expect("valid FlowMessage"))
+        .collect()
+}
+
+fn wait_count(b: &Broker, topic: &str, n: u64, who: &Agent) {
+    let mut got = 0;
+    let ok = wait_until(Duration::from_secs(90), || {
+        got = b.count(topic);
+        got >= n
+    });
+    assert!(ok, "{topic}: {got} of {n} messages; log:\n{}", who.stderr());
+}
+
+#[test]
+fn enrich_then_split_per_customer_exact() {
+    let ns = Netns::new().unwrap();
+    let broker = Broker::start(&ns).unwrap();
+    let files = Files::new();
+    broker.create_topic("input", 2).unwrap();
+    broker.create_topic("enriched", 1).unwrap();
+    let flows: Vec<FlowRecord> = (0..600).map(flow).collect();
+    let mut msgs = messages(&flows);
+    // Three messages that are not FlowMessages: counted and skipped.
+    for junk in [&b"\xff\xff\xff"[..], b"\x0a\x05ab", b"\x08"] {
+        msgs.push((b"junk".to_vec(), junk.to_vec()));
+    }
+    broker.produce("input", msgs).unwrap();
+
+    let brokers = broker.addr();
+    let (customers, asn) = (files.path("customers.csv"), files.path("asn.csv"));
+    let enrich = Agent::start_command(
+        &ns,
+        "enrich",
+        &[
+            "--kafka-brokers",
+            &brokers,
+            "--in-topic",
+            "input",
+            "--out-topic",
+            "enriched",
+            "--customers",
+            &customers,
+            "--asn-csv",
+            &asn,
+        ],
+        "reading topic",
+    )
+    .unwrap();
+    wait_count(&broker, "enriched", 600, &enrich);
+    let m = enrich.metrics(9592).unwrap();
+    assert_eq!(
+        metric(&m, "flowexport_bridge_consumed_total"),
+        Some(603.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "flowexport_bridge_undecodable_total"),
+        Some(3.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "flowexport_bridge_delivered_total"),
+        Some(600.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "flowexport_enrich_customer_prefixes"),
+        Some(3.0),
+        "{m}"
+    );
+
+    let out = decode_all(&broker, "enriched");
+    assert_eq!(out.len(), 600);
+    let mut by_seq: BTreeMap<u32, FlowRecord> = BTreeMap::new();
+    for r in out {
+        assert!(by_seq.insert(r.sequence_num, r).is_none(), "duplicate");
+    }
+    for want in &flows {
+        let got = &by_seq[&want.sequence_num];
+        let (sc, dc) = (customer_of(want.src_addr), customer_of(want.dst_addr));
+        assert_eq!(
+            (got.src_cid, got.dst_cid, got.cid),
+            (sc, dc, expected_cid(want)),
+            "flow {}: {} -> {} dir {}",
+            want.sequence_num,
+            want.src_addr,
+            want.dst_addr,
+            want.flow_direction
+        );
+        // AS numbers from the table where it has the address, else the
+        // exporter's.
+        let dst_as = match want.dst_addr.to_string().as_str() {
+            a if a.starts_with("198.51.100.") => (64501, "DOC-NET, Example"),
+            a if a.starts_with("2001:db8:ff:") => (64502, ""),
+            _ => (8, ""),
+        };
+        assert_eq!((got.dst_as, got.dst_as_name.as_str()), dst_as);
+        let src_as = if want.src_addr.to_string() == "198.51.100.9" {
+            (64501, "DOC-NET, Example")
+        } else {
+            (7, "")
+        };
+        assert_eq!((got.src_as, got.src_as_name.as_str()), src_as);
+        // Everything else passes through unchanged.
+        let mut same = got.clone();
+        (same.src_cid, same.dst_cid, same.cid) = (0, 0, 0);
+        (same.src_as, same.dst_as) = (7, 8);
+        (same.src_as_name, same.dst_as_name) = (String::new(), String::new());
+        assert_eq!(&same, want);
+    }
+
+    // SIGHUP: a bad file is refused (old tables stay), a good one is used
+    // for what comes next; nothing is lost either way.
+    std::fs::write(&customers, "10.1.0.0/16,1\n10.1.5.0/24,x\n").unwrap();
+    enrich.signal(libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(20), || enrich
+            .stderr()
+            .contains("reload failed, keeping the old tables")),
+        "{}",
+        enrich.stderr()
+    );
+    broker.produce("input", messages(&[flow(600)])).unwrap();
+    wait_count(&broker, "enriched", 601, &enrich);
+    std::fs::write(&customers, "10.1.0.0/16,1\n10.1.5.0/24,12\n").unwrap();
+    enrich.signal(libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(20), || enrich
+            .stderr()
+            .contains("SIGHUP: files reloaded")),
+        "{}",
+        enrich.stderr()
+    );
+    broker.produce("input", messages(&[flow(606)])).unwrap();
+    wait_count(&broker, "enriched", 602, &enrich);
+    let late: Vec<(u32, u32)> = decode_all(&broker, "enriched")
+        .iter()
+        .filter(|r| r.sequence_num >= 600)
+        .map(|r| (r.sequence_num, r.src_cid))
+        .collect();
+    // flow(600) and flow(606) both come from 10.1.5.x: 11 with the old
+    // table, 12 with the new.
+    assert_eq!(late, vec![(600, 11), (606, 12)]);
+    let m = enrich.metrics(9592).unwrap();
+    assert_eq!(
+        metric(&m, "flowexport_enrich_reloads_total"),
+        Some(1.0),
+        "{m}"
+    );
+
+    // split: one topic per customer (created by split), no-customer flows
+    // dropped.
+    let split = Agent::start_command(
+        &ns,
+        "split",
+        &[
+            "--kafka-brokers",
+            &brokers,
+            "--in-topic",
+            "enriched",
+            "--topic-prefix",
+            "cust-",
+        ],
+        "reading topic",
+    )
+    .unwrap();
+    let mut want: BTreeMap<u32, (u64, u64, u64)> = BTreeMap::new();
+    let split_input = flows
+        .iter()
+        .map(|f| (f.clone(), expected_cid(f)))
+        .chain([(flow(600), 11), (flow(606), 12)]);
+    for (f, c) in split_input {
+        if c != 0 {
+            let e = want.entry(c).or_default();
+            *e = (e.0 + 1, e.1 + f.packets, e.2 + f.bytes);
+        }
+    }
+    assert_eq!(want.keys().copied().collect::<Vec<_>>(), vec![1, 2, 11, 12]);
+    let unmatched = 602 - want.values().map(|v| v.0).sum::<u64>();
+    assert_eq!(unmatched, 100);
+    for (cid, (n, _, _)) in &want {
+        wait_count(&broker, &format!("cust-{cid}"), *n, &split);
+    }
+    let m = split.metrics(9593).unwrap();
+    assert_eq!(
+        metric(&m, "flowexport_bridge_dropped_total"),
+        Some(unmatched as f64),
+        "{m}"
+    );
+    for (cid, (n, packets, bytes)) in &want {
+        let recs = decode_all(&broker, &format!("cust-{cid}"));
+        assert!(recs.iter().all(|r| r.cid == *cid));
+        let got = (
+            recs.len() as u64,
+            recs.iter().map(|r| r.packets).sum::<u64>(),
+            recs.iter().map(|r| r.bytes).sum::<u64>(),
+        );
+        assert_eq!(got, (*n, *packets, *bytes), "customer {cid}");
+    }
+    for a in [enrich, split] {
+        let o = a.stop().unwrap();
+        assert!(o.status.success(), "{}", o.stderr);
+    }
+}
+
+#[test]
+fn enrich_killed_mid_stream_loses_nothing() {
+    const N: u32 = 20_000;
+    const BATCH: u64 = 500;
+    let ns = Netns::new().unwrap();
+    let broker = Broker::start(&ns).unwrap();
+    let files = Files::new();
+    broker.create_topic("input", 2).unwrap();
+    broker.create_topic("enriched", 2).unwrap();
+    let flows: Vec<FlowRecord> = (0..N).map(flow).collect();
+    broker.produce("input", messages(&flows)).unwrap();
+    let brokers = broker.addr();
+    let customers = files.path("customers.csv");
+    let batch = BATCH.to_string();
+    let args = [
+        "--kafka-brokers",
+        &brokers,
+        "--in-topic",
+        "input",
+        "--out-topic",
+        "enriched",
+        "--customers",
+        &customers,
+        "--batch-records",
+        &batch,
+        // A dead member leaves the group within seconds, not 45.
+        "-X",
+        "session.timeout.ms=6000",
+        "-X",
+        "heartbeat.interval.ms=1000",
+    ];
+    let mut first = Agent::start_command(&ns, "enrich", &args, "reading topic").unwrap();
+    wait_count(&broker, "enriched", 3_000, &first);
+    first.kill9();
+    let at_kill = broker.count("enriched");
+    assert!(
+        at_kill < N as u64,
+        "enrich finished before the kill ({at_kill})"
+    );
+    let second = Agent::start_command(&ns, "enrich", &args, "reading topic").unwrap();
+    wait_count(&broker, "enriched", N as u64, &second);
+    // Let anything still in flight land, then read everything.
+    std::thread::sleep(Duration::from_secs(2));
+    let out = decode_all(&broker, "enriched");
+    let mut seen = vec![0u32; N as usize];
+    for r in &out {
+        seen[r.sequence_num as usize] += 1;
+        assert_eq!(r.cid, expected_cid(&flows[r.sequence_num as usize]));
+    }
+    let lost: Vec<usize> = (0..N as usize).filter(|i| seen[*i] == 0).collect();
+    assert!(
+        lost.is_empty(),
+        "{} records lost, first {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    let dups = out.len() as u64 - N as u64;
+    // Only the batch that was produced but not committed is read again.
+    assert!(dups <= BATCH, "{dups} duplicates > one batch of {BATCH}");
+    eprintln!("kill -9 after {at_kill} of {N} records: 0 lost, {dups} duplicates");
+    let o = second.stop().unwrap();
+    assert!(o.status.success(), "{}", o.stderr);
+}
+
+#[test]
+fn enrich_refuses_bad_files_naming_file_and_line() {
+    let ns = Netns::new().unwrap();
+    let files = Files::new();
+    let bad = files.path("bad.csv");
+    std::fs::write(&bad, "10.0.0.0/8,1\n\n10.0.0.1/8,2\n").unwrap();
+    let a = Agent::spawn_command(
+        &ns,
+        "enrich",
+        &[
+            "--kafka-brokers",
+            "127.0.0.1:9",
+            "--in-topic",
+            "in",
+            "--out-topic",
+            "out",
+            "--customers",
+            &bad,
+        ],
+    )
+    .unwrap();
+    let o = a.wait_exit(Duration::from_secs(20)).unwrap();
+    assert!(!o.status.success());
+    assert!(
+        o.stderr.contains(&format!(
+            "{bad} line 3: 10.0.0.1/8 has host bits set; write 10.0.0.0/8"
+        )),
+        "{}",
+        o.stderr
+    );
+    let a = Agent::spawn_command(
+        &ns,
+        "enrich",
+        &[
+            "--kafka-brokers",
+            "127.0.0.1:9",
+            "--in-topic",
+            "in",
+            "--out-topic",
+            "out",
+            "--customers",
+            &files.path("missing.csv"),
+        ],
+    )
+    .unwrap();
+    let o = a.wait_exit(Duration::from_secs(20)).unwrap();
+    assert!(!o.status.success());
+    assert!(
+        o.stderr.contains("missing.csv: cannot read: "),
+        "{}",
+        o.stderr
+    );
+}
