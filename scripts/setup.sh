@@ -26,9 +26,10 @@ fi
 PKGS=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 util-linux
       build-essential pkg-config ca-certificates protobuf-compiler)
 # Tests only: real third-party NetFlow/IPFIX decoders (nfcapd/nfdump, tshark)
-# and exporters (softflowd, fprobe, pmacct's pmacctd/nfacctd).
+# and exporters (softflowd, fprobe, pmacct's pmacctd/nfacctd); Prometheus,
+# which the pipeline test runs with the shipped scrape config.
 if $for_tests; then
-    PKGS+=(nfdump tshark softflowd fprobe pmacct)
+    PKGS+=(nfdump tshark softflowd fprobe pmacct prometheus)
 fi
 missing=()
 for p in "${PKGS[@]}"; do

@@ -11,6 +11,7 @@ pub mod codec;
 pub mod collect;
 pub mod config;
 pub mod consumers;
+pub mod dashboard;
 pub mod enrich;
 pub mod metrics;
 pub mod record;

@@ -26,6 +26,10 @@ enum Command {
     /// Read enriched flows from Kafka and write each to a per-customer
     /// topic `<prefix><cid>`; at least once.
     Split(flowexport::consumers::SplitArgs),
+    /// Read flows from Kafka and serve them as Prometheus counters (by
+    /// customer, direction, protocol, application, exporter); also a
+    /// drop-in for flow-exporter (--broker, --topic, --asn).
+    Dashboard(flowexport::dashboard::DashboardArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +42,7 @@ fn main() -> ExitCode {
         Command::Collect(args) => flowexport::collect::run(args),
         Command::Enrich(args) => flowexport::consumers::run_enrich(args),
         Command::Split(args) => flowexport::consumers::run_split(args),
+        Command::Dashboard(args) => flowexport::dashboard::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -21,6 +21,7 @@ use serde_json::Value;
 
 pub mod frames;
 pub mod kafka;
+pub mod prometheus;
 pub mod tools;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);

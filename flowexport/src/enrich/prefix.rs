@@ -229,6 +229,11 @@ impl<T> PrefixTable<T> {
         self.values.get(i as usize)
     }
 
+    /// Every value, in file order.
+    pub fn values(&self) -> impl Iterator<Item = &T> {
+        self.values.iter()
+    }
+
     /// Number of prefixes the table was built from.
     pub fn len(&self) -> usize {
         self.len
