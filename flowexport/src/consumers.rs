@@ -27,10 +27,11 @@ pub struct EnrichArgs {
     /// comments); the longest prefix wins. Re-read on SIGHUP.
     #[arg(long, value_name = "FILE")]
     pub customers: PathBuf,
-    /// ASN table as CSV, `prefix,asn[,name]` per line: fills src_as/dst_as
-    /// and the AS names. Re-read on SIGHUP.
-    #[arg(long, value_name = "FILE")]
-    pub asn_csv: Option<PathBuf>,
+    /// ASN database: a MaxMind-format ASN database (.mmdb, e.g.
+    /// GeoLite2-ASN) or a CSV of `prefix,asn[,name]` lines (recognised by
+    /// content); fills src_as/dst_as and the AS names. Re-read on SIGHUP.
+    #[arg(long, alias = "asn-csv", value_name = "FILE")]
+    pub asn_db: Option<PathBuf>,
     /// Drop flows with no customer on either side (counted).
     #[arg(long)]
     pub drop_unmatched: bool,
@@ -114,7 +115,7 @@ impl Transform for Split {
 pub fn run_enrich(args: EnrichArgs) -> Result<()> {
     let sources = Sources {
         customers: args.customers.clone(),
-        asn_csv: args.asn_csv.clone(),
+        asn_db: args.asn_db.clone(),
     };
     // Bad files stop us here, before any client exists.
     let enricher = Enricher::load(&sources).context("cannot start enrich")?;

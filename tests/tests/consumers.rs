@@ -215,6 +215,11 @@ fn enrich_then_split_per_customer_exact() {
         "{m}"
     );
     assert_eq!(
+        metric(&m, "flowexport_bridge_batches_committed_total").map(|b| b >= 1.0),
+        Some(true),
+        "{m}"
+    );
+    assert_eq!(
         metric(&m, "flowexport_enrich_customer_prefixes"),
         Some(3.0),
         "{m}"
@@ -354,29 +359,43 @@ fn enrich_then_split_per_customer_exact() {
     }
 }
 
-#[test]
-fn enrich_killed_mid_stream_loses_nothing() {
+/// Runs `command` over N records, kills it with SIGKILL once 3000 outputs
+/// landed, restarts it, and checks that every input record reached one of
+/// `outputs` (none lost) with at most one batch of duplicates.
+fn killed_mid_stream_loses_nothing(
+    command: &str,
+    in_topic: &str,
+    outputs: &[&str],
+    extra: &[&str],
+) {
     const N: u32 = 20_000;
     const BATCH: u64 = 500;
     let ns = Netns::new().unwrap();
     let broker = Broker::start(&ns).unwrap();
     let files = Files::new();
-    broker.create_topic("input", 2).unwrap();
-    broker.create_topic("enriched", 2).unwrap();
-    let flows: Vec<FlowRecord> = (0..N).map(flow).collect();
-    broker.produce("input", messages(&flows)).unwrap();
+    broker.create_topic(in_topic, 2).unwrap();
+    if command == "enrich" {
+        broker.create_topic(outputs[0], 2).unwrap();
+    }
+    // Input records as enrich would have written them (split routes by cid).
+    let flows: Vec<FlowRecord> = (0..N)
+        .map(|i| {
+            let mut f = flow(i);
+            if command == "split" {
+                f.cid = expected_cid(&f);
+            }
+            f
+        })
+        .collect();
+    broker.produce(in_topic, messages(&flows)).unwrap();
     let brokers = broker.addr();
     let customers = files.path("customers.csv");
     let batch = BATCH.to_string();
-    let args = [
+    let mut args = vec![
         "--kafka-brokers",
         &brokers,
         "--in-topic",
-        "input",
-        "--out-topic",
-        "enriched",
-        "--customers",
-        &customers,
+        in_topic,
         "--batch-records",
         &batch,
         // A dead member leaves the group within seconds, not 45.
@@ -385,19 +404,36 @@ fn enrich_killed_mid_stream_loses_nothing() {
         "-X",
         "heartbeat.interval.ms=1000",
     ];
-    let mut first = Agent::start_command(&ns, "enrich", &args, "reading topic").unwrap();
-    wait_count(&broker, "enriched", 3_000, &first);
+    if command == "enrich" {
+        args.extend(["--customers", customers.as_str()]);
+    }
+    args.extend_from_slice(extra);
+    let total = |b: &Broker| outputs.iter().map(|t| b.count(t)).sum::<u64>();
+    let mut first = Agent::start_command(&ns, command, &args, "reading topic").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(90), || total(&broker) >= 3_000),
+        "{}",
+        first.stderr()
+    );
     first.kill9();
-    let at_kill = broker.count("enriched");
+    let at_kill = total(&broker);
     assert!(
         at_kill < N as u64,
-        "enrich finished before the kill ({at_kill})"
+        "{command} finished before the kill ({at_kill})"
     );
-    let second = Agent::start_command(&ns, "enrich", &args, "reading topic").unwrap();
-    wait_count(&broker, "enriched", N as u64, &second);
+    let second = Agent::start_command(&ns, command, &args, "reading topic").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(90), || total(&broker) >= N as u64),
+        "{} of {N}: {}",
+        total(&broker),
+        second.stderr()
+    );
     // Let anything still in flight land, then read everything.
     std::thread::sleep(Duration::from_secs(2));
-    let out = decode_all(&broker, "enriched");
+    let out: Vec<FlowRecord> = outputs
+        .iter()
+        .flat_map(|t| decode_all(&broker, t))
+        .collect();
     let mut seen = vec![0u32; N as usize];
     for r in &out {
         seen[r.sequence_num as usize] += 1;
@@ -413,9 +449,31 @@ fn enrich_killed_mid_stream_loses_nothing() {
     let dups = out.len() as u64 - N as u64;
     // Only the batch that was produced but not committed is read again.
     assert!(dups <= BATCH, "{dups} duplicates > one batch of {BATCH}");
-    eprintln!("kill -9 after {at_kill} of {N} records: 0 lost, {dups} duplicates");
+    eprintln!("{command}: kill -9 after {at_kill} of {N} records: 0 lost, {dups} duplicates");
     let o = second.stop().unwrap();
     assert!(o.status.success(), "{}", o.stderr);
+}
+
+#[test]
+fn enrich_killed_mid_stream_loses_nothing() {
+    killed_mid_stream_loses_nothing(
+        "enrich",
+        "input",
+        &["enriched"],
+        &["--out-topic", "enriched"],
+    );
+}
+
+#[test]
+fn split_killed_mid_stream_loses_nothing() {
+    // Every record has a destination: per-customer topics (created by
+    // split) and one for flows without a customer.
+    killed_mid_stream_loses_nothing(
+        "split",
+        "enriched",
+        &["cust-1", "cust-2", "cust-11", "cust-none"],
+        &["--topic-prefix", "cust-", "--unmatched-topic", "cust-none"],
+    );
 }
 
 #[test]

@@ -23,7 +23,7 @@ enum Cmd {
     },
     /// Benchmarks; see BENCHMARKS.md.
     Bench {
-        /// What to benchmark: xdp, kafka, collect.
+        /// What to benchmark: xdp, kafka, collect, consumers.
         what: String,
         /// Extra arguments for the benchmark binary.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -111,6 +111,30 @@ fn main() -> Result<()> {
                         "xdp",
                     ])
                     .args(&args)),
+                "consumers" => {
+                    run(Command::new("cargo").current_dir(root()).args([
+                        "build",
+                        "--release",
+                        "--quiet",
+                        "-p",
+                        "flowexport",
+                        "--bin",
+                        "flowexport",
+                    ]))?;
+                    run(Command::new("cargo")
+                        .current_dir(root())
+                        .args([
+                            "run",
+                            "--release",
+                            "--quiet",
+                            "-p",
+                            "flowexport",
+                            "--bin",
+                            "flowexport-bench-consumers",
+                            "--",
+                        ])
+                        .args(&args))
+                }
                 "collect" => {
                     run(Command::new("cargo").current_dir(root()).args([
                         "build",
@@ -135,7 +159,9 @@ fn main() -> Result<()> {
                         ])
                         .args(&args))
                 }
-                other => bail!("unknown benchmark {other:?}: available: xdp, kafka, collect"),
+                other => {
+                    bail!("unknown benchmark {other:?}: available: xdp, kafka, collect, consumers")
+                }
             }
         }
     }

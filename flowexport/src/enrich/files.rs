@@ -17,6 +17,8 @@ pub enum FileError {
         path: String,
         source: std::io::Error,
     },
+    #[error("{path}: {reason}")]
+    Format { path: String, reason: String },
     #[error("{path} line {line}: {reason}")]
     Line {
         path: String,

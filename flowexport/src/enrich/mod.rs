@@ -4,6 +4,8 @@
 //! [`files`] and swapped whole on reload.
 
 pub mod files;
+#[cfg(test)]
+pub(crate) mod mmdb_fixture;
 pub mod prefix;
 
 use std::path::{Path, PathBuf};
@@ -12,22 +14,109 @@ use crate::record::FlowRecord;
 use files::{AsInfo, FileError};
 use prefix::PrefixTable;
 
+/// Where AS numbers and names come from.
+pub enum AsnDb {
+    /// `prefix,asn[,name]` lines.
+    Csv(PrefixTable<AsInfo>),
+    /// A MaxMind-format ASN database (GeoLite2-ASN and compatible):
+    /// `autonomous_system_number` and `autonomous_system_organization`.
+    Mmdb(maxminddb::Reader<Vec<u8>>),
+}
+
+impl std::fmt::Debug for AsnDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AsnDb::Csv(t) => write!(f, "AsnDb::Csv({} prefixes)", t.len()),
+            AsnDb::Mmdb(r) => write!(f, "AsnDb::Mmdb({})", r.metadata.database_type),
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct MmdbAsn<'a> {
+    autonomous_system_number: Option<u32>,
+    autonomous_system_organization: Option<&'a str>,
+}
+
+/// The marker that starts a MaxMind DB's metadata section.
+const MMDB_MARKER: &[u8] = b"\xab\xcd\xefMaxMind.com";
+
+impl AsnDb {
+    /// A MaxMind DB when the bytes carry its metadata marker, else the CSV
+    /// format. Errors name the file (and line, for CSV).
+    pub fn parse(path: &Path, bytes: Vec<u8>) -> Result<AsnDb, FileError> {
+        if bytes.windows(MMDB_MARKER.len()).any(|w| w == MMDB_MARKER) {
+            let bad = |reason: String| FileError::Format {
+                path: path.display().to_string(),
+                reason: format!("not a valid MaxMind DB: {reason}"),
+            };
+            // maxminddb 0.26 can panic (slice out of range) on a damaged
+            // metadata section instead of returning an error: contain it.
+            let r = std::panic::catch_unwind(move || maxminddb::Reader::from_source(bytes))
+                .map_err(|_| bad("the reader failed on its metadata".into()))?
+                .map_err(|e| bad(e.to_string()))?;
+            return Ok(AsnDb::Mmdb(r));
+        }
+        let text = String::from_utf8(bytes).map_err(|_| FileError::Format {
+            path: path.display().to_string(),
+            reason: "neither a MaxMind DB nor UTF-8 text (`prefix,asn[,name]` lines)".into(),
+        })?;
+        Ok(AsnDb::Csv(files::parse_asn_csv(path, &text)?))
+    }
+
+    /// AS number and name of the network holding `a`.
+    pub fn get(&self, a: std::net::IpAddr) -> Option<(u32, &str)> {
+        match self {
+            AsnDb::Csv(t) => t.get(a).map(|i| (i.asn, &*i.name)),
+            AsnDb::Mmdb(r) => {
+                // A lookup error (a corrupt record) counts as no match; a
+                // panic in the reader on damaged data is contained the same
+                // way.
+                let m: MmdbAsn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    r.lookup::<MmdbAsn>(a).ok().flatten()
+                }))
+                .ok()??;
+                Some((
+                    m.autonomous_system_number?,
+                    m.autonomous_system_organization.unwrap_or(""),
+                ))
+            }
+        }
+    }
+
+    /// Prefixes (CSV) or networks (MaxMind DB nodes) in the database.
+    pub fn size(&self) -> usize {
+        match self {
+            AsnDb::Csv(t) => t.len(),
+            AsnDb::Mmdb(r) => r.metadata.node_count as usize,
+        }
+    }
+}
+
 /// The tables one enrichment pass uses.
 #[derive(Debug, Default)]
 pub struct Enricher {
     customers: PrefixTable<u32>,
-    asn: Option<PrefixTable<AsInfo>>,
+    asn: Option<AsnDb>,
 }
 
 /// Where the tables come from, so they can be read again on SIGHUP.
 #[derive(Clone, Debug)]
 pub struct Sources {
     pub customers: PathBuf,
-    pub asn_csv: Option<PathBuf>,
+    /// ASN database: a MaxMind DB or `prefix,asn[,name]` CSV.
+    pub asn_db: Option<PathBuf>,
 }
 
 impl Enricher {
     pub fn new(customers: PrefixTable<u32>, asn: Option<PrefixTable<AsInfo>>) -> Enricher {
+        Enricher {
+            customers,
+            asn: asn.map(AsnDb::Csv),
+        }
+    }
+
+    pub fn with_asn_db(customers: PrefixTable<u32>, asn: Option<AsnDb>) -> Enricher {
         Enricher { customers, asn }
     }
 
@@ -35,9 +124,15 @@ impl Enricher {
     pub fn load(s: &Sources) -> Result<Enricher, FileError> {
         let customers = files::load(&s.customers, files::parse_customers)?;
         let asn = s
-            .asn_csv
+            .asn_db
             .as_deref()
-            .map(|p: &Path| files::load(p, files::parse_asn_csv))
+            .map(|p: &Path| {
+                let bytes = std::fs::read(p).map_err(|source| FileError::Read {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+                AsnDb::parse(p, bytes)
+            })
             .transpose()?;
         Ok(Enricher { customers, asn })
     }
@@ -47,7 +142,7 @@ impl Enricher {
     }
 
     pub fn asn_prefixes(&self) -> usize {
-        self.asn.as_ref().map_or(0, |t| t.len())
+        self.asn.as_ref().map_or(0, AsnDb::size)
     }
 
     /// Sets `src_cid`, `dst_cid` and `cid`, and (with an ASN table) the AS
@@ -70,13 +165,13 @@ impl Enricher {
         };
         r.cid = if local != 0 { local } else { remote };
         if let Some(t) = &self.asn {
-            if let Some(a) = t.get(r.src_addr) {
-                r.src_as = a.asn;
-                set_name(&mut r.src_as_name, &a.name);
+            if let Some((asn, name)) = t.get(r.src_addr) {
+                r.src_as = asn;
+                set_name(&mut r.src_as_name, name);
             }
-            if let Some(a) = t.get(r.dst_addr) {
-                r.dst_as = a.asn;
-                set_name(&mut r.dst_as_name, &a.name);
+            if let Some((asn, name)) = t.get(r.dst_addr) {
+                r.dst_as = asn;
+                set_name(&mut r.dst_as_name, name);
             }
         }
         r.cid != 0
@@ -136,6 +231,51 @@ mod tests {
         let mut r = flow("192.0.2.1", "192.0.2.2", 0);
         assert!(!e.apply(&mut r));
         assert_eq!((r.src_cid, r.dst_cid, r.cid), (0, 0, 0));
+    }
+
+    #[test]
+    fn maxmind_asn_database_read_by_the_maxminddb_crate() {
+        let db = mmdb_fixture::asn_mmdb(&[
+            ("10.0.0.0/8", 64500, "EXAMPLE-NET"),
+            ("10.1.0.0/16", 64510, "MORE-SPECIFIC"),
+            ("198.51.100.0/24", 64501, "DOC-NET, Example Org"),
+            ("2001:db8::/32", 64502, "V6-NET"),
+        ]);
+        let asn = AsnDb::parse(Path::new("asn.mmdb"), db).unwrap();
+        assert!(matches!(asn, AsnDb::Mmdb(_)));
+        let g = |a: &str| asn.get(a.parse().unwrap());
+        assert_eq!(g("10.9.9.9"), Some((64500, "EXAMPLE-NET")));
+        assert_eq!(g("10.1.2.3"), Some((64510, "MORE-SPECIFIC")));
+        assert_eq!(g("198.51.100.77"), Some((64501, "DOC-NET, Example Org")));
+        assert_eq!(g("2001:db8:1::1"), Some((64502, "V6-NET")));
+        assert_eq!(g("192.0.2.1"), None);
+        assert_eq!(g("2001:db9::1"), None);
+        let e = Enricher::with_asn_db(PrefixTable::default(), Some(asn));
+        let mut r = flow("10.1.0.1", "198.51.100.1", 0);
+        e.apply(&mut r);
+        assert_eq!(
+            (
+                r.src_as,
+                r.src_as_name.as_str(),
+                r.dst_as,
+                r.dst_as_name.as_str()
+            ),
+            (64510, "MORE-SPECIFIC", 64501, "DOC-NET, Example Org")
+        );
+        // Damaged: the marker without a valid database behind it.
+        let e = AsnDb::parse(
+            Path::new("bad.mmdb"),
+            b"xx\xab\xcd\xefMaxMind.comxx".to_vec(),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("bad.mmdb: not a valid MaxMind DB"),
+            "{e}"
+        );
+        // And CSV text goes to the CSV parser.
+        let csv = AsnDb::parse(Path::new("a.csv"), b"10.0.0.0/8,64500\n".to_vec()).unwrap();
+        assert_eq!(csv.get("10.0.0.1".parse().unwrap()), Some((64500, "")));
     }
 
     #[test]

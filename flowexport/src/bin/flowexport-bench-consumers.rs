@@ -1,0 +1,420 @@
+//! `cargo xtask bench consumers`: enrich and dashboard, measured side by
+//! side in one run.
+//!
+//! 1. In process, one core: enrich's per-record work (protobuf decode,
+//!    customer and ASN lookups in 100k-prefix tables, protobuf encode) and
+//!    the dashboard's (decode, counters), ns/record.
+//! 2. End to end on a local Tansu broker: N records on a topic, read by a
+//!    bare rdkafka consumer (assigned from the beginning, counting
+//!    messages), by `flowexport enrich` (reading, enriching and producing
+//!    every record to another topic, offsets committed after the acks) and
+//!    by `flowexport dashboard` (reading and counting), each timed from
+//!    start until its last record, and charged its CPU time (utime + stime)
+//!    for records per CPU-second.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use flowexport::codec::protobuf;
+use flowexport::dashboard::{self, Dashboard, InputFormat};
+use flowexport::enrich::{files, Enricher};
+use flowexport::record::{FlowRecord, FlowType, ETYPE_IPV4};
+use flowexport::sink::kafka::message_key;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+
+#[path = "bench-support/tansu.rs"]
+mod tansu;
+use tansu::Tansu;
+
+const PREFIXES: usize = 100_000;
+const IN_PROCESS_RECORDS: usize = 200_000;
+const IN_PROCESS_ROUNDS: usize = 5;
+const E2E_RECORDS: usize = 100_000;
+
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// 100k distinct prefixes in 10.0.0.0/8 (lengths 16..=28, so they nest)
+/// plus 10% IPv6, as a customer list; an ASN table of the /16s.
+fn tables() -> (String, String) {
+    let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+    let mut seen = std::collections::HashSet::new();
+    let mut customers = String::new();
+    while seen.len() < PREFIXES {
+        let line = if seen.len() % 10 == 9 {
+            let len = 32 + (rng.next() % 33) as u32;
+            let a = (0x2001_0db8u128 << 96) | ((rng.next() as u128) << 32);
+            let mask = u128::MAX << (128 - len);
+            format!("{}/{len}", std::net::Ipv6Addr::from(a & mask))
+        } else {
+            let len = 16 + (rng.next() % 13) as u32;
+            let a = 0x0a00_0000u32 | (rng.next() as u32 & 0x00ff_ffff);
+            let mask = u32::MAX << (32 - len);
+            format!("{}/{len}", std::net::Ipv4Addr::from(a & mask))
+        };
+        if seen.insert(line.clone()) {
+            let _ = writeln!(customers, "{line},{}", seen.len() % 5000 + 1);
+        }
+    }
+    let mut asn = String::new();
+    for i in 0..256u32 {
+        let _ = writeln!(asn, "10.{i}.0.0/16,{},NET-{i}", 64512 + i);
+    }
+    (customers, asn)
+}
+
+fn records(n: usize) -> Vec<FlowRecord> {
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+    (0..n)
+        .map(|i| FlowRecord {
+            flow_type: FlowType::Ipfix,
+            time_received_ns: 1_763_800_000_000_000_000 + i as u64,
+            sampler_address: Some("192.0.2.1".parse().unwrap()),
+            time_flow_start_ns: 1_763_799_990_000_000_000,
+            time_flow_end_ns: 1_763_799_999_000_000_000,
+            bytes: 1_000 + rng.next() % 1_000_000,
+            packets: 1 + rng.next() % 1000,
+            src_addr: std::net::Ipv4Addr::from(0x0a00_0000 | (rng.next() as u32 & 0xff_ffff))
+                .into(),
+            dst_addr: std::net::Ipv4Addr::from(0x0a00_0000 | (rng.next() as u32 & 0xff_ffff))
+                .into(),
+            etype: ETYPE_IPV4,
+            proto: if i % 4 == 0 { 6 } else { 17 },
+            src_port: (1024 + i % 60000) as u16,
+            dst_port: [53, 80, 443, 123][i % 4],
+            flow_direction: (i % 2) as u8,
+            sampling_rate: 1,
+            ..FlowRecord::default()
+        })
+        .collect()
+}
+
+fn encode_all(recs: &[FlowRecord]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    recs.iter()
+        .map(|r| {
+            let (mut k, mut v) = (Vec::new(), Vec::new());
+            message_key(r, &mut k);
+            protobuf::encode(r, false, &mut v);
+            (k, v)
+        })
+        .collect()
+}
+
+/// ns/record of `f` over every message, best of the rounds.
+fn time_per_record(msgs: &[(Vec<u8>, Vec<u8>)], mut f: impl FnMut(&[u8])) -> f64 {
+    let mut best = f64::MAX;
+    for _ in 0..IN_PROCESS_ROUNDS {
+        let t = Instant::now();
+        for (_, v) in msgs {
+            f(v);
+        }
+        best = best.min(t.elapsed().as_nanos() as f64 / msgs.len() as f64);
+    }
+    best
+}
+
+/// utime + stime of a process and its threads, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let after = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+fn produce(brokers: &str, topic: &str, msgs: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
+    let p: ThreadedProducer<_> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    for (k, v) in msgs {
+        let mut rec = BaseRecord::to(topic).key(&k[..]).payload(&v[..]);
+        loop {
+            match p.send(rec) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    rec = r;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    }
+    p.flush(Duration::from_secs(300))?;
+    Ok(())
+}
+
+/// The bare consumer: records/s and records per CPU-second of this process.
+fn bare_consumer(brokers: &str, topic: &str, n: usize) -> Result<(f64, f64)> {
+    let cpu0 = cpu_seconds(std::process::id());
+    let t = Instant::now();
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("bare-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)?;
+    c.assign(&tpl)?;
+    let mut got = 0;
+    let mut bytes = 0usize;
+    while got < n {
+        if t.elapsed() > Duration::from_secs(300) {
+            bail!("bare consumer read {got} of {n} in 300 s");
+        }
+        if let Some(m) = c.poll(Duration::from_millis(100)) {
+            let m = m?;
+            bytes += rdkafka::Message::payload(&m).map_or(0, |p| p.len());
+            got += 1;
+        }
+    }
+    std::hint::black_box(bytes);
+    let secs = t.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(std::process::id()) - cpu0;
+    Ok((n as f64 / secs, n as f64 / cpu))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn scrape(port: u16) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (k, v) = l.rsplit_once(' ')?;
+        (k == name).then(|| v.parse().ok())?
+    })
+}
+
+/// Runs `flowexport ARGS` until `done(metrics)` holds; records/s over the
+/// whole run and records per CPU-second.
+fn run_flowexport(
+    bin: &Path,
+    args: &[&str],
+    port: u16,
+    n: usize,
+    done: impl Fn(&str) -> bool,
+) -> Result<(f64, f64)> {
+    let t = Instant::now();
+    let mut child: Child = Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let pid = child.id();
+    let mut cpu = 0.0;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("flowexport {args:?} exited early: {status}");
+        }
+        if t.elapsed() > Duration::from_secs(300) {
+            let _ = child.kill();
+            bail!("flowexport {args:?} not done in 300 s");
+        }
+        cpu = cpu_seconds(pid).max(cpu);
+        if scrape(port).is_some_and(|m| done(&m)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(pid).max(cpu);
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok((n as f64 / secs, n as f64 / cpu))
+}
+
+fn main() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("fe-bench-consumers-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (customers_text, asn_text) = tables();
+    let customers_path = dir.join("customers.csv");
+    let asn_path = dir.join("asn.csv");
+    std::fs::write(&customers_path, &customers_text)?;
+    std::fs::write(&asn_path, &asn_text)?;
+
+    // 1. In process.
+    let t = Instant::now();
+    let customers = files::parse_customers(&customers_path, &customers_text)?;
+    let build_ms = t.elapsed().as_secs_f64() * 1e3;
+    let asn = files::parse_asn_csv(&asn_path, &asn_text)?;
+    let enricher = Enricher::new(customers, Some(asn));
+    let recs = records(IN_PROCESS_RECORDS);
+    let msgs = encode_all(&recs);
+    let mut matched = 0usize;
+    let mut out = Vec::with_capacity(512);
+    let mut enc = protobuf::Encoder::default();
+    let enrich_ns = time_per_record(&msgs, |v| {
+        let mut r = protobuf::decode(v, false).expect("valid");
+        matched += enricher.apply(&mut r) as usize;
+        out.clear();
+        enc.encode(&r, false, &mut out);
+    });
+    let registry = prometheus::Registry::new();
+    let mut dash = Dashboard::new(
+        &registry,
+        Some(64512),
+        HashMap::new(),
+        10_000,
+        1_000,
+        100_000,
+    );
+    // Enriched input, as the dashboard would read it.
+    let enriched: Vec<FlowRecord> = recs
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            enricher.apply(&mut r);
+            r
+        })
+        .collect();
+    let enriched_msgs = encode_all(&enriched);
+    let dash_ns = time_per_record(&enriched_msgs, |v| {
+        let f = dashboard::decode(InputFormat::Protobuf, v).expect("valid");
+        dash.add(&f);
+    });
+    let rounds = IN_PROCESS_ROUNDS * IN_PROCESS_RECORDS;
+    println!("## Consumers benchmark\n");
+    println!(
+        "In process, one core ({IN_PROCESS_RECORDS} records x {IN_PROCESS_ROUNDS} rounds, best round; \
+         customer list of {PREFIXES} prefixes built in {build_ms:.0} ms; {:.0}% of flows matched a customer):\n",
+        100.0 * matched as f64 / rounds as f64
+    );
+    println!("| stage | ns/record | records/s |");
+    println!("| --- | --- | --- |");
+    println!(
+        "| enrich: decode + 2 customer + 2 ASN lookups + encode | {enrich_ns:.0} | {:.2} M |",
+        1e3 / enrich_ns
+    );
+    println!(
+        "| dashboard: decode + counters | {dash_ns:.0} | {:.2} M |",
+        1e3 / dash_ns
+    );
+
+    // 2. End to end.
+    let tansu = Tansu::start("flows")?;
+    let brokers = tansu.brokers();
+    tansu.create_topic("enriched")?;
+    let e2e = encode_all(&records(E2E_RECORDS));
+    produce(&brokers, "flows", &e2e)?;
+    let bin: PathBuf = std::env::current_exe()?
+        .parent()
+        .context("exe dir")?
+        .join("flowexport");
+    if !bin.is_file() {
+        bail!(
+            "{} missing: cargo build --release --bin flowexport",
+            bin.display()
+        );
+    }
+    let bare = bare_consumer(&brokers, "flows", E2E_RECORDS)?;
+    let n = E2E_RECORDS as f64;
+    let port = free_port()?;
+    let ps = port.to_string();
+    let metrics = format!("127.0.0.1:{ps}");
+    let (customers_arg, asn_arg) = (
+        customers_path.display().to_string(),
+        asn_path.display().to_string(),
+    );
+    let enrich = run_flowexport(
+        &bin,
+        &[
+            "enrich",
+            "--kafka-brokers",
+            &brokers,
+            "--in-topic",
+            "flows",
+            "--out-topic",
+            "enriched",
+            "--customers",
+            &customers_arg,
+            "--asn-csv",
+            &asn_arg,
+            "--metrics-addr",
+            &metrics,
+            "--group-id",
+            "bench-enrich",
+        ],
+        port,
+        E2E_RECORDS,
+        |m| {
+            metric(m, "flowexport_bridge_consumed_total") == Some(n)
+                && metric(m, "flowexport_bridge_delivered_total") == Some(n)
+        },
+    )?;
+    let port = free_port()?;
+    let metrics = format!(":{port}");
+    let dash = run_flowexport(
+        &bin,
+        &[
+            "dashboard",
+            "--kafka-brokers",
+            &brokers,
+            "--topic",
+            "flows",
+            "--start-offset",
+            "earliest",
+            "--metrics-addr",
+            &metrics,
+        ],
+        port,
+        E2E_RECORDS,
+        |m| metric(m, "flowexport_dashboard_messages_total") == Some(n),
+    )?;
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "\nEnd to end on a local Tansu broker ({E2E_RECORDS} records, 1 partition; \
+         wall time from start to the last record, and CPU time of the reading process):\n"
+    );
+    println!("| reader | records/s | records per CPU-second | vs bare consumer (records/s) |");
+    println!("| --- | --- | --- | --- |");
+    println!(
+        "| bare rdkafka consumer | {:.0} | {:.0} | 100% |",
+        bare.0, bare.1
+    );
+    println!(
+        "| flowexport enrich (read, enrich, produce, commit after acks) | {:.0} | {:.0} | {:.0}% |",
+        enrich.0,
+        enrich.1,
+        100.0 * enrich.0 / bare.0
+    );
+    println!(
+        "| flowexport dashboard (read, count) | {:.0} | {:.0} | {:.0}% |",
+        dash.0,
+        dash.1,
+        100.0 * dash.0 / bare.0
+    );
+    Ok(())
+}
