@@ -140,6 +140,10 @@ pub struct DashFlow {
     /// 0 ingress, 1 egress; None when the source does not say.
     pub direction: Option<u8>,
     pub cid: u32,
+    /// AS names the record carries (enrich sets them); used when the
+    /// dashboard's own name files do not know the AS.
+    pub src_as_name: String,
+    pub dst_as_name: String,
 }
 
 impl DashFlow {
@@ -162,6 +166,8 @@ impl DashFlow {
             },
             direction: Some(r.flow_direction),
             cid: r.cid,
+            src_as_name: r.src_as_name.clone(),
+            dst_as_name: r.dst_as_name.clone(),
         }
     }
 }
@@ -231,6 +237,10 @@ struct JsonFlow {
     src_as: u32,
     #[serde(default)]
     dst_as: u32,
+    #[serde(default)]
+    src_as_name: String,
+    #[serde(default)]
+    dst_as_name: String,
 }
 
 /// IP protocol numbers for pmacct's `ip_proto` names.
@@ -280,6 +290,8 @@ pub fn decode(format: InputFormat, bytes: &[u8]) -> Result<DashFlow, DecodeError
                 }),
                 direction: Some(j.flow_direction),
                 cid: j.cid,
+                src_as_name: j.src_as_name,
+                dst_as_name: j.dst_as_name,
             })
         }
         InputFormat::PmacctJson => {
@@ -309,6 +321,8 @@ pub fn decode(format: InputFormat, bytes: &[u8]) -> Result<DashFlow, DecodeError
                 ip_version: addr.map(|a| if a.is_ipv4() { 4 } else { 6 }),
                 direction: None,
                 cid: 0,
+                src_as_name: String::new(),
+                dst_as_name: String::new(),
             })
         }
     }
@@ -581,17 +595,26 @@ impl Dashboard {
                 return;
             }
             let full = self.as_series.len() >= self.max_as_pairs;
-            let name = |a: u32| self.names.get(&a).map(String::as_str).unwrap_or("");
+            let name = |a: u32, carried: &'_ str| -> String {
+                self.names
+                    .get(&a)
+                    .cloned()
+                    .unwrap_or_else(|| carried.to_string())
+            };
+            let (sn, dn) = (
+                name(f.src_as, &f.src_as_name),
+                name(f.dst_as, &f.dst_as_name),
+            );
             let (sa, da) = (f.src_as.to_string(), f.dst_as.to_string());
             let l: [&str; 5] = if full {
                 // Keep the monitored side, lump the other.
                 if tx {
-                    [&sa, name(f.src_as), "other", "", &f.host]
+                    [&sa, &sn, "other", "", &f.host]
                 } else {
-                    ["other", "", &da, name(f.dst_as), &f.host]
+                    ["other", "", &da, &dn, &f.host]
                 }
             } else {
-                [&sa, name(f.src_as), &da, name(f.dst_as), &f.host]
+                [&sa, &sn, &da, &dn, &f.host]
             };
             let c = if tx {
                 self.transmit.with_label_values(&l)
@@ -841,6 +864,8 @@ mod tests {
                 ip_version: Some(4),
                 direction: None,
                 cid: 0,
+                src_as_name: String::new(),
+                dst_as_name: String::new(),
             }
         );
         // flow-exporter's minimal schema.

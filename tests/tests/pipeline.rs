@@ -206,10 +206,10 @@ fn agent_to_enrich_split_dashboard_and_prometheus() {
             "enriched",
             "--format",
             "protobuf",
+            // No name file: the AS names are the ones enrich put in the
+            // records.
             "--asn",
             "64500",
-            "--asn-csv",
-            &asn,
             "--start-offset",
             "earliest",
             "--metrics-addr",
