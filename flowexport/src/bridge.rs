@@ -4,12 +4,16 @@
 //! Input is read by a consumer group member with automatic commits off. The
 //! loop takes a batch (up to `--batch-records` messages, or what arrived
 //! within `--batch-wait`), decodes each message, lets the transform change
-//! and route it, produces the results, waits until the broker acknowledged
-//! every one of them (`acks=all`; errors that may pass are produced again),
-//! and only then commits the batch's input offsets. A crash (even `kill
-//! -9`) therefore loses nothing: the uncommitted batch is read again on
-//! restart. The price is duplicates: at most the last uncommitted batch,
-//! i.e. `--batch-records` input messages per partition owner.
+//! and route it, and produces the results; the input position after the
+//! batch is noted. A batch's position is committed only once the broker
+//! acknowledged every output record of it (`acks=all`; errors that may pass
+//! are produced again). Two batches are in flight: while batch k is read
+//! and produced, the acknowledgements of batch k-1 arrive, and its position
+//! is committed before batch k+1 starts, so reading never waits for a full
+//! round trip. A crash (even `kill -9`) therefore loses nothing: what was
+//! not committed is read again on restart. The price is duplicates: at most
+//! the two uncommitted batches, i.e. 2 x `--batch-records` input messages
+//! per process.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,7 +30,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::ClientContext;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::codec::protobuf;
 use crate::config::parse_duration;
@@ -149,13 +153,15 @@ impl BridgeMetrics {
     }
 }
 
-/// A record to produce again: (topic, key, payload).
-type Retry = (String, Vec<u8>, Vec<u8>);
+/// A record to produce again: (batch slot, topic, key, payload).
+type Retry = (usize, String, Vec<u8>, Vec<u8>);
 
-/// Delivery reports of one producer.
+/// Delivery reports of one producer. Records carry their batch's slot (0
+/// or 1, alternating) as the delivery opaque.
 struct Deliveries {
     metrics: BridgeMetrics,
-    outstanding: AtomicU64,
+    /// Records produced and not yet acknowledged (or failed), per slot.
+    outstanding: [AtomicU64; 2],
     retry: Mutex<Vec<Retry>>,
     last_log: Mutex<Option<Instant>>,
 }
@@ -173,17 +179,18 @@ impl Deliveries {
 impl ClientContext for Deliveries {}
 
 impl ProducerContext for Deliveries {
-    type DeliveryOpaque = ();
+    type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+    fn delivery(&self, result: &DeliveryResult<'_>, slot: usize) {
+        let slot = slot & 1;
         match result {
             Ok(_) => {
                 self.metrics.delivered.inc();
-                self.outstanding.fetch_sub(1, Ordering::AcqRel);
+                self.outstanding[slot].fetch_sub(1, Ordering::AcqRel);
             }
             Err((e, msg)) if permanent(e) => {
                 self.metrics.failed.inc();
-                self.outstanding.fetch_sub(1, Ordering::AcqRel);
+                self.outstanding[slot].fetch_sub(1, Ordering::AcqRel);
                 let topic = msg.topic().to_string();
                 self.log(|| format!("delivery to topic {topic} failed for good: {e}"));
             }
@@ -191,11 +198,12 @@ impl ProducerContext for Deliveries {
                 // Produced again before the batch is committed (queued
                 // first, then the count lowered: see await_acks).
                 self.retry.lock().expect("retry lock").push((
+                    slot,
                     msg.topic().to_string(),
                     msg.key().unwrap_or_default().to_vec(),
                     msg.payload().unwrap_or_default().to_vec(),
                 ));
-                self.outstanding.fetch_sub(1, Ordering::AcqRel);
+                self.outstanding[slot].fetch_sub(1, Ordering::AcqRel);
                 let topic = msg.topic().to_string();
                 self.log(|| format!("delivery to topic {topic} failed ({e}); retrying"));
             }
@@ -216,9 +224,15 @@ pub struct Bridge {
     /// partitions (split); None: they must exist.
     create_topics: Option<i32>,
     encoder: protobuf::Encoder,
+    decoder: protobuf::Decoder,
     payload: Vec<u8>,
     key: Vec<u8>,
     decode_log: Option<Instant>,
+    /// Slot of the batch being read now.
+    slot: usize,
+    /// The previous batch, produced but not yet committed: its slot and
+    /// the input position after it.
+    pending: Option<(usize, TopicPartitionList)>,
 }
 
 impl Bridge {
@@ -265,7 +279,7 @@ impl Bridge {
         let producer: ThreadedProducer<Deliveries> = producer_cfg
             .create_with_context(Deliveries {
                 metrics: metrics.clone(),
-                outstanding: AtomicU64::new(0),
+                outstanding: [AtomicU64::new(0), AtomicU64::new(0)],
                 retry: Mutex::new(Vec::new()),
                 last_log: Mutex::new(None),
             })
@@ -282,9 +296,12 @@ impl Bridge {
             topics: HashSet::new(),
             create_topics,
             encoder: protobuf::Encoder::default(),
+            decoder: protobuf::Decoder::default(),
             payload: Vec::with_capacity(512),
             key: Vec::with_capacity(40),
             decode_log: None,
+            slot: 0,
+            pending: None,
         })
     }
 
@@ -308,12 +325,14 @@ impl Bridge {
             let n = self.batch(t, stop)?;
             records += n as u64;
         }
+        self.commit_pending(stop)?;
         log::info!("stopped after {records} input messages; offsets committed");
         Ok(())
     }
 
-    /// One batch: read, transform, produce, wait for every ack, commit.
-    /// Returns the number of input messages.
+    /// One batch: read, transform and produce it; then wait for the
+    /// previous batch's acks and commit its position (or, when nothing
+    /// arrived, the pending batch's). Returns the number of input messages.
     fn batch(&mut self, t: &mut dyn Transform, stop: &AtomicBool) -> Result<usize> {
         let deadline = Instant::now() + self.args.batch_wait;
         let mut n = 0;
@@ -334,7 +353,7 @@ impl Bridge {
             };
             n += 1;
             self.metrics.consumed.inc();
-            let mut r = match protobuf::decode(m.payload().unwrap_or_default(), false) {
+            let mut r = match self.decoder.decode(m.payload().unwrap_or_default()) {
                 Ok(r) => r,
                 Err(e) => {
                     self.metrics.undecodable.inc();
@@ -370,14 +389,41 @@ impl Bridge {
             }
             self.key.clear();
             message_key(&r, &mut self.key);
-            self.produce(&topic, &self.key, &self.payload, stop)?;
+            self.produce(self.slot, &topic, &self.key, &self.payload, stop)?;
             self.metrics.produced.inc();
         }
         if n == 0 {
+            // Idle: settle the pending batch now rather than after the next.
+            self.commit_pending(stop)?;
             return Ok(0);
         }
-        self.await_acks(stop)?;
-        match self.consumer.commit_consumer_state(CommitMode::Sync) {
+        let position = self
+            .consumer
+            .position()
+            .context("reading the consumer's position")?;
+        self.commit_pending(stop)?;
+        self.pending = Some((self.slot, position));
+        self.slot ^= 1;
+        Ok(n)
+    }
+
+    /// Waits for the pending batch's acks, then commits its position.
+    fn commit_pending(&mut self, stop: &AtomicBool) -> Result<()> {
+        let Some((slot, position)) = self.pending.take() else {
+            return Ok(());
+        };
+        self.await_acks(slot, stop)?;
+        // Only partitions this consumer has read from carry an offset.
+        let mut tpl = TopicPartitionList::new();
+        for e in position.elements() {
+            if let Offset::Offset(o) = e.offset() {
+                tpl.add_partition_offset(e.topic(), e.partition(), Offset::Offset(o))?;
+            }
+        }
+        if tpl.count() == 0 {
+            return Ok(());
+        }
+        match self.consumer.commit(&tpl, CommitMode::Sync) {
             Ok(()) => self.metrics.batches.inc(),
             // After a rebalance the partitions may be someone else's: they
             // read the batch again (duplicates, never losses).
@@ -385,20 +431,29 @@ impl Bridge {
                 log::warn!("committing input offsets failed ({e}); the batch may be read again")
             }
         }
-        Ok(n)
+        Ok(())
     }
 
     /// Produces one message, waiting while librdkafka's queue is full.
-    fn produce(&self, topic: &str, key: &[u8], payload: &[u8], stop: &AtomicBool) -> Result<()> {
+    fn produce(
+        &self,
+        slot: usize,
+        topic: &str,
+        key: &[u8],
+        payload: &[u8],
+        stop: &AtomicBool,
+    ) -> Result<()> {
         let d = self.producer.context();
-        d.outstanding.fetch_add(1, Ordering::AcqRel);
-        let mut rec = BaseRecord::to(topic).key(key).payload(payload);
+        d.outstanding[slot].fetch_add(1, Ordering::AcqRel);
+        let mut rec = BaseRecord::with_opaque_to(topic, slot)
+            .key(key)
+            .payload(payload);
         loop {
             match self.producer.send(rec) {
                 Ok(()) => break,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                     if stop.load(Ordering::Relaxed) {
-                        d.outstanding.fetch_sub(1, Ordering::AcqRel);
+                        d.outstanding[slot].fetch_sub(1, Ordering::AcqRel);
                         bail!(
                             "shutting down while the producer queue is full (is the broker \
                              down?); this batch's input offsets stay uncommitted and it is \
@@ -410,7 +465,7 @@ impl Bridge {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 Err((e, _)) => {
-                    d.outstanding.fetch_sub(1, Ordering::AcqRel);
+                    d.outstanding[slot].fetch_sub(1, Ordering::AcqRel);
                     self.metrics.failed.inc();
                     log::error!("producing to topic {topic} failed: {e}");
                     return Ok(());
@@ -420,32 +475,44 @@ impl Bridge {
         Ok(())
     }
 
-    /// Waits until every record of the batch is acknowledged (or failed
-    /// for good), producing again what failed with errors that may pass.
-    fn await_acks(&mut self, stop: &AtomicBool) -> Result<()> {
+    /// Waits until every record of the batch in `slot` is acknowledged (or
+    /// failed for good), producing again what failed with errors that may
+    /// pass.
+    fn await_acks(&mut self, slot: usize, stop: &AtomicBool) -> Result<()> {
         let d = self.producer.context().clone();
         let mut waited = Instant::now();
         let mut stopping: Option<Instant> = None;
         loop {
-            let _ = self.producer.flush(Duration::from_millis(500));
             // The delivery callback queues a retry before it lowers the
             // count, so once the count is 0 every retry is in the list.
-            let idle = d.outstanding.load(Ordering::Acquire) == 0;
-            let retry = std::mem::take(&mut *d.retry.lock().expect("retry lock"));
+            let idle = d.outstanding[slot].load(Ordering::Acquire) == 0;
+            let retry: Vec<Retry> = {
+                let mut all = d.retry.lock().expect("retry lock");
+                let (mine, rest) = std::mem::take(&mut *all)
+                    .into_iter()
+                    .partition(|r| r.0 == slot);
+                *all = rest;
+                mine
+            };
             if idle && retry.is_empty() {
                 return Ok(());
             }
-            for (topic, key, payload) in &retry {
+            for (slot, topic, key, payload) in &retry {
                 self.metrics.retried.inc();
-                self.produce(topic, key, payload, stop)?;
+                self.produce(*slot, topic, key, payload, stop)?;
+            }
+            if retry.is_empty() {
+                // ThreadedProducer serves delivery reports on its own
+                // thread; just wait for them.
+                std::thread::sleep(Duration::from_millis(1));
             }
             if stop.load(Ordering::Relaxed) {
                 let since = *stopping.get_or_insert_with(Instant::now);
                 if since.elapsed() >= SHUTDOWN_ACK_WAIT {
                     bail!(
-                        "{} records unacknowledged {}s after the stop signal; this batch's \
-                         input offsets stay uncommitted and it is read again on restart",
-                        d.outstanding.load(Ordering::Acquire),
+                        "{} records unacknowledged {}s after the stop signal; their input \
+                         offsets stay uncommitted and they are read again on restart",
+                        d.outstanding[slot].load(Ordering::Acquire),
                         SHUTDOWN_ACK_WAIT.as_secs()
                     );
                 }
@@ -453,7 +520,7 @@ impl Bridge {
             if waited.elapsed() >= Duration::from_secs(30) {
                 log::warn!(
                     "{} records still unacknowledged after 30s; waiting for the broker (offsets stay uncommitted)",
-                    d.outstanding.load(Ordering::Acquire)
+                    d.outstanding[slot].load(Ordering::Acquire)
                 );
                 waited = Instant::now();
             }

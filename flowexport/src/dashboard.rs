@@ -126,7 +126,7 @@ pub struct DashboardArgs {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DashFlow {
     /// The exporter: sampler_address, or pmacct's `label`.
-    pub host: String,
+    pub host: Host,
     pub src_as: u32,
     pub dst_as: u32,
     pub bytes: u64,
@@ -146,11 +146,55 @@ pub struct DashFlow {
     pub dst_as_name: String,
 }
 
+/// An exporter as the dashboard labels it; an address is turned into text
+/// only when its series is created, not per record.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Host {
+    Addr(Option<IpAddr>),
+    Label(String),
+}
+
+impl Default for Host {
+    fn default() -> Host {
+        Host::Addr(None)
+    }
+}
+
+impl std::fmt::Display for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Host::Addr(Some(a)) => write!(f, "{a}"),
+            Host::Addr(None) => Ok(()),
+            Host::Label(l) => f.write_str(l),
+        }
+    }
+}
+
+impl From<&str> for Host {
+    fn from(s: &str) -> Host {
+        Host::Label(s.to_string())
+    }
+}
+
 impl DashFlow {
+    /// As [`DashFlow::from_record`], moving the AS names out instead of
+    /// copying them.
+    pub fn from_owned(mut r: FlowRecord) -> DashFlow {
+        let (src, dst) = (
+            std::mem::take(&mut r.src_as_name),
+            std::mem::take(&mut r.dst_as_name),
+        );
+        DashFlow {
+            src_as_name: src,
+            dst_as_name: dst,
+            ..DashFlow::from_record(&r)
+        }
+    }
+
     pub fn from_record(r: &FlowRecord) -> DashFlow {
         let scale = r.sampling_rate.max(1);
         DashFlow {
-            host: r.sampler_address.map(|a| a.to_string()).unwrap_or_default(),
+            host: Host::Addr(r.sampler_address),
             src_as: r.src_as,
             dst_as: r.dst_as,
             bytes: r.bytes.saturating_mul(scale),
@@ -264,16 +308,44 @@ fn proto_number(name: &str) -> Option<u8> {
 
 /// Decodes one message.
 pub fn decode(format: InputFormat, bytes: &[u8]) -> Result<DashFlow, DecodeError> {
+    FlowDecoder::new(format).decode(bytes)
+}
+
+/// Decodes messages of one format one after another, reusing buffers.
+pub struct FlowDecoder {
+    format: InputFormat,
+    pb: protobuf::Decoder,
+}
+
+impl FlowDecoder {
+    pub fn new(format: InputFormat) -> FlowDecoder {
+        FlowDecoder {
+            format,
+            pb: protobuf::Decoder::default(),
+        }
+    }
+
+    pub fn decode(&mut self, bytes: &[u8]) -> Result<DashFlow, DecodeError> {
+        decode_with(self.format, &mut self.pb, bytes)
+    }
+}
+
+fn decode_with(
+    format: InputFormat,
+    pb: &mut protobuf::Decoder,
+    bytes: &[u8],
+) -> Result<DashFlow, DecodeError> {
     match format {
-        InputFormat::Protobuf => protobuf::decode(bytes, false)
-            .map(|r| DashFlow::from_record(&r))
+        InputFormat::Protobuf => pb
+            .decode(bytes)
+            .map(DashFlow::from_owned)
             .map_err(|e| DecodeError::Protobuf(e.to_string())),
         InputFormat::Json => {
             let j: JsonFlow =
                 serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;
             let scale = j.sampling_rate.max(1);
             Ok(DashFlow {
-                host: j.sampler_address,
+                host: Host::Label(j.sampler_address),
                 src_as: j.src_as,
                 dst_as: j.dst_as,
                 bytes: j.bytes.saturating_mul(scale),
@@ -309,7 +381,7 @@ pub fn decode(format: InputFormat, bytes: &[u8]) -> Result<DashFlow, DecodeError
                 _ => None,
             };
             Ok(DashFlow {
-                host: p.label,
+                host: Host::Label(p.label),
                 src_as: p.as_src,
                 dst_as: p.as_dst,
                 bytes: p.bytes.saturating_mul(scale),
@@ -388,22 +460,30 @@ const APPS: &[(u16, &str)] = &[
     (9092, "kafka"),
 ];
 
-/// The application of a flow: of its two ports that are in [`APPS`], the
-/// lower (the server side is usually the well-known one); `other` when
-/// neither is; `none` for protocols without ports.
-fn app_label(f: &DashFlow) -> &'static str {
+const APP_OTHER: u8 = 254;
+const APP_NONE: u8 = 255;
+
+/// The application of a flow, as an index into [`APPS`]: of its two ports
+/// that are in the table, the lower (the server side is usually the
+/// well-known one); [`APP_OTHER`] when neither is; [`APP_NONE`] for
+/// protocols without ports.
+fn app_index(f: &DashFlow) -> u8 {
     if !matches!(f.proto, Some(6 | 17 | 132) | None) {
-        return "none";
+        return APP_NONE;
     }
-    let find = |p: u16| {
-        APPS.binary_search_by_key(&p, |(port, _)| *port)
-            .ok()
-            .map(|i| (p, APPS[i].1))
-    };
+    let find = |p: u16| APPS.binary_search_by_key(&p, |(port, _)| *port).ok();
     match (find(f.src_port), find(f.dst_port)) {
-        (Some(a), Some(b)) => a.min(b).1,
-        (Some(a), None) | (None, Some(a)) => a.1,
-        (None, None) => "other",
+        (Some(a), Some(b)) => a.min(b) as u8,
+        (Some(a), None) | (None, Some(a)) => a as u8,
+        (None, None) => APP_OTHER,
+    }
+}
+
+fn app_name(i: u8) -> &'static str {
+    match i {
+        APP_OTHER => "other",
+        APP_NONE => "none",
+        i => APPS[i as usize].1,
     }
 }
 
@@ -423,14 +503,43 @@ fn ip_version_label(v: Option<u8>) -> &'static str {
     }
 }
 
-/// cid (None: over the cap, `other`), direction, ip_version, proto, app.
-type TrafficKey = (
-    Option<u32>,
-    &'static str,
-    &'static str,
-    &'static str,
-    &'static str,
-);
+/// A hasher for keys that are already well-spread integers (one
+/// multiply instead of SipHash): the per-record series look-ups.
+#[derive(Default)]
+struct MixHasher(u64);
+
+impl std::hash::Hasher for MixHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(*b as u64);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0 ^ v)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(29);
+    }
+}
+
+type Mix = std::hash::BuildHasherDefault<MixHasher>;
+
+/// The traffic series of a flow, packed: cid (bit 32 set: over the cap,
+/// `other`), direction, IP version, protocol number (256: unknown) and
+/// application index.
+fn traffic_key(cid: Option<u32>, f: &DashFlow, app: u8) -> u64 {
+    let cid = cid.map_or(1 << 32, |c| c as u64);
+    let dir = f.direction.map_or(3, |d| d.min(2) as u64);
+    let ipv = match f.ip_version {
+        Some(4) => 1,
+        Some(6) => 2,
+        _ => 0,
+    };
+    let proto = f.proto.map_or(256, |p| p as u64);
+    cid | dir << 33 | ipv << 35 | proto << 37 | (app as u64) << 46
+}
 
 /// The counters and their per-series handles (looked up once per series,
 /// then incremented directly).
@@ -445,9 +554,9 @@ pub struct Dashboard {
     receive: IntCounterVec,
     asn: Option<u32>,
     names: HashMap<u32, String>,
-    traffic: HashMap<TrafficKey, [IntCounter; 3]>,
-    hosts: HashMap<String, [IntCounter; 3]>,
-    as_series: HashMap<(bool, u32, u32, String), IntCounter>,
+    traffic: HashMap<u64, [IntCounter; 3], Mix>,
+    hosts: HashMap<Host, [IntCounter; 3]>,
+    as_series: HashMap<(bool, u32, u32, Host), IntCounter>,
     /// Customer ids with their own label (at most max_customers).
     cids: std::collections::HashSet<u32>,
     max_customers: usize,
@@ -508,7 +617,7 @@ impl Dashboard {
             receive: vec("flow_receive_bytes_total", "Bytes received.", as_labels),
             asn,
             names,
-            traffic: HashMap::new(),
+            traffic: HashMap::default(),
             hosts: HashMap::new(),
             as_series: HashMap::new(),
             cids: std::collections::HashSet::new(),
@@ -528,13 +637,8 @@ impl Dashboard {
         } else {
             None
         };
-        let key: TrafficKey = (
-            cid,
-            direction_label(f.direction),
-            ip_version_label(f.ip_version),
-            proto_label(f.proto),
-            app_label(f),
-        );
+        let app = app_index(f);
+        let key = traffic_key(cid, f, app);
         let counters = match self.traffic.get(&key) {
             Some(c) => c,
             None => {
@@ -543,7 +647,13 @@ impl Dashboard {
                     Some(c) => c.to_string(),
                     None => "other".to_string(),
                 };
-                let l = [cid.as_str(), key.1, key.2, key.3, key.4];
+                let l = [
+                    cid.as_str(),
+                    direction_label(f.direction),
+                    ip_version_label(f.ip_version),
+                    proto_label(f.proto),
+                    app_name(app),
+                ];
                 let c = [
                     self.bytes.with_label_values(&l),
                     self.packets.with_label_values(&l),
@@ -558,21 +668,22 @@ impl Dashboard {
 
         // Hosts past the cap share the `other` entry (the map holds at
         // most max_hosts + 1 keys).
-        let host = if self.hosts.contains_key(&f.host) || self.hosts.len() < self.max_hosts {
-            f.host.as_str()
-        } else {
-            "other"
-        };
-        let h = match self.hosts.get(host) {
+        let h = match self.hosts.get(&f.host) {
             Some(h) => h,
             None => {
-                let l = [host];
+                let host = if self.hosts.len() < self.max_hosts {
+                    f.host.clone()
+                } else {
+                    Host::Label("other".into())
+                };
+                let text = host.to_string();
+                let l = [text.as_str()];
                 let c = [
                     self.host_bytes.with_label_values(&l),
                     self.host_packets.with_label_values(&l),
                     self.host_flows.with_label_values(&l),
                 ];
-                self.hosts.entry(host.to_string()).or_insert(c)
+                self.hosts.entry(host).or_insert(c)
             }
         };
         h[0].inc_by(f.bytes);
@@ -606,15 +717,16 @@ impl Dashboard {
                 name(f.dst_as, &f.dst_as_name),
             );
             let (sa, da) = (f.src_as.to_string(), f.dst_as.to_string());
+            let host = f.host.to_string();
             let l: [&str; 5] = if full {
                 // Keep the monitored side, lump the other.
                 if tx {
-                    [&sa, &sn, "other", "", &f.host]
+                    [&sa, &sn, "other", "", &host]
                 } else {
-                    ["other", "", &da, &dn, &f.host]
+                    ["other", "", &da, &dn, &host]
                 }
             } else {
-                [&sa, &sn, &da, &dn, &f.host]
+                [&sa, &sn, &da, &dn, &host]
             };
             let c = if tx {
                 self.transmit.with_label_values(&l)
@@ -803,6 +915,7 @@ pub fn run(args: DashboardArgs) -> Result<()> {
         args.metrics_addr
     );
     let mut last_log: Option<std::time::Instant> = None;
+    let mut decoder = FlowDecoder::new(format);
     while !stop.load(Ordering::Relaxed) {
         let Some(m) = consumer.poll(Duration::from_millis(200)) else {
             continue;
@@ -815,7 +928,7 @@ pub fn run(args: DashboardArgs) -> Result<()> {
             }
         };
         messages.inc();
-        match decode(format, m.payload().unwrap_or_default()) {
+        match decoder.decode(m.payload().unwrap_or_default()) {
             Ok(f) => dash.add(&f),
             Err(e) => {
                 undecodable.with_label_values(&[e.reason()]).inc();

@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask build-ebpf`, `cargo xtask bench xdp`.
+//! Developer tasks: `cargo xtask build-ebpf`, `cargo xtask bench xdp|kafka|collect|consumers`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

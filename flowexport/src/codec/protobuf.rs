@@ -195,6 +195,24 @@ pub fn encode(r: &FlowRecord, length_prefix: bool, out: &mut Vec<u8>) {
     Encoder::default().encode(r, length_prefix, out)
 }
 
+/// Decodes messages one after another, reusing one FlowMessage's buffers
+/// (no allocation per message for the address fields).
+#[derive(Default)]
+pub struct Decoder {
+    scratch: FlowMessage,
+}
+
+impl Decoder {
+    /// Decodes one unframed message (as [`decode`] with no prefix).
+    pub fn decode(&mut self, bytes: &[u8]) -> Result<FlowRecord, DecodeError> {
+        self.scratch.clear();
+        self.scratch
+            .merge(bytes)
+            .map_err(|e| DecodeError::Protobuf(e.to_string()))?;
+        from_message(&self.scratch)
+    }
+}
+
 /// Decodes one message (framed as [`encode`] wrote it).
 pub fn decode(bytes: &[u8], length_prefix: bool) -> Result<FlowRecord, DecodeError> {
     let m = if length_prefix {
@@ -288,6 +306,25 @@ mod tests {
             find(&[0xe2, 0x3e, 10, b'E', b'X']),
             "src_as_name as field 1004"
         );
+    }
+
+    #[test]
+    fn reused_decoder_matches_fresh_decoding() {
+        let mut d = Decoder::default();
+        let mut v4 = sample();
+        v4.src_addr = "10.0.0.1".parse().unwrap();
+        v4.sampler_address = None;
+        v4.src_as_name.clear();
+        for r in [&sample(), &v4, &sample()] {
+            let mut buf = Vec::new();
+            encode(r, false, &mut buf);
+            assert_eq!(&d.decode(&buf).unwrap(), r);
+        }
+        assert!(d.decode(b"\x08").is_err());
+        // A failed message leaves nothing behind for the next one.
+        let mut buf = Vec::new();
+        encode(&v4, false, &mut buf);
+        assert_eq!(d.decode(&buf).unwrap(), v4);
     }
 
     #[test]

@@ -96,15 +96,24 @@ fn from_bits(v: u128, v4: bool) -> IpAddr {
 
 /// Disjoint ranges of one address family: `(first address, value index)`,
 /// sorted by first address; each range runs up to the next one's start.
+/// `index[h]` is the first range starting in or after the h-th of the 65536
+/// slices of the address space (by its top 16 bits), so a lookup searches
+/// only the ranges that start in its own slice (plus the one before):
+/// about 3 steps instead of 17 for 100k prefixes, and few cache misses.
 #[derive(Debug, Default)]
 struct Ranges {
     starts: Vec<u128>,
     values: Vec<Option<u32>>,
+    /// Bits below the top 16 of the family's width (16 for IPv4, 112 for
+    /// IPv6).
+    shift: u32,
+    index: Vec<u32>,
 }
 
 impl Ranges {
-    /// `prefixes`: (first, last, value index), any order, no duplicates.
-    fn build(mut prefixes: Vec<(u128, u128, u32)>) -> Ranges {
+    /// `prefixes`: (first, last, value index), any order, no duplicates;
+    /// addresses `width` bits wide.
+    fn build(mut prefixes: Vec<(u128, u128, u32)>, width: u32) -> Ranges {
         // Wider prefixes first among equal starts, so a nested prefix is
         // always pushed above the one containing it.
         prefixes.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
@@ -141,6 +150,10 @@ impl Ranges {
         if let Some(c) = cursor {
             r.push(c, None);
         }
+        r.shift = width - 16;
+        r.index = (0..=65536u128)
+            .map(|h| r.starts.partition_point(|s| (*s >> r.shift) < h) as u32)
+            .collect();
         r
     }
 
@@ -162,7 +175,12 @@ impl Ranges {
     }
 
     fn get(&self, a: u128) -> Option<u32> {
-        let i = self.starts.partition_point(|s| *s <= a);
+        let h = (a >> self.shift) as usize;
+        let (lo, hi) = match (self.index.get(h), self.index.get(h + 1)) {
+            (Some(lo), Some(hi)) => (*lo as usize, *hi as usize),
+            _ => (0, self.starts.len()), // an empty (default) table
+        };
+        let i = lo + self.starts[lo..hi].partition_point(|s| *s <= a);
         if i == 0 {
             return None;
         }
@@ -209,8 +227,8 @@ impl<T> PrefixTable<T> {
             }
         }
         PrefixTable {
-            v4: Ranges::build(v4),
-            v6: Ranges::build(v6),
+            v4: Ranges::build(v4, 32),
+            v6: Ranges::build(v6, 128),
             values,
             len,
         }
