@@ -63,9 +63,28 @@ pub struct FallbackEvent {
     pub _pad: [u8; 7],
 }
 
-/// Index of the generation word in the `CONTROL` array map.
-pub const CONTROL_GENERATION: u32 = 0;
-pub const CONTROL_LEN: u32 = 1;
+/// One slot of the per-CPU flow cache (`CACHE`) in front of the flow table:
+/// a flow's key and counters, valid while `epoch` is the current drain epoch
+/// and `value.packets` is not 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CacheSlot {
+    pub key: FlowKey,
+    pub value: FlowValue,
+    pub epoch: u32,
+    pub _pad: [u8; 4],
+}
+
+/// Index of the drain epoch in the `CONTROL` array map. Userspace adds 1 at
+/// every drain; its lowest bit is the generation of flow-table keys and the
+/// half of `CACHE` in use.
+pub const CONTROL_EPOCH: u32 = 0;
+/// Index of the number of cache slots per half of `CACHE` (a power of two;
+/// 0 = no cache), written once by the loader.
+pub const CONTROL_CACHE_SLOTS: u32 = 1;
+pub const CONTROL_LEN: u32 = 2;
+/// Default cache slots per half (per CPU: 2 x 4096 x 96 bytes = 768 KiB).
+pub const DEFAULT_CACHE_SLOTS: u32 = 4096;
 
 /// Indices into the per-CPU `STATS` array. Counters only grow; userspace
 /// sums the CPUs and takes differences between reads.
@@ -89,6 +108,7 @@ pub const MAP_FLOWS: &str = "FLOWS";
 pub const MAP_CONTROL: &str = "CONTROL";
 pub const MAP_STATS: &str = "STATS";
 pub const MAP_FALLBACK: &str = "FALLBACK";
+pub const MAP_CACHE: &str = "CACHE";
 pub const PROG_INGRESS: &str = "flowexport_ingress";
 pub const PROG_EGRESS: &str = "flowexport_egress";
 /// An XDP program that only returns XDP_PASS: the baseline of `cargo xtask bench xdp`.
@@ -100,11 +120,12 @@ pub const PROG_BENCH_PARSE_CLOCK: &str = "flowexport_bench_parse_clock";
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all four types are #[repr(C)], contain only integers and byte
+    // SAFETY: all these types are #[repr(C)], contain only integers and byte
     // arrays, and have no implicit padding (explicit `_pad` fields).
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::FallbackEvent {}
+    unsafe impl aya::Pod for super::CacheSlot {}
 }
 
 #[cfg(test)]
@@ -117,5 +138,6 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 48);
         assert_eq!(size_of::<FlowValue>(), 40);
         assert_eq!(size_of::<FallbackEvent>(), 48 + 32);
+        assert_eq!(size_of::<CacheSlot>(), 96);
     }
 }

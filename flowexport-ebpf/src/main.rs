@@ -5,11 +5,18 @@
 //! TC_ACT_UNSPEC (== TCX_NEXT), so other programs attached after us still run
 //! and the packet continues untouched.
 //!
-//! Exact draining: every key carries the generation it was counted in, read
-//! from `CONTROL[0]`. Userspace flips the generation, waits for an RCU grace
-//! period (so no program still runs with the old value), and only then reads
-//! and deletes the old generation's entries, which nobody writes any more.
-//! See `flowexport/src/capture/drain.rs`.
+//! Hot path: a per-CPU direct-mapped cache (`CACHE`, an array, so its
+//! look-up is a few inlined instructions) holds the flows seen last; only a
+//! cache miss touches the per-CPU hash `FLOWS` (the slot's previous flow is
+//! evicted into it). See `account`.
+//!
+//! Exact draining: the drain epoch in `CONTROL[0]` (its low bit is the
+//! generation) is read once per packet; every table key carries the
+//! generation it was counted in and every cache slot the epoch. Userspace
+//! advances the epoch, waits for an RCU grace period (so no program still
+//! runs with the old value), and only then reads the old generation's table
+//! entries (and deletes them) and the old epoch's cache slots, which nobody
+//! writes any more. See `flowexport/src/capture/drain.rs`.
 #![no_std]
 #![no_main]
 
@@ -22,7 +29,8 @@ use aya_ebpf::{
 };
 use core::mem::size_of;
 use flowexport_common::{
-    FallbackEvent, FlowKey, FlowValue, CONTROL_GENERATION, CONTROL_LEN, DIR_EGRESS, DIR_INGRESS,
+    CacheSlot, FallbackEvent, FlowKey, FlowValue, CONTROL_CACHE_SLOTS, CONTROL_EPOCH, CONTROL_LEN,
+    DIR_EGRESS, DIR_INGRESS,
     STAT_FALLBACK_PACKETS, STAT_LEN, STAT_MALFORMED_EGRESS, STAT_MALFORMED_INGRESS,
     STAT_NON_IP_EGRESS, STAT_NON_IP_INGRESS, STAT_OVERFLOW_BYTES_EGRESS,
     STAT_OVERFLOW_BYTES_INGRESS, STAT_OVERFLOW_PACKETS_EGRESS, STAT_OVERFLOW_PACKETS_INGRESS,
@@ -41,9 +49,23 @@ use flowexport_common::{
 #[map]
 static FLOWS: PerCpuHashMap<FlowKey, FlowValue> = PerCpuHashMap::with_max_entries(65536, 0);
 
-/// `CONTROL[0]`: the current generation (0 or 1), written only by userspace.
+/// `CONTROL[0]`: the drain epoch (low bit: the generation), advanced only by
+/// userspace; `CONTROL[1]`: cache slots per half of `CACHE` (power of two,
+/// 0 = no cache), set by the loader.
 #[map]
 static CONTROL: Array<u32> = Array::with_max_entries(CONTROL_LEN, 0);
+
+/// The flow cache: two halves of `CONTROL[1]` slots, one per generation, so
+/// the drain reads a half nobody writes. A flow lives in the slot its key
+/// hashes to; a flow that finds its slot taken by another flow of the
+/// current epoch evicts it into `FLOWS` (with the same counters, so nothing
+/// is lost) and takes the slot. Per-CPU, so no atomics.
+///
+/// Sizing: the loader sets max_entries to 2 x `--cache-slots` (default
+/// 4096 per half: 768 KiB per CPU). An array look-up is inlined by the
+/// verifier, unlike a hash look-up, which is most of the hot path's cost.
+#[map]
+static CACHE: PerCpuArray<CacheSlot> = PerCpuArray::with_max_entries(2 * 4096, 0);
 
 /// Counters that are not flows (non-IP frames, fallback use); see the STAT_*
 /// indices in flowexport-common. Per-CPU, cumulative, never reset.
@@ -270,62 +292,166 @@ fn stat_add(index: u32, n: u64) {
     }
 }
 
-/// Adds one packet (or one GSO super-packet of `packets` segments) to its flow.
+/// The key as 12 words (48 bytes, 4-aligned, no implicit padding).
+#[inline(always)]
+fn words(k: &FlowKey) -> &[u32; 12] {
+    // SAFETY: FlowKey is #[repr(C)], 48 bytes, align 4, all plain integers.
+    unsafe { &*(k as *const FlowKey as *const [u32; 12]) }
+}
+
+/// Cache index of a key: a multiplicative hash of its 12 words (unrolled:
+/// a fixed 12 steps, no loop for the verifier to bound).
+#[inline(always)]
+fn cache_hash(k: &FlowKey) -> u32 {
+    let w = words(k);
+    let mut h: u32 = 0x811c_9dc5;
+    h = (h ^ w[0]).wrapping_mul(0x9e37_79b1);
+    h = (h ^ w[1]).wrapping_mul(0x9e37_79b1);
+    h = (h ^ w[2]).wrapping_mul(0x9e37_79b1);
+    h = (h ^ w[3]).wrapping_mul(0x9e37_79b1);
+    h = (h ^ w[4]).wrapping_mul(0x9e37_79b1);
+    h = (h ^ w[5]).wrapping_mul(0x9e37_79b1);
+    h = (h ^ w[6]).wrapping_mul(0x9e37_79b1);
+    h = (h ^ w[7]).wrapping_mul(0x9e37_79b1);
+    h = (h ^ w[8]).wrapping_mul(0x9e37_79b1);
+    h = (h ^ w[9]).wrapping_mul(0x9e37_79b1);
+    h = (h ^ w[10]).wrapping_mul(0x9e37_79b1);
+    h = (h ^ w[11]).wrapping_mul(0x9e37_79b1);
+    h ^ (h >> 16)
+}
+
+#[inline(always)]
+fn same_key(a: &FlowKey, b: &FlowKey) -> bool {
+    let (a, b) = (words(a), words(b));
+    (a[0] ^ b[0])
+        | (a[1] ^ b[1])
+        | (a[2] ^ b[2])
+        | (a[3] ^ b[3])
+        | (a[4] ^ b[4])
+        | (a[5] ^ b[5])
+        | (a[6] ^ b[6])
+        | (a[7] ^ b[7])
+        | (a[8] ^ b[8])
+        | (a[9] ^ b[9])
+        | (a[10] ^ b[10])
+        | (a[11] ^ b[11])
+        == 0
+}
+
+/// Adds one packet (or one GSO super-packet of `packets` segments) to its
+/// flow: in the cache when the flow holds (or can take) its slot, else in
+/// the table.
 #[inline(always)]
 fn account(key: &mut FlowKey, packets: u64, bytes: u64, tcp_flags: u8) {
     let now = unsafe { bpf_ktime_get_ns() };
-    key.generation = match CONTROL.get(CONTROL_GENERATION) {
-        Some(g) => *g as u8,
+    let epoch = match CONTROL.get(CONTROL_EPOCH) {
+        Some(e) => *e,
         None => 0,
     };
+    key.generation = (epoch & 1) as u8;
+    let slots = match CONTROL.get(CONTROL_CACHE_SLOTS) {
+        Some(n) => *n,
+        None => 0,
+    };
+    if slots != 0 {
+        // slots is a power of two (the loader checks); the index lands in
+        // this generation's half. An index past max_entries only makes the
+        // look-up fail (then the table path below counts the packet).
+        let idx = (epoch & 1) * slots + (cache_hash(key) & (slots - 1));
+        if let Some(s) = CACHE.get_ptr_mut(idx) {
+            // SAFETY: this CPU's slot; programs do not nest on one CPU.
+            unsafe {
+                let live = (*s).epoch == epoch && (*s).value.packets != 0;
+                if live && same_key(&(*s).key, key) {
+                    (*s).value.packets += packets;
+                    (*s).value.bytes += bytes;
+                    (*s).value.last_seen_ns = now;
+                    (*s).value.tcp_flags |= tcp_flags;
+                    return;
+                }
+                if live {
+                    // Another flow of this epoch: it moves to the table with
+                    // all its counters.
+                    let old = (*s).key;
+                    let v = (*s).value;
+                    table_add(&old, &v);
+                }
+                (*s).key = *key;
+                (*s).epoch = epoch;
+                (*s).value = FlowValue {
+                    packets,
+                    bytes,
+                    first_seen_ns: now,
+                    last_seen_ns: now,
+                    tcp_flags,
+                    _pad: [0; 7],
+                };
+            }
+            return;
+        }
+    }
+    table_add(
+        key,
+        &FlowValue {
+            packets,
+            bytes,
+            first_seen_ns: now,
+            last_seen_ns: now,
+            tcp_flags,
+            _pad: [0; 7],
+        },
+    );
+}
+
+/// Adds counters to a flow in the table (`FLOWS`); when the table is full,
+/// to the fallback ring; when that is full too, to the overflow counters.
+#[inline(always)]
+fn table_add(key: &FlowKey, c: &FlowValue) {
     if let Some(v) = FLOWS.get_ptr_mut(*key) {
         // SAFETY: the pointer is this CPU's slot of an existing entry.
         unsafe {
             // Another CPU may have created the entry: then this CPU's slot
-            // starts zeroed and this is its first packet.
-            if (*v).first_seen_ns == 0 {
-                (*v).first_seen_ns = now;
+            // starts zeroed and these are its first packets.
+            if (*v).first_seen_ns == 0 || c.first_seen_ns < (*v).first_seen_ns {
+                (*v).first_seen_ns = c.first_seen_ns;
             }
-            (*v).packets += packets;
-            (*v).bytes += bytes;
-            (*v).last_seen_ns = now;
-            (*v).tcp_flags |= tcp_flags;
+            (*v).packets += c.packets;
+            (*v).bytes += c.bytes;
+            if c.last_seen_ns > (*v).last_seen_ns {
+                (*v).last_seen_ns = c.last_seen_ns;
+            }
+            (*v).tcp_flags |= c.tcp_flags;
         }
         return;
     }
-    let value = FlowValue {
-        packets,
-        bytes,
-        first_seen_ns: now,
-        last_seen_ns: now,
-        tcp_flags,
-        _pad: [0; 7],
-    };
     // BPF_ANY: on a per-CPU map this writes only this CPU's slot, so a racing
     // insert of the same key on another CPU loses nothing. It fails only when
     // the table is full (E2BIG).
-    if FLOWS.insert(*key, value, 0).is_ok() {
+    if FLOWS.insert(*key, *c, 0).is_ok() {
         return;
     }
-    stat_add(STAT_FALLBACK_PACKETS, packets);
+    stat_add(STAT_FALLBACK_PACKETS, c.packets);
     if let Some(mut slot) = FALLBACK.reserve::<FallbackEvent>(0) {
+        // One timestamp per event: for counters evicted from the cache
+        // (which span first..last seen) it is the last packet's time, so
+        // the record may start later than its first packet in this case.
         slot.write(FallbackEvent {
             key: *key,
-            packets,
-            bytes,
-            ts_ns: now,
-            tcp_flags,
+            packets: c.packets,
+            bytes: c.bytes,
+            ts_ns: c.last_seen_ns,
+            tcp_flags: c.tcp_flags,
             _pad: [0; 7],
         });
         slot.submit(0);
         return;
     }
     if key.direction == DIR_INGRESS {
-        stat_add(STAT_OVERFLOW_PACKETS_INGRESS, packets);
-        stat_add(STAT_OVERFLOW_BYTES_INGRESS, bytes);
+        stat_add(STAT_OVERFLOW_PACKETS_INGRESS, c.packets);
+        stat_add(STAT_OVERFLOW_BYTES_INGRESS, c.bytes);
     } else {
-        stat_add(STAT_OVERFLOW_PACKETS_EGRESS, packets);
-        stat_add(STAT_OVERFLOW_BYTES_EGRESS, bytes);
+        stat_add(STAT_OVERFLOW_PACKETS_EGRESS, c.packets);
+        stat_add(STAT_OVERFLOW_BYTES_EGRESS, c.bytes);
     }
 }
 
@@ -432,8 +558,8 @@ pub fn flowexport_bench_parse_clock(ctx: XdpContext) -> u32 {
     let mut flags = 0u8;
     let _ = parse(&XdpPacket(&ctx), &mut key, &mut ip_len, &mut flags, false);
     let now = unsafe { bpf_ktime_get_ns() };
-    key.generation = match CONTROL.get(CONTROL_GENERATION) {
-        Some(g) => *g as u8,
+    key.generation = match CONTROL.get(CONTROL_EPOCH) {
+        Some(g) => (*g & 1) as u8,
         None => 0,
     };
     if key.src_port == 0 && ip_len == now && key.generation == 7 {

@@ -151,9 +151,10 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
     let mut capture = Capture::load(&LoadOptions {
         max_flows: cfg.max_flows,
         fallback_ring_bytes: cfg.fallback_ring_bytes,
+        cache_slots: cfg.cache_slots,
         object: cfg.bpf_object.clone(),
     })?;
-    let tables = KernelTables::new(&mut capture.ebpf, cfg.max_flows)?;
+    let tables = KernelTables::new(&mut capture.ebpf, cfg.max_flows, cfg.cache_slots)?;
     for iface in &cfg.ifaces {
         // On error `capture` is dropped, which detaches what was attached.
         let mode = capture.attach(iface, cfg.xdp_mode)?;

@@ -67,8 +67,9 @@ pub struct BridgeArgs {
     /// proto/flow.proto) or json. Input is protobuf.
     #[arg(long, value_name = "FORMAT", default_value = "protobuf")]
     pub out_format: KafkaFormat,
-    /// Input messages per batch; also the most that can be delivered twice
-    /// after a crash (offsets are committed once a batch is acknowledged).
+    /// Input messages per batch. Offsets are committed once a batch is
+    /// acknowledged and two batches are in flight, so after a crash at most
+    /// 2 x N input messages are delivered twice.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     pub batch_records: usize,
     /// Longest wait for a batch to fill.

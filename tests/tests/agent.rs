@@ -510,12 +510,21 @@ fn exact_under_concurrent_load_with_active_timeout() {
     );
 }
 
-#[test]
-fn full_table_falls_back_without_loss() {
+/// 16 table entries for 400 flows: most packets take the fallback ring,
+/// with `cache_slots` slots of flow cache in front of the table ("0": every
+/// packet goes to the table; "8": nearly every packet evicts another flow's
+/// counters into the full table).
+fn full_table_falls_back_without_loss(cache_slots: &str) {
     let l = Link::new().unwrap();
     let ifb = l.b.ifindex(&l.b_dev).unwrap();
-    // 16 entries for 400 flows: most packets take the fallback ring.
-    let agent = Agent::start(&l.b, &agent_args(&[&l.b_dev], &["--max-flows", "16"])).unwrap();
+    let agent = Agent::start(
+        &l.b,
+        &agent_args(
+            &[&l.b_dev],
+            &["--max-flows", "16", "--cache-slots", cache_slots],
+        ),
+    )
+    .unwrap();
     let frames: Vec<Vec<u8>> = (0..400u16)
         .map(|i| {
             eth_ipv4(ipv4(
@@ -552,6 +561,16 @@ fn full_table_falls_back_without_loss() {
 }
 
 #[test]
+fn full_table_falls_back_without_loss_no_cache() {
+    full_table_falls_back_without_loss("0");
+}
+
+#[test]
+fn full_table_falls_back_without_loss_evicting_cache() {
+    full_table_falls_back_without_loss("8");
+}
+
+#[test]
 fn full_table_and_full_ring_still_account_every_packet() {
     let l = Link::new().unwrap();
     // One-page ring (46 events of 88 bytes) and 8 table entries for 600 flows:
@@ -562,6 +581,10 @@ fn full_table_and_full_ring_still_account_every_packet() {
             &[&l.b_dev],
             &[
                 "--max-flows",
+                "8",
+                // 8 cache slots: flows evicted from the cache meet the
+                // full table and the full ring too.
+                "--cache-slots",
                 "8",
                 "--fallback-ring-bytes",
                 "4096",

@@ -27,10 +27,11 @@ use std::collections::HashMap;
 use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::Ebpf;
 use flowexport_common::{
-    FallbackEvent, FlowKey, FlowValue, CONTROL_GENERATION, DIR_EGRESS, DIR_INGRESS, MAP_CONTROL,
-    MAP_FALLBACK, MAP_FLOWS, MAP_STATS, STAT_FALLBACK_PACKETS, STAT_LEN, STAT_MALFORMED_EGRESS,
-    STAT_MALFORMED_INGRESS, STAT_NON_IP_EGRESS, STAT_NON_IP_INGRESS, STAT_OVERFLOW_BYTES_EGRESS,
-    STAT_OVERFLOW_BYTES_INGRESS, STAT_OVERFLOW_PACKETS_EGRESS, STAT_OVERFLOW_PACKETS_INGRESS,
+    CacheSlot, FallbackEvent, FlowKey, FlowValue, CONTROL_CACHE_SLOTS, CONTROL_EPOCH, DIR_EGRESS,
+    DIR_INGRESS, MAP_CACHE, MAP_CONTROL, MAP_FALLBACK, MAP_FLOWS, MAP_STATS, STAT_FALLBACK_PACKETS,
+    STAT_LEN, STAT_MALFORMED_EGRESS, STAT_MALFORMED_INGRESS, STAT_NON_IP_EGRESS,
+    STAT_NON_IP_INGRESS, STAT_OVERFLOW_BYTES_EGRESS, STAT_OVERFLOW_BYTES_INGRESS,
+    STAT_OVERFLOW_PACKETS_EGRESS, STAT_OVERFLOW_PACKETS_INGRESS,
 };
 
 use super::rcu::GracePeriod;
@@ -115,6 +116,8 @@ impl FlowAggregator {
 pub struct DrainReport {
     /// Old-generation entries read (and deleted) from the flow table.
     pub table_entries: usize,
+    /// Old-epoch flows read from the per-CPU cache (one per CPU slot).
+    pub cache_entries: usize,
     /// Fallback ring events read.
     pub fallback_events: u64,
     /// Packets/bytes seen, by direction (index DIR_INGRESS / DIR_EGRESS).
@@ -167,9 +170,14 @@ pub struct KernelTables {
     control: Array<MapData, u32>,
     stats: PerCpuArray<MapData, u64>,
     fallback: RingBuf<MapData>,
+    cache: PerCpuArray<MapData, CacheSlot>,
     grace: GracePeriod,
-    generation: u32,
+    /// The drain epoch written to `CONTROL[0]`; its low bit is the
+    /// generation.
+    epoch: u32,
     capacity: u32,
+    /// Cache slots per generation (0: no cache).
+    cache_slots: u32,
     /// Overflow counters already turned into records.
     overflow_seen: [(u64, u64); 2],
 }
@@ -198,20 +206,30 @@ fn sum_cpus(values: &[FlowValue]) -> FlowCounters {
 }
 
 impl KernelTables {
-    /// Takes the maps out of a loaded object. Generation 0 is current.
-    pub fn new(ebpf: &mut Ebpf, capacity: u32) -> Result<KernelTables, DrainError> {
+    /// Takes the maps out of a loaded object (loaded with `cache_slots`
+    /// slots per half of `CACHE`). Epoch 0 (generation 0) is current.
+    pub fn new(
+        ebpf: &mut Ebpf,
+        capacity: u32,
+        cache_slots: u32,
+    ) -> Result<KernelTables, DrainError> {
         let mut control: Array<MapData, u32> = take(ebpf, MAP_CONTROL)?;
         control
-            .set(CONTROL_GENERATION, 0, 0)
+            .set(CONTROL_EPOCH, 0, 0)
+            .map_err(map_err(MAP_CONTROL))?;
+        control
+            .set(CONTROL_CACHE_SLOTS, cache_slots, 0)
             .map_err(map_err(MAP_CONTROL))?;
         Ok(KernelTables {
             flows: take(ebpf, MAP_FLOWS)?,
             control,
             stats: take(ebpf, MAP_STATS)?,
             fallback: take(ebpf, MAP_FALLBACK)?,
+            cache: take(ebpf, MAP_CACHE)?,
             grace: GracePeriod::new().map_err(DrainError::GracePeriod)?,
-            generation: 0,
+            epoch: 0,
             capacity,
+            cache_slots,
             overflow_seen: [(0, 0); 2],
         })
     }
@@ -244,11 +262,12 @@ impl KernelTables {
         agg: &mut FlowAggregator,
         final_drain: bool,
     ) -> Result<DrainReport, DrainError> {
-        let old = self.generation as u8;
+        let old_epoch = self.epoch;
+        let old = (old_epoch & 1) as u8;
         if !final_drain {
-            self.generation ^= 1;
+            self.epoch = self.epoch.wrapping_add(1);
             self.control
-                .set(CONTROL_GENERATION, self.generation, 0)
+                .set(CONTROL_EPOCH, self.epoch, 0)
                 .map_err(map_err(MAP_CONTROL))?;
         }
         self.wait_grace_period()?;
@@ -280,6 +299,26 @@ impl KernelTables {
             }
         }
         report.table_entries = done.len();
+
+        // The old epoch's cache slots (its half of CACHE), which no program
+        // writes any more. Slots of older epochs were read at earlier drains
+        // and are skipped; the kernel overwrites them, so nothing is reset.
+        // A final drain reads the current epoch (nothing was advanced).
+        if self.cache_slots != 0 {
+            let half = old as u32 * self.cache_slots;
+            for i in half..half + self.cache_slots {
+                let per_cpu = self.cache.get(&i, 0).map_err(map_err(MAP_CACHE))?;
+                for s in per_cpu.iter() {
+                    if s.epoch != old_epoch || s.value.packets == 0 {
+                        continue;
+                    }
+                    let c = sum_cpus(std::slice::from_ref(&s.value));
+                    count(&mut report, &s.key, &c);
+                    agg.add(s.key, &c);
+                    report.cache_entries += 1;
+                }
+            }
+        }
 
         while let Some(item) = self.fallback.next() {
             if item.len() < std::mem::size_of::<FallbackEvent>() {

@@ -8,7 +8,7 @@ use aya::programs::{
     tc, xdp::XdpLinkId, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
 };
 use aya::{Ebpf, EbpfError, EbpfLoader};
-use flowexport_common::{MAP_FALLBACK, MAP_FLOWS, PROG_EGRESS, PROG_INGRESS};
+use flowexport_common::{MAP_CACHE, MAP_FALLBACK, MAP_FLOWS, PROG_EGRESS, PROG_INGRESS};
 
 /// The kernel object built by `cargo xtask build-ebpf`, embedded at build time.
 static EMBEDDED_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("FLOWEXPORT_EBPF_OBJECT"));
@@ -80,6 +80,8 @@ pub struct LoadOptions {
     pub max_flows: u32,
     /// Fallback ring buffer size in bytes (power of two, >= page size).
     pub fallback_ring_bytes: u32,
+    /// Flow-cache slots per generation (power of two, or 0 for none).
+    pub cache_slots: u32,
     /// Load this object instead of the embedded one.
     pub object: Option<PathBuf>,
 }
@@ -142,6 +144,9 @@ impl Capture {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(MAP_FLOWS, opts.max_flows)
             .map_max_entries(MAP_FALLBACK, opts.fallback_ring_bytes)
+            // Two halves (one per generation); an array needs one entry
+            // even when the cache is off.
+            .map_max_entries(MAP_CACHE, (2 * opts.cache_slots).max(1))
             .load(bytes)
             .map_err(map_load_error)?;
         let xdp: &mut Xdp = ebpf
