@@ -79,10 +79,10 @@ pub struct CacheSlot {
 /// every drain; its lowest bit is the generation of flow-table keys and the
 /// half of `CACHE` in use.
 pub const CONTROL_EPOCH: u32 = 0;
-/// Index of the number of cache slots per half of `CACHE` (a power of two;
-/// 0 = no cache), written once by the loader.
-pub const CONTROL_CACHE_SLOTS: u32 = 1;
-pub const CONTROL_LEN: u32 = 2;
+pub const CONTROL_LEN: u32 = 1;
+/// The kernel object's global holding the cache slots per half of `CACHE`
+/// (a power of two; 0 = no cache), set by the loader.
+pub const GLOBAL_CACHE_SLOTS: &str = "CACHE_SLOTS";
 /// Default cache slots per half (per CPU: 2 x 4096 x 96 bytes = 768 KiB).
 pub const DEFAULT_CACHE_SLOTS: u32 = 4096;
 
@@ -109,6 +109,7 @@ pub const MAP_CONTROL: &str = "CONTROL";
 pub const MAP_STATS: &str = "STATS";
 pub const MAP_FALLBACK: &str = "FALLBACK";
 pub const MAP_CACHE: &str = "CACHE";
+pub const MAP_CLOCK: &str = "CLOCK";
 pub const PROG_INGRESS: &str = "flowexport_ingress";
 pub const PROG_EGRESS: &str = "flowexport_egress";
 /// An XDP program that only returns XDP_PASS: the baseline of `cargo xtask bench xdp`.

@@ -6,9 +6,9 @@
 //! and the packet continues untouched.
 //!
 //! Hot path: a per-CPU direct-mapped cache (`CACHE`, an array, so its
-//! look-up is a few inlined instructions) holds the flows seen last; only a
-//! cache miss touches the per-CPU hash `FLOWS` (the slot's previous flow is
-//! evicted into it). See `account`.
+//! look-up is a few inlined instructions) holds the first flow to reach each
+//! slot in a drain interval; only the other flows touch the per-CPU hash
+//! `FLOWS`. See `account`.
 //!
 //! Exact draining: the drain epoch in `CONTROL[0]` (its low bit is the
 //! generation) is read once per packet; every table key carries the
@@ -21,7 +21,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_UNSPEC},
+    bindings::{xdp_action, BPF_F_MMAPABLE, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map, xdp},
     maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -29,9 +29,9 @@ use aya_ebpf::{
 };
 use core::mem::size_of;
 use flowexport_common::{
-    CacheSlot, FallbackEvent, FlowKey, FlowValue, CONTROL_CACHE_SLOTS, CONTROL_EPOCH, CONTROL_LEN,
-    DIR_EGRESS, DIR_INGRESS, STAT_FALLBACK_PACKETS, STAT_LEN, STAT_MALFORMED_EGRESS,
-    STAT_MALFORMED_INGRESS, STAT_NON_IP_EGRESS, STAT_NON_IP_INGRESS, STAT_OVERFLOW_BYTES_EGRESS,
+    CacheSlot, FallbackEvent, FlowKey, FlowValue, CONTROL_EPOCH, CONTROL_LEN, DIR_EGRESS,
+    DIR_INGRESS, STAT_FALLBACK_PACKETS, STAT_LEN, STAT_MALFORMED_EGRESS, STAT_MALFORMED_INGRESS,
+    STAT_NON_IP_EGRESS, STAT_NON_IP_INGRESS, STAT_OVERFLOW_BYTES_EGRESS,
     STAT_OVERFLOW_BYTES_INGRESS, STAT_OVERFLOW_PACKETS_EGRESS, STAT_OVERFLOW_PACKETS_INGRESS,
 };
 
@@ -49,20 +49,34 @@ use flowexport_common::{
 static FLOWS: PerCpuHashMap<FlowKey, FlowValue> = PerCpuHashMap::with_max_entries(65536, 0);
 
 /// `CONTROL[0]`: the drain epoch (low bit: the generation), advanced only by
-/// userspace; `CONTROL[1]`: cache slots per half of `CACHE` (power of two,
-/// 0 = no cache), set by the loader.
+/// userspace.
 #[map]
 static CONTROL: Array<u32> = Array::with_max_entries(CONTROL_LEN, 0);
 
+/// `CLOCK[0]`: CLOCK_MONOTONIC in ns, advanced by the agent every
+/// `--clock-resolution` through a shared mapping (BPF_F_MMAPABLE); read
+/// instead of calling bpf_ktime_get_ns() per packet, which costs as much as
+/// the rest of the hot path. 0 until the agent's first tick: then the
+/// helper is called. See `flowexport/src/capture/clock.rs`.
+#[map]
+static CLOCK: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
 /// The flow cache: two halves of `CONTROL[1]` slots, one per generation, so
-/// the drain reads a half nobody writes. A flow lives in the slot its key
-/// hashes to; a flow that finds its slot taken by another flow of the
-/// current epoch evicts it into `FLOWS` (with the same counters, so nothing
-/// is lost) and takes the slot. Per-CPU, so no atomics.
+/// the drain reads a half nobody writes. The first flow whose key hashes to
+/// a slot in an epoch owns it until the drain; a flow that finds its slot
+/// owned by another counts in `FLOWS` for that epoch. No evictions: each
+/// packet costs at most one table operation, and the flows that send the
+/// most are the likeliest to claim their slot again after every drain.
+/// Per-CPU, so no atomics.
 ///
 /// Sizing: the loader sets max_entries to 2 x `--cache-slots` (default
 /// 4096 per half: 768 KiB per CPU). An array look-up is inlined by the
 /// verifier, unlike a hash look-up, which is most of the hot path's cost.
+/// Cache slots per half of `CACHE` (power of two; 0 = no cache), set by the
+/// loader (`--cache-slots`) before the programs are verified.
+#[no_mangle]
+static CACHE_SLOTS: u32 = 0;
+
 #[map]
 static CACHE: PerCpuArray<CacheSlot> = PerCpuArray::with_max_entries(2 * 4096, 0);
 
@@ -298,25 +312,27 @@ fn words(k: &FlowKey) -> &[u32; 12] {
     unsafe { &*(k as *const FlowKey as *const [u32; 12]) }
 }
 
-/// Cache index of a key: a multiplicative hash of its 12 words (unrolled:
-/// a fixed 12 steps, no loop for the verifier to bound).
+/// Cache index of a key: each of its 12 words times its own odd constant,
+/// summed, then mixed once. The 12 products do not depend on each other,
+/// so the CPU overlaps them (a chained hash would wait for each multiply);
+/// written out, with no loop for the verifier to bound.
 #[inline(always)]
 fn cache_hash(k: &FlowKey) -> u32 {
     let w = words(k);
-    let mut h: u32 = 0x811c_9dc5;
-    h = (h ^ w[0]).wrapping_mul(0x9e37_79b1);
-    h = (h ^ w[1]).wrapping_mul(0x9e37_79b1);
-    h = (h ^ w[2]).wrapping_mul(0x9e37_79b1);
-    h = (h ^ w[3]).wrapping_mul(0x9e37_79b1);
-    h = (h ^ w[4]).wrapping_mul(0x9e37_79b1);
-    h = (h ^ w[5]).wrapping_mul(0x9e37_79b1);
-    h = (h ^ w[6]).wrapping_mul(0x9e37_79b1);
-    h = (h ^ w[7]).wrapping_mul(0x9e37_79b1);
-    h = (h ^ w[8]).wrapping_mul(0x9e37_79b1);
-    h = (h ^ w[9]).wrapping_mul(0x9e37_79b1);
-    h = (h ^ w[10]).wrapping_mul(0x9e37_79b1);
-    h = (h ^ w[11]).wrapping_mul(0x9e37_79b1);
-    h ^ (h >> 16)
+    let h = w[0]
+        .wrapping_mul(0x9e37_79b1)
+        .wrapping_add(w[1].wrapping_mul(0x85eb_ca77))
+        .wrapping_add(w[2].wrapping_mul(0xc2b2_ae3d))
+        .wrapping_add(w[3].wrapping_mul(0x27d4_eb2f))
+        .wrapping_add(w[4].wrapping_mul(0x1656_67b1))
+        .wrapping_add(w[5].wrapping_mul(0xd3a2_646d))
+        .wrapping_add(w[6].wrapping_mul(0xfd70_46c5))
+        .wrapping_add(w[7].wrapping_mul(0xb55a_4f09))
+        .wrapping_add(w[8].wrapping_mul(0x7feb_352d))
+        .wrapping_add(w[9].wrapping_mul(0x846c_a68b))
+        .wrapping_add(w[10].wrapping_mul(0x2c1b_3c6d))
+        .wrapping_add(w[11].wrapping_mul(0x297a_2d39));
+    h ^ (h >> 15)
 }
 
 #[inline(always)]
@@ -338,20 +354,23 @@ fn same_key(a: &FlowKey, b: &FlowKey) -> bool {
 }
 
 /// Adds one packet (or one GSO super-packet of `packets` segments) to its
-/// flow: in the cache when the flow holds (or can take) its slot, else in
+/// flow: in the cache when the flow owns (or can take) its slot, else in
 /// the table.
 #[inline(always)]
 fn account(key: &mut FlowKey, packets: u64, bytes: u64, tcp_flags: u8) {
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = match CLOCK.get(0) {
+        Some(t) if *t != 0 => *t,
+        _ => unsafe { bpf_ktime_get_ns() },
+    };
     let epoch = match CONTROL.get(CONTROL_EPOCH) {
         Some(e) => *e,
         None => 0,
     };
     key.generation = (epoch & 1) as u8;
-    let slots = match CONTROL.get(CONTROL_CACHE_SLOTS) {
-        Some(n) => *n,
-        None => 0,
-    };
+    // SAFETY: a plain read of a read-only global; volatile so the compiler
+    // does not fold the default: the loader sets the real value, and the
+    // verifier sees it as a constant (the branch and mask below fold).
+    let slots = unsafe { core::ptr::read_volatile(&CACHE_SLOTS) };
     if slots != 0 {
         // slots is a power of two (the loader checks); the index lands in
         // this generation's half. An index past max_entries only makes the
@@ -368,25 +387,23 @@ fn account(key: &mut FlowKey, packets: u64, bytes: u64, tcp_flags: u8) {
                     (*s).value.tcp_flags |= tcp_flags;
                     return;
                 }
-                if live {
-                    // Another flow of this epoch: it moves to the table with
-                    // all its counters.
-                    let old = (*s).key;
-                    let v = (*s).value;
-                    table_add(&old, &v);
+                if !live {
+                    // A free slot (or one of an epoch already drained): this
+                    // flow owns it until the next drain.
+                    (*s).key = *key;
+                    (*s).epoch = epoch;
+                    (*s).value = FlowValue {
+                        packets,
+                        bytes,
+                        first_seen_ns: now,
+                        last_seen_ns: now,
+                        tcp_flags,
+                        _pad: [0; 7],
+                    };
+                    return;
                 }
-                (*s).key = *key;
-                (*s).epoch = epoch;
-                (*s).value = FlowValue {
-                    packets,
-                    bytes,
-                    first_seen_ns: now,
-                    last_seen_ns: now,
-                    tcp_flags,
-                    _pad: [0; 7],
-                };
+                // Another flow owns the slot this epoch: count in the table.
             }
-            return;
         }
     }
     table_add(
@@ -402,8 +419,9 @@ fn account(key: &mut FlowKey, packets: u64, bytes: u64, tcp_flags: u8) {
     );
 }
 
-/// Adds counters to a flow in the table (`FLOWS`); when the table is full,
-/// to the fallback ring; when that is full too, to the overflow counters.
+/// Adds one packet's counters (`c`, first = last seen = now) to a flow in
+/// the table (`FLOWS`); when the table is full, to the fallback ring; when
+/// that is full too, to the overflow counters.
 #[inline(always)]
 fn table_add(key: &FlowKey, c: &FlowValue) {
     if let Some(v) = FLOWS.get_ptr_mut(*key) {
@@ -411,14 +429,12 @@ fn table_add(key: &FlowKey, c: &FlowValue) {
         unsafe {
             // Another CPU may have created the entry: then this CPU's slot
             // starts zeroed and these are its first packets.
-            if (*v).first_seen_ns == 0 || c.first_seen_ns < (*v).first_seen_ns {
+            if (*v).first_seen_ns == 0 {
                 (*v).first_seen_ns = c.first_seen_ns;
             }
             (*v).packets += c.packets;
             (*v).bytes += c.bytes;
-            if c.last_seen_ns > (*v).last_seen_ns {
-                (*v).last_seen_ns = c.last_seen_ns;
-            }
+            (*v).last_seen_ns = c.last_seen_ns;
             (*v).tcp_flags |= c.tcp_flags;
         }
         return;
@@ -431,9 +447,7 @@ fn table_add(key: &FlowKey, c: &FlowValue) {
     }
     stat_add(STAT_FALLBACK_PACKETS, c.packets);
     if let Some(mut slot) = FALLBACK.reserve::<FallbackEvent>(0) {
-        // One timestamp per event: for counters evicted from the cache
-        // (which span first..last seen) it is the last packet's time, so
-        // the record may start later than its first packet in this case.
+        // One packet (or GSO super-packet) per event: first = last seen.
         slot.write(FallbackEvent {
             key: *key,
             packets: c.packets,
@@ -556,7 +570,10 @@ pub fn flowexport_bench_parse_clock(ctx: XdpContext) -> u32 {
     let mut ip_len = 0u64;
     let mut flags = 0u8;
     let _ = parse(&XdpPacket(&ctx), &mut key, &mut ip_len, &mut flags, false);
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = match CLOCK.get(0) {
+        Some(t) if *t != 0 => *t,
+        _ => unsafe { bpf_ktime_get_ns() },
+    };
     key.generation = match CONTROL.get(CONTROL_EPOCH) {
         Some(g) => (*g & 1) as u8,
         None => 0,

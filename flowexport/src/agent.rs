@@ -154,7 +154,12 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         cache_slots: cfg.cache_slots,
         object: cfg.bpf_object.clone(),
     })?;
-    let tables = KernelTables::new(&mut capture.ebpf, cfg.max_flows, cfg.cache_slots)?;
+    let tables = KernelTables::new(
+        &mut capture.ebpf,
+        cfg.max_flows,
+        cfg.cache_slots,
+        cfg.clock_resolution,
+    )?;
     for iface in &cfg.ifaces {
         // On error `capture` is dropped, which detaches what was attached.
         let mode = capture.attach(iface, cfg.xdp_mode)?;

@@ -89,6 +89,10 @@ pub struct AgentArgs {
     /// 96 bytes per CPU. [default: 4096]
     #[arg(long, value_name = "N")]
     pub cache_slots: Option<u32>,
+    /// Resolution of first/last-seen times: how often the agent advances
+    /// the clock word the kernel programs read (100us..1s). [default: 1ms]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub clock_resolution: Option<Duration>,
     /// Prometheus endpoint address (serves /metrics). [default: 127.0.0.1:9590]
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics_addr: Option<SocketAddr>,
@@ -247,6 +251,7 @@ struct FileConfig {
     max_flows: Option<u32>,
     fallback_ring_bytes: Option<u32>,
     cache_slots: Option<u32>,
+    clock_resolution: Option<String>,
     metrics_addr: Option<String>,
     sampler_address: Option<String>,
     bpf_object: Option<PathBuf>,
@@ -278,6 +283,7 @@ pub struct AgentConfig {
     pub max_flows: u32,
     pub fallback_ring_bytes: u32,
     pub cache_slots: u32,
+    pub clock_resolution: Duration,
     pub metrics_addr: SocketAddr,
     pub sampler_address: Option<IpAddr>,
     pub bpf_object: Option<PathBuf>,
@@ -379,6 +385,19 @@ impl AgentArgs {
                 "--cache-slots {cache_slots} must be 0 (no cache) or a power of two up to 1048576"
             );
         }
+        let clock_resolution = self
+            .clock_resolution
+            .or(file_duration(
+                &path,
+                "clock-resolution",
+                f.clock_resolution,
+            )?)
+            .unwrap_or(Duration::from_millis(1));
+        if clock_resolution < Duration::from_micros(100)
+            || clock_resolution > Duration::from_secs(1)
+        {
+            bail!("--clock-resolution {clock_resolution:?} must be from 100us to 1s");
+        }
         let metrics_addr = match (self.metrics_addr, f.metrics_addr) {
             (Some(a), _) => a,
             (None, Some(s)) => s.parse().with_context(|| {
@@ -457,6 +476,7 @@ impl AgentArgs {
             max_flows,
             fallback_ring_bytes,
             cache_slots,
+            clock_resolution,
             metrics_addr,
             sampler_address,
             bpf_object: self.bpf_object.or(f.bpf_object),
@@ -596,6 +616,32 @@ mod tests {
         let mut a = args(&["eth0"]);
         a.sampler_address = Some("not-an-ip".into());
         assert!(format!("{:#}", a.resolve().unwrap_err()).contains("sampler-address"));
+        for bad in [3, 6000, 1 << 21] {
+            let mut a = args(&["eth0"]);
+            a.cache_slots = Some(bad);
+            assert_eq!(
+                format!("{:#}", a.resolve().unwrap_err()),
+                format!("--cache-slots {bad} must be 0 (no cache) or a power of two up to 1048576")
+            );
+        }
+        for bad in [Duration::from_micros(50), Duration::from_secs(2)] {
+            let mut a = args(&["eth0"]);
+            a.clock_resolution = Some(bad);
+            assert!(format!("{:#}", a.resolve().unwrap_err()).contains("--clock-resolution"));
+        }
+        let mut a = args(&["eth0"]);
+        a.cache_slots = Some(0);
+        a.clock_resolution = Some(Duration::from_millis(10));
+        let c = a.resolve().unwrap();
+        assert_eq!(
+            (c.cache_slots, c.clock_resolution),
+            (0, Duration::from_millis(10))
+        );
+        let c = args(&["eth0"]).resolve().unwrap();
+        assert_eq!(
+            (c.cache_slots, c.clock_resolution),
+            (4096, Duration::from_millis(1))
+        );
     }
 
     #[test]

@@ -3,18 +3,25 @@
 //!
 //! # The exact-drain scheme
 //!
-//! Every flow key carries a `generation` bit that the kernel programs copy
-//! from `CONTROL[0]` on each packet. A drain:
+//! `CONTROL[0]` holds the drain epoch; its low bit is the generation. The
+//! kernel programs read it once per packet and count the packet either in
+//! the per-CPU flow cache (`CACHE`: two halves, one per generation; a slot
+//! carries the epoch it was filled in) or in the per-CPU hash table
+//! (`FLOWS`; every key carries the generation). A drain:
 //!
-//! 1. flips `CONTROL[0]` (0 → 1 or 1 → 0); new packets now create or update
-//!    entries of the new generation;
+//! 1. advances `CONTROL[0]`; new packets now use the other generation's
+//!    table entries and cache half;
 //! 2. waits for an RCU grace period ([`super::rcu::GracePeriod`]): afterwards
-//!    no program that read the old generation is still running, so nothing
-//!    writes an old-generation entry any more;
-//! 3. reads every old-generation entry (summing the per-CPU slots) and deletes
-//!    it. Since nobody writes these entries, the read and the delete see the
-//!    same values: no packet is lost between them and none is counted twice;
-//! 4. reads the fallback ring buffer (packets that found the table full, each
+//!    no program that read the old epoch is still running, so nothing
+//!    writes an old-generation entry or an old-epoch slot any more;
+//! 3. reads every old-generation table entry (summing the per-CPU slots) and
+//!    deletes it. Since nobody writes these entries, the read and the delete
+//!    see the same values: no packet is lost between them and none is
+//!    counted twice;
+//! 4. reads the old epoch's cache slots (every CPU's copy). They are not
+//!    cleared: when the generation comes back, the slots carry an older
+//!    epoch, which the programs treat as free and the next drain skips;
+//! 5. reads the fallback ring buffer (packets that found the table full, each
 //!    with its key) and the overflow counters (packets that found the ring
 //!    full too), which are cumulative and read as differences.
 //!
@@ -27,8 +34,8 @@ use std::collections::HashMap;
 use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::Ebpf;
 use flowexport_common::{
-    CacheSlot, FallbackEvent, FlowKey, FlowValue, CONTROL_CACHE_SLOTS, CONTROL_EPOCH, DIR_EGRESS,
-    DIR_INGRESS, MAP_CACHE, MAP_CONTROL, MAP_FALLBACK, MAP_FLOWS, MAP_STATS, STAT_FALLBACK_PACKETS,
+    CacheSlot, FallbackEvent, FlowKey, FlowValue, CONTROL_EPOCH, DIR_EGRESS, DIR_INGRESS,
+    MAP_CACHE, MAP_CLOCK, MAP_CONTROL, MAP_FALLBACK, MAP_FLOWS, MAP_STATS, STAT_FALLBACK_PACKETS,
     STAT_LEN, STAT_MALFORMED_EGRESS, STAT_MALFORMED_INGRESS, STAT_NON_IP_EGRESS,
     STAT_NON_IP_INGRESS, STAT_OVERFLOW_BYTES_EGRESS, STAT_OVERFLOW_BYTES_INGRESS,
     STAT_OVERFLOW_PACKETS_EGRESS, STAT_OVERFLOW_PACKETS_INGRESS,
@@ -52,6 +59,8 @@ pub enum DrainError {
     },
     #[error("waiting for the RCU grace period (bpf map-in-map update): {0}")]
     GracePeriod(std::io::Error),
+    #[error("mapping the programs' clock word (BPF_F_MMAPABLE array, Linux 5.5+): {0}")]
+    Clock(std::io::Error),
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DrainError {
@@ -178,6 +187,8 @@ pub struct KernelTables {
     capacity: u32,
     /// Cache slots per generation (0: no cache).
     cache_slots: u32,
+    /// Keeps the programs' clock word current.
+    _clock: super::clock::ClockTicker,
     /// Overflow counters already turned into records.
     overflow_seen: [(u64, u64); 2],
 }
@@ -207,18 +218,23 @@ fn sum_cpus(values: &[FlowValue]) -> FlowCounters {
 
 impl KernelTables {
     /// Takes the maps out of a loaded object (loaded with `cache_slots`
-    /// slots per half of `CACHE`). Epoch 0 (generation 0) is current.
+    /// slots per half of `CACHE`) and starts the clock word (advanced every
+    /// `clock_resolution`). Epoch 0 (generation 0) is current.
     pub fn new(
         ebpf: &mut Ebpf,
         capacity: u32,
         cache_slots: u32,
+        clock_resolution: std::time::Duration,
     ) -> Result<KernelTables, DrainError> {
+        let clock = match ebpf.take_map(MAP_CLOCK) {
+            Some(aya::maps::Map::Array(d)) => d,
+            _ => return Err(DrainError::MissingMap(MAP_CLOCK)),
+        };
+        let clock =
+            super::clock::ClockTicker::start(clock, clock_resolution).map_err(DrainError::Clock)?;
         let mut control: Array<MapData, u32> = take(ebpf, MAP_CONTROL)?;
         control
             .set(CONTROL_EPOCH, 0, 0)
-            .map_err(map_err(MAP_CONTROL))?;
-        control
-            .set(CONTROL_CACHE_SLOTS, cache_slots, 0)
             .map_err(map_err(MAP_CONTROL))?;
         Ok(KernelTables {
             flows: take(ebpf, MAP_FLOWS)?,
@@ -230,6 +246,7 @@ impl KernelTables {
             epoch: 0,
             capacity,
             cache_slots,
+            _clock: clock,
             overflow_seen: [(0, 0); 2],
         })
     }

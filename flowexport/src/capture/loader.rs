@@ -8,7 +8,9 @@ use aya::programs::{
     tc, xdp::XdpLinkId, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
 };
 use aya::{Ebpf, EbpfError, EbpfLoader};
-use flowexport_common::{MAP_CACHE, MAP_FALLBACK, MAP_FLOWS, PROG_EGRESS, PROG_INGRESS};
+use flowexport_common::{
+    GLOBAL_CACHE_SLOTS, MAP_CACHE, MAP_FALLBACK, MAP_FLOWS, PROG_EGRESS, PROG_INGRESS,
+};
 
 /// The kernel object built by `cargo xtask build-ebpf`, embedded at build time.
 static EMBEDDED_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("FLOWEXPORT_EBPF_OBJECT"));
@@ -147,6 +149,7 @@ impl Capture {
             // Two halves (one per generation); an array needs one entry
             // even when the cache is off.
             .map_max_entries(MAP_CACHE, (2 * opts.cache_slots).max(1))
+            .override_global(GLOBAL_CACHE_SLOTS, &opts.cache_slots, true)
             .load(bytes)
             .map_err(map_load_error)?;
         let xdp: &mut Xdp = ebpf
