@@ -63,6 +63,7 @@ impl Drainer {
                 .inc_by(report.bytes[dir as usize]);
         }
         m.table_entries.set(report.table_entries as i64);
+        m.cache_entries.set(report.cache_entries as i64);
         m.overflow_packets.inc_by(report.overflow_packets);
         let stats = self.tables.stats()?;
         for (dir, name) in DIRS {

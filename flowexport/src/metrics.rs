@@ -22,6 +22,7 @@ pub struct AgentMetrics {
     pub drains: IntCounter,
     pub drain_duration: Histogram,
     pub table_entries: IntGauge,
+    pub cache_entries: IntGauge,
     pub table_capacity: IntGauge,
     pub flows_active: IntGauge,
     pub fallback_packets: IntCounter,
@@ -88,6 +89,11 @@ impl AgentMetrics {
                 &r,
                 "flowexport_flow_table_entries",
                 "Entries the last drain found in the kernel flow table (one generation).",
+            ),
+            cache_entries: gauge(
+                &r,
+                "flowexport_flow_cache_entries",
+                "Flows the last drain found in the per-CPU flow cache (one per CPU slot).",
             ),
             table_capacity: gauge(
                 &r,
