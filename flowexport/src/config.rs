@@ -85,7 +85,7 @@ pub struct AgentArgs {
     #[arg(long, value_name = "BYTES")]
     pub fallback_ring_bytes: Option<u32>,
     /// Per-CPU flow cache in front of the flow table: slots per generation
-    /// (a power of two up to 1048576; 0 turns the cache off). Costs 2 x N x
+    /// (a power of two up to 65536; 0 turns the cache off). Costs 2 x N x
     /// 96 bytes per CPU. [default: 4096]
     #[arg(long, value_name = "N")]
     pub cache_slots: Option<u32>,
@@ -380,10 +380,10 @@ impl AgentArgs {
             .cache_slots
             .or(f.cache_slots)
             .unwrap_or(flowexport_common::DEFAULT_CACHE_SLOTS);
-        if cache_slots != 0 && (!cache_slots.is_power_of_two() || cache_slots > 1 << 20) {
-            bail!(
-                "--cache-slots {cache_slots} must be 0 (no cache) or a power of two up to 1048576"
-            );
+        // Each drain reads the N slots of one half (one map read each), so
+        // N is capped where that stays ~0.1 s.
+        if cache_slots != 0 && (!cache_slots.is_power_of_two() || cache_slots > 1 << 16) {
+            bail!("--cache-slots {cache_slots} must be 0 (no cache) or a power of two up to 65536");
         }
         let clock_resolution = self
             .clock_resolution
@@ -616,12 +616,12 @@ mod tests {
         let mut a = args(&["eth0"]);
         a.sampler_address = Some("not-an-ip".into());
         assert!(format!("{:#}", a.resolve().unwrap_err()).contains("sampler-address"));
-        for bad in [3, 6000, 1 << 21] {
+        for bad in [3, 6000, 1 << 17] {
             let mut a = args(&["eth0"]);
             a.cache_slots = Some(bad);
             assert_eq!(
                 format!("{:#}", a.resolve().unwrap_err()),
-                format!("--cache-slots {bad} must be 0 (no cache) or a power of two up to 1048576")
+                format!("--cache-slots {bad} must be 0 (no cache) or a power of two up to 65536")
             );
         }
         for bad in [Duration::from_micros(50), Duration::from_secs(2)] {
