@@ -63,8 +63,12 @@ pub struct BridgeArgs {
     /// Where a group without committed offsets starts reading.
     #[arg(long, value_enum, default_value = "earliest")]
     pub start_offset: StartOffset,
+    /// Format of the input messages: protobuf (goflow2 FlowMessage, as the
+    /// agent and collect write by default) or json (`--kafka-format json`).
+    #[arg(long, value_name = "FORMAT", default_value = "protobuf")]
+    pub in_format: KafkaFormat,
     /// Format of the output messages: protobuf (goflow2 FlowMessage,
-    /// proto/flow.proto) or json. Input is protobuf.
+    /// proto/flow.proto) or json.
     #[arg(long, value_name = "FORMAT", default_value = "protobuf")]
     pub out_format: KafkaFormat,
     /// Input messages per batch. Offsets are committed once a batch is
@@ -124,7 +128,7 @@ impl BridgeMetrics {
             consumed: c("flowexport_bridge_consumed_total", "Input messages read."),
             undecodable: c(
                 "flowexport_bridge_undecodable_total",
-                "Input messages that are not a FlowMessage (counted and skipped).",
+                "Input messages that could not be decoded as --in-format (counted and skipped).",
             ),
             produced: c(
                 "flowexport_bridge_produced_total",
@@ -354,7 +358,12 @@ impl Bridge {
             };
             n += 1;
             self.metrics.consumed.inc();
-            let mut r = match self.decoder.decode(m.payload().unwrap_or_default()) {
+            let payload = m.payload().unwrap_or_default();
+            let decoded = match self.args.in_format {
+                KafkaFormat::Protobuf => self.decoder.decode(payload).map_err(|e| e.to_string()),
+                KafkaFormat::Json => crate::record::from_json(payload).map_err(|e| e.to_string()),
+            };
+            let mut r = match decoded {
                 Ok(r) => r,
                 Err(e) => {
                     self.metrics.undecodable.inc();

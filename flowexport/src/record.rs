@@ -1,7 +1,7 @@
 //! `FlowRecord`: the one flow record every stage of flowexport passes along,
 //! from the agent's drain and the collector's decoders to every sink.
 
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use flowexport_common::{FlowKey, DIR_EGRESS};
@@ -36,6 +36,20 @@ impl Serialize for FlowType {
     }
 }
 
+impl<'de> Deserialize<'de> for FlowType {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(match s.as_str() {
+            "SFLOW_5" => FlowType::SFlow5,
+            "NETFLOW_V5" => FlowType::NetFlowV5,
+            "NETFLOW_V9" => FlowType::NetFlowV9,
+            "IPFIX" => FlowType::Ipfix,
+            "EBPF" => FlowType::Ebpf,
+            _ => FlowType::Unknown,
+        })
+    }
+}
+
 /// Ethertypes as goflow2 reports them in `etype`.
 pub const ETYPE_IPV4: u16 = 0x0800;
 pub const ETYPE_IPV6: u16 = 0x86dd;
@@ -45,14 +59,17 @@ const IPPROTO_ICMPV6: u8 = 58;
 
 /// One flow (or one active-timeout slice of a long flow). Field names are
 /// goflow2's JSON names; times are wall-clock nanoseconds since the epoch.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// Reads back from that JSON ([`from_json`]): missing fields are 0/empty,
+/// unknown fields are ignored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct FlowRecord {
     #[serde(rename = "type")]
     pub flow_type: FlowType,
     pub time_received_ns: u64,
     pub sequence_num: u32,
     pub sampling_rate: u64,
-    #[serde(serialize_with = "addr_or_empty")]
+    #[serde(serialize_with = "addr_or_empty", deserialize_with = "addr_from_text")]
     pub sampler_address: Option<IpAddr>,
     pub time_flow_start_ns: u64,
     pub time_flow_end_ns: u64,
@@ -137,6 +154,20 @@ impl Default for FlowRecord {
             dst_as_name: String::new(),
         }
     }
+}
+
+fn addr_from_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<IpAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse().map(Some).map_err(serde::de::Error::custom)
+}
+
+/// A record from its JSON line (the stdout sink's and `--kafka-format
+/// json`'s object).
+pub fn from_json(bytes: &[u8]) -> Result<FlowRecord, serde_json::Error> {
+    serde_json::from_slice(bytes)
 }
 
 fn addr_or_empty<S: Serializer>(a: &Option<IpAddr>, s: S) -> Result<S::Ok, S::Error> {
@@ -317,6 +348,59 @@ mod tests {
         assert_eq!(v["flow_direction"], 0);
         assert_eq!(v["vlan_id"], 100);
         assert_eq!(v["time_received_ns"], 1_700_000_000_500_000_000u64);
+    }
+
+    #[test]
+    fn json_reads_back_what_it_wrote() {
+        let full = FlowRecord {
+            flow_type: FlowType::NetFlowV9,
+            time_received_ns: 1_763_800_000_000_000_001,
+            sequence_num: 77,
+            sampling_rate: 100,
+            sampler_address: Some("2001:db8::9".parse().unwrap()),
+            time_flow_start_ns: 1_763_799_999_000_000_000,
+            time_flow_end_ns: 1_763_799_999_500_000_000,
+            bytes: 1 << 40,
+            packets: 3,
+            src_addr: "10.0.0.1".parse().unwrap(),
+            dst_addr: "10.0.0.2".parse().unwrap(),
+            etype: 0x800,
+            proto: 6,
+            src_port: 443,
+            dst_port: 50000,
+            in_if: 4,
+            out_if: 5,
+            vlan_id: 12,
+            tcp_flags: 0x1b,
+            icmp_type: 0,
+            icmp_code: 0,
+            flow_direction: 1,
+            ip_tos: 0x2e,
+            src_as: 64500,
+            dst_as: 64501,
+            src_mac: 0x0200_0000_00aa,
+            dst_mac: 0x0200_0000_00bb,
+            observation_domain_id: 9,
+            src_cid: 1,
+            dst_cid: 0,
+            cid: 1,
+            src_as_name: "EXAMPLE, Inc".into(),
+            dst_as_name: String::new(),
+        };
+        let mut none = full.clone();
+        none.sampler_address = None;
+        none.flow_type = FlowType::Unknown;
+        for r in [full, none] {
+            assert_eq!(from_json(r.to_json().as_bytes()).unwrap(), r);
+        }
+        // Missing fields are zero, unknown ones ignored; bad addresses and
+        // wrong types are errors.
+        let r =
+            from_json(br#"{"src_addr":"10.1.1.1","dst_addr":"::1","bytes":5,"x":[1]}"#).unwrap();
+        assert_eq!((r.bytes, r.packets, r.sampler_address), (5, 0, None));
+        assert!(from_json(br#"{"src_addr":"10.1.1","bytes":5}"#).is_err());
+        assert!(from_json(br#"{"bytes":"five"}"#).is_err());
+        assert!(from_json(b"not json").is_err());
     }
 
     #[test]

@@ -486,6 +486,73 @@ fn split_killed_mid_stream_loses_nothing() {
     );
 }
 
+/// JSON in and out (`--kafka-format json` upstream, JSON consumers
+/// downstream).
+#[test]
+fn enrich_reads_and_writes_json() {
+    let ns = Netns::new().unwrap();
+    let broker = Broker::start(&ns).unwrap();
+    let files = Files::new();
+    broker.create_topic("jin", 1).unwrap();
+    broker.create_topic("jout", 1).unwrap();
+    let flows: Vec<FlowRecord> = (0..60).map(flow).collect();
+    let mut msgs: Vec<(Vec<u8>, Vec<u8>)> = flows
+        .iter()
+        .map(|r| (Vec::new(), r.to_json().into_bytes()))
+        .collect();
+    msgs.push((Vec::new(), b"{\"src_addr\": \"not an address\"}".to_vec()));
+    broker.produce("jin", msgs).unwrap();
+    let (brokers, customers) = (broker.addr(), files.path("customers.csv"));
+    let enrich = Agent::start_command(
+        &ns,
+        "enrich",
+        &[
+            "--kafka-brokers",
+            &brokers,
+            "--in-topic",
+            "jin",
+            "--out-topic",
+            "jout",
+            "--customers",
+            &customers,
+            "--in-format",
+            "json",
+            "--out-format",
+            "json",
+        ],
+        "reading topic",
+    )
+    .unwrap();
+    wait_count(&broker, "jout", 60, &enrich);
+    let out: Vec<FlowRecord> = broker
+        .consume_all("jout")
+        .unwrap()
+        .iter()
+        .map(|m| flowexport::record::from_json(&m.payload).expect("JSON record"))
+        .collect();
+    assert_eq!(out.len(), 60);
+    for (got, want) in out.iter().zip(&flows) {
+        assert_eq!(got.sequence_num, want.sequence_num);
+        assert_eq!(
+            (got.src_cid, got.dst_cid, got.cid),
+            (
+                customer_of(want.src_addr),
+                customer_of(want.dst_addr),
+                expected_cid(want)
+            )
+        );
+        assert_eq!((got.packets, got.bytes), (want.packets, want.bytes));
+    }
+    let m = enrich.metrics(9592).unwrap();
+    assert_eq!(
+        metric(&m, "flowexport_bridge_undecodable_total"),
+        Some(1.0),
+        "{m}"
+    );
+    let o = enrich.stop().unwrap();
+    assert!(o.status.success(), "{}", o.stderr);
+}
+
 #[test]
 fn enrich_refuses_bad_files_naming_file_and_line() {
     let ns = Netns::new().unwrap();
