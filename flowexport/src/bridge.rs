@@ -537,16 +537,14 @@ impl Bridge {
         }
     }
 
-    /// Creates `topic` if it is missing and topic creation is on; logs
-    /// (once) if it cannot. Records for it wait in the producer meanwhile.
+    /// Checks (once per topic) that `topic` exists; creates it when it is
+    /// missing and topic creation is on, else logs what to do. Records for
+    /// a missing topic wait in the producer meanwhile.
     fn ensure_topic(&mut self, topic: &str) {
         if self.topics.contains(topic) {
             return;
         }
         self.topics.insert(topic.to_string());
-        let Some(partitions) = self.create_topics else {
-            return;
-        };
         let exists = self
             .producer
             .client()
@@ -562,6 +560,15 @@ impl Bridge {
         if exists {
             return;
         }
+        let Some(partitions) = self.create_topics else {
+            log::warn!(
+                "output topic {topic} does not exist on {} (or the brokers do not answer); \
+                 create it: its records wait in the producer, and the input offsets stay \
+                 uncommitted, until it does",
+                self.args.kafka_brokers
+            );
+            return;
+        };
         let nt = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
         let res = match tokio::runtime::Builder::new_current_thread()
