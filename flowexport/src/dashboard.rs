@@ -89,9 +89,10 @@ pub struct DashboardArgs {
     /// line), for the *_as_name labels. Read at start; no network look-up.
     #[arg(long, value_name = "FILE")]
     pub asn_names: Option<PathBuf>,
-    /// AS names from an enrich ASN table (`prefix,asn,name`).
-    #[arg(long, value_name = "FILE")]
-    pub asn_csv: Option<PathBuf>,
+    /// AS names from an ASN database, as enrich's --asn-db takes it: a
+    /// MaxMind-format ASN database (.mmdb) or a `prefix,asn,name` CSV.
+    #[arg(long, alias = "asn-csv", value_name = "FILE")]
+    pub asn_db: Option<PathBuf>,
     /// Where reading starts.
     #[arg(long, value_enum, default_value = "latest")]
     pub start_offset: DashStart,
@@ -779,9 +780,11 @@ pub fn run(args: DashboardArgs) -> Result<()> {
         InputFormat::Protobuf
     });
     let mut names = HashMap::new();
-    if let Some(p) = &args.asn_csv {
-        let t = files::load(p, files::parse_asn_csv).context("cannot start dashboard")?;
-        names.extend(t.values().map(|a| (a.asn, a.name.to_string())));
+    if let Some(p) = &args.asn_db {
+        let bytes = std::fs::read(p)
+            .with_context(|| format!("cannot start dashboard: {}: cannot read", p.display()))?;
+        let db = crate::enrich::AsnDb::parse(p, bytes).context("cannot start dashboard")?;
+        names.extend(db.names());
     }
     if let Some(p) = &args.asn_names {
         names.extend(files::load(p, parse_asn_names).context("cannot start dashboard")?);

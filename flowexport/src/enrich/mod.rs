@@ -84,6 +84,41 @@ impl AsnDb {
         }
     }
 
+    /// Every AS number with its name (the dashboard's labels). A MaxMind DB
+    /// is walked once, network by network; records that do not decode are
+    /// skipped.
+    pub fn names(&self) -> std::collections::HashMap<u32, String> {
+        let mut names = std::collections::HashMap::new();
+        match self {
+            AsnDb::Csv(t) => {
+                for a in t.values() {
+                    names.insert(a.asn, a.name.to_string());
+                }
+            }
+            AsnDb::Mmdb(r) => {
+                let all: ipnetwork::IpNetwork = if r.metadata.ip_version == 6 {
+                    "::/0".parse().expect("valid network")
+                } else {
+                    "0.0.0.0/0".parse().expect("valid network")
+                };
+                let Ok(iter) = r.within::<MmdbAsn>(all) else {
+                    return names;
+                };
+                for item in iter.flatten() {
+                    if let Some(asn) = item.info.autonomous_system_number {
+                        names.entry(asn).or_insert_with(|| {
+                            item.info
+                                .autonomous_system_organization
+                                .unwrap_or("")
+                                .to_string()
+                        });
+                    }
+                }
+            }
+        }
+        names
+    }
+
     /// Prefixes (CSV) or networks (MaxMind DB nodes) in the database.
     pub fn size(&self) -> usize {
         match self {
@@ -272,6 +307,21 @@ mod tests {
             e.to_string()
                 .starts_with("bad.mmdb: not a valid MaxMind DB"),
             "{e}"
+        );
+        // Every AS with its name, for the dashboard.
+        let db = mmdb_fixture::asn_mmdb(&[
+            ("10.0.0.0/8", 64500, "EXAMPLE-NET"),
+            ("10.1.0.0/16", 64510, "MORE-SPECIFIC"),
+            ("2001:db8::/32", 64502, "V6-NET"),
+        ]);
+        let names = AsnDb::parse(Path::new("asn.mmdb"), db).unwrap().names();
+        assert_eq!(
+            names,
+            std::collections::HashMap::from([
+                (64500, "EXAMPLE-NET".to_string()),
+                (64510, "MORE-SPECIFIC".to_string()),
+                (64502, "V6-NET".to_string()),
+            ])
         );
         // And CSV text goes to the CSV parser.
         let csv = AsnDb::parse(Path::new("a.csv"), b"10.0.0.0/8,64500\n".to_vec()).unwrap();
