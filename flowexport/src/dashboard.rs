@@ -203,11 +203,7 @@ impl DashFlow {
             proto: Some(r.proto),
             src_port: r.src_port,
             dst_port: r.dst_port,
-            ip_version: match r.etype {
-                ETYPE_IPV4 => Some(4),
-                ETYPE_IPV6 => Some(6),
-                _ => Some(if r.src_addr.is_ipv4() { 4 } else { 6 }),
-            },
+            ip_version: Some(ip_version(r.etype, r.src_addr)),
             direction: Some(r.flow_direction),
             cid: r.cid,
             src_as_name: r.src_as_name.clone(),
@@ -345,12 +341,7 @@ fn decode_with(format: InputFormat, bytes: &[u8]) -> Result<DashFlow, DecodeErro
                 proto: Some(j.proto),
                 src_port: j.src_port,
                 dst_port: j.dst_port,
-                ip_version: Some(match j.etype {
-                    ETYPE_IPV6 => 6,
-                    ETYPE_IPV4 => 4,
-                    _ if j.src_addr.is_ipv4() => 4,
-                    _ => 6,
-                }),
+                ip_version: Some(ip_version(j.etype, j.src_addr)),
                 direction: Some(j.flow_direction),
                 cid: j.cid,
                 src_as_name: j.src_as_name,
@@ -552,13 +543,18 @@ pub fn scan_flow_message(mut b: &[u8]) -> Result<DashFlow, &'static str> {
     f.host = Host::Addr(sampler);
     f.proto = Some(proto);
     f.direction = Some(direction);
-    f.ip_version = Some(match etype {
+    f.ip_version = Some(ip_version(etype, src));
+    Ok(f)
+}
+
+/// 4 or 6: from the ethertype, else from the source address's family.
+fn ip_version(etype: u16, src: IpAddr) -> u8 {
+    match etype {
         ETYPE_IPV4 => 4,
         ETYPE_IPV6 => 6,
         _ if src.is_ipv4() => 4,
         _ => 6,
-    });
-    Ok(f)
+    }
 }
 
 /// Protocol label values: a fixed set.
@@ -941,9 +937,7 @@ pub fn run(args: DashboardArgs) -> Result<()> {
     });
     let mut names = HashMap::new();
     if let Some(p) = &args.asn_db {
-        let bytes = std::fs::read(p)
-            .with_context(|| format!("cannot start dashboard: {}: cannot read", p.display()))?;
-        let db = crate::enrich::AsnDb::parse(p, bytes).context("cannot start dashboard")?;
+        let db = crate::enrich::AsnDb::load(p).context("cannot start dashboard")?;
         names.extend(db.names());
     }
     if let Some(p) = &args.asn_names {

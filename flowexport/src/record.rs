@@ -352,41 +352,8 @@ mod tests {
 
     #[test]
     fn json_reads_back_what_it_wrote() {
-        let full = FlowRecord {
-            flow_type: FlowType::NetFlowV9,
-            time_received_ns: 1_763_800_000_000_000_001,
-            sequence_num: 77,
-            sampling_rate: 100,
-            sampler_address: Some("2001:db8::9".parse().unwrap()),
-            time_flow_start_ns: 1_763_799_999_000_000_000,
-            time_flow_end_ns: 1_763_799_999_500_000_000,
-            bytes: 1 << 40,
-            packets: 3,
-            src_addr: "10.0.0.1".parse().unwrap(),
-            dst_addr: "10.0.0.2".parse().unwrap(),
-            etype: 0x800,
-            proto: 6,
-            src_port: 443,
-            dst_port: 50000,
-            in_if: 4,
-            out_if: 5,
-            vlan_id: 12,
-            tcp_flags: 0x1b,
-            icmp_type: 0,
-            icmp_code: 0,
-            flow_direction: 1,
-            ip_tos: 0x2e,
-            src_as: 64500,
-            dst_as: 64501,
-            src_mac: 0x0200_0000_00aa,
-            dst_mac: 0x0200_0000_00bb,
-            observation_domain_id: 9,
-            src_cid: 1,
-            dst_cid: 0,
-            cid: 1,
-            src_as_name: "EXAMPLE, Inc".into(),
-            dst_as_name: String::new(),
-        };
+        // Every field set (the protobuf tests' sample lists them all).
+        let full = crate::codec::protobuf::tests::sample();
         let mut none = full.clone();
         none.sampler_address = None;
         none.flow_type = FlowType::Unknown;

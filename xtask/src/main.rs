@@ -83,86 +83,42 @@ fn main() -> Result<()> {
         Cmd::BuildEbpf { debug } => build_ebpf(debug),
         Cmd::Bench { what, args } => {
             build_ebpf(false)?;
-            match what.as_str() {
-                "kafka" => run(Command::new("cargo")
-                    .current_dir(root())
-                    .args([
-                        "run",
-                        "--release",
-                        "--quiet",
-                        "-p",
-                        "flowexport",
-                        "--bin",
-                        "flowexport-bench-kafka",
-                        "--",
-                    ])
-                    .args(&args)),
-                "xdp" => run(Command::new("cargo")
-                    .current_dir(root())
-                    .args([
-                        "run",
-                        "--release",
-                        "--quiet",
-                        "-p",
-                        "flowexport",
-                        "--bin",
-                        "flowexport-bench",
-                        "--",
-                        "xdp",
-                    ])
-                    .args(&args)),
-                "consumers" => {
-                    run(Command::new("cargo").current_dir(root()).args([
-                        "build",
-                        "--release",
-                        "--quiet",
-                        "-p",
-                        "flowexport",
-                        "--bin",
-                        "flowexport",
-                    ]))?;
-                    run(Command::new("cargo")
-                        .current_dir(root())
-                        .args([
-                            "run",
-                            "--release",
-                            "--quiet",
-                            "-p",
-                            "flowexport",
-                            "--bin",
-                            "flowexport-bench-consumers",
-                            "--",
-                        ])
-                        .args(&args))
-                }
-                "collect" => {
-                    run(Command::new("cargo").current_dir(root()).args([
-                        "build",
-                        "--release",
-                        "--quiet",
-                        "-p",
-                        "flowexport",
-                        "--bin",
-                        "flowexport",
-                    ]))?;
-                    run(Command::new("cargo")
-                        .current_dir(root())
-                        .args([
-                            "run",
-                            "--release",
-                            "--quiet",
-                            "-p",
-                            "flowexport",
-                            "--bin",
-                            "flowexport-bench-collect",
-                            "--",
-                        ])
-                        .args(&args))
-                }
+            // Benchmark binary, its leading arguments, and whether it runs
+            // the `flowexport` binary itself (which is then built first).
+            let (bin, lead, needs_flowexport): (&str, &[&str], bool) = match what.as_str() {
+                "xdp" => ("flowexport-bench", &["xdp"], false),
+                "kafka" => ("flowexport-bench-kafka", &[], false),
+                "collect" => ("flowexport-bench-collect", &[], true),
+                "consumers" => ("flowexport-bench-consumers", &[], true),
                 other => {
                     bail!("unknown benchmark {other:?}: available: xdp, kafka, collect, consumers")
                 }
+            };
+            if needs_flowexport {
+                run(Command::new("cargo").current_dir(root()).args([
+                    "build",
+                    "--release",
+                    "--quiet",
+                    "-p",
+                    "flowexport",
+                    "--bin",
+                    "flowexport",
+                ]))?;
             }
+            run(Command::new("cargo")
+                .current_dir(root())
+                .args([
+                    "run",
+                    "--release",
+                    "--quiet",
+                    "-p",
+                    "flowexport",
+                    "--bin",
+                    bin,
+                    "--",
+                ])
+                .args(lead)
+                .args(&args))
         }
     }
 }

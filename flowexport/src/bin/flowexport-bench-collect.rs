@@ -25,6 +25,9 @@ use flowexport::record::{FlowRecord, FlowType, ETYPE_IPV4};
 
 #[path = "bench-support/tansu.rs"]
 mod tansu;
+#[path = "bench-support/util.rs"]
+mod util;
+use util::cpu_seconds;
 
 const RECORDS_PER_PACKET: usize = 30;
 /// Packets per protocol in the stream.
@@ -86,19 +89,6 @@ fn decode_only(pkts: &[Vec<u8>]) -> f64 {
         }
     }
     total as f64 / t.elapsed().as_secs_f64()
-}
-
-/// utime + stime of a process and its threads, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let after = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // Fields 14 and 15 (utime, stime) are at 11 and 12 after the comm.
-    let ticks: f64 = f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
 /// All processes in process group `pgid` (nfacctd runs a core process and

@@ -31,7 +31,10 @@ use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
 #[path = "bench-support/tansu.rs"]
 mod tansu;
+#[path = "bench-support/util.rs"]
+mod util;
 use tansu::Tansu;
+use util::{cpu_seconds, send_waiting};
 
 const PREFIXES: usize = 100_000;
 const IN_PROCESS_RECORDS: usize = 200_000;
@@ -128,18 +131,6 @@ fn time_per_record(msgs: &[(Vec<u8>, Vec<u8>)], mut f: impl FnMut(&[u8])) -> f64
     best
 }
 
-/// utime + stime of a process and its threads, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let after = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
-
 fn produce(brokers: &str, topic: &str, msgs: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
     let p: ThreadedProducer<_> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -147,19 +138,20 @@ fn produce(brokers: &str, topic: &str, msgs: &[(Vec<u8>, Vec<u8>)]) -> Result<()
         .set("queue.buffering.max.messages", "1000000")
         .create()?;
     for (k, v) in msgs {
-        let mut rec = BaseRecord::to(topic).key(&k[..]).payload(&v[..]);
-        loop {
-            match p.send(rec) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    rec = r;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
-        }
+        send_waiting(&p, BaseRecord::to(topic).key(&k[..]).payload(&v[..]));
     }
     p.flush(Duration::from_secs(300))?;
     Ok(())
+}
+
+/// A plain consumer reading from the beginning, committing nothing.
+fn bare_reader(brokers: &str, group: &str) -> Result<BaseConsumer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()?)
 }
 
 /// The bare consumer: records/s and records per CPU-second of this process.
@@ -169,12 +161,7 @@ fn produce(brokers: &str, topic: &str, msgs: &[(Vec<u8>, Vec<u8>)]) -> Result<()
 fn bare_consumer(brokers: &str, topic: &str, n: usize, group: bool) -> Result<(f64, f64)> {
     let cpu0 = cpu_seconds(std::process::id());
     let t = Instant::now();
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("bare-{}-{group}", std::process::id()))
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .create()?;
+    let c = bare_reader(brokers, &format!("bare-{}-{group}", std::process::id()))?;
     if group {
         c.subscribe(&[topic])?;
     } else {
@@ -209,12 +196,7 @@ fn bare_consumer(brokers: &str, topic: &str, n: usize, group: bool) -> Result<(f
 fn bare_copy(brokers: &str, topic: &str, out: &str, n: usize) -> Result<(f64, f64)> {
     let cpu0 = cpu_seconds(std::process::id());
     let t = Instant::now();
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("copy-{}", std::process::id()))
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .create()?;
+    let c = bare_reader(brokers, &format!("copy-{}", std::process::id()))?;
     c.subscribe(&[topic])?;
     let p: ThreadedProducer<_> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -230,16 +212,7 @@ fn bare_copy(brokers: &str, topic: &str, out: &str, n: usize) -> Result<(f64, f6
             let m = m?;
             let payload = rdkafka::Message::payload(&m).unwrap_or_default();
             let key = rdkafka::Message::key(&m).unwrap_or_default();
-            let mut rec = BaseRecord::to(out).key(key).payload(payload);
-            loop {
-                match p.send(rec) {
-                    Ok(()) => break,
-                    Err((_, r)) => {
-                        rec = r;
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                }
-            }
+            send_waiting(&p, BaseRecord::to(out).key(key).payload(payload));
             got += 1;
         }
     }

@@ -24,7 +24,10 @@ use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
 #[path = "bench-support/tansu.rs"]
 mod tansu;
+#[path = "bench-support/util.rs"]
+mod util;
 use tansu::Tansu;
+use util::send_waiting;
 
 const ENCODE_ITERS: usize = 5_000_000;
 /// Below the sink's default buffer bound, so neither side drops anything.
@@ -134,16 +137,7 @@ fn run_bare(brokers: &str, msgs: &[(Vec<u8>, Vec<u8>)]) -> Result<f64> {
         .create()?;
     let t = Instant::now();
     for (k, v) in msgs {
-        let mut rec = BaseRecord::to("bench").key(&k[..]).payload(&v[..]);
-        loop {
-            match p.send(rec) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    rec = r;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
-        }
+        send_waiting(&p, BaseRecord::to("bench").key(&k[..]).payload(&v[..]));
     }
     p.flush(Duration::from_secs(120))?;
     Ok(msgs.len() as f64 / t.elapsed().as_secs_f64())

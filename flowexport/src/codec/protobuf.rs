@@ -225,7 +225,7 @@ pub fn decode(bytes: &[u8], length_prefix: bool) -> Result<FlowRecord, DecodeErr
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn sample() -> FlowRecord {

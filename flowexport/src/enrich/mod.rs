@@ -64,6 +64,15 @@ impl AsnDb {
         Ok(AsnDb::Csv(files::parse_asn_csv(path, &text)?))
     }
 
+    /// Reads and parses the file at `path` (see [`AsnDb::parse`]).
+    pub fn load(path: &Path) -> Result<AsnDb, FileError> {
+        let bytes = std::fs::read(path).map_err(|source| FileError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        AsnDb::parse(path, bytes)
+    }
+
     /// AS number and name of the network holding `a`.
     pub fn get(&self, a: std::net::IpAddr) -> Option<(u32, &str)> {
         match self {
@@ -158,17 +167,7 @@ impl Enricher {
     /// Reads every file; any error names the file and line.
     pub fn load(s: &Sources) -> Result<Enricher, FileError> {
         let customers = files::load(&s.customers, files::parse_customers)?;
-        let asn = s
-            .asn_db
-            .as_deref()
-            .map(|p: &Path| {
-                let bytes = std::fs::read(p).map_err(|source| FileError::Read {
-                    path: p.display().to_string(),
-                    source,
-                })?;
-                AsnDb::parse(p, bytes)
-            })
-            .transpose()?;
+        let asn = s.asn_db.as_deref().map(AsnDb::load).transpose()?;
         Ok(Enricher { customers, asn })
     }
 

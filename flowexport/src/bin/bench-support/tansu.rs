@@ -65,24 +65,6 @@ impl Tansu {
         Ok(t)
     }
 
-    /// Creates another topic (1 partition).
-    #[allow(dead_code)] // not every benchmark uses it
-    pub fn create_topic(&self, topic: &str) -> Result<()> {
-        let bin = std::env::var("TANSU_BIN").unwrap_or_else(|_| "tansu".into());
-        let out = Command::new(&bin)
-            .args(["topic", "create", topic, "--broker"])
-            .arg(format!("tcp://127.0.0.1:{}", self.port))
-            .args(["--partitions", "1"])
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "creating topic {topic}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
-    }
-
     pub fn brokers(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
