@@ -35,7 +35,9 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use crate::codec::protobuf;
 use crate::config::parse_duration;
 use crate::record::FlowRecord;
-use crate::sink::kafka::{message_key, parse_property, permanent, KafkaFormat};
+use crate::sink::kafka::{
+    message_key, parse_property, permanent, topic_partitions, KafkaFormat, RateLimitedLog,
+};
 
 /// How long a stop waits for the broker to acknowledge the last batch.
 const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(10);
@@ -168,17 +170,7 @@ struct Deliveries {
     /// Records produced and not yet acknowledged (or failed), per slot.
     outstanding: [AtomicU64; 2],
     retry: Mutex<Vec<Retry>>,
-    last_log: Mutex<Option<Instant>>,
-}
-
-impl Deliveries {
-    fn log(&self, msg: impl FnOnce() -> String) {
-        let mut last = self.last_log.lock().expect("log lock");
-        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-            *last = Some(Instant::now());
-            log::error!("{}", msg());
-        }
-    }
+    log: RateLimitedLog,
 }
 
 impl ClientContext for Deliveries {}
@@ -197,7 +189,8 @@ impl ProducerContext for Deliveries {
                 self.metrics.failed.inc();
                 self.outstanding[slot].fetch_sub(1, Ordering::AcqRel);
                 let topic = msg.topic().to_string();
-                self.log(|| format!("delivery to topic {topic} failed for good: {e}"));
+                self.log
+                    .error(|| format!("delivery to topic {topic} failed for good: {e}"));
             }
             Err((e, msg)) => {
                 // Produced again before the batch is committed (queued
@@ -210,7 +203,8 @@ impl ProducerContext for Deliveries {
                 ));
                 self.outstanding[slot].fetch_sub(1, Ordering::AcqRel);
                 let topic = msg.topic().to_string();
-                self.log(|| format!("delivery to topic {topic} failed ({e}); retrying"));
+                self.log
+                    .error(|| format!("delivery to topic {topic} failed ({e}); retrying"));
             }
         }
     }
@@ -286,7 +280,7 @@ impl Bridge {
                 metrics: metrics.clone(),
                 outstanding: [AtomicU64::new(0), AtomicU64::new(0)],
                 retry: Mutex::new(Vec::new()),
-                last_log: Mutex::new(None),
+                log: RateLimitedLog::new(),
             })
             .context("invalid Kafka producer configuration (check -X properties)")?;
         let admin: AdminClient<DefaultClientContext> = cc
@@ -549,14 +543,7 @@ impl Bridge {
             .producer
             .client()
             .fetch_metadata(Some(topic), Duration::from_secs(5))
-            .ok()
-            .and_then(|md| {
-                md.topics()
-                    .iter()
-                    .find(|t| t.name() == topic)
-                    .map(|t| t.error().is_none() && !t.partitions().is_empty())
-            })
-            .unwrap_or(false);
+            .is_ok_and(|md| topic_partitions(&md, topic).is_some());
         if exists {
             return;
         }

@@ -4,8 +4,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -13,7 +11,6 @@ use prometheus::{IntCounter, IntGauge, Registry};
 
 use crate::bridge::{Bridge, BridgeArgs, Route, Transform};
 use crate::enrich::{Enricher, Sources};
-use crate::metrics::{render_registry, serve};
 use crate::record::FlowRecord;
 
 #[derive(Args, Debug, Clone)]
@@ -186,38 +183,14 @@ fn run(
 ) -> Result<()> {
     let in_topic = bargs.in_topic.clone();
     let mut bridge = Bridge::new(bargs, group, create_topics, &registry)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    let reg = registry.clone();
-    runtime
-        .block_on(serve(metrics_addr, Arc::new(move || render_registry(&reg))))
-        .with_context(|| format!("cannot serve metrics on {metrics_addr}"))?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let reload = Arc::new(AtomicBool::new(false));
-    {
-        let (stop, reload) = (stop.clone(), reload.clone());
-        runtime.spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut hup)) =
-                (signal(SignalKind::terminate()), signal(SignalKind::hangup()))
-            else {
-                log::error!("cannot install signal handlers");
-                return;
-            };
-            loop {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => { log::info!("SIGINT: finishing the batch and stopping"); break; }
-                    _ = term.recv() => { log::info!("SIGTERM: finishing the batch and stopping"); break; }
-                    _ = hup.recv() => reload.store(true, Ordering::Relaxed),
-                }
-            }
-            stop.store(true, Ordering::Relaxed);
-        });
-    }
+    let service = crate::service::start(
+        metrics_addr,
+        &registry,
+        true,
+        "finishing the batch and stopping",
+    )?;
     log::info!("reading topic {in_topic} (metrics on http://{metrics_addr}/metrics)");
-    let res = bridge.run(t, &stop, &reload);
-    runtime.shutdown_background();
+    let res = bridge.run(t, &service.stop, &service.reload);
+    service.runtime.shutdown_background();
     res
 }

@@ -15,8 +15,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -29,9 +28,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Deserialize;
 
 use crate::enrich::files::{self, FileError};
-use crate::metrics::{render_registry, serve};
 use crate::record::{FlowRecord, ETYPE_IPV4, ETYPE_IPV6};
-use crate::sink::kafka::parse_property;
+use crate::sink::kafka::{parse_property, topic_partitions};
 
 /// Message format on the topic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -1015,12 +1013,9 @@ pub fn run(args: DashboardArgs) -> Result<()> {
                             args.topic, args.kafka_brokers
                         )
                     })?;
-                let t = md.topics().iter().find(|t| t.name() == args.topic);
-                match t {
-                    Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
-                        t.partitions().iter().map(|p| p.id()).collect()
-                    }
-                    _ => bail!(
+                match topic_partitions(&md, &args.topic) {
+                    Some(ids) => ids,
+                    None => bail!(
                         "topic {} does not exist on {} (create it, or check --topic)",
                         args.topic,
                         args.kafka_brokers
@@ -1040,32 +1035,8 @@ pub fn run(args: DashboardArgs) -> Result<()> {
         consumer.assign(&tpl)?;
     }
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    let reg = registry.clone();
-    runtime
-        .block_on(serve(
-            args.metrics_addr,
-            Arc::new(move || render_registry(&reg)),
-        ))
-        .with_context(|| format!("cannot serve metrics on {}", args.metrics_addr))?;
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        runtime.spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let Ok(mut term) = signal(SignalKind::terminate()) else {
-                return;
-            };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => log::info!("SIGINT: stopping"),
-                _ = term.recv() => log::info!("SIGTERM: stopping"),
-            }
-            stop.store(true, Ordering::Relaxed);
-        });
-    }
+    let service = crate::service::start(args.metrics_addr, &registry, false, "stopping")?;
+    let stop = &service.stop;
     log::info!(
         "dashboard reading topic {} as {format:?} (metrics on http://{}/metrics)",
         args.topic,
@@ -1100,7 +1071,7 @@ pub fn run(args: DashboardArgs) -> Result<()> {
             }
         }
     }
-    runtime.shutdown_background();
+    service.runtime.shutdown_background();
     Ok(())
 }
 
@@ -1108,6 +1079,7 @@ pub fn run(args: DashboardArgs) -> Result<()> {
 mod tests {
     use super::*;
     use crate::codec::protobuf;
+    use crate::metrics::render_registry;
 
     fn scrape(r: &Registry) -> String {
         render_registry(r)

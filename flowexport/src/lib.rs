@@ -15,5 +15,6 @@ pub mod dashboard;
 pub mod enrich;
 pub mod metrics;
 pub mod record;
+pub mod service;
 pub mod sink;
 pub mod timeconv;

@@ -157,21 +157,29 @@ impl KafkaMetrics {
     }
 }
 
+/// The partition ids of `topic` in fetched metadata; None when the topic is
+/// missing, carries an error, or has no partitions.
+pub(crate) fn topic_partitions(md: &rdkafka::metadata::Metadata, topic: &str) -> Option<Vec<i32>> {
+    let t = md.topics().iter().find(|t| t.name() == topic)?;
+    (t.error().is_none() && !t.partitions().is_empty())
+        .then(|| t.partitions().iter().map(|p| p.id()).collect())
+}
+
 /// Logs at most one line per interval, counting what it held back.
-struct RateLimitedLog {
+pub(crate) struct RateLimitedLog {
     last: Mutex<Option<Instant>>,
     suppressed: AtomicU64,
 }
 
 impl RateLimitedLog {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         RateLimitedLog {
             last: Mutex::new(None),
             suppressed: AtomicU64::new(0),
         }
     }
 
-    fn error(&self, msg: impl FnOnce() -> String) {
+    pub(crate) fn error(&self, msg: impl FnOnce() -> String) {
         let mut last = self.last.lock().expect("log lock");
         if last.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
@@ -322,13 +330,13 @@ impl KafkaSink {
                 self.cfg.buffer_records,
                 self.cfg.buffer_bytes
             ),
-            Ok(md) => match md.topics().iter().find(|t| t.name() == topic) {
-                Some(t) if t.error().is_none() && !t.partitions().is_empty() => log::info!(
+            Ok(md) => match topic_partitions(&md, topic) {
+                Some(p) => log::info!(
                     "Kafka sink: topic {topic} on {} ({} partitions)",
                     self.cfg.brokers,
-                    t.partitions().len()
+                    p.len()
                 ),
-                _ => log::warn!(
+                None => log::warn!(
                     "Kafka topic {topic} does not exist on {} (or has no partitions); create it, \
                      records are buffered meanwhile",
                     self.cfg.brokers
