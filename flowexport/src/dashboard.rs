@@ -175,20 +175,6 @@ impl From<&str> for Host {
 }
 
 impl DashFlow {
-    /// As [`DashFlow::from_record`], moving the AS names out instead of
-    /// copying them.
-    pub fn from_owned(mut r: FlowRecord) -> DashFlow {
-        let (src, dst) = (
-            std::mem::take(&mut r.src_as_name),
-            std::mem::take(&mut r.dst_as_name),
-        );
-        DashFlow {
-            src_as_name: src,
-            dst_as_name: dst,
-            ..DashFlow::from_record(&r)
-        }
-    }
-
     pub fn from_record(r: &FlowRecord) -> DashFlow {
         let scale = r.sampling_rate.max(1);
         DashFlow {
@@ -302,25 +288,6 @@ fn proto_number(name: &str) -> Option<u8> {
 
 /// Decodes one message.
 pub fn decode(format: InputFormat, bytes: &[u8]) -> Result<DashFlow, DecodeError> {
-    FlowDecoder::new(format).decode(bytes)
-}
-
-/// Decodes messages of one format one after another.
-pub struct FlowDecoder {
-    format: InputFormat,
-}
-
-impl FlowDecoder {
-    pub fn new(format: InputFormat) -> FlowDecoder {
-        FlowDecoder { format }
-    }
-
-    pub fn decode(&mut self, bytes: &[u8]) -> Result<DashFlow, DecodeError> {
-        decode_with(self.format, bytes)
-    }
-}
-
-fn decode_with(format: InputFormat, bytes: &[u8]) -> Result<DashFlow, DecodeError> {
     match format {
         InputFormat::Protobuf => {
             scan_flow_message(bytes).map_err(|e| DecodeError::Protobuf(e.into()))
@@ -1043,7 +1010,6 @@ pub fn run(args: DashboardArgs) -> Result<()> {
         args.metrics_addr
     );
     let mut last_log: Option<std::time::Instant> = None;
-    let mut decoder = FlowDecoder::new(format);
     while !stop.load(Ordering::Relaxed) {
         let Some(m) = consumer.poll(Duration::from_millis(200)) else {
             continue;
@@ -1056,7 +1022,7 @@ pub fn run(args: DashboardArgs) -> Result<()> {
             }
         };
         messages.inc();
-        match decoder.decode(m.payload().unwrap_or_default()) {
+        match decode(format, m.payload().unwrap_or_default()) {
             Ok(f) => dash.add(&f),
             Err(e) => {
                 undecodable.with_label_values(&[e.reason()]).inc();

@@ -272,26 +272,23 @@ fn enrich_then_split_per_customer_exact() {
 
     // SIGHUP: a bad file is refused (old tables stay), a good one is used
     // for what comes next; nothing is lost either way.
-    std::fs::write(&customers, "10.1.0.0/16,1\n10.1.5.0/24,x\n").unwrap();
-    enrich.signal(libc::SIGHUP);
-    assert!(
-        wait_until(Duration::from_secs(20), || enrich
-            .stderr()
-            .contains("reload failed, keeping the old tables")),
-        "{}",
-        enrich.stderr()
+    // Writes the customer list, sends SIGHUP and waits for `logged`.
+    let reload = |list: &str, logged: &str| {
+        std::fs::write(&customers, list).unwrap();
+        enrich.signal(libc::SIGHUP);
+        assert!(
+            wait_until(Duration::from_secs(20), || enrich.stderr().contains(logged)),
+            "{}",
+            enrich.stderr()
+        );
+    };
+    reload(
+        "10.1.0.0/16,1\n10.1.5.0/24,x\n",
+        "reload failed, keeping the old tables",
     );
     broker.produce("input", messages(&[flow(600)])).unwrap();
     wait_count(&broker, "enriched", 601, &enrich);
-    std::fs::write(&customers, "10.1.0.0/16,1\n10.1.5.0/24,12\n").unwrap();
-    enrich.signal(libc::SIGHUP);
-    assert!(
-        wait_until(Duration::from_secs(20), || enrich
-            .stderr()
-            .contains("SIGHUP: files reloaded")),
-        "{}",
-        enrich.stderr()
-    );
+    reload("10.1.0.0/16,1\n10.1.5.0/24,12\n", "SIGHUP: files reloaded");
     broker.produce("input", messages(&[flow(606)])).unwrap();
     wait_count(&broker, "enriched", 602, &enrich);
     let late: Vec<(u32, u32)> = decode_all(&broker, "enriched")

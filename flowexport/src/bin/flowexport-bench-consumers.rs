@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use flowexport::codec::protobuf;
 use flowexport::dashboard::{self, Dashboard, InputFormat};
-use flowexport::enrich::{files, Enricher};
+use flowexport::enrich::{files, AsnDb, Enricher};
 use flowexport::record::{FlowRecord, FlowType, ETYPE_IPV4};
 use flowexport::sink::kafka::message_key;
 use rdkafka::config::ClientConfig;
@@ -319,7 +319,7 @@ fn main() -> Result<()> {
     let customers = files::parse_customers(&customers_path, &customers_text)?;
     let build_ms = t.elapsed().as_secs_f64() * 1e3;
     let asn = files::parse_asn_csv(&asn_path, &asn_text)?;
-    let enricher = Enricher::new(customers, Some(asn));
+    let enricher = Enricher::new(customers, Some(AsnDb::Csv(asn)));
     let recs = records(IN_PROCESS_RECORDS);
     let msgs = encode_all(&recs);
     let mut matched = 0usize;
@@ -371,9 +371,8 @@ fn main() -> Result<()> {
         })
         .collect();
     let enriched_msgs = encode_all(&enriched);
-    let mut fdec = dashboard::FlowDecoder::new(InputFormat::Protobuf);
     let dash_ns = time_per_record(&enriched_msgs, |v| {
-        let f = fdec.decode(v).expect("valid");
+        let f = dashboard::decode(InputFormat::Protobuf, v).expect("valid");
         dash.add(&f);
     });
     let rounds = IN_PROCESS_ROUNDS * IN_PROCESS_RECORDS;

@@ -153,14 +153,7 @@ pub struct Sources {
 }
 
 impl Enricher {
-    pub fn new(customers: PrefixTable<u32>, asn: Option<PrefixTable<AsInfo>>) -> Enricher {
-        Enricher {
-            customers,
-            asn: asn.map(AsnDb::Csv),
-        }
-    }
-
-    pub fn with_asn_db(customers: PrefixTable<u32>, asn: Option<AsnDb>) -> Enricher {
+    pub fn new(customers: PrefixTable<u32>, asn: Option<AsnDb>) -> Enricher {
         Enricher { customers, asn }
     }
 
@@ -232,7 +225,7 @@ mod tests {
             "10.0.0.0/8,64500,EXAMPLE-NET\n198.51.100.0/24,64501\n",
         )
         .unwrap();
-        Enricher::new(c, Some(a))
+        Enricher::new(c, Some(AsnDb::Csv(a)))
     }
 
     fn flow(src: &str, dst: &str, dir: u8) -> FlowRecord {
@@ -284,7 +277,7 @@ mod tests {
         assert_eq!(g("2001:db8:1::1"), Some((64502, "V6-NET")));
         assert_eq!(g("192.0.2.1"), None);
         assert_eq!(g("2001:db9::1"), None);
-        let e = Enricher::with_asn_db(PrefixTable::default(), Some(asn));
+        let e = Enricher::new(PrefixTable::default(), Some(asn));
         let mut r = flow("10.1.0.1", "198.51.100.1", 0);
         e.apply(&mut r);
         assert_eq!(
