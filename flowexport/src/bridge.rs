@@ -381,9 +381,9 @@ impl Bridge {
                     self.metrics.dropped.inc();
                     continue;
                 }
-                Route::To(topic) => topic.to_string(),
+                Route::To(topic) => topic,
             };
-            self.ensure_topic(&topic);
+            self.ensure_topic(topic);
             self.payload.clear();
             match self.args.out_format {
                 KafkaFormat::Protobuf => self.encoder.encode(&r, false, &mut self.payload),
@@ -393,7 +393,7 @@ impl Bridge {
             }
             self.key.clear();
             message_key(&r, &mut self.key);
-            self.produce(self.slot, &topic, &self.key, &self.payload, stop)?;
+            self.produce(self.slot, topic, &self.key, &self.payload, stop)?;
             self.metrics.produced.inc();
         }
         if n == 0 {
