@@ -114,19 +114,35 @@ impl Netns {
     }
 
     /// A counter from /proc/net/snmp in this namespace, e.g. ("Tcp", "OutSegs").
+    /// A counter from this namespace's /proc/net/snmp (`Tcp`, `Ip`, ...).
     pub fn snmp(&self, group: &str, field: &str) -> Result<u64> {
-        let text = self.exec(&["cat", "/proc/net/snmp"])?;
+        self.proc_counter("/proc/net/snmp", group, field)
+    }
+
+    /// A counter from this namespace's /proc/net/netstat (`IpExt`, `TcpExt`).
+    pub fn netstat(&self, group: &str, field: &str) -> Result<u64> {
+        self.proc_counter("/proc/net/netstat", group, field)
+    }
+
+    /// Both files hold pairs of lines, `Group: names...` then `Group: values...`.
+    fn proc_counter(&self, file: &str, group: &str, field: &str) -> Result<u64> {
+        let text = self.exec(&["cat", file])?;
         let prefix = format!("{group}:");
         let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
         let (names, values) = (lines.next(), lines.next());
         let (Some(names), Some(values)) = (names, values) else {
-            bail!("no {group} section in /proc/net/snmp");
+            bail!("no {group} section in {file}");
         };
         let i = names
             .split_whitespace()
             .position(|n| n == field)
-            .with_context(|| format!("no {group} {field} in /proc/net/snmp"))?;
-        Ok(values.split_whitespace().nth(i).unwrap().parse()?)
+            .with_context(|| format!("no {group} {field} in {file}"))?;
+        values
+            .split_whitespace()
+            .nth(i)
+            .with_context(|| format!("{group} {field}: no value in {file}"))?
+            .parse()
+            .with_context(|| format!("{group} {field} in {file}"))
     }
 
     pub fn ifindex(&self, dev: &str) -> Result<u32> {
