@@ -235,38 +235,6 @@ struct PmacctFlow {
     sampling_rate: Option<u64>,
 }
 
-/// flowexport's JSON record; the fields the dashboard uses.
-#[derive(Deserialize)]
-struct JsonFlow {
-    #[serde(default)]
-    sampler_address: String,
-    src_addr: IpAddr,
-    #[serde(default)]
-    etype: u16,
-    #[serde(default)]
-    proto: u8,
-    #[serde(default)]
-    src_port: u16,
-    #[serde(default)]
-    dst_port: u16,
-    bytes: u64,
-    packets: u64,
-    #[serde(default)]
-    sampling_rate: u64,
-    #[serde(default)]
-    flow_direction: u8,
-    #[serde(default)]
-    cid: u32,
-    #[serde(default)]
-    src_as: u32,
-    #[serde(default)]
-    dst_as: u32,
-    #[serde(default)]
-    src_as_name: String,
-    #[serde(default)]
-    dst_as_name: String,
-}
-
 /// IP protocol numbers for pmacct's `ip_proto` names.
 fn proto_number(name: &str) -> Option<u8> {
     Some(match name.to_ascii_lowercase().as_str() {
@@ -293,24 +261,26 @@ pub fn decode(format: InputFormat, bytes: &[u8]) -> Result<DashFlow, DecodeError
             scan_flow_message(bytes).map_err(|e| DecodeError::Protobuf(e.into()))
         }
         InputFormat::Json => {
-            let j: JsonFlow =
-                serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;
-            let scale = j.sampling_rate.max(1);
+            // The same reader (and the same required fields) as enrich and
+            // split use for `--in-format json`.
+            let r =
+                crate::record::from_json(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;
+            let scale = r.sampling_rate.max(1);
             Ok(DashFlow {
-                host: Host::Label(j.sampler_address),
-                src_as: j.src_as,
-                dst_as: j.dst_as,
-                bytes: j.bytes.saturating_mul(scale),
-                packets: j.packets.saturating_mul(scale),
+                host: Host::Label(r.sampler_address.map(|a| a.to_string()).unwrap_or_default()),
+                src_as: r.src_as,
+                dst_as: r.dst_as,
+                bytes: r.bytes.saturating_mul(scale),
+                packets: r.packets.saturating_mul(scale),
                 flows: 1,
-                proto: Some(j.proto),
-                src_port: j.src_port,
-                dst_port: j.dst_port,
-                ip_version: Some(ip_version(j.etype, j.src_addr)),
-                direction: Some(j.flow_direction),
-                cid: j.cid,
-                src_as_name: j.src_as_name,
-                dst_as_name: j.dst_as_name,
+                proto: Some(r.proto),
+                src_port: r.src_port,
+                dst_port: r.dst_port,
+                ip_version: Some(ip_version(r.etype, r.src_addr)),
+                direction: Some(r.flow_direction),
+                cid: r.cid,
+                src_as_name: r.src_as_name,
+                dst_as_name: r.dst_as_name,
             })
         }
         InputFormat::PmacctJson => {
@@ -1096,6 +1066,28 @@ mod tests {
                 decode(InputFormat::PmacctJson, bad).unwrap_err().reason(),
                 "json"
             );
+        }
+    }
+
+    #[test]
+    fn our_json_records_read_as_enrich_reads_them() {
+        let mut r = crate::codec::protobuf::tests::sample();
+        r.sampling_rate = 10;
+        let f = decode(InputFormat::Json, r.to_json().as_bytes()).unwrap();
+        assert_eq!(
+            (f.bytes, f.packets, f.flows, f.cid),
+            (r.bytes * 10, r.packets * 10, 1, r.cid)
+        );
+        assert_eq!(f.host.to_string(), r.sampler_address.unwrap().to_string());
+        assert_eq!((f.src_as, f.dst_as), (r.src_as, r.dst_as));
+        // The required fields of record::from_json: a record without its
+        // counters or addresses is counted as undecodable.
+        for bad in [
+            &br#"{"src_addr":"10.0.0.1","dst_addr":"10.0.0.2","packets":1}"#[..],
+            br#"{"dst_addr":"10.0.0.2","bytes":1,"packets":1}"#,
+            b"{}",
+        ] {
+            assert_eq!(decode(InputFormat::Json, bad).unwrap_err().reason(), "json");
         }
     }
 

@@ -7,8 +7,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use flowexport_common::{FlowKey, DIR_EGRESS};
 
 /// Where a record came from, as goflow2's `FlowMessage.type` names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum FlowType {
+    #[default]
     Unknown,
     SFlow5,
     NetFlowV5,
@@ -59,56 +60,83 @@ const IPPROTO_ICMPV6: u8 = 58;
 
 /// One flow (or one active-timeout slice of a long flow). Field names are
 /// goflow2's JSON names; times are wall-clock nanoseconds since the epoch.
-/// Reads back from that JSON ([`from_json`]): missing fields are 0/empty,
-/// unknown fields are ignored.
+/// Reads back from that JSON ([`from_json`]): `src_addr`, `dst_addr`,
+/// `bytes` and `packets` are required (a record without them is malformed,
+/// not a zero flow); any other missing field is 0/empty, unknown fields are
+/// ignored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
 pub struct FlowRecord {
-    #[serde(rename = "type")]
+    #[serde(default, rename = "type")]
     pub flow_type: FlowType,
+    #[serde(default)]
     pub time_received_ns: u64,
+    #[serde(default)]
     pub sequence_num: u32,
+    #[serde(default)]
     pub sampling_rate: u64,
-    #[serde(serialize_with = "addr_or_empty", deserialize_with = "addr_from_text")]
+    #[serde(
+        default,
+        serialize_with = "addr_or_empty",
+        deserialize_with = "addr_from_text"
+    )]
     pub sampler_address: Option<IpAddr>,
+    #[serde(default)]
     pub time_flow_start_ns: u64,
+    #[serde(default)]
     pub time_flow_end_ns: u64,
     pub bytes: u64,
     pub packets: u64,
     pub src_addr: IpAddr,
     pub dst_addr: IpAddr,
+    #[serde(default)]
     pub etype: u16,
+    #[serde(default)]
     pub proto: u8,
+    #[serde(default)]
     pub src_port: u16,
+    #[serde(default)]
     pub dst_port: u16,
+    #[serde(default)]
     pub in_if: u32,
+    #[serde(default)]
     pub out_if: u32,
+    #[serde(default)]
     pub vlan_id: u16,
+    #[serde(default)]
     pub tcp_flags: u8,
+    #[serde(default)]
     pub icmp_type: u8,
+    #[serde(default)]
     pub icmp_code: u8,
     /// 0 = ingress, 1 = egress (as goflow2's `flow_direction`).
+    #[serde(default)]
     pub flow_direction: u8,
+    #[serde(default)]
     pub ip_tos: u8,
+    #[serde(default)]
     pub src_as: u32,
+    #[serde(default)]
     pub dst_as: u32,
     /// MAC addresses in the low 48 bits, as goflow2 carries them.
+    #[serde(default)]
     pub src_mac: u64,
+    #[serde(default)]
     pub dst_mac: u64,
     /// IPFIX observation domain / NetFlow v9 source id of the exporter.
+    #[serde(default)]
     pub observation_domain_id: u32,
     /// Customer ids set by `flowexport enrich` (0 = none): of the source,
     /// the destination, and the local side. Left out of JSON when 0.
-    #[serde(skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub src_cid: u32,
-    #[serde(skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub dst_cid: u32,
-    #[serde(skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub cid: u32,
     /// AS names from enrich's ASN database. Left out of JSON when empty.
-    #[serde(skip_serializing_if = "String::is_empty")]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub src_as_name: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub dst_as_name: String,
 }
 
@@ -360,13 +388,30 @@ mod tests {
         for r in [full, none] {
             assert_eq!(from_json(r.to_json().as_bytes()).unwrap(), r);
         }
-        // Missing fields are zero, unknown ones ignored; bad addresses and
-        // wrong types are errors.
+        // Optional fields missing are zero, unknown ones ignored; bad
+        // addresses and wrong types are errors.
         let r =
-            from_json(br#"{"src_addr":"10.1.1.1","dst_addr":"::1","bytes":5,"x":[1]}"#).unwrap();
-        assert_eq!((r.bytes, r.packets, r.sampler_address), (5, 0, None));
-        assert!(from_json(br#"{"src_addr":"10.1.1","bytes":5}"#).is_err());
-        assert!(from_json(br#"{"bytes":"five"}"#).is_err());
+            from_json(br#"{"src_addr":"10.1.1.1","dst_addr":"::1","bytes":5,"packets":2,"x":[1]}"#)
+                .unwrap();
+        assert_eq!(
+            (r.bytes, r.packets, r.proto, r.sampler_address),
+            (5, 2, 0, None)
+        );
+        assert!(
+            from_json(br#"{"src_addr":"10.1.1","dst_addr":"::1","bytes":5,"packets":2}"#).is_err()
+        );
+        assert!(from_json(
+            br#"{"src_addr":"10.1.1.1","dst_addr":"::1","bytes":"five","packets":2}"#
+        )
+        .is_err());
+        // The addresses and counters are required: without them a record is
+        // malformed, not a zero flow.
+        for missing in ["src_addr", "dst_addr", "bytes", "packets"] {
+            let mut v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+            v.as_object_mut().unwrap().remove(missing);
+            let e = from_json(v.to_string().as_bytes()).unwrap_err().to_string();
+            assert!(e.contains(&format!("missing field `{missing}`")), "{e}");
+        }
         assert!(from_json(b"not json").is_err());
     }
 

@@ -498,6 +498,11 @@ fn enrich_reads_and_writes_json() {
         .map(|r| (Vec::new(), r.to_json().into_bytes()))
         .collect();
     msgs.push((Vec::new(), b"{\"src_addr\": \"not an address\"}".to_vec()));
+    // Well-formed JSON without the byte counter: malformed, not a zero flow.
+    msgs.push((
+        Vec::new(),
+        br#"{"src_addr":"10.0.0.1","dst_addr":"10.0.0.2","packets":1}"#.to_vec(),
+    ));
     broker.produce("jin", msgs).unwrap();
     let (brokers, customers) = (broker.addr(), files.path("customers.csv"));
     let enrich = Agent::start_command(
@@ -543,7 +548,7 @@ fn enrich_reads_and_writes_json() {
     let m = enrich.metrics(9592).unwrap();
     assert_eq!(
         metric(&m, "flowexport_bridge_undecodable_total"),
-        Some(1.0),
+        Some(2.0),
         "{m}"
     );
     let o = enrich.stop().unwrap();
