@@ -540,10 +540,20 @@ fn full_table_falls_back_without_loss(cache_slots: &str) {
         .collect();
     assert_eq!(send(&l.a, &l.a_dev, frames, 3), 1200);
     let mut m = String::new();
-    wait_until(Duration::from_secs(5), || {
+    let counted = wait_until(Duration::from_secs(5), || {
         m = agent.metrics(9590).unwrap_or_default();
         metric(&m, "flowexport_packets_total{direction=\"ingress\"}") == Some(1200.0)
     });
+    assert!(counted, "the 1200 packets were not counted:\n{m}");
+    // A drain updates the packet counters before the fallback counter, so
+    // that scrape may have fallen between the two: read the metrics again
+    // once a later drain has started (the previous one's update is done).
+    let drains = metric(&m, "flowexport_drains_total").unwrap();
+    let settled = wait_until(Duration::from_secs(5), || {
+        m = agent.metrics(9590).unwrap_or_default();
+        metric(&m, "flowexport_drains_total").is_some_and(|d| d > drains)
+    });
+    assert!(settled, "no drain after the count:\n{m}");
     let out = agent.stop().unwrap();
     assert!(out.status.success(), "{}", out.stderr);
     let fallback = metric(&m, "flowexport_table_full_fallback_packets_total").unwrap();
