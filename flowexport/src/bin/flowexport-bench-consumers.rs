@@ -4,7 +4,8 @@
 //! 1. In process, one core: enrich's per-record work (protobuf decode,
 //!    customer and ASN lookups in 100k-prefix tables, protobuf encode) and
 //!    the dashboard's (decode, counters), ns/record.
-//! 2. End to end on a local Tansu broker (or `--brokers HOST:PORT`): N
+//! 2. End to end on a local Tansu broker (or `--brokers HOST:PORT`, or
+//!    `--mock-cluster` for librdkafka's in-process mock broker): N
 //!    records on a topic, read by bare rdkafka consumers (one joining a
 //!    group as enrich does, one assigned the partition as the dashboard
 //!    does), by a bare consume + produce copy, by `flowexport enrich`
@@ -44,6 +45,7 @@ const PREFIXES: usize = 100_000;
 const IN_PROCESS_RECORDS: usize = 200_000;
 const IN_PROCESS_ROUNDS: usize = 5;
 const E2E_RECORDS: usize = 100_000;
+const MOCK_E2E_RECORDS: usize = 40_000;
 
 /// One reader's end-to-end figures.
 #[derive(Clone, Copy)]
@@ -457,10 +459,22 @@ fn main() -> Result<()> {
 
     // 2. End to end: the local Tansu, or `--brokers HOST:PORT` (any other
     // broker already running; topics get this run's own names).
+    // `--mock-cluster`: librdkafka's in-process mock broker (in memory,
+    // inside this process), a broker whose writes are not slower than its
+    // reads.
+    let mock = std::env::args().any(|a| a == "--mock-cluster");
     let external = std::env::args().skip_while(|a| a != "--brokers").nth(1);
     let tansu;
+    let mut mock_cluster = None;
     let (brokers, broker_name) = match &external {
         Some(b) => (b.clone(), format!("the broker at {b}")),
+        None if mock => {
+            let c = mock_cluster.insert(rdkafka::mocking::MockCluster::new(1)?);
+            (
+                c.bootstrap_servers(),
+                "librdkafka's mock cluster (in memory, in the benchmark's process)".to_string(),
+            )
+        }
         None => {
             tansu = Tansu::start("flows")?;
             (tansu.brokers(), "a local Tansu broker".to_string())
@@ -475,12 +489,26 @@ fn main() -> Result<()> {
         }
     };
     let (flows_t, enriched_t, copied_t) = (topic("flows"), topic("enriched"), topic("copied"));
-    if external.is_some() {
-        create_topic(&brokers, &flows_t)?;
+    if let Some(c) = &mock_cluster {
+        // The mock cluster takes no CreateTopics requests.
+        for t in [&flows_t, &enriched_t, &copied_t] {
+            c.create_topic(t, 1, 1)?;
+        }
+    } else {
+        if external.is_some() {
+            create_topic(&brokers, &flows_t)?;
+        }
+        create_topic(&brokers, &enriched_t)?;
+        create_topic(&brokers, &copied_t)?;
     }
-    create_topic(&brokers, &enriched_t)?;
-    create_topic(&brokers, &copied_t)?;
-    let e2e = encode_all(&records(E2E_RECORDS));
+    // The mock cluster keeps about 5 MB per partition and deletes older
+    // messages beyond it: stay under that.
+    let e2e_records = if mock_cluster.is_some() {
+        MOCK_E2E_RECORDS
+    } else {
+        E2E_RECORDS
+    };
+    let e2e = encode_all(&records(e2e_records));
     produce(&brokers, &flows_t, &e2e)?;
     let bin: PathBuf = std::env::current_exe()?
         .parent()
@@ -492,10 +520,10 @@ fn main() -> Result<()> {
             bin.display()
         );
     }
-    let bare = bare_consumer(&brokers, &flows_t, E2E_RECORDS, true)?;
-    let bare_assigned = bare_consumer(&brokers, &flows_t, E2E_RECORDS, false)?;
-    let copy = bare_copy(&brokers, &flows_t, &copied_t, E2E_RECORDS)?;
-    let n = E2E_RECORDS as f64;
+    let bare = bare_consumer(&brokers, &flows_t, e2e_records, true)?;
+    let bare_assigned = bare_consumer(&brokers, &flows_t, e2e_records, false)?;
+    let copy = bare_copy(&brokers, &flows_t, &copied_t, e2e_records)?;
+    let n = e2e_records as f64;
     let port = free_port()?;
     let ps = port.to_string();
     let metrics = format!("127.0.0.1:{ps}");
@@ -523,7 +551,7 @@ fn main() -> Result<()> {
             &format!("bench-enrich-{pid}"),
         ],
         port,
-        E2E_RECORDS,
+        e2e_records,
         |m| metric(m, "flowexport_bridge_consumed_total"),
         |m| {
             metric(m, "flowexport_bridge_consumed_total") == Some(n)
@@ -546,13 +574,13 @@ fn main() -> Result<()> {
             &metrics,
         ],
         port,
-        E2E_RECORDS,
+        e2e_records,
         |m| metric(m, "flowexport_dashboard_messages_total"),
         |m| metric(m, "flowexport_dashboard_messages_total") == Some(n),
     )?;
     let _ = std::fs::remove_dir_all(&dir);
     println!(
-        "\nEnd to end on {broker_name} ({E2E_RECORDS} records, 1 partition). Whole run: \
+        "\nEnd to end on {broker_name} ({e2e_records} records, 1 partition). Whole run: \
          wall time from start (client creation, or process spawn: group join, and for \
          enrich loading its tables) to the last record. Steady: from the first record \
          read to the last record done. CPU: utime + stime of the reading process over \
