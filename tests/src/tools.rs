@@ -62,6 +62,16 @@ pub fn udp_listening(ns: &Netns, port: u16) -> bool {
         .unwrap_or(false)
 }
 
+/// Bytes waiting in the receive queue of the UDP socket bound to `port` in
+/// `ns` (None: no such socket).
+pub fn udp_recv_queue(ns: &Netns, port: u16) -> Option<u64> {
+    let out = ns
+        .exec(&["ss", "-Hlun", &format!("sport = :{port}")])
+        .ok()?;
+    // Columns: State Recv-Q Send-Q Local Peer.
+    out.lines().next()?.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// nfcapd writing into `dir`, listening on 127.0.0.1:`port` in `ns`; with
 /// `repeat_to`, it also repeats every packet it receives, unchanged, to that
 /// 127.0.0.1 port (nfcapd's `-R`), so a second collector sees the same stream.

@@ -214,6 +214,17 @@ fn ipfix_and_netflow9_export_decoded_by_nfdump_and_tshark() {
     let out = agent.stop().unwrap();
     assert!(out.status.success(), "{}", out.stderr);
     assert!(out.records.is_empty(), "stdout is off with other sinks");
+    // The agent has sent its last export packet; both nfcapd must have read
+    // every datagram before they are stopped (their sockets' queues empty),
+    // and tshark gets a moment for the last packets of its capture.
+    assert!(
+        wait_until(Duration::from_secs(10), || [p_ipfix, p_v9]
+            .iter()
+            .all(|p| udp_recv_queue(&l.b, *p) == Some(0))),
+        "nfcapd did not read all export packets: queues {:?} {:?}",
+        udp_recv_queue(&l.b, p_ipfix),
+        udp_recv_queue(&l.b, p_v9)
+    );
     std::thread::sleep(Duration::from_millis(500));
     cap_ipfix.term();
     cap_v9.term();
