@@ -827,6 +827,7 @@ fn real_tcp_transfer_counts_gso_segments_exactly() {
     let ifb = l.b.ifindex(&l.b_dev).unwrap();
     let agent = Agent::start(&l.b, &agent_args(&[&l.b_dev], &[])).unwrap();
     let out0 = l.b.snmp("Tcp", "OutSegs").unwrap();
+    let retrans0 = l.b.snmp("Tcp", "RetransSegs").unwrap();
     let in0 = l.b.snmp("Tcp", "InSegs").unwrap();
     let a_out_octets0 = l.a.netstat("IpExt", "OutOctets").unwrap();
 
@@ -860,7 +861,9 @@ fn real_tcp_transfer_counts_gso_segments_exactly() {
     assert_eq!(server.join().unwrap().unwrap().unwrap(), TOTAL);
     // Let the connection's last segments cross the link.
     std::thread::sleep(Duration::from_millis(300));
-    let out_segs = l.b.snmp("Tcp", "OutSegs").unwrap() - out0;
+    // Linux counts a retransmitted segment in RetransSegs, not OutSegs.
+    let out_segs = l.b.snmp("Tcp", "OutSegs").unwrap() - out0
+        + (l.b.snmp("Tcp", "RetransSegs").unwrap() - retrans0);
     let in_segs = l.b.snmp("Tcp", "InSegs").unwrap() - in0;
     // A sends only this connection's SYN-ACK, ACKs and FIN, never as GSO, so
     // its IP output octets are exactly what crossed into b0.
@@ -872,7 +875,10 @@ fn real_tcp_transfer_counts_gso_segments_exactly() {
     let port = client_port as u64;
     let egress = got[&FlowId::new(1, ifb, "10.20.0.2", "10.20.0.1", 6, port, 5001, 0)];
     let ingress = got[&FlowId::new(0, ifb, "10.20.0.1", "10.20.0.2", 6, 5001, port, 0)];
-    assert_eq!(egress.packets, out_segs, "egress segments vs TcpOutSegs");
+    assert_eq!(
+        egress.packets, out_segs,
+        "egress segments vs TcpOutSegs + TcpRetransSegs"
+    );
     assert_eq!(egress.packets, segs_out, "egress segments vs tcpi_segs_out");
     assert_eq!(ingress.packets, in_segs, "ingress segments vs TcpInSegs");
     // Egress bytes: every segment of B is 20 (IP) + 32 (TCP with timestamps)
