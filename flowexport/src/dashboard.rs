@@ -265,23 +265,7 @@ pub fn decode(format: InputFormat, bytes: &[u8]) -> Result<DashFlow, DecodeError
             // split use for `--in-format json`.
             let r =
                 crate::record::from_json(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;
-            let scale = r.sampling_rate.max(1);
-            Ok(DashFlow {
-                host: Host::Label(r.sampler_address.map(|a| a.to_string()).unwrap_or_default()),
-                src_as: r.src_as,
-                dst_as: r.dst_as,
-                bytes: r.bytes.saturating_mul(scale),
-                packets: r.packets.saturating_mul(scale),
-                flows: 1,
-                proto: Some(r.proto),
-                src_port: r.src_port,
-                dst_port: r.dst_port,
-                ip_version: Some(ip_version(r.etype, r.src_addr)),
-                direction: Some(r.flow_direction),
-                cid: r.cid,
-                src_as_name: r.src_as_name,
-                dst_as_name: r.dst_as_name,
-            })
+            Ok(DashFlow::from_record(&r))
         }
         InputFormat::PmacctJson => {
             let p: PmacctFlow =
@@ -307,7 +291,7 @@ pub fn decode(format: InputFormat, bytes: &[u8]) -> Result<DashFlow, DecodeError
                 proto,
                 src_port: p.port_src,
                 dst_port: p.port_dst,
-                ip_version: addr.map(|a| if a.is_ipv4() { 4 } else { 6 }),
+                ip_version: addr.map(|a| ip_version(0, a)),
                 direction: None,
                 cid: 0,
                 src_as_name: String::new(),
