@@ -32,7 +32,8 @@ use flowexport::record::{FlowRecord, FlowType, ETYPE_IPV4};
 use flowexport::sink::kafka::message_key;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
 #[path = "bench-support/tansu.rs"]
 mod tansu;
@@ -64,6 +65,20 @@ struct Rates {
 /// `before` were read by then (1 for the bare readers: the first itself).
 fn steady(n: usize, before: f64, secs: f64) -> f64 {
     (n as f64 - before) / secs
+}
+
+impl Rates {
+    /// A bare reader in this process: `n` records, started at `t` with
+    /// `cpu0` CPU seconds used, its first record read at `first`, its last
+    /// done now.
+    fn of_this_process(n: usize, t: Instant, cpu0: f64, first: Instant) -> Rates {
+        let cpu = cpu_seconds(std::process::id()) - cpu0;
+        Rates {
+            whole: n as f64 / t.elapsed().as_secs_f64(),
+            steady: steady(n, 1.0, first.elapsed().as_secs_f64()),
+            per_cpu: n as f64 / cpu,
+        }
+    }
 }
 
 struct XorShift(u64);
@@ -156,12 +171,17 @@ fn time_per_record(msgs: &[(Vec<u8>, Vec<u8>)], mut f: impl FnMut(&[u8])) -> f64
     best
 }
 
-fn produce(brokers: &str, topic: &str, msgs: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
-    let p: ThreadedProducer<_> = ClientConfig::new()
+/// A plain producer (acks=all) with room for a whole run in its queue.
+fn bare_producer(brokers: &str) -> Result<ThreadedProducer<DefaultProducerContext>> {
+    Ok(ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("acks", "all")
         .set("queue.buffering.max.messages", "1000000")
-        .create()?;
+        .create()?)
+}
+
+fn produce(brokers: &str, topic: &str, msgs: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
+    let p = bare_producer(brokers)?;
     for (k, v) in msgs {
         send_waiting(&p, BaseRecord::to(topic).key(&k[..]).payload(&v[..]));
     }
@@ -197,28 +217,37 @@ fn bare_consumer(brokers: &str, topic: &str, n: usize, group: bool) -> Result<Ra
         tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning)?;
         c.assign(&tpl)?;
     }
-    let mut got = 0;
     let mut bytes = 0usize;
+    let first = read_n(&c, n, "bare consumer", t, |m| {
+        bytes += rdkafka::Message::payload(m).map_or(0, |p| p.len());
+    })?;
+    std::hint::black_box(bytes);
+    Ok(Rates::of_this_process(n, t, cpu0, first))
+}
+
+/// Polls `c` until `n` messages were handed to `each` (300 s after `t` at
+/// most); returns when the first one arrived.
+fn read_n(
+    c: &BaseConsumer,
+    n: usize,
+    what: &str,
+    t: Instant,
+    mut each: impl FnMut(&BorrowedMessage<'_>),
+) -> Result<Instant> {
+    let mut got = 0;
     let mut first = None;
     while got < n {
         if t.elapsed() > Duration::from_secs(300) {
-            bail!("bare consumer read {got} of {n} in 300 s");
+            bail!("{what} read {got} of {n} in 300 s");
         }
         if let Some(m) = c.poll(Duration::from_millis(100)) {
             let m = m?;
             first.get_or_insert_with(Instant::now);
-            bytes += rdkafka::Message::payload(&m).map_or(0, |p| p.len());
+            each(&m);
             got += 1;
         }
     }
-    std::hint::black_box(bytes);
-    let secs = t.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(std::process::id()) - cpu0;
-    Ok(Rates {
-        whole: n as f64 / secs,
-        steady: steady(n, 1.0, first.map_or(secs, |f| f.elapsed().as_secs_f64())),
-        per_cpu: n as f64 / cpu,
-    })
+    Ok(first.unwrap_or(t))
 }
 
 /// A bare copy: the same consumer, and a producer (acks=all) writing every
@@ -229,34 +258,14 @@ fn bare_copy(brokers: &str, topic: &str, out: &str, n: usize) -> Result<Rates> {
     let t = Instant::now();
     let c = bare_reader(brokers, &format!("copy-{}", std::process::id()))?;
     c.subscribe(&[topic])?;
-    let p: ThreadedProducer<_> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("acks", "all")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()?;
-    let mut got = 0;
-    let mut first = None;
-    while got < n {
-        if t.elapsed() > Duration::from_secs(300) {
-            bail!("bare copy read {got} of {n} in 300 s");
-        }
-        if let Some(m) = c.poll(Duration::from_millis(100)) {
-            let m = m?;
-            first.get_or_insert_with(Instant::now);
-            let payload = rdkafka::Message::payload(&m).unwrap_or_default();
-            let key = rdkafka::Message::key(&m).unwrap_or_default();
-            send_waiting(&p, BaseRecord::to(out).key(key).payload(payload));
-            got += 1;
-        }
-    }
+    let p = bare_producer(brokers)?;
+    let first = read_n(&c, n, "bare copy", t, |m| {
+        let payload = rdkafka::Message::payload(m).unwrap_or_default();
+        let key = rdkafka::Message::key(m).unwrap_or_default();
+        send_waiting(&p, BaseRecord::to(out).key(key).payload(payload));
+    })?;
     p.flush(Duration::from_secs(300))?;
-    let secs = t.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(std::process::id()) - cpu0;
-    Ok(Rates {
-        whole: n as f64 / secs,
-        steady: steady(n, 1.0, first.map_or(secs, |f| f.elapsed().as_secs_f64())),
-        per_cpu: n as f64 / cpu,
-    })
+    Ok(Rates::of_this_process(n, t, cpu0, first))
 }
 
 /// Creates a topic with one partition (it may exist already).
