@@ -561,50 +561,34 @@ fn enrich_refuses_bad_files_naming_file_and_line() {
     let files = Files::new();
     let bad = files.path("bad.csv");
     std::fs::write(&bad, "10.0.0.0/8,1\n\n10.0.0.1/8,2\n").unwrap();
-    let a = Agent::spawn_command(
-        &ns,
-        "enrich",
-        &[
-            "--kafka-brokers",
-            "127.0.0.1:9",
-            "--in-topic",
-            "in",
-            "--out-topic",
-            "out",
-            "--customers",
-            &bad,
-        ],
-    )
-    .unwrap();
-    let o = a.wait_exit(Duration::from_secs(20)).unwrap();
-    assert!(!o.status.success());
+    // enrich with this customer list must exit non-zero; its stderr.
+    let refused = |customers: &str| {
+        let a = Agent::spawn_command(
+            &ns,
+            "enrich",
+            &[
+                "--kafka-brokers",
+                "127.0.0.1:9",
+                "--in-topic",
+                "in",
+                "--out-topic",
+                "out",
+                "--customers",
+                customers,
+            ],
+        )
+        .unwrap();
+        let o = a.wait_exit(Duration::from_secs(20)).unwrap();
+        assert!(!o.status.success(), "{}", o.stderr);
+        o.stderr
+    };
+    let err = refused(&bad);
     assert!(
-        o.stderr.contains(&format!(
+        err.contains(&format!(
             "{bad} line 3: 10.0.0.1/8 has host bits set; write 10.0.0.0/8"
         )),
-        "{}",
-        o.stderr
+        "{err}"
     );
-    let a = Agent::spawn_command(
-        &ns,
-        "enrich",
-        &[
-            "--kafka-brokers",
-            "127.0.0.1:9",
-            "--in-topic",
-            "in",
-            "--out-topic",
-            "out",
-            "--customers",
-            &files.path("missing.csv"),
-        ],
-    )
-    .unwrap();
-    let o = a.wait_exit(Duration::from_secs(20)).unwrap();
-    assert!(!o.status.success());
-    assert!(
-        o.stderr.contains("missing.csv: cannot read: "),
-        "{}",
-        o.stderr
-    );
+    let err = refused(&files.path("missing.csv"));
+    assert!(err.contains("missing.csv: cannot read: "), "{err}");
 }
