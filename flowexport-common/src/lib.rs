@@ -49,6 +49,22 @@ pub struct FlowValue {
     pub _pad: [u8; 7],
 }
 
+impl FlowValue {
+    /// A flow's first counters: `packets` packets (one packet, or one GSO
+    /// super-packet's segments) of `bytes`, seen at `now`.
+    #[inline(always)]
+    pub const fn first(packets: u64, bytes: u64, now: u64, tcp_flags: u8) -> FlowValue {
+        FlowValue {
+            packets,
+            bytes,
+            first_seen_ns: now,
+            last_seen_ns: now,
+            tcp_flags,
+            _pad: [0; 7],
+        }
+    }
+}
+
 /// A packet the flow table could not take (the table was full): sent to
 /// userspace through the fallback ring buffer with its full key, so the
 /// drain still accounts for it exactly.

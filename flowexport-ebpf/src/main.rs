@@ -392,31 +392,14 @@ fn account(key: &mut FlowKey, packets: u64, bytes: u64, tcp_flags: u8) {
                     // flow owns it until the next drain.
                     (*s).key = *key;
                     (*s).epoch = epoch;
-                    (*s).value = FlowValue {
-                        packets,
-                        bytes,
-                        first_seen_ns: now,
-                        last_seen_ns: now,
-                        tcp_flags,
-                        _pad: [0; 7],
-                    };
+                    (*s).value = FlowValue::first(packets, bytes, now, tcp_flags);
                     return;
                 }
                 // Another flow owns the slot this epoch: count in the table.
             }
         }
     }
-    table_add(
-        key,
-        &FlowValue {
-            packets,
-            bytes,
-            first_seen_ns: now,
-            last_seen_ns: now,
-            tcp_flags,
-            _pad: [0; 7],
-        },
-    );
+    table_add(key, &FlowValue::first(packets, bytes, now, tcp_flags));
 }
 
 /// Adds one packet's counters (`c`, first = last seen = now) to a flow in
