@@ -226,7 +226,7 @@ pub struct Bridge {
     decoder: protobuf::Decoder,
     payload: Vec<u8>,
     key: Vec<u8>,
-    decode_log: Option<Instant>,
+    decode_log: RateLimitedLog,
     /// Slot of the batch being read now.
     slot: usize,
     /// The previous batch, produced but not yet committed: its slot and
@@ -298,7 +298,7 @@ impl Bridge {
             decoder: protobuf::Decoder::default(),
             payload: Vec::with_capacity(512),
             key: Vec::with_capacity(40),
-            decode_log: None,
+            decode_log: RateLimitedLog::new(),
             slot: 0,
             pending: None,
         })
@@ -361,18 +361,14 @@ impl Bridge {
                 Ok(r) => r,
                 Err(e) => {
                     self.metrics.undecodable.inc();
-                    if self
-                        .decode_log
-                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
-                    {
-                        self.decode_log = Some(Instant::now());
-                        log::warn!(
+                    self.decode_log.warn(|| {
+                        format!(
                             "skipping undecodable message at {} partition {} offset {}: {e}",
                             m.topic(),
                             m.partition(),
                             m.offset()
-                        );
-                    }
+                        )
+                    });
                     continue;
                 }
             };

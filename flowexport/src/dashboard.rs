@@ -29,7 +29,7 @@ use serde::Deserialize;
 
 use crate::enrich::files::{self, FileError};
 use crate::record::{FlowRecord, ETYPE_IPV4, ETYPE_IPV6};
-use crate::sink::kafka::{parse_property, topic_partitions};
+use crate::sink::kafka::{parse_property, topic_partitions, RateLimitedLog};
 
 /// Message format on the topic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -963,7 +963,7 @@ pub fn run(args: DashboardArgs) -> Result<()> {
         args.topic,
         args.metrics_addr
     );
-    let mut last_log: Option<std::time::Instant> = None;
+    let decode_log = RateLimitedLog::new();
     while !stop.load(Ordering::Relaxed) {
         let Some(m) = consumer.poll(Duration::from_millis(200)) else {
             continue;
@@ -980,14 +980,13 @@ pub fn run(args: DashboardArgs) -> Result<()> {
             Ok(f) => dash.add(&f),
             Err(e) => {
                 undecodable.with_label_values(&[e.reason()]).inc();
-                if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                    last_log = Some(std::time::Instant::now());
-                    log::warn!(
+                decode_log.warn(|| {
+                    format!(
                         "skipping message at partition {} offset {}: {e}",
                         m.partition(),
                         m.offset()
-                    );
-                }
+                    )
+                });
             }
         }
     }

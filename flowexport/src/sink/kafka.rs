@@ -180,6 +180,14 @@ impl RateLimitedLog {
     }
 
     pub(crate) fn error(&self, msg: impl FnOnce() -> String) {
+        self.emit(log::Level::Error, "errors", msg)
+    }
+
+    pub(crate) fn warn(&self, msg: impl FnOnce() -> String) {
+        self.emit(log::Level::Warn, "messages", msg)
+    }
+
+    fn emit(&self, level: log::Level, what: &str, msg: impl FnOnce() -> String) {
         let mut last = self.last.lock().expect("log lock");
         if last.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
@@ -188,9 +196,13 @@ impl RateLimitedLog {
         *last = Some(Instant::now());
         let n = self.suppressed.swap(0, Ordering::Relaxed);
         if n > 0 {
-            log::error!("{} ({n} similar errors in the last 10s not shown)", msg());
+            log::log!(
+                level,
+                "{} ({n} similar {what} in the last 10s not shown)",
+                msg()
+            );
         } else {
-            log::error!("{}", msg());
+            log::log!(level, "{}", msg());
         }
     }
 }
