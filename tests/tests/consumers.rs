@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use flowexport::codec::protobuf;
 use flowexport::record::{FlowRecord, FlowType};
-use flowexport::sink::kafka::message_key;
+use flowexport::sink::kafka::protobuf_message;
 use flowexport_tests::kafka::Broker;
 use flowexport_tests::*;
 
@@ -111,15 +111,7 @@ fn expected_cid(r: &FlowRecord) -> u32 {
 }
 
 fn messages(flows: &[FlowRecord]) -> Vec<(Vec<u8>, Vec<u8>)> {
-    flows
-        .iter()
-        .map(|r| {
-            let (mut k, mut v) = (Vec::new(), Vec::new());
-            message_key(r, &mut k);
-            protobuf::encode(r, false, &mut v);
-            (k, v)
-        })
-        .collect()
+    flows.iter().map(protobuf_message).collect()
 }
 
 struct Files {

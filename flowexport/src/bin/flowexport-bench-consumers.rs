@@ -29,7 +29,7 @@ use flowexport::codec::protobuf;
 use flowexport::dashboard::{self, Dashboard, InputFormat};
 use flowexport::enrich::{files, AsnDb, Enricher};
 use flowexport::record::{FlowRecord, FlowType, ETYPE_IPV4};
-use flowexport::sink::kafka::message_key;
+use flowexport::sink::kafka::protobuf_message;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::BorrowedMessage;
@@ -148,14 +148,7 @@ fn records(n: usize) -> Vec<FlowRecord> {
 }
 
 fn encode_all(recs: &[FlowRecord]) -> Vec<(Vec<u8>, Vec<u8>)> {
-    recs.iter()
-        .map(|r| {
-            let (mut k, mut v) = (Vec::new(), Vec::new());
-            message_key(r, &mut k);
-            protobuf::encode(r, false, &mut v);
-            (k, v)
-        })
-        .collect()
+    recs.iter().map(protobuf_message).collect()
 }
 
 /// ns/record of `f` over every message, best of the rounds.

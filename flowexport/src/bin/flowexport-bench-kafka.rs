@@ -16,7 +16,8 @@ use anyhow::{bail, Result};
 use flowexport::codec::protobuf;
 use flowexport::record::{FlowRecord, FlowType, ETYPE_IPV4};
 use flowexport::sink::kafka::{
-    message_key, KafkaConfig, KafkaFormat, KafkaSink, DEFAULT_BUFFER_BYTES, DEFAULT_BUFFER_RECORDS,
+    protobuf_message, KafkaConfig, KafkaFormat, KafkaSink, DEFAULT_BUFFER_BYTES,
+    DEFAULT_BUFFER_RECORDS,
 };
 use flowexport::sink::Sink;
 use rdkafka::config::ClientConfig;
@@ -155,15 +156,7 @@ fn main() -> Result<()> {
     let tansu = Tansu::start("bench")?;
     let brokers = tansu.brokers();
     let recs = records(E2E_RECORDS);
-    let msgs: Vec<(Vec<u8>, Vec<u8>)> = recs
-        .iter()
-        .map(|r| {
-            let (mut k, mut v) = (Vec::new(), Vec::new());
-            message_key(r, &mut k);
-            protobuf::encode(r, false, &mut v);
-            (k, v)
-        })
-        .collect();
+    let msgs: Vec<(Vec<u8>, Vec<u8>)> = recs.iter().map(protobuf_message).collect();
     // A first small round warms the broker's storage.
     run_bare(&brokers, &msgs[..5000])?;
     let (mut bare, mut ours) = (Vec::new(), Vec::new());

@@ -100,6 +100,16 @@ pub fn message_key(r: &FlowRecord, out: &mut Vec<u8>) {
     push(hi, out);
 }
 
+/// One record as the Kafka sink writes it with `--kafka-format protobuf`
+/// and no length prefix: (key, payload). For callers that want owned
+/// messages (tests, benchmarks); the sink itself reuses its buffers.
+pub fn protobuf_message(r: &FlowRecord) -> (Vec<u8>, Vec<u8>) {
+    let (mut key, mut payload) = (Vec::new(), Vec::new());
+    message_key(r, &mut key);
+    protobuf::encode(r, false, &mut payload);
+    (key, payload)
+}
+
 /// Kafka sink metrics (registered in the agent's registry).
 #[derive(Clone)]
 pub struct KafkaMetrics {
