@@ -489,6 +489,23 @@ mod tests {
     use super::*;
     use crate::record::FlowType;
 
+    #[test]
+    fn rate_limited_log_holds_back_and_counts() {
+        let log = RateLimitedLog::new();
+        let line = || "x".to_string();
+        log.warn(line);
+        log.warn(line);
+        log.error(line);
+        // One line logged; the other two held back and counted for the next
+        // line after the interval, whatever their level.
+        assert_eq!(log.suppressed.load(Ordering::Relaxed), 2);
+        *log.last.lock().unwrap() = Some(Instant::now() - Duration::from_secs(11));
+        log.warn(line);
+        assert_eq!(log.suppressed.load(Ordering::Relaxed), 0);
+        log.error(line);
+        assert_eq!(log.suppressed.load(Ordering::Relaxed), 1);
+    }
+
     fn rec(src: &str, dst: &str) -> FlowRecord {
         FlowRecord {
             flow_type: FlowType::Ebpf,
