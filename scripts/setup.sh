@@ -27,9 +27,10 @@ PKGS=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 util-linux
       build-essential pkg-config ca-certificates protobuf-compiler)
 # Tests only: real third-party NetFlow/IPFIX decoders (nfcapd/nfdump, tshark)
 # and exporters (softflowd, fprobe, pmacct's pmacctd/nfacctd); Prometheus,
-# which the pipeline test runs with the shipped scrape config.
+# which the pipeline test runs with the shipped scrape config; trafgen
+# (netsniff-ng), which sends the many-flow traffic of the scale tests.
 if $for_tests; then
-    PKGS+=(nfdump tshark softflowd fprobe pmacct prometheus)
+    PKGS+=(nfdump tshark softflowd fprobe pmacct prometheus netsniff-ng)
 fi
 missing=()
 for p in "${PKGS[@]}"; do

@@ -1,23 +1,28 @@
 //! `#[repr(C)]` types shared by flowexport's kernel programs (`flowexport-ebpf`)
 //! and its userspace (`flowexport`). Both sides must agree byte for byte, so
 //! every struct here has explicit padding fields that the kernel zeroes: the
-//! flow key is hashed as raw bytes, and a stray padding byte would split one
-//! flow into several.
+//! flow key is hashed and compared as raw words, and a stray padding byte
+//! would split one flow into several.
+//!
+//! The flow table's layout, hash and probing rules live here too, so the
+//! kernel (which inserts) and userspace (which drains and retires) cannot
+//! drift apart; `flowexport/src/capture/table.rs` explains the scheme.
 #![no_std]
 
 /// Direction of a packet relative to the interface it was seen on.
 pub const DIR_INGRESS: u8 = 0;
 pub const DIR_EGRESS: u8 = 1;
 
-/// One flow-table key: the 5-tuple plus where and how the packet was seen.
+/// One flow's key: the 5-tuple plus where and how the packet was seen.
 ///
 /// * Addresses: IPv4 in the first 4 bytes (rest zero), IPv6 in all 16.
 /// * For ICMP/ICMPv6, `src_port` is 0 and `dst_port` is `type << 8 | code`,
 ///   as NetFlow encodes them; userspace splits them back into
 ///   `icmp_type`/`icmp_code`.
 /// * Non-first IPv4/IPv6 fragments carry no L4 header: their ports are 0.
-/// * `generation` is the flow-table generation the packet was counted in (see
-///   the drain scheme in `flowexport/src/capture/drain.rs`).
+/// * `_pad` is always zero in a packet's key. In a [`TableSlot`]'s copy, the
+///   last word (`proto` and `_pad`) is the slot's control word (see
+///   [`slot_word`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
@@ -30,18 +35,17 @@ pub struct FlowKey {
     pub direction: u8,
     pub ip_version: u8,
     pub proto: u8,
-    pub generation: u8,
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 3],
 }
 
-/// Per-CPU counters of one flow in one generation.
+/// Per-CPU counters of one flow in one flow-cache slot.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowValue {
     pub packets: u64,
     /// IP-layer bytes: IPv4 total length, IPv6 payload length + 40.
     pub bytes: u64,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the first and last packet.
+    /// CLOCK_MONOTONIC ns of the first and last packet.
     pub first_seen_ns: u64,
     pub last_seen_ns: u64,
     /// OR of the TCP flags byte (FIN=0x01 … CWR=0x80) of every packet.
@@ -65,9 +69,10 @@ impl FlowValue {
     }
 }
 
-/// A packet the flow table could not take (the table was full): sent to
-/// userspace through the fallback ring buffer with its full key, so the
-/// drain still accounts for it exactly.
+/// A packet of a flow the table could not take (no free slot within the
+/// probe limit, or the insert lock stayed busy): sent to userspace through
+/// the fallback ring buffer with its full key, so it still counts exactly,
+/// in its own flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FallbackEvent {
@@ -81,26 +86,160 @@ pub struct FallbackEvent {
 
 /// One slot of the per-CPU flow cache (`CACHE`) in front of the flow table:
 /// a flow's key and counters, valid while `epoch` is the current drain epoch
-/// and `value.packets` is not 0.
+/// and `value.packets` is not 0. `table_idx` is the flow's slot in the
+/// shared table, where the drain folds these counters.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CacheSlot {
     pub key: FlowKey,
     pub value: FlowValue,
     pub epoch: u32,
-    pub _pad: [u8; 4],
+    pub table_idx: u32,
 }
 
+/// One slot of the shared flow table (`TABLE`, a BPF_F_MMAPABLE array that
+/// userspace reads and writes through a shared mapping). 96 bytes: the key
+/// and the times share the first 64, the counters the next 32.
+///
+/// Two generations of counters (index = drain epoch & 1): the programs add
+/// to the current one with atomic instructions, userspace reads (and
+/// clears) the other once no program can still write it.
+///
+/// Times are CLOCK_MONOTONIC in milliseconds, truncated to 32 bits
+/// (userspace restores the high bits: every time it reads is less than
+/// 49 days old). `last_ms` survives an export: it dates the flow's last
+/// packet for the idle timeout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TableSlot {
+    /// The flow's key; its last word is the control word ([`slot_word`]).
+    pub key: FlowKey,
+    pub first_ms: [u32; 2],
+    pub last_ms: [u32; 2],
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+}
+
+/// Byte offset of a slot's control word: the key's last word, `proto` in its
+/// low byte, then the state ([`SLOT_EMPTY`] ...), then the TCP flags of
+/// generation 0 and of generation 1.
+pub const SLOT_WORD_OFFSET: usize = 44;
+/// Index of the control word among the key's twelve 32-bit words.
+pub const SLOT_WORD_INDEX: usize = 11;
+
+/// Slot states (bits 8..16 of the control word).
+/// Never used, or freed with nothing after it in its probe run: a lookup
+/// stops here.
+pub const SLOT_EMPTY: u32 = 0;
+/// Being filled by the program that claimed it (under the insert lock).
+pub const SLOT_BUSY: u32 = 1;
+/// Holds a flow; programs count into it.
+pub const SLOT_VALID: u32 = 2;
+/// Idle; userspace reads it one last time at the next drain. Programs skip
+/// it (a new packet of the flow claims another slot).
+pub const SLOT_RETIRING: u32 = 3;
+/// Freed; lookups go on past it, inserts may reuse it.
+pub const SLOT_TOMB: u32 = 4;
+
+/// The control word of a slot holding `proto` in `state`, no TCP flags.
+#[inline(always)]
+pub const fn slot_word(proto: u8, state: u32) -> u32 {
+    proto as u32 | state << 8
+}
+
+/// The state in a control word.
+#[inline(always)]
+pub const fn slot_state(word: u32) -> u32 {
+    (word >> 8) & 0xff
+}
+
+/// The TCP flags of generation `gen` in a control word.
+#[inline(always)]
+pub const fn slot_tcp_flags(word: u32, gen: u32) -> u8 {
+    (word >> (16 + 8 * (gen & 1))) as u8
+}
+
+/// Verifier bound and table invariant: a flow lives at most this many slots
+/// after its home slot (linear probing), so a lookup reads at most this many
+/// slots. At the default load (at most half the slots in use) the longest
+/// run measured over 1M random keys was 38 slots.
+pub const TABLE_MAX_PROBES: u32 = 64;
+/// The smallest table (slots), so a probe run never wraps onto itself.
+pub const TABLE_MIN_SLOTS: u32 = TABLE_MAX_PROBES;
+/// Insert locks: a new flow is inserted holding lock
+/// `(hash >> 40) % TABLE_LOCKS`, so two CPUs inserting the same new flow
+/// serialize and the second finds the first's slot. 16 KiB.
+pub const TABLE_LOCKS: u32 = 4096;
+/// Verifier bound: how many times a program reads a busy insert lock before
+/// giving up (the packet then takes the fallback ring). A holder runs for
+/// well under a microsecond, without being preempted (XDP and TC run with
+/// bottom halves off); reads of a line another CPU holds cost ~1-2 ns.
+pub const TABLE_LOCK_SPINS: u32 = 2048;
+/// Slots per bit of `DIRTY`: a program that fills a slot sets its region's
+/// bit, so a drain finds new flows without scanning the whole table.
+pub const TABLE_REGION_SHIFT: u32 = 6;
+/// Default table capacity in concurrent flows (`--max-flows`); the table
+/// has twice as many slots, so probe runs stay short.
+pub const DEFAULT_MAX_FLOWS: u32 = 1 << 20;
+
+/// The table hash of a key: the first 44 bytes (the control word is not
+/// part of the key) and `proto`, each 64-bit word times its own odd
+/// constant, summed, then MurmurHash3's 64-bit finalizer. The products are
+/// independent (the CPU overlaps them); the finalizer spreads keys that
+/// differ only in a few high bits (sequential addresses) over every bit.
+/// The home slot is the low bits; the insert lock the bits from 40.
+#[inline(always)]
+pub fn table_hash(k: &FlowKey) -> u64 {
+    // SAFETY: FlowKey is #[repr(C)], 48 bytes, all plain integers; read as
+    // six unaligned u64 words.
+    let w = unsafe { core::ptr::read_unaligned(k as *const FlowKey as *const [u64; 6]) };
+    // Word 5: vlan_id, direction, ip_version, proto (bytes 40..45); the
+    // control-word bytes 45..48 are masked out.
+    let h = w[0]
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .wrapping_add(w[1].wrapping_mul(0xc2b2_ae3d_27d4_eb4f))
+        .wrapping_add(w[2].wrapping_mul(0x1656_67b1_9e37_79f9))
+        .wrapping_add(w[3].wrapping_mul(0x85eb_ca77_c2b2_ae63))
+        .wrapping_add(w[4].wrapping_mul(0x27d4_eb2f_1656_67c5))
+        .wrapping_add((w[5] & 0xff_ffff_ffff).wrapping_mul(0xd6e8_feb8_6659_fd93));
+    let h = (h ^ (h >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+    let h = (h ^ (h >> 33)).wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// The `CLOCK` map's one value, shared with the agent through a mapping.
+/// The agent advances `ns` and `ms` while traffic flows and sets both to 0
+/// when it has been quiet (then the programs call the kernel clock); the
+/// programs set `active` to [`CLOCK_ACTIVE_ALL`] whenever it is not, which
+/// tells the clock and the drain that packets came.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ClockWord {
+    pub ns: u64,
+    pub ms: u64,
+    pub active: u32,
+    pub _pad: u32,
+}
+
+/// `ClockWord::active` bits: one for the clock thread, one for the drain;
+/// each clears its own bit and reads it back later.
+pub const CLOCK_ACTIVE_TICKER: u32 = 1;
+pub const CLOCK_ACTIVE_DRAIN: u32 = 2;
+pub const CLOCK_ACTIVE_ALL: u32 = CLOCK_ACTIVE_TICKER | CLOCK_ACTIVE_DRAIN;
+
 /// Index of the drain epoch in the `CONTROL` array map. Userspace adds 1 at
-/// every drain; its lowest bit is the generation of flow-table keys and the
-/// half of `CACHE` in use.
+/// every drain; its lowest bit is the generation of the table's counters
+/// and the half of `CACHE` in use.
 pub const CONTROL_EPOCH: u32 = 0;
 pub const CONTROL_LEN: u32 = 1;
-/// The kernel object's global holding the cache slots per half of `CACHE`
-/// (a power of two; 0 = no cache), set by the loader.
+/// The kernel object's globals, set by the loader before verification:
+/// cache slots per half of `CACHE` (a power of two; 0 = no cache), table
+/// slots minus one (a power of two minus one), and the probe limit
+/// (`min(TABLE_MAX_PROBES, slots)`).
 pub const GLOBAL_CACHE_SLOTS: &str = "CACHE_SLOTS";
-/// Default cache slots per half (per CPU: 2 x 4096 x 96 bytes = 768 KiB).
-pub const DEFAULT_CACHE_SLOTS: u32 = 4096;
+pub const GLOBAL_TABLE_MASK: &str = "TABLE_MASK";
+/// Default cache slots per half (per CPU: 2 x 2048 x 96 bytes = 384 KiB).
+pub const DEFAULT_CACHE_SLOTS: u32 = 2048;
 
 /// Indices into the per-CPU `STATS` array. Counters only grow; userspace
 /// sums the CPUs and takes differences between reads.
@@ -109,7 +248,8 @@ pub const STAT_NON_IP_EGRESS: u32 = 1;
 /// Packets whose IP header was cut short (not counted in any flow).
 pub const STAT_MALFORMED_INGRESS: u32 = 2;
 pub const STAT_MALFORMED_EGRESS: u32 = 3;
-/// Packets that found the flow table full and went to the fallback ring.
+/// Packets that found no table slot and went to the fallback ring (or, if
+/// that was full, to the overflow counters).
 pub const STAT_FALLBACK_PACKETS: u32 = 4;
 /// Packets (and their bytes) that found both the table and the ring full;
 /// userspace exports them as one overflow record per direction.
@@ -117,10 +257,21 @@ pub const STAT_OVERFLOW_PACKETS_INGRESS: u32 = 5;
 pub const STAT_OVERFLOW_BYTES_INGRESS: u32 = 6;
 pub const STAT_OVERFLOW_PACKETS_EGRESS: u32 = 7;
 pub const STAT_OVERFLOW_BYTES_EGRESS: u32 = 8;
-pub const STAT_LEN: u32 = 9;
+/// Packets and bytes counted straight into the table (not through the
+/// cache, whose counts the drain folds in), for the traffic metrics.
+pub const STAT_TABLE_PACKETS_INGRESS: u32 = 9;
+pub const STAT_TABLE_BYTES_INGRESS: u32 = 10;
+pub const STAT_TABLE_PACKETS_EGRESS: u32 = 11;
+pub const STAT_TABLE_BYTES_EGRESS: u32 = 12;
+/// Of `STAT_FALLBACK_PACKETS`: packets whose insert found the lock busy for
+/// the whole spin (not a full table).
+pub const STAT_FALLBACK_CONTENDED: u32 = 13;
+pub const STAT_LEN: u32 = 14;
 
 /// Map and program names, shared so the loader cannot drift from the object.
-pub const MAP_FLOWS: &str = "FLOWS";
+pub const MAP_TABLE: &str = "TABLE";
+pub const MAP_LOCKS: &str = "LOCKS";
+pub const MAP_DIRTY: &str = "DIRTY";
 pub const MAP_CONTROL: &str = "CONTROL";
 pub const MAP_STATS: &str = "STATS";
 pub const MAP_FALLBACK: &str = "FALLBACK";
@@ -143,12 +294,14 @@ mod pod {
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::FallbackEvent {}
     unsafe impl aya::Pod for super::CacheSlot {}
+    unsafe impl aya::Pod for super::TableSlot {}
+    unsafe impl aya::Pod for super::ClockWord {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use core::mem::size_of;
+    use core::mem::{offset_of, size_of};
 
     #[test]
     fn layouts_have_no_implicit_padding() {
@@ -156,5 +309,50 @@ mod tests {
         assert_eq!(size_of::<FlowValue>(), 40);
         assert_eq!(size_of::<FallbackEvent>(), 48 + 32);
         assert_eq!(size_of::<CacheSlot>(), 96);
+        assert_eq!(size_of::<TableSlot>(), 96);
+        assert_eq!(size_of::<ClockWord>(), 24);
+        assert_eq!(offset_of!(FlowKey, proto), SLOT_WORD_OFFSET);
+        assert_eq!(SLOT_WORD_OFFSET, SLOT_WORD_INDEX * 4);
+        assert_eq!(offset_of!(TableSlot, packets), 64);
+    }
+
+    #[test]
+    fn hash_ignores_the_control_word_and_spreads_sequential_addresses() {
+        let mut a = FlowKey {
+            proto: 17,
+            ..Default::default()
+        };
+        let h = table_hash(&a);
+        a._pad = [3, 0xff, 0x12];
+        assert_eq!(table_hash(&a), h);
+        a.proto = 6;
+        assert_ne!(table_hash(&a), h);
+        // 2^16 sequential IPv4 sources fill nearly as many distinct home
+        // slots of a 2^17-slot table as random keys would (1 - 1/e^0.5
+        // of the table for 2^16 keys: ~39.3% of 2^17 = 51.6k).
+        let mut seen = [0u64; (1 << 17) / 64];
+        let mut distinct = 0;
+        for i in 0..(1u32 << 16) {
+            let mut k = FlowKey {
+                proto: 17,
+                ..Default::default()
+            };
+            k.src_addr[..4].copy_from_slice(&(0x0a00_0000 + i).to_be_bytes());
+            let slot = (table_hash(&k) & ((1 << 17) - 1)) as usize;
+            if seen[slot / 64] & (1 << (slot % 64)) == 0 {
+                distinct += 1;
+                seen[slot / 64] |= 1 << (slot % 64);
+            }
+        }
+        assert!(distinct > 50_000, "{distinct} distinct home slots");
+    }
+
+    #[test]
+    fn control_word_fields() {
+        let w = slot_word(17, SLOT_VALID) | 0x12 << 16 | 0x04 << 24;
+        assert_eq!(w & 0xff, 17);
+        assert_eq!(slot_state(w), SLOT_VALID);
+        assert_eq!(slot_tcp_flags(w, 0), 0x12);
+        assert_eq!(slot_tcp_flags(w, 1), 0x04);
     }
 }

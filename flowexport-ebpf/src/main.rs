@@ -1,93 +1,134 @@
 //! flowexport's kernel side: an XDP program on ingress and a TC (TCX) program
-//! on egress that count packets and bytes per flow in one per-CPU hash map.
+//! on egress that count packets and bytes per flow.
 //!
 //! Both programs only observe: XDP always returns XDP_PASS and TC returns
 //! TC_ACT_UNSPEC (== TCX_NEXT), so other programs attached after us still run
 //! and the packet continues untouched.
 //!
-//! Hot path: a per-CPU direct-mapped cache (`CACHE`, an array, so its
-//! look-up is a few inlined instructions) holds the first flow to reach each
-//! slot in a drain interval; only the other flows touch the per-CPU hash
-//! `FLOWS`. See `account`.
+//! Where a packet is counted (see `account`):
+//! * **cache hit** (the hot path): a per-CPU direct-mapped cache (`CACHE`, an
+//!   array, so its look-up is a few inlined instructions) holds the first
+//!   flow to reach each slot in a drain interval; plain adds, no atomics.
+//! * **table**: every flow has one slot in the shared flow table (`TABLE`,
+//!   open addressing with linear probing in a BPF_F_MMAPABLE array that
+//!   userspace reads through a shared mapping, no syscall per flow). Packets
+//!   of flows that do not own their cache slot add to the table slot with
+//!   atomic instructions. A new flow is inserted under a striped lock, so two
+//!   CPUs never insert the same flow twice. Memory grows with flows, not
+//!   flows x CPUs.
+//! * **fallback**: no slot within `TABLE_MAX_PROBES` (the table is full) or
+//!   the insert lock stayed busy: the packet goes to userspace through a ring
+//!   buffer with its key; if the ring is full too, into overflow counters.
 //!
 //! Exact draining: the drain epoch in `CONTROL[0]` (its low bit is the
-//! generation) is read once per packet; every table key carries the
-//! generation it was counted in and every cache slot the epoch. Userspace
-//! advances the epoch, waits for an RCU grace period (so no program still
-//! runs with the old value), and only then reads the old generation's table
-//! entries (and deletes them) and the old epoch's cache slots, which nobody
-//! writes any more. See `flowexport/src/capture/drain.rs`.
+//! generation) is read once per packet. Table slots keep two generations of
+//! counters and cache slots carry the epoch. Userspace advances the epoch,
+//! waits for an RCU grace period (so no program still runs with the old
+//! value), and only then reads and clears the old generation's counters and
+//! the old epoch's cache slots, which nobody writes any more. See
+//! `flowexport/src/capture/table.rs` and `drain.rs`.
 #![no_std]
 #![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_F_MMAPABLE, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map, xdp},
-    maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
 };
+use core::intrinsics::{atomic_cxchg, atomic_or, atomic_xadd, atomic_xchg, AtomicOrdering};
 use core::mem::size_of;
 use flowexport_common::{
-    CacheSlot, FallbackEvent, FlowKey, FlowValue, CONTROL_EPOCH, CONTROL_LEN, DIR_EGRESS,
-    DIR_INGRESS, STAT_FALLBACK_PACKETS, STAT_LEN, STAT_MALFORMED_EGRESS, STAT_MALFORMED_INGRESS,
+    slot_state, slot_word, table_hash, CacheSlot, ClockWord, FallbackEvent, FlowKey, FlowValue,
+    TableSlot, CLOCK_ACTIVE_ALL, CONTROL_EPOCH, CONTROL_LEN, DIR_EGRESS, DIR_INGRESS, SLOT_BUSY,
+    SLOT_EMPTY, SLOT_TOMB, SLOT_VALID, SLOT_WORD_INDEX, STAT_FALLBACK_CONTENDED,
+    STAT_FALLBACK_PACKETS, STAT_LEN, STAT_MALFORMED_EGRESS, STAT_MALFORMED_INGRESS,
     STAT_NON_IP_EGRESS, STAT_NON_IP_INGRESS, STAT_OVERFLOW_BYTES_EGRESS,
     STAT_OVERFLOW_BYTES_INGRESS, STAT_OVERFLOW_PACKETS_EGRESS, STAT_OVERFLOW_PACKETS_INGRESS,
+    STAT_TABLE_BYTES_EGRESS, STAT_TABLE_BYTES_INGRESS, STAT_TABLE_PACKETS_EGRESS,
+    STAT_TABLE_PACKETS_INGRESS, TABLE_LOCKS, TABLE_LOCK_SPINS, TABLE_MAX_PROBES,
+    TABLE_REGION_SHIFT,
 };
 
-/// The flow table. Per-CPU so the hot path needs no atomics: each CPU adds to
-/// its own slot and userspace sums the slots when it drains.
+/// The flow table: one 96-byte `TableSlot` per slot, shared by all CPUs.
 ///
-/// Sizing: the loader overrides max_entries with `--max-flows` (default
-/// 65536): the number of distinct flows that may appear between two drains
-/// (the old generation's entries are deleted within the drain itself). The
-/// map is preallocated (no BPF_F_NO_PREALLOC), so an insert never fails for
-/// lack of memory, only with E2BIG when the table is full; the cost is
-/// max_entries × (key + value × possible CPUs) bytes up front, ~12 MiB for the
-/// default on 2 CPUs. A full table is not a loss: see `FALLBACK`.
+/// Sizing: the loader sets max_entries to the power of two at or above
+/// 2 x `--max-flows` (default 1,048,576 flows: 2,097,152 slots), so at the
+/// rated load at most half the slots are used and probe runs stay short
+/// (38 slots at most, measured over 1M random keys, against the limit of
+/// `TABLE_MAX_PROBES` = 64). Shared, so its memory does not depend on the
+/// CPU count: 192 MiB at the default on 2, 16 or 64 CPUs (an array is
+/// allocated whole at load). BPF_F_MMAPABLE: the drain reads and clears
+/// counters through a shared mapping instead of one syscall per flow.
 #[map]
-static FLOWS: PerCpuHashMap<FlowKey, FlowValue> = PerCpuHashMap::with_max_entries(65536, 0);
+static TABLE: Array<TableSlot> = Array::with_max_entries(TABLE_MIN_ENTRIES, BPF_F_MMAPABLE);
+const TABLE_MIN_ENTRIES: u32 = flowexport_common::TABLE_MIN_SLOTS;
+
+/// Table slots minus one (a power of two minus one), set by the loader
+/// before the programs are verified.
+#[no_mangle]
+static TABLE_MASK: u32 = 0;
+
+/// Insert locks (`TABLE_LOCKS` words, 16 KiB, not per CPU): 0 free, 1 held.
+/// Only the insert of a new flow takes one; see `table_insert`.
+#[map]
+static LOCKS: Array<u32> = Array::with_max_entries(TABLE_LOCKS, 0);
+
+/// One bit per region of 2^`TABLE_REGION_SHIFT` slots, set when a program
+/// fills a slot there; the drain swaps the words to 0 and so learns where
+/// new flows are without scanning the table. Sized by the loader to
+/// slots / 64 / 64 words (4 KiB at the default).
+#[map]
+static DIRTY: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// `CONTROL[0]`: the drain epoch (low bit: the generation), advanced only by
 /// userspace.
 #[map]
 static CONTROL: Array<u32> = Array::with_max_entries(CONTROL_LEN, 0);
 
-/// `CLOCK[0]`: CLOCK_MONOTONIC in ns, advanced by the agent every
-/// `--clock-resolution` through a shared mapping (BPF_F_MMAPABLE); read
-/// instead of calling bpf_ktime_get_ns() per packet, which costs as much as
-/// the rest of the hot path. 0 until the agent's first tick: then the
-/// helper is called. See `flowexport/src/capture/clock.rs`.
+/// `CLOCK[0]`: the clock word the agent advances every `--clock-resolution`
+/// while traffic flows, through a shared mapping (BPF_F_MMAPABLE), and the
+/// activity flags. Read instead of calling bpf_ktime_get_ns() per packet,
+/// which costs as much as the rest of the hot path. 0 while the agent's
+/// clock rests (no traffic for a while): then the helper is called, and
+/// `active` tells the agent to start ticking again. See
+/// `flowexport/src/capture/clock.rs`.
 #[map]
-static CLOCK: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+static CLOCK: Array<ClockWord> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
-/// The flow cache: two halves of `CONTROL[1]` slots, one per generation, so
+/// The flow cache: two halves of `CACHE_SLOTS` slots, one per generation, so
 /// the drain reads a half nobody writes. The first flow whose key hashes to
 /// a slot in an epoch owns it until the drain; a flow that finds its slot
-/// owned by another counts in `FLOWS` for that epoch. No evictions: each
+/// owned by another counts in the table for that epoch. No evictions: each
 /// packet costs at most one table operation, and the flows that send the
 /// most are the likeliest to claim their slot again after every drain.
-/// Per-CPU, so no atomics.
+/// Per-CPU, so no atomics. A slot records its flow's table slot, where the
+/// drain folds its counts.
 ///
 /// Sizing: the loader sets max_entries to 2 x `--cache-slots` (default
-/// 4096 per half: 768 KiB per CPU). An array look-up is inlined by the
-/// verifier, unlike a hash look-up, which is most of the hot path's cost.
+/// 2048 per half: 384 KiB per CPU; 768 KiB on 2 CPUs, 6 MiB on 16, 24 MiB
+/// on 64). An array look-up is inlined by the verifier, unlike a hash
+/// look-up.
 /// Cache slots per half of `CACHE` (power of two; 0 = no cache), set by the
 /// loader (`--cache-slots`) before the programs are verified.
 #[no_mangle]
 static CACHE_SLOTS: u32 = 0;
 
 #[map]
-static CACHE: PerCpuArray<CacheSlot> = PerCpuArray::with_max_entries(2 * 4096, 0);
+static CACHE: PerCpuArray<CacheSlot> = PerCpuArray::with_max_entries(2 * 2048, 0);
 
-/// Counters that are not flows (non-IP frames, fallback use); see the STAT_*
-/// indices in flowexport-common. Per-CPU, cumulative, never reset.
+/// Counters that are not flows (non-IP frames, fallback use, table-path
+/// traffic); see the STAT_* indices in flowexport-common. Per-CPU,
+/// cumulative, never reset (14 x 8 bytes per CPU).
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_LEN, 0);
 
-/// Fallback path for packets that find the flow table full: one event per
-/// packet, with its full key, so userspace still counts it in the right flow.
-/// Sized by `--fallback-ring-bytes` (default 1 MiB = ~13k events of 80 bytes
+/// Fallback path for packets that find no table slot: one event per packet,
+/// with its full key, so userspace still counts it in the right flow. Sized
+/// by `--fallback-ring-bytes` (default 1 MiB = ~11k events of 88 bytes
 /// between two reads). If the ring is full too, the packet lands in the
 /// per-direction overflow counters of `STATS`, so totals stay exact.
 #[map]
@@ -335,9 +376,10 @@ fn cache_hash(k: &FlowKey) -> u32 {
     h ^ (h >> 15)
 }
 
+/// Whether the first 11 words of two keys are equal (the 12th is `proto`
+/// plus the pad bytes, compared by the caller where they differ in use).
 #[inline(always)]
-fn same_key(a: &FlowKey, b: &FlowKey) -> bool {
-    let (a, b) = (words(a), words(b));
+fn same_words11(a: &[u32; 12], b: &[u32; 12]) -> bool {
     (a[0] ^ b[0])
         | (a[1] ^ b[1])
         | (a[2] ^ b[2])
@@ -349,24 +391,325 @@ fn same_key(a: &FlowKey, b: &FlowKey) -> bool {
         | (a[8] ^ b[8])
         | (a[9] ^ b[9])
         | (a[10] ^ b[10])
-        | (a[11] ^ b[11])
         == 0
 }
 
-/// Adds one packet (or one GSO super-packet of `packets` segments) to its
-/// flow: in the cache when the flow owns (or can take) its slot, else in
-/// the table.
 #[inline(always)]
-fn account(key: &mut FlowKey, packets: u64, bytes: u64, tcp_flags: u8) {
-    let now = match CLOCK.get(0) {
-        Some(t) if *t != 0 => *t,
-        _ => unsafe { bpf_ktime_get_ns() },
+fn same_key(a: &FlowKey, b: &FlowKey) -> bool {
+    let (a, b) = (words(a), words(b));
+    same_words11(a, b) && a[11] == b[11]
+}
+
+/// This packet's time: CLOCK_MONOTONIC in ns and in ms (truncated to 32
+/// bits). Also flags the clock and the drain that traffic came: one store
+/// per tick at most, into the line every CPU reads anyway.
+#[inline(always)]
+fn now() -> (u64, u32) {
+    if let Some(c) = CLOCK.get_ptr_mut(0) {
+        // SAFETY: the one value of an array map; the agent writes `ns`
+        // and `ms` with aligned 8-byte stores (never torn); `active` is a
+        // flag word where a lost race only means one more store.
+        unsafe {
+            if core::ptr::read_volatile(&(*c).active) != CLOCK_ACTIVE_ALL {
+                core::ptr::write_volatile(&mut (*c).active, CLOCK_ACTIVE_ALL);
+            }
+            // The agent writes `ms` before `ns` when it starts ticking and
+            // clears `ns` first when it stops: a non-zero `ns` comes with
+            // a current `ms`.
+            let ns = core::ptr::read_volatile(&(*c).ns);
+            if ns != 0 {
+                return (ns, core::ptr::read_volatile(&(*c).ms) as u32);
+            }
+        }
+    }
+    // SAFETY: a helper without arguments.
+    let ns = unsafe { bpf_ktime_get_ns() };
+    (ns, (ns / 1_000_000) as u32)
+}
+
+/// Why a packet found no table slot.
+enum Miss {
+    /// No free slot within `TABLE_MAX_PROBES` of the flow's home slot.
+    Full,
+    /// The insert lock stayed busy for `TABLE_LOCK_SPINS` reads, or the free
+    /// slot was taken between reading and claiming it twice in a row.
+    Contended,
+}
+
+/// Return values of the table functions below (slot indices are >= 0).
+const NOT_FOUND: i64 = -1;
+const FULL: i64 = -2;
+const RACED: i64 = -3;
+const LOCK_BUSY: i64 = -4;
+
+/// The slot's control word.
+#[inline(always)]
+fn slot_word_ptr(s: *mut TableSlot) -> *mut u32 {
+    // SAFETY (of callers' use): the control word is the key's last 4-byte
+    // aligned word, inside the slot.
+    unsafe { (s as *mut u32).add(SLOT_WORD_INDEX) }
+}
+
+/// Whether slot `s`, whose control word is `w`, holds the flow `kw`.
+#[inline(always)]
+fn holds(s: *mut TableSlot, w: u32, kw: &[u32; 12]) -> bool {
+    // SAFETY: a slot of the table; its key words do not change while it is
+    // VALID (checked first).
+    slot_state(w) == SLOT_VALID
+        && (w & 0xff) == kw[11]
+        && same_words11(unsafe { &*(s as *const [u32; 12]) }, kw)
+}
+
+// The table's look-up and insert are global BPF functions (`#[no_mangle]
+// pub extern "C"`, global linkage in BTF): the verifier checks each once,
+// on its own, instead of once per path through the parser of each caller
+// (their loops, combined with the parser's paths, would exceed the
+// verifier's budget of a million instructions). A call costs a few ns.
+// Their key argument is a pointer to the caller's 48-byte key on the
+// stack; for a global function the verifier treats it as possibly null.
+
+/// The table slot holding `key` (a VALID slot), inserting it if needed;
+/// or a negative `Miss` code (FULL, RACED, LOCK_BUSY).
+///
+/// Look-up without a lock: probe from the home slot until an EMPTY slot
+/// (linear probing; tombstones and slots of other flows are passed over),
+/// at most `TABLE_MAX_PROBES` slots. Then, only for a flow not found, the
+/// insert under the flow's lock: probe again (another CPU may just have
+/// inserted it), then claim the first free slot (EMPTY or TOMB) of the run
+/// with a compare-and-swap (inserts of other flows, under other locks, may
+/// race for it: then once more), write the key, publish the slot VALID and
+/// mark its region in `DIRTY`. Every CPU inserting this flow takes the same
+/// lock, so a flow is never inserted twice. Bounded: `TABLE_LOCK_SPINS`
+/// reads of the lock, `TABLE_MAX_PROBES` slots per probe; a program never
+/// waits on userspace (which never takes these locks).
+///
+/// # Safety
+/// `key` is null or points at a readable `FlowKey`.
+#[no_mangle]
+#[inline(never)]
+pub unsafe extern "C" fn flowexport_table_slot(key: *const FlowKey) -> i64 {
+    if key.is_null() {
+        return FULL;
+    }
+    // SAFETY: the caller's key (checked non-null).
+    let key = unsafe { &*key };
+    let h = table_hash(key);
+    // SAFETY: a read-only global the loader sets; volatile so the compiler
+    // does not fold the default.
+    let mask = unsafe { core::ptr::read_volatile(&TABLE_MASK) };
+    let home = (h as u32) & mask;
+    // SAFETY: `key` is the caller's valid key.
+    let found = unsafe { flowexport_table_find(key, home) };
+    if found != NOT_FOUND {
+        return found;
+    }
+    let lock_idx = ((h >> 40) as u32) & (TABLE_LOCKS - 1);
+    if flowexport_table_lock(lock_idx) == 0 {
+        return LOCK_BUSY;
+    }
+    // SAFETY: as above.
+    let mut r = unsafe { flowexport_table_claim(key, home) };
+    if r == RACED {
+        // SAFETY: as above.
+        r = unsafe { flowexport_table_claim(key, home) };
+    }
+    if let Some(lock) = LOCKS.get_ptr_mut(lock_idx) {
+        // SAFETY: releasing the lock this program holds; the exchange
+        // orders the slot's stores before it.
+        unsafe { atomic_xchg::<u32, { AtomicOrdering::SeqCst }>(lock, 0) };
+    }
+    r
+}
+
+/// The VALID slot holding `key`, probing from `home`; or NOT_FOUND.
+///
+/// # Safety
+/// `key` is null or points at a readable `FlowKey`.
+#[no_mangle]
+#[inline(never)]
+pub unsafe extern "C" fn flowexport_table_find(key: *const FlowKey, home: u32) -> i64 {
+    if key.is_null() {
+        return NOT_FOUND;
+    }
+    // SAFETY: the caller's key (checked non-null).
+    let kw = words(unsafe { &*key });
+    // SAFETY: as in flowexport_table_slot.
+    let mask = unsafe { core::ptr::read_volatile(&TABLE_MASK) };
+    for i in 0..TABLE_MAX_PROBES {
+        let idx = (home + i) & mask;
+        let Some(s) = TABLE.get_ptr_mut(idx) else {
+            break;
+        };
+        // SAFETY: a slot of the shared table; the control word is read
+        // once, the key after it.
+        let w = unsafe { core::ptr::read_volatile(slot_word_ptr(s)) };
+        if slot_state(w) == SLOT_EMPTY {
+            break;
+        }
+        if holds(s, w, kw) {
+            return idx as i64;
+        }
+    }
+    NOT_FOUND
+}
+
+/// Takes insert lock `lock_idx`: 1 when held, 0 when it stayed busy for
+/// `TABLE_LOCK_SPINS` reads (test, then test-and-set).
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn flowexport_table_lock(lock_idx: u32) -> i64 {
+    let Some(lock) = LOCKS.get_ptr_mut(lock_idx) else {
+        return 0;
     };
+    for _ in 0..TABLE_LOCK_SPINS {
+        // SAFETY: a u32 of an array map.
+        unsafe {
+            if core::ptr::read_volatile(lock) == 0
+                && atomic_cxchg::<u32, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                    lock, 0, 1,
+                )
+                .1
+            {
+                return 1;
+            }
+        }
+    }
+    0
+}
+
+/// One insert attempt, holding the flow's lock (see flowexport_table_slot):
+/// the slot, or FULL (no free slot within reach) or RACED (the free slot
+/// was claimed by an insert of another flow first).
+///
+/// # Safety
+/// `key` is null or points at a readable `FlowKey`.
+#[no_mangle]
+#[inline(never)]
+pub unsafe extern "C" fn flowexport_table_claim(key: *const FlowKey, home: u32) -> i64 {
+    if key.is_null() {
+        return FULL;
+    }
+    // SAFETY: the caller's key (checked non-null).
+    let key = unsafe { &*key };
+    let kw = words(key);
+    // SAFETY: as in flowexport_table_slot.
+    let mask = unsafe { core::ptr::read_volatile(&TABLE_MASK) };
+    let mut free = mask.wrapping_add(1); // none yet
+    let mut free_word = 0u32;
+    for i in 0..TABLE_MAX_PROBES {
+        let idx = (home + i) & mask;
+        let Some(s) = TABLE.get_ptr_mut(idx) else {
+            break;
+        };
+        // SAFETY: as in flowexport_table_find.
+        let w = unsafe { core::ptr::read_volatile(slot_word_ptr(s)) };
+        if holds(s, w, kw) {
+            return idx as i64;
+        }
+        let state = slot_state(w);
+        if (state == SLOT_EMPTY || state == SLOT_TOMB) && free > mask {
+            free = idx;
+            free_word = w;
+        }
+        if state == SLOT_EMPTY {
+            break;
+        }
+    }
+    if free > mask {
+        return FULL;
+    }
+    let Some(s) = TABLE.get_ptr_mut(free) else {
+        return FULL;
+    };
+    // SAFETY: claiming a free slot with a compare-and-swap; only the
+    // winner writes the key, then publishes it with an exchange (a full
+    // barrier: the key is visible before the slot is VALID). The counters
+    // of a free slot are zero (userspace clears them before freeing it).
+    unsafe {
+        let word = slot_word_ptr(s);
+        let (_, won) = atomic_cxchg::<u32, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+            word,
+            free_word,
+            slot_word(0, SLOT_BUSY),
+        );
+        if !won {
+            return RACED;
+        }
+        let sw = s as *mut u32;
+        for (j, w) in kw.iter().enumerate().take(SLOT_WORD_INDEX) {
+            core::ptr::write_volatile(sw.add(j), *w);
+        }
+        atomic_xchg::<u32, { AtomicOrdering::SeqCst }>(word, slot_word(key.proto, SLOT_VALID));
+    }
+    let region = free >> TABLE_REGION_SHIFT;
+    if let Some(d) = DIRTY.get_ptr_mut(region >> 6) {
+        let bit = 1u64 << (region & 63);
+        // SAFETY: a u64 of an array map, shared with userspace, which swaps
+        // it to 0; set with an atomic OR, skipped when already set.
+        unsafe {
+            if core::ptr::read_volatile(d) & bit == 0 {
+                atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(d, bit);
+            }
+        }
+    }
+    free as i64
+}
+
+/// The table slot of `key`, or why there is none.
+#[inline(always)]
+fn table_slot(key: &FlowKey) -> Result<u32, Miss> {
+    // SAFETY: a valid key.
+    match unsafe { flowexport_table_slot(key) } {
+        i if i >= 0 => Ok(i as u32),
+        FULL => Err(Miss::Full),
+        _ => Err(Miss::Contended),
+    }
+}
+
+/// Adds a packet (or a GSO super-packet's `packets` segments) to table slot
+/// `idx`, generation `gen`, with atomic adds: other CPUs may count the same
+/// flow at the same time.
+#[inline(always)]
+fn table_add(idx: u32, gen: u32, packets: u64, bytes: u64, now_ms: u32, tcp_flags: u8) {
+    let Some(s) = TABLE.get_ptr_mut(idx) else {
+        return;
+    };
+    let g = (gen & 1) as usize;
+    // SAFETY: a VALID slot of the shared table; the counters of the current
+    // generation are only ever added to (atomically) by programs, and read
+    // and cleared by userspace only once no program can still write them.
+    unsafe {
+        // SeqCst, not Relaxed: LLVM's BPF backend turns a Relaxed add
+        // whose result is used into a plain XADD, which returns nothing
+        // (llvm/llvm-project#210371); SeqCst emits the FETCH form.
+        let old =
+            atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(&mut (*s).packets[g], packets);
+        if old == 0 {
+            core::ptr::write_volatile(&mut (*s).first_ms[g], now_ms);
+        }
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&mut (*s).bytes[g], bytes);
+        core::ptr::write_volatile(&mut (*s).last_ms[g], now_ms);
+        if tcp_flags != 0 {
+            let word = slot_word_ptr(s);
+            let bits = (tcp_flags as u32) << (16 + 8 * g);
+            if core::ptr::read_volatile(word) & bits != bits {
+                atomic_or::<u32, u32, { AtomicOrdering::Relaxed }>(word, bits);
+            }
+        }
+    }
+}
+
+/// Counts one packet (or one GSO super-packet of `packets` segments) in its
+/// flow: in the cache when the flow owns (or can take) its slot, else in
+/// the table, else through the fallback ring.
+#[inline(always)]
+fn account(key: &FlowKey, packets: u64, bytes: u64, tcp_flags: u8) {
+    let (now_ns, now_ms) = now();
     let epoch = match CONTROL.get(CONTROL_EPOCH) {
         Some(e) => *e,
         None => 0,
     };
-    key.generation = (epoch & 1) as u8;
+    let gen = epoch & 1;
     // SAFETY: a plain read of a read-only global; volatile so the compiler
     // does not fold the default: the loader sets the real value, and the
     // verifier sees it as a constant (the branch and mask below fold).
@@ -375,7 +718,7 @@ fn account(key: &mut FlowKey, packets: u64, bytes: u64, tcp_flags: u8) {
         // slots is a power of two (the loader checks); the index lands in
         // this generation's half. An index past max_entries only makes the
         // look-up fail (then the table path below counts the packet).
-        let idx = (epoch & 1) * slots + (cache_hash(key) & (slots - 1));
+        let idx = gen * slots + (cache_hash(key) & (slots - 1));
         if let Some(s) = CACHE.get_ptr_mut(idx) {
             // SAFETY: this CPU's slot; programs do not nest on one CPU.
             unsafe {
@@ -383,88 +726,130 @@ fn account(key: &mut FlowKey, packets: u64, bytes: u64, tcp_flags: u8) {
                 if live && same_key(&(*s).key, key) {
                     (*s).value.packets += packets;
                     (*s).value.bytes += bytes;
-                    (*s).value.last_seen_ns = now;
+                    (*s).value.last_seen_ns = now_ns;
                     (*s).value.tcp_flags |= tcp_flags;
                     return;
                 }
                 if !live {
                     // A free slot (or one of an epoch already drained): this
-                    // flow owns it until the next drain.
-                    (*s).key = *key;
-                    (*s).epoch = epoch;
-                    (*s).value = FlowValue::first(packets, bytes, now, tcp_flags);
+                    // flow owns it until the next drain, once it has its
+                    // table slot, where the drain folds these counts.
+                    match table_slot(key) {
+                        Ok(t) => {
+                            // Seen now, so the drain does not retire the
+                            // flow as idle while its counts sit here.
+                            if let Some(ts) = TABLE.get_ptr_mut(t) {
+                                core::ptr::write_volatile(
+                                    &mut (*ts).last_ms[gen as usize & 1],
+                                    now_ms,
+                                );
+                            }
+                            (*s).key = *key;
+                            (*s).epoch = epoch;
+                            (*s).table_idx = t;
+                            write_first(&mut (*s).value, packets, bytes, now_ns, tcp_flags);
+                        }
+                        Err(miss) => fallback(key, packets, bytes, now_ns, tcp_flags, miss),
+                    }
                     return;
                 }
                 // Another flow owns the slot this epoch: count in the table.
             }
         }
     }
-    table_add(key, &FlowValue::first(packets, bytes, now, tcp_flags));
+    match table_slot(key) {
+        Ok(t) => {
+            table_add(t, gen, packets, bytes, now_ms, tcp_flags);
+            if key.direction == DIR_INGRESS {
+                stat_add(STAT_TABLE_PACKETS_INGRESS, packets);
+                stat_add(STAT_TABLE_BYTES_INGRESS, bytes);
+            } else {
+                stat_add(STAT_TABLE_PACKETS_EGRESS, packets);
+                stat_add(STAT_TABLE_BYTES_EGRESS, bytes);
+            }
+        }
+        Err(miss) => fallback(key, packets, bytes, now_ns, tcp_flags, miss),
+    }
 }
 
-/// Adds one packet's counters (`c`, first = last seen = now) to a flow in
-/// the table (`FLOWS`); when the table is full, to the fallback ring; when
+/// A packet without a table slot: to the fallback ring with its key; when
 /// that is full too, to the overflow counters.
 #[inline(always)]
-fn table_add(key: &FlowKey, c: &FlowValue) {
-    if let Some(v) = FLOWS.get_ptr_mut(*key) {
-        // SAFETY: the pointer is this CPU's slot of an existing entry.
-        unsafe {
-            // Another CPU may have created the entry: then this CPU's slot
-            // starts zeroed and these are its first packets.
-            if (*v).first_seen_ns == 0 {
-                (*v).first_seen_ns = c.first_seen_ns;
-            }
-            (*v).packets += c.packets;
-            (*v).bytes += c.bytes;
-            (*v).last_seen_ns = c.last_seen_ns;
-            (*v).tcp_flags |= c.tcp_flags;
-        }
-        return;
+fn fallback(key: &FlowKey, packets: u64, bytes: u64, now_ns: u64, tcp_flags: u8, miss: Miss) {
+    stat_add(STAT_FALLBACK_PACKETS, packets);
+    if let Miss::Contended = miss {
+        stat_add(STAT_FALLBACK_CONTENDED, packets);
     }
-    // BPF_ANY: on a per-CPU map this writes only this CPU's slot, so a racing
-    // insert of the same key on another CPU loses nothing. It fails only when
-    // the table is full (E2BIG).
-    if FLOWS.insert(*key, *c, 0).is_ok() {
-        return;
-    }
-    stat_add(STAT_FALLBACK_PACKETS, c.packets);
     if let Some(mut slot) = FALLBACK.reserve::<FallbackEvent>(0) {
         // One packet (or GSO super-packet) per event: first = last seen.
-        slot.write(FallbackEvent {
-            key: *key,
-            packets: c.packets,
-            bytes: c.bytes,
-            ts_ns: c.last_seen_ns,
-            tcp_flags: c.tcp_flags,
-            _pad: [0; 7],
-        });
+        let ev = slot.as_mut_ptr() as *mut u64;
+        let kw = words64(key);
+        // SAFETY: the reserved record is a FallbackEvent (80 bytes, 8-aligned
+        // in the ring): the key's six words, then packets, bytes, the time
+        // and the flags word (flags byte and zero padding).
+        unsafe {
+            for (i, w) in kw.iter().enumerate() {
+                core::ptr::write_volatile(ev.add(i), *w);
+            }
+            core::ptr::write_volatile(ev.add(6), packets);
+            core::ptr::write_volatile(ev.add(7), bytes);
+            core::ptr::write_volatile(ev.add(8), now_ns);
+            core::ptr::write_volatile(ev.add(9), tcp_flags as u64);
+        }
         slot.submit(0);
         return;
     }
     if key.direction == DIR_INGRESS {
-        stat_add(STAT_OVERFLOW_PACKETS_INGRESS, c.packets);
-        stat_add(STAT_OVERFLOW_BYTES_INGRESS, c.bytes);
+        stat_add(STAT_OVERFLOW_PACKETS_INGRESS, packets);
+        stat_add(STAT_OVERFLOW_BYTES_INGRESS, bytes);
     } else {
-        stat_add(STAT_OVERFLOW_PACKETS_EGRESS, c.packets);
-        stat_add(STAT_OVERFLOW_BYTES_EGRESS, c.bytes);
+        stat_add(STAT_OVERFLOW_PACKETS_EGRESS, packets);
+        stat_add(STAT_OVERFLOW_BYTES_EGRESS, bytes);
     }
 }
 
 #[inline(always)]
 fn empty_key(ifindex: u32, direction: u8) -> FlowKey {
-    FlowKey {
-        src_addr: [0; 16],
-        dst_addr: [0; 16],
-        ifindex,
-        src_port: 0,
-        dst_port: 0,
-        vlan_id: 0,
-        direction,
-        ip_version: 0,
-        proto: 0,
-        generation: 0,
-        _pad: [0; 2],
+    // Zeroed word by word with volatile stores: LLVM would otherwise trim a
+    // zeroing of the whole key (whose address escapes to the table
+    // functions) into odd-sized memsets, which the BPF backend turns into
+    // calls of a byte-by-byte memset loop.
+    let mut k = core::mem::MaybeUninit::<FlowKey>::uninit();
+    let w = k.as_mut_ptr() as *mut u64;
+    // SAFETY: six u64 stores cover the 48-byte, 8-aligned-enough key (a
+    // stack slot; u64 stores need no alignment in BPF beyond the verifier's
+    // stack rules, which 8-aligned slots meet).
+    let mut k = unsafe {
+        for i in 0..6 {
+            core::ptr::write_volatile(w.add(i), 0);
+        }
+        k.assume_init()
+    };
+    k.ifindex = ifindex;
+    k.direction = direction;
+    k
+}
+
+/// The key as six u64 words.
+#[inline(always)]
+fn words64(k: &FlowKey) -> [u64; 6] {
+    // SAFETY: FlowKey is #[repr(C)], 48 bytes, plain integers.
+    unsafe { core::ptr::read_unaligned(k as *const FlowKey as *const [u64; 6]) }
+}
+
+/// A cache slot's first counters (`FlowValue::first`), stored field by field
+/// so that the zero padding costs one word store, not a memset call.
+#[inline(always)]
+fn write_first(v: &mut FlowValue, packets: u64, bytes: u64, now: u64, tcp_flags: u8) {
+    let w = v as *mut FlowValue as *mut u64;
+    // SAFETY: FlowValue is five u64 words: packets, bytes, first, last, and
+    // the flags byte with its zero padding.
+    unsafe {
+        core::ptr::write_volatile(w, packets);
+        core::ptr::write_volatile(w.add(1), bytes);
+        core::ptr::write_volatile(w.add(2), now);
+        core::ptr::write_volatile(w.add(3), now);
+        core::ptr::write_volatile(w.add(4), tcp_flags as u64);
     }
 }
 
@@ -476,7 +861,7 @@ pub fn flowexport_ingress(ctx: XdpContext) -> u32 {
     let mut ip_len = 0u64;
     let mut flags = 0u8;
     match parse(&XdpPacket(&ctx), &mut key, &mut ip_len, &mut flags, false) {
-        Parsed::Flow { .. } => account(&mut key, 1, ip_len, flags),
+        Parsed::Flow { .. } => account(&key, 1, ip_len, flags),
         Parsed::NonIp => stat_add(STAT_NON_IP_INGRESS, 1),
         Parsed::Malformed => stat_add(STAT_MALFORMED_INGRESS, 1),
     }
@@ -512,9 +897,9 @@ pub fn flowexport_egress(ctx: TcContext) -> i32 {
                 let segs = gso_segs as u64;
                 let hdrs = (l4_hdr_end - l3_off) as u64;
                 let total = (skb_len as u64).saturating_sub(l3_off as u64);
-                account(&mut key, segs, total + (segs - 1) * hdrs, flags)
+                account(&key, segs, total + (segs - 1) * hdrs, flags)
             } else {
-                account(&mut key, 1, ip_len, flags)
+                account(&key, 1, ip_len, flags)
             }
         }
         Parsed::NonIp => stat_add(STAT_NON_IP_EGRESS, 1),
@@ -553,15 +938,12 @@ pub fn flowexport_bench_parse_clock(ctx: XdpContext) -> u32 {
     let mut ip_len = 0u64;
     let mut flags = 0u8;
     let _ = parse(&XdpPacket(&ctx), &mut key, &mut ip_len, &mut flags, false);
-    let now = match CLOCK.get(0) {
-        Some(t) if *t != 0 => *t,
-        _ => unsafe { bpf_ktime_get_ns() },
-    };
-    key.generation = match CONTROL.get(CONTROL_EPOCH) {
-        Some(g) => (*g & 1) as u8,
+    let (now_ns, _) = now();
+    let gen = match CONTROL.get(CONTROL_EPOCH) {
+        Some(g) => *g & 1,
         None => 0,
     };
-    if key.src_port == 0 && ip_len == now && key.generation == 7 {
+    if key.src_port == 0 && ip_len == now_ns && gen == 7 {
         return xdp_action::XDP_DROP;
     }
     xdp_action::XDP_PASS

@@ -19,7 +19,7 @@ use crate::sink::kafka::KafkaSink;
 use crate::sink::netflow::FlowExportSink;
 use crate::sink::stdout::JsonLinesSink;
 use crate::sink::Sink;
-use crate::timeconv::{monotonic_ns, wall_ns, ClockOffset};
+use crate::timeconv::{wall_ns, ClockOffset};
 
 const DIRS: [(u8, &str); 2] = [(DIR_INGRESS, "ingress"), (DIR_EGRESS, "egress")];
 
@@ -39,7 +39,14 @@ fn raise_memlock() {
     }
 }
 
-/// The drain loop's state: kernel tables, userspace flows, sinks, metrics.
+/// Records handed to the sinks per call: a drain that exports a million
+/// flows builds and sends them in batches of this many, not all at once.
+const EXPORT_BATCH: usize = 4096;
+
+/// How often, at most, the log says that flows found the table full.
+const TABLE_FULL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The drain loop's state: kernel tables, fallback flows, sinks, metrics.
 struct Drainer {
     tables: KernelTables,
     agg: FlowAggregator,
@@ -48,7 +55,22 @@ struct Drainer {
     metrics: AgentMetrics,
     sampler_address: Option<std::net::IpAddr>,
     last_stats: KernelStats,
-    due: Vec<(flowexport_common::FlowKey, crate::record::FlowCounters)>,
+    /// Fallback packets since the last "table full" log line, and when that was.
+    full_since_log: (u64, u64),
+    full_logged: Option<Instant>,
+    batch: Vec<FlowRecord>,
+}
+
+/// Hands a batch to every sink; a failing sink is counted and logged, the
+/// others still get the records.
+fn send(sinks: &mut [Box<dyn Sink>], metrics: &AgentMetrics, records: &[FlowRecord]) {
+    for sink in sinks.iter_mut() {
+        if let Err(e) = sink.send(records) {
+            metrics.sink_errors.with_label_values(&[sink.name()]).inc();
+            log::error!("{} records not delivered: {e}", records.len());
+        }
+    }
+    metrics.flows_exported.inc_by(records.len() as u64);
 }
 
 impl Drainer {
@@ -62,9 +84,14 @@ impl Drainer {
                 .with_label_values(&[name])
                 .inc_by(report.bytes[dir as usize]);
         }
-        m.table_entries.set(report.table_entries as i64);
-        m.cache_entries.set(report.cache_entries as i64);
+        if !report.skipped {
+            m.table_entries.set(report.table_entries as i64);
+            m.cache_entries.set(report.cache_entries as i64);
+            m.flows_active
+                .set((report.table_entries + self.agg.len()) as i64);
+        }
         m.overflow_packets.inc_by(report.overflow_packets);
+        m.flows_retired.inc_by(report.retired as u64);
         let stats = self.tables.stats()?;
         for (dir, name) in DIRS {
             m.non_ip_packets
@@ -74,50 +101,79 @@ impl Drainer {
                 .with_label_values(&[name])
                 .inc_by(stats.malformed(dir) - self.last_stats.malformed(dir));
         }
-        m.fallback_packets
-            .inc_by(stats.fallback_packets() - self.last_stats.fallback_packets());
+        let fallback = stats.fallback_packets() - self.last_stats.fallback_packets();
+        let contended = stats.fallback_contended() - self.last_stats.fallback_contended();
+        m.fallback_packets.inc_by(fallback);
+        m.fallback_contended.inc_by(contended);
         self.last_stats = stats;
+        self.full_since_log.0 += fallback;
+        self.full_since_log.1 += contended;
+        if self.full_since_log.0 > 0
+            && self
+                .full_logged
+                .is_none_or(|t| t.elapsed() >= TABLE_FULL_LOG_EVERY)
+        {
+            let (n, busy) = self.full_since_log;
+            let slots = self.tables.slots();
+            let mib = crate::capture::table::table_bytes(slots) >> 20;
+            log::warn!(
+                "flow table full: {n} packets of flows without a table slot went through the \
+                 fallback ring{} (still counted exactly, in their flows, while the ring keeps up). \
+                 The table holds --max-flows {} concurrent flows ({slots} slots, {mib} MiB of \
+                 kernel memory); raise --max-flows (each doubling adds {mib} MiB)",
+                if busy > 0 {
+                    format!(" ({busy} of them because the insert lock stayed busy)")
+                } else {
+                    String::new()
+                },
+                self.tables.capacity()
+            );
+            self.full_since_log = (0, 0);
+            self.full_logged = Some(Instant::now());
+        }
         Ok(())
     }
 
     /// Drains the kernel, exports every flow that is due (all of them if
-    /// `last`), and returns how many records went out.
+    /// `last`) in batches, and returns how many records went out.
     fn cycle(&mut self, last: bool) -> Result<usize> {
         let started = Instant::now();
-        let report = self.tables.drain(&mut self.agg, last)?;
-        self.metrics.drains.inc();
-        self.update_metrics(&report)?;
-        self.due.clear();
-        self.agg
-            .expire(monotonic_ns(), self.timeouts, last, &mut self.due);
-        self.metrics.flows_active.set(self.agg.len() as i64);
-        self.metrics
-            .drain_duration
-            .observe(started.elapsed().as_secs_f64());
-        if self.due.is_empty() {
-            return Ok(0);
-        }
         let ctx = ExportContext {
             sampler_address: self.sampler_address,
             clock: ClockOffset::now(),
             time_received_ns: wall_ns(),
         };
-        let records: Vec<FlowRecord> = self
-            .due
-            .iter()
-            .map(|(k, c)| FlowRecord::from_kernel(k, c, &ctx))
-            .collect();
-        for sink in &mut self.sinks {
-            if let Err(e) = sink.send(&records) {
-                self.metrics
-                    .sink_errors
-                    .with_label_values(&[sink.name()])
-                    .inc();
-                log::error!("{} records not delivered: {e}", records.len());
+        let Drainer {
+            tables,
+            agg,
+            timeouts,
+            sinks,
+            metrics,
+            batch,
+            ..
+        } = self;
+        let mut emit = |k: &flowexport_common::FlowKey, c: &crate::record::FlowCounters| {
+            batch.push(FlowRecord::from_kernel(k, c, &ctx));
+            if batch.len() == EXPORT_BATCH {
+                send(sinks, metrics, batch);
+                batch.clear();
             }
+        };
+        let report = tables.drain(agg, *timeouts, last, &mut emit)?;
+        if !batch.is_empty() {
+            send(sinks, metrics, batch);
+            batch.clear();
         }
-        self.metrics.flows_exported.inc_by(records.len() as u64);
-        Ok(records.len())
+        self.metrics.drains.inc();
+        if report.skipped {
+            self.metrics.drains_idle.inc();
+        } else {
+            self.metrics
+                .drain_duration
+                .observe(started.elapsed().as_secs_f64());
+        }
+        self.update_metrics(&report)?;
+        Ok(report.exported)
     }
 }
 
@@ -155,9 +211,11 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         cache_slots: cfg.cache_slots,
         object: cfg.bpf_object.clone(),
     })?;
+    let slots = crate::capture::table::slots_for(cfg.max_flows);
     let tables = KernelTables::new(
         &mut capture.ebpf,
         cfg.max_flows,
+        slots,
         cfg.cache_slots,
         cfg.clock_resolution,
     )?;
@@ -168,6 +226,29 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
     }
 
     metrics.table_capacity.set(tables.capacity() as i64);
+    metrics.table_slots.set(slots as i64);
+    let cpus = aya::util::nr_cpus().map(|n| n as u64).unwrap_or(1);
+    for (map, bytes) in [
+        ("table", crate::capture::table::table_bytes(slots)),
+        (
+            "cache",
+            2 * u64::from(cfg.cache_slots.max(1))
+                * std::mem::size_of::<flowexport_common::CacheSlot>() as u64
+                * cpus,
+        ),
+        ("ring", u64::from(cfg.fallback_ring_bytes)),
+        (
+            "other",
+            4 * u64::from(flowexport_common::TABLE_LOCKS)
+                + 8 * u64::from(crate::capture::table::dirty_words(slots))
+                + 8 * u64::from(flowexport_common::STAT_LEN) * cpus,
+        ),
+    ] {
+        metrics
+            .kernel_memory
+            .with_label_values(&[map])
+            .set(bytes as i64);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -198,7 +279,9 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         metrics,
         sampler_address: cfg.sampler_address,
         last_stats: KernelStats::default(),
-        due: Vec::new(),
+        full_since_log: (0, 0),
+        full_logged: None,
+        batch: Vec::with_capacity(EXPORT_BATCH),
     };
     let interval = cfg.drain_interval;
     let drain_thread = std::thread::Builder::new()

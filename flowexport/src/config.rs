@@ -20,7 +20,12 @@ use crate::sink::netflow::{resolve, ExportSettings};
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_ACTIVE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_DRAIN_INTERVAL: Duration = Duration::from_secs(1);
-pub const DEFAULT_MAX_FLOWS: u32 = 65_536;
+pub use flowexport_common::DEFAULT_MAX_FLOWS;
+/// Longest idle or active timeout: times in the kernel's flow table are 32-bit
+/// milliseconds, which the drain reads back unambiguously within 24 days.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Largest `--max-flows`: 2^30 flows, 2^31 table slots (192 GiB).
+pub const MAX_MAX_FLOWS: u32 = 1 << 30;
 pub const DEFAULT_FALLBACK_RING_BYTES: u32 = 1 << 20;
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9590";
 pub const DEFAULT_EXPORT_PACKET_SIZE: usize = 1400;
@@ -76,8 +81,11 @@ pub struct AgentArgs {
     /// at most the smaller timeout. [default: 1s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub drain_interval: Option<Duration>,
-    /// Kernel flow-table capacity: distinct flows per drain interval before
-    /// packets take the fallback ring. [default: 65536]
+    /// Kernel flow-table capacity: concurrent flows (from their first
+    /// packet until their idle timeout). The table has 2 x N slots (rounded
+    /// up to a power of two) of 96 bytes, shared by all CPUs: 192 MiB at
+    /// the default, whatever the CPU count. Flows beyond it still count
+    /// exactly, through the fallback ring. [default: 1048576]
     #[arg(long, value_name = "N")]
     pub max_flows: Option<u32>,
     /// Size of the fallback ring buffer in bytes (a power of two, at least
@@ -86,7 +94,7 @@ pub struct AgentArgs {
     pub fallback_ring_bytes: Option<u32>,
     /// Per-CPU flow cache in front of the flow table: slots per generation
     /// (a power of two up to 65536; 0 turns the cache off). Costs 2 x N x
-    /// 96 bytes per CPU. [default: 4096]
+    /// 96 bytes per CPU (384 KiB per CPU at the default). [default: 2048]
     #[arg(long, value_name = "N")]
     pub cache_slots: Option<u32>,
     /// Resolution of first/last-seen times: how often the agent advances
@@ -354,6 +362,12 @@ impl AgentArgs {
             .drain_interval
             .or(file_duration(&path, "drain-interval", f.drain_interval)?)
             .unwrap_or_else(|| DEFAULT_DRAIN_INTERVAL.min(idle_timeout).min(active_timeout));
+        if idle_timeout.max(active_timeout) > MAX_TIMEOUT {
+            bail!(
+                "--idle-timeout ({idle_timeout:?}) and --active-timeout ({active_timeout:?}) must \
+                 not exceed 24h"
+            );
+        }
         if drain_interval > idle_timeout.min(active_timeout) {
             bail!(
                 "--drain-interval ({drain_interval:?}) must not exceed the idle ({idle_timeout:?}) \
@@ -361,8 +375,8 @@ impl AgentArgs {
             );
         }
         let max_flows = self.max_flows.or(f.max_flows).unwrap_or(DEFAULT_MAX_FLOWS);
-        if max_flows == 0 {
-            bail!("--max-flows must be at least 1");
+        if max_flows == 0 || max_flows > MAX_MAX_FLOWS {
+            bail!("--max-flows {max_flows} must be from 1 to {MAX_MAX_FLOWS}");
         }
         let fallback_ring_bytes = self
             .fallback_ring_bytes
@@ -380,8 +394,8 @@ impl AgentArgs {
             .cache_slots
             .or(f.cache_slots)
             .unwrap_or(flowexport_common::DEFAULT_CACHE_SLOTS);
-        // Each drain reads the N slots of one half (one map read each), so
-        // N is capped where that stays ~0.1 s.
+        // Each drain copies the N slots of one half of every CPU, so N is
+        // capped where that stays a few ms.
         if cache_slots != 0 && (!cache_slots.is_power_of_two() || cache_slots > 1 << 16) {
             bail!("--cache-slots {cache_slots} must be 0 (no cache) or a power of two up to 65536");
         }
@@ -564,7 +578,7 @@ mod tests {
         assert_eq!(c.idle_timeout, Duration::from_secs(15));
         assert_eq!(c.active_timeout, Duration::from_secs(60));
         assert_eq!(c.drain_interval, Duration::from_secs(1));
-        assert_eq!(c.max_flows, 65_536);
+        assert_eq!(c.max_flows, 1 << 20);
         assert_eq!(c.fallback_ring_bytes, 1 << 20);
         assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9590");
         assert_eq!(c.sampler_address, None);
@@ -609,9 +623,14 @@ mod tests {
         let mut a = args(&["eth0"]);
         a.fallback_ring_bytes = Some(5000);
         assert!(format!("{:#}", a.resolve().unwrap_err()).contains("power of two"));
+        for bad in [0, (1 << 30) + 1] {
+            let mut a = args(&["eth0"]);
+            a.max_flows = Some(bad);
+            assert!(format!("{:#}", a.resolve().unwrap_err()).contains("--max-flows"));
+        }
         let mut a = args(&["eth0"]);
-        a.max_flows = Some(0);
-        assert!(a.resolve().is_err());
+        a.active_timeout = Some(Duration::from_secs(25 * 3600));
+        assert!(format!("{:#}", a.resolve().unwrap_err()).contains("24h"));
         assert!(args(&[]).resolve().is_err());
         let mut a = args(&["eth0"]);
         a.sampler_address = Some("not-an-ip".into());
@@ -640,7 +659,7 @@ mod tests {
         let c = args(&["eth0"]).resolve().unwrap();
         assert_eq!(
             (c.cache_slots, c.clock_resolution),
-            (4096, Duration::from_millis(1))
+            (2048, Duration::from_millis(1))
         );
     }
 

@@ -7,8 +7,8 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric the agent exports. Names follow Prometheus conventions:
@@ -25,7 +25,12 @@ pub struct AgentMetrics {
     pub cache_entries: IntGauge,
     pub table_capacity: IntGauge,
     pub flows_active: IntGauge,
+    pub table_slots: IntGauge,
+    pub kernel_memory: IntGaugeVec,
+    pub drains_idle: IntCounter,
+    pub flows_retired: IntCounter,
     pub fallback_packets: IntCounter,
+    pub fallback_contended: IntCounter,
     pub overflow_packets: IntCounter,
     pub non_ip_packets: IntCounterVec,
     pub malformed_packets: IntCounterVec,
@@ -44,6 +49,12 @@ fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
     c
 }
 
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("valid metric");
     r.register(Box::new(g.clone())).expect("unique metric");
@@ -56,10 +67,11 @@ impl AgentMetrics {
         let drain_duration = Histogram::with_opts(
             HistogramOpts::new(
                 "flowexport_drain_duration_seconds",
-                "Time one drain of the kernel flow table took (flip, grace period, read, delete).",
+                "Time one drain of the kernel's counters took (flip, grace period, cache fold, \
+                 table walk, exports); drains skipped for lack of traffic are not observed.",
             )
             .buckets(vec![
-                0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
+                0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5, 1.0, 2.0,
             ]),
         )
         .expect("valid metric");
@@ -83,12 +95,26 @@ impl AgentMetrics {
                 "flowexport_flows_exported_total",
                 "Flow records handed to the sinks.",
             ),
-            drains: counter(&r, "flowexport_drains_total", "Drains of the kernel flow table."),
+            drains: counter(
+                &r,
+                "flowexport_drains_total",
+                "Drain cycles (every --drain-interval), including those skipped for lack of traffic.",
+            ),
+            drains_idle: counter(
+                &r,
+                "flowexport_drains_idle_total",
+                "Drain cycles skipped: no packet since the last drain and no timeout due.",
+            ),
+            flows_retired: counter(
+                &r,
+                "flowexport_flows_retired_total",
+                "Idle flows whose table slot was freed.",
+            ),
             drain_duration,
             table_entries: gauge(
                 &r,
                 "flowexport_flow_table_entries",
-                "Entries the last drain found in the kernel flow table (one generation).",
+                "Flows in the kernel flow table after the last drain (slots in use).",
             ),
             cache_entries: gauge(
                 &r,
@@ -98,17 +124,37 @@ impl AgentMetrics {
             table_capacity: gauge(
                 &r,
                 "flowexport_flow_table_capacity",
-                "Capacity of the kernel flow table (--max-flows).",
+                "Capacity of the kernel flow table in concurrent flows (--max-flows).",
+            ),
+            table_slots: gauge(
+                &r,
+                "flowexport_flow_table_slots",
+                "Slots of the kernel flow table (2 x --max-flows, rounded up to a power of two).",
+            ),
+            kernel_memory: gauge_vec(
+                &r,
+                "flowexport_kernel_memory_bytes",
+                "Kernel memory of the agent's eBPF maps, by map (table: the shared flow table, \
+                 grows with --max-flows; cache: the per-CPU flow cache, grows with --cache-slots \
+                 and the CPU count; ring: --fallback-ring-bytes; other: locks, stats, control).",
+                &["map"],
             ),
             flows_active: gauge(
                 &r,
                 "flowexport_flows_active",
-                "Flows held in userspace waiting for their idle/active timeout.",
+                "Flows waiting for their idle/active timeout: in the kernel table, plus those \
+                 held in userspace after taking the fallback ring.",
             ),
             fallback_packets: counter(
                 &r,
                 "flowexport_table_full_fallback_packets_total",
-                "Packets that found the kernel flow table full and went through the fallback ring.",
+                "Packets of flows without a slot in the kernel flow table (no free slot within \
+                 reach: raise --max-flows), which went through the fallback ring.",
+            ),
+            fallback_contended: counter(
+                &r,
+                "flowexport_table_insert_contended_packets_total",
+                "Of the fallback packets, those whose flow's insert lock stayed busy.",
             ),
             overflow_packets: counter(
                 &r,

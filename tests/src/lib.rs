@@ -23,6 +23,7 @@ pub mod frames;
 pub mod kafka;
 pub mod prometheus;
 pub mod tools;
+pub mod trafgen;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 

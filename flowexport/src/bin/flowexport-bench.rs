@@ -28,15 +28,18 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
 use anyhow::{bail, Context, Result};
-use aya::maps::{Array, PerCpuArray, PerCpuHashMap};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use clap::Parser;
+use flowexport::capture::drain::{FlowAggregator, KernelTables, Timeouts};
 use flowexport::capture::loader::{Capture, LoadOptions};
+use flowexport::capture::table::slots_for;
 use flowexport_common::{
-    CacheSlot, FlowKey, FlowValue, DEFAULT_CACHE_SLOTS, DIR_INGRESS, MAP_CACHE, MAP_CLOCK,
-    MAP_FLOWS, MAP_STATS, PROG_BENCH_PARSE, PROG_BENCH_PARSE_CLOCK, PROG_BENCH_PASS, PROG_INGRESS,
-    STAT_FALLBACK_PACKETS,
+    FlowKey, DEFAULT_CACHE_SLOTS, DIR_INGRESS, PROG_BENCH_PARSE, PROG_BENCH_PARSE_CLOCK,
+    PROG_BENCH_PASS, PROG_INGRESS,
 };
 
 #[derive(Parser)]
@@ -176,16 +179,14 @@ struct Row {
 }
 
 fn measure(args: &Args, family: Family, n: u32) -> Result<Row> {
+    // The agent's sizing rule: a table of at least twice the flows.
+    let max_flows = n.max(1024);
     let mut cap = Capture::load(&LoadOptions {
-        max_flows: n + n / 4 + 1024,
+        max_flows,
         fallback_ring_bytes: 1 << 16,
         cache_slots: args.cache_slots,
         object: None,
     })?;
-    // The agent's clock word (one value suffices for a benchmark; the
-    // agent advances it every millisecond).
-    let mut clock: Array<_, u64> = Array::try_from(cap.ebpf.map_mut(MAP_CLOCK).unwrap())?;
-    clock.set(0, flowexport::timeconv::monotonic_ns(), 0)?;
     for name in [PROG_BENCH_PASS, PROG_BENCH_PARSE, PROG_BENCH_PARSE_CLOCK] {
         let p: &mut Xdp = cap
             .ebpf
@@ -194,6 +195,14 @@ fn measure(args: &Args, family: Family, n: u32) -> Result<Row> {
             .try_into()?;
         p.load()?;
     }
+    // The agent's drain state and clock word, as the agent runs them.
+    let mut tables = KernelTables::new(
+        &mut cap.ebpf,
+        max_flows,
+        slots_for(max_flows),
+        args.cache_slots,
+        Duration::from_millis(1),
+    )?;
     let ingress: &Xdp = cap.ebpf.program(PROG_INGRESS).unwrap().try_into()?;
     let pass: &Xdp = cap.ebpf.program(PROG_BENCH_PASS).unwrap().try_into()?;
     let parse: &Xdp = cap.ebpf.program(PROG_BENCH_PARSE).unwrap().try_into()?;
@@ -202,12 +211,27 @@ fn measure(args: &Args, family: Family, n: u32) -> Result<Row> {
         .program(PROG_BENCH_PARSE_CLOCK)
         .unwrap()
         .try_into()?;
+    // The clock word rests when no packet came for 100 ms; every measured
+    // run starts with it ticking, as it does under traffic.
+    let ticking = |tables: &KernelTables| -> Result<()> {
+        tables.clock().wake();
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while !tables.clock().ticking() {
+            if Instant::now() > deadline {
+                bail!("the clock thread did not resume");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    };
 
     eprintln!("{}: {n} flows: filling the table", fam_name(family));
     let frames: Vec<Vec<u8>> = (0..n).map(|i| frame(family, i)).collect();
+    ticking(&tables)?;
     let new = run_each(ingress, &frames)?;
     let new_empty = run_each(pass, &frames)?;
     let rotating = if n > 1 {
+        ticking(&tables)?;
         let r = run_each(ingress, &frames)?;
         let e = run_each(pass, &frames)?;
         Some((r, e))
@@ -220,48 +244,51 @@ fn measure(args: &Args, family: Family, n: u32) -> Result<Row> {
     let mut hot_parse = f64::MAX;
     let mut hot_parse_clock = f64::MAX;
     for _ in 0..args.rounds {
+        ticking(&tables)?;
         hot = hot.min(run(ingress, &frames[0], args.repeat)?);
         hot_empty = hot_empty.min(run(pass, &frames[0], args.repeat)?);
         hot_parse = hot_parse.min(run(parse, &frames[0], args.repeat)?);
+        ticking(&tables)?;
         hot_parse_clock = hot_parse_clock.min(run(parse_clock, &frames[0], args.repeat)?);
     }
 
     // The numbers are only worth printing if the real path was taken.
-    let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(cap.ebpf.map(MAP_STATS).unwrap())?;
-    let fallback: u64 = stats.get(&STAT_FALLBACK_PACKETS, 0)?.iter().sum();
-    if fallback != 0 {
-        bail!("{fallback} packets went to the fallback path: the table was too small");
+    let stats = tables.stats()?;
+    eprintln!(
+        "{}: {n} flows: {} packets counted through the table (not the cache)",
+        fam_name(family),
+        stats.values[flowexport_common::STAT_TABLE_PACKETS_INGRESS as usize]
+    );
+    if stats.fallback_packets() != 0 {
+        bail!(
+            "{} packets went to the fallback path: the table was too small",
+            stats.fallback_packets()
+        );
     }
-    // Every flow is in the table or in a cache slot (or both, after an
-    // eviction and a later packet); the hot flow's packets add up over both.
-    let flows: PerCpuHashMap<_, FlowKey, FlowValue> =
-        PerCpuHashMap::try_from(cap.ebpf.map(MAP_FLOWS).unwrap())?;
-    let cache: PerCpuArray<_, CacheSlot> = PerCpuArray::try_from(cap.ebpf.map(MAP_CACHE).unwrap())?;
-    let hot_key = key(family, 0);
-    let mut keys = std::collections::HashSet::new();
-    let mut got: u64 = flows
-        .get(&hot_key, 0)
-        .map(|v| v.iter().map(|v| v.packets).sum())
-        .unwrap_or(0);
-    for k in flows.keys() {
-        keys.insert(k?);
-    }
-    for i in 0..(2 * args.cache_slots) {
-        for s in cache.get(&i, 0)?.iter() {
-            if s.epoch == 0 && s.value.packets != 0 {
-                keys.insert(s.key);
-                if s.key == hot_key {
-                    got += s.value.packets;
-                }
-            }
-        }
-    }
+    // What the agent's final drain exports: every flow once, the hot flow
+    // with every packet sent.
+    let mut got: HashMap<FlowKey, u64> = HashMap::new();
+    let started = Instant::now();
+    let mut agg = FlowAggregator::default();
+    let t = Timeouts {
+        idle_ns: u64::MAX,
+        active_ns: u64::MAX,
+    };
+    tables.drain(&mut agg, t, true, &mut |k, c| {
+        *got.entry(*k).or_default() += c.packets
+    })?;
+    let drain_ms = started.elapsed().as_secs_f64() * 1e3;
+    eprintln!(
+        "{}: {n} flows: final drain {drain_ms:.1} ms",
+        fam_name(family)
+    );
     let want = 1 + u64::from(n > 1) + u64::from(args.rounds) * u64::from(args.repeat);
-    if got != want {
-        bail!("hot flow counted {got} packets, expected {want} (has the key layout drifted?)");
+    let hot_got = got.get(&key(family, 0)).copied().unwrap_or(0);
+    if hot_got != want {
+        bail!("hot flow counted {hot_got} packets, expected {want} (has the key layout drifted?)");
     }
-    if keys.len() != n as usize {
-        bail!("table and cache hold {} flows, expected {n}", keys.len());
+    if got.len() != n as usize {
+        bail!("the drain exported {} flows, expected {n}", got.len());
     }
     Ok(Row {
         family: fam_name(family),

@@ -1,81 +1,158 @@
 //! The clock word the kernel programs read instead of calling
-//! `bpf_ktime_get_ns()` on every packet.
+//! `bpf_ktime_get_ns()` on every packet, kept only while traffic flows.
 //!
 //! The helper call costs about as much as the rest of the hot path together
 //! (a call through a retpoline on this kind of machine), so the agent keeps
-//! CLOCK_MONOTONIC in a one-entry array map created with BPF_F_MMAPABLE and
-//! advances it every `--clock-resolution` (default 1 ms) through a shared
-//! mapping, with one aligned 8-byte store: the programs read it with one
-//! inlined array look-up and one load, and never see a torn value. First-
-//! and last-seen times then have that resolution, which NetFlow and IPFIX
-//! millisecond timestamps do not go below. While the word is 0 (before the
-//! first tick) the programs call the helper.
+//! CLOCK_MONOTONIC (in ns and in ms) in the one value of an array map
+//! created with BPF_F_MMAPABLE and advances it every `--clock-resolution`
+//! (default 1 ms) through a shared mapping, with aligned 8-byte stores: the
+//! programs read it with one inlined array look-up and never see a torn
+//! value. First- and last-seen times then have that resolution, which
+//! NetFlow and IPFIX millisecond timestamps do not go below.
+//!
+//! Idle hosts pay nothing for it: the programs set the `active` word
+//! whenever it is not already set; every [`REST_WINDOW`] the ticker clears
+//! its bit and, if no packet set it again during the next window, rests: it
+//! sets the word to 0 and only looks at `active` every [`REST_POLL`]. While
+//! the word is 0 the programs call the helper (exact times, ~30 ns more per
+//! packet) and set `active`, which wakes the ticker within [`REST_POLL`].
+//! So a host without traffic sees about ten wake-ups a second instead of a
+//! thousand.
 
-use std::os::fd::{AsFd, AsRawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use aya::maps::MapData;
+use flowexport_common::{ClockWord, CLOCK_ACTIVE_TICKER};
 
+use super::bpf_sys::SharedMap;
 use crate::timeconv::monotonic_ns;
 
-/// Keeps the clock word current until dropped.
+/// After a window this long without a packet, the ticker rests.
+pub const REST_WINDOW: Duration = Duration::from_millis(100);
+/// How often a resting ticker looks for traffic.
+pub const REST_POLL: Duration = Duration::from_millis(100);
+
+/// The `CLOCK` map's value, through its shared mapping.
+pub struct ClockMap {
+    map: SharedMap,
+}
+
+impl ClockMap {
+    /// Wraps the mapping of the `CLOCK` map (at least one `ClockWord`).
+    pub fn new(map: SharedMap) -> ClockMap {
+        assert!(map.len() >= std::mem::size_of::<ClockWord>());
+        ClockMap { map }
+    }
+
+    fn word(&self) -> *mut ClockWord {
+        self.map.as_ptr() as *mut ClockWord
+    }
+
+    fn ns(&self) -> &AtomicU64 {
+        // SAFETY: the mapping holds a ClockWord (checked in new), 8-aligned
+        // (page-aligned mapping); lives as long as self.
+        unsafe { AtomicU64::from_ptr(&raw mut (*self.word()).ns) }
+    }
+
+    fn ms(&self) -> &AtomicU64 {
+        // SAFETY: as in ns().
+        unsafe { AtomicU64::from_ptr(&raw mut (*self.word()).ms) }
+    }
+
+    /// The activity flags the programs set (`CLOCK_ACTIVE_*`).
+    pub fn active(&self) -> &AtomicU32 {
+        // SAFETY: as in ns(); 4-aligned.
+        unsafe { AtomicU32::from_ptr(&raw mut (*self.word()).active) }
+    }
+
+    /// Clears `bit` of the activity flags; returns whether it was set, i.e.
+    /// whether a packet came since the last call for this bit.
+    pub fn take_activity(&self, bit: u32) -> bool {
+        self.active().fetch_and(!bit, Ordering::SeqCst) & bit != 0
+    }
+
+    /// Sets the word to now: `ms` first, so that a non-zero `ns` always
+    /// comes with a current `ms`.
+    fn tick(&self) {
+        let now = monotonic_ns();
+        self.ms().store(now / 1_000_000, Ordering::Release);
+        self.ns().store(now, Ordering::Release);
+    }
+
+    /// Sets the word to 0 (`ns` first): the programs call the helper.
+    fn rest(&self) {
+        self.ns().store(0, Ordering::Release);
+        self.ms().store(0, Ordering::Release);
+    }
+
+    /// Sets every activity flag, as a packet does: a resting ticker starts
+    /// again within [`REST_POLL`] (benchmarks use it to measure the
+    /// programs with the word kept, as under traffic).
+    pub fn wake(&self) {
+        self.active()
+            .fetch_or(flowexport_common::CLOCK_ACTIVE_ALL, Ordering::SeqCst);
+    }
+
+    /// Whether the ticker is keeping the word (it is not 0).
+    pub fn ticking(&self) -> bool {
+        self.ns().load(Ordering::Acquire) != 0
+    }
+}
+
+/// Keeps the clock word current while traffic flows, until dropped.
 pub struct ClockTicker {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
-    addr: usize,
-    len: usize,
-    _map: MapData,
+    clock: Arc<ClockMap>,
 }
 
 impl ClockTicker {
-    /// Maps the CLOCK map's value page, sets it now, and starts a thread
-    /// that advances it every `period`.
-    pub fn start(map: MapData, period: Duration) -> std::io::Result<ClockTicker> {
-        // SAFETY: sysconf has no preconditions.
-        let len = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        // SAFETY: mapping a BPF_F_MMAPABLE array map's fd, one page, shared;
-        // the result is checked before use.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        let addr = p as usize;
-        let word = move || {
-            // SAFETY: the page stays mapped until the ticker is dropped,
-            // after the thread has been joined; offset 0 is the array's
-            // first (8-aligned) value.
-            unsafe { &*(addr as *const AtomicU64) }
-        };
-        word().store(monotonic_ns(), Ordering::Release);
+    /// Sets the word now and starts a thread that advances it every
+    /// `period` while packets come (see the module docs).
+    pub fn start(clock: Arc<ClockMap>, period: Duration) -> std::io::Result<ClockTicker> {
+        clock.tick();
         let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
+        let (s, c) = (stop.clone(), clock.clone());
         let thread = std::thread::Builder::new()
             .name("flowexport-clock".into())
-            .spawn(move || {
-                while !s.load(Ordering::Relaxed) {
-                    std::thread::sleep(period);
-                    word().store(monotonic_ns(), Ordering::Release);
-                }
-            })?;
+            .spawn(move || run(&c, &s, period))?;
         Ok(ClockTicker {
             stop,
             thread: Some(thread),
-            addr,
-            len,
-            _map: map,
+            clock,
         })
+    }
+
+    pub fn clock(&self) -> &Arc<ClockMap> {
+        &self.clock
+    }
+}
+
+fn run(clock: &ClockMap, stop: &AtomicBool, period: Duration) {
+    let mut ticking = true;
+    let mut window = Instant::now();
+    clock.take_activity(CLOCK_ACTIVE_TICKER);
+    while !stop.load(Ordering::Relaxed) {
+        if ticking {
+            std::thread::park_timeout(period);
+            clock.tick();
+            if window.elapsed() >= REST_WINDOW {
+                window = Instant::now();
+                if !clock.take_activity(CLOCK_ACTIVE_TICKER) {
+                    ticking = false;
+                    clock.rest();
+                }
+            }
+        } else {
+            std::thread::park_timeout(REST_POLL);
+            if clock.take_activity(CLOCK_ACTIVE_TICKER) {
+                ticking = true;
+                window = Instant::now();
+                clock.tick();
+            }
+        }
     }
 }
 
@@ -83,9 +160,8 @@ impl Drop for ClockTicker {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
-        // SAFETY: unmapping what start() mapped, after the thread is gone.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
     }
 }

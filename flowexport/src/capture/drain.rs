@@ -1,48 +1,71 @@
-//! Draining the kernel flow table exactly, and turning counters into flows on
-//! idle/active timeouts.
+//! Draining the kernel's counters exactly, and exporting flows on idle and
+//! active timeouts.
 //!
 //! # The exact-drain scheme
 //!
 //! `CONTROL[0]` holds the drain epoch; its low bit is the generation. The
-//! kernel programs read it once per packet and count the packet either in
-//! the per-CPU flow cache (`CACHE`: two halves, one per generation; a slot
-//! carries the epoch it was filled in) or in the per-CPU hash table
-//! (`FLOWS`; every key carries the generation). A drain:
+//! kernel programs read it once per packet and count the packet in the
+//! per-CPU flow cache (`CACHE`: two halves, one per generation; a slot
+//! carries the epoch it was filled in and its flow's table slot) or in the
+//! flow's slot of the shared table (`TABLE`, see [`super::table`]), in the
+//! counters of that generation. A drain:
 //!
-//! 1. advances `CONTROL[0]`; new packets now use the other generation's
-//!    table entries and cache half;
-//! 2. waits for an RCU grace period ([`super::rcu::GracePeriod`]): afterwards
-//!    no program that read the old epoch is still running, so nothing
-//!    writes an old-generation entry or an old-epoch slot any more;
-//! 3. reads every old-generation table entry (summing the per-CPU slots) and
-//!    deletes it. Since nobody writes these entries, the read and the delete
-//!    see the same values: no packet is lost between them and none is
-//!    counted twice;
-//! 4. reads the old epoch's cache slots (every CPU's copy). They are not
-//!    cleared: when the generation comes back, the slots carry an older
-//!    epoch, which the programs treat as free and the next drain skips;
-//! 5. reads the fallback ring buffer (packets that found the table full, each
-//!    with its key) and the overflow counters (packets that found the ring
-//!    full too), which are cumulative and read as differences.
+//! 1. advances `CONTROL[0]`; new packets now count in the other
+//!    generation's counters and cache half;
+//! 2. waits for an RCU grace period ([`super::bpf_sys::GracePeriod`]):
+//!    afterwards no program that read the old epoch is still running, so
+//!    nothing writes the old generation's counters or old-epoch cache slots
+//!    any more;
+//! 3. folds the old epoch's cache slots (every CPU's copy, one batched
+//!    read) into the old generation of their table slots;
+//! 4. walks the table regions that hold flows (the programs mark new ones
+//!    in `DIRTY`) and, per flow, decides from the old generation (exact) and
+//!    the current one (a snapshot) whether it is due: idle for
+//!    `--idle-timeout`, active for `--active-timeout` since the first packet
+//!    of its slice, or a TCP flow that saw FIN or RST. Flows that are not
+//!    due are left alone: their counts keep adding up in the kernel, so
+//!    userspace holds nothing per flow;
+//! 5. exports a due flow in two steps, because only one generation can be
+//!    read exactly at a time: it takes (reads and clears) the old generation
+//!    now and the other one at the next drain, when that one is old, and
+//!    exports the sum. Every packet is in exactly one export: those counted
+//!    before this drain in the old generation, those counted before the
+//!    next drain in the other, and anything later starts the next slice. An
+//!    idle flow's slot is retired at step 1 (programs pass over it from
+//!    then on) and freed after step 2;
+//! 6. reads the fallback ring buffer (packets that found no table slot,
+//!    each with its key) and the overflow counters (packets that found the
+//!    ring full too), which go into a userspace [`FlowAggregator`] with the
+//!    same timeouts.
 //!
-//! The counters then go into a userspace [`FlowAggregator`], which applies the
-//! idle and active timeouts: the kernel table only ever holds the traffic of
-//! one drain interval.
+//! A drain with nothing to do is skipped: no packet since the last one (the
+//! programs set a flag word), no export in progress and no timeout due.
+//!
+//! Records leave in batches through a callback, never as one vector of
+//! every due flow.
 
 use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
-use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
 use aya::Ebpf;
 use flowexport_common::{
-    CacheSlot, FallbackEvent, FlowKey, FlowValue, CONTROL_EPOCH, DIR_EGRESS, DIR_INGRESS,
-    MAP_CACHE, MAP_CLOCK, MAP_CONTROL, MAP_FALLBACK, MAP_FLOWS, MAP_STATS, STAT_FALLBACK_PACKETS,
-    STAT_LEN, STAT_MALFORMED_EGRESS, STAT_MALFORMED_INGRESS, STAT_NON_IP_EGRESS,
-    STAT_NON_IP_INGRESS, STAT_OVERFLOW_BYTES_EGRESS, STAT_OVERFLOW_BYTES_INGRESS,
-    STAT_OVERFLOW_PACKETS_EGRESS, STAT_OVERFLOW_PACKETS_INGRESS,
+    CacheSlot, FallbackEvent, FlowKey, CLOCK_ACTIVE_DRAIN, CONTROL_EPOCH, DIR_EGRESS, DIR_INGRESS,
+    MAP_CACHE, MAP_CLOCK, MAP_CONTROL, MAP_DIRTY, MAP_FALLBACK, MAP_STATS, MAP_TABLE, SLOT_BUSY,
+    SLOT_RETIRING, SLOT_VALID, STAT_FALLBACK_CONTENDED, STAT_FALLBACK_PACKETS, STAT_LEN,
+    STAT_MALFORMED_EGRESS, STAT_MALFORMED_INGRESS, STAT_NON_IP_EGRESS, STAT_NON_IP_INGRESS,
+    STAT_OVERFLOW_BYTES_EGRESS, STAT_OVERFLOW_BYTES_INGRESS, STAT_OVERFLOW_PACKETS_EGRESS,
+    STAT_OVERFLOW_PACKETS_INGRESS, STAT_TABLE_BYTES_EGRESS, STAT_TABLE_BYTES_INGRESS,
+    STAT_TABLE_PACKETS_EGRESS, STAT_TABLE_PACKETS_INGRESS, TABLE_REGION_SHIFT,
 };
 
-use super::rcu::GracePeriod;
+use super::bpf_sys::{lookup_batch, GracePeriod, SharedMap};
+use super::clock::{ClockMap, ClockTicker};
+use super::table::{dirty_words, restore_ms, table_bytes, FlowTable, Regions};
 use crate::record::FlowCounters;
+use crate::timeconv::monotonic_ns;
 
 const IPPROTO_TCP: u8 = 6;
 const TCP_FIN: u8 = 0x01;
@@ -59,7 +82,14 @@ pub enum DrainError {
     },
     #[error("waiting for the RCU grace period (bpf map-in-map update): {0}")]
     GracePeriod(std::io::Error),
-    #[error("mapping the programs' clock word (BPF_F_MMAPABLE array, Linux 5.5+): {0}")]
+    #[error("mapping eBPF map {name} (BPF_F_MMAPABLE array, Linux 5.5+): {source}")]
+    Mmap {
+        name: &'static str,
+        source: std::io::Error,
+    },
+    #[error("reading the flow cache (BPF_MAP_LOOKUP_BATCH, Linux 5.6+): {0}")]
+    CacheRead(std::io::Error),
+    #[error("starting the clock thread: {0}")]
     Clock(std::io::Error),
 }
 
@@ -74,7 +104,12 @@ pub struct Timeouts {
     pub active_ns: u64,
 }
 
-/// Userspace flow state between exports: counts since the flow's last export.
+/// Where a drain hands each exported flow (key, counts since its last
+/// export); the agent batches them into records for the sinks.
+pub type Export<'a> = dyn FnMut(&FlowKey, &FlowCounters) + 'a;
+
+/// Flows that found no table slot (fallback ring, overflow counters), kept
+/// in userspace between exports: counts since the flow's last export.
 #[derive(Default)]
 pub struct FlowAggregator {
     flows: HashMap<FlowKey, FlowCounters>,
@@ -89,51 +124,56 @@ impl FlowAggregator {
         self.flows.is_empty()
     }
 
-    /// Adds counters to a flow. The key's generation is not part of the flow.
+    /// Adds counters to a flow. The key's pad bytes are not part of the flow.
     pub fn add(&mut self, mut key: FlowKey, c: &FlowCounters) {
-        key.generation = 0;
+        key._pad = [0; 3];
         self.flows.entry(key).or_default().merge(c);
     }
 
-    /// Moves every flow that is due into `out`:
-    /// idle for `idle_ns`, active for `active_ns` since its first packet after
-    /// the last export, a TCP flow that saw FIN or RST, or everything if
-    /// `force` (shutdown). An exported flow leaves the table; its next packet
-    /// starts a new slice, so successive records of a long flow are deltas.
-    pub fn expire(
-        &mut self,
-        now_ns: u64,
-        t: Timeouts,
-        force: bool,
-        out: &mut Vec<(FlowKey, FlowCounters)>,
-    ) {
+    /// Exports every flow that is due: idle for `idle_ns`, active for
+    /// `active_ns` since its first packet after the last export, a TCP flow
+    /// that saw FIN or RST, or everything if `force` (shutdown). An exported
+    /// flow leaves the table; its next packet starts a new slice, so
+    /// successive records of a long flow are deltas. Returns how many.
+    pub fn expire(&mut self, now_ns: u64, t: Timeouts, force: bool, out: &mut Export) -> usize {
+        let mut n = 0;
         self.flows.retain(|k, c| {
             let due = force
                 || now_ns.saturating_sub(c.last_seen_ns) >= t.idle_ns
                 || now_ns.saturating_sub(c.first_seen_ns) >= t.active_ns
                 || (k.proto == IPPROTO_TCP && c.tcp_flags & (TCP_FIN | TCP_RST) != 0);
             if due {
-                out.push((*k, *c));
+                out(k, c);
+                n += 1;
             }
             !due
         });
+        n
     }
 }
 
-/// What one drain read from the kernel.
+/// What one drain did.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DrainReport {
-    /// Old-generation entries read (and deleted) from the flow table.
+    /// Nothing happened since the last drain and nothing was due: the
+    /// kernel was not touched.
+    pub skipped: bool,
+    /// Flows in the table (slots in use) after the drain.
     pub table_entries: usize,
-    /// Old-epoch flows read from the per-CPU cache (one per CPU slot).
+    /// Old-epoch cache slots folded into the table (one per CPU slot).
     pub cache_entries: usize,
     /// Fallback ring events read.
     pub fallback_events: u64,
-    /// Packets/bytes seen, by direction (index DIR_INGRESS / DIR_EGRESS).
+    /// Packets/bytes counted since the last drain, by direction (index
+    /// DIR_INGRESS / DIR_EGRESS).
     pub packets: [u64; 2],
     pub bytes: [u64; 2],
     /// Packets that went to the overflow counters in this interval.
     pub overflow_packets: u64,
+    /// Records exported.
+    pub exported: usize,
+    /// Table slots freed (idle flows).
+    pub retired: usize,
 }
 
 /// Cumulative kernel counters (sums over CPUs).
@@ -143,54 +183,258 @@ pub struct KernelStats {
 }
 
 impl KernelStats {
+    fn get(&self, i: u32) -> u64 {
+        self.values[i as usize]
+    }
+    fn by_dir(&self, dir: u8, ingress: u32, egress: u32) -> u64 {
+        self.get(if dir == DIR_INGRESS { ingress } else { egress })
+    }
     pub fn non_ip(&self, dir: u8) -> u64 {
-        self.values[if dir == DIR_INGRESS {
-            STAT_NON_IP_INGRESS
-        } else {
-            STAT_NON_IP_EGRESS
-        } as usize]
+        self.by_dir(dir, STAT_NON_IP_INGRESS, STAT_NON_IP_EGRESS)
     }
     pub fn malformed(&self, dir: u8) -> u64 {
-        self.values[if dir == DIR_INGRESS {
-            STAT_MALFORMED_INGRESS
-        } else {
-            STAT_MALFORMED_EGRESS
-        } as usize]
+        self.by_dir(dir, STAT_MALFORMED_INGRESS, STAT_MALFORMED_EGRESS)
     }
+    /// Packets that found no table slot (all reasons).
     pub fn fallback_packets(&self) -> u64 {
-        self.values[STAT_FALLBACK_PACKETS as usize]
+        self.get(STAT_FALLBACK_PACKETS)
+    }
+    /// Of those, packets whose insert lock stayed busy.
+    pub fn fallback_contended(&self) -> u64 {
+        self.get(STAT_FALLBACK_CONTENDED)
     }
     fn overflow(&self, dir: u8) -> (u64, u64) {
-        let (p, b) = if dir == DIR_INGRESS {
-            (STAT_OVERFLOW_PACKETS_INGRESS, STAT_OVERFLOW_BYTES_INGRESS)
-        } else {
-            (STAT_OVERFLOW_PACKETS_EGRESS, STAT_OVERFLOW_BYTES_EGRESS)
-        };
-        (self.values[p as usize], self.values[b as usize])
+        (
+            self.by_dir(
+                dir,
+                STAT_OVERFLOW_PACKETS_INGRESS,
+                STAT_OVERFLOW_PACKETS_EGRESS,
+            ),
+            self.by_dir(dir, STAT_OVERFLOW_BYTES_INGRESS, STAT_OVERFLOW_BYTES_EGRESS),
+        )
+    }
+    fn table_path(&self, dir: u8) -> (u64, u64) {
+        (
+            self.by_dir(dir, STAT_TABLE_PACKETS_INGRESS, STAT_TABLE_PACKETS_EGRESS),
+            self.by_dir(dir, STAT_TABLE_BYTES_INGRESS, STAT_TABLE_BYTES_EGRESS),
+        )
     }
     pub fn overflow_packets(&self) -> u64 {
         self.overflow(DIR_INGRESS).0 + self.overflow(DIR_EGRESS).0
     }
 }
 
-/// The kernel maps one drain works on.
+/// The table side of a drain (steps 4 and 5 of the module docs), apart
+/// from the kernel handles so that it can be tested on a table of our own.
+pub struct TableDrain {
+    table: FlowTable,
+    regions: Regions,
+    /// Exports in progress: the slot's first taken generation.
+    pending: HashMap<u32, FlowCounters>,
+    /// The earliest time a flow not yet due can become due.
+    next_deadline_ns: u64,
+}
+
+/// What one scan of the table did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScanReport {
+    pub live: usize,
+    pub exported: usize,
+    pub retired: usize,
+}
+
+impl TableDrain {
+    pub fn new(table: FlowTable) -> TableDrain {
+        let regions = Regions::new(table.slots());
+        TableDrain {
+            table,
+            regions,
+            pending: HashMap::new(),
+            next_deadline_ns: 0,
+        }
+    }
+
+    pub fn table(&self) -> &FlowTable {
+        &self.table
+    }
+
+    /// Adds the regions the programs marked (`DIRTY`, swapped to 0).
+    pub fn absorb_dirty(&mut self, dirty: &[AtomicU64]) {
+        self.regions.absorb(dirty);
+    }
+
+    /// Whether a drain may be skipped when no packet came since the last
+    /// one: no export in progress and no timeout due by `now_ns`.
+    pub fn idle_until(&self, now_ns: u64) -> bool {
+        self.pending.is_empty() && now_ns < self.next_deadline_ns
+    }
+
+    /// Folds a cache slot's counters into its table slot's generation `gen`
+    /// (quiescent). False if the slot holds no flow (then the caller keeps
+    /// the counts some other way).
+    pub fn fold(&self, idx: u32, gen: u32, c: &FlowCounters) -> bool {
+        if idx >= self.table.slots() || !matches!(self.table.state(idx), SLOT_VALID | SLOT_RETIRING)
+        {
+            return false;
+        }
+        self.table.fold(idx, gen, c);
+        true
+    }
+
+    /// Steps 4 and 5: after the flip to generation `1 - old_gen` and its
+    /// grace period (`old_gen` is quiescent), or with `final_drain` after the
+    /// programs are detached (both generations quiescent: every flow is
+    /// exported).
+    pub fn scan(
+        &mut self,
+        old_gen: u32,
+        now_ns: u64,
+        t: Timeouts,
+        final_drain: bool,
+        out: &mut Export,
+    ) -> ScanReport {
+        let now_ms = now_ns / 1_000_000;
+        let cur_gen = old_gen ^ 1;
+        let mut r = ScanReport::default();
+        let mut deadline = u64::MAX;
+        let regions: Vec<u32> = self.regions.iter().collect();
+        for region in regions {
+            let mut live = 0;
+            let start = region << TABLE_REGION_SHIFT;
+            for i in start..(start + (1 << TABLE_REGION_SHIFT)).min(self.table.slots()) {
+                match self.table.state(i) {
+                    SLOT_BUSY => live += 1,
+                    SLOT_RETIRING => {
+                        // Retired at the last drain: no program writes it any
+                        // more. Its last counts, then free it.
+                        let mut c = self.pending.remove(&i).unwrap_or_default();
+                        c.merge(&self.table.take(i, 0, now_ms));
+                        c.merge(&self.table.take(i, 1, now_ms));
+                        if c.packets != 0 {
+                            out(&self.table.key(i), &c);
+                            r.exported += 1;
+                        }
+                        self.table.free(i);
+                        r.retired += 1;
+                    }
+                    SLOT_VALID => {
+                        live += 1;
+                        if final_drain {
+                            let mut c = self.pending.remove(&i).unwrap_or_default();
+                            c.merge(&self.table.take(i, 0, now_ms));
+                            c.merge(&self.table.take(i, 1, now_ms));
+                            if c.packets != 0 {
+                                out(&self.table.key(i), &c);
+                                r.exported += 1;
+                            }
+                            continue;
+                        }
+                        if let Some(mut c) = self.pending.remove(&i) {
+                            // Second step of an export started at the last
+                            // drain: the generation that was current then.
+                            c.merge(&self.table.take(i, old_gen, now_ms));
+                            if c.packets != 0 {
+                                out(&self.table.key(i), &c);
+                                r.exported += 1;
+                            }
+                            continue;
+                        }
+                        if let Some(d) = self.check(i, old_gen, cur_gen, now_ms, t) {
+                            deadline = deadline.min(d);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if live == 0 {
+                self.regions.remove(region);
+            }
+            r.live += live;
+        }
+        self.next_deadline_ns = deadline;
+        r
+    }
+
+    /// Whether slot `i` (VALID, no export in progress) is due; if so, starts
+    /// its export (and retires it if idle) and returns None, else returns
+    /// when it can become due.
+    fn check(
+        &mut self,
+        i: u32,
+        old_gen: u32,
+        cur_gen: u32,
+        now_ms: u64,
+        t: Timeouts,
+    ) -> Option<u64> {
+        let now_ns = now_ms * 1_000_000;
+        let old = self.table.peek(i, old_gen);
+        let cur = self.table.peek(i, cur_gen);
+        let at = |ms: u32| restore_ms(ms, now_ms) * 1_000_000;
+        // 0: never set (a slot the programs just filled sets it with its
+        // first packet; a true 0, once every 49.7 days, only makes a flow
+        // look idle early, which splits its record in two).
+        let last = [old.last_ms, cur.last_ms]
+            .into_iter()
+            .filter(|&ms| ms != 0)
+            .map(at)
+            .max()
+            .unwrap_or(now_ns);
+        if now_ns.saturating_sub(last) >= t.idle_ns {
+            // Idle: programs pass over the slot from now on; what they
+            // counted before that (in the current generation, even a packet
+            // that arrives as we decide) is read at the next drain.
+            if self.table.retire(i) {
+                let c = self.table.take(i, old_gen, now_ms);
+                self.pending.insert(i, c);
+            }
+            return None;
+        }
+        let mut deadline = last.saturating_add(t.idle_ns);
+        if old.packets != 0 || cur.packets != 0 {
+            // The slice's first packet: the older generation with packets. A
+            // current generation that just got its first packet may not have
+            // its time yet (0): then the slice began now.
+            let mut start = now_ns;
+            if old.packets != 0 {
+                start = start.min(at(old.first_ms));
+            }
+            if cur.packets != 0 && cur.first_ms != 0 {
+                start = start.min(at(cur.first_ms));
+            }
+            let tcp_end = (old.tcp_flags | cur.tcp_flags) & (TCP_FIN | TCP_RST) != 0
+                && self.table.key(i).proto == IPPROTO_TCP;
+            if now_ns.saturating_sub(start) >= t.active_ns || tcp_end {
+                let c = self.table.take(i, old_gen, now_ms);
+                self.pending.insert(i, c);
+                return None;
+            }
+            deadline = deadline.min(start.saturating_add(t.active_ns));
+        }
+        Some(deadline)
+    }
+}
+
+/// The kernel maps a drain works on, and the drain's state.
 pub struct KernelTables {
-    flows: PerCpuHashMap<MapData, FlowKey, FlowValue>,
+    table: TableDrain,
+    dirty: SharedMap,
     control: Array<MapData, u32>,
     stats: PerCpuArray<MapData, u64>,
     fallback: RingBuf<MapData>,
-    cache: PerCpuArray<MapData, CacheSlot>,
+    cache: MapData,
+    cache_buf: Vec<u8>,
+    cpus: usize,
     grace: GracePeriod,
+    /// Keeps the programs' clock word current while traffic flows.
+    clock: ClockTicker,
     /// The drain epoch written to `CONTROL[0]`; its low bit is the
     /// generation.
     epoch: u32,
     capacity: u32,
     /// Cache slots per generation (0: no cache).
     cache_slots: u32,
-    /// Keeps the programs' clock word current.
-    _clock: super::clock::ClockTicker,
-    /// Overflow counters already turned into records.
-    overflow_seen: [(u64, u64); 2],
+    /// Cumulative counters already accounted for.
+    last_stats: KernelStats,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -201,58 +445,82 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     T::try_from(map).map_err(map_err(name))
 }
 
-/// Sums one flow's per-CPU slots (CPUs that never saw it hold zeros).
-fn sum_cpus(values: &[FlowValue]) -> FlowCounters {
-    let mut c = FlowCounters::default();
-    for v in values {
-        c.merge(&FlowCounters {
-            packets: v.packets,
-            bytes: v.bytes,
-            first_seen_ns: v.first_seen_ns,
-            last_seen_ns: v.last_seen_ns,
-            tcp_flags: v.tcp_flags,
-        });
-    }
-    c
+/// Maps the first `len` bytes of an array map of the object.
+fn shared(ebpf: &mut Ebpf, name: &'static str, len: usize) -> Result<SharedMap, DrainError> {
+    let data = match ebpf.take_map(name) {
+        Some(aya::maps::Map::Array(d)) => d,
+        _ => return Err(DrainError::MissingMap(name)),
+    };
+    SharedMap::new(data, len).map_err(|source| DrainError::Mmap { name, source })
 }
 
 impl KernelTables {
-    /// Takes the maps out of a loaded object (loaded with `cache_slots`
-    /// slots per half of `CACHE`) and starts the clock word (advanced every
-    /// `clock_resolution`). Epoch 0 (generation 0) is current.
+    /// Takes the maps out of a loaded object (loaded with `slots` table
+    /// slots for `capacity` flows and `cache_slots` slots per half of
+    /// `CACHE`) and starts the clock word (advanced every
+    /// `clock_resolution` while traffic flows). Epoch 0 is current.
     pub fn new(
         ebpf: &mut Ebpf,
         capacity: u32,
+        slots: u32,
         cache_slots: u32,
         clock_resolution: std::time::Duration,
     ) -> Result<KernelTables, DrainError> {
-        let clock = match ebpf.take_map(MAP_CLOCK) {
-            Some(aya::maps::Map::Array(d)) => d,
-            _ => return Err(DrainError::MissingMap(MAP_CLOCK)),
-        };
+        let clock = ClockMap::new(shared(
+            ebpf,
+            MAP_CLOCK,
+            std::mem::size_of::<flowexport_common::ClockWord>(),
+        )?);
         let clock =
-            super::clock::ClockTicker::start(clock, clock_resolution).map_err(DrainError::Clock)?;
+            ClockTicker::start(Arc::new(clock), clock_resolution).map_err(DrainError::Clock)?;
+        let table =
+            FlowTable::from_map(shared(ebpf, MAP_TABLE, table_bytes(slots) as usize)?, slots);
+        let dirty = shared(ebpf, MAP_DIRTY, dirty_words(slots) as usize * 8)?;
         let mut control: Array<MapData, u32> = take(ebpf, MAP_CONTROL)?;
         control
             .set(CONTROL_EPOCH, 0, 0)
             .map_err(map_err(MAP_CONTROL))?;
+        let cache = match ebpf.take_map(MAP_CACHE) {
+            Some(aya::maps::Map::PerCpuArray(d)) => d,
+            _ => return Err(DrainError::MissingMap(MAP_CACHE)),
+        };
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DrainError::CacheRead(e))?;
         Ok(KernelTables {
-            flows: take(ebpf, MAP_FLOWS)?,
+            table: TableDrain::new(table),
+            dirty,
             control,
             stats: take(ebpf, MAP_STATS)?,
             fallback: take(ebpf, MAP_FALLBACK)?,
-            cache: take(ebpf, MAP_CACHE)?,
+            cache,
+            cache_buf: Vec::new(),
+            cpus,
             grace: GracePeriod::new().map_err(DrainError::GracePeriod)?,
+            clock,
             epoch: 0,
             capacity,
             cache_slots,
-            _clock: clock,
-            overflow_seen: [(0, 0); 2],
+            last_stats: KernelStats::default(),
         })
     }
 
+    /// The table's capacity in flows (`--max-flows`).
     pub fn capacity(&self) -> u32 {
         self.capacity
+    }
+
+    /// The table's slots.
+    pub fn slots(&self) -> u32 {
+        self.table.table().slots()
+    }
+
+    /// The programs' clock word.
+    pub fn clock(&self) -> &ClockMap {
+        self.clock.clock()
+    }
+
+    /// The table, as the drain sees it (for benchmarks and tests).
+    pub fn table(&self) -> &FlowTable {
+        self.table.table()
     }
 
     /// Waits until no program run that started before this call is running.
@@ -270,72 +538,70 @@ impl KernelTables {
         Ok(s)
     }
 
-    /// One exact drain (see the module docs) into `agg`.
+    fn dirty_words(&self) -> &[AtomicU64] {
+        // SAFETY: the DIRTY mapping holds dirty_words(slots) u64 words
+        // (mapped with that length, page-aligned) and lives as long as self.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.dirty.as_ptr() as *const AtomicU64,
+                dirty_words(self.slots()) as usize,
+            )
+        }
+    }
+
+    /// One drain (see the module docs): due flows go to `out`, as do the
+    /// due flows of `agg` (the fallback flows).
     ///
-    /// With `final_drain`, the programs must already be detached: both
-    /// generations are read, after a grace period, without flipping.
+    /// With `final_drain`, the programs must already be detached: nothing is
+    /// flipped, and every flow is exported.
     pub fn drain(
         &mut self,
         agg: &mut FlowAggregator,
+        t: Timeouts,
         final_drain: bool,
+        out: &mut Export,
     ) -> Result<DrainReport, DrainError> {
-        let old_epoch = self.epoch;
-        let old = (old_epoch & 1) as u8;
+        let mut report = DrainReport::default();
         if !final_drain {
+            let traffic = self.clock.clock().take_activity(CLOCK_ACTIVE_DRAIN);
+            if !traffic && agg.is_empty() && self.table.idle_until(monotonic_ns()) {
+                report.skipped = true;
+                return Ok(report);
+            }
             self.epoch = self.epoch.wrapping_add(1);
             self.control
                 .set(CONTROL_EPOCH, self.epoch, 0)
                 .map_err(map_err(MAP_CONTROL))?;
         }
         self.wait_grace_period()?;
-
-        let mut report = DrainReport::default();
+        // The epoch whose counters are now quiescent (a final drain reads
+        // the current one: nothing was advanced).
+        let old_epoch = if final_drain {
+            self.epoch
+        } else {
+            self.epoch.wrapping_sub(1)
+        };
+        let old_gen = old_epoch & 1;
+        let now = monotonic_ns();
         let count = |report: &mut DrainReport, key: &FlowKey, c: &FlowCounters| {
             let d = (key.direction == DIR_EGRESS) as usize;
             report.packets[d] += c.packets;
             report.bytes[d] += c.bytes;
         };
 
-        // Collect first, delete after: deleting while walking with
-        // get_next_key would restart the walk.
-        let mut done = Vec::new();
-        for item in self.flows.iter() {
-            let (key, values) = item.map_err(map_err(MAP_FLOWS))?;
-            if !final_drain && key.generation != old {
-                continue;
-            }
-            let c = sum_cpus(&values);
-            count(&mut report, &key, &c);
-            agg.add(key, &c);
-            done.push(key);
-        }
-        for key in &done {
-            match self.flows.remove(key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(MAP_FLOWS)(e)),
-            }
-        }
-        report.table_entries = done.len();
-
-        // The old epoch's cache slots (its half of CACHE), which no program
-        // writes any more. Slots of older epochs were read at earlier drains
-        // and are skipped; the kernel overwrites them, so nothing is reset.
-        // A final drain reads the current epoch (nothing was advanced).
-        if self.cache_slots != 0 {
-            let half = old as u32 * self.cache_slots;
-            for i in half..half + self.cache_slots {
-                let per_cpu = self.cache.get(&i, 0).map_err(map_err(MAP_CACHE))?;
-                for s in per_cpu.iter() {
-                    if s.epoch != old_epoch || s.value.packets == 0 {
-                        continue;
-                    }
-                    let c = sum_cpus(std::slice::from_ref(&s.value));
-                    count(&mut report, &s.key, &c);
-                    agg.add(s.key, &c);
-                    report.cache_entries += 1;
-                }
-            }
-        }
+        self.fold_cache(old_epoch, agg, &mut report, &count)?;
+        let dirty = self.dirty_words();
+        // Split borrows: the words live in `self.dirty`, the regions in
+        // `self.table`.
+        let dirty: &[AtomicU64] =
+            // SAFETY: same memory as above; `self.dirty` is not touched while
+            // the slice is in use.
+            unsafe { std::slice::from_raw_parts(dirty.as_ptr(), dirty.len()) };
+        self.table.absorb_dirty(dirty);
+        let scan = self.table.scan(old_gen, now, t, final_drain, out);
+        report.table_entries = scan.live;
+        report.exported += scan.exported;
+        report.retired = scan.retired;
 
         while let Some(item) = self.fallback.next() {
             if item.len() < std::mem::size_of::<FallbackEvent>() {
@@ -359,10 +625,9 @@ impl KernelTables {
         }
 
         let stats = self.stats()?;
-        let now = crate::timeconv::monotonic_ns();
         for dir in [DIR_INGRESS, DIR_EGRESS] {
             let (p, b) = stats.overflow(dir);
-            let (sp, sb) = self.overflow_seen[dir as usize];
+            let (sp, sb) = self.last_stats.overflow(dir);
             if p > sp {
                 // The key is lost for these packets; they become one record
                 // per direction with no address family, so totals stay exact.
@@ -381,9 +646,66 @@ impl KernelTables {
                 agg.add(key, &c);
                 report.overflow_packets += p - sp;
             }
-            self.overflow_seen[dir as usize] = (p, b);
+            let (p, b) = stats.table_path(dir);
+            let (sp, sb) = self.last_stats.table_path(dir);
+            report.packets[dir as usize] += p - sp;
+            report.bytes[dir as usize] += b - sb;
         }
+        self.last_stats = stats;
+        report.exported += agg.expire(now, t, final_drain, out);
         Ok(report)
+    }
+
+    /// Step 3: the old epoch's cache slots of every CPU, read in one batch,
+    /// into their table slots' old generation. A slot whose table slot is
+    /// gone (which the insert protocol rules out) is kept in `agg`.
+    fn fold_cache(
+        &mut self,
+        old_epoch: u32,
+        agg: &mut FlowAggregator,
+        report: &mut DrainReport,
+        count: &dyn Fn(&mut DrainReport, &FlowKey, &FlowCounters),
+    ) -> Result<(), DrainError> {
+        if self.cache_slots == 0 {
+            return Ok(());
+        }
+        let gen = old_epoch & 1;
+        let value_len = std::mem::size_of::<CacheSlot>().next_multiple_of(8);
+        let n = lookup_batch(
+            self.cache.fd().as_fd(),
+            gen * self.cache_slots,
+            self.cache_slots,
+            value_len * self.cpus,
+            &mut self.cache_buf,
+        )
+        .map_err(DrainError::CacheRead)?;
+        for chunk in self.cache_buf[..n as usize * value_len * self.cpus].chunks_exact(value_len) {
+            // SAFETY: the kernel wrote CacheSlot values (96 bytes each, a
+            // multiple of 8) into the buffer; read_unaligned copes with the
+            // Vec's alignment.
+            let s: CacheSlot =
+                unsafe { std::ptr::read_unaligned(chunk.as_ptr() as *const CacheSlot) };
+            if s.epoch != old_epoch || s.value.packets == 0 {
+                continue;
+            }
+            let c = FlowCounters {
+                packets: s.value.packets,
+                bytes: s.value.bytes,
+                first_seen_ns: s.value.first_seen_ns,
+                last_seen_ns: s.value.last_seen_ns,
+                tcp_flags: s.value.tcp_flags,
+            };
+            count(report, &s.key, &c);
+            report.cache_entries += 1;
+            if !self.table.fold(s.table_idx, gen, &c) {
+                log::warn!(
+                    "flow cache slot names table slot {} which holds no flow; kept in userspace",
+                    s.table_idx
+                );
+                agg.add(s.key, &c);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -417,16 +739,20 @@ mod tests {
         active_ns: 60_000,
     };
 
+    fn collect(out: &mut Vec<(FlowKey, FlowCounters)>) -> impl FnMut(&FlowKey, &FlowCounters) + '_ {
+        |k, c| out.push((*k, *c))
+    }
+
     #[test]
-    fn generations_merge_into_one_flow() {
+    fn pad_bytes_do_not_split_a_flow() {
         let mut agg = FlowAggregator::default();
         let mut k1 = key(17, 1000);
-        k1.generation = 1;
+        k1._pad = [1, 2, 3];
         agg.add(key(17, 1000), &c(2, 10, 20, 0));
         agg.add(k1, &c(3, 30, 40, 0));
         assert_eq!(agg.len(), 1);
         let mut out = Vec::new();
-        agg.expire(41, T, true, &mut out);
+        agg.expire(41, T, true, &mut collect(&mut out));
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].1, c(5, 10, 40, 0));
         assert!(agg.is_empty());
@@ -440,54 +766,187 @@ mod tests {
         agg.add(key(6, 3), &c(2, 40_000, 50_000, 0x11)); // FIN seen
         agg.add(key(6, 4), &c(2, 40_000, 50_000, 0x10)); // plain ACK
         let mut out = Vec::new();
-        agg.expire(15_999, T, false, &mut out);
+        agg.expire(15_999, T, false, &mut collect(&mut out));
         assert_eq!(out.len(), 1, "{out:?}"); // idle 14_999 < 15_000: only FIN
         assert_eq!(out[0].0.src_port, 3);
         out.clear();
-        agg.expire(16_000, T, false, &mut out);
+        agg.expire(16_000, T, false, &mut collect(&mut out));
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].0.src_port, 1);
         out.clear();
-        agg.expire(60_000, T, false, &mut out);
+        agg.expire(60_000, T, false, &mut collect(&mut out));
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].0.src_port, 2);
         // The active flow's next packets start a new slice (a delta).
         agg.add(key(17, 2), &c(4, 60_500, 61_000, 0));
         out.clear();
-        agg.expire(200_000, T, false, &mut out);
+        agg.expire(200_000, T, false, &mut collect(&mut out));
         let mut got: Vec<_> = out.iter().map(|(k, c)| (k.src_port, c.packets)).collect();
         got.sort();
         assert_eq!(got, vec![(2, 4), (4, 2)]);
     }
 
+    /// A table driven as the programs and the agent drive it: `gen` is the
+    /// current generation; `drain` flips it and scans.
+    struct Sim {
+        d: TableDrain,
+        gen: u32,
+        out: Vec<(FlowKey, FlowCounters)>,
+        t: Timeouts,
+    }
+
+    const MS: u64 = 1_000_000;
+
+    impl Sim {
+        fn new(t: Timeouts) -> Sim {
+            Sim {
+                d: TableDrain::new(FlowTable::heap(1 << 12)),
+                gen: 0,
+                out: Vec::new(),
+                t,
+            }
+        }
+        /// A packet of flow `sport` at `ms`, counted in the table.
+        fn packet(&mut self, sport: u16, ms: u32, flags: u8) -> u32 {
+            let k = key(if flags != 0 { 6 } else { 17 }, sport);
+            let t = self.d.table();
+            let i = t.insert(&k).unwrap();
+            t.add(i, self.gen, 1, 100, ms, flags);
+            let region = i >> TABLE_REGION_SHIFT;
+            self.d.regions.insert(region);
+            i
+        }
+        fn drain(&mut self, ms: u64) -> ScanReport {
+            let old = self.gen;
+            self.gen ^= 1;
+            let (t, out) = (self.t, &mut self.out);
+            self.d
+                .scan(old, ms * MS, t, false, &mut |k, c| out.push((*k, *c)))
+        }
+        fn final_drain(&mut self, ms: u64) -> ScanReport {
+            let (t, out) = (self.t, &mut self.out);
+            self.d
+                .scan(self.gen, ms * MS, t, true, &mut |k, c| out.push((*k, *c)))
+        }
+        fn exported(&self, sport: u16) -> Vec<(u64, u64, u64)> {
+            self.out
+                .iter()
+                .filter(|(k, _)| k.src_port == sport)
+                .map(|(_, c)| (c.packets, c.first_seen_ns / MS, c.last_seen_ns / MS))
+                .collect()
+        }
+    }
+
     #[test]
-    fn per_cpu_slots_sum() {
-        let a = FlowValue {
-            packets: 2,
-            bytes: 200,
-            first_seen_ns: 50,
-            last_seen_ns: 90,
-            tcp_flags: 0x02,
-            _pad: [0; 7],
-        };
-        let b = FlowValue {
-            packets: 1,
-            bytes: 60,
-            first_seen_ns: 40,
-            last_seen_ns: 60,
-            tcp_flags: 0x10,
-            _pad: [0; 7],
-        };
-        let got = sum_cpus(&[a, FlowValue::default(), b]);
+    fn idle_flow_is_exported_in_two_steps_then_its_slot_freed() {
+        let mut s = Sim::new(Timeouts {
+            idle_ns: 100 * MS,
+            active_ns: 10_000 * MS,
+        });
+        let i = s.packet(1, 1_000, 0);
+        s.packet(1, 1_010, 0);
         assert_eq!(
-            got,
-            FlowCounters {
-                packets: 3,
-                bytes: 260,
-                first_seen_ns: 40,
-                last_seen_ns: 90,
-                tcp_flags: 0x12
+            s.drain(1_020),
+            ScanReport {
+                live: 1,
+                exported: 0,
+                retired: 0
             }
         );
+        // Not idle yet at 1_100 (last packet at 1_010).
+        s.drain(1_100);
+        assert!(s.out.is_empty());
+        assert_eq!(s.d.next_deadline_ns, 1_110 * MS);
+        // Idle at 1_110: retired, old generation taken; a packet that a
+        // program counted just before the retirement lands in the current
+        // generation and is read at the next drain, with the rest.
+        s.drain(1_110);
+        assert_eq!(s.d.table().state(i), SLOT_RETIRING);
+        s.d.table().add(i, s.gen, 1, 100, 1_111, 0);
+        let r = s.drain(1_200);
+        assert_eq!(
+            r,
+            ScanReport {
+                live: 0,
+                exported: 1,
+                retired: 1
+            }
+        );
+        assert_eq!(s.exported(1), vec![(3, 1_000, 1_111)]);
+        assert_ne!(s.d.table().state(i), SLOT_RETIRING);
+        assert!(s.d.regions.is_empty());
+        // The flow comes back: a new slot, a new record.
+        s.packet(1, 2_000, 0);
+        s.final_drain(2_001);
+        assert_eq!(s.exported(1), vec![(3, 1_000, 1_111), (1, 2_000, 2_000)]);
+    }
+
+    #[test]
+    fn active_slices_are_exact_deltas_across_generations() {
+        let mut s = Sim::new(Timeouts {
+            idle_ns: 10_000 * MS,
+            active_ns: 300 * MS,
+        });
+        let mut sent = 0;
+        // One packet every 10 ms for 2 s, a drain every 50 ms.
+        for ms in (0..2_000u32).step_by(10) {
+            s.packet(7, 10_000 + ms, 0);
+            sent += 1;
+            if ms % 50 == 40 {
+                s.drain(u64::from(10_000 + ms) + 5);
+            }
+        }
+        s.final_drain(12_100);
+        let slices = s.exported(7);
+        assert_eq!(slices.iter().map(|x| x.0).sum::<u64>(), sent);
+        assert!(slices.len() >= 5, "{slices:?}");
+        // Slices do not overlap in time and each is at most one active
+        // timeout plus two drain intervals long.
+        for w in slices.windows(2) {
+            assert!(w[0].2 < w[1].1, "{slices:?}");
+        }
+        for x in &slices[..slices.len() - 1] {
+            assert!(x.2 - x.1 <= 400, "{slices:?}");
+        }
+    }
+
+    #[test]
+    fn tcp_fin_exports_at_the_next_drains() {
+        let mut s = Sim::new(T);
+        s.packet(9, 100, 0x02);
+        s.packet(9, 101, 0x11);
+        s.drain(102); // FIN seen: first step
+        assert!(s.out.is_empty());
+        s.drain(103);
+        assert_eq!(s.out.len(), 1);
+        assert_eq!(s.out[0].1.tcp_flags, 0x13);
+        assert_eq!(s.out[0].1.packets, 2);
+    }
+
+    #[test]
+    fn nothing_due_means_the_next_drain_may_be_skipped() {
+        let mut s = Sim::new(Timeouts {
+            idle_ns: 100 * MS,
+            active_ns: 1_000 * MS,
+        });
+        s.packet(1, 500, 0);
+        s.drain(510);
+        // Due at 600 (idle); until then a quiet drain may be skipped.
+        assert!(s.d.idle_until(599 * MS));
+        assert!(!s.d.idle_until(600 * MS));
+        s.drain(600);
+        // Retiring: the next drain must run.
+        assert!(!s.d.idle_until(601 * MS));
+        s.drain(601);
+        assert_eq!(s.exported(1), vec![(1, 500, 500)]);
+        assert!(s.d.idle_until(u64::MAX - 1));
+    }
+
+    #[test]
+    fn fold_into_a_freed_slot_is_refused() {
+        let s = Sim::new(T);
+        let c = c(1, 1, 1, 0);
+        assert!(!s.d.fold(5, 0, &c));
+        assert!(!s.d.fold(1 << 20, 0, &c));
     }
 }

@@ -9,8 +9,11 @@ use aya::programs::{
 };
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use flowexport_common::{
-    GLOBAL_CACHE_SLOTS, MAP_CACHE, MAP_FALLBACK, MAP_FLOWS, PROG_EGRESS, PROG_INGRESS,
+    GLOBAL_CACHE_SLOTS, GLOBAL_TABLE_MASK, MAP_CACHE, MAP_DIRTY, MAP_FALLBACK, MAP_TABLE,
+    PROG_EGRESS, PROG_INGRESS,
 };
+
+use super::table::{dirty_words, slots_for};
 
 /// The kernel object built by `cargo xtask build-ebpf`, embedded at build time.
 static EMBEDDED_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("FLOWEXPORT_EBPF_OBJECT"));
@@ -75,10 +78,20 @@ pub enum CaptureError {
     Load(String),
     #[error("the eBPF object lacks {0}; rebuild it with `cargo xtask build-ebpf`")]
     MissingPart(&'static str),
+    #[error(
+        "cannot allocate the kernel's flow table: {reason}. --max-flows {max_flows} needs \
+         {mib} MiB of kernel memory for the table; lower --max-flows or free memory"
+    )]
+    NoMemory {
+        max_flows: u32,
+        mib: u64,
+        reason: String,
+    },
 }
 
 pub struct LoadOptions {
-    /// Flow-table capacity (max_entries of the per-CPU hash).
+    /// Flow-table capacity in concurrent flows; the table gets
+    /// [`slots_for`] slots.
     pub max_flows: u32,
     /// Fallback ring buffer size in bytes (power of two, >= page size).
     pub fallback_ring_bytes: u32,
@@ -143,15 +156,30 @@ impl Capture {
             }
             None => EMBEDDED_OBJECT,
         };
+        let slots = slots_for(opts.max_flows);
+        let mask = slots - 1;
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(MAP_FLOWS, opts.max_flows)
+            .map_max_entries(MAP_TABLE, slots)
+            .map_max_entries(MAP_DIRTY, dirty_words(slots))
+            .override_global(GLOBAL_TABLE_MASK, &mask, true)
             .map_max_entries(MAP_FALLBACK, opts.fallback_ring_bytes)
             // Two halves (one per generation); an array needs one entry
             // even when the cache is off.
             .map_max_entries(MAP_CACHE, (2 * opts.cache_slots).max(1))
             .override_global(GLOBAL_CACHE_SLOTS, &opts.cache_slots, true)
             .load(bytes)
-            .map_err(map_load_error)?;
+            .map_err(|e| match &e {
+                EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
+                    if matches!(io_error.raw_os_error(), Some(libc::ENOMEM | libc::E2BIG)) =>
+                {
+                    CaptureError::NoMemory {
+                        max_flows: opts.max_flows,
+                        mib: super::table::table_bytes(slots) >> 20,
+                        reason: e.to_string(),
+                    }
+                }
+                _ => map_load_error(e),
+            })?;
         let xdp: &mut Xdp = ebpf
             .program_mut(PROG_INGRESS)
             .ok_or(CaptureError::MissingPart(PROG_INGRESS))?

@@ -1,5 +1,7 @@
-//! Capture stage: the kernel programs, their loader, and the exact drain.
+//! Capture stage: the kernel programs and their loader, the shared flow
+//! table, and the exact drain that turns the kernel's counters into flows.
+pub mod bpf_sys;
 pub mod clock;
 pub mod drain;
 pub mod loader;
-pub mod rcu;
+pub mod table;
