@@ -65,7 +65,13 @@ impl Flows {
 /// process; `rate_pps` limits the rate (None: as fast as it can). trafgen
 /// leaves the system's socket-memory settings and IRQ affinities alone
 /// (`-A -Q`). Returns when trafgen exits.
-pub fn send(ns: &Netns, dev: &str, flows: &Flows, packets: u64, rate_pps: Option<u64>) -> Result<()> {
+pub fn send(
+    ns: &Netns,
+    dev: &str,
+    flows: &Flows,
+    packets: u64,
+    rate_pps: Option<u64>,
+) -> Result<()> {
     let dir = std::env::temp_dir().join(format!(
         "fe-trafgen-{}-{}",
         std::process::id(),
