@@ -641,7 +641,15 @@ pub unsafe extern "C" fn flowexport_table_claim(key: *const FlowKey, home: u32) 
         }
         atomic_xchg::<u32, { AtomicOrdering::SeqCst }>(word, slot_word(key.proto, SLOT_VALID));
     }
-    let region = free >> TABLE_REGION_SHIFT;
+    mark_dirty(free);
+    free as i64
+}
+
+/// Marks the region of slot `idx` in `DIRTY`: the next drain visits it (a
+/// new flow there, or a TCP FIN/RST to export soon).
+#[inline(always)]
+fn mark_dirty(idx: u32) {
+    let region = idx >> TABLE_REGION_SHIFT;
     if let Some(d) = DIRTY.get_ptr_mut(region >> 6) {
         let bit = 1u64 << (region & 63);
         // SAFETY: a u64 of an array map, shared with userspace, which swaps
@@ -652,7 +660,6 @@ pub unsafe extern "C" fn flowexport_table_claim(key: *const FlowKey, home: u32) 
             }
         }
     }
-    free as i64
 }
 
 /// The table slot of `key`, or why there is none.
@@ -694,10 +701,18 @@ fn table_add(idx: u32, gen: u32, packets: u64, bytes: u64, now_ms: u32, tcp_flag
             let bits = (tcp_flags as u32) << (16 + 8 * g);
             if core::ptr::read_volatile(word) & bits != bits {
                 atomic_or::<u32, u32, { AtomicOrdering::Relaxed }>(word, bits);
+                // The end of a TCP connection: export it at the next drains
+                // rather than at its idle timeout.
+                if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+                    mark_dirty(idx);
+                }
             }
         }
     }
 }
+
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
 
 /// Counts one packet (or one GSO super-packet of `packets` segments) in its
 /// flow: in the cache when the flow owns (or can take) its slot, else in

@@ -226,9 +226,21 @@ impl KernelStats {
 
 /// The table side of a drain (steps 4 and 5 of the module docs), apart
 /// from the kernel handles so that it can be tested on a table of our own.
+///
+/// A drain visits only what may need it: the slots of exports in progress,
+/// the regions the programs marked (new flows, TCP FIN/RST), and the regions
+/// whose earliest deadline (idle or active timeout of one of their flows)
+/// has come. A region's deadline is a lower bound: packets since the last
+/// visit only push a flow's idle timeout later, and a visit recomputes it.
 pub struct TableDrain {
     table: FlowTable,
+    /// Regions holding flows.
     regions: Regions,
+    /// Per region: the earliest time one of its flows can become due.
+    due_at: Vec<u64>,
+    /// Per region: slots in use at the last visit, and their total.
+    live_in: Vec<u8>,
+    live: usize,
     /// Exports in progress: the slot's first taken generation.
     pending: HashMap<u32, FlowCounters>,
     /// The earliest time a flow not yet due can become due.
@@ -238,19 +250,26 @@ pub struct TableDrain {
 /// What one scan of the table did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ScanReport {
+    /// Flows in the table (slots in use) after the scan.
     pub live: usize,
     pub exported: usize,
     pub retired: usize,
+    /// Regions (of 2^`TABLE_REGION_SHIFT` slots) read.
+    pub regions_visited: usize,
 }
 
 impl TableDrain {
     pub fn new(table: FlowTable) -> TableDrain {
         let regions = Regions::new(table.slots());
+        let n = (table.slots() >> TABLE_REGION_SHIFT).max(1) as usize;
         TableDrain {
             table,
             regions,
+            due_at: vec![u64::MAX; n],
+            live_in: vec![0; n],
+            live: 0,
             pending: HashMap::new(),
-            next_deadline_ns: 0,
+            next_deadline_ns: u64::MAX,
         }
     }
 
@@ -258,9 +277,22 @@ impl TableDrain {
         &self.table
     }
 
-    /// Adds the regions the programs marked (`DIRTY`, swapped to 0).
+    /// Regions the programs marked in `DIRTY` (swapped to 0): they join the
+    /// set of regions holding flows and are visited at this drain.
     pub fn absorb_dirty(&mut self, dirty: &[AtomicU64]) {
-        self.regions.absorb(dirty);
+        for r in self.regions.absorb(dirty) {
+            self.due_at[r as usize] = 0;
+        }
+    }
+
+    /// Marks the region of slot `idx` for a visit at this drain (a cached
+    /// flow saw FIN or RST).
+    pub fn visit_soon(&mut self, idx: u32) {
+        let r = idx >> TABLE_REGION_SHIFT;
+        if (r as usize) < self.due_at.len() {
+            self.regions.insert(r);
+            self.due_at[r as usize] = 0;
+        }
     }
 
     /// Whether a drain may be skipped when no packet came since the last
@@ -272,12 +304,15 @@ impl TableDrain {
     /// Folds a cache slot's counters into its table slot's generation `gen`
     /// (quiescent). False if the slot holds no flow (then the caller keeps
     /// the counts some other way).
-    pub fn fold(&self, idx: u32, gen: u32, c: &FlowCounters) -> bool {
+    pub fn fold(&mut self, idx: u32, gen: u32, c: &FlowCounters) -> bool {
         if idx >= self.table.slots() || !matches!(self.table.state(idx), SLOT_VALID | SLOT_RETIRING)
         {
             return false;
         }
         self.table.fold(idx, gen, c);
+        if c.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            self.visit_soon(idx);
+        }
         true
     }
 
@@ -294,91 +329,173 @@ impl TableDrain {
         out: &mut Export,
     ) -> ScanReport {
         let now_ms = now_ns / 1_000_000;
-        let cur_gen = old_gen ^ 1;
         let mut r = ScanReport::default();
-        let mut deadline = u64::MAX;
-        let regions: Vec<u32> = self.regions.iter().collect();
-        for region in regions {
-            let mut live = 0;
-            let start = region << TABLE_REGION_SHIFT;
-            for i in start..(start + (1 << TABLE_REGION_SHIFT)).min(self.table.slots()) {
-                match self.table.state(i) {
-                    SLOT_BUSY => live += 1,
-                    SLOT_RETIRING => {
-                        // Retired at the last drain: no program writes it any
-                        // more. Its last counts, then free it.
-                        let mut c = self.pending.remove(&i).unwrap_or_default();
-                        c.merge(&self.table.take(i, 0, now_ms));
-                        c.merge(&self.table.take(i, 1, now_ms));
-                        if c.packets != 0 {
-                            out(&self.table.key(i), &c);
-                            r.exported += 1;
-                        }
-                        self.table.free(i);
-                        r.retired += 1;
-                    }
-                    SLOT_VALID => {
-                        live += 1;
-                        if final_drain {
-                            let mut c = self.pending.remove(&i).unwrap_or_default();
-                            c.merge(&self.table.take(i, 0, now_ms));
-                            c.merge(&self.table.take(i, 1, now_ms));
-                            if c.packets != 0 {
-                                out(&self.table.key(i), &c);
-                                r.exported += 1;
-                            }
-                            continue;
-                        }
-                        if let Some(mut c) = self.pending.remove(&i) {
-                            // Second step of an export started at the last
-                            // drain: the generation that was current then.
-                            c.merge(&self.table.take(i, old_gen, now_ms));
-                            if c.packets != 0 {
-                                out(&self.table.key(i), &c);
-                                r.exported += 1;
-                            }
-                            continue;
-                        }
-                        if let Some(d) = self.check(i, old_gen, cur_gen, now_ms, t) {
-                            deadline = deadline.min(d);
-                        }
-                    }
-                    _ => {}
+        // Exports in progress, started at the last drain: their second step.
+        let mut pending: Vec<(u32, FlowCounters)> = self.pending.drain().collect();
+        pending.sort_unstable_by_key(|p| p.0);
+        for (i, mut c) in pending {
+            match self.table.state(i) {
+                SLOT_RETIRING => {
+                    // Retired at the last drain: no program writes it any
+                    // more. Its last counts, then free it.
+                    c.merge(&self.table.take(i, 0, now_ms));
+                    c.merge(&self.table.take(i, 1, now_ms));
+                    self.emit(i, &c, out, &mut r);
+                    self.table.free(i);
+                    self.forget(i);
+                    r.retired += 1;
                 }
+                SLOT_VALID => {
+                    // The generation that was current then (a final drain
+                    // takes both).
+                    c.merge(&self.table.take(i, old_gen, now_ms));
+                    if final_drain {
+                        c.merge(&self.table.take(i, old_gen ^ 1, now_ms));
+                    }
+                    self.emit(i, &c, out, &mut r);
+                    // Its next deadline: idle since its last packet, or a
+                    // new slice's active timeout (which starts now at the
+                    // earliest).
+                    let region = (i >> TABLE_REGION_SHIFT) as usize;
+                    let due = self
+                        .last_seen(i, now_ms)
+                        .saturating_add(t.idle_ns)
+                        .min(now_ns.saturating_add(t.active_ns));
+                    self.due_at[region] = self.due_at[region].min(due);
+                }
+                _ => {}
             }
-            if live == 0 {
-                self.regions.remove(region);
-            }
-            r.live += live;
         }
-        self.next_deadline_ns = deadline;
+        // Regions to visit: all of them at the end, else the marked ones
+        // and those whose deadline has come.
+        let mut next = u64::MAX;
+        let mut visit = Vec::new();
+        for region in self.regions.iter() {
+            let due = self.due_at[region as usize];
+            if final_drain || due <= now_ns {
+                visit.push(region);
+            } else {
+                next = next.min(due);
+            }
+        }
+        for region in visit {
+            let due = self.visit(region, old_gen, now_ns, t, final_drain, out, &mut r);
+            r.regions_visited += 1;
+            if self.live_in[region as usize] == 0 {
+                self.regions.remove(region);
+                self.due_at[region as usize] = u64::MAX;
+            } else {
+                self.due_at[region as usize] = due;
+                next = next.min(due);
+            }
+        }
+        self.next_deadline_ns = if self.pending.is_empty() { next } else { 0 };
+        r.live = self.live;
         r
+    }
+
+    fn emit(&self, i: u32, c: &FlowCounters, out: &mut Export, r: &mut ScanReport) {
+        if c.packets != 0 {
+            out(&self.table.key(i), c);
+            r.exported += 1;
+        }
+    }
+
+    /// A freed slot no longer counts as live in its region; a region left
+    /// without flows leaves the set.
+    fn forget(&mut self, i: u32) {
+        let region = (i >> TABLE_REGION_SHIFT) as usize;
+        if self.live_in[region] > 0 {
+            self.live_in[region] -= 1;
+            self.live -= 1;
+            if self.live_in[region] == 0 {
+                self.regions.remove(region as u32);
+                self.due_at[region] = u64::MAX;
+            }
+        }
+    }
+
+    /// Reads one region's slots: starts the exports that are due and
+    /// returns the region's next deadline.
+    #[allow(clippy::too_many_arguments)]
+    fn visit(
+        &mut self,
+        region: u32,
+        old_gen: u32,
+        now_ns: u64,
+        t: Timeouts,
+        final_drain: bool,
+        out: &mut Export,
+        r: &mut ScanReport,
+    ) -> u64 {
+        let now_ms = now_ns / 1_000_000;
+        let mut due = u64::MAX;
+        let mut live = 0u8;
+        let start = region << TABLE_REGION_SHIFT;
+        for i in start..(start + (1 << TABLE_REGION_SHIFT)).min(self.table.slots()) {
+            match self.table.state(i) {
+                SLOT_BUSY => {
+                    // Being filled: its region is marked, visited next time.
+                    live += 1;
+                    due = now_ns;
+                }
+                SLOT_RETIRING if !self.pending.contains_key(&i) => {
+                    // Only a slot retired by an earlier agent (or the
+                    // final drain): no program writes it, read it whole.
+                    let mut c = self.table.take(i, 0, now_ms);
+                    c.merge(&self.table.take(i, 1, now_ms));
+                    self.emit(i, &c, out, r);
+                    self.table.free(i);
+                    r.retired += 1;
+                }
+                SLOT_RETIRING => live += 1,
+                SLOT_VALID => {
+                    live += 1;
+                    if final_drain {
+                        let mut c = self.table.take(i, 0, now_ms);
+                        c.merge(&self.table.take(i, 1, now_ms));
+                        self.emit(i, &c, out, r);
+                    } else if !self.pending.contains_key(&i) {
+                        match self.check(i, old_gen, now_ms, t) {
+                            Some(d) => due = due.min(d),
+                            // An export started: its second step is at the
+                            // next drain, which `pending` forces.
+                            None => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let before = self.live_in[region as usize];
+        self.live_in[region as usize] = live;
+        self.live = self.live + live as usize - before as usize;
+        due
+    }
+
+    /// When slot `i`'s flow last saw a packet (ns), as far as the table
+    /// knows: the later of the generations' `last_ms`. 0 is "never set" (a
+    /// slot the programs just filled sets it with its first packet; a true
+    /// 0, once every 49.7 days, only makes a flow look idle early, which
+    /// splits its record in two); with neither set, now.
+    fn last_seen(&self, i: u32, now_ms: u64) -> u64 {
+        [self.table.peek(i, 0).last_ms, self.table.peek(i, 1).last_ms]
+            .into_iter()
+            .filter(|&ms| ms != 0)
+            .map(|ms| restore_ms(ms, now_ms) * 1_000_000)
+            .max()
+            .unwrap_or(now_ms * 1_000_000)
     }
 
     /// Whether slot `i` (VALID, no export in progress) is due; if so, starts
     /// its export (and retires it if idle) and returns None, else returns
     /// when it can become due.
-    fn check(
-        &mut self,
-        i: u32,
-        old_gen: u32,
-        cur_gen: u32,
-        now_ms: u64,
-        t: Timeouts,
-    ) -> Option<u64> {
+    fn check(&mut self, i: u32, old_gen: u32, now_ms: u64, t: Timeouts) -> Option<u64> {
         let now_ns = now_ms * 1_000_000;
         let old = self.table.peek(i, old_gen);
-        let cur = self.table.peek(i, cur_gen);
+        let cur = self.table.peek(i, old_gen ^ 1);
         let at = |ms: u32| restore_ms(ms, now_ms) * 1_000_000;
-        // 0: never set (a slot the programs just filled sets it with its
-        // first packet; a true 0, once every 49.7 days, only makes a flow
-        // look idle early, which splits its record in two).
-        let last = [old.last_ms, cur.last_ms]
-            .into_iter()
-            .filter(|&ms| ms != 0)
-            .map(at)
-            .max()
-            .unwrap_or(now_ns);
+        let last = self.last_seen(i, now_ms);
         if now_ns.saturating_sub(last) >= t.idle_ns {
             // Idle: programs pass over the slot from now on; what they
             // counted before that (in the current generation, even a packet
@@ -389,28 +506,30 @@ impl TableDrain {
             }
             return None;
         }
-        let mut deadline = last.saturating_add(t.idle_ns);
-        if old.packets != 0 || cur.packets != 0 {
-            // The slice's first packet: the older generation with packets. A
-            // current generation that just got its first packet may not have
-            // its time yet (0): then the slice began now.
-            let mut start = now_ns;
-            if old.packets != 0 {
-                start = start.min(at(old.first_ms));
-            }
-            if cur.packets != 0 && cur.first_ms != 0 {
-                start = start.min(at(cur.first_ms));
-            }
-            let tcp_end = (old.tcp_flags | cur.tcp_flags) & (TCP_FIN | TCP_RST) != 0
-                && self.table.key(i).proto == IPPROTO_TCP;
-            if now_ns.saturating_sub(start) >= t.active_ns || tcp_end {
-                let c = self.table.take(i, old_gen, now_ms);
-                self.pending.insert(i, c);
-                return None;
-            }
-            deadline = deadline.min(start.saturating_add(t.active_ns));
+        let idle_due = last.saturating_add(t.idle_ns);
+        if old.packets == 0 && cur.packets == 0 {
+            // Nothing since its last export: the next slice starts with a
+            // packet not yet seen, at least one active timeout from now.
+            return Some(idle_due.min(now_ns.saturating_add(t.active_ns)));
         }
-        Some(deadline)
+        // The slice's first packet: the older generation with packets. A
+        // current generation that just got its first packet may not have
+        // its time yet (0): then the slice began now.
+        let mut start = now_ns;
+        if old.packets != 0 {
+            start = start.min(at(old.first_ms));
+        }
+        if cur.packets != 0 && cur.first_ms != 0 {
+            start = start.min(at(cur.first_ms));
+        }
+        let tcp_end = (old.tcp_flags | cur.tcp_flags) & (TCP_FIN | TCP_RST) != 0
+            && self.table.key(i).proto == IPPROTO_TCP;
+        if now_ns.saturating_sub(start) >= t.active_ns || tcp_end {
+            let c = self.table.take(i, old_gen, now_ms);
+            self.pending.insert(i, c);
+            return None;
+        }
+        Some(idle_due.min(start.saturating_add(t.active_ns)))
     }
 }
 
@@ -679,6 +798,7 @@ impl KernelTables {
             &mut self.cache_buf,
         )
         .map_err(DrainError::CacheRead)?;
+        log::debug!("cache fold: epoch {old_epoch}: {n} keys read");
         for chunk in self.cache_buf[..n as usize * value_len * self.cpus].chunks_exact(value_len) {
             // SAFETY: the kernel wrote CacheSlot values (96 bytes each, a
             // multiple of 8) into the buffer; read_unaligned copes with the
@@ -810,10 +930,13 @@ mod tests {
         fn packet(&mut self, sport: u16, ms: u32, flags: u8) -> u32 {
             let k = key(if flags != 0 { 6 } else { 17 }, sport);
             let t = self.d.table();
+            let new = t.find(&k).is_none();
             let i = t.insert(&k).unwrap();
             t.add(i, self.gen, 1, 100, ms, flags);
-            let region = i >> TABLE_REGION_SHIFT;
-            self.d.regions.insert(region);
+            // As the programs mark DIRTY: for a new flow, and for FIN/RST.
+            if new || flags & (TCP_FIN | TCP_RST) != 0 {
+                self.d.visit_soon(i);
+            }
             i
         }
         fn drain(&mut self, ms: u64) -> ScanReport {
@@ -845,14 +968,8 @@ mod tests {
         });
         let i = s.packet(1, 1_000, 0);
         s.packet(1, 1_010, 0);
-        assert_eq!(
-            s.drain(1_020),
-            ScanReport {
-                live: 1,
-                exported: 0,
-                retired: 0
-            }
-        );
+        let r = s.drain(1_020);
+        assert_eq!((r.live, r.exported, r.retired), (1, 0, 0));
         // Not idle yet at 1_100 (last packet at 1_010).
         s.drain(1_100);
         assert!(s.out.is_empty());
@@ -864,14 +981,7 @@ mod tests {
         assert_eq!(s.d.table().state(i), SLOT_RETIRING);
         s.d.table().add(i, s.gen, 1, 100, 1_111, 0);
         let r = s.drain(1_200);
-        assert_eq!(
-            r,
-            ScanReport {
-                live: 0,
-                exported: 1,
-                retired: 1
-            }
-        );
+        assert_eq!((r.live, r.exported, r.retired), (0, 1, 1));
         assert_eq!(s.exported(1), vec![(3, 1_000, 1_111)]);
         assert_ne!(s.d.table().state(i), SLOT_RETIRING);
         assert!(s.d.regions.is_empty());
@@ -930,7 +1040,9 @@ mod tests {
             active_ns: 1_000 * MS,
         });
         s.packet(1, 500, 0);
-        s.drain(510);
+        assert_eq!(s.drain(510).regions_visited, 1);
+        // Before its deadline, a drain reads no region at all.
+        assert_eq!(s.drain(520).regions_visited, 0);
         // Due at 600 (idle); until then a quiet drain may be skipped.
         assert!(s.d.idle_until(599 * MS));
         assert!(!s.d.idle_until(600 * MS));
@@ -944,7 +1056,7 @@ mod tests {
 
     #[test]
     fn fold_into_a_freed_slot_is_refused() {
-        let s = Sim::new(T);
+        let mut s = Sim::new(T);
         let c = c(1, 1, 1, 0);
         assert!(!s.d.fold(5, 0, &c));
         assert!(!s.d.fold(1 << 20, 0, &c));

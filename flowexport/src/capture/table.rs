@@ -422,13 +422,22 @@ impl Regions {
         }
     }
 
-    /// Adds the regions set in `dirty` (the programs' bitmap, swapped to 0).
-    pub fn absorb(&mut self, dirty: &[AtomicU64]) {
-        for (b, d) in self.bits.iter_mut().zip(dirty) {
+    /// Adds the regions set in `dirty` (the programs' bitmap, swapped to
+    /// 0) and returns them.
+    pub fn absorb(&mut self, dirty: &[AtomicU64]) -> Vec<u32> {
+        let mut marked = Vec::new();
+        for (w, (b, d)) in self.bits.iter_mut().zip(dirty).enumerate() {
             if d.load(Ordering::Relaxed) != 0 {
-                *b |= d.swap(0, Ordering::AcqRel);
+                let set = d.swap(0, Ordering::AcqRel);
+                *b |= set;
+                marked.extend(
+                    (0..64)
+                        .filter(|bit| set & (1 << bit) != 0)
+                        .map(|bit| (w * 64 + bit) as u32),
+                );
             }
         }
+        marked
     }
 
     pub fn insert(&mut self, region: u32) {
@@ -630,7 +639,7 @@ mod tests {
         let dirty: Vec<AtomicU64> = (0..4).map(|_| AtomicU64::new(0)).collect();
         dirty[0].store(0b101, Ordering::Relaxed);
         dirty[3].store(1 << 63, Ordering::Relaxed);
-        r.absorb(&dirty);
+        assert_eq!(r.absorb(&dirty), vec![0, 2, 255]);
         assert_eq!(r.iter().collect::<Vec<_>>(), vec![0, 2, 255]);
         assert!(dirty.iter().all(|d| d.load(Ordering::Relaxed) == 0));
         r.remove(2);
