@@ -456,11 +456,10 @@ impl TableDrain {
                         c.merge(&self.table.take(i, 1, now_ms));
                         self.emit(i, &c, out, r);
                     } else if !self.pending.contains_key(&i) {
-                        match self.check(i, old_gen, now_ms, t) {
-                            Some(d) => due = due.min(d),
-                            // An export started: its second step is at the
-                            // next drain, which `pending` forces.
-                            None => {}
+                        // None: an export started; its second step is at the
+                        // next drain, which `pending` forces.
+                        if let Some(d) = self.check(i, old_gen, now_ms, t) {
+                            due = due.min(d);
                         }
                     }
                 }
