@@ -62,7 +62,8 @@ impl Flows {
 }
 
 /// Sends `packets` frames of `flows` out of `dev` in `ns` with one trafgen
-/// process; `rate_pps` limits the rate (None: as fast as it can). trafgen
+/// process through the qdisc path (`-q`; without it, a full veth ring fails
+/// trafgen with EAGAIN); `rate_pps` limits the rate (None: as fast as it can). trafgen
 /// leaves the system's socket-memory settings and IRQ affinities alone
 /// (`--no-sock-mem -Q`). Returns when trafgen exits.
 pub fn send(
@@ -83,7 +84,15 @@ pub fn send(
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &ns.name, "trafgen", "--dev", dev, "--conf"])
         .arg(&cfg)
-        .args(["-n", &packets.to_string(), "-P", "1", "--no-sock-mem", "-Q"]);
+        .args([
+            "-n",
+            &packets.to_string(),
+            "-P",
+            "1",
+            "-q",
+            "--no-sock-mem",
+            "-Q",
+        ]);
     if let Some(r) = rate_pps {
         cmd.args(["-b", &format!("{r}pps")]);
     }
