@@ -168,9 +168,19 @@ impl Drainer {
         if report.skipped {
             self.metrics.drains_idle.inc();
         } else {
-            self.metrics
-                .drain_duration
-                .observe(started.elapsed().as_secs_f64());
+            let took = started.elapsed().as_secs_f64();
+            self.metrics.drain_duration.observe(took);
+            log::debug!(
+                target: "flowexport::drain",
+                "drain {:.3} ms: {} records, {} flows examined in {} regions, {} cache slots, \
+                 {} flows in the table",
+                took * 1e3,
+                report.exported,
+                report.examined,
+                report.regions_visited,
+                report.cache_entries,
+                report.table_entries
+            );
         }
         self.update_metrics(&report)?;
         Ok(report.exported)

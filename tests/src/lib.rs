@@ -463,14 +463,7 @@ impl Agent {
 
     /// Fetches /metrics from the agent's default endpoint inside its namespace.
     pub fn metrics(&self, port: u16) -> Result<String> {
-        Netns::borrowed(&self.ns_name).run(move || -> Result<String> {
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-            let mut body = String::new();
-            s.read_to_string(&mut body)?;
-            Ok(body)
-        })?
+        fetch_metrics(&Netns::borrowed(&self.ns_name), port)
     }
 }
 
@@ -481,6 +474,18 @@ impl Drop for Agent {
             let _ = c.wait();
         }
     }
+}
+
+/// Fetches /metrics from 127.0.0.1:`port` inside `ns`.
+pub fn fetch_metrics(ns: &Netns, port: u16) -> Result<String> {
+    ns.run(move || -> Result<String> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        Ok(body)
+    })?
 }
 
 /// The value of one metric sample (`name{labels} value`) in a scrape.

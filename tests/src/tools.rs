@@ -100,7 +100,9 @@ pub fn nfcapd(ns: &Netns, dir: &std::path::Path, port: u16, repeat_to: Option<u1
 /// nfdump's view of a directory: (src, dst, sport, dport, proto) ->
 /// (packets, bytes, in, out), summed.
 pub type NfKey = (String, String, u64, u64, String);
-pub fn nfdump(dir: &std::path::Path) -> BTreeMap<NfKey, (u64, u64, u64, u64)> {
+/// nfdump's totals per flow: (packets, bytes, in, out).
+pub type NfMap = BTreeMap<NfKey, (u64, u64, u64, u64)>;
+pub fn nfdump(dir: &std::path::Path) -> NfMap {
     let out = Command::new("nfdump")
         .arg("-R")
         .arg(dir)

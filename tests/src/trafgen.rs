@@ -52,9 +52,15 @@ impl Flows {
     pub fn config(&self) -> String {
         let lo = u32::from(self.first_src);
         let hi = lo + (self.flows - 1);
+        // One flow: a fixed address (trafgen rejects an empty range).
+        let saddr = if self.flows == 1 {
+            self.first_src.to_string()
+        } else {
+            format!("dinc({lo}, {hi})")
+        };
         format!(
             "{{ eth(da={FOREIGN_MAC}, sa=02:00:00:00:00:01), \
-             ipv4(saddr=dinc({lo}, {hi}), daddr={}), \
+             ipv4(saddr={saddr}, daddr={}), \
              udp(sport={}, dport={}), fill(0x00, {PAYLOAD}) }}\n",
             self.dst, self.sport, self.dport
         )

@@ -1,4 +1,5 @@
-//! Developer tasks: `cargo xtask build-ebpf`, `cargo xtask bench xdp|kafka|collect|consumers`.
+//! Developer tasks: `cargo xtask build-ebpf`, `cargo xtask bench
+//! xdp|kafka|collect|consumers|churn|peers`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,7 +24,7 @@ enum Cmd {
     },
     /// Benchmarks; see BENCHMARKS.md.
     Bench {
-        /// What to benchmark: xdp, kafka, collect, consumers.
+        /// What to benchmark: xdp, kafka, collect, consumers, churn, peers.
         what: String,
         /// Extra arguments for the benchmark binary.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -85,13 +86,43 @@ fn main() -> Result<()> {
             build_ebpf(false)?;
             // Benchmark binary, its leading arguments, and whether it runs
             // the `flowexport` binary itself (which is then built first).
+            if matches!(what.as_str(), "churn" | "peers") {
+                // The scale benchmarks run the release agent against the
+                // receive path and its peers (crate benches/).
+                run(Command::new("cargo").current_dir(root()).args([
+                    "build",
+                    "--release",
+                    "--quiet",
+                    "-p",
+                    "flowexport",
+                    "--bin",
+                    "flowexport",
+                ]))?;
+                return run(Command::new("cargo")
+                    .current_dir(root())
+                    .args([
+                        "run",
+                        "--release",
+                        "--quiet",
+                        "-p",
+                        "flowexport-benches",
+                        "--bin",
+                        "flowexport-scale-bench",
+                        "--",
+                        &what,
+                    ])
+                    .args(&args));
+            }
             let (bin, lead, needs_flowexport): (&str, &[&str], bool) = match what.as_str() {
                 "xdp" => ("flowexport-bench", &["xdp"], false),
                 "kafka" => ("flowexport-bench-kafka", &[], false),
                 "collect" => ("flowexport-bench-collect", &[], true),
                 "consumers" => ("flowexport-bench-consumers", &[], true),
                 other => {
-                    bail!("unknown benchmark {other:?}: available: xdp, kafka, collect, consumers")
+                    bail!(
+                        "unknown benchmark {other:?}: available: xdp, kafka, collect, consumers, \
+                         churn, peers"
+                    )
                 }
             };
             if needs_flowexport {

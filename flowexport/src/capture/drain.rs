@@ -174,6 +174,9 @@ pub struct DrainReport {
     pub exported: usize,
     /// Table slots freed (idle flows).
     pub retired: usize,
+    /// Table regions read, and flows looked at in them.
+    pub regions_visited: usize,
+    pub examined: usize,
 }
 
 /// Cumulative kernel counters (sums over CPUs).
@@ -256,6 +259,8 @@ pub struct ScanReport {
     pub retired: usize,
     /// Regions (of 2^`TABLE_REGION_SHIFT` slots) read.
     pub regions_visited: usize,
+    /// Flows looked at: in the visited regions, and exports in progress.
+    pub examined: usize,
 }
 
 impl TableDrain {
@@ -333,6 +338,7 @@ impl TableDrain {
         // Exports in progress, started at the last drain: their second step.
         let mut pending: Vec<(u32, FlowCounters)> = self.pending.drain().collect();
         pending.sort_unstable_by_key(|p| p.0);
+        r.examined += pending.len();
         for (i, mut c) in pending {
             match self.table.state(i) {
                 SLOT_RETIRING => {
@@ -451,6 +457,7 @@ impl TableDrain {
                 SLOT_RETIRING => live += 1,
                 SLOT_VALID => {
                     live += 1;
+                    r.examined += 1;
                     if final_drain {
                         let mut c = self.table.take(i, 0, now_ms);
                         c.merge(&self.table.take(i, 1, now_ms));
@@ -720,6 +727,8 @@ impl KernelTables {
         report.table_entries = scan.live;
         report.exported += scan.exported;
         report.retired = scan.retired;
+        report.regions_visited = scan.regions_visited;
+        report.examined = scan.examined;
 
         while let Some(item) = self.fallback.next() {
             if item.len() < std::mem::size_of::<FallbackEvent>() {

@@ -1,0 +1,159 @@
+//! `cargo xtask bench peers`: the agent beside softflowd, fprobe and
+//! pmacctd (nfprobe), and the receive path alone, on the same veth pair
+//! and traffic, at 1, 10k, 100k and 1M flows, at 50k packets/s and at full
+//! rate. Every exporter sends NetFlow (fprobe v5, the others v9) to nfcapd;
+//! accuracy is nfdump's packets of the generated flows over the packets
+//! delivered to the interface.
+
+use anyhow::Result;
+use clap::Args;
+
+use crate::exporters::Kind;
+use crate::procstat::range;
+use crate::run::{self, Outcome};
+
+#[derive(Args, Debug)]
+pub struct PeersArgs {
+    /// Flow counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,10000,100000,1000000")]
+    flows: Vec<u32>,
+    /// Rates in packets/s, comma-separated; 0 is the full rate.
+    #[arg(long, value_delimiter = ',', default_value = "50000,0")]
+    rates: Vec<u64>,
+    /// Exporters, comma-separated (receive-only is always measured).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "flowexport,softflowd,fprobe,pmacctd"
+    )]
+    exporters: Vec<String>,
+    /// Runs of each point; exporters alternate within a repetition.
+    #[arg(long, default_value_t = 2)]
+    repeat: u32,
+    /// Extra flags for the agent.
+    #[arg(long, allow_hyphen_values = true)]
+    agent_args: Vec<String>,
+}
+
+fn kind(name: &str, agent_args: &[String]) -> Result<Kind> {
+    Ok(match name {
+        "flowexport" => Kind::Agent(agent_args.to_vec()),
+        "softflowd" => Kind::Softflowd,
+        "fprobe" => Kind::Fprobe,
+        "pmacctd" => Kind::Pmacctd,
+        other => {
+            anyhow::bail!("unknown exporter {other:?}: use flowexport, softflowd, fprobe, pmacctd")
+        }
+    })
+}
+
+/// Frames per run: at a set rate ~10 s (at least one per flow); at full
+/// rate 3 per flow, at least 3 million.
+fn frames(n: u32, rate: u64) -> u64 {
+    if rate > 0 {
+        (rate * 10).max(u64::from(n))
+    } else {
+        (3 * u64::from(n)).max(3_000_000)
+    }
+}
+
+pub fn run(a: &PeersArgs) -> Result<()> {
+    let mut kinds = vec![Kind::ReceiveOnly];
+    for e in &a.exporters {
+        kinds.push(kind(e, &a.agent_args)?);
+    }
+    println!(
+        "Peers: the same veth pair and trafgen traffic (64-byte UDP frames, N flows round \
+         robin); {} run(s) per point, ranges over the runs; CPU-s per million delivered \
+         packets: the exporter's processes (userspace, shutdown included) and the system's \
+         softirq (the receive path, where XDP runs)",
+        a.repeat
+    );
+    for &rate in &a.rates {
+        println!();
+        println!(
+            "### {}",
+            if rate == 0 {
+                "Full rate".to_string()
+            } else {
+                format!("{rate} packets/s")
+            }
+        );
+        println!();
+        println!(
+            "| flows | exporter | delivered pps | vs receive-only | accuracy | flows exact | userspace CPU-s/Mpkt | softirq CPU-s/Mpkt | peak RSS (MiB) | collector socket drops |"
+        );
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for &n in &a.flows {
+            let packets = frames(n, rate);
+            let mut results: Vec<Vec<Outcome>> = vec![Vec::new(); kinds.len()];
+            for i in 0..a.repeat {
+                for (k, kind) in kinds.iter().enumerate() {
+                    eprintln!(
+                        "peers: {} at {}, {n} flows, {packets} frames, run {}",
+                        kind.name(),
+                        if rate == 0 {
+                            "full rate".into()
+                        } else {
+                            format!("{rate} pps")
+                        },
+                        i + 1
+                    );
+                    results[k].push(run::run(
+                        kind,
+                        n,
+                        packets,
+                        (rate > 0).then_some(rate),
+                        true,
+                    )?);
+                }
+            }
+            let rx: Vec<f64> = results[0].iter().map(Outcome::pps).collect();
+            for (k, kind) in kinds.iter().enumerate() {
+                let os = &results[k];
+                let f = |xs: Vec<f64>, d: usize| range(&xs, |x| format!("{x:.d$}"));
+                let pps: Vec<f64> = os.iter().map(Outcome::pps).collect();
+                let ratio: Vec<f64> = pps.iter().zip(&rx).map(|(p, r)| p / r).collect();
+                let is_rx = *kind == Kind::ReceiveOnly;
+                println!(
+                    "| {n} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    kind.name(),
+                    f(pps, 0),
+                    if is_rx { "1".into() } else { f(ratio, 2) },
+                    if is_rx {
+                        "–".into()
+                    } else {
+                        f(os.iter().map(Outcome::accuracy).collect(), 4)
+                    },
+                    if is_rx {
+                        "–".into()
+                    } else {
+                        f(os.iter().map(|o| o.flows_exact as f64).collect(), 0)
+                    },
+                    if is_rx {
+                        "–".into()
+                    } else {
+                        f(os.iter().map(Outcome::cpu_per_mpkt).collect(), 3)
+                    },
+                    f(os.iter().map(Outcome::softirq_per_mpkt).collect(), 3),
+                    if is_rx {
+                        "–".into()
+                    } else {
+                        f(
+                            os.iter()
+                                .map(|o| o.usage.max_rss as f64 / 1048576.0)
+                                .collect(),
+                            0,
+                        )
+                    },
+                    if is_rx {
+                        "–".into()
+                    } else {
+                        f(os.iter().map(|o| o.rcvbuf_drops as f64).collect(), 0)
+                    },
+                );
+            }
+        }
+    }
+    Ok(())
+}
