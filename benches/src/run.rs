@@ -216,8 +216,9 @@ fn read_json(path: &Path, flows: &Flows, want: u64) -> Result<(u64, u64)> {
 }
 
 /// The agent's drain log lines (`flowexport::drain` at debug level): per
-/// periodic drain (seconds, records, flows examined); and the last one (the
-/// final drain at shutdown: seconds, records).
+/// periodic drain (seconds, not counting the sinks' share; records; flows
+/// examined); and the last one (the final drain at shutdown: seconds,
+/// records).
 #[allow(clippy::type_complexity)]
 fn read_drains(path: &Path) -> Result<(Vec<(f64, u64, u64)>, Option<(f64, u64)>)> {
     let text = std::fs::read_to_string(path)?;
@@ -238,7 +239,14 @@ fn read_drains(path: &Path) -> Result<(Vec<(f64, u64, u64)>, Option<(f64, u64)>)
             .nth(1)
             .and_then(|r| r.split(' ').next())
             .unwrap_or(""));
-        v.push((ms / 1e3, records as u64, examined as u64));
+        // The sinks' share (serializing and sending records) is theirs,
+        // not the drain's.
+        let sinks = num(rest
+            .split("; ")
+            .nth(1)
+            .and_then(|r| r.split(" ms").next())
+            .unwrap_or(""));
+        v.push(((ms - sinks) / 1e3, records as u64, examined as u64));
     }
     let last = v.pop().map(|(s, r, _)| (s, r));
     Ok((v, last))

@@ -192,9 +192,13 @@ impl FlowTable {
 
     /// The flow key of a VALID or RETIRING slot (its control word cleared).
     pub fn key(&self, i: u32) -> FlowKey {
-        // SAFETY: a slot of the table; the key words of a VALID/RETIRING
-        // slot do not change (read after its state, with Acquire).
-        let mut k = unsafe { std::ptr::read_volatile(&raw const (*self.slot(i)).key) };
+        // SAFETY: a slot of the table, 8-aligned; the key words of a
+        // VALID/RETIRING slot do not change (read after its state, with
+        // Acquire). Read as six words (a volatile read of the struct would
+        // be 48 byte loads).
+        let w = unsafe { std::ptr::read(self.slot(i) as *const [u64; 6]) };
+        // SAFETY: FlowKey is 48 bytes of plain integers, any bit pattern.
+        let mut k: FlowKey = unsafe { std::mem::transmute(w) };
         k._pad = [0; 3];
         k
     }
