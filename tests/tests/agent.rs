@@ -562,6 +562,22 @@ fn full_table_falls_back_without_loss(cache_slots: &str) {
         "fallback used for only {fallback} packets:\n{m}"
     );
     assert_eq!(metric(&m, "flowexport_flow_table_capacity"), Some(16.0));
+    // The table's 64 slots (its minimum), and its kernel memory, in the
+    // metrics and in the log line that names the flag to raise.
+    assert_eq!(metric(&m, "flowexport_flow_table_slots"), Some(64.0));
+    assert_eq!(
+        metric(&m, "flowexport_kernel_memory_bytes{map=\"table\"}"),
+        Some(64.0 * 96.0)
+    );
+    assert!(
+        out.stderr.contains("flow table full")
+            && out.stderr.contains("raise --max-flows")
+            && out
+                .stderr
+                .contains("--max-flows 16 concurrent flows (64 slots"),
+        "{}",
+        out.stderr
+    );
     let got = totals(&out.records);
     assert_eq!(got.len(), 400);
     for i in 0..400u16 {

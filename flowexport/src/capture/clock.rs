@@ -36,18 +36,45 @@ pub const REST_POLL: Duration = Duration::from_millis(100);
 
 /// The `CLOCK` map's value, through its shared mapping.
 pub struct ClockMap {
-    map: SharedMap,
+    word: *mut ClockWord,
+    _memory: Memory,
 }
+
+/// What lives behind the word; held only to keep it alive.
+#[allow(dead_code)]
+enum Memory {
+    Map(SharedMap),
+    #[cfg(test)]
+    Heap(Box<ClockWord>),
+}
+
+// SAFETY: the word is shared memory, accessed only through atomics.
+unsafe impl Send for ClockMap {}
+// SAFETY: as above.
+unsafe impl Sync for ClockMap {}
 
 impl ClockMap {
     /// Wraps the mapping of the `CLOCK` map (at least one `ClockWord`).
     pub fn new(map: SharedMap) -> ClockMap {
         assert!(map.len() >= std::mem::size_of::<ClockWord>());
-        ClockMap { map }
+        ClockMap {
+            word: map.as_ptr() as *mut ClockWord,
+            _memory: Memory::Map(map),
+        }
+    }
+
+    /// A word of our own, for tests.
+    #[cfg(test)]
+    fn heap() -> ClockMap {
+        let mut b = Box::new(ClockWord::default());
+        ClockMap {
+            word: &mut *b,
+            _memory: Memory::Heap(b),
+        }
     }
 
     fn word(&self) -> *mut ClockWord {
-        self.map.as_ptr() as *mut ClockWord
+        self.word
     }
 
     fn ns(&self) -> &AtomicU64 {
@@ -163,5 +190,58 @@ impl Drop for ClockTicker {
             t.thread().unpark();
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flowexport_common::CLOCK_ACTIVE_ALL;
+
+    fn wait(what: impl Fn() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if what() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    #[test]
+    fn ticks_while_packets_come_and_rests_without_them() {
+        let clock = Arc::new(ClockMap::heap());
+        let ticker = ClockTicker::start(clock.clone(), Duration::from_millis(1)).unwrap();
+        // Ticking: the word moves, ms follows ns.
+        let first = clock.ns().load(Ordering::Acquire);
+        assert_ne!(first, 0);
+        assert!(wait(|| clock.ns().load(Ordering::Acquire) > first));
+        // No packet sets `active`: within two windows it rests (0).
+        let started = Instant::now();
+        assert!(wait(|| !clock.ticking()));
+        assert!(
+            started.elapsed() < REST_WINDOW * 3,
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(clock.ms().load(Ordering::Acquire), 0);
+        // A packet (as the programs do it) wakes it within a poll.
+        clock.active().store(CLOCK_ACTIVE_ALL, Ordering::Release);
+        let woken = Instant::now();
+        assert!(wait(|| clock.ticking()));
+        assert!(woken.elapsed() < REST_POLL * 3, "{:?}", woken.elapsed());
+        let ms = clock.ms().load(Ordering::Acquire);
+        let ns = clock.ns().load(Ordering::Acquire);
+        assert!(ns / 1_000_000 >= ms && ns / 1_000_000 - ms <= 2);
+        // Packets keep it ticking past a window.
+        for _ in 0..30 {
+            clock.active().store(CLOCK_ACTIVE_ALL, Ordering::Release);
+            std::thread::sleep(Duration::from_millis(10));
+            assert!(clock.ticking());
+        }
+        // The drain's bit is its own: the ticker leaves it set.
+        assert!(clock.take_activity(flowexport_common::CLOCK_ACTIVE_DRAIN));
+        drop(ticker);
     }
 }
