@@ -97,9 +97,12 @@ impl Running {
                 cmd.arg("env")
                     .arg("RUST_LOG=info,flowexport::drain=debug")
                     .arg(agent_bin())
-                    .args(["agent", "--iface", dev, "--xdp-mode", "native"])
-                    .args(["--sampler-address", "192.0.2.10"])
-                    .args(extra);
+                    .args(["agent", "--iface", dev]);
+                // Native XDP unless ingress is counted with TC.
+                if !extra.iter().any(|a| a == "--capture") {
+                    cmd.args(["--xdp-mode", "native"]);
+                }
+                cmd.args(["--sampler-address", "192.0.2.10"]).args(extra);
                 if let Output::Nfcapd(_) = out {
                     cmd.args(["--netflow9", &target]);
                 }

@@ -38,6 +38,12 @@ pub struct PeersArgs {
 fn kind(name: &str, agent_args: &[String]) -> Result<Kind> {
     Ok(match name {
         "flowexport" => Kind::Agent(agent_args.to_vec()),
+        // Ingress counted by the TC program instead of XDP.
+        "flowexport-tc" => {
+            let mut a = vec!["--capture".to_string(), "tc".to_string()];
+            a.extend_from_slice(agent_args);
+            Kind::Agent(a)
+        }
         "softflowd" => Kind::Softflowd,
         "fprobe" => Kind::Fprobe,
         "pmacctd" => Kind::Pmacctd,
@@ -65,8 +71,9 @@ pub fn run(a: &PeersArgs) -> Result<()> {
     println!(
         "Peers: the same veth pair and trafgen traffic (64-byte UDP frames, N flows round \
          robin); {} run(s) per point, ranges over the runs; CPU-s per million delivered \
-         packets: the exporter's processes (userspace, shutdown included) and the system's \
-         softirq (the receive path, where XDP runs)",
+         packets: the exporter's processes while they process the traffic (until they \
+         caught up) and over the whole run (start-up and the final export included), and \
+         the system's softirq during the traffic (the receive path, where XDP runs)",
         a.repeat
     );
     for &rate in &a.rates {
@@ -81,7 +88,7 @@ pub fn run(a: &PeersArgs) -> Result<()> {
         );
         println!();
         println!(
-            "| flows | exporter | delivered pps | vs receive-only | accuracy | flows exact | userspace CPU-s/Mpkt | softirq CPU-s/Mpkt | peak RSS (MiB) | collector socket drops |"
+            "| flows | exporter | delivered pps | vs receive-only | accuracy | flows exact | userspace CPU-s/Mpkt: traffic (whole run) | softirq CPU-s/Mpkt | peak RSS (MiB) | collector socket drops |"
         );
         println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         for &n in &a.flows {
@@ -133,7 +140,11 @@ pub fn run(a: &PeersArgs) -> Result<()> {
                     if is_rx {
                         "–".into()
                     } else {
-                        f(os.iter().map(Outcome::cpu_per_mpkt).collect(), 3)
+                        format!(
+                            "{} ({})",
+                            f(os.iter().map(Outcome::traffic_cpu_per_mpkt).collect(), 3),
+                            f(os.iter().map(Outcome::cpu_per_mpkt).collect(), 3)
+                        )
                     },
                     f(os.iter().map(Outcome::softirq_per_mpkt).collect(), 3),
                     if is_rx {

@@ -23,9 +23,12 @@ pub struct Outcome {
     /// flows had exactly their packets.
     pub reported: u64,
     pub flows_exact: u64,
-    /// Userspace CPU of the exporter (children included, shutdown included)
-    /// and the system's softirq time during the traffic.
+    /// Userspace CPU of the exporter for the whole run (children, start-up
+    /// and shutdown included), its CPU while it processed the traffic (from
+    /// the first frame until it had caught up), and the system's softirq
+    /// time during the traffic.
     pub usage: Usage,
+    pub traffic_cpu: Duration,
     pub softirq: Duration,
     /// Agent only: anonymous RSS before stopping, kernel map memory, drain
     /// durations (s) and flows examined per periodic drain, and the final
@@ -48,9 +51,13 @@ impl Outcome {
         }
         self.reported as f64 / self.delivered as f64
     }
-    /// CPU seconds per million delivered packets.
+    /// CPU seconds per million delivered packets, for the whole run.
     pub fn cpu_per_mpkt(&self) -> f64 {
         self.usage.cpu.as_secs_f64() * 1e6 / self.delivered.max(1) as f64
+    }
+    /// The same, while processing the traffic only.
+    pub fn traffic_cpu_per_mpkt(&self) -> f64 {
+        self.traffic_cpu.as_secs_f64() * 1e6 / self.delivered.max(1) as f64
     }
     pub fn softirq_per_mpkt(&self) -> f64 {
         self.softirq.as_secs_f64() * 1e6 / self.delivered.max(1) as f64
@@ -115,6 +122,7 @@ fn run_in(
     let (btx0, brx0) = link.b.drops(&link.b_dev)?;
     let rcvbuf0 = exporters::udp_rcvbuf_errors(&link.b);
     let flows = flows(n);
+    let cpu0 = exp.pid().map(procstat::tree_cpu).unwrap_or_default();
     let soft0 = procstat::softirq();
     let t0 = Instant::now();
     trafgen::send(&link.a, &link.a_dev, &flows, packets, rate_pps)?;
@@ -161,6 +169,7 @@ fn run_in(
     o.softirq = procstat::softirq().saturating_sub(soft0);
     if let Some(pid) = exp.pid() {
         o.rss_anon = procstat::tree_rss_anon(pid);
+        o.traffic_cpu = procstat::tree_cpu(pid).saturating_sub(cpu0);
     }
     o.usage = exp.stop()?;
     let want = packets / u64::from(n);

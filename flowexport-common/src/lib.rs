@@ -174,7 +174,7 @@ pub const TABLE_LOCKS: u32 = 4096;
 /// giving up (the packet then takes the fallback ring). A holder runs for
 /// well under a microsecond, without being preempted (XDP and TC run with
 /// bottom halves off); reads of a line another CPU holds cost ~1-2 ns.
-pub const TABLE_LOCK_SPINS: u32 = 2048;
+pub const TABLE_LOCK_SPINS: u32 = 256;
 /// Slots per bit of `DIRTY`: a program that fills a slot sets its region's
 /// bit, so a drain finds new flows without scanning the whole table.
 pub const TABLE_REGION_SHIFT: u32 = 6;
@@ -279,6 +279,8 @@ pub const MAP_CACHE: &str = "CACHE";
 pub const MAP_CLOCK: &str = "CLOCK";
 pub const PROG_INGRESS: &str = "flowexport_ingress";
 pub const PROG_EGRESS: &str = "flowexport_egress";
+/// The TC program that counts ingress with `--capture tc`.
+pub const PROG_INGRESS_TC: &str = "flowexport_ingress_tc";
 /// An XDP program that only returns XDP_PASS: the baseline of `cargo xtask bench xdp`.
 pub const PROG_BENCH_PASS: &str = "flowexport_bench_pass";
 /// Cost-breakdown programs of `cargo xtask bench xdp`: the parser alone, and

@@ -883,14 +883,16 @@ pub fn flowexport_ingress(ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-#[classifier]
-pub fn flowexport_egress(ctx: TcContext) -> i32 {
+/// Counts a packet a TC program sees, in direction `dir`: egress always;
+/// ingress with `--capture tc`.
+#[inline(always)]
+fn tc_count(ctx: &TcContext, dir: u8) {
     // SAFETY: ctx.skb.skb points at the kernel's __sk_buff for this packet.
     let (ifindex, vlan_present, vlan_tci, gso_segs, skb_len) = unsafe {
         let s = &*ctx.skb.skb;
         (s.ifindex, s.vlan_present, s.vlan_tci, s.gso_segs, s.len)
     };
-    let mut key = empty_key(ifindex, DIR_EGRESS);
+    let mut key = empty_key(ifindex, dir);
     // A tag the stack keeps out of band (hardware-accelerated VLAN) is the
     // outermost one; tags still in the frame are inner.
     if vlan_present != 0 {
@@ -899,7 +901,7 @@ pub fn flowexport_egress(ctx: TcContext) -> i32 {
     let mut ip_len = 0u64;
     let mut flags = 0u8;
     match parse(
-        &SkbPacket(&ctx),
+        &SkbPacket(ctx),
         &mut key,
         &mut ip_len,
         &mut flags,
@@ -907,8 +909,9 @@ pub fn flowexport_egress(ctx: TcContext) -> i32 {
     ) {
         Parsed::Flow { l3_off, l4_hdr_end } => {
             if gso_segs > 1 {
-                // A GSO super-packet leaves as `gso_segs` wire packets, each
-                // carrying its own copy of the IP and L4 headers.
+                // A GSO super-packet leaves (a GRO one arrived) as
+                // `gso_segs` wire packets, each carrying its own copy of the
+                // IP and L4 headers.
                 let segs = gso_segs as u64;
                 let hdrs = (l4_hdr_end - l3_off) as u64;
                 let total = (skb_len as u64).saturating_sub(l3_off as u64);
@@ -917,9 +920,27 @@ pub fn flowexport_egress(ctx: TcContext) -> i32 {
                 account(&key, 1, ip_len, flags)
             }
         }
-        Parsed::NonIp => stat_add(STAT_NON_IP_EGRESS, 1),
-        Parsed::Malformed => stat_add(STAT_MALFORMED_EGRESS, 1),
+        Parsed::NonIp if dir == DIR_EGRESS => stat_add(STAT_NON_IP_EGRESS, 1),
+        Parsed::NonIp => stat_add(STAT_NON_IP_INGRESS, 1),
+        Parsed::Malformed if dir == DIR_EGRESS => stat_add(STAT_MALFORMED_EGRESS, 1),
+        Parsed::Malformed => stat_add(STAT_MALFORMED_INGRESS, 1),
     }
+}
+
+#[classifier]
+pub fn flowexport_egress(ctx: TcContext) -> i32 {
+    tc_count(&ctx, DIR_EGRESS);
+    TC_ACT_UNSPEC
+}
+
+/// Ingress through TC (TCX) instead of XDP (`--capture tc`): where an XDP
+/// program costs more than the work it does (veth, where native XDP first
+/// turns every skb into an XDP buffer; drivers without native XDP), or where
+/// the XDP hook belongs to another program. Sees packets after GRO (counted
+/// as their segments, as on egress).
+#[classifier]
+pub fn flowexport_ingress_tc(ctx: TcContext) -> i32 {
+    tc_count(&ctx, DIR_INGRESS);
     TC_ACT_UNSPEC
 }
 

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use flowexport_common::{DIR_EGRESS, DIR_INGRESS};
 
 use crate::capture::drain::{DrainReport, FlowAggregator, KernelStats, KernelTables, Timeouts};
-use crate::capture::loader::{Capture, LoadOptions};
+use crate::capture::loader::{LoadOptions, Programs};
 use crate::codec::export::ExportProtocol;
 use crate::config::AgentConfig;
 use crate::metrics::AgentMetrics;
@@ -59,6 +59,8 @@ struct Drainer {
     full_since_log: (u64, u64),
     full_logged: Option<Instant>,
     batch: Vec<FlowRecord>,
+    /// When the last drain cycle ran (for the packet rate the clock uses).
+    last_cycle: Instant,
 }
 
 /// Hands a batch to every sink; a failing sink is counted and logged, the
@@ -170,6 +172,13 @@ impl Drainer {
             in_sinks += t.elapsed();
             batch.clear();
         }
+        // The packet rate since the last cycle: the clock thread keeps the
+        // programs' clock word only while that pays (capture::clock).
+        let since = std::mem::replace(&mut self.last_cycle, Instant::now());
+        let packets = report.packets[0] + report.packets[1];
+        self.tables
+            .clock()
+            .set_rate((packets as f64 / since.elapsed().as_secs_f64().max(1e-3)) as u64);
         self.metrics.drains.inc();
         if report.skipped {
             self.metrics.drains_idle.inc();
@@ -222,11 +231,12 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
     let metrics = AgentMetrics::new();
     let sinks = build_sinks(&cfg, &metrics)?;
     raise_memlock();
-    let mut capture = Capture::load(&LoadOptions {
+    let mut capture = Programs::load(&LoadOptions {
         max_flows: cfg.max_flows,
         fallback_ring_bytes: cfg.fallback_ring_bytes,
         cache_slots: cfg.cache_slots,
         object: cfg.bpf_object.clone(),
+        capture: cfg.capture,
     })?;
     let slots = crate::capture::table::slots_for(cfg.max_flows);
     let tables = KernelTables::new(
@@ -238,8 +248,8 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
     )?;
     for iface in &cfg.ifaces {
         // On error `capture` is dropped, which detaches what was attached.
-        let mode = capture.attach(iface, cfg.xdp_mode)?;
-        log::info!("attached to {iface}: XDP ingress ({mode} mode), TC egress");
+        let how = capture.attach(iface, cfg.xdp_mode)?;
+        log::info!("attached to {iface}: {how}");
     }
 
     metrics.table_capacity.set(tables.capacity() as i64);
@@ -299,6 +309,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         full_since_log: (0, 0),
         full_logged: None,
         batch: Vec::with_capacity(EXPORT_BATCH),
+        last_cycle: Instant::now(),
     };
     let interval = cfg.drain_interval;
     let drain_thread = std::thread::Builder::new()

@@ -27,6 +27,8 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+
+use crate::kafka_group::{default_assignment, GroupContext, GroupMetrics};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
@@ -117,6 +119,9 @@ pub struct BridgeMetrics {
     pub retried: IntCounter,
     pub dropped: IntCounter,
     pub batches: IntCounter,
+    /// Partitions owned, rebalances (`flowexport_bridge_partitions_owned`,
+    /// `flowexport_bridge_rebalances_total`).
+    pub group: GroupMetrics,
 }
 
 impl BridgeMetrics {
@@ -156,6 +161,7 @@ impl BridgeMetrics {
                 "flowexport_bridge_batches_committed_total",
                 "Batches whose input offsets were committed after every output was acknowledged.",
             ),
+            group: GroupMetrics::new(r, "flowexport_bridge"),
         }
     }
 }
@@ -213,7 +219,7 @@ impl ProducerContext for Deliveries {
 /// The running loop's clients and state.
 pub struct Bridge {
     args: BridgeArgs,
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<GroupContext>,
     producer: ThreadedProducer<Deliveries>,
     admin: AdminClient<DefaultClientContext>,
     metrics: BridgeMetrics,
@@ -265,8 +271,9 @@ impl Bridge {
                     StartOffset::Latest => "latest",
                 },
             );
-        let consumer: BaseConsumer = consumer_cfg
-            .create()
+        default_assignment(&mut consumer_cfg, &args.kafka_property);
+        let consumer: BaseConsumer<GroupContext> = consumer_cfg
+            .create_with_context(GroupContext::new(metrics.group.clone()))
             .context("invalid Kafka consumer configuration (check -X properties)")?;
         consumer
             .subscribe(&[args.in_topic.as_str()])

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Deserialize;
 
-use crate::capture::loader::XdpModeChoice;
+use crate::capture::loader::{Capture, XdpModeChoice};
 use crate::sink::kafka::{
     parse_property, KafkaConfig, KafkaFormat, DEFAULT_BUFFER_BYTES, DEFAULT_BUFFER_RECORDS,
     DEFAULT_FLUSH_TIMEOUT, DEFAULT_TOPIC,
@@ -31,6 +31,9 @@ pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9590";
 pub const DEFAULT_EXPORT_PACKET_SIZE: usize = 1400;
 pub const DEFAULT_TEMPLATE_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_TEMPLATE_PACKETS: u32 = 20;
+/// IPFIX/NetFlow v9 records per second per collector: about 9,000 packets
+/// of 1400 bytes (100 Mbit/s); a million flows leave in 4 s.
+pub const DEFAULT_EXPORT_RATE: u64 = 250_000;
 
 /// Parses "15s", "500ms", "2m", "1h" or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -66,6 +69,12 @@ pub struct AgentArgs {
     /// Interface to attach to (repeat for several). Required here or in the config file.
     #[arg(long = "iface", value_name = "IF")]
     pub iface: Vec<String>,
+    /// Where ingress is counted: xdp (an XDP program; see --xdp-mode) or tc
+    /// (a TC program, as egress is: cheaper where the driver has to build
+    /// an XDP buffer for it, e.g. veth, and it leaves XDP to others).
+    /// [default: xdp]
+    #[arg(long, value_name = "xdp|tc")]
+    pub capture: Option<Capture>,
     /// XDP attach mode: native (driver), skb (generic), or auto = native,
     /// falling back to skb with a log line. [default: auto]
     #[arg(long, value_name = "MODE")]
@@ -134,6 +143,11 @@ pub struct AgentArgs {
     /// ... and at least every N export packets. [default: 20]
     #[arg(long, value_name = "N")]
     pub template_packets: Option<u32>,
+    /// Most IPFIX/NetFlow v9 records per second sent to each collector
+    /// (0: no limit): a drain that exports a million flows at once would
+    /// otherwise overflow a collector's socket buffer. [default: 250000]
+    #[arg(long, value_name = "RECORDS")]
+    pub export_rate: Option<u64>,
     #[command(flatten)]
     pub kafka: KafkaArgs,
     /// TOML file with any of these settings (keys as the flag names, e.g.
@@ -252,6 +266,7 @@ impl KafkaArgs {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct FileConfig {
     iface: Option<Vec<String>>,
+    capture: Option<String>,
     xdp_mode: Option<String>,
     idle_timeout: Option<String>,
     active_timeout: Option<String>,
@@ -270,6 +285,7 @@ struct FileConfig {
     export_packet_size: Option<usize>,
     template_interval: Option<String>,
     template_packets: Option<u32>,
+    export_rate: Option<u64>,
     kafka_brokers: Option<String>,
     kafka_topic: Option<String>,
     kafka_format: Option<String>,
@@ -284,6 +300,7 @@ struct FileConfig {
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub ifaces: Vec<String>,
+    pub capture: Capture,
     pub xdp_mode: XdpModeChoice,
     pub idle_timeout: Duration,
     pub active_timeout: Duration,
@@ -342,6 +359,16 @@ impl AgentArgs {
         };
         if ifaces.is_empty() {
             bail!("no interface given: use --iface IF (repeatable) or `iface = [...]` in --config");
+        }
+        let capture = match (self.capture, &f.capture) {
+            (Some(c), _) => c,
+            (None, Some(s)) => s
+                .parse()
+                .map_err(|e| anyhow::anyhow!("{}: capture: {e}", path.display()))?,
+            (None, None) => Capture::Xdp,
+        };
+        if capture == Capture::Tc && (self.xdp_mode.is_some() || f.xdp_mode.is_some()) {
+            bail!("--xdp-mode applies to --capture xdp; with --capture tc, drop it");
         }
         let xdp_mode = match (self.xdp_mode, f.xdp_mode) {
             (Some(m), _) => m,
@@ -470,6 +497,10 @@ impl AgentArgs {
                 .or(f.template_packets)
                 .unwrap_or(DEFAULT_TEMPLATE_PACKETS)
                 .max(1),
+            max_rate: self
+                .export_rate
+                .or(f.export_rate)
+                .unwrap_or(DEFAULT_EXPORT_RATE),
         };
         if !(256..=65_000).contains(&export.max_packet) {
             bail!("--export-packet-size must be between 256 and 65000 bytes");
@@ -483,6 +514,7 @@ impl AgentArgs {
             netflow9,
             export,
             ifaces,
+            capture,
             xdp_mode,
             idle_timeout,
             active_timeout,
@@ -575,6 +607,7 @@ mod tests {
         let c = args(&["eth0"]).resolve().unwrap();
         assert_eq!(c.ifaces, vec!["eth0"]);
         assert_eq!(c.xdp_mode, XdpModeChoice::Auto);
+        assert_eq!(c.capture, Capture::Xdp);
         assert_eq!(c.idle_timeout, Duration::from_secs(15));
         assert_eq!(c.active_timeout, Duration::from_secs(60));
         assert_eq!(c.drain_interval, Duration::from_secs(1));
@@ -623,6 +656,11 @@ mod tests {
         let mut a = args(&["eth0"]);
         a.fallback_ring_bytes = Some(5000);
         assert!(format!("{:#}", a.resolve().unwrap_err()).contains("power of two"));
+        let mut a = args(&["eth0"]);
+        a.capture = Some(Capture::Tc);
+        assert_eq!(a.clone().resolve().unwrap().capture, Capture::Tc);
+        a.xdp_mode = Some(XdpModeChoice::Native);
+        assert!(format!("{:#}", a.resolve().unwrap_err()).contains("--xdp-mode applies"));
         for bad in [0, (1 << 30) + 1] {
             let mut a = args(&["eth0"]);
             a.max_flows = Some(bad);

@@ -915,8 +915,10 @@ pub fn run(args: DashboardArgs) -> Result<()> {
     for (k, v) in &args.kafka_property {
         cc.set(k, v);
     }
-    let consumer: BaseConsumer = cc
-        .create()
+    crate::kafka_group::default_assignment(&mut cc, &args.kafka_property);
+    let group = crate::kafka_group::GroupMetrics::new(&registry, "flowexport_dashboard");
+    let consumer: BaseConsumer<crate::kafka_group::GroupContext> = cc
+        .create_with_context(crate::kafka_group::GroupContext::new(group))
         .context("invalid Kafka consumer configuration (check -X properties)")?;
     if args.start_offset == DashStart::Committed {
         consumer

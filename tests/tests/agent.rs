@@ -25,7 +25,11 @@ fn agent_args<'a>(iface: &'a [&'a str], extra: &[&'a str]) -> Vec<&'a str> {
         a.push("--iface");
         a.push(*i);
     }
-    a.extend_from_slice(&["--xdp-mode", "native", "--sampler-address", "192.0.2.10"]);
+    // Native XDP, unless the test counts ingress with TC.
+    if !extra.contains(&"--capture") {
+        a.extend_from_slice(&["--xdp-mode", "native"]);
+    }
+    a.extend_from_slice(&["--sampler-address", "192.0.2.10"]);
     a.extend_from_slice(extra);
     a
 }
@@ -47,6 +51,16 @@ fn assert_flows(got: &BTreeMap<FlowId, Totals>, want: &[(FlowId, u64, u64, u64)]
 
 #[test]
 fn ipv4_ipv6_udp_tcp_icmp_both_directions_exact() {
+    both_directions_exact(&[]);
+}
+
+/// The same, with ingress counted by the TC program (`--capture tc`).
+#[test]
+fn ipv4_ipv6_udp_tcp_icmp_both_directions_exact_tc_capture() {
+    both_directions_exact(&["--capture", "tc"]);
+}
+
+fn both_directions_exact(capture: &[&str]) {
     // A --(a0/b0)--> B <--(b1/c0)-- C ; agent in B on b0 and b1.
     let ab = Link::new().unwrap();
     let c = Netns::new().unwrap();
@@ -55,7 +69,7 @@ fn ipv4_ipv6_udp_tcp_icmp_both_directions_exact() {
     let b0 = ab.b_dev.clone();
     let if_b0 = ab.b.ifindex(&b0).unwrap();
     let if_b1 = ab.b.ifindex(&b1).unwrap();
-    let agent = Agent::start(&ab.b, &agent_args(&[&b0, &b1], &[])).unwrap();
+    let agent = Agent::start(&ab.b, &agent_args(&[&b0, &b1], capture)).unwrap();
 
     let (a4, b4) = (v4("10.1.0.1"), v4("10.1.0.2"));
     let (a6, b6) = (v6("2001:db8:1::1"), v6("2001:db8:1::2"));
@@ -269,9 +283,19 @@ fn ipv4_ipv6_udp_tcp_icmp_both_directions_exact() {
 
 #[test]
 fn vlan_tags_and_non_ip_frames() {
+    vlan_tags_and_non_ip(&[]);
+}
+
+/// The same, with ingress counted by the TC program (`--capture tc`).
+#[test]
+fn vlan_tags_and_non_ip_frames_tc_capture() {
+    vlan_tags_and_non_ip(&["--capture", "tc"]);
+}
+
+fn vlan_tags_and_non_ip(capture: &[&str]) {
     let l = Link::new().unwrap();
     let ifb = l.b.ifindex(&l.b_dev).unwrap();
-    let agent = Agent::start(&l.b, &agent_args(&[&l.b_dev], &[])).unwrap();
+    let agent = Agent::start(&l.b, &agent_args(&[&l.b_dev], capture)).unwrap();
     let ip = ipv4(
         v4("10.3.0.1"),
         v4("10.3.0.2"),
@@ -346,9 +370,19 @@ fn vlan_tags_and_non_ip_frames() {
 
 #[test]
 fn ipv4_fragments_and_ipv6_extension_headers() {
+    fragments_and_extension_headers(&[]);
+}
+
+/// The same, with ingress counted by the TC program (`--capture tc`).
+#[test]
+fn ipv4_fragments_and_ipv6_extension_headers_tc_capture() {
+    fragments_and_extension_headers(&["--capture", "tc"]);
+}
+
+fn fragments_and_extension_headers(capture: &[&str]) {
     let l = Link::new().unwrap();
     let ifb = l.b.ifindex(&l.b_dev).unwrap();
-    let agent = Agent::start(&l.b, &agent_args(&[&l.b_dev], &[])).unwrap();
+    let agent = Agent::start(&l.b, &agent_args(&[&l.b_dev], capture)).unwrap();
     let (s4, d4) = (v4("10.4.0.1"), v4("10.4.0.2"));
     // One 3000-byte UDP datagram in three fragments: only the first carries
     // the UDP header, so the other two form a port-less flow.

@@ -165,7 +165,7 @@ fn exact_under_concurrent_load_with_active_timeout_at_100k_flows() {
     // The traffic really was split by drains and active timeouts: 4 s of
     // traffic, a 1 s active timeout (and up to two drains before a slice
     // leaves).
-    assert!(drains >= 20.0, "only {drains} drains during the load");
+    assert!(drains >= 10.0, "only {drains} drains during the load");
     assert!(
         slices >= 100_000 * 5 / 2,
         "only {slices} records ({drains} drains): active timeout not exercised"

@@ -1,23 +1,32 @@
 //! The clock word the kernel programs read instead of calling
-//! `bpf_ktime_get_ns()` on every packet, kept only while traffic flows.
+//! `bpf_ktime_get_ns()` on every packet, kept only while it pays.
 //!
 //! The helper call costs about as much as the rest of the hot path together
-//! (a call through a retpoline on this kind of machine), so the agent keeps
-//! CLOCK_MONOTONIC (in ns and in ms) in the one value of an array map
-//! created with BPF_F_MMAPABLE and advances it every `--clock-resolution`
-//! (default 1 ms) through a shared mapping, with aligned 8-byte stores: the
-//! programs read it with one inlined array look-up and never see a torn
-//! value. First- and last-seen times then have that resolution, which
-//! NetFlow and IPFIX millisecond timestamps do not go below.
+//! (a call through a retpoline on this kind of machine, ~30 ns), so at high
+//! packet rates the agent keeps CLOCK_MONOTONIC (in ns and in ms) in the one
+//! value of an array map created with BPF_F_MMAPABLE and advances it every
+//! `--clock-resolution` (default 1 ms) through a shared mapping, with
+//! aligned 8-byte stores: the programs read it with one inlined array
+//! look-up and never see a torn value. First- and last-seen times then have
+//! that resolution, which NetFlow and IPFIX millisecond timestamps do not go
+//! below. While the word is 0 the programs call the helper (exact times).
 //!
-//! Idle hosts pay nothing for it: the programs set the `active` word
-//! whenever it is not already set; every [`REST_WINDOW`] the ticker clears
-//! its bit and, if no packet set it again during the next window, rests: it
-//! sets the word to 0 and only looks at `active` every [`REST_POLL`]. While
-//! the word is 0 the programs call the helper (exact times, ~30 ns more per
-//! packet) and set `active`, which wakes the ticker within [`REST_POLL`].
-//! So a host without traffic sees about ten wake-ups a second instead of a
-//! thousand.
+//! Ticking is not free either: each tick is a timer wake-up of the clock
+//! thread (measured here, in a VM: ~45 us of CPU each). So the word is kept
+//! only while it saves more than it costs:
+//!
+//! * **Rate**: the drain reports the packet rate ([`ClockMap::set_rate`]);
+//!   the thread measures its own CPU time per tick and ticks only while
+//!   `rate x HELPER_NS` exceeds its ticks' cost (with hysteresis). At
+//!   50k packets/s the helper costs ~1.5 ms of CPU a second, a 1 kHz ticker
+//!   tens of ms.
+//! * **Activity**: the programs set the `active` word whenever it is not
+//!   already set; every [`REST_WINDOW`] the ticker clears its bit and, if no
+//!   packet set it again during the next window, rests at once (without
+//!   waiting for the next drain's rate).
+//!
+//! A resting thread looks every [`REST_POLL`]: an idle host sees about ten
+//! wake-ups a second instead of a thousand.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -33,10 +42,18 @@ use crate::timeconv::monotonic_ns;
 pub const REST_WINDOW: Duration = Duration::from_millis(100);
 /// How often a resting ticker looks for traffic.
 pub const REST_POLL: Duration = Duration::from_millis(100);
+/// What the programs pay per packet for `bpf_ktime_get_ns()` instead of the
+/// clock word (`cargo xtask bench xdp`'s parse+clock breakdown: ~27 ns).
+pub const HELPER_NS: f64 = 30.0;
+/// The cost of one tick assumed until the thread has measured its own.
+const DEFAULT_TICK_NS: f64 = 20_000.0;
 
-/// The `CLOCK` map's value, through its shared mapping.
+/// The `CLOCK` map's value, through its shared mapping, and the packet rate
+/// the drain last saw.
 pub struct ClockMap {
     word: *mut ClockWord,
+    /// Packets per second (ingress + egress) at the last drain.
+    rate: AtomicU64,
     _memory: Memory,
 }
 
@@ -59,6 +76,7 @@ impl ClockMap {
         assert!(map.len() >= std::mem::size_of::<ClockWord>());
         ClockMap {
             word: map.as_ptr() as *mut ClockWord,
+            rate: AtomicU64::new(0),
             _memory: Memory::Map(map),
         }
     }
@@ -69,6 +87,7 @@ impl ClockMap {
         let mut b = Box::new(ClockWord::default());
         ClockMap {
             word: &mut *b,
+            rate: AtomicU64::new(0),
             _memory: Memory::Heap(b),
         }
     }
@@ -114,6 +133,13 @@ impl ClockMap {
         self.ms().store(0, Ordering::Release);
     }
 
+    /// The packet rate (ingress + egress, per second) the drain measured:
+    /// the ticker keeps the word only while it is high enough to pay for
+    /// the ticks.
+    pub fn set_rate(&self, packets_per_sec: u64) {
+        self.rate.store(packets_per_sec, Ordering::Relaxed);
+    }
+
     /// Sets every activity flag, as a packet does: a resting ticker starts
     /// again within [`REST_POLL`] (benchmarks use it to measure the
     /// programs with the word kept, as under traffic).
@@ -157,26 +183,61 @@ impl ClockTicker {
     }
 }
 
+/// CPU time of the calling thread.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Whether ticks at `period` save more than they cost at `rate` packets/s,
+/// a tick costing `tick_ns` of CPU; `ticking` adds hysteresis (keep going
+/// down to 0.8 of the break-even, start only above 1.25 of it).
+fn worth_ticking(rate: u64, tick_ns: f64, period: Duration, ticking: bool) -> bool {
+    let ticks_per_sec = 1.0 / period.as_secs_f64();
+    let saved = rate as f64 * HELPER_NS;
+    let cost = ticks_per_sec * tick_ns;
+    saved > cost * if ticking { 0.8 } else { 1.25 }
+}
+
 fn run(clock: &ClockMap, stop: &AtomicBool, period: Duration) {
     let mut ticking = true;
     let mut window = Instant::now();
+    // The thread's CPU per tick, measured over every 1000 ticks.
+    let mut tick_ns = DEFAULT_TICK_NS;
+    let (mut ticks, mut cpu0) = (0u32, thread_cpu());
     clock.take_activity(CLOCK_ACTIVE_TICKER);
     while !stop.load(Ordering::Relaxed) {
+        let rate = clock.rate.load(Ordering::Relaxed);
         if ticking {
             std::thread::park_timeout(period);
             clock.tick();
+            ticks += 1;
+            if ticks == 1000 {
+                let cpu = thread_cpu();
+                tick_ns = (cpu - cpu0).as_nanos() as f64 / f64::from(ticks);
+                (ticks, cpu0) = (0, cpu);
+            }
             if window.elapsed() >= REST_WINDOW {
                 window = Instant::now();
-                if !clock.take_activity(CLOCK_ACTIVE_TICKER) {
+                let active = clock.take_activity(CLOCK_ACTIVE_TICKER);
+                if !active || !worth_ticking(rate, tick_ns, period, true) {
                     ticking = false;
                     clock.rest();
                 }
             }
         } else {
             std::thread::park_timeout(REST_POLL);
-            if clock.take_activity(CLOCK_ACTIVE_TICKER) {
+            if clock.take_activity(CLOCK_ACTIVE_TICKER)
+                && worth_ticking(rate, tick_ns, period, false)
+            {
                 ticking = true;
                 window = Instant::now();
+                (ticks, cpu0) = (0, thread_cpu());
                 clock.tick();
             }
         }
@@ -212,6 +273,8 @@ mod tests {
     #[test]
     fn ticks_while_packets_come_and_rests_without_them() {
         let clock = Arc::new(ClockMap::heap());
+        // A packet rate at which ticking pays.
+        clock.set_rate(100_000_000);
         let ticker = ClockTicker::start(clock.clone(), Duration::from_millis(1)).unwrap();
         // Ticking: the word moves, ms follows ns.
         let first = clock.ns().load(Ordering::Acquire);
@@ -242,6 +305,37 @@ mod tests {
         }
         // The drain's bit is its own: the ticker leaves it set.
         assert!(clock.take_activity(flowexport_common::CLOCK_ACTIVE_DRAIN));
+        // At a rate where the helper costs less than the ticks, it rests
+        // even while packets come, and does not start again.
+        clock.set_rate(1_000);
+        assert!(wait(|| {
+            clock.active().store(CLOCK_ACTIVE_ALL, Ordering::Release);
+            !clock.ticking()
+        }));
+        for _ in 0..30 {
+            clock.active().store(CLOCK_ACTIVE_ALL, Ordering::Release);
+            std::thread::sleep(Duration::from_millis(10));
+            assert!(!clock.ticking());
+        }
         drop(ticker);
+    }
+
+    #[test]
+    fn ticking_pays_above_the_break_even_rate() {
+        let ms = Duration::from_millis(1);
+        // 20 us a tick, 1000 ticks/s = 20 ms/s; the helper: 30 ns a packet.
+        // Break-even: 666,667 packets/s.
+        assert!(!worth_ticking(600_000, 20_000.0, ms, false));
+        assert!(!worth_ticking(800_000, 20_000.0, ms, false));
+        assert!(worth_ticking(900_000, 20_000.0, ms, false));
+        assert!(worth_ticking(600_000, 20_000.0, ms, true));
+        assert!(!worth_ticking(500_000, 20_000.0, ms, true));
+        // A coarser resolution ticks less often: pays earlier.
+        assert!(worth_ticking(
+            100_000,
+            20_000.0,
+            Duration::from_millis(10),
+            false
+        ));
     }
 }

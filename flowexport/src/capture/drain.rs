@@ -369,7 +369,15 @@ impl TableDrain {
                         .min(now_ns.saturating_add(t.active_ns));
                     self.due_at[region] = self.due_at[region].min(due);
                 }
-                _ => {}
+                state => {
+                    // Only this drain frees slots, and only RETIRING ones:
+                    // an export in progress always finds its slot.
+                    log::error!(
+                        "table slot {i} changed to state {state} during an export; \
+                         {} packets of it are lost",
+                        c.packets
+                    );
+                }
             }
         }
         // Regions to visit: all of them at the end, else the marked ones

@@ -1,5 +1,6 @@
-//! Loads flowexport's kernel programs and attaches them: XDP on ingress, TC
-//! (TCX on kernels >= 6.6, clsact before) on egress.
+//! Loads flowexport's kernel programs and attaches them: XDP (or, with
+//! `--capture tc`, TC) on ingress, TC (TCX on kernels >= 6.6, clsact before)
+//! on egress.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -10,7 +11,7 @@ use aya::programs::{
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use flowexport_common::{
     GLOBAL_CACHE_SLOTS, GLOBAL_TABLE_MASK, MAP_CACHE, MAP_DIRTY, MAP_FALLBACK, MAP_TABLE,
-    PROG_EGRESS, PROG_INGRESS,
+    PROG_EGRESS, PROG_INGRESS, PROG_INGRESS_TC,
 };
 
 use super::table::{dirty_words, slots_for};
@@ -39,6 +40,28 @@ impl std::str::FromStr for XdpModeChoice {
             other => Err(format!(
                 "unknown XDP mode {other:?}: use native, skb or auto"
             )),
+        }
+    }
+}
+
+/// Where ingress packets are counted (`--capture`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Capture {
+    /// An XDP program (`--xdp-mode` says how it attaches); the default.
+    Xdp,
+    /// A TC (TCX) program, like egress: cheaper than XDP where the driver
+    /// has to build an XDP buffer for it (veth) or has no native XDP, and
+    /// it leaves the XDP hook free.
+    Tc,
+}
+
+impl std::str::FromStr for Capture {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "xdp" => Ok(Capture::Xdp),
+            "tc" => Ok(Capture::Tc),
+            other => Err(format!("unknown capture {other:?}: use xdp or tc")),
         }
     }
 }
@@ -99,13 +122,17 @@ pub struct LoadOptions {
     pub cache_slots: u32,
     /// Load this object instead of the embedded one.
     pub object: Option<PathBuf>,
+    /// Which ingress program to load.
+    pub capture: Capture,
 }
 
 /// Loaded programs and their attachments. Dropping it detaches everything.
-pub struct Capture {
+pub struct Programs {
     pub ebpf: Ebpf,
+    capture: Capture,
     xdp_links: Vec<(String, XdpLinkId)>,
-    tc_links: Vec<(String, tc::SchedClassifierLinkId)>,
+    /// (interface, program, link)
+    tc_links: Vec<(String, &'static str, tc::SchedClassifierLinkId)>,
 }
 
 fn is_perm(e: &io::Error) -> bool {
@@ -144,10 +171,20 @@ pub fn ifindex(iface: &str) -> Result<u32, CaptureError> {
     }
 }
 
-impl Capture {
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, CaptureError> {
+    ebpf.program_mut(name)
+        .ok_or(CaptureError::MissingPart(name))?
+        .try_into()
+        .map_err(|_| CaptureError::MissingPart(name))
+}
+
+impl Programs {
     /// Loads the object (embedded or `opts.object`) and its programs into the
     /// kernel, without attaching them.
-    pub fn load(opts: &LoadOptions) -> Result<Capture, CaptureError> {
+    pub fn load(opts: &LoadOptions) -> Result<Programs, CaptureError> {
         let owned;
         let bytes: &[u8] = match &opts.object {
             Some(path) => {
@@ -180,55 +217,66 @@ impl Capture {
                 }
                 _ => map_load_error(e),
             })?;
-        let xdp: &mut Xdp = ebpf
-            .program_mut(PROG_INGRESS)
-            .ok_or(CaptureError::MissingPart(PROG_INGRESS))?
-            .try_into()
-            .map_err(|_| CaptureError::MissingPart(PROG_INGRESS))?;
-        xdp.load().map_err(|e| map_load_error(e.into()))?;
-        let tc: &mut SchedClassifier = ebpf
-            .program_mut(PROG_EGRESS)
-            .ok_or(CaptureError::MissingPart(PROG_EGRESS))?
-            .try_into()
-            .map_err(|_| CaptureError::MissingPart(PROG_EGRESS))?;
-        tc.load().map_err(|e| map_load_error(e.into()))?;
-        Ok(Capture {
+        match opts.capture {
+            Capture::Xdp => {
+                let xdp: &mut Xdp = ebpf
+                    .program_mut(PROG_INGRESS)
+                    .ok_or(CaptureError::MissingPart(PROG_INGRESS))?
+                    .try_into()
+                    .map_err(|_| CaptureError::MissingPart(PROG_INGRESS))?;
+                xdp.load().map_err(|e| map_load_error(e.into()))?;
+            }
+            Capture::Tc => classifier(&mut ebpf, PROG_INGRESS_TC)?
+                .load()
+                .map_err(|e| map_load_error(e.into()))?,
+        }
+        classifier(&mut ebpf, PROG_EGRESS)?
+            .load()
+            .map_err(|e| map_load_error(e.into()))?;
+        Ok(Programs {
             ebpf,
+            capture: opts.capture,
             xdp_links: Vec::new(),
             tc_links: Vec::new(),
         })
     }
 
-    /// Attaches XDP (ingress) and TC (egress) to `iface`. Returns the XDP
-    /// mode actually used.
-    pub fn attach(
+    /// Attaches the ingress program (XDP in `mode`, or TC) and the TC egress
+    /// program to `iface`. Returns how ingress is counted, for the log.
+    pub fn attach(&mut self, iface: &str, mode: XdpModeChoice) -> Result<String, CaptureError> {
+        ifindex(iface)?;
+        let ingress = match self.capture {
+            Capture::Xdp => format!("XDP ingress ({} mode)", self.attach_xdp(iface, mode)?),
+            Capture::Tc => {
+                self.attach_tc(iface, PROG_INGRESS_TC, TcAttachType::Ingress)?;
+                "TC ingress".to_string()
+            }
+        };
+        self.attach_tc(iface, PROG_EGRESS, TcAttachType::Egress)?;
+        Ok(format!("{ingress}, TC egress"))
+    }
+
+    fn attach_tc(
         &mut self,
         iface: &str,
-        mode: XdpModeChoice,
-    ) -> Result<&'static str, CaptureError> {
-        ifindex(iface)?;
-        let used = self.attach_xdp(iface, mode)?;
-        let tc: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(PROG_EGRESS)
-            .ok_or(CaptureError::MissingPart(PROG_EGRESS))?
-            .try_into()
-            .map_err(|_| CaptureError::MissingPart(PROG_EGRESS))?;
-        let link = match tc.attach(iface, TcAttachType::Egress) {
+        prog: &'static str,
+        at: TcAttachType,
+    ) -> Result<(), CaptureError> {
+        let tc = classifier(&mut self.ebpf, prog)?;
+        let link = match tc.attach(iface, at) {
             Ok(l) => l,
             Err(first) => {
                 // Kernels before 6.6 have no TCX: netlink needs a clsact qdisc.
                 // EEXIST means it is already there, which is fine.
                 let _ = tc::qdisc_add_clsact(iface);
-                tc.attach(iface, TcAttachType::Egress)
-                    .map_err(|_| CaptureError::TcAttach {
-                        iface: iface.to_string(),
-                        source: Box::new(first),
-                    })?
+                tc.attach(iface, at).map_err(|_| CaptureError::TcAttach {
+                    iface: iface.to_string(),
+                    source: Box::new(first),
+                })?
             }
         };
-        self.tc_links.push((iface.to_string(), link));
-        Ok(used)
+        self.tc_links.push((iface.to_string(), prog, link));
+        Ok(())
     }
 
     fn attach_xdp(
@@ -293,12 +341,10 @@ impl Capture {
                 }
             }
         }
-        if let Some(p) = self.ebpf.program_mut(PROG_EGRESS) {
-            if let Ok(tc) = <&mut SchedClassifier>::try_from(p) {
-                for (iface, link) in self.tc_links.drain(..) {
-                    if let Err(e) = tc.detach(link) {
-                        log::warn!("detaching TC from {iface}: {e}");
-                    }
+        for (iface, prog, link) in std::mem::take(&mut self.tc_links) {
+            if let Ok(tc) = classifier(&mut self.ebpf, prog) {
+                if let Err(e) = tc.detach(link) {
+                    log::warn!("detaching TC from {iface}: {e}");
                 }
             }
         }

@@ -1,6 +1,7 @@
 //! IPFIX and NetFlow v9 export over UDP to one collector per sink.
 
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
+use std::time::{Duration, Instant};
 
 use super::{Sink, SinkError};
 use crate::codec::export::{ExportProtocol, ExportStream};
@@ -14,6 +15,8 @@ pub struct ExportSettings {
     pub max_packet: usize,
     pub template_interval_ms: u64,
     pub template_packets: u32,
+    /// Most records per second to the collector (0: no limit).
+    pub max_rate: u64,
 }
 
 pub struct FlowExportSink {
@@ -21,6 +24,43 @@ pub struct FlowExportSink {
     stream: ExportStream,
     socket: UdpSocket,
     target: SocketAddr,
+    pacer: Option<Pacer>,
+}
+
+/// A token bucket over records: at most `rate` a second, in bursts of up to
+/// 10 ms worth (at least 1000 records), so that a large export reaches the
+/// collector at a pace its socket buffer absorbs.
+struct Pacer {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Pacer {
+    fn new(rate: u64, now: Instant) -> Pacer {
+        let burst = (rate as f64 / 100.0).max(1000.0);
+        Pacer {
+            rate: rate as f64,
+            burst,
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    /// How long to wait, at `now`, before sending `records` more.
+    fn delay(&mut self, records: f64, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.tokens -= records;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            // The debt is paid by the wait (tokens refill meanwhile).
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
 }
 
 /// Resolves `HOST:PORT` once, at start.
@@ -62,6 +102,7 @@ impl FlowExportSink {
             stream,
             socket,
             target,
+            pacer: (s.max_rate > 0).then(|| Pacer::new(s.max_rate, Instant::now())),
         })
     }
 }
@@ -74,7 +115,15 @@ impl Sink for FlowExportSink {
     fn send(&mut self, records: &[FlowRecord]) -> Result<(), SinkError> {
         let now_ms = wall_ns() / 1_000_000;
         let mut first_err = None;
-        for pkt in self.stream.encode(records, now_ms) {
+        let packets = self.stream.encode(records, now_ms);
+        let per_packet = records.len() as f64 / packets.len().max(1) as f64;
+        for pkt in packets {
+            if let Some(p) = self.pacer.as_mut() {
+                let wait = p.delay(per_packet, Instant::now());
+                if !wait.is_zero() {
+                    std::thread::sleep(wait);
+                }
+            }
             if let Err(e) = self.socket.send_to(&pkt, self.target) {
                 first_err.get_or_insert(e);
             }
@@ -86,5 +135,35 @@ impl Sink for FlowExportSink {
                 source,
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pacer_allows_a_burst_then_the_rate() {
+        let t0 = Instant::now();
+        // 100k records/s: bursts of 1000 (10 ms).
+        let mut p = Pacer::new(100_000, t0);
+        assert_eq!(p.delay(1000.0, t0), Duration::ZERO);
+        // The next 500 records owe 5 ms.
+        let d = p.delay(500.0, t0);
+        assert!((d.as_secs_f64() - 0.005).abs() < 1e-9, "{d:?}");
+        // After waiting it out, 10 ms later a full burst is back.
+        let t1 = t0 + Duration::from_millis(5);
+        assert_eq!(p.delay(0.0, t1), Duration::ZERO);
+        let t2 = t1 + Duration::from_millis(50);
+        assert_eq!(p.delay(1000.0, t2), Duration::ZERO);
+        assert!(p.delay(10.0, t2) > Duration::ZERO);
+        // A million records at 100k/s take 10 s in all.
+        let mut p = Pacer::new(100_000, t0);
+        let mut t = t0;
+        for _ in 0..(1_000_000 / 28) {
+            t += p.delay(28.0, t);
+        }
+        let took = (t - t0).as_secs_f64();
+        assert!((9.9..10.0).contains(&took), "{took}");
     }
 }
