@@ -20,11 +20,13 @@ pub struct PeersArgs {
     /// Rates in packets/s, comma-separated; 0 is the full rate.
     #[arg(long, value_delimiter = ',', default_value = "50000,0")]
     rates: Vec<u64>,
-    /// Exporters, comma-separated (receive-only is always measured).
+    /// Exporters, comma-separated (receive-only is always measured):
+    /// flowexport (XDP ingress), flowexport-tc (`--capture tc`), softflowd,
+    /// fprobe, pmacctd.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "flowexport,softflowd,fprobe,pmacctd"
+        default_value = "flowexport,flowexport-tc,softflowd,fprobe,pmacctd"
     )]
     exporters: Vec<String>,
     /// Runs of each point; exporters alternate within a repetition.

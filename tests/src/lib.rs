@@ -323,17 +323,23 @@ impl Agent {
     /// Starts `flowexport COMMAND ARGS` and waits for `ready` on stderr.
     pub fn start_command(ns: &Netns, command: &str, args: &[&str], ready: &str) -> Result<Agent> {
         let mut agent = Agent::spawn_command(ns, command, args)?;
+        agent.wait_ready(ready, command)?;
+        Ok(agent)
+    }
+
+    /// Waits up to 30 s for `ready` on stderr.
+    fn wait_ready(&mut self, ready: &str, command: &str) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if agent.stderr().contains(ready) {
-                return Ok(agent);
+            if self.stderr().contains(ready) {
+                return Ok(());
             }
-            if let Some(status) = agent.child.as_mut().unwrap().try_wait()? {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait()? {
                 std::thread::sleep(Duration::from_millis(100));
-                bail!("{command} exited early ({status}): {}", agent.stderr());
+                bail!("{command} exited early ({status}): {}", self.stderr());
             }
             if Instant::now() > deadline {
-                bail!("{command} not ready after 30s: {}", agent.stderr());
+                bail!("{command} not ready after 30s: {}", self.stderr());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -346,9 +352,28 @@ impl Agent {
 
     /// Starts `flowexport COMMAND ARGS` without waiting for it.
     pub fn spawn_command(ns: &Netns, command: &str, args: &[&str]) -> Result<Agent> {
+        Agent::spawn_wrapped(ns, &[], command, args)
+    }
+
+    /// Starts `WRAPPER... flowexport agent ARGS` in `ns` (e.g. `setpriv`
+    /// with a user and capabilities) and waits until it runs.
+    pub fn start_wrapped(ns: &Netns, wrapper: &[&str], args: &[&str]) -> Result<Agent> {
+        let mut agent = Agent::spawn_wrapped(ns, wrapper, "agent", args)?;
+        agent.wait_ready("flowexport agent running", "agent")?;
+        Ok(agent)
+    }
+
+    /// Starts `WRAPPER... flowexport COMMAND ARGS` in `ns`.
+    pub fn spawn_wrapped(
+        ns: &Netns,
+        wrapper: &[&str],
+        command: &str,
+        args: &[&str],
+    ) -> Result<Agent> {
         let bin = flowexport_bin();
         let mut child = Command::new("ip")
             .args(["netns", "exec", &ns.name])
+            .args(wrapper)
             .arg(&bin)
             .arg(command)
             .args(args)

@@ -789,6 +789,66 @@ fn unprivileged_user_gets_a_permission_error() {
     );
 }
 
+/// `setpriv` arguments: user nobody with exactly these capabilities
+/// (ambient, inheritable and bounding set), as the systemd unit runs it.
+fn as_nobody_with(caps: &str) -> Vec<String> {
+    vec![
+        "setpriv".into(),
+        "--reuid=65534".into(),
+        "--regid=65534".into(),
+        "--clear-groups".into(),
+        format!("--inh-caps=-all,{caps}"),
+        format!("--ambient-caps=-all,{caps}"),
+        format!("--bounding-set=-all,{caps}"),
+    ]
+}
+
+#[test]
+fn unprivileged_user_with_three_capabilities_counts_exactly() {
+    let l = Link::new().unwrap();
+    let ifb = l.b.ifindex(&l.b_dev).unwrap();
+    let wrapper = as_nobody_with("+bpf,+net_admin,+perfmon");
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let agent = Agent::start_wrapped(&l.b, &wrapper, &agent_args(&[&l.b_dev], &[])).unwrap();
+    let frame = eth_ipv4(ipv4(
+        v4("10.40.0.1"),
+        v4("10.40.0.2"),
+        &L4::Udp {
+            sport: 4000,
+            dport: 53,
+            payload: 72,
+        },
+    ));
+    assert_eq!(send(&l.a, &l.a_dev, vec![frame], 25), 25);
+    let out = agent.stop().unwrap();
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_flows(
+        &totals(&out.records),
+        &[(
+            FlowId::new(0, ifb, "10.40.0.1", "10.40.0.2", 17, 4000, 53, 0),
+            25,
+            25 * 100,
+            0,
+        )],
+    );
+
+    // Without CAP_BPF: a clear error naming it, before anything is loaded.
+    let wrapper = as_nobody_with("+net_admin,+perfmon");
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let out = Agent::spawn_wrapped(&l.b, &wrapper, "agent", &agent_args(&[&l.b_dev], &[]))
+        .unwrap()
+        .wait_exit(Duration::from_secs(30))
+        .unwrap();
+    assert!(!out.status.success());
+    // Exactly the one missing, then what to do.
+    assert!(
+        out.stderr
+            .contains("missing CAP_BPF (create BPF maps and load programs). Run as root"),
+        "{}",
+        out.stderr
+    );
+}
+
 #[test]
 fn config_file_sets_flags_and_flags_win() {
     let l = Link::new().unwrap();

@@ -212,7 +212,6 @@ fn run(clock: &ClockMap, stop: &AtomicBool, period: Duration) {
     let (mut ticks, mut cpu0) = (0u32, thread_cpu());
     clock.take_activity(CLOCK_ACTIVE_TICKER);
     while !stop.load(Ordering::Relaxed) {
-        let rate = clock.rate.load(Ordering::Relaxed);
         if ticking {
             std::thread::park_timeout(period);
             clock.tick();
@@ -224,6 +223,7 @@ fn run(clock: &ClockMap, stop: &AtomicBool, period: Duration) {
             }
             if window.elapsed() >= REST_WINDOW {
                 window = Instant::now();
+                let rate = clock.rate.load(Ordering::Relaxed);
                 let active = clock.take_activity(CLOCK_ACTIVE_TICKER);
                 if !active || !worth_ticking(rate, tick_ns, period, true) {
                     ticking = false;
@@ -232,6 +232,8 @@ fn run(clock: &ClockMap, stop: &AtomicBool, period: Duration) {
             }
         } else {
             std::thread::park_timeout(REST_POLL);
+            // The rate as it is now, after the wait.
+            let rate = clock.rate.load(Ordering::Relaxed);
             if clock.take_activity(CLOCK_ACTIVE_TICKER)
                 && worth_ticking(rate, tick_ns, period, false)
             {

@@ -102,6 +102,12 @@ pub enum CaptureError {
     #[error("the eBPF object lacks {0}; rebuild it with `cargo xtask build-ebpf`")]
     MissingPart(&'static str),
     #[error(
+        "not permitted to load BPF programs: missing {0}. Run as root, or grant exactly \
+         CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (e.g. `setpriv --ambient-caps \
+         +bpf,+net_admin,+perfmon ...`, or AmbientCapabilities= in a systemd unit)"
+    )]
+    MissingCapabilities(String),
+    #[error(
         "cannot allocate the kernel's flow table: {reason}. --max-flows {max_flows} needs \
          {mib} MiB of kernel memory for the table; lower --max-flows or free memory"
     )]
@@ -185,6 +191,18 @@ impl Programs {
     /// Loads the object (embedded or `opts.object`) and its programs into the
     /// kernel, without attaching them.
     pub fn load(opts: &LoadOptions) -> Result<Programs, CaptureError> {
+        // Name a missing capability now rather than fail on an EPERM later.
+        match super::privileges::effective() {
+            Ok(eff) => {
+                let missing = super::privileges::missing(eff);
+                if !missing.is_empty() {
+                    return Err(CaptureError::MissingCapabilities(
+                        super::privileges::describe(&missing),
+                    ));
+                }
+            }
+            Err(e) => log::debug!("cannot read this process's capabilities: {e}"),
+        }
         let owned;
         let bytes: &[u8] = match &opts.object {
             Some(path) => {

@@ -4,4 +4,5 @@ pub mod bpf_sys;
 pub mod clock;
 pub mod drain;
 pub mod loader;
+pub mod privileges;
 pub mod table;
