@@ -2,7 +2,7 @@
 # Sets up a fresh machine (scripts/setup.sh), builds flowexport in release mode
 # and runs the agent on the interface you name; records go to stdout as JSON
 # lines, logs to stderr. Extra arguments go to `flowexport agent`.
-#   sudo scripts/run-agent.sh eth0 [--idle-timeout 10s ...]
+#   scripts/run-agent.sh eth0 [--idle-timeout 10s ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what flowexport needs to build and run, idempotently: Debian
 # packages, the nightly toolchain's rust-src, bpf-linker, and a bpffs mount.
-# With --test, also what the tests need: the Tansu Kafka broker.
+# With --test, also what the tests need: the Tansu Kafka broker, cargo-fuzz
+# and cargo-deb.
 # Run as root on Debian 12. Safe to run again: every step checks first.
 set -euo pipefail
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -73,6 +74,13 @@ fi
 if $for_tests && ! cargo fuzz --version 2>/dev/null | grep -q "0.13.2"; then
     echo "==> cargo install cargo-fuzz 0.13.2"
     cargo install cargo-fuzz --version 0.13.2 --locked
+fi
+
+# --- cargo-deb (tests only): `cargo xtask deb` builds the .deb the package
+# test installs; also what an operator needs to build the package ----------
+if $for_tests && ! cargo deb --version 2>/dev/null | grep -q "3.8.0"; then
+    echo "==> cargo install cargo-deb 3.8.0"
+    cargo install cargo-deb --version 3.8.0 --locked
 fi
 
 # --- bpffs -----------------------------------------------------------------

@@ -33,5 +33,8 @@ for target in netflow sflow protobuf; do
     echo "$target: $(grep -E '^Done' "$log")"
     rm -f "$log"
 done
+# The package test (tests/tests/service.rs) installs this .deb.
+echo "==> cargo xtask deb"
+cargo xtask deb
 echo "==> cargo test"
 cargo test --workspace

@@ -97,7 +97,10 @@ impl Running {
                 cmd.arg("env")
                     .arg("RUST_LOG=info,flowexport::drain=debug")
                     .arg(agent_bin())
-                    .args(["agent", "--iface", dev]);
+                    .args(["agent", "--iface", dev])
+                    // `ip netns exec` hides /sys/fs/bpf; nothing needs to
+                    // outlive a benchmark run.
+                    .args(["--pin-dir", "none"]);
                 // Native XDP unless ingress is counted with TC.
                 if !extra.iter().any(|a| a == "--capture") {
                     cmd.args(["--xdp-mode", "native"]);

@@ -229,9 +229,44 @@ pub const CLOCK_ACTIVE_ALL: u32 = CLOCK_ACTIVE_TICKER | CLOCK_ACTIVE_DRAIN;
 
 /// Index of the drain epoch in the `CONTROL` array map. Userspace adds 1 at
 /// every drain; its lowest bit is the generation of the table's counters
-/// and the half of `CACHE` in use.
+/// and the half of `CACHE` in use. The programs read only this entry.
 pub const CONTROL_EPOCH: u32 = 0;
-pub const CONTROL_LEN: u32 = 1;
+/// The rest of `CONTROL` describes the pinned state for the next agent
+/// (`--pin-dir`): the layout version of the maps, their sizes, and the PID
+/// of the agent that holds them.
+pub const CONTROL_LAYOUT: u32 = 1;
+pub const CONTROL_SLOTS: u32 = 2;
+pub const CONTROL_CACHE_SLOTS: u32 = 3;
+pub const CONTROL_RING_BYTES: u32 = 4;
+pub const CONTROL_OWNER_PID: u32 = 5;
+/// The last epoch whose half of `CACHE` the drain folded into the table: an
+/// agent killed between a flip and its fold leaves the previous epoch's
+/// cache counts to the next agent (programs of a later epoch would take
+/// those slots over).
+pub const CONTROL_FOLDED: u32 = 6;
+pub const CONTROL_LEN: u32 = 8;
+
+/// The version of the maps' layout (every `#[repr(C)]` type and map here):
+/// an agent adopts pinned maps only of its own version. Bump it with any
+/// change a previous agent's maps could not be read with.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// An export in progress, kept in the `PENDING` map (userspace only) so that
+/// it survives the agent: the counts its first step took out of the table,
+/// which generation and at which drain epoch (see
+/// `flowexport/src/capture/drain.rs`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PendingExport {
+    pub packets: u64,
+    pub bytes: u64,
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+    pub epoch: u32,
+    pub tcp_flags: u8,
+    pub gen: u8,
+    pub _pad: [u8; 2],
+}
 /// The kernel object's globals, set by the loader before verification:
 /// cache slots per half of `CACHE` (a power of two; 0 = no cache), table
 /// slots minus one (a power of two minus one), and the probe limit
@@ -277,6 +312,19 @@ pub const MAP_STATS: &str = "STATS";
 pub const MAP_FALLBACK: &str = "FALLBACK";
 pub const MAP_CACHE: &str = "CACHE";
 pub const MAP_CLOCK: &str = "CLOCK";
+pub const MAP_PENDING: &str = "PENDING";
+/// Every map of the object, as pinned under `--pin-dir`.
+pub const MAPS: [&str; 9] = [
+    MAP_TABLE,
+    MAP_LOCKS,
+    MAP_DIRTY,
+    MAP_CONTROL,
+    MAP_STATS,
+    MAP_FALLBACK,
+    MAP_CACHE,
+    MAP_CLOCK,
+    MAP_PENDING,
+];
 pub const PROG_INGRESS: &str = "flowexport_ingress";
 pub const PROG_EGRESS: &str = "flowexport_egress";
 /// The TC program that counts ingress with `--capture tc`.
@@ -298,6 +346,7 @@ mod pod {
     unsafe impl aya::Pod for super::CacheSlot {}
     unsafe impl aya::Pod for super::TableSlot {}
     unsafe impl aya::Pod for super::ClockWord {}
+    unsafe impl aya::Pod for super::PendingExport {}
 }
 
 #[cfg(test)]
@@ -313,6 +362,7 @@ mod tests {
         assert_eq!(size_of::<CacheSlot>(), 96);
         assert_eq!(size_of::<TableSlot>(), 96);
         assert_eq!(size_of::<ClockWord>(), 24);
+        assert_eq!(size_of::<PendingExport>(), 40);
         assert_eq!(offset_of!(FlowKey, proto), SLOT_WORD_OFFSET);
         assert_eq!(SLOT_WORD_OFFSET, SLOT_WORD_INDEX * 4);
         assert_eq!(offset_of!(TableSlot, packets), 64);

@@ -33,20 +33,20 @@
 #![allow(internal_features)]
 
 use aya_ebpf::{
-    bindings::{xdp_action, BPF_F_MMAPABLE, TC_ACT_UNSPEC},
+    bindings::{xdp_action, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map, xdp},
-    maps::{Array, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
 };
 use core::intrinsics::{atomic_cxchg, atomic_or, atomic_xadd, atomic_xchg, AtomicOrdering};
 use core::mem::size_of;
 use flowexport_common::{
     slot_state, slot_word, table_hash, CacheSlot, ClockWord, FallbackEvent, FlowKey, FlowValue,
-    TableSlot, CLOCK_ACTIVE_ALL, CONTROL_EPOCH, CONTROL_LEN, DIR_EGRESS, DIR_INGRESS, SLOT_BUSY,
-    SLOT_EMPTY, SLOT_TOMB, SLOT_VALID, SLOT_WORD_INDEX, STAT_FALLBACK_CONTENDED,
-    STAT_FALLBACK_PACKETS, STAT_LEN, STAT_MALFORMED_EGRESS, STAT_MALFORMED_INGRESS,
-    STAT_NON_IP_EGRESS, STAT_NON_IP_INGRESS, STAT_OVERFLOW_BYTES_EGRESS,
+    PendingExport, TableSlot, CLOCK_ACTIVE_ALL, CONTROL_EPOCH, CONTROL_LEN, DIR_EGRESS,
+    DIR_INGRESS, SLOT_BUSY, SLOT_EMPTY, SLOT_TOMB, SLOT_VALID, SLOT_WORD_INDEX,
+    STAT_FALLBACK_CONTENDED, STAT_FALLBACK_PACKETS, STAT_LEN, STAT_MALFORMED_EGRESS,
+    STAT_MALFORMED_INGRESS, STAT_NON_IP_EGRESS, STAT_NON_IP_INGRESS, STAT_OVERFLOW_BYTES_EGRESS,
     STAT_OVERFLOW_BYTES_INGRESS, STAT_OVERFLOW_PACKETS_EGRESS, STAT_OVERFLOW_PACKETS_INGRESS,
     STAT_TABLE_BYTES_EGRESS, STAT_TABLE_BYTES_INGRESS, STAT_TABLE_PACKETS_EGRESS,
     STAT_TABLE_PACKETS_INGRESS, TABLE_LOCKS, TABLE_LOCK_SPINS, TABLE_MAX_PROBES,
@@ -119,6 +119,14 @@ static CACHE_SLOTS: u32 = 0;
 
 #[map]
 static CACHE: PerCpuArray<CacheSlot> = PerCpuArray::with_max_entries(2 * 2048, 0);
+
+/// Exports in progress (slot index -> `PendingExport`): written and read
+/// only by userspace, which keeps them here, pinned with the rest, so that
+/// an agent killed between the two steps of an export leaves them to the
+/// next one. Not preallocated: an entry exists only while its export does
+/// (none at rest); the loader sets max_entries to the table's slots.
+#[map]
+static PENDING: HashMap<u32, PendingExport> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 
 /// Counters that are not flows (non-IP frames, fallback use, table-path
 /// traffic); see the STAT_* indices in flowexport-common. Per-CPU,

@@ -9,8 +9,11 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use flowexport_common::{DIR_EGRESS, DIR_INGRESS};
 
-use crate::capture::drain::{DrainReport, FlowAggregator, KernelStats, KernelTables, Timeouts};
+use crate::capture::drain::{
+    DrainReport, FlowAggregator, KernelStats, KernelTables, Start, Timeouts,
+};
 use crate::capture::loader::{LoadOptions, Programs};
+use crate::capture::pins::{Layout, PinDir};
 use crate::codec::export::ExportProtocol;
 use crate::config::AgentConfig;
 use crate::metrics::AgentMetrics;
@@ -172,6 +175,14 @@ impl Drainer {
             in_sinks += t.elapsed();
             batch.clear();
         }
+        // The records are out: now the kernel's copies of their counts may
+        // go (an agent killed before this re-exports them, never loses
+        // them; see capture::drain).
+        let committing = Instant::now();
+        if !report.skipped {
+            tables.commit()?;
+        }
+        let in_commit = committing.elapsed();
         // The packet rate since the last cycle: the clock thread keeps the
         // programs' clock word only while that pays (capture::clock).
         let since = std::mem::replace(&mut self.last_cycle, Instant::now());
@@ -188,14 +199,15 @@ impl Drainer {
             log::debug!(
                 target: "flowexport::drain",
                 "drain {:.3} ms: {} records, {} flows examined in {} regions, {} cache slots, \
-                 {} flows in the table; {:.3} ms of it in the sinks",
+                 {} flows in the table; {:.3} ms of it in the sinks, {:.3} ms in the commit",
                 took * 1e3,
                 report.exported,
                 report.examined,
                 report.regions_visited,
                 report.cache_entries,
                 report.table_entries,
-                in_sinks.as_secs_f64() * 1e3
+                in_sinks.as_secs_f64() * 1e3,
+                in_commit.as_secs_f64() * 1e3
             );
         }
         self.update_metrics(&report)?;
@@ -226,30 +238,82 @@ fn build_sinks(cfg: &AgentConfig, metrics: &AgentMetrics) -> Result<Vec<Box<dyn 
     Ok(sinks)
 }
 
-/// Runs the agent until SIGINT/SIGTERM.
-pub fn run(cfg: AgentConfig) -> Result<()> {
+/// Runs the agent until SIGINT/SIGTERM (with `--detach`: drains and
+/// detaches the pinned state, then returns).
+pub fn run(mut cfg: AgentConfig) -> Result<()> {
     let metrics = AgentMetrics::new();
     let sinks = build_sinks(&cfg, &metrics)?;
     raise_memlock();
+    // Name a missing capability before touching the pin directory.
+    crate::capture::privileges::require()?;
+    let pins = match &cfg.pin_dir {
+        Some(dir) => Some(PinDir::open(dir)?),
+        None => None,
+    };
+    let start = match &pins {
+        Some(p) if cfg.detach => {
+            let Some(found) = p.layout()? else {
+                log::info!(
+                    "nothing pinned in {}: nothing to detach",
+                    p.path().display()
+                );
+                p.clear();
+                return Ok(());
+            };
+            // Adopt it whatever its sizes (the version must be ours).
+            p.check(&Layout {
+                version: flowexport_common::LAYOUT_VERSION,
+                ..found
+            })?;
+            cfg.max_flows = found.slots / 2;
+            cfg.cache_slots = found.cache_slots;
+            cfg.fallback_ring_bytes = found.ring_bytes;
+            cfg.ifaces.clear();
+            log::info!("detaching the pinned state in {}", p.path().display());
+            Start::Adopted
+        }
+        Some(p) => {
+            let asked = Layout {
+                version: flowexport_common::LAYOUT_VERSION,
+                slots: crate::capture::table::slots_for(cfg.max_flows),
+                cache_slots: cfg.cache_slots,
+                ring_bytes: cfg.fallback_ring_bytes,
+            };
+            if p.check(&asked)? {
+                log::info!("adopting the pinned state in {}", p.path().display());
+                Start::Adopted
+            } else {
+                Start::Fresh
+            }
+        }
+        None => Start::Fresh,
+    };
+    let slots = crate::capture::table::slots_for(cfg.max_flows);
     let mut capture = Programs::load(&LoadOptions {
+        pins: pins.as_ref(),
         max_flows: cfg.max_flows,
         fallback_ring_bytes: cfg.fallback_ring_bytes,
         cache_slots: cfg.cache_slots,
         object: cfg.bpf_object.clone(),
         capture: cfg.capture,
     })?;
-    let slots = crate::capture::table::slots_for(cfg.max_flows);
     let tables = KernelTables::new(
         &mut capture.ebpf,
         cfg.max_flows,
         slots,
         cfg.cache_slots,
+        cfg.fallback_ring_bytes,
         cfg.clock_resolution,
+        start,
     )?;
     for iface in &cfg.ifaces {
-        // On error `capture` is dropped, which detaches what was attached.
+        // On error `capture` is dropped, which detaches what was attached
+        // (pinned links stay for the next agent).
         let how = capture.attach(iface, cfg.xdp_mode)?;
         log::info!("attached to {iface}: {how}");
+    }
+    for gone in capture.detach_unused_pins() {
+        log::info!("detached {gone}: that interface or hook is no longer asked for");
     }
 
     metrics.table_capacity.set(tables.capacity() as i64);
@@ -282,17 +346,19 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     let m2 = metrics.clone();
-    runtime
-        .block_on(crate::metrics::serve(
-            cfg.metrics_addr,
-            Arc::new(move || m2.render()),
-        ))
-        .with_context(|| {
-            format!(
-                "cannot serve metrics on {} (in use? choose another with --metrics-addr)",
-                cfg.metrics_addr
-            )
-        })?;
+    if !cfg.detach {
+        runtime
+            .block_on(crate::metrics::serve(
+                cfg.metrics_addr,
+                Arc::new(move || m2.render()),
+            ))
+            .with_context(|| {
+                format!(
+                    "cannot serve metrics on {} (in use? choose another with --metrics-addr)",
+                    cfg.metrics_addr
+                )
+            })?;
+    }
 
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
     let mut drainer = Drainer {
@@ -312,11 +378,33 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         last_cycle: Instant::now(),
     };
     let interval = cfg.drain_interval;
+    let keep_attached = cfg.keep_attached;
+    let pin_dir = cfg.pin_dir.clone();
     let drain_thread = std::thread::Builder::new()
         .name("drain".into())
         .spawn(move || -> Result<()> {
             while let Err(mpsc::RecvTimeoutError::Timeout) = stop_rx.recv_timeout(interval) {
                 drainer.cycle(false)?;
+            }
+            if keep_attached {
+                // Restart or upgrade: the programs go on counting into the
+                // pinned maps, exports in progress are in PENDING; the next
+                // agent takes it all over.
+                let kept = capture.leave_attached();
+                drainer.tables.rest_clock();
+                for sink in &mut drainer.sinks {
+                    if let Err(e) = sink.flush() {
+                        log::error!("flushing {}: {e}", sink.name());
+                    }
+                }
+                log::info!(
+                    "left {kept} links attached and the counts pinned in {} for the next agent",
+                    pin_dir
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                );
+                return Ok(());
             }
             // Shutdown: stop counting, wait out programs still running, then
             // take everything that is left and flush.
@@ -327,11 +415,23 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
                     log::error!("flushing {}: {e}", sink.name());
                 }
             }
+            if let Some(p) = &pins {
+                p.clear();
+            }
             log::info!("detached; final drain exported {n} flows");
             Ok(())
         })
         .context("spawning the drain thread")?;
 
+    if cfg.detach {
+        let _ = stop_tx.send(());
+        let r = drain_thread.join();
+        runtime.shutdown_background();
+        return match r {
+            Ok(r) => r,
+            Err(_) => Err(anyhow::anyhow!("drain thread panicked")),
+        };
+    }
     log::info!(
         "flowexport agent running on {} (metrics on http://{}/metrics)",
         cfg.ifaces.join(","),

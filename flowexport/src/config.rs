@@ -28,6 +28,7 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_MAX_FLOWS: u32 = 1 << 30;
 pub const DEFAULT_FALLBACK_RING_BYTES: u32 = 1 << 20;
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9590";
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/flowexport";
 pub const DEFAULT_EXPORT_PACKET_SIZE: usize = 1400;
 pub const DEFAULT_TEMPLATE_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_TEMPLATE_PACKETS: u32 = 20;
@@ -120,6 +121,24 @@ pub struct AgentArgs {
     /// Load the kernel object from this file instead of the embedded one.
     #[arg(long, value_name = "PATH")]
     pub bpf_object: Option<PathBuf>,
+    /// Directory on a BPF filesystem where the maps and the programs'
+    /// links are pinned: the counts and the programs outlive the agent (a
+    /// crash, a restart, an upgrade) and the next agent adopts them; "none"
+    /// pins nothing. [default: /sys/fs/bpf/flowexport]
+    #[arg(long, value_name = "DIR|none")]
+    pub pin_dir: Option<String>,
+    /// At exit, leave the programs counting and the pins in place for the
+    /// next agent (restarts and upgrades with no gap) instead of detaching,
+    /// exporting everything and removing the pins.
+    #[arg(long)]
+    pub keep_attached: bool,
+    /// Instead of running: adopt what is pinned in --pin-dir (whatever its
+    /// sizes), export every flow it holds to the configured sinks, detach
+    /// the programs, remove the pins and exit. Ends what --keep-attached
+    /// left behind (package removal runs it); with nothing pinned, does
+    /// nothing. --iface is not needed.
+    #[arg(long, conflicts_with = "keep_attached")]
+    pub detach: bool,
     /// Also print JSON lines on stdout when another sink is configured
     /// (stdout is the sink when no other is).
     #[arg(long)]
@@ -278,6 +297,8 @@ struct FileConfig {
     metrics_addr: Option<String>,
     sampler_address: Option<String>,
     bpf_object: Option<PathBuf>,
+    pin_dir: Option<String>,
+    keep_attached: Option<bool>,
     stdout: Option<bool>,
     ipfix: Option<Vec<String>>,
     netflow9: Option<Vec<String>>,
@@ -312,6 +333,11 @@ pub struct AgentConfig {
     pub metrics_addr: SocketAddr,
     pub sampler_address: Option<IpAddr>,
     pub bpf_object: Option<PathBuf>,
+    /// Where maps and links are pinned (None: nowhere).
+    pub pin_dir: Option<PathBuf>,
+    pub keep_attached: bool,
+    /// `--detach`: drain and detach the pinned state, then exit.
+    pub detach: bool,
     /// Print JSON lines on stdout (always true when no other sink is set).
     pub stdout: bool,
     pub kafka: Option<KafkaConfig>,
@@ -357,7 +383,7 @@ impl AgentArgs {
         } else {
             self.iface
         };
-        if ifaces.is_empty() {
+        if ifaces.is_empty() && !self.detach {
             bail!("no interface given: use --iface IF (repeatable) or `iface = [...]` in --config");
         }
         let capture = match (self.capture, &f.capture) {
@@ -507,7 +533,25 @@ impl AgentArgs {
         }
         let other_sinks = kafka.is_some() || !ipfix.is_empty() || !netflow9.is_empty();
         let stdout = self.stdout || f.stdout.unwrap_or(false) || !other_sinks;
+        let pin_dir = match self.pin_dir.or(f.pin_dir).as_deref() {
+            Some("none") => None,
+            Some("") => bail!("--pin-dir needs a directory (or none)"),
+            Some(d) => Some(PathBuf::from(d)),
+            None => Some(PathBuf::from(DEFAULT_PIN_DIR)),
+        };
+        // --detach ends what keep-attached (say, in the file) keeps.
+        let keep_attached =
+            !self.detach && (self.keep_attached || f.keep_attached.unwrap_or(false));
+        if keep_attached && pin_dir.is_none() {
+            bail!("--keep-attached needs a --pin-dir: the programs stay attached through their pinned links");
+        }
+        if self.detach && pin_dir.is_none() {
+            bail!("--detach needs the --pin-dir whose pinned programs and counts it should end");
+        }
         Ok(AgentConfig {
+            pin_dir,
+            keep_attached,
+            detach: self.detach,
             stdout,
             kafka,
             ipfix,
@@ -753,5 +797,57 @@ mod tests {
         a.active_timeout = Some(Duration::from_millis(300));
         let c = a.resolve().unwrap();
         assert_eq!(c.drain_interval, Duration::from_millis(300));
+    }
+
+    /// The packaged /etc/flowexport/agent.toml: every commented key is a
+    /// valid key, and the values shown are the defaults.
+    #[test]
+    fn packaged_config_shows_valid_keys_and_the_defaults() {
+        let shipped = include_str!("../../deploy/etc/agent.toml");
+        let uncommented: String = shipped
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest) if !rest.starts_with([' ', '#']) && !rest.is_empty() => rest,
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let dir = std::env::temp_dir().join(format!("flowexport-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (as_shipped, all_set) = (dir.join("shipped.toml"), dir.join("all.toml"));
+        std::fs::write(&as_shipped, shipped).unwrap();
+        std::fs::write(&all_set, &uncommented).unwrap();
+        let resolve = |path: &Path| {
+            AgentArgs {
+                config: Some(path.to_path_buf()),
+                iface: vec!["eth9".into()],
+                ..Default::default()
+            }
+            .resolve()
+        };
+        // As shipped: no interface, so the service refuses to start.
+        let err = AgentArgs {
+            config: Some(as_shipped.clone()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.to_string().contains("no interface given"), "{err}");
+        let d = resolve(&as_shipped).unwrap();
+        let c = resolve(&all_set).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(c.capture, d.capture);
+        assert_eq!(c.idle_timeout, d.idle_timeout);
+        assert_eq!(c.active_timeout, d.active_timeout);
+        assert_eq!(c.drain_interval, d.drain_interval);
+        assert_eq!(c.max_flows, d.max_flows);
+        assert_eq!(c.cache_slots, d.cache_slots);
+        assert_eq!(c.fallback_ring_bytes, d.fallback_ring_bytes);
+        assert_eq!(c.metrics_addr, d.metrics_addr);
+        assert_eq!(c.pin_dir, d.pin_dir);
+        // The sink examples are examples.
+        assert_eq!(c.ipfix.len(), 1);
+        assert_eq!(c.netflow9.len(), 1);
+        assert!(c.kafka.is_some() && d.kafka.is_none());
     }
 }

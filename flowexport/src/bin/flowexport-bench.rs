@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use clap::Parser;
-use flowexport::capture::drain::{FlowAggregator, KernelTables, Timeouts};
+use flowexport::capture::drain::{FlowAggregator, KernelTables, Start, Timeouts};
 use flowexport::capture::loader::{Capture, LoadOptions, Programs};
 use flowexport::capture::table::slots_for;
 use flowexport_common::{
@@ -182,6 +182,7 @@ fn measure(args: &Args, family: Family, n: u32) -> Result<Row> {
     // The agent's sizing rule: a table of at least twice the flows.
     let max_flows = n.max(1024);
     let mut cap = Programs::load(&LoadOptions {
+        pins: None,
         max_flows,
         fallback_ring_bytes: 1 << 16,
         cache_slots: args.cache_slots,
@@ -202,7 +203,9 @@ fn measure(args: &Args, family: Family, n: u32) -> Result<Row> {
         max_flows,
         slots_for(max_flows),
         args.cache_slots,
+        1 << 16,
         Duration::from_millis(1),
+        Start::Fresh,
     )?;
     let ingress: &Xdp = cap.ebpf.program(PROG_INGRESS).unwrap().try_into()?;
     let pass: &Xdp = cap.ebpf.program(PROG_BENCH_PASS).unwrap().try_into()?;

@@ -23,6 +23,8 @@ use aya::maps::MapData;
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
 
@@ -162,6 +164,63 @@ pub fn lookup_batch(
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(attr.count),
         Err(e) => Err(e),
     }
+}
+
+/// Writes `keys[i] -> values[i]` into a map with BPF_MAP_UPDATE_BATCH
+/// (Linux 5.6+), in chunks of at most 65536.
+pub fn update_batch<K: Copy, V: Copy>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> io::Result<()> {
+    assert_eq!(keys.len(), values.len());
+    for (k, v) in keys.chunks(65536).zip(values.chunks(65536)) {
+        let mut attr = BatchAttr {
+            keys: k.as_ptr() as u64,
+            values: v.as_ptr() as u64,
+            count: k.len() as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
+    }
+    Ok(())
+}
+
+/// Deletes `keys` from a map with BPF_MAP_DELETE_BATCH (Linux 5.6+); keys
+/// that are not there are not an error.
+pub fn delete_batch<K: Copy>(map: BorrowedFd<'_>, keys: &[K]) -> io::Result<()> {
+    for k in keys.chunks(65536) {
+        let mut attr = BatchAttr {
+            keys: k.as_ptr() as u64,
+            count: k.len() as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        match bpf(BPF_MAP_DELETE_BATCH, &mut attr) {
+            Ok(_) => {}
+            // A missing key stops the batch: delete the rest one by one
+            // (after the keys it got through).
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                let done = attr.count as usize;
+                for key in &k[(done + 1).min(k.len())..] {
+                    let mut a = BatchAttr {
+                        keys: key as *const K as u64,
+                        count: 1,
+                        map_fd: map.as_raw_fd() as u32,
+                        ..Default::default()
+                    };
+                    match bpf(BPF_MAP_DELETE_BATCH, &mut a) {
+                        Ok(_) => {}
+                        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// A BPF_F_MMAPABLE array map mapped into this process, shared with the

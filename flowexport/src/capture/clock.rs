@@ -246,13 +246,22 @@ fn run(clock: &ClockMap, stop: &AtomicBool, period: Duration) {
     }
 }
 
-impl Drop for ClockTicker {
-    fn drop(&mut self) {
+impl ClockTicker {
+    /// Stops the thread and sets the word to 0: the programs read the
+    /// kernel clock from now on (they may outlive the agent).
+    pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             t.thread().unpark();
             let _ = t.join();
         }
+        self.clock.rest();
+    }
+}
+
+impl Drop for ClockTicker {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

@@ -52,13 +52,15 @@ use std::sync::Arc;
 use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
 use aya::Ebpf;
 use flowexport_common::{
-    CacheSlot, FallbackEvent, FlowKey, CLOCK_ACTIVE_DRAIN, CONTROL_EPOCH, DIR_EGRESS, DIR_INGRESS,
-    MAP_CACHE, MAP_CLOCK, MAP_CONTROL, MAP_DIRTY, MAP_FALLBACK, MAP_STATS, MAP_TABLE, SLOT_BUSY,
-    SLOT_RETIRING, SLOT_VALID, STAT_FALLBACK_CONTENDED, STAT_FALLBACK_PACKETS, STAT_LEN,
-    STAT_MALFORMED_EGRESS, STAT_MALFORMED_INGRESS, STAT_NON_IP_EGRESS, STAT_NON_IP_INGRESS,
-    STAT_OVERFLOW_BYTES_EGRESS, STAT_OVERFLOW_BYTES_INGRESS, STAT_OVERFLOW_PACKETS_EGRESS,
-    STAT_OVERFLOW_PACKETS_INGRESS, STAT_TABLE_BYTES_EGRESS, STAT_TABLE_BYTES_INGRESS,
-    STAT_TABLE_PACKETS_EGRESS, STAT_TABLE_PACKETS_INGRESS, TABLE_REGION_SHIFT,
+    CacheSlot, FallbackEvent, FlowKey, PendingExport, CLOCK_ACTIVE_DRAIN, CONTROL_CACHE_SLOTS,
+    CONTROL_EPOCH, CONTROL_FOLDED, CONTROL_LAYOUT, CONTROL_OWNER_PID, CONTROL_RING_BYTES,
+    CONTROL_SLOTS, DIR_EGRESS, DIR_INGRESS, LAYOUT_VERSION, MAP_CACHE, MAP_CLOCK, MAP_CONTROL,
+    MAP_DIRTY, MAP_FALLBACK, MAP_PENDING, MAP_STATS, MAP_TABLE, SLOT_BUSY, SLOT_RETIRING,
+    SLOT_VALID, STAT_FALLBACK_CONTENDED, STAT_FALLBACK_PACKETS, STAT_LEN, STAT_MALFORMED_EGRESS,
+    STAT_MALFORMED_INGRESS, STAT_NON_IP_EGRESS, STAT_NON_IP_INGRESS, STAT_OVERFLOW_BYTES_EGRESS,
+    STAT_OVERFLOW_BYTES_INGRESS, STAT_OVERFLOW_PACKETS_EGRESS, STAT_OVERFLOW_PACKETS_INGRESS,
+    STAT_TABLE_BYTES_EGRESS, STAT_TABLE_BYTES_INGRESS, STAT_TABLE_PACKETS_EGRESS,
+    STAT_TABLE_PACKETS_INGRESS, TABLE_REGION_SHIFT,
 };
 
 use super::bpf_sys::{lookup_batch, GracePeriod, SharedMap};
@@ -91,6 +93,8 @@ pub enum DrainError {
     CacheRead(std::io::Error),
     #[error("starting the clock thread: {0}")]
     Clock(std::io::Error),
+    #[error("keeping exports in progress in the PENDING map: {0}")]
+    Pending(String),
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DrainError {
@@ -248,6 +252,38 @@ pub struct TableDrain {
     pending: HashMap<u32, FlowCounters>,
     /// The earliest time a flow not yet due can become due.
     next_deadline_ns: u64,
+    /// The drain epoch now (after the flip), recorded with new exports.
+    epoch: u32,
+    /// What [`TableDrain::commit`] does once the records of this drain are
+    /// out: exports started (to persist, then their generation cleared),
+    /// generations read into records (to clear), slots to free, exports
+    /// finished (to forget).
+    started: Vec<(u32, PendingExport)>,
+    to_clear: Vec<(u32, u32)>,
+    to_free: Vec<u32>,
+    finished: Vec<u32>,
+    /// The slots of `finished`: not checked again before the commit (a new
+    /// export of one would be deleted with the old one's entry).
+    finished_set: std::collections::HashSet<u32>,
+}
+
+/// Where exports in progress are kept so that they outlive the agent: the
+/// pinned `PENDING` map (or nothing, in tests and without `--pin-dir`).
+pub trait PendingStore {
+    fn put(&mut self, entries: &[(u32, PendingExport)]) -> std::io::Result<()>;
+    fn delete(&mut self, slots: &[u32]) -> std::io::Result<()>;
+}
+
+/// A store that keeps nothing.
+pub struct NoStore;
+
+impl PendingStore for NoStore {
+    fn put(&mut self, _: &[(u32, PendingExport)]) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn delete(&mut self, _: &[u32]) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// What one scan of the table did.
@@ -275,7 +311,124 @@ impl TableDrain {
             live: 0,
             pending: HashMap::new(),
             next_deadline_ns: u64::MAX,
+            epoch: 0,
+            started: Vec::new(),
+            to_clear: Vec::new(),
+            to_free: Vec::new(),
+            finished: Vec::new(),
+            finished_set: std::collections::HashSet::new(),
         }
+    }
+
+    /// Marks every region for a visit at the next drain (adopting a table
+    /// whose flows this drain has not seen).
+    pub fn visit_all(&mut self) {
+        for r in 0..self.due_at.len() as u32 {
+            self.regions.insert(r);
+            self.due_at[r as usize] = 0;
+        }
+        self.next_deadline_ns = 0;
+    }
+
+    /// Sets the drain epoch in effect (after this drain's flip).
+    pub fn set_epoch(&mut self, epoch: u32) {
+        self.epoch = epoch;
+    }
+
+    /// Takes over the exports in progress an earlier agent left in
+    /// `PENDING` (`entries`), with the epoch in `CONTROL` now. An export's
+    /// first step reads a generation, stores it there, then clears the
+    /// generation; if the agent died between the two, the generation still
+    /// holds exactly what was stored (nothing writes it until the next
+    /// flip): then the entry is dropped (the counts are still in the table)
+    /// and returned for deletion. Every other entry is an export whose
+    /// second step is due, and makes the next drain run.
+    pub fn adopt_pending(&mut self, entries: Vec<(u32, PendingExport)>) -> Vec<u32> {
+        let mut stale = Vec::new();
+        for (i, e) in entries {
+            if i >= self.table.slots() {
+                stale.push(i);
+                continue;
+            }
+            let gen = u32::from(e.gen);
+            let still = self.table.peek(i, gen);
+            let bytes_still = self.table.read(i, gen, 0).bytes;
+            if e.epoch == self.epoch && still.packets == e.packets && bytes_still == e.bytes {
+                stale.push(i);
+                continue;
+            }
+            self.pending.insert(
+                i,
+                FlowCounters {
+                    packets: e.packets,
+                    bytes: e.bytes,
+                    first_seen_ns: e.first_seen_ns,
+                    last_seen_ns: e.last_seen_ns,
+                    tcp_flags: e.tcp_flags,
+                },
+            );
+            self.visit_soon(i);
+        }
+        if !self.pending.is_empty() {
+            self.next_deadline_ns = 0;
+        }
+        stale
+    }
+
+    /// Second half of a drain, once its records are out (handed to the
+    /// sinks): persists the exports it started, then clears what it read
+    /// into them and into the records, frees retired slots, and forgets
+    /// finished exports. Until this runs, every count it exported is still
+    /// in the table (or in `PENDING`): an agent killed before it re-exports
+    /// them (duplicates), never loses them.
+    pub fn commit(&mut self, store: &mut dyn PendingStore) -> std::io::Result<()> {
+        if !self.started.is_empty() {
+            store.put(&self.started)?;
+            for (i, e) in self.started.drain(..) {
+                self.table.clear(i, u32::from(e.gen));
+            }
+        }
+        for (i, gen) in self.to_clear.drain(..) {
+            self.table.clear(i, gen);
+        }
+        for i in self.to_free.drain(..) {
+            self.table.free(i);
+        }
+        if !self.finished.is_empty() {
+            store.delete(&self.finished)?;
+            self.finished.clear();
+            self.finished_set.clear();
+        }
+        Ok(())
+    }
+
+    /// Starts an export of slot `i`: its old generation read now (to be
+    /// persisted and cleared at commit), the rest at the next drain.
+    fn start_export(&mut self, i: u32, old_gen: u32, now_ms: u64) {
+        let c = self.table.read(i, old_gen, now_ms);
+        self.started.push((
+            i,
+            PendingExport {
+                packets: c.packets,
+                bytes: c.bytes,
+                first_seen_ns: c.first_seen_ns,
+                last_seen_ns: c.last_seen_ns,
+                epoch: self.epoch,
+                tcp_flags: c.tcp_flags,
+                gen: old_gen as u8,
+                _pad: [0; 2],
+            },
+        ));
+        self.pending.insert(i, c);
+    }
+
+    /// Reads generation `gen` of slot `i` into a record (cleared at commit).
+    fn read_out(&mut self, i: u32, gen: u32, now_ms: u64) -> FlowCounters {
+        let c = self.table.read(i, gen, now_ms);
+        if c.packets != 0 {
+            self.to_clear.push((i, gen));
+        }
+        c
     }
 
     pub fn table(&self) -> &FlowTable {
@@ -340,23 +493,25 @@ impl TableDrain {
         pending.sort_unstable_by_key(|p| p.0);
         r.examined += pending.len();
         for (i, mut c) in pending {
+            self.finished.push(i);
+            self.finished_set.insert(i);
             match self.table.state(i) {
                 SLOT_RETIRING => {
                     // Retired at the last drain: no program writes it any
                     // more. Its last counts, then free it.
-                    c.merge(&self.table.take(i, 0, now_ms));
-                    c.merge(&self.table.take(i, 1, now_ms));
+                    c.merge(&self.read_out(i, 0, now_ms));
+                    c.merge(&self.read_out(i, 1, now_ms));
                     self.emit(i, &c, out, &mut r);
-                    self.table.free(i);
+                    self.to_free.push(i);
                     self.forget(i);
                     r.retired += 1;
                 }
                 SLOT_VALID => {
                     // The generation that was current then (a final drain
                     // takes both).
-                    c.merge(&self.table.take(i, old_gen, now_ms));
+                    c.merge(&self.read_out(i, old_gen, now_ms));
                     if final_drain {
-                        c.merge(&self.table.take(i, old_gen ^ 1, now_ms));
+                        c.merge(&self.read_out(i, old_gen ^ 1, now_ms));
                     }
                     self.emit(i, &c, out, &mut r);
                     // Its next deadline: idle since its last packet, or a
@@ -447,6 +602,15 @@ impl TableDrain {
         let mut live = 0u8;
         let start = region << TABLE_REGION_SHIFT;
         for i in start..(start + (1 << TABLE_REGION_SHIFT)).min(self.table.slots()) {
+            if self.finished_set.contains(&i) {
+                // Exported at this drain (its counts are cleared, a retired
+                // slot freed, at the commit): looked at again next time.
+                if self.table.state(i) == SLOT_VALID {
+                    live += 1;
+                    due = due.min(now_ns);
+                }
+                continue;
+            }
             match self.table.state(i) {
                 SLOT_BUSY => {
                     // Being filled: its region is marked, visited next time.
@@ -454,12 +618,13 @@ impl TableDrain {
                     due = now_ns;
                 }
                 SLOT_RETIRING if !self.pending.contains_key(&i) => {
-                    // Only a slot retired by an earlier agent (or the
-                    // final drain): no program writes it, read it whole.
-                    let mut c = self.table.take(i, 0, now_ms);
-                    c.merge(&self.table.take(i, 1, now_ms));
+                    // Only a slot retired by an earlier agent that died
+                    // before it stored the export (or at the final drain):
+                    // no program writes it, read it whole.
+                    let mut c = self.read_out(i, 0, now_ms);
+                    c.merge(&self.read_out(i, 1, now_ms));
                     self.emit(i, &c, out, r);
-                    self.table.free(i);
+                    self.to_free.push(i);
                     r.retired += 1;
                 }
                 SLOT_RETIRING => live += 1,
@@ -467,8 +632,8 @@ impl TableDrain {
                     live += 1;
                     r.examined += 1;
                     if final_drain {
-                        let mut c = self.table.take(i, 0, now_ms);
-                        c.merge(&self.table.take(i, 1, now_ms));
+                        let mut c = self.read_out(i, 0, now_ms);
+                        c.merge(&self.read_out(i, 1, now_ms));
                         self.emit(i, &c, out, r);
                     } else if !self.pending.contains_key(&i) {
                         // None: an export started; its second step is at the
@@ -515,8 +680,7 @@ impl TableDrain {
             // counted before that (in the current generation, even a packet
             // that arrives as we decide) is read at the next drain.
             if self.table.retire(i) {
-                let c = self.table.take(i, old_gen, now_ms);
-                self.pending.insert(i, c);
+                self.start_export(i, old_gen, now_ms);
             }
             return None;
         }
@@ -539,8 +703,7 @@ impl TableDrain {
         let tcp_end = (old.tcp_flags | cur.tcp_flags) & (TCP_FIN | TCP_RST) != 0
             && self.table.key(i).proto == IPPROTO_TCP;
         if now_ns.saturating_sub(start) >= t.active_ns || tcp_end {
-            let c = self.table.take(i, old_gen, now_ms);
-            self.pending.insert(i, c);
+            self.start_export(i, old_gen, now_ms);
             return None;
         }
         Some(idle_due.min(start.saturating_add(t.active_ns)))
@@ -568,6 +731,10 @@ pub struct KernelTables {
     cache_slots: u32,
     /// Cumulative counters already accounted for.
     last_stats: KernelStats,
+    /// Exports in progress, pinned.
+    pending: PendingMap,
+    /// An epoch whose cache half the last agent did not fold.
+    unfolded: Option<u32>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -587,17 +754,62 @@ fn shared(ebpf: &mut Ebpf, name: &'static str, len: usize) -> Result<SharedMap, 
     SharedMap::new(data, len).map_err(|source| DrainError::Mmap { name, source })
 }
 
+/// The pinned `PENDING` map as a [`PendingStore`].
+pub struct PendingMap {
+    /// Always `Map::HashMap`.
+    map: aya::maps::Map,
+}
+
+impl PendingMap {
+    fn data(&self) -> &MapData {
+        match &self.map {
+            aya::maps::Map::HashMap(d) => d,
+            _ => unreachable!("PENDING is taken as a hash map"),
+        }
+    }
+
+    /// Every entry (an earlier agent's exports in progress).
+    fn entries(&self) -> Result<Vec<(u32, PendingExport)>, DrainError> {
+        let m: aya::maps::HashMap<&MapData, u32, PendingExport> =
+            aya::maps::HashMap::try_from(&self.map).map_err(map_err(MAP_PENDING))?;
+        Ok(m.iter().filter_map(|e| e.ok()).collect())
+    }
+}
+
+impl PendingStore for PendingMap {
+    fn put(&mut self, entries: &[(u32, PendingExport)]) -> std::io::Result<()> {
+        let keys: Vec<u32> = entries.iter().map(|e| e.0).collect();
+        let values: Vec<PendingExport> = entries.iter().map(|e| e.1).collect();
+        super::bpf_sys::update_batch(self.data().fd().as_fd(), &keys, &values)
+    }
+    fn delete(&mut self, slots: &[u32]) -> std::io::Result<()> {
+        super::bpf_sys::delete_batch(self.data().fd().as_fd(), slots)
+    }
+}
+
+/// How a drain starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// New maps: epoch 0, nothing in progress.
+    Fresh,
+    /// Maps an earlier agent left pinned: continue its epoch, finish its
+    /// exports in progress, and visit every flow it left.
+    Adopted,
+}
+
 impl KernelTables {
     /// Takes the maps out of a loaded object (loaded with `slots` table
-    /// slots for `capacity` flows and `cache_slots` slots per half of
-    /// `CACHE`) and starts the clock word (advanced every
-    /// `clock_resolution` while traffic flows). Epoch 0 is current.
+    /// slots for `capacity` flows, `cache_slots` slots per half of `CACHE`
+    /// and a fallback ring of `ring_bytes`) and starts the clock word
+    /// (advanced every `clock_resolution` while that pays).
     pub fn new(
         ebpf: &mut Ebpf,
         capacity: u32,
         slots: u32,
         cache_slots: u32,
+        ring_bytes: u32,
         clock_resolution: std::time::Duration,
+        start: Start,
     ) -> Result<KernelTables, DrainError> {
         let clock = ClockMap::new(shared(
             ebpf,
@@ -610,16 +822,68 @@ impl KernelTables {
             FlowTable::from_map(shared(ebpf, MAP_TABLE, table_bytes(slots) as usize)?, slots);
         let dirty = shared(ebpf, MAP_DIRTY, dirty_words(slots) as usize * 8)?;
         let mut control: Array<MapData, u32> = take(ebpf, MAP_CONTROL)?;
-        control
-            .set(CONTROL_EPOCH, 0, 0)
-            .map_err(map_err(MAP_CONTROL))?;
+        let epoch = match start {
+            Start::Fresh => 0,
+            Start::Adopted => control
+                .get(&CONTROL_EPOCH, 0)
+                .map_err(map_err(MAP_CONTROL))?,
+        };
+        // The last agent flipped to `epoch` but died before folding the
+        // previous epoch's cache half? Those slots keep their counts until
+        // programs of epoch + 1 take them over: the first drain folds them
+        // before it flips.
+        let unfolded = match start {
+            Start::Adopted if epoch > 0 => {
+                let folded = control
+                    .get(&CONTROL_FOLDED, 0)
+                    .map_err(map_err(MAP_CONTROL))?;
+                (folded != epoch - 1).then(|| epoch - 1)
+            }
+            _ => None,
+        };
+        // The epoch, and what the next agent needs to know about these
+        // maps (see capture::pins).
+        for (i, v) in [
+            (CONTROL_EPOCH, epoch),
+            (CONTROL_LAYOUT, LAYOUT_VERSION),
+            (CONTROL_SLOTS, slots),
+            (CONTROL_CACHE_SLOTS, cache_slots),
+            (CONTROL_RING_BYTES, ring_bytes),
+            (CONTROL_OWNER_PID, std::process::id()),
+        ] {
+            control.set(i, v, 0).map_err(map_err(MAP_CONTROL))?;
+        }
         let cache = match ebpf.take_map(MAP_CACHE) {
             Some(aya::maps::Map::PerCpuArray(d)) => d,
             _ => return Err(DrainError::MissingMap(MAP_CACHE)),
         };
+        let pending_map = match ebpf.take_map(MAP_PENDING) {
+            Some(m @ aya::maps::Map::HashMap(_)) => m,
+            _ => return Err(DrainError::MissingMap(MAP_PENDING)),
+        };
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| DrainError::CacheRead(e))?;
+        let mut table = TableDrain::new(table);
+        table.set_epoch(epoch);
+        let mut pending = PendingMap { map: pending_map };
+        if start == Start::Adopted {
+            // Every region may hold flows the last agent left: the first
+            // drain reads them all.
+            table.visit_all();
+            let entries = pending.entries()?;
+            let n = entries.len();
+            let stale = table.adopt_pending(entries);
+            pending
+                .delete(&stale)
+                .map_err(|e| DrainError::Pending(e.to_string()))?;
+            log::info!(
+                "adopted the pinned flow table at drain epoch {epoch}: {} exports in progress \
+                 taken over, {} found not started",
+                n - stale.len(),
+                stale.len()
+            );
+        }
         Ok(KernelTables {
-            table: TableDrain::new(table),
+            table,
             dirty,
             control,
             stats: take(ebpf, MAP_STATS)?,
@@ -629,11 +893,27 @@ impl KernelTables {
             cpus,
             grace: GracePeriod::new().map_err(DrainError::GracePeriod)?,
             clock,
-            epoch: 0,
+            epoch,
             capacity,
             cache_slots,
             last_stats: KernelStats::default(),
+            pending,
+            unfolded,
         })
+    }
+
+    /// Stops keeping the programs' clock word and sets it to 0, so that the
+    /// programs read the kernel clock while no agent runs.
+    pub fn rest_clock(&mut self) {
+        self.clock.stop();
+    }
+
+    /// Second half of a drain, once its records are out: see
+    /// [`TableDrain::commit`].
+    pub fn commit(&mut self) -> Result<(), DrainError> {
+        self.table
+            .commit(&mut self.pending)
+            .map_err(|e| DrainError::Pending(e.to_string()))
     }
 
     /// The table's capacity in flows (`--max-flows`).
@@ -695,6 +975,23 @@ impl KernelTables {
         out: &mut Export,
     ) -> Result<DrainReport, DrainError> {
         let mut report = DrainReport::default();
+        if let Some(e) = self.unfolded.take() {
+            // Left unfolded by an agent killed between its flip and its
+            // fold (see `new`). Before this drain's flip, that half and its
+            // generation are nobody's: programs of epoch e + 2 would take
+            // the slots over.
+            log::info!("folding the flow cache of epoch {e}, which the last agent left");
+            self.wait_grace_period()?;
+            let count = |report: &mut DrainReport, key: &FlowKey, c: &FlowCounters| {
+                let d = (key.direction == DIR_EGRESS) as usize;
+                report.packets[d] += c.packets;
+                report.bytes[d] += c.bytes;
+            };
+            self.fold_cache(e, agg, &mut report, &count)?;
+            self.control
+                .set(CONTROL_FOLDED, e, 0)
+                .map_err(map_err(MAP_CONTROL))?;
+        }
         if !final_drain {
             let traffic = self.clock.clock().take_activity(CLOCK_ACTIVE_DRAIN);
             if !traffic && agg.is_empty() && self.table.idle_until(monotonic_ns()) {
@@ -705,6 +1002,7 @@ impl KernelTables {
             self.control
                 .set(CONTROL_EPOCH, self.epoch, 0)
                 .map_err(map_err(MAP_CONTROL))?;
+            self.table.set_epoch(self.epoch);
         }
         self.wait_grace_period()?;
         // The epoch whose counters are now quiescent (a final drain reads
@@ -723,6 +1021,9 @@ impl KernelTables {
         };
 
         self.fold_cache(old_epoch, agg, &mut report, &count)?;
+        self.control
+            .set(CONTROL_FOLDED, old_epoch, 0)
+            .map_err(map_err(MAP_CONTROL))?;
         let dirty = self.dirty_words();
         // Split borrows: the words live in `self.dirty`, the regions in
         // `self.table`.
@@ -924,11 +1225,34 @@ mod tests {
 
     /// A table driven as the programs and the agent drive it: `gen` is the
     /// current generation; `drain` flips it and scans.
+    /// The `PENDING` map, in memory.
+    #[derive(Default)]
+    struct MemStore(HashMap<u32, PendingExport>);
+
+    impl PendingStore for MemStore {
+        fn put(&mut self, entries: &[(u32, PendingExport)]) -> std::io::Result<()> {
+            self.0.extend(entries.iter().copied());
+            Ok(())
+        }
+        fn delete(&mut self, slots: &[u32]) -> std::io::Result<()> {
+            for s in slots {
+                self.0.remove(s);
+            }
+            Ok(())
+        }
+    }
+
+    /// A table driven as the programs and the agent drive it: `gen` is the
+    /// current generation (epoch & 1); `drain` flips it, scans and commits.
     struct Sim {
         d: TableDrain,
+        epoch: u32,
         gen: u32,
         out: Vec<(FlowKey, FlowCounters)>,
         t: Timeouts,
+        store: MemStore,
+        /// Agents that "died": their table memory must outlive the sharer.
+        graveyard: Vec<TableDrain>,
     }
 
     const MS: u64 = 1_000_000;
@@ -937,9 +1261,12 @@ mod tests {
         fn new(t: Timeouts) -> Sim {
             Sim {
                 d: TableDrain::new(FlowTable::heap(1 << 12)),
+                epoch: 0,
                 gen: 0,
                 out: Vec::new(),
                 t,
+                store: MemStore::default(),
+                graveyard: Vec::new(),
             }
         }
         /// A packet of flow `sport` at `ms`, counted in the table.
@@ -955,17 +1282,42 @@ mod tests {
             }
             i
         }
-        fn drain(&mut self, ms: u64) -> ScanReport {
+        /// A drain without its commit (as when the agent dies after it).
+        fn scan_only(&mut self, ms: u64) -> ScanReport {
             let old = self.gen;
-            self.gen ^= 1;
+            self.epoch += 1;
+            self.gen = self.epoch & 1;
+            self.d.set_epoch(self.epoch);
             let (t, out) = (self.t, &mut self.out);
             self.d
                 .scan(old, ms * MS, t, false, &mut |k, c| out.push((*k, *c)))
         }
+        fn drain(&mut self, ms: u64) -> ScanReport {
+            let r = self.scan_only(ms);
+            self.d.commit(&mut self.store).unwrap();
+            r
+        }
         fn final_drain(&mut self, ms: u64) -> ScanReport {
             let (t, out) = (self.t, &mut self.out);
-            self.d
-                .scan(self.gen, ms * MS, t, true, &mut |k, c| out.push((*k, *c)))
+            let r = self
+                .d
+                .scan(self.gen, ms * MS, t, true, &mut |k, c| out.push((*k, *c)));
+            self.d.commit(&mut self.store).unwrap();
+            r
+        }
+        /// The agent dies (kill -9) and another adopts the table and the
+        /// store: the table's memory is the same, the agent's is new.
+        fn restart(&mut self) {
+            let mut d = TableDrain::new(self.d.table().share());
+            d.set_epoch(self.epoch);
+            d.visit_all();
+            let entries: Vec<_> = self.store.0.iter().map(|(k, v)| (*k, *v)).collect();
+            let stale = d.adopt_pending(entries);
+            self.store.delete(&stale).unwrap();
+            let old = std::mem::replace(&mut self.d, d);
+            // The old agent's memory goes; the table stays (owned by the
+            // first FlowTable, kept alive here).
+            self.graveyard.push(old);
         }
         fn exported(&self, sport: u16) -> Vec<(u64, u64, u64)> {
             self.out
@@ -973,6 +1325,9 @@ mod tests {
                 .filter(|(k, _)| k.src_port == sport)
                 .map(|(_, c)| (c.packets, c.first_seen_ns / MS, c.last_seen_ns / MS))
                 .collect()
+        }
+        fn total(&self, sport: u16) -> u64 {
+            self.exported(sport).iter().map(|x| x.0).sum()
         }
     }
 
@@ -1068,6 +1423,83 @@ mod tests {
         s.drain(601);
         assert_eq!(s.exported(1), vec![(1, 500, 500)]);
         assert!(s.d.idle_until(u64::MAX - 1));
+    }
+
+    /// kill -9 at every point of a drain: before, between the scan and the
+    /// commit, after. Every packet is exported at least once; a record is
+    /// exported twice at most when the agent died after the scan and before
+    /// its commit.
+    #[test]
+    fn an_agent_killed_anywhere_loses_nothing() {
+        for die_after_scan in [false, true] {
+            let mut s = Sim::new(Timeouts {
+                idle_ns: 100 * MS,
+                active_ns: 300 * MS,
+            });
+            let mut sent = [0u64; 3];
+            let mut ms = 1_000u32;
+            // Three flows: steady (active exports), one going idle, one
+            // ending with FIN; a drain every 50 ms, a crash at the 6th.
+            for step in 0..40 {
+                for f in 0..3u16 {
+                    let quiet = f == 1 && (10..30).contains(&step);
+                    if !quiet {
+                        let flags = if f == 2 && step == 12 {
+                            0x11
+                        } else if f == 2 {
+                            0x10
+                        } else {
+                            0
+                        };
+                        s.packet(f, ms, flags);
+                        sent[f as usize] += 1;
+                    }
+                }
+                ms += 10;
+                if step % 5 == 4 {
+                    if step == 24 {
+                        if die_after_scan {
+                            s.scan_only(u64::from(ms));
+                        }
+                        s.restart();
+                    } else {
+                        s.drain(u64::from(ms));
+                    }
+                }
+            }
+            s.final_drain(u64::from(ms) + 1);
+            for f in 0..3u16 {
+                let got = s.total(f);
+                assert!(
+                    got >= sent[f as usize],
+                    "flow {f}: {got} < {}",
+                    sent[f as usize]
+                );
+                if !die_after_scan {
+                    assert_eq!(got, sent[f as usize], "flow {f}: {:?}", s.exported(f));
+                }
+            }
+            assert!(s.store.0.is_empty(), "{:?}", s.store.0);
+        }
+    }
+
+    #[test]
+    fn adopt_pending_tells_started_from_unfinished_exports() {
+        let mut s = Sim::new(T);
+        let i = s.packet(6, 100, 0x11);
+        // The drain reads the FIN flow's old generation (export started)...
+        s.scan_only(101);
+        let e = s.d.started[0].1;
+        // ...and dies before its commit: the store is empty, the table
+        // still holds the counts. Had it stored them and died before
+        // clearing, the entry matches the table and is dropped.
+        s.store.put(&[(i, e)]).unwrap();
+        s.restart();
+        assert!(s.store.0.is_empty());
+        s.drain(102);
+        s.drain(103);
+        assert_eq!(s.total(6), 1);
+        assert!(s.store.0.is_empty());
     }
 
     #[test]

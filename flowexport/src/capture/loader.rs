@@ -5,15 +5,17 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{
-    tc, xdp::XdpLinkId, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+    tc, xdp::XdpLinkId, Link, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
 };
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use flowexport_common::{
-    GLOBAL_CACHE_SLOTS, GLOBAL_TABLE_MASK, MAP_CACHE, MAP_DIRTY, MAP_FALLBACK, MAP_TABLE,
-    PROG_EGRESS, PROG_INGRESS, PROG_INGRESS_TC,
+    GLOBAL_CACHE_SLOTS, GLOBAL_TABLE_MASK, MAPS, MAP_CACHE, MAP_DIRTY, MAP_FALLBACK, MAP_PENDING,
+    MAP_TABLE, PROG_EGRESS, PROG_INGRESS, PROG_INGRESS_TC,
 };
 
+use super::pins::PinDir;
 use super::table::{dirty_words, slots_for};
 
 /// The kernel object built by `cargo xtask build-ebpf`, embedded at build time.
@@ -99,6 +101,8 @@ pub enum CaptureError {
     },
     #[error("the kernel rejected flowexport's eBPF object: {0}")]
     Load(String),
+    #[error("cannot pin at {path}: {reason}")]
+    Pin { path: PathBuf, reason: String },
     #[error("the eBPF object lacks {0}; rebuild it with `cargo xtask build-ebpf`")]
     MissingPart(&'static str),
     #[error(
@@ -118,7 +122,9 @@ pub enum CaptureError {
     },
 }
 
-pub struct LoadOptions {
+pub struct LoadOptions<'a> {
+    /// Where maps and links are pinned (None: nothing outlives the agent).
+    pub pins: Option<&'a PinDir>,
     /// Flow-table capacity in concurrent flows; the table gets
     /// [`slots_for`] slots.
     pub max_flows: u32,
@@ -132,14 +138,38 @@ pub struct LoadOptions {
     pub capture: Capture,
 }
 
-/// Loaded programs and their attachments. Dropping it detaches everything.
+/// One program attachment.
+enum Attachment {
+    /// A BPF link we hold; pinned at `pin` when there is a pin directory
+    /// (then it outlives us, see `leave_attached`).
+    Link {
+        iface: String,
+        link: FdLink,
+        pin: Option<PathBuf>,
+    },
+    /// XDP attached by netlink (kernels without XDP links).
+    Xdp { iface: String, id: XdpLinkId },
+    /// A TC filter by netlink (kernels before 6.6: no TCX).
+    Tc {
+        iface: String,
+        prog: &'static str,
+        id: tc::SchedClassifierLinkId,
+    },
+}
+
+/// Loaded programs and their attachments. Dropping it detaches what is not
+/// pinned.
 pub struct Programs {
     pub ebpf: Ebpf,
     capture: Capture,
-    xdp_links: Vec<(String, XdpLinkId)>,
-    /// (interface, program, link)
-    tc_links: Vec<(String, &'static str, tc::SchedClassifierLinkId)>,
+    pins: Option<PathBuf>,
+    attached: Vec<Attachment>,
 }
+
+/// A hook's name in link pins.
+const HOOK_XDP: &str = "xdp";
+const HOOK_TC_INGRESS: &str = "tc-ingress";
+const HOOK_TC_EGRESS: &str = "tc-egress";
 
 fn is_perm(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EPERM)
@@ -192,17 +222,7 @@ impl Programs {
     /// kernel, without attaching them.
     pub fn load(opts: &LoadOptions) -> Result<Programs, CaptureError> {
         // Name a missing capability now rather than fail on an EPERM later.
-        match super::privileges::effective() {
-            Ok(eff) => {
-                let missing = super::privileges::missing(eff);
-                if !missing.is_empty() {
-                    return Err(CaptureError::MissingCapabilities(
-                        super::privileges::describe(&missing),
-                    ));
-                }
-            }
-            Err(e) => log::debug!("cannot read this process's capabilities: {e}"),
-        }
+        super::privileges::require()?;
         let owned;
         let bytes: &[u8] = match &opts.object {
             Some(path) => {
@@ -213,8 +233,17 @@ impl Programs {
         };
         let slots = slots_for(opts.max_flows);
         let mask = slots - 1;
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        if let Some(pins) = opts.pins {
+            // Maps pinned there are reused (their counts go on); the others
+            // are created and pinned.
+            for name in MAPS {
+                loader.map_pin_path(name, pins.map(name));
+            }
+        }
+        let mut ebpf = loader
             .map_max_entries(MAP_TABLE, slots)
+            .map_max_entries(MAP_PENDING, slots)
             .map_max_entries(MAP_DIRTY, dirty_words(slots))
             .override_global(GLOBAL_TABLE_MASK, &mask, true)
             .map_max_entries(MAP_FALLBACK, opts.fallback_ring_bytes)
@@ -254,24 +283,116 @@ impl Programs {
         Ok(Programs {
             ebpf,
             capture: opts.capture,
-            xdp_links: Vec::new(),
-            tc_links: Vec::new(),
+            pins: opts.pins.map(|p| p.path().to_path_buf()),
+            attached: Vec::new(),
         })
     }
 
     /// Attaches the ingress program (XDP in `mode`, or TC) and the TC egress
     /// program to `iface`. Returns how ingress is counted, for the log.
+    ///
+    /// With a pin directory, a link pinned there for the same interface and
+    /// hook (left by an earlier agent) is adopted: the program behind it is
+    /// replaced by ours in one step, so no packet goes uncounted. New links
+    /// are pinned.
     pub fn attach(&mut self, iface: &str, mode: XdpModeChoice) -> Result<String, CaptureError> {
         ifindex(iface)?;
         let ingress = match self.capture {
-            Capture::Xdp => format!("XDP ingress ({} mode)", self.attach_xdp(iface, mode)?),
+            Capture::Xdp => {
+                if self.adopt(iface, HOOK_XDP, PROG_INGRESS)? {
+                    "XDP ingress (adopted link)".to_string()
+                } else {
+                    format!("XDP ingress ({} mode)", self.attach_xdp(iface, mode)?)
+                }
+            }
             Capture::Tc => {
-                self.attach_tc(iface, PROG_INGRESS_TC, TcAttachType::Ingress)?;
+                if !self.adopt(iface, HOOK_TC_INGRESS, PROG_INGRESS_TC)? {
+                    self.attach_tc(iface, PROG_INGRESS_TC, TcAttachType::Ingress)?;
+                }
                 "TC ingress".to_string()
             }
         };
-        self.attach_tc(iface, PROG_EGRESS, TcAttachType::Egress)?;
+        if !self.adopt(iface, HOOK_TC_EGRESS, PROG_EGRESS)? {
+            self.attach_tc(iface, PROG_EGRESS, TcAttachType::Egress)?;
+        }
         Ok(format!("{ingress}, TC egress"))
+    }
+
+    /// Takes over the link pinned for (`iface`, `hook`), if there is one,
+    /// putting program `prog` behind it. False if there is none (or it no
+    /// longer works: its interface went away; then its pin is removed).
+    fn adopt(&mut self, iface: &str, hook: &str, prog: &'static str) -> Result<bool, CaptureError> {
+        let Some(dir) = &self.pins else {
+            return Ok(false);
+        };
+        let path = dir.join(format!("link:{hook}:{iface}"));
+        if !path.exists() {
+            return Ok(false);
+        }
+        let replaced = (|| -> Result<FdLink, Box<dyn std::error::Error>> {
+            let old = FdLink::from(PinnedLink::from_pin(&path)?);
+            Ok(if hook == HOOK_XDP {
+                let xdp: &mut Xdp = self
+                    .ebpf
+                    .program_mut(prog)
+                    .ok_or("no program")?
+                    .try_into()?;
+                let id = xdp.attach_to_link(old.try_into()?)?;
+                xdp.take_link(id)?.try_into()?
+            } else {
+                let tc = classifier(&mut self.ebpf, prog)?;
+                let id = tc.attach_to_link(old.try_into()?)?;
+                tc.take_link(id)?.try_into()?
+            })
+        })();
+        match replaced {
+            Ok(link) => {
+                self.attached.push(Attachment::Link {
+                    iface: iface.to_string(),
+                    link,
+                    pin: Some(path),
+                });
+                Ok(true)
+            }
+            Err(e) => {
+                log::warn!(
+                    "the link pinned at {} no longer works ({e}); attaching anew",
+                    path.display()
+                );
+                let _ = std::fs::remove_file(&path);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Detaches and unpins the pinned links of interfaces and hooks not in
+    /// use now (an interface no longer asked for; a hook of the other
+    /// `--capture`). Returns what it detached, for the log.
+    pub fn detach_unused_pins(&mut self) -> Vec<String> {
+        let Some(dir) = &self.pins else {
+            return Vec::new();
+        };
+        let used: Vec<PathBuf> = self
+            .attached
+            .iter()
+            .filter_map(|a| match a {
+                Attachment::Link { pin: Some(p), .. } => Some(p.clone()),
+                _ => None,
+            })
+            .collect();
+        let mut gone = Vec::new();
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return gone;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with("link:") && !used.contains(&e.path()) {
+                // The pin is the last reference: removing it detaches.
+                let _ = std::fs::remove_file(e.path());
+                gone.push(name);
+            }
+        }
+        gone
     }
 
     fn attach_tc(
@@ -280,8 +401,13 @@ impl Programs {
         prog: &'static str,
         at: TcAttachType,
     ) -> Result<(), CaptureError> {
+        let hook = if at == TcAttachType::Ingress {
+            HOOK_TC_INGRESS
+        } else {
+            HOOK_TC_EGRESS
+        };
         let tc = classifier(&mut self.ebpf, prog)?;
-        let link = match tc.attach(iface, at) {
+        let id = match tc.attach(iface, at) {
             Ok(l) => l,
             Err(first) => {
                 // Kernels before 6.6 have no TCX: netlink needs a clsact qdisc.
@@ -293,7 +419,47 @@ impl Programs {
                 })?
             }
         };
-        self.tc_links.push((iface.to_string(), prog, link));
+        // A TCX link we hold (and pin); a netlink filter stays the
+        // program's.
+        let link = tc.take_link(id).ok().and_then(|l| FdLink::try_from(l).ok());
+        match link {
+            Some(link) => self.hold(iface, hook, link),
+            None => {
+                let id = tc.attach(iface, at).map_err(|e| CaptureError::TcAttach {
+                    iface: iface.to_string(),
+                    source: Box::new(e),
+                })?;
+                self.attached.push(Attachment::Tc {
+                    iface: iface.to_string(),
+                    prog,
+                    id,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// Keeps a new link, pinned when there is a pin directory.
+    fn hold(&mut self, iface: &str, hook: &str, link: FdLink) -> Result<(), CaptureError> {
+        let pin = self
+            .pins
+            .as_ref()
+            .map(|d| d.join(format!("link:{hook}:{iface}")));
+        let link = match &pin {
+            Some(path) => {
+                let pinned = link.pin(path).map_err(|e| CaptureError::Pin {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+                FdLink::from(pinned)
+            }
+            None => link,
+        };
+        self.attached.push(Attachment::Link {
+            iface: iface.to_string(),
+            link,
+            pin,
+        });
         Ok(())
     }
 
@@ -331,7 +497,7 @@ impl Programs {
                 }
             })
         };
-        let (link, used) = match mode {
+        let (id, used) = match mode {
             XdpModeChoice::Native => (attempt(xdp, XdpMode::Driver, "native")?, "native"),
             XdpModeChoice::Skb => (attempt(xdp, XdpMode::Skb, "skb")?, "skb"),
             XdpModeChoice::Auto => match attempt(xdp, XdpMode::Driver, "native") {
@@ -343,29 +509,83 @@ impl Programs {
                 }
             },
         };
-        self.xdp_links.push((iface.to_string(), link));
+        // An XDP link we hold (and pin); a netlink attachment stays the
+        // program's.
+        let link = xdp
+            .take_link(id)
+            .map_err(|e| CaptureError::Load(e.to_string()))?;
+        match FdLink::try_from(link) {
+            Ok(link) => self.hold(iface, HOOK_XDP, link)?,
+            Err(_) => {
+                // Attached by netlink (no XDP links on this kernel): the
+                // attachment goes away with the program; attach it again,
+                // owned by the program.
+                log::warn!("XDP on {iface} is attached by netlink: it cannot outlive the agent");
+                let mode = if used == "native" {
+                    XdpMode::Driver
+                } else {
+                    XdpMode::Skb
+                };
+                let id = attempt(xdp, mode, used)?;
+                self.attached.push(Attachment::Xdp {
+                    iface: iface.to_string(),
+                    id,
+                });
+            }
+        }
         Ok(used)
     }
 
-    /// Detaches every program from every interface. Packets already inside a
-    /// program still finish; wait for a grace period before the final drain.
+    /// Detaches every program from every interface (and removes the link
+    /// pins). Packets already inside a program still finish; wait for a
+    /// grace period before the final drain.
     pub fn detach_all(&mut self) {
-        if let Some(p) = self.ebpf.program_mut(PROG_INGRESS) {
-            if let Ok(xdp) = <&mut Xdp>::try_from(p) {
-                for (iface, link) in self.xdp_links.drain(..) {
-                    if let Err(e) = xdp.detach(link) {
-                        log::warn!("detaching XDP from {iface}: {e}");
+        for a in std::mem::take(&mut self.attached) {
+            match a {
+                Attachment::Link { iface, link, pin } => {
+                    if let Some(p) = pin {
+                        let _ = std::fs::remove_file(p);
+                    }
+                    if let Err(e) = link.detach() {
+                        log::warn!("detaching from {iface}: {e}");
+                    }
+                }
+                Attachment::Xdp { iface, id } => {
+                    if let Some(Ok(xdp)) = self
+                        .ebpf
+                        .program_mut(PROG_INGRESS)
+                        .map(<&mut Xdp>::try_from)
+                    {
+                        if let Err(e) = xdp.detach(id) {
+                            log::warn!("detaching XDP from {iface}: {e}");
+                        }
+                    }
+                }
+                Attachment::Tc { iface, prog, id } => {
+                    if let Ok(tc) = classifier(&mut self.ebpf, prog) {
+                        if let Err(e) = tc.detach(id) {
+                            log::warn!("detaching TC from {iface}: {e}");
+                        }
                     }
                 }
             }
         }
-        for (iface, prog, link) in std::mem::take(&mut self.tc_links) {
-            if let Ok(tc) = classifier(&mut self.ebpf, prog) {
-                if let Err(e) = tc.detach(link) {
-                    log::warn!("detaching TC from {iface}: {e}");
-                }
+    }
+
+    /// Leaves the pinned links attached (the programs keep counting into
+    /// the pinned maps for the next agent); detaches the rest. Returns how
+    /// many stay.
+    pub fn leave_attached(&mut self) -> usize {
+        let mut kept = 0;
+        for a in std::mem::take(&mut self.attached) {
+            match a {
+                // Dropping our reference leaves the pin's.
+                Attachment::Link { pin: Some(_), .. } => kept += 1,
+                other => self.attached.push(other),
             }
         }
+        self.detach_all();
+        kept
     }
 }
 

@@ -4,5 +4,6 @@ pub mod bpf_sys;
 pub mod clock;
 pub mod drain;
 pub mod loader;
+pub mod pins;
 pub mod privileges;
 pub mod table;

@@ -72,6 +72,26 @@ fn parse_cap_eff(status: &str) -> Option<u64> {
     u64::from_str_radix(hex, 16).ok()
 }
 
+/// Fails, naming each missing capability, when this process lacks one.
+pub fn require() -> Result<(), super::loader::CaptureError> {
+    match effective() {
+        Ok(eff) => {
+            let m = missing(eff);
+            if m.is_empty() {
+                Ok(())
+            } else {
+                Err(super::loader::CaptureError::MissingCapabilities(describe(
+                    &m,
+                )))
+            }
+        }
+        Err(e) => {
+            log::debug!("cannot read this process's capabilities: {e}");
+            Ok(())
+        }
+    }
+}
+
 /// "CAP_BPF (create BPF maps and load programs), ..." for an error message.
 pub fn describe(missing: &[Needed]) -> String {
     missing

@@ -88,6 +88,9 @@ enum Memory {
     /// A table of our own (unit tests).
     #[cfg(test)]
     Heap(Vec<TableSlot>),
+    /// Another FlowTable's memory (unit tests).
+    #[cfg(test)]
+    Borrowed,
 }
 
 /// The mapped flow table. Every access is atomic where the programs may
@@ -120,6 +123,17 @@ impl FlowTable {
             base: map.as_ptr() as *mut TableSlot,
             slots,
             _memory: Memory::Map(map),
+        }
+    }
+
+    /// Another view of the same table (tests: a restarted agent's); the
+    /// first must outlive it.
+    #[cfg(test)]
+    pub fn share(&self) -> FlowTable {
+        FlowTable {
+            base: self.base,
+            slots: self.slots,
+            _memory: Memory::Borrowed,
         }
     }
 
@@ -215,41 +229,55 @@ impl FlowTable {
         }
     }
 
-    /// Reads and clears one generation's counters, which no program may be
-    /// writing (the drain's old generation, or any after the programs are
-    /// detached). `last_ms` is left as is: it dates the flow's last packet
-    /// for the idle timeout. Times come back in ns (see [`restore_ms`]).
-    pub fn take(&self, i: u32, gen: u32, now_ms: u64) -> FlowCounters {
-        // Plain loads and stores: nobody else writes these counters now
-        // (the grace period the caller waited for is a full barrier). Only
-        // the control word is shared with the programs (which may OR in the
-        // other generation's flags): its byte is cleared atomically.
-        let p = self.packets(i, gen);
-        let packets = p.load(Ordering::Relaxed);
+    /// Reads one generation's counters, which no program may be writing
+    /// (the drain's old generation, or any after the programs are
+    /// detached). Times come back in ns (see [`restore_ms`]).
+    pub fn read(&self, i: u32, gen: u32, now_ms: u64) -> FlowCounters {
+        // Plain loads: nobody else writes these counters now (the grace
+        // period the caller waited for is a full barrier).
+        let packets = self.packets(i, gen).load(Ordering::Relaxed);
         if packets == 0 {
             return FlowCounters::default();
         }
-        p.store(0, Ordering::Relaxed);
-        let b = self.bytes(i, gen);
-        let bytes = b.load(Ordering::Relaxed);
-        b.store(0, Ordering::Relaxed);
-        let f = self.first_ms(i, gen);
-        let first = f.load(Ordering::Relaxed);
-        f.store(0, Ordering::Relaxed);
+        let bytes = self.bytes(i, gen).load(Ordering::Relaxed);
+        let first = self.first_ms(i, gen).load(Ordering::Relaxed);
         let last = self.last_ms(i, gen).load(Ordering::Relaxed);
         let word = self.word(i).load(Ordering::Relaxed);
-        let tcp_flags = slot_tcp_flags(word, gen);
-        if tcp_flags != 0 {
-            self.word(i)
-                .fetch_and(!(0xffu32 << (16 + 8 * (gen & 1))), Ordering::AcqRel);
-        }
         FlowCounters {
             packets,
             bytes,
             first_seen_ns: restore_ms(first, now_ms) * 1_000_000,
             last_seen_ns: restore_ms(last, now_ms) * 1_000_000,
-            tcp_flags,
+            tcp_flags: slot_tcp_flags(word, gen),
         }
+    }
+
+    /// Clears one generation's counters (quiescent, as for [`read`]).
+    /// `last_ms` is left as is: it dates the flow's last packet for the
+    /// idle timeout.
+    ///
+    /// [`read`]: FlowTable::read
+    pub fn clear(&self, i: u32, gen: u32) {
+        let p = self.packets(i, gen);
+        if p.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        p.store(0, Ordering::Relaxed);
+        self.bytes(i, gen).store(0, Ordering::Relaxed);
+        self.first_ms(i, gen).store(0, Ordering::Relaxed);
+        // Only the control word is shared with the programs (which may OR
+        // in the other generation's flags): its byte is cleared atomically.
+        let mask = 0xffu32 << (16 + 8 * (gen & 1));
+        if self.word(i).load(Ordering::Relaxed) & mask != 0 {
+            self.word(i).fetch_and(!mask, Ordering::AcqRel);
+        }
+    }
+
+    /// [`read`](FlowTable::read), then [`clear`](FlowTable::clear).
+    pub fn take(&self, i: u32, gen: u32, now_ms: u64) -> FlowCounters {
+        let c = self.read(i, gen, now_ms);
+        self.clear(i, gen);
+        c
     }
 
     /// Adds counters (from the flow cache) to one generation that no program

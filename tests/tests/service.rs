@@ -1,0 +1,564 @@
+//! The agent as a long-running service: state pinned in a BPF filesystem
+//! (`--pin-dir`) outlives the process. A restart with `--keep-attached`
+//! counts through the restart, a `kill -9` loses nothing, a second agent on
+//! the same directory and pinned maps it cannot read are refused.
+//!
+//! Needs root. Each test pins into a directory of its own on the harness's
+//! BPF filesystem and removes it at the end (also on failure).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use flowexport_tests::frames::*;
+use flowexport_tests::*;
+
+/// Removes a test's pin directory on drop (detaching whatever is left).
+struct Pins(PathBuf);
+
+impl Pins {
+    fn new() -> Pins {
+        Pins(pin_dir().unwrap())
+    }
+    fn arg(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `flows` UDP flows from 10.50.0.1, ports 30000.., to 10.50.0.2:53.
+fn frames(flows: u16) -> Vec<Vec<u8>> {
+    (0..flows)
+        .map(|i| {
+            eth_ipv4(ipv4(
+                v4("10.50.0.1"),
+                v4("10.50.0.2"),
+                &L4::Udp {
+                    sport: 30000 + i,
+                    dport: 53,
+                    payload: 30,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Sends `rounds` of every flow, paced (4 frames every 200 us).
+fn send(l: &Link, flows: u16, rounds: usize) -> u64 {
+    send_frames(
+        &l.a,
+        &l.a_dev,
+        frames(flows),
+        rounds,
+        4,
+        Duration::from_micros(200),
+    )
+    .unwrap()
+}
+
+/// The agent's arguments: native XDP on the link's `b` side, pinning
+/// into `pins`, then `extra`.
+fn agent_args(l: &Link, pins: &Pins, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--iface",
+        &l.b_dev,
+        "--xdp-mode",
+        "native",
+        "--sampler-address",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(["192.0.2.10".into(), "--pin-dir".into(), pins.arg()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn agent(l: &Link, pins: &Pins, extra: &[&str]) -> Agent {
+    let args = agent_args(l, pins, extra);
+    Agent::start(&l.b, &args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap()
+}
+
+/// An agent on `pins` that must refuse to start; its output.
+fn refused(l: &Link, pins: &Pins, extra: &[&str]) -> AgentOutput {
+    let args = agent_args(l, pins, extra);
+    let out = Agent::spawn(&l.b, &args.iter().map(String::as_str).collect::<Vec<_>>())
+        .unwrap()
+        .wait_exit(Duration::from_secs(30))
+        .unwrap();
+    assert!(!out.status.success(), "{}", out.stderr);
+    out
+}
+
+/// `flowexport agent --pin-dir DIR --detach`, run to its end.
+fn detach(l: &Link, pins: &Pins) -> AgentOutput {
+    Agent::spawn(&l.b, &["--pin-dir", &pins.arg(), "--detach"])
+        .unwrap()
+        .wait_exit(Duration::from_secs(30))
+        .unwrap()
+}
+
+/// Packets per flow (by source port) in the records, and the largest
+/// single record of each flow.
+fn per_flow(records: &[serde_json::Value]) -> BTreeMap<u64, (u64, u64)> {
+    let mut m: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+    for r in records {
+        if r["dst_addr"] == "10.50.0.2" {
+            let e = m.entry(r["src_port"].as_u64().unwrap()).or_default();
+            let p = r["packets"].as_u64().unwrap();
+            e.0 += p;
+            e.1 = e.1.max(p);
+        }
+    }
+    m
+}
+
+fn pinned(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn restart_with_keep_attached_counts_every_packet() {
+    let l = Link::new().unwrap();
+    let pins = Pins::new();
+    let first = agent(&l, &pins, &["--keep-attached"]);
+    assert_eq!(send(&l, 20, 10), 200);
+    let out = first.stop().unwrap();
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("left 2 links attached"),
+        "{}",
+        out.stderr
+    );
+    // Nothing was exported at that exit: the counts stay in the kernel.
+    let mut records = out.records;
+    assert!(per_flow(&records).is_empty());
+    let left = pinned(&pins.0);
+    assert!(
+        left.contains(&"TABLE".to_string()) && left.contains(&format!("link:xdp:{}", l.b_dev)),
+        "{left:?}"
+    );
+    // No agent: the programs keep counting.
+    assert_eq!(send(&l, 20, 5), 100);
+    let second = agent(&l, &pins, &[]);
+    assert!(
+        second.stderr().contains("adopting the pinned state"),
+        "{}",
+        second.stderr()
+    );
+    assert_eq!(send(&l, 20, 5), 100);
+    let out = second.stop().unwrap();
+    assert!(out.status.success(), "{}", out.stderr);
+    records.extend(out.records);
+    let got = per_flow(&records);
+    assert_eq!(got.len(), 20);
+    for (port, (packets, _)) in &got {
+        assert_eq!(*packets, 20, "flow from port {port}: {got:?}");
+    }
+    // A normal exit removes the pins.
+    assert!(pinned(&pins.0).is_empty(), "{:?}", pinned(&pins.0));
+}
+
+#[test]
+fn kill_9_loses_nothing() {
+    let l = Link::new().unwrap();
+    let pins = Pins::new();
+    // Short timeouts and drains: exports are in progress when it dies.
+    let quick = [
+        "--idle-timeout",
+        "600ms",
+        "--active-timeout",
+        "300ms",
+        "--drain-interval",
+        "100ms",
+    ];
+    let mut first = agent(&l, &pins, &quick);
+    let mut sent = 0;
+    for _ in 0..8 {
+        sent += send(&l, 20, 5);
+        std::thread::sleep(Duration::from_millis(60));
+    }
+    first.kill9();
+    let mut records = first.stop().unwrap().records;
+    // While no agent runs, the pinned programs keep counting.
+    sent += send(&l, 20, 7);
+    let second = agent(&l, &pins, &quick);
+    for _ in 0..4 {
+        sent += send(&l, 20, 5);
+        std::thread::sleep(Duration::from_millis(60));
+    }
+    let out = second.stop().unwrap();
+    assert!(out.status.success(), "{}", out.stderr);
+    records.extend(out.records);
+    let got = per_flow(&records);
+    assert_eq!(got.len(), 20);
+    assert_eq!(sent, 20 * (8 * 5 + 7 + 4 * 5));
+    let per = sent / 20;
+    let mut dups = 0;
+    for (port, (packets, largest)) in &got {
+        // Nothing lost; at most one record of a flow exported twice (the
+        // one the killed agent had sent but not yet committed).
+        assert!(
+            *packets >= per,
+            "flow from port {port} lost packets: {got:?}"
+        );
+        assert!(
+            *packets - per <= *largest,
+            "flow from port {port}: {} duplicates: {got:?}",
+            *packets - per
+        );
+        dups += *packets - per;
+    }
+    eprintln!("kill -9: {sent} packets sent, 0 lost, {dups} exported twice");
+    assert!(pinned(&pins.0).is_empty());
+}
+
+#[test]
+fn one_agent_per_pin_dir_and_foreign_layouts_are_refused() {
+    let l = Link::new().unwrap();
+    let pins = Pins::new();
+    let first = agent(&l, &pins, &["--keep-attached"]);
+    let pid = first.pid();
+    // A second agent on the same directory: refused, naming the first.
+    let out = refused(&l, &pins, &[]);
+    assert!(
+        out.stderr
+            .contains(&format!("in use by another flowexport agent (PID {pid})")),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(send(&l, 5, 4), 20);
+    assert!(first.stop().unwrap().status.success());
+
+    // Other sizes: refused (the counts stay pinned).
+    let out = refused(&l, &pins, &["--max-flows", "4096"]);
+    assert!(out.stderr.contains("cannot be resized"), "{}", out.stderr);
+
+    // Another layout version (an upgrade that changed the maps): refused,
+    // saying how to finish or discard them; nothing is touched.
+    set_layout_version(&pins.0, 99);
+    let out = refused(&l, &pins, &[]);
+    assert!(
+        out.stderr.contains("layout 99") && out.stderr.contains("rm -r"),
+        "{}",
+        out.stderr
+    );
+    // --detach cannot read it either: refused the same way.
+    let out = detach(&l, &pins);
+    assert!(!out.status.success());
+    assert!(out.stderr.contains("layout 99"), "{}", out.stderr);
+    assert!(pinned(&pins.0).contains(&"TABLE".to_string()));
+    // Back to this version: the counts of that state are all there.
+    set_layout_version(&pins.0, flowexport_common_layout());
+    let last = agent(&l, &pins, &[]);
+    let out = last.stop().unwrap();
+    assert!(out.status.success(), "{}", out.stderr);
+    let got = per_flow(&out.records);
+    assert_eq!(got.values().map(|v| v.0).sum::<u64>(), 20, "{got:?}");
+}
+
+/// The layout version the agent writes (CONTROL[1]).
+fn flowexport_common_layout() -> u32 {
+    flowexport_common::LAYOUT_VERSION
+}
+
+/// Overwrites the layout version in a pinned CONTROL map, as an agent of
+/// another version would have left it.
+fn set_layout_version(dir: &Path, v: u32) {
+    use aya::maps::{Array, Map, MapData};
+    let data = MapData::from_pin(dir.join("CONTROL")).unwrap();
+    let mut a: Array<MapData, u32> = Array::try_from(Map::Array(data)).unwrap();
+    a.set(1, v, 0).unwrap();
+}
+
+#[test]
+fn detach_exports_what_keep_attached_left_and_removes_it() {
+    let l = Link::new().unwrap();
+    let pins = Pins::new();
+    // Sizes other than the defaults: --detach adopts whatever is pinned.
+    let first = agent(
+        &l,
+        &pins,
+        &[
+            "--keep-attached",
+            "--max-flows",
+            "4096",
+            "--cache-slots",
+            "64",
+        ],
+    );
+    assert_eq!(send(&l, 20, 6), 120);
+    let out = first.stop().unwrap();
+    assert!(out.status.success(), "{}", out.stderr);
+    let mut records = out.records;
+    // No agent: still counted.
+    assert_eq!(send(&l, 20, 4), 80);
+    let out = detach(&l, &pins);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("detaching the pinned state"),
+        "{}",
+        out.stderr
+    );
+    records.extend(out.records);
+    let got = per_flow(&records);
+    assert_eq!(got.len(), 20, "{got:?}");
+    for (port, (packets, _)) in &got {
+        assert_eq!(*packets, 10, "flow from port {port}: {got:?}");
+    }
+    // Nothing pinned, nothing attached any more.
+    assert!(pinned(&pins.0).is_empty(), "{:?}", pinned(&pins.0));
+    let link =
+        l.b.exec(&["ip", "-d", "link", "show", "dev", &l.b_dev])
+            .unwrap();
+    assert!(!link.contains("prog/xdp"), "{link}");
+    // With nothing pinned, --detach does nothing and succeeds.
+    let out = detach(&l, &pins);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(out.stderr.contains("nothing to detach"), "{}", out.stderr);
+    assert!(out.records.is_empty());
+}
+
+const UNIT: &str = "/lib/systemd/system/flowexport-agent.service";
+
+/// The package `cargo xtask deb` built for this version and architecture.
+fn package_file() -> PathBuf {
+    let arch = std::process::Command::new("dpkg")
+        .arg("--print-architecture")
+        .output()
+        .unwrap();
+    let arch = String::from_utf8_lossy(&arch.stdout).trim().to_string();
+    let deb = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(
+        "../target/debian/flowexport_{}_{arch}.deb",
+        env!("CARGO_PKG_VERSION")
+    ));
+    assert!(
+        deb.is_file(),
+        "{} not found: build it with `cargo xtask deb` (scripts/test.sh does)",
+        deb.display()
+    );
+    deb
+}
+
+fn package_installed() -> bool {
+    std::process::Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", "flowexport"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+/// Purges the package on drop, so that a failing test leaves nothing
+/// installed (its prerm also ends whatever the test's agent left pinned).
+struct Package;
+
+impl Drop for Package {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("dpkg")
+            .args(["--purge", "flowexport"])
+            .output();
+    }
+}
+
+fn dpkg(args: &[&str]) -> std::process::Output {
+    let out = std::process::Command::new("dpkg")
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dpkg {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The value of `key=` in the installed unit (its last setting).
+fn unit_setting(unit: &str, key: &str) -> String {
+    unit.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("{UNIT} has no {key}="))
+        .trim()
+        .to_string()
+}
+
+/// The unit's capability list ("CAP_BPF CAP_NET_ADMIN") as setpriv writes
+/// it ("+bpf,+net_admin").
+fn setpriv_caps(list: &str) -> String {
+    list.split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `setpriv` arguments that run a command as the unit's User/Group with its
+/// capabilities (ambient and bounding set) and NoNewPrivileges; `drop`
+/// removes one capability (as a misconfigured unit would).
+fn as_the_unit(unit: &str, drop: Option<&str>) -> Vec<String> {
+    let ambient = unit_setting(unit, "AmbientCapabilities");
+    assert_eq!(ambient, unit_setting(unit, "CapabilityBoundingSet"));
+    let mut caps = setpriv_caps(&ambient);
+    if let Some(d) = drop {
+        caps = caps
+            .split(',')
+            .filter(|c| *c != d)
+            .collect::<Vec<_>>()
+            .join(",");
+    }
+    let mut argv = vec![
+        "setpriv".to_string(),
+        format!("--reuid={}", unit_setting(unit, "User")),
+        format!("--regid={}", unit_setting(unit, "Group")),
+        "--clear-groups".into(),
+        format!("--inh-caps=-all,{caps}"),
+        format!("--ambient-caps=-all,{caps}"),
+        format!("--bounding-set=-all,{caps}"),
+    ];
+    assert_eq!(unit_setting(unit, "NoNewPrivileges"), "yes");
+    argv.push("--no-new-privs".into());
+    argv
+}
+
+/// JSON records among dpkg's output (the maintainer scripts' `--detach`
+/// prints them there when there is no journal).
+fn json_lines(out: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(out)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn package_installs_runs_as_the_service_and_purge_removes_it_all() {
+    let deb = package_file();
+    assert!(
+        !package_installed(),
+        "the flowexport package is installed on this machine; this test installs and purges \
+         it: remove it first (dpkg --purge flowexport)"
+    );
+    let _purge = Package;
+    dpkg(&["-i", deb.to_str().unwrap()]);
+
+    for path in [
+        "/usr/bin/flowexport",
+        UNIT,
+        "/etc/flowexport/agent.toml",
+        "/usr/share/flowexport/prometheus/prometheus.yml",
+        "/usr/share/flowexport/grafana/flowexport.json",
+        "/usr/share/flowexport/detach.sh",
+        "/usr/share/doc/flowexport/README.md",
+    ] {
+        assert!(
+            Path::new(path).exists(),
+            "the package did not install {path}"
+        );
+    }
+    let conffiles = std::process::Command::new("dpkg-query")
+        .args(["-W", "-f=${Conffiles}", "flowexport"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&conffiles.stdout).contains("/etc/flowexport/agent.toml"),
+        "agent.toml is not a conffile"
+    );
+    assert!(std::process::Command::new("getent")
+        .args(["passwd", "flowexport"])
+        .status()
+        .unwrap()
+        .success());
+    let verify = std::process::Command::new("systemd-analyze")
+        .args(["verify", UNIT])
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "systemd-analyze verify {UNIT}:\n{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
+    // The operator's edit of the shipped config: the interface to watch
+    // (and, here, a pin directory on the harness's BPF filesystem, which
+    // `ip netns exec` leaves visible; the unit's ExecStartPre makes
+    // /sys/fs/bpf/flowexport for the default).
+    let l = Link::new().unwrap();
+    let pins = Pins::new();
+    let shipped = std::fs::read_to_string("/etc/flowexport/agent.toml").unwrap();
+    std::fs::write(
+        "/etc/flowexport/agent.toml",
+        format!(
+            "iface = [\"{}\"]\npin-dir = \"{}\"\n{shipped}",
+            l.b_dev,
+            pins.arg()
+        ),
+    )
+    .unwrap();
+
+    // The unit's ExecStart, as the unit's user with its capabilities.
+    let unit = std::fs::read_to_string(UNIT).unwrap();
+    let exec_start = unit_setting(&unit, "ExecStart");
+    assert!(!exec_start.contains(['"', '\'']), "{exec_start}");
+    let mut argv = as_the_unit(&unit, None);
+    argv.extend(exec_start.split_whitespace().map(String::from));
+    let service = Agent::start_argv(&l.b, &argv).unwrap();
+    assert_eq!(send(&l, 20, 6), 120);
+    // systemctl stop: SIGTERM; --keep-attached leaves the programs counting.
+    let out = service.stop().unwrap();
+    assert!(out.status.success(), "{}", out.stderr);
+    let mut records = out.records;
+    assert_eq!(send(&l, 20, 4), 80);
+
+    // Without CAP_BPF, the same command says so.
+    let mut argv = as_the_unit(&unit, Some("+bpf"));
+    argv.extend(exec_start.split_whitespace().map(String::from));
+    let out =
+        l.b.exec(&argv.iter().map(String::as_str).collect::<Vec<_>>())
+            .unwrap_err()
+            .to_string();
+    assert!(out.contains("missing CAP_BPF"), "{out}");
+
+    // Purge: prerm exports what the programs counted since the stop,
+    // detaches them and removes the pins; postrm removes the config.
+    let out = dpkg(&["--purge", "flowexport"]);
+    records.extend(json_lines(&out.stdout));
+    let got = per_flow(&records);
+    assert_eq!(got.len(), 20, "{got:?}");
+    for (port, (packets, _)) in &got {
+        assert_eq!(*packets, 10, "flow from port {port}: {got:?}");
+    }
+    assert!(pinned(&pins.0).is_empty(), "{:?}", pinned(&pins.0));
+    let link =
+        l.b.exec(&["ip", "-d", "link", "show", "dev", &l.b_dev])
+            .unwrap();
+    assert!(!link.contains("prog/xdp"), "{link}");
+    let tc =
+        l.b.exec(&["tc", "filter", "show", "dev", &l.b_dev, "egress"])
+            .unwrap();
+    assert!(!tc.contains("bpf"), "{tc}");
+    for path in [
+        "/usr/bin/flowexport",
+        UNIT,
+        "/etc/flowexport",
+        "/usr/share/flowexport",
+    ] {
+        assert!(!Path::new(path).exists(), "purge left {path}");
+    }
+    let procs = std::process::Command::new("pgrep")
+        .args(["-f", "/usr/bin/flowexport"])
+        .output()
+        .unwrap();
+    assert!(procs.stdout.is_empty(), "{procs:?}");
+}
