@@ -29,9 +29,10 @@ PKGS=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 util-linux
 # Tests only: real third-party NetFlow/IPFIX decoders (nfcapd/nfdump, tshark)
 # and exporters (softflowd, fprobe, pmacct's pmacctd/nfacctd); Prometheus,
 # which the pipeline test runs with the shipped scrape config; trafgen
-# (netsniff-ng), which sends the many-flow traffic of the scale tests.
+# (netsniff-ng), which sends the many-flow traffic of the scale tests;
+# systemd (systemd-analyze verify), adduser and procps for the package test.
 if $for_tests; then
-    PKGS+=(nfdump tshark softflowd fprobe pmacct prometheus netsniff-ng)
+    PKGS+=(nfdump tshark softflowd fprobe pmacct prometheus netsniff-ng systemd adduser procps)
 fi
 missing=()
 for p in "${PKGS[@]}"; do

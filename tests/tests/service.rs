@@ -511,9 +511,9 @@ fn package_installs_runs_as_the_service_and_purge_removes_it_all() {
     let unit = std::fs::read_to_string(UNIT).unwrap();
     let exec_start = unit_setting(&unit, "ExecStart");
     assert!(!exec_start.contains(['"', '\'']), "{exec_start}");
-    let mut argv = as_the_unit(&unit, None);
-    argv.extend(exec_start.split_whitespace().map(String::from));
-    let service = Agent::start_argv(&l.b, &argv).unwrap();
+    let mut argv_of_service = as_the_unit(&unit, None);
+    argv_of_service.extend(exec_start.split_whitespace().map(String::from));
+    let service = Agent::start_argv(&l.b, &argv_of_service).unwrap();
     assert_eq!(send(&l, 20, 6), 120);
     // systemctl stop: SIGTERM; --keep-attached leaves the programs counting.
     let out = service.stop().unwrap();
@@ -530,14 +530,53 @@ fn package_installs_runs_as_the_service_and_purge_removes_it_all() {
             .to_string();
     assert!(out.contains("missing CAP_BPF"), "{out}");
 
+    // An upgrade to a version with the same map layout leaves the pinned
+    // state to the new agent; one with another layout makes the installed
+    // version export and detach it first (preinst, here with its layout
+    // changed as a new package's would be).
+    let preinst = "/var/lib/dpkg/info/flowexport.preinst";
+    let same = std::process::Command::new("sh")
+        .args([preinst, "upgrade", env!("CARGO_PKG_VERSION")])
+        .output()
+        .unwrap();
+    assert!(same.status.success(), "{same:?}");
+    assert!(json_lines(&same.stdout).is_empty());
+    assert!(pinned(&pins.0).contains(&"TABLE".to_string()));
+    let other = std::env::temp_dir().join(unique("preinst-"));
+    let script = std::fs::read_to_string(preinst).unwrap();
+    let bumped = format!("NEW_LAYOUT={}", flowexport_common_layout() + 1);
+    let script = script.replace(
+        &format!("NEW_LAYOUT={}", flowexport_common_layout()),
+        &bumped,
+    );
+    assert!(script.contains(&bumped));
+    std::fs::write(&other, script).unwrap();
+    let upgrade = std::process::Command::new("sh")
+        .arg(&other)
+        .args(["upgrade", env!("CARGO_PKG_VERSION")])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&other);
+    assert!(upgrade.status.success(), "{upgrade:?}");
+    records.extend(json_lines(&upgrade.stdout));
+    assert!(pinned(&pins.0).is_empty(), "{:?}", pinned(&pins.0));
+
+    // The new version's service starts afresh and counts again.
+    let service = Agent::start_argv(&l.b, &argv_of_service).unwrap();
+    assert_eq!(send(&l, 20, 2), 40);
+    let out = service.stop().unwrap();
+    assert!(out.status.success(), "{}", out.stderr);
+    records.extend(out.records);
+
     // Purge: prerm exports what the programs counted since the stop,
     // detaches them and removes the pins; postrm removes the config.
     let out = dpkg(&["--purge", "flowexport"]);
     records.extend(json_lines(&out.stdout));
     let got = per_flow(&records);
     assert_eq!(got.len(), 20, "{got:?}");
+    // 6 + 4 packets per flow before the upgrade, 2 after it.
     for (port, (packets, _)) in &got {
-        assert_eq!(*packets, 10, "flow from port {port}: {got:?}");
+        assert_eq!(*packets, 12, "flow from port {port}: {got:?}");
     }
     assert!(pinned(&pins.0).is_empty(), "{:?}", pinned(&pins.0));
     let link =
@@ -561,4 +600,55 @@ fn package_installs_runs_as_the_service_and_purge_removes_it_all() {
         .output()
         .unwrap();
     assert!(procs.stdout.is_empty(), "{procs:?}");
+}
+
+/// Packets per ingress interface (`in_if`) of the test's flows.
+fn per_in_if(records: &[serde_json::Value]) -> BTreeMap<u64, u64> {
+    let mut m = BTreeMap::new();
+    for r in records {
+        if r["dst_addr"] == "10.50.0.2" {
+            *m.entry(r["in_if"].as_u64().unwrap()).or_default() += r["packets"].as_u64().unwrap();
+        }
+    }
+    m
+}
+
+#[test]
+fn restart_detaches_interfaces_no_longer_asked_for() {
+    let l = Link::new().unwrap();
+    // A second veth pair between the same namespaces.
+    let l2 = Link::between(Netns::borrowed(&l.a.name), Netns::borrowed(&l.b.name)).unwrap();
+    let (if1, if2) = (
+        l.b.ifindex(&l.b_dev).unwrap() as u64,
+        l.b.ifindex(&l2.b_dev).unwrap() as u64,
+    );
+    let pins = Pins::new();
+    let first = agent(&l, &pins, &["--iface", &l2.b_dev, "--keep-attached"]);
+    assert_eq!(send(&l, 5, 4), 20);
+    assert_eq!(send(&l2, 5, 6), 30);
+    let out = first.stop().unwrap();
+    assert!(out.status.success(), "{}", out.stderr);
+    let mut records = out.records;
+    // Restarted for the first interface only: the second one's programs go
+    // (what they counted is still exported), the first keeps counting.
+    let second = agent(&l, &pins, &[]);
+    assert!(
+        second
+            .stderr()
+            .contains(&format!("detached link:xdp:{}", l2.b_dev)),
+        "{}",
+        second.stderr()
+    );
+    let link =
+        l.b.exec(&["ip", "-d", "link", "show", "dev", &l2.b_dev])
+            .unwrap();
+    assert!(!link.contains("prog/xdp"), "{link}");
+    assert!(!pinned(&pins.0).contains(&format!("link:xdp:{}", l2.b_dev)));
+    assert_eq!(send(&l, 5, 2), 10);
+    assert_eq!(send(&l2, 5, 2), 10);
+    let out = second.stop().unwrap();
+    assert!(out.status.success(), "{}", out.stderr);
+    records.extend(out.records);
+    let got = per_in_if(&records);
+    assert_eq!(got, BTreeMap::from([(if1, 30), (if2, 30)]), "{got:?}");
 }

@@ -26,9 +26,13 @@
 //!    due are left alone: their counts keep adding up in the kernel, so
 //!    userspace holds nothing per flow;
 //! 5. exports a due flow in two steps, because only one generation can be
-//!    read exactly at a time: it takes (reads and clears) the old generation
-//!    now and the other one at the next drain, when that one is old, and
-//!    exports the sum. Every packet is in exactly one export: those counted
+//!    read exactly at a time: it takes the old generation now and the other
+//!    one at the next drain, when that one is old, and exports the sum.
+//!    "Takes" is read now, clear later: the drain first hands its records
+//!    to the sinks, then commits (stores the first steps' counts in the
+//!    pinned `PENDING` map and clears what it read), so that an agent
+//!    killed in between leaves every count in the kernel for the next one
+//!    (see [`TableDrain::commit`]). Every packet is in exactly one export: those counted
 //!    before this drain in the old generation, those counted before the
 //!    next drain in the other, and anything later starts the next slice. An
 //!    idle flow's slot is retired at step 1 (programs pass over it from
