@@ -390,9 +390,7 @@ impl Bridge {
             self.payload.clear();
             match self.args.out_format {
                 KafkaFormat::Protobuf => self.encoder.encode(&r, false, &mut self.payload),
-                KafkaFormat::Json => {
-                    serde_json::to_writer(&mut self.payload, &r).expect("FlowRecord serializes")
-                }
+                KafkaFormat::Json => crate::codec::json::write_record(&mut self.payload, &r),
             }
             self.key.clear();
             message_key(&r, &mut self.key);

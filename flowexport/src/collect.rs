@@ -24,7 +24,7 @@ use crate::config::{parse_duration, FileKafka, KafkaArgs};
 use crate::metrics::serve;
 use crate::record::FlowRecord;
 use crate::sink::kafka::KafkaSink;
-use crate::sink::stdout::JsonLinesSink;
+use crate::sink::stdout::QueuedJsonLines;
 use crate::sink::Sink;
 use crate::timeconv::wall_ns;
 
@@ -223,7 +223,10 @@ struct Worker {
     kind: Kind,
     netflow: NetflowDecoder,
     metrics: CollectMetrics,
+    /// Shared sinks (Kafka), one lock around them.
     sinks: Arc<Mutex<Vec<Box<dyn Sink>>>>,
+    /// This worker's sender into the stdout queue: formats without a lock.
+    stdout: Option<QueuedJsonLines>,
     errors: Arc<ErrorLog>,
     stop: Arc<AtomicBool>,
     templates_reported: i64,
@@ -293,15 +296,19 @@ impl Worker {
                 .flows
                 .with_label_values(&[flows[0].flow_type.as_str()])
                 .inc_by(flows.len() as u64);
-            let mut sinks = self.sinks.lock().expect("sink lock");
-            for s in sinks.iter_mut() {
+            let metrics = &self.metrics;
+            let deliver = |s: &mut dyn Sink| {
                 if let Err(e) = s.send(&flows) {
-                    self.metrics
-                        .sink_errors
-                        .with_label_values(&[s.name()])
-                        .inc();
+                    metrics.sink_errors.with_label_values(&[s.name()]).inc();
                     log::error!("{} records not delivered: {e}", flows.len());
                 }
+            };
+            if let Some(out) = self.stdout.as_mut() {
+                deliver(out);
+            }
+            let mut sinks = self.sinks.lock().expect("sink lock");
+            for s in sinks.iter_mut() {
+                deliver(s.as_mut());
             }
         }
     }
@@ -326,9 +333,13 @@ pub fn run(args: CollectArgs) -> Result<()> {
     if let Some(k) = kafka {
         sinks.push(Box::new(KafkaSink::new(k, &metrics.registry)?));
     }
-    if stdout {
-        sinks.push(Box::new(JsonLinesSink::stdout()));
-    }
+    // Formatted in the workers, written by a thread of its own: a slow
+    // reader of stdout shows in the queue's metrics.
+    let mut stdout = if stdout {
+        Some(QueuedJsonLines::stdout(&metrics.registry).context("stdout queue metrics")?)
+    } else {
+        None
+    };
     let sinks = Arc::new(Mutex::new(sinks));
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(ErrorLog {
@@ -356,6 +367,7 @@ pub fn run(args: CollectArgs) -> Result<()> {
                 netflow: NetflowDecoder::new(wait_ns, 4 << 20),
                 metrics: metrics.clone(),
                 sinks: sinks.clone(),
+                stdout: stdout.as_ref().map(QueuedJsonLines::handle),
                 errors: errors.clone(),
                 stop: stop.clone(),
                 templates_reported: 0,
@@ -405,11 +417,17 @@ pub fn run(args: CollectArgs) -> Result<()> {
     for t in threads {
         let _ = t.join();
     }
-    for s in sinks.lock().expect("sink lock").iter_mut() {
+    let mut sinks = sinks.lock().expect("sink lock");
+    for s in sinks
+        .iter_mut()
+        .map(|s| s.as_mut())
+        .chain(stdout.as_mut().map(|s| s as &mut dyn Sink))
+    {
         if let Err(e) = s.flush() {
             log::error!("flushing {}: {e}", s.name());
         }
     }
+    drop(stdout);
     runtime.shutdown_background();
     Ok(())
 }

@@ -315,7 +315,9 @@ impl FlowRecord {
 
     /// One JSON object, goflow2 field names, no trailing newline.
     pub fn to_json(&self) -> String {
-        serde_json::to_string(self).expect("FlowRecord serializes to JSON")
+        let mut out = Vec::with_capacity(512);
+        crate::codec::json::write_record(&mut out, self);
+        String::from_utf8(out).expect("JSON is UTF-8")
     }
 }
 

@@ -610,3 +610,128 @@ fn pmacctd_netflow9_into_kafka_json() {
 fn pmacctd_sfprobe_sflow5() {
     run(Exporter::PmacctdSflow);
 }
+
+/// A reader of the collector's stdout that stalls: decoding goes on (every
+/// flow counted, no socket drop), the records wait in the stdout queue
+/// (`flowexport_stdout_records_waiting`), and once the reader resumes every
+/// record arrives exactly once.
+#[test]
+fn stalled_stdout_reader_loses_and_duplicates_nothing() {
+    use flowexport::codec::export::{ExportProtocol, ExportStream};
+    use flowexport::record::{FlowRecord, FlowType, ETYPE_IPV4};
+    use std::io::Read;
+
+    let ns = Netns::new().unwrap();
+    ns.exec(&["ip", "link", "set", "lo", "up"]).unwrap();
+    let port = free_tcp_port(&ns);
+    let metrics_port = free_tcp_port(&ns);
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(flowexport_bin())
+        .args(["collect", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--workers", "1", "--metrics-addr"])
+        .arg(format!("127.0.0.1:{metrics_port}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut stdout = child.stdout.take().unwrap();
+    let child = Kill(child);
+    let gauge = |name: &str| -> u64 {
+        fetch_metrics(&ns, metrics_port)
+            .ok()
+            .and_then(|m| metric(&m, name))
+            .unwrap_or(0.0) as u64
+    };
+    assert!(wait_until(Duration::from_secs(20), || fetch_metrics(
+        &ns,
+        metrics_port
+    )
+    .is_ok()));
+
+    // 30,000 flows (about 13 MB of JSON, far more than a pipe holds), each
+    // with its own byte count, in 1,000 NetFlow v9 datagrams.
+    let flows: Vec<FlowRecord> = (0..30_000u64)
+        .map(|i| FlowRecord {
+            flow_type: FlowType::Ebpf,
+            time_flow_start_ns: 1_763_799_990_000_000_000,
+            time_flow_end_ns: 1_763_799_999_000_000_000,
+            bytes: 1_000_000 + i,
+            packets: 1,
+            src_addr: std::net::Ipv4Addr::from(0x0a3c_0000 + i as u32).into(),
+            dst_addr: "10.61.0.1".parse().unwrap(),
+            etype: ETYPE_IPV4,
+            proto: 17,
+            src_port: 1024,
+            dst_port: 53,
+            ..FlowRecord::default()
+        })
+        .collect();
+    let mut stream = ExportStream::new(
+        ExportProtocol::NetflowV9,
+        1,
+        9000,
+        60_000,
+        20,
+        1_763_799_000_000,
+    )
+    .unwrap();
+    let datagrams: Vec<Vec<u8>> = flows
+        .chunks(30)
+        .flat_map(|c| stream.encode(c, 1_763_800_000_000))
+        .collect();
+    ns.run(move || {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for (i, d) in datagrams.iter().enumerate() {
+            s.send_to(d, ("127.0.0.1", port)).unwrap();
+            if i % 20 == 19 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    })
+    .unwrap();
+
+    // Nobody reads stdout: every flow is decoded all the same, and what
+    // the pipe cannot take waits in the queue.
+    assert!(
+        wait_until(Duration::from_secs(20), || gauge(
+            "flowexport_collector_flows_total{type=\"NETFLOW_V9\"}"
+        ) == 30_000),
+        "decoded {}",
+        gauge("flowexport_collector_flows_total{type=\"NETFLOW_V9\"}")
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let waiting = gauge("flowexport_stdout_records_waiting");
+    assert!(waiting > 20_000, "{waiting} records waiting");
+
+    // The reader resumes.
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        stdout.read_to_end(&mut all).unwrap();
+        all
+    });
+    assert!(wait_until(Duration::from_secs(20), || gauge(
+        "flowexport_stdout_records_waiting"
+    ) == 0));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    let all = reader.join().unwrap();
+    let mut bytes: Vec<u64> = String::from_utf8(all)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["bytes"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    bytes.sort_unstable();
+    assert_eq!(bytes, (1_000_000..1_030_000).collect::<Vec<u64>>());
+}

@@ -1,17 +1,20 @@
-//! `cargo xtask bench collect`: how fast the collector decodes, measured side
-//! by side with pmacct's nfacctd in one run.
+//! `cargo xtask bench collect`: the collector's decoding and its outputs,
+//! side by side with nfdump's nfcapd and pmacct's nfacctd in one run.
 //!
 //! A generator builds NetFlow v9 and IPFIX packets of 30 records each with
 //! flowexport's own exporter (templates every 20 packets), then:
 //!
-//! 1. decode only, in process, one core: flows/s through `NetflowDecoder`;
-//! 2. the same stream replayed over loopback UDP to `flowexport collect`
-//!    (one worker; JSON lines to /dev/null; and, if a Tansu broker can be
-//!    started, decode + Kafka publish) and to `nfacctd` with its print plugin
-//!    writing CSV to a file. Each receiver gets the stream at a rate it can
-//!    take without socket drops (checked in /proc/net/udp), and is charged
-//!    the CPU time its processes used (utime + stime from /proc): flows per
-//!    CPU-second is flows/s per core, comparable between the two.
+//! 1. in process, one core: decoding (`NetflowDecoder`), and formatting
+//!    JSON lines with flowexport's writer and with serde_json;
+//! 2. a stream of 3M flows (NetFlow v9) replayed over loopback UDP at fixed
+//!    offered rates to each receiver: `flowexport collect` with one worker
+//!    (`--discard`; JSON lines to a file; Kafka into a local Tansu, at one
+//!    lower rate: the broker is the limit there), nfcapd writing its files
+//!    and nfacctd's print plugin. Per receiver and rate: the share of flows
+//!    decoded (datagrams not dropped at its socket, from /proc/net/udp) and
+//!    flows per CPU-second of its processes (utime + stime), and the highest
+//!    rate without a socket drop. The JSON file's lines are counted against
+//!    the flows decoded.
 
 use std::net::{IpAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -30,13 +33,15 @@ mod util;
 use util::cpu_seconds;
 
 const RECORDS_PER_PACKET: usize = 30;
-/// Packets per protocol in the stream.
+/// Packets per protocol in the in-process stream.
 const PACKETS: usize = 10_000;
-/// Offered rate for the process comparison (packets/s), low enough that
-/// both receivers keep up without socket drops.
-const RATE_PPS: u64 = 4_000;
-/// Packets of the decode + Kafka run: 45k flows, under the sink's buffer.
+/// Packets of the replayed stream: 3M flows.
+const REPLAY_PACKETS: usize = 100_000;
+/// Offered rates of the replay, flows/s.
+const RATES: [u64; 4] = [500_000, 1_000_000, 2_000_000, 3_000_000];
+/// The Kafka run: 45k flows (under the sink's buffer) at 120k flows/s.
 const KAFKA_PACKETS: usize = 1_500;
+const KAFKA_RATE: u64 = 120_000;
 
 fn flows(n: usize) -> Vec<FlowRecord> {
     (0..n)
@@ -59,11 +64,11 @@ fn flows(n: usize) -> Vec<FlowRecord> {
         .collect()
 }
 
-/// PACKETS packets of RECORDS_PER_PACKET records for one protocol.
-fn stream(proto: ExportProtocol) -> Result<Vec<Vec<u8>>> {
-    let recs = flows(RECORDS_PER_PACKET * PACKETS);
+/// `packets` packets of RECORDS_PER_PACKET records for one protocol.
+fn stream(proto: ExportProtocol, packets: usize) -> Result<Vec<Vec<u8>>> {
+    let recs = flows(RECORDS_PER_PACKET * packets);
     let mut s = ExportStream::new(proto, 1, 9000, 60_000, 20, 1_763_799_000_000)?;
-    let mut pkts = Vec::with_capacity(PACKETS);
+    let mut pkts = Vec::with_capacity(packets);
     for chunk in recs.chunks(RECORDS_PER_PACKET) {
         let mut p = s.encode(chunk, 1_763_800_000_000);
         if p.len() != 1 {
@@ -89,6 +94,24 @@ fn decode_only(pkts: &[Vec<u8>]) -> f64 {
         }
     }
     total as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Records per second formatted as JSON lines by `format`, one core.
+fn json_rate(records: &[FlowRecord], format: &dyn Fn(&mut Vec<u8>, &FlowRecord)) -> f64 {
+    let mut out = Vec::with_capacity(1 << 20);
+    let rounds = 10;
+    let t = Instant::now();
+    for _ in 0..rounds {
+        for chunk in records.chunks(4096) {
+            out.clear();
+            for r in chunk {
+                format(&mut out, r);
+                out.push(b'\n');
+            }
+            std::hint::black_box(&out);
+        }
+    }
+    (rounds * records.len()) as f64 / t.elapsed().as_secs_f64()
 }
 
 /// All processes in process group `pgid` (nfacctd runs a core process and
@@ -126,17 +149,23 @@ fn udp_drops(port: u16) -> u64 {
         .sum()
 }
 
-fn replay(pkts: &[Vec<u8>], port: u16) -> Result<()> {
+/// Sends the packets at `flows_per_s` (paced in steps of 16 packets).
+fn replay(pkts: &[Vec<u8>], port: u16, flows_per_s: u64) -> Result<()> {
     let s = UdpSocket::bind("127.0.0.1:0")?;
-    let gap = Duration::from_nanos(1_000_000_000 / RATE_PPS);
+    s.connect(("127.0.0.1", port))?;
+    let pps = (flows_per_s / RECORDS_PER_PACKET as u64).max(1);
     let start = Instant::now();
     for (i, p) in pkts.iter().enumerate() {
-        let due = start + gap * i as u32;
-        let now = Instant::now();
-        if due > now {
-            std::thread::sleep(due - now);
+        if i % 16 == 0 {
+            let due = start + Duration::from_nanos(i as u64 * 1_000_000_000 / pps);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
         }
-        s.send_to(p, ("127.0.0.1", port))?;
+        // A full socket buffer on loopback is the receiver's drop, counted
+        // in /proc/net/udp; the send itself does not fail.
+        s.send(p)?;
     }
     Ok(())
 }
@@ -173,28 +202,37 @@ fn wait_bound(port: u16) -> Result<()> {
     Ok(())
 }
 
-/// Replays the stream to a receiver process set and returns flows per
-/// CPU-second (and checks there were no socket drops).
-fn measure(pkts: &[Vec<u8>], port: u16, pids: &dyn Fn() -> Vec<u32>) -> Result<f64> {
+/// One replay: the share of flows decoded (not dropped at the socket) and
+/// flows per CPU-second of the receiver's processes.
+struct Run {
+    decoded: f64,
+    flows: u64,
+    per_cpu_s: f64,
+}
+
+/// Replays `pkts` at `rate` flows/s to a receiver process set.
+fn measure(pkts: &[Vec<u8>], port: u16, rate: u64, pids: &dyn Fn() -> Vec<u32>) -> Result<Run> {
     let ps = pids();
     if ps.is_empty() {
         bail!("receiver not running");
     }
     let cpu0: f64 = ps.iter().map(|p| cpu_seconds(*p)).sum();
     let drops0 = udp_drops(port);
-    replay(pkts, port)?;
+    replay(pkts, port, rate)?;
     // Let the receiver finish what is queued.
     std::thread::sleep(Duration::from_millis(1500));
     let cpu1: f64 = pids().iter().map(|p| cpu_seconds(*p)).sum();
     let drops = udp_drops(port) - drops0;
-    if drops > 0 {
-        eprintln!("note: {drops} datagrams dropped by the receiver's socket at {RATE_PPS} pkt/s");
-    }
-    let received = (pkts.len() as u64).saturating_sub(drops) as usize;
-    Ok((received * RECORDS_PER_PACKET) as f64 / (cpu1 - cpu0).max(0.01))
+    let received = (pkts.len() as u64).saturating_sub(drops);
+    let flows = received * RECORDS_PER_PACKET as u64;
+    Ok(Run {
+        decoded: received as f64 / pkts.len() as f64,
+        flows,
+        per_cpu_s: flows as f64 / (cpu1 - cpu0).max(0.01),
+    })
 }
 
-fn flowexport_collect(bin: &Path, port: u16, extra: &[&str]) -> Result<Proc> {
+fn flowexport_collect(bin: &Path, port: u16, extra: &[&str], stdout: Stdio) -> Result<Proc> {
     use std::os::unix::process::CommandExt;
     let child = Command::new(bin)
         .args([
@@ -206,7 +244,7 @@ fn flowexport_collect(bin: &Path, port: u16, extra: &[&str]) -> Result<Proc> {
         ])
         .args(["--metrics-addr", "127.0.0.1:0"])
         .args(extra)
-        .stdout(Stdio::null())
+        .stdout(stdout)
         .stderr(Stdio::null())
         .process_group(0)
         .spawn()
@@ -237,6 +275,22 @@ fn nfacctd(dir: &Path, port: u16) -> Result<Proc> {
     Ok(Proc(child))
 }
 
+fn nfcapd(dir: &Path, port: u16) -> Result<Proc> {
+    use std::os::unix::process::CommandExt;
+    let flows = dir.join("nfcapd");
+    std::fs::create_dir_all(&flows)?;
+    let child = Command::new("nfcapd")
+        .process_group(0)
+        .arg("-w")
+        .arg(&flows)
+        .args(["-b", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting nfcapd (Debian package nfdump)")?;
+    Ok(Proc(child))
+}
+
 fn main() -> Result<()> {
     let bin: PathBuf = std::env::current_exe()?
         .parent()
@@ -251,61 +305,139 @@ fn main() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("fe-bench-collect-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     println!("## Collector benchmark\n");
-    println!(
-        "{PACKETS} packets x {RECORDS_PER_PACKET} records per protocol; process runs replayed at {RATE_PPS} packets/s over loopback.\n"
-    );
-    let broker = tansu::Tansu::start("input")
-        .map_err(|e| eprintln!("no Kafka column: {e:#}"))
-        .ok();
-    println!("| protocol | decode only, in process (flows/s, 1 core) | collect --discard: decode only (flows per CPU-second) | collect, decode + Kafka publish | collect, decode + JSON to /dev/null | nfacctd, print plugin (flows per CPU-second) | decode only / nfacctd |");
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!("In process, one core ({PACKETS} packets x {RECORDS_PER_PACKET} records):\n");
+    println!("| protocol | decode (flows/s) | JSON lines, flowexport's writer (records/s) | JSON lines, serde_json (records/s) | writer / serde_json |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    let records = flows(RECORDS_PER_PACKET * PACKETS);
     for (name, proto) in [
         ("NetFlow v9", ExportProtocol::NetflowV9),
         ("IPFIX", ExportProtocol::Ipfix),
     ] {
-        let pkts = stream(proto)?;
-        let decode = decode_only(&pkts);
-        let run_ours = |extra: &[&str]| -> Result<f64> {
-            let port = free_udp_port()?;
-            let p = flowexport_collect(&bin, port, extra)?;
-            wait_bound(port)?;
-            let id = p.0.id();
-            measure(&pkts, port, &|| vec![id])
-        };
-        let discard = run_ours(&["--discard"])?;
-        let json = run_ours(&[])?;
-        // Kafka: a shorter stream, below the producer's buffer bound at the
-        // local broker's speed, so nothing is dropped.
-        let kafka = match &broker {
-            Some(b) => {
-                let port = free_udp_port()?;
-                let brokers = b.brokers();
-                let p = flowexport_collect(
+        let decode = decode_only(&stream(proto, PACKETS)?);
+        let ours = json_rate(&records, &flowexport::codec::json::write_record);
+        let serde = json_rate(&records, &|out, r| {
+            serde_json::to_writer(&mut *out, r).expect("serializes")
+        });
+        println!(
+            "| {name} | {decode:.0} | {ours:.0} | {serde:.0} | {:.1}x |",
+            ours / serde
+        );
+    }
+
+    println!(
+        "\nReplayed over loopback UDP: {} flows of NetFlow v9 ({REPLAY_PACKETS} packets) per \
+         rate; per receiver: flows decoded (not dropped at its socket), flows per CPU-second.\n",
+        REPLAY_PACKETS * RECORDS_PER_PACKET
+    );
+    let pkts = stream(ExportProtocol::NetflowV9, REPLAY_PACKETS)?;
+    let json_file = dir.join("collect.json");
+    let mut header = "| receiver |".to_string();
+    for r in RATES {
+        header += &format!(" {}M flows/s offered |", r as f64 / 1e6);
+    }
+    println!("{header} highest rate without a socket drop |");
+    println!("| --- |{} --- |", " --- |".repeat(RATES.len()));
+    type Start<'a> = Box<dyn Fn(u16) -> Result<(Proc, Box<dyn Fn() -> Vec<u32>>)> + 'a>;
+    let single = |p: Proc| -> (Proc, Box<dyn Fn() -> Vec<u32>>) {
+        let id = p.0.id();
+        (p, Box::new(move || vec![id]))
+    };
+    let group = |p: Proc| -> (Proc, Box<dyn Fn() -> Vec<u32>>) {
+        let id = p.0.id();
+        (p, Box::new(move || pids_in_group(id)))
+    };
+    let receivers: Vec<(&str, Start)> = vec![
+        (
+            "flowexport collect --discard",
+            Box::new(|port| {
+                Ok(single(flowexport_collect(
                     &bin,
                     port,
-                    &["--kafka-brokers", &brokers, "--kafka-topic", "input"],
-                )?;
-                wait_bound(port)?;
-                let id = p.0.id();
-                format!(
-                    "{:.0}",
-                    measure(&pkts[..KAFKA_PACKETS], port, &|| vec![id])?
-                )
-            }
-            None => "n/a (no tansu)".to_string(),
-        };
+                    &["--discard"],
+                    Stdio::null(),
+                )?))
+            }),
+        ),
+        (
+            "flowexport collect, JSON lines to a file",
+            Box::new(|port| {
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&json_file)?;
+                Ok(single(flowexport_collect(&bin, port, &[], f.into())?))
+            }),
+        ),
+        (
+            "nfcapd, binary files",
+            Box::new(|port| Ok(group(nfcapd(&dir, port)?))),
+        ),
+        (
+            "nfacctd, print plugin (CSV)",
+            Box::new(|port| Ok(group(nfacctd(&dir, port)?))),
+        ),
+    ];
+    for (name, start) in &receivers {
         let port = free_udp_port()?;
-        let theirs = {
-            let p = nfacctd(&dir, port)?;
+        let (_proc, pids) = start(port)?;
+        wait_bound(port)?;
+        let mut row = format!("| {name} |");
+        let mut best = "none".to_string();
+        for rate in RATES {
+            let _ = std::fs::File::create(&json_file);
+            let run = measure(&pkts, port, rate, &*pids)?;
+            row += &format!(
+                " {:.1}% decoded, {:.2}M flows/CPU-s |",
+                run.decoded * 100.0,
+                run.per_cpu_s / 1e6
+            );
+            if run.decoded == 1.0 {
+                best = format!("{}M flows/s", rate as f64 / 1e6);
+            }
+            if name.contains("JSON") {
+                let lines = count_lines(&json_file)?;
+                if lines != run.flows {
+                    eprintln!(
+                        "note: {name} at {rate} flows/s: {lines} JSON lines for {} flows decoded",
+                        run.flows
+                    );
+                }
+            }
+        }
+        println!("{row} {best} |");
+    }
+    let _ = std::fs::remove_file(&json_file);
+
+    // Kafka: a shorter stream at a lower rate (the local broker is the limit).
+    match tansu::Tansu::start("input") {
+        Ok(b) => {
+            let port = free_udp_port()?;
+            let brokers = b.brokers();
+            let p = flowexport_collect(
+                &bin,
+                port,
+                &["--kafka-brokers", &brokers, "--kafka-topic", "input"],
+                Stdio::null(),
+            )?;
             wait_bound(port)?;
-            let pgid = p.0.id();
-            measure(&pkts, port, &|| pids_in_group(pgid))?
-        };
-        println!(
-            "| {name} | {decode:.0} | {discard:.0} | {kafka} | {json:.0} | {theirs:.0} | {:.1}x |",
-            discard / theirs
-        );
+            let id = p.0.id();
+            let run = measure(&pkts[..KAFKA_PACKETS], port, KAFKA_RATE, &|| vec![id])?;
+            println!(
+                "\nflowexport collect into Kafka (local Tansu), {} flows at {KAFKA_RATE} flows/s: \
+                 {:.1}% decoded, {:.2}M flows/CPU-s.",
+                KAFKA_PACKETS * RECORDS_PER_PACKET,
+                run.decoded * 100.0,
+                run.per_cpu_s / 1e6
+            );
+        }
+        Err(e) => eprintln!("no Kafka run: {e:#}"),
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Lines in a file (the JSON output so far).
+fn count_lines(path: &Path) -> Result<u64> {
+    let data = std::fs::read(path)?;
+    Ok(data.iter().filter(|b| **b == b'\n').count() as u64)
 }

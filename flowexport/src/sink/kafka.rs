@@ -408,8 +408,7 @@ impl Sink for KafkaSink {
                     self.encoder
                         .encode(r, self.cfg.length_prefix, &mut self.payload)
                 }
-                KafkaFormat::Json => serde_json::to_writer(&mut self.payload, r)
-                    .expect("FlowRecord serializes to JSON"),
+                KafkaFormat::Json => crate::codec::json::write_record(&mut self.payload, r),
             }
             message_key(r, &mut self.key);
             let rec = BaseRecord::to(&self.cfg.topic)

@@ -1,11 +1,31 @@
-//! The embedded default sink: one JSON object per line on stdout.
+//! The embedded default sink: one JSON object per line on stdout
+//! ([`crate::codec::json`]).
+//!
+//! Two ways to write them:
+//! - [`JsonLinesSink`] writes each batch before `send` returns. The agent
+//!   uses it: a drain clears the kernel's counts only after their records
+//!   were written (nothing lost to a `kill -9`), and its drain thread is
+//!   not on the packet path.
+//! - [`QueuedJsonLines`] formats in the caller's thread and hands the bytes
+//!   to a writer thread through a queue bounded in bytes, so that a decoder
+//!   (`collect`) does not wait for each write. A slow reader of stdout shows
+//!   in two metrics, `flowexport_stdout_records_waiting` and
+//!   `flowexport_stdout_blocked_seconds_total` (time senders waited for room
+//!   in a full queue), instead of as silent drops at the collector's
+//!   sockets; nothing in the queue is dropped, and `flush` waits for it.
 
+use std::collections::VecDeque;
 use std::io::Write;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use prometheus::{Counter, IntGauge, Registry};
 
 use super::{Sink, SinkError};
+use crate::codec::json;
 use crate::record::FlowRecord;
 
-/// Writes JSON lines to any writer (stdout in the agent).
+/// Writes JSON lines to any writer (stdout in the agent), one write per batch.
 pub struct JsonLinesSink<W: Write + Send> {
     out: W,
     line: Vec<u8>,
@@ -26,6 +46,13 @@ impl JsonLinesSink<std::io::Stdout> {
     }
 }
 
+fn io_error(source: std::io::Error) -> SinkError {
+    SinkError::Io {
+        sink: "stdout",
+        source,
+    }
+}
+
 impl<W: Write + Send> Sink for JsonLinesSink<W> {
     fn name(&self) -> &'static str {
         "stdout"
@@ -33,25 +60,214 @@ impl<W: Write + Send> Sink for JsonLinesSink<W> {
 
     fn send(&mut self, records: &[FlowRecord]) -> Result<(), SinkError> {
         self.line.clear();
-        for r in records {
-            serde_json::to_writer(&mut self.line, r).expect("FlowRecord serializes to JSON");
-            self.line.push(b'\n');
-        }
+        json::write_lines(&mut self.line, records);
         // One write per batch keeps lines whole even if stdout is a pipe
         // shared with nobody else; flush so a reader sees records promptly.
-        let io = |source| SinkError::Io {
-            sink: "stdout",
-            source,
-        };
-        self.out.write_all(&self.line).map_err(io)?;
-        self.out.flush().map_err(io)
+        self.out.write_all(&self.line).map_err(io_error)?;
+        self.out.flush().map_err(io_error)
     }
 
     fn flush(&mut self) -> Result<(), SinkError> {
-        self.out.flush().map_err(|source| SinkError::Io {
-            sink: "stdout",
-            source,
+        self.out.flush().map_err(io_error)
+    }
+}
+
+/// Bytes the queue of [`QueuedJsonLines`] holds before senders wait:
+/// ~35,000 records, a few milliseconds of a writer's time.
+pub const QUEUE_BYTES: usize = 16 << 20;
+
+struct Queue {
+    /// Formatted batches and their record counts, oldest first.
+    batches: VecDeque<(Vec<u8>, u64)>,
+    /// Bytes queued or being written (released after the write).
+    bytes: usize,
+    /// Emptied buffers for senders to reuse.
+    spare: Vec<Vec<u8>>,
+    /// The writer's last error, reported to the next sender.
+    error: Option<std::io::Error>,
+    closed: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Signalled when batches arrive or the queue closes.
+    work: Condvar,
+    /// Signalled when the writer made room (or emptied the queue).
+    room: Condvar,
+    limit: usize,
+    waiting: IntGauge,
+    blocked: Counter,
+}
+
+/// JSON lines through a writer thread (see the module docs). The value
+/// [`QueuedJsonLines::new`] returns owns the thread (dropping it writes what
+/// is queued and ends it); [`QueuedJsonLines::handle`]s share its queue, so
+/// that several threads format and queue without a lock around the sink.
+pub struct QueuedJsonLines {
+    shared: Arc<Shared>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl QueuedJsonLines {
+    /// Writes to stdout; registers the queue's metrics in `registry`.
+    pub fn stdout(registry: &Registry) -> Result<QueuedJsonLines, prometheus::Error> {
+        QueuedJsonLines::new(std::io::stdout(), QUEUE_BYTES, registry)
+    }
+
+    /// Writes to `out` with a queue of `limit` bytes.
+    pub fn new<W: Write + Send + 'static>(
+        mut out: W,
+        limit: usize,
+        registry: &Registry,
+    ) -> Result<QueuedJsonLines, prometheus::Error> {
+        let waiting = IntGauge::new(
+            "flowexport_stdout_records_waiting",
+            "Records formatted for stdout and not yet written (a slow reader of stdout).",
+        )?;
+        let blocked = Counter::new(
+            "flowexport_stdout_blocked_seconds_total",
+            "Time senders (collect's workers) waited for room in the full stdout queue.",
+        )?;
+        registry.register(Box::new(waiting.clone()))?;
+        registry.register(Box::new(blocked.clone()))?;
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue {
+                batches: VecDeque::new(),
+                bytes: 0,
+                spare: Vec::new(),
+                error: None,
+                closed: false,
+            }),
+            work: Condvar::new(),
+            room: Condvar::new(),
+            limit,
+            waiting,
+            blocked,
+        });
+        let s = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name("stdout-writer".into())
+            .spawn(move || write_loop(&s, &mut out))
+            .expect("spawning the stdout writer thread");
+        Ok(QueuedJsonLines {
+            shared,
+            writer: Some(writer),
         })
+    }
+}
+
+impl QueuedJsonLines {
+    /// Another sender into the same queue and writer thread.
+    pub fn handle(&self) -> QueuedJsonLines {
+        QueuedJsonLines {
+            shared: self.shared.clone(),
+            writer: None,
+        }
+    }
+}
+
+/// The writer thread: takes every queued batch at once, writes them as one
+/// buffer, then releases their bytes.
+fn write_loop(s: &Shared, out: &mut dyn Write) {
+    let mut taken: Vec<(Vec<u8>, u64)> = Vec::new();
+    let mut joined: Vec<u8> = Vec::new();
+    loop {
+        {
+            let mut q = s.queue.lock().expect("stdout queue");
+            while q.batches.is_empty() && !q.closed {
+                q = s.work.wait(q).expect("stdout queue");
+            }
+            if q.batches.is_empty() {
+                return;
+            }
+            taken.extend(q.batches.drain(..));
+        }
+        joined.clear();
+        let (mut bytes, mut records) = (0, 0);
+        for (b, n) in &taken {
+            joined.extend_from_slice(b);
+            bytes += b.len();
+            records += n;
+        }
+        let result = out.write_all(&joined).and_then(|_| out.flush());
+        let mut q = s.queue.lock().expect("stdout queue");
+        if let Err(e) = result {
+            log::error!("{records} records not written to stdout: {e}");
+            q.error = Some(e);
+        }
+        q.bytes -= bytes;
+        s.waiting.sub(records as i64);
+        for (mut b, _) in taken.drain(..) {
+            if q.spare.len() < 64 {
+                b.clear();
+                q.spare.push(b);
+            }
+        }
+        s.room.notify_all();
+    }
+}
+
+impl Sink for QueuedJsonLines {
+    fn name(&self) -> &'static str {
+        "stdout"
+    }
+
+    fn send(&mut self, records: &[FlowRecord]) -> Result<(), SinkError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let s = &*self.shared;
+        let mut buf = s
+            .queue
+            .lock()
+            .expect("stdout queue")
+            .spare
+            .pop()
+            .unwrap_or_default();
+        json::write_lines(&mut buf, records);
+        let mut q = s.queue.lock().expect("stdout queue");
+        if let Some(e) = q.error.take() {
+            // stdout failed (the writer logged how many records that write
+            // lost): this batch is refused too, and the caller counts it.
+            q.spare.push(buf);
+            return Err(io_error(e));
+        }
+        if q.bytes > 0 && q.bytes + buf.len() > s.limit {
+            let started = Instant::now();
+            while q.bytes > 0 && q.bytes + buf.len() > s.limit {
+                q = s.room.wait(q).expect("stdout queue");
+            }
+            s.blocked.inc_by(started.elapsed().as_secs_f64());
+        }
+        q.bytes += buf.len();
+        s.waiting.add(records.len() as i64);
+        q.batches.push_back((buf, records.len() as u64));
+        s.work.notify_one();
+        Ok(())
+    }
+
+    /// Waits until everything queued was written.
+    fn flush(&mut self) -> Result<(), SinkError> {
+        let s = &*self.shared;
+        let mut q = s.queue.lock().expect("stdout queue");
+        while q.bytes > 0 {
+            q = s.room.wait(q).expect("stdout queue");
+        }
+        match q.error.take() {
+            Some(e) => Err(io_error(e)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for QueuedJsonLines {
+    fn drop(&mut self) {
+        // Only the owner ends the writer (after it wrote everything queued).
+        if let Some(w) = self.writer.take() {
+            self.shared.queue.lock().expect("stdout queue").closed = true;
+            self.shared.work.notify_one();
+            let _ = w.join();
+        }
     }
 }
 
@@ -94,5 +310,79 @@ mod tests {
         assert_eq!(v["src_addr"], "10.1.1.1");
         assert_eq!(v["tcp_flags"], 2);
         assert!(text.ends_with('\n'));
+    }
+
+    /// A writer that accepts nothing until its gate opens (a reader of
+    /// stdout that stalls), then keeps every byte.
+    /// Whether the gate is open, and what was written.
+    type GateState = Mutex<(bool, Vec<u8>)>;
+
+    #[derive(Clone, Default)]
+    struct Gated(Arc<(GateState, Condvar)>);
+
+    impl Write for Gated {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (m, c) = &*self.0;
+            let mut g = m.lock().unwrap();
+            while !g.0 {
+                g = c.wait(g).unwrap();
+            }
+            g.1.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_reader_blocks_the_sender_and_loses_nothing() {
+        let out = Gated::default();
+        let registry = Registry::new();
+        let mut sink = QueuedJsonLines::new(out.clone(), 8 << 10, &registry).unwrap();
+        let batch = |i: u32| -> Vec<FlowRecord> {
+            (0..10)
+                .map(|j| FlowRecord {
+                    packets: (i * 10 + j).into(),
+                    src_addr: "10.0.0.1".parse().unwrap(),
+                    dst_addr: "10.0.0.2".parse().unwrap(),
+                    ..FlowRecord::default()
+                })
+                .collect()
+        };
+        let sender = std::thread::spawn(move || {
+            for i in 0..200 {
+                sink.send(&batch(i)).unwrap();
+            }
+            sink.flush().unwrap();
+            sink
+        });
+        // The reader stalls: the queue fills up (8 KiB) and the sender waits.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let metric = |name: &str| {
+            crate::metrics::render_registry(&registry)
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+                .unwrap()
+        };
+        let waiting = metric("flowexport_stdout_records_waiting");
+        assert!(waiting > 0.0 && waiting < 2000.0, "{waiting}");
+        assert!(!sender.is_finished());
+        // It resumes: every record arrives once, in order.
+        {
+            let (m, c) = &*out.0;
+            m.lock().unwrap().0 = true;
+            c.notify_all();
+        }
+        let sink = sender.join().unwrap();
+        assert!(metric("flowexport_stdout_blocked_seconds_total") > 0.1);
+        assert_eq!(metric("flowexport_stdout_records_waiting"), 0.0);
+        drop(sink);
+        let text = String::from_utf8(out.0 .0.lock().unwrap().1.clone()).unwrap();
+        let packets: Vec<u64> = text
+            .lines()
+            .map(|l| crate::record::from_json(l.as_bytes()).unwrap().packets)
+            .collect();
+        assert_eq!(packets, (0..2000).collect::<Vec<u64>>());
     }
 }
