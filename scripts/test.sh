@@ -22,7 +22,7 @@ cargo build --workspace --bins
 # a panic or an input slower than 10 s fails the run. BENCHMARKS.md has
 # longer runs.
 echo "==> cargo fuzz (${FUZZ_SECONDS:-30}s per target)"
-for target in netflow sflow protobuf; do
+for target in netflow sflow protobuf json; do
     log=$(mktemp)
     if ! cargo +nightly fuzz run "$target" -- -max_total_time="${FUZZ_SECONDS:-30}" -timeout=10 \
         > "$log" 2>&1; then

@@ -14,6 +14,7 @@ flowexport_detach() {
         sink="systemd-cat -t flowexport-agent"
     fi
     status=0
+    rm -f /run/flowexport-detach-failed
     { /usr/bin/flowexport agent --config "$config" --detach || echo $? >/run/flowexport-detach-failed; } | $sink
     if [ -e /run/flowexport-detach-failed ]; then
         rm -f /run/flowexport-detach-failed

@@ -244,7 +244,12 @@ pub const CONTROL_OWNER_PID: u32 = 5;
 /// cache counts to the next agent (programs of a later epoch would take
 /// those slots over).
 pub const CONTROL_FOLDED: u32 = 6;
-pub const CONTROL_LEN: u32 = 8;
+/// 8 words from here: the overflow counters (`STATS`) as far as agents have
+/// read them into flow records, as 4 little-endian u64s (packets, bytes of
+/// ingress, then of egress). The next agent continues from these, so that
+/// no overflow packet is read twice or skipped across restarts.
+pub const CONTROL_OVERFLOW_READ: u32 = 8;
+pub const CONTROL_LEN: u32 = 16;
 
 /// The version of the maps' layout (every `#[repr(C)]` type and map here):
 /// an agent adopts pinned maps only of its own version. Bump it with any

@@ -2,6 +2,7 @@
 //! timer into flow records, hand the records to the sinks, serve metrics, and
 //! on SIGINT/SIGTERM detach, drain one last time and flush.
 
+use std::path::Path;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -142,6 +143,16 @@ impl Drainer {
     /// Drains the kernel, exports every flow that is due (all of them if
     /// `last`) in batches, and returns how many records went out.
     fn cycle(&mut self, last: bool) -> Result<usize> {
+        self.export(if last { Cycle::Final } else { Cycle::Periodic })
+    }
+
+    /// At a `--keep-attached` exit: exports what this agent holds in memory
+    /// (the kernel's tables stay for the next agent).
+    fn hand_over(&mut self) -> Result<usize> {
+        self.export(Cycle::HandOver)
+    }
+
+    fn export(&mut self, kind: Cycle) -> Result<usize> {
         let started = Instant::now();
         let ctx = ExportContext {
             sampler_address: self.sampler_address,
@@ -168,7 +179,11 @@ impl Drainer {
                 batch.clear();
             }
         };
-        let report = tables.drain(agg, *timeouts, last, &mut emit)?;
+        let report = match kind {
+            Cycle::Periodic => tables.drain(agg, *timeouts, false, &mut emit)?,
+            Cycle::Final => tables.drain(agg, *timeouts, true, &mut emit)?,
+            Cycle::HandOver => tables.hand_over(agg, *timeouts, &mut emit)?,
+        };
         if !batch.is_empty() {
             let t = Instant::now();
             send(sinks, metrics, batch);
@@ -179,7 +194,7 @@ impl Drainer {
         // go (an agent killed before this re-exports them, never loses
         // them; see capture::drain).
         let committing = Instant::now();
-        if !report.skipped {
+        if !report.skipped && kind != Cycle::HandOver {
             tables.commit()?;
         }
         let in_commit = committing.elapsed();
@@ -215,6 +230,17 @@ impl Drainer {
     }
 }
 
+/// What a drain cycle does.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cycle {
+    /// Flows whose timeouts are due.
+    Periodic,
+    /// Everything (the programs are detached).
+    Final,
+    /// What left the kernel for this agent (`--keep-attached` exit).
+    HandOver,
+}
+
 /// The sinks the configuration asks for. Fails on bad sink settings (for
 /// example an unknown `-X` property) before anything is attached.
 fn build_sinks(cfg: &AgentConfig, metrics: &AgentMetrics) -> Result<Vec<Box<dyn Sink>>> {
@@ -241,6 +267,16 @@ fn build_sinks(cfg: &AgentConfig, metrics: &AgentMetrics) -> Result<Vec<Box<dyn 
 /// Runs the agent until SIGINT/SIGTERM (with `--detach`: drains and
 /// detaches the pinned state, then returns).
 pub fn run(mut cfg: AgentConfig) -> Result<()> {
+    if cfg.detach {
+        // Nothing pinned: nothing to do, and nothing needed for it (no
+        // capability, not even the directory: a package is removable on a
+        // host where the agent never ran).
+        let dir = cfg.pin_dir.as_deref().unwrap_or(Path::new(""));
+        if !dir.join(flowexport_common::MAP_CONTROL).exists() {
+            log::info!("nothing pinned in {}: nothing to detach", dir.display());
+            return Ok(());
+        }
+    }
     let metrics = AgentMetrics::new();
     let sinks = build_sinks(&cfg, &metrics)?;
     raise_memlock();
@@ -361,6 +397,9 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
     }
 
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    // The kernel's counters at start (an adopted state's are what earlier
+    // agents counted): the metrics count from here.
+    let start_stats = tables.stats().unwrap_or_default();
     let mut drainer = Drainer {
         tables,
         agg: FlowAggregator::default(),
@@ -371,7 +410,7 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
         sinks,
         metrics,
         sampler_address: cfg.sampler_address,
-        last_stats: KernelStats::default(),
+        last_stats: start_stats,
         full_since_log: (0, 0),
         full_logged: None,
         batch: Vec::with_capacity(EXPORT_BATCH),
@@ -392,6 +431,10 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
                 // agent takes it all over.
                 let kept = capture.leave_attached();
                 drainer.tables.rest_clock();
+                let n = drainer.hand_over()?;
+                if n > 0 {
+                    log::info!("exported {n} flows held in memory (fallback and overflow)");
+                }
                 for sink in &mut drainer.sinks {
                     if let Err(e) = sink.flush() {
                         log::error!("flushing {}: {e}", sink.name());

@@ -314,6 +314,21 @@ impl Worker {
     }
 }
 
+/// The worker threads: stopped and joined when dropped.
+struct Workers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
 pub fn run(args: CollectArgs) -> Result<()> {
     if args.listen.is_empty() && args.sflow_listen.is_empty() {
         bail!("nothing to listen on: give --listen ADDR:PORT and/or --sflow-listen ADDR:PORT");
@@ -350,7 +365,12 @@ pub fn run(args: CollectArgs) -> Result<()> {
         .unwrap_or(Duration::from_secs(60))
         .as_nanos() as u64;
 
-    let mut threads = Vec::new();
+    // Declared after `stdout`, so dropped before it: on any early return
+    // the workers stop (and stop sending) before the stdout writer ends.
+    let mut running = Workers {
+        stop: stop.clone(),
+        threads: Vec::new(),
+    };
     let listeners = args
         .listen
         .iter()
@@ -374,7 +394,7 @@ pub fn run(args: CollectArgs) -> Result<()> {
                 expired_reported: 0,
                 packet_counters: HashMap::new(),
             };
-            threads.push(
+            running.threads.push(
                 std::thread::Builder::new()
                     .name(format!("collect-{}-{i}", addr.port()))
                     .spawn(move || w.run())?,
@@ -413,10 +433,7 @@ pub fn run(args: CollectArgs) -> Result<()> {
         }
         anyhow::Ok(())
     })?;
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        let _ = t.join();
-    }
+    drop(running);
     let mut sinks = sinks.lock().expect("sink lock");
     for s in sinks
         .iter_mut()

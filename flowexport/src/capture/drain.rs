@@ -57,14 +57,14 @@ use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
 use aya::Ebpf;
 use flowexport_common::{
     CacheSlot, FallbackEvent, FlowKey, PendingExport, CLOCK_ACTIVE_DRAIN, CONTROL_CACHE_SLOTS,
-    CONTROL_EPOCH, CONTROL_FOLDED, CONTROL_LAYOUT, CONTROL_OWNER_PID, CONTROL_RING_BYTES,
-    CONTROL_SLOTS, DIR_EGRESS, DIR_INGRESS, LAYOUT_VERSION, MAP_CACHE, MAP_CLOCK, MAP_CONTROL,
-    MAP_DIRTY, MAP_FALLBACK, MAP_PENDING, MAP_STATS, MAP_TABLE, SLOT_BUSY, SLOT_RETIRING,
-    SLOT_VALID, STAT_FALLBACK_CONTENDED, STAT_FALLBACK_PACKETS, STAT_LEN, STAT_MALFORMED_EGRESS,
-    STAT_MALFORMED_INGRESS, STAT_NON_IP_EGRESS, STAT_NON_IP_INGRESS, STAT_OVERFLOW_BYTES_EGRESS,
-    STAT_OVERFLOW_BYTES_INGRESS, STAT_OVERFLOW_PACKETS_EGRESS, STAT_OVERFLOW_PACKETS_INGRESS,
-    STAT_TABLE_BYTES_EGRESS, STAT_TABLE_BYTES_INGRESS, STAT_TABLE_PACKETS_EGRESS,
-    STAT_TABLE_PACKETS_INGRESS, TABLE_REGION_SHIFT,
+    CONTROL_EPOCH, CONTROL_FOLDED, CONTROL_LAYOUT, CONTROL_OVERFLOW_READ, CONTROL_OWNER_PID,
+    CONTROL_RING_BYTES, CONTROL_SLOTS, DIR_EGRESS, DIR_INGRESS, LAYOUT_VERSION, MAP_CACHE,
+    MAP_CLOCK, MAP_CONTROL, MAP_DIRTY, MAP_FALLBACK, MAP_PENDING, MAP_STATS, MAP_TABLE, SLOT_BUSY,
+    SLOT_RETIRING, SLOT_VALID, STAT_FALLBACK_CONTENDED, STAT_FALLBACK_PACKETS, STAT_LEN,
+    STAT_MALFORMED_EGRESS, STAT_MALFORMED_INGRESS, STAT_NON_IP_EGRESS, STAT_NON_IP_INGRESS,
+    STAT_OVERFLOW_BYTES_EGRESS, STAT_OVERFLOW_BYTES_INGRESS, STAT_OVERFLOW_PACKETS_EGRESS,
+    STAT_OVERFLOW_PACKETS_INGRESS, STAT_TABLE_BYTES_EGRESS, STAT_TABLE_BYTES_INGRESS,
+    STAT_TABLE_PACKETS_EGRESS, STAT_TABLE_PACKETS_INGRESS, TABLE_REGION_SHIFT,
 };
 
 use super::bpf_sys::{lookup_batch, GracePeriod, SharedMap};
@@ -223,6 +223,15 @@ impl KernelStats {
             ),
             self.by_dir(dir, STAT_OVERFLOW_BYTES_INGRESS, STAT_OVERFLOW_BYTES_EGRESS),
         )
+    }
+    fn set_overflow(&mut self, dir: u8, (packets, bytes): (u64, u64)) {
+        let (p, b) = if dir == DIR_INGRESS {
+            (STAT_OVERFLOW_PACKETS_INGRESS, STAT_OVERFLOW_BYTES_INGRESS)
+        } else {
+            (STAT_OVERFLOW_PACKETS_EGRESS, STAT_OVERFLOW_BYTES_EGRESS)
+        };
+        self.values[p as usize] = packets;
+        self.values[b as usize] = bytes;
     }
     fn table_path(&self, dir: u8) -> (u64, u64) {
         (
@@ -386,6 +395,15 @@ impl TableDrain {
     /// in the table (or in `PENDING`): an agent killed before it re-exports
     /// them (duplicates), never loses them.
     pub fn commit(&mut self, store: &mut dyn PendingStore) -> std::io::Result<()> {
+        // Finished exports leave PENDING first: an agent killed after this
+        // re-exports their second steps' counts (still in the table), never
+        // their first steps' (exported, gone from the table) on a slot that
+        // was freed and taken by another flow meanwhile.
+        if !self.finished.is_empty() {
+            store.delete(&self.finished)?;
+            self.finished.clear();
+            self.finished_set.clear();
+        }
         if !self.started.is_empty() {
             store.put(&self.started)?;
             for (i, e) in self.started.drain(..) {
@@ -397,11 +415,6 @@ impl TableDrain {
         }
         for i in self.to_free.drain(..) {
             self.table.free(i);
-        }
-        if !self.finished.is_empty() {
-            store.delete(&self.finished)?;
-            self.finished.clear();
-            self.finished_set.clear();
         }
         Ok(())
     }
@@ -886,7 +899,7 @@ impl KernelTables {
                 stale.len()
             );
         }
-        Ok(KernelTables {
+        let mut tables = KernelTables {
             table,
             dirty,
             control,
@@ -903,7 +916,53 @@ impl KernelTables {
             last_stats: KernelStats::default(),
             pending,
             unfolded,
-        })
+        };
+        if start == Start::Adopted {
+            // What earlier agents counted is theirs: continue from the
+            // kernel's counters now, except the overflow counters, which
+            // continue from what was read into records (CONTROL).
+            let mut base = tables.stats()?;
+            for dir in [DIR_INGRESS, DIR_EGRESS] {
+                base.set_overflow(dir, tables.overflow_read(dir)?);
+            }
+            tables.last_stats = base;
+        }
+        Ok(tables)
+    }
+
+    /// The overflow counters of `dir` as read into records so far.
+    fn overflow_read(&self, dir: u8) -> Result<(u64, u64), DrainError> {
+        let at = CONTROL_OVERFLOW_READ + if dir == DIR_INGRESS { 0 } else { 4 };
+        let word = |i: u32| -> Result<u64, DrainError> {
+            let lo = self
+                .control
+                .get(&(at + i), 0)
+                .map_err(map_err(MAP_CONTROL))?;
+            let hi = self
+                .control
+                .get(&(at + i + 1), 0)
+                .map_err(map_err(MAP_CONTROL))?;
+            Ok(u64::from(lo) | u64::from(hi) << 32)
+        };
+        Ok((word(0)?, word(2)?))
+    }
+
+    fn set_overflow_read(
+        &mut self,
+        dir: u8,
+        (packets, bytes): (u64, u64),
+    ) -> Result<(), DrainError> {
+        let at = CONTROL_OVERFLOW_READ + if dir == DIR_INGRESS { 0 } else { 4 };
+        for (i, v) in [packets, bytes].into_iter().enumerate() {
+            let i = at + 2 * i as u32;
+            self.control
+                .set(i, v as u32, 0)
+                .map_err(map_err(MAP_CONTROL))?;
+            self.control
+                .set(i + 1, (v >> 32) as u32, 0)
+                .map_err(map_err(MAP_CONTROL))?;
+        }
+        Ok(())
     }
 
     /// Stops keeping the programs' clock word and sets it to 0, so that the
@@ -1043,6 +1102,42 @@ impl KernelTables {
         report.regions_visited = scan.regions_visited;
         report.examined = scan.examined;
 
+        self.read_fallback(agg, now, &mut report)?;
+        report.exported += agg.expire(now, t, final_drain, out);
+        Ok(report)
+    }
+
+    /// The `--keep-attached` exit: the programs keep counting into the
+    /// pinned maps for the next agent, but what already left the kernel for
+    /// this agent's memory (fallback ring events and overflow counts read,
+    /// in `agg`) is exported now, whatever its timeouts.
+    pub fn hand_over(
+        &mut self,
+        agg: &mut FlowAggregator,
+        t: Timeouts,
+        out: &mut Export,
+    ) -> Result<DrainReport, DrainError> {
+        let mut report = DrainReport::default();
+        let now = monotonic_ns();
+        self.read_fallback(agg, now, &mut report)?;
+        report.exported += agg.expire(now, t, true, out);
+        Ok(report)
+    }
+
+    /// Step 6: the fallback ring's events and the overflow counters, into
+    /// `agg`; the overflow counters read so far are kept in `CONTROL` for
+    /// the next agent.
+    fn read_fallback(
+        &mut self,
+        agg: &mut FlowAggregator,
+        now: u64,
+        report: &mut DrainReport,
+    ) -> Result<(), DrainError> {
+        let count = |report: &mut DrainReport, key: &FlowKey, c: &FlowCounters| {
+            let d = (key.direction == DIR_EGRESS) as usize;
+            report.packets[d] += c.packets;
+            report.bytes[d] += c.bytes;
+        };
         while let Some(item) = self.fallback.next() {
             if item.len() < std::mem::size_of::<FallbackEvent>() {
                 log::warn!("short fallback event ({} bytes) ignored", item.len());
@@ -1059,7 +1154,7 @@ impl KernelTables {
                 last_seen_ns: ev.ts_ns,
                 tcp_flags: ev.tcp_flags,
             };
-            count(&mut report, &ev.key, &c);
+            count(report, &ev.key, &c);
             agg.add(ev.key, &c);
             report.fallback_events += 1;
         }
@@ -1082,9 +1177,10 @@ impl KernelTables {
                     last_seen_ns: now,
                     tcp_flags: 0,
                 };
-                count(&mut report, &key, &c);
+                count(report, &key, &c);
                 agg.add(key, &c);
                 report.overflow_packets += p - sp;
+                self.set_overflow_read(dir, (p, b))?;
             }
             let (p, b) = stats.table_path(dir);
             let (sp, sb) = self.last_stats.table_path(dir);
@@ -1092,8 +1188,7 @@ impl KernelTables {
             report.bytes[dir as usize] += b - sb;
         }
         self.last_stats = stats;
-        report.exported += agg.expire(now, t, final_drain, out);
-        Ok(report)
+        Ok(())
     }
 
     /// Step 3: the old epoch's cache slots of every CPU, read in one batch,

@@ -229,8 +229,15 @@ impl Sink for QueuedJsonLines {
         if let Some(e) = q.error.take() {
             // stdout failed (the writer logged how many records that write
             // lost): this batch is refused too, and the caller counts it.
+            buf.clear();
             q.spare.push(buf);
             return Err(io_error(e));
+        }
+        if q.closed {
+            return Err(io_error(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the stdout writer has stopped",
+            )));
         }
         if q.bytes > 0 && q.bytes + buf.len() > s.limit {
             let started = Instant::now();
