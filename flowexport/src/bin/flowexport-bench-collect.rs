@@ -386,9 +386,13 @@ fn main() -> Result<()> {
         for rate in RATES {
             let _ = std::fs::File::create(&json_file);
             let run = measure(&pkts, port, rate, &*pids)?;
+            let decoded = if run.decoded == 1.0 {
+                "100%".to_string()
+            } else {
+                format!("{:.2}%", run.decoded * 100.0)
+            };
             row += &format!(
-                " {:.1}% decoded, {:.2}M flows/CPU-s |",
-                run.decoded * 100.0,
+                " {decoded} decoded, {:.2}M flows/CPU-s |",
                 run.per_cpu_s / 1e6
             );
             if run.decoded == 1.0 {

@@ -86,6 +86,9 @@ struct Queue {
     /// The writer's last error, reported to the next sender.
     error: Option<std::io::Error>,
     closed: bool,
+    /// The writer waits for work: a sender must wake it (otherwise it
+    /// takes the new batch with the next round, without a wake-up call).
+    writer_idle: bool,
 }
 
 struct Shared {
@@ -137,6 +140,7 @@ impl QueuedJsonLines {
                 spare: Vec::new(),
                 error: None,
                 closed: false,
+                writer_idle: false,
             }),
             work: Condvar::new(),
             room: Condvar::new(),
@@ -175,8 +179,10 @@ fn write_loop(s: &Shared, out: &mut dyn Write) {
         {
             let mut q = s.queue.lock().expect("stdout queue");
             while q.batches.is_empty() && !q.closed {
+                q.writer_idle = true;
                 q = s.work.wait(q).expect("stdout queue");
             }
+            q.writer_idle = false;
             if q.batches.is_empty() {
                 return;
             }
@@ -249,7 +255,10 @@ impl Sink for QueuedJsonLines {
         q.bytes += buf.len();
         s.waiting.add(records.len() as i64);
         q.batches.push_back((buf, records.len() as u64));
-        s.work.notify_one();
+        if q.writer_idle {
+            q.writer_idle = false;
+            s.work.notify_one();
+        }
         Ok(())
     }
 
