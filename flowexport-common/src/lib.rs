@@ -254,7 +254,9 @@ pub const CONTROL_LEN: u32 = 16;
 /// The version of the maps' layout (every `#[repr(C)]` type and map here):
 /// an agent adopts pinned maps only of its own version. Bump it with any
 /// change a previous agent's maps could not be read with.
-pub const LAYOUT_VERSION: u32 = 1;
+/// 1: the first pinned layout; 2: `CONTROL` grew to 16 words
+/// (`CONTROL_OVERFLOW_READ`).
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// An export in progress, kept in the `PENDING` map (userspace only) so that
 /// it survives the agent: the counts its first step took out of the table,
