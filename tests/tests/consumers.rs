@@ -94,6 +94,24 @@ fn flow(i: u32) -> FlowRecord {
     }
 }
 
+/// Checks that every input flow (by `sequence_num`) reached the output with
+/// its expected customer id; returns the duplicates.
+fn every_input_enriched_once_or_more(out: &[FlowRecord], flows: &[FlowRecord]) -> u64 {
+    let mut seen = vec![0u32; flows.len()];
+    for r in out {
+        seen[r.sequence_num as usize] += 1;
+        assert_eq!(r.cid, expected_cid(&flows[r.sequence_num as usize]));
+    }
+    let lost: Vec<usize> = (0..flows.len()).filter(|i| seen[*i] == 0).collect();
+    assert!(
+        lost.is_empty(),
+        "{} records lost, first {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    (out.len() - flows.len()) as u64
+}
+
 /// The cid rule (README): the local side (destination of ingress, source of
 /// egress), else the other side.
 fn expected_cid(r: &FlowRecord) -> u32 {
@@ -429,19 +447,7 @@ fn killed_mid_stream_loses_nothing(
         .iter()
         .flat_map(|t| decode_all(&broker, t))
         .collect();
-    let mut seen = vec![0u32; N as usize];
-    for r in &out {
-        seen[r.sequence_num as usize] += 1;
-        assert_eq!(r.cid, expected_cid(&flows[r.sequence_num as usize]));
-    }
-    let lost: Vec<usize> = (0..N as usize).filter(|i| seen[*i] == 0).collect();
-    assert!(
-        lost.is_empty(),
-        "{} records lost, first {:?}",
-        lost.len(),
-        &lost[..lost.len().min(10)]
-    );
-    let dups = out.len() as u64 - N as u64;
+    let dups = every_input_enriched_once_or_more(&out, &flows);
     // Only the (at most two) batches produced but not committed are read
     // again.
     assert!(
@@ -696,19 +702,7 @@ fn enrich_group_survives_the_death_of_a_member() {
         );
         std::thread::sleep(Duration::from_secs(2));
         let out = decode_all(&broker, "gout");
-        let mut seen = vec![0u32; N as usize];
-        for r in &out {
-            seen[r.sequence_num as usize] += 1;
-            assert_eq!(r.cid, expected_cid(&flows[r.sequence_num as usize]));
-        }
-        let lost: Vec<usize> = (0..N as usize).filter(|i| seen[*i] == 0).collect();
-        assert!(
-            lost.is_empty(),
-            "{} records lost, first {:?}",
-            lost.len(),
-            &lost[..lost.len().min(10)]
-        );
-        let dups = out.len() as u64 - N as u64;
+        let dups = every_input_enriched_once_or_more(&out, &flows);
         // The README's bound: each member's two batches in flight at a
         // rebalance or a crash may be read again.
         assert!(

@@ -128,6 +128,21 @@ fn pinned(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Each of the 20 test flows carries exactly `packets` packets over `records`.
+fn assert_every_flow_has(records: &[serde_json::Value], packets: u64) {
+    let got = per_flow(records);
+    assert_eq!(got.len(), 20, "{got:?}");
+    for (port, (n, _)) in &got {
+        assert_eq!(*n, packets, "flow from port {port}: {got:?}");
+    }
+}
+
+/// No XDP program left on `dev` in `ns`.
+fn assert_no_xdp(ns: &Netns, dev: &str) {
+    let link = ns.exec(&["ip", "-d", "link", "show", "dev", dev]).unwrap();
+    assert!(!link.contains("prog/xdp"), "{link}");
+}
+
 #[test]
 fn restart_with_keep_attached_counts_every_packet() {
     let l = Link::new().unwrap();
@@ -161,11 +176,7 @@ fn restart_with_keep_attached_counts_every_packet() {
     let out = second.stop().unwrap();
     assert!(out.status.success(), "{}", out.stderr);
     records.extend(out.records);
-    let got = per_flow(&records);
-    assert_eq!(got.len(), 20);
-    for (port, (packets, _)) in &got {
-        assert_eq!(*packets, 20, "flow from port {port}: {got:?}");
-    }
+    assert_every_flow_has(&records, 20);
     // A normal exit removes the pins.
     assert!(pinned(&pins.0).is_empty(), "{:?}", pinned(&pins.0));
 }
@@ -312,17 +323,10 @@ fn detach_exports_what_keep_attached_left_and_removes_it() {
         out.stderr
     );
     records.extend(out.records);
-    let got = per_flow(&records);
-    assert_eq!(got.len(), 20, "{got:?}");
-    for (port, (packets, _)) in &got {
-        assert_eq!(*packets, 10, "flow from port {port}: {got:?}");
-    }
+    assert_every_flow_has(&records, 10);
     // Nothing pinned, nothing attached any more.
     assert!(pinned(&pins.0).is_empty(), "{:?}", pinned(&pins.0));
-    let link =
-        l.b.exec(&["ip", "-d", "link", "show", "dev", &l.b_dev])
-            .unwrap();
-    assert!(!link.contains("prog/xdp"), "{link}");
+    assert_no_xdp(&l.b, &l.b_dev);
     // With nothing pinned, --detach does nothing and succeeds.
     let out = detach(&l, &pins);
     assert!(out.status.success(), "{}", out.stderr);
@@ -572,17 +576,10 @@ fn package_installs_runs_as_the_service_and_purge_removes_it_all() {
     // detaches them and removes the pins; postrm removes the config.
     let out = dpkg(&["--purge", "flowexport"]);
     records.extend(json_lines(&out.stdout));
-    let got = per_flow(&records);
-    assert_eq!(got.len(), 20, "{got:?}");
     // 6 + 4 packets per flow before the upgrade, 2 after it.
-    for (port, (packets, _)) in &got {
-        assert_eq!(*packets, 12, "flow from port {port}: {got:?}");
-    }
+    assert_every_flow_has(&records, 12);
     assert!(pinned(&pins.0).is_empty(), "{:?}", pinned(&pins.0));
-    let link =
-        l.b.exec(&["ip", "-d", "link", "show", "dev", &l.b_dev])
-            .unwrap();
-    assert!(!link.contains("prog/xdp"), "{link}");
+    assert_no_xdp(&l.b, &l.b_dev);
     // (The TC egress link is TCX on 6.6+, which `tc filter show` does not
     // list: its pin, gone above, was its last reference.)
     for path in [
@@ -637,10 +634,7 @@ fn restart_detaches_interfaces_no_longer_asked_for() {
         "{}",
         second.stderr()
     );
-    let link =
-        l.b.exec(&["ip", "-d", "link", "show", "dev", &l2.b_dev])
-            .unwrap();
-    assert!(!link.contains("prog/xdp"), "{link}");
+    assert_no_xdp(&l.b, &l2.b_dev);
     assert!(!pinned(&pins.0).contains(&format!("link:xdp:{}", l2.b_dev)));
     assert_eq!(send(&l, 5, 2), 10);
     assert_eq!(send(&l2, 5, 2), 10);

@@ -106,6 +106,19 @@ fn deb() -> Result<()> {
         .arg(&out))
 }
 
+/// The release `flowexport` binary, which the benchmarks run as a process.
+fn build_release_agent() -> Result<()> {
+    run(Command::new("cargo").current_dir(root()).args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "flowexport",
+        "--bin",
+        "flowexport",
+    ]))
+}
+
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::BuildEbpf { debug } => build_ebpf(debug),
@@ -117,15 +130,7 @@ fn main() -> Result<()> {
             if matches!(what.as_str(), "churn" | "peers") {
                 // The scale benchmarks run the release agent against the
                 // receive path and its peers (crate benches/).
-                run(Command::new("cargo").current_dir(root()).args([
-                    "build",
-                    "--release",
-                    "--quiet",
-                    "-p",
-                    "flowexport",
-                    "--bin",
-                    "flowexport",
-                ]))?;
+                build_release_agent()?;
                 return run(Command::new("cargo")
                     .current_dir(root())
                     .args([
@@ -154,15 +159,7 @@ fn main() -> Result<()> {
                 }
             };
             if needs_flowexport {
-                run(Command::new("cargo").current_dir(root()).args([
-                    "build",
-                    "--release",
-                    "--quiet",
-                    "-p",
-                    "flowexport",
-                    "--bin",
-                    "flowexport",
-                ]))?;
+                build_release_agent()?;
             }
             run(Command::new("cargo")
                 .current_dir(root())

@@ -187,6 +187,15 @@ pub struct DrainReport {
     pub examined: usize,
 }
 
+impl DrainReport {
+    /// Counts a flow's packets and bytes in its direction's totals.
+    fn count(&mut self, key: &FlowKey, c: &FlowCounters) {
+        let d = (key.direction == DIR_EGRESS) as usize;
+        self.packets[d] += c.packets;
+        self.bytes[d] += c.bytes;
+    }
+}
+
 /// Cumulative kernel counters (sums over CPUs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelStats {
@@ -1045,12 +1054,7 @@ impl KernelTables {
             // the slots over.
             log::info!("folding the flow cache of epoch {e}, which the last agent left");
             self.wait_grace_period()?;
-            let count = |report: &mut DrainReport, key: &FlowKey, c: &FlowCounters| {
-                let d = (key.direction == DIR_EGRESS) as usize;
-                report.packets[d] += c.packets;
-                report.bytes[d] += c.bytes;
-            };
-            self.fold_cache(e, agg, &mut report, &count)?;
+            self.fold_cache(e, agg, &mut report)?;
             self.control
                 .set(CONTROL_FOLDED, e, 0)
                 .map_err(map_err(MAP_CONTROL))?;
@@ -1077,13 +1081,7 @@ impl KernelTables {
         };
         let old_gen = old_epoch & 1;
         let now = monotonic_ns();
-        let count = |report: &mut DrainReport, key: &FlowKey, c: &FlowCounters| {
-            let d = (key.direction == DIR_EGRESS) as usize;
-            report.packets[d] += c.packets;
-            report.bytes[d] += c.bytes;
-        };
-
-        self.fold_cache(old_epoch, agg, &mut report, &count)?;
+        self.fold_cache(old_epoch, agg, &mut report)?;
         self.control
             .set(CONTROL_FOLDED, old_epoch, 0)
             .map_err(map_err(MAP_CONTROL))?;
@@ -1133,11 +1131,6 @@ impl KernelTables {
         now: u64,
         report: &mut DrainReport,
     ) -> Result<(), DrainError> {
-        let count = |report: &mut DrainReport, key: &FlowKey, c: &FlowCounters| {
-            let d = (key.direction == DIR_EGRESS) as usize;
-            report.packets[d] += c.packets;
-            report.bytes[d] += c.bytes;
-        };
         while let Some(item) = self.fallback.next() {
             if item.len() < std::mem::size_of::<FallbackEvent>() {
                 log::warn!("short fallback event ({} bytes) ignored", item.len());
@@ -1154,7 +1147,7 @@ impl KernelTables {
                 last_seen_ns: ev.ts_ns,
                 tcp_flags: ev.tcp_flags,
             };
-            count(report, &ev.key, &c);
+            report.count(&ev.key, &c);
             agg.add(ev.key, &c);
             report.fallback_events += 1;
         }
@@ -1177,7 +1170,7 @@ impl KernelTables {
                     last_seen_ns: now,
                     tcp_flags: 0,
                 };
-                count(report, &key, &c);
+                report.count(&key, &c);
                 agg.add(key, &c);
                 report.overflow_packets += p - sp;
                 self.set_overflow_read(dir, (p, b))?;
@@ -1199,7 +1192,6 @@ impl KernelTables {
         old_epoch: u32,
         agg: &mut FlowAggregator,
         report: &mut DrainReport,
-        count: &dyn Fn(&mut DrainReport, &FlowKey, &FlowCounters),
     ) -> Result<(), DrainError> {
         if self.cache_slots == 0 {
             return Ok(());
@@ -1231,7 +1223,7 @@ impl KernelTables {
                 last_seen_ns: s.value.last_seen_ns,
                 tcp_flags: s.value.tcp_flags,
             };
-            count(report, &s.key, &c);
+            report.count(&s.key, &c);
             report.cache_entries += 1;
             if !self.table.fold(s.table_idx, gen, &c) {
                 log::warn!(
