@@ -255,8 +255,9 @@ pub const CONTROL_LEN: u32 = 16;
 /// an agent adopts pinned maps only of its own version. Bump it with any
 /// change a previous agent's maps could not be read with.
 /// 1: the first pinned layout; 2: `CONTROL` grew to 16 words
-/// (`CONTROL_OVERFLOW_READ`).
-pub const LAYOUT_VERSION: u32 = 2;
+/// (`CONTROL_OVERFLOW_READ`); 3: `STATS` grew to 16 counters (filtered
+/// packets).
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// An export in progress, kept in the `PENDING` map (userspace only) so that
 /// it survives the agent: the counts its first step took out of the table,
@@ -280,6 +281,83 @@ pub struct PendingExport {
 /// (`min(TABLE_MAX_PROBES, slots)`).
 pub const GLOBAL_CACHE_SLOTS: &str = "CACHE_SLOTS";
 pub const GLOBAL_TABLE_MASK: &str = "TABLE_MASK";
+/// 1-in-N sampling (`--sampling`; 0 and 1: every packet).
+pub const GLOBAL_SAMPLING: &str = "SAMPLING";
+/// The filter rules (`--filter`), a [`FilterSet`].
+pub const GLOBAL_FILTER: &str = "FILTER";
+
+/// Most filter rules: each is one bit of the u32 masks below.
+pub const FILTER_MAX_RULES: usize = 32;
+
+/// The filter rules (`--filter`) as the kernel evaluates them, without a
+/// loop over rules: every table gives, as a bit mask, the rules a packet's
+/// field can satisfy; their AND is the set of matching rules, and the
+/// lowest bit the first of them (which decides). A read-only global of
+/// the kernel object (1,080 bytes, whatever the CPU count).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FilterSet {
+    /// Rules in use (0: no filtering; the programs skip it entirely).
+    pub count: u32,
+    /// The rules whose action is accept.
+    pub accept: u32,
+    /// 1 when a packet no rule matches is rejected (some rule accepts).
+    pub default_reject: u32,
+    /// 1 when some rule has a CIDR (the `FILTER_V4`/`FILTER_V6` tries are
+    /// looked up), 1 when some rule has a port (`FILTER_PORTS` is).
+    pub cidrs: u32,
+    pub ports: u32,
+    /// Rules without a `cidr` / `src-cidr` / `dst-cidr` key.
+    pub no_cidr: u32,
+    pub no_src_cidr: u32,
+    pub no_dst_cidr: u32,
+    /// Rules without a `port` / `src-port` / `dst-port` key.
+    pub no_port: u32,
+    pub no_src_port: u32,
+    pub no_dst_port: u32,
+    /// Rules with any port key: they match only TCP, UDP, UDP-Lite and
+    /// SCTP packets.
+    pub port_rules: u32,
+    /// By direction (`DIR_INGRESS`, `DIR_EGRESS`): the rules that allow it.
+    pub direction: [u32; 2],
+    /// By IP protocol number: the rules that allow it.
+    pub proto: [u32; 256],
+}
+
+impl Default for FilterSet {
+    fn default() -> Self {
+        FilterSet {
+            count: 0,
+            accept: 0,
+            default_reject: 0,
+            cidrs: 0,
+            ports: 0,
+            no_cidr: 0,
+            no_src_cidr: 0,
+            no_dst_cidr: 0,
+            no_port: 0,
+            no_src_port: 0,
+            no_dst_port: 0,
+            port_rules: 0,
+            direction: [0; 2],
+            proto: [0; 256],
+        }
+    }
+}
+
+/// A value of the filter's look-up tables: bit i is set when rule i's
+/// `cidr` / `src-cidr` / `dst-cidr` contains the trie entry's prefix, or
+/// when rule i's `port` / `src-port` / `dst-port` is the `FILTER_PORTS`
+/// entry's port. The longest prefix that matches an address therefore
+/// gives exactly the rules whose CIDRs contain the address (each such CIDR
+/// contains that prefix).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FilterMasks {
+    pub either: u32,
+    pub src: u32,
+    pub dst: u32,
+}
 /// Default cache slots per half (per CPU: 2 x 2048 x 96 bytes = 384 KiB).
 pub const DEFAULT_CACHE_SLOTS: u32 = 2048;
 
@@ -308,7 +386,10 @@ pub const STAT_TABLE_BYTES_EGRESS: u32 = 12;
 /// Of `STAT_FALLBACK_PACKETS`: packets whose insert found the lock busy for
 /// the whole spin (not a full table).
 pub const STAT_FALLBACK_CONTENDED: u32 = 13;
-pub const STAT_LEN: u32 = 14;
+/// Packets a filter rule (`--filter`) rejected: they form no flow.
+pub const STAT_FILTERED_INGRESS: u32 = 14;
+pub const STAT_FILTERED_EGRESS: u32 = 15;
+pub const STAT_LEN: u32 = 16;
 
 /// Map and program names, shared so the loader cannot drift from the object.
 pub const MAP_TABLE: &str = "TABLE";
@@ -320,6 +401,12 @@ pub const MAP_FALLBACK: &str = "FALLBACK";
 pub const MAP_CACHE: &str = "CACHE";
 pub const MAP_CLOCK: &str = "CLOCK";
 pub const MAP_PENDING: &str = "PENDING";
+/// Filter look-up tables (not pinned: each agent loads its own rules).
+pub const MAP_FILTER_V4: &str = "FILTER_V4";
+pub const MAP_FILTER_V6: &str = "FILTER_V6";
+pub const MAP_FILTER_PORTS: &str = "FILTER_PORTS";
+/// Prefixes per filter trie: three CIDRs per rule.
+pub const FILTER_TRIE_ENTRIES: u32 = 3 * FILTER_MAX_RULES as u32;
 /// Every map of the object, as pinned under `--pin-dir`.
 pub const MAPS: [&str; 9] = [
     MAP_TABLE,
@@ -354,6 +441,8 @@ mod pod {
     unsafe impl aya::Pod for super::TableSlot {}
     unsafe impl aya::Pod for super::ClockWord {}
     unsafe impl aya::Pod for super::PendingExport {}
+    unsafe impl aya::Pod for super::FilterSet {}
+    unsafe impl aya::Pod for super::FilterMasks {}
 }
 
 #[cfg(test)]
@@ -370,6 +459,8 @@ mod tests {
         assert_eq!(size_of::<TableSlot>(), 96);
         assert_eq!(size_of::<ClockWord>(), 24);
         assert_eq!(size_of::<PendingExport>(), 40);
+        assert_eq!(size_of::<FilterSet>(), 1080);
+        assert_eq!(size_of::<FilterMasks>(), 12);
         assert_eq!(offset_of!(FlowKey, proto), SLOT_WORD_OFFSET);
         assert_eq!(SLOT_WORD_OFFSET, SLOT_WORD_INDEX * 4);
         assert_eq!(offset_of!(TableSlot, packets), 64);

@@ -34,19 +34,20 @@
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, TC_ACT_UNSPEC},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::{classifier, map, xdp},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
 };
 use core::intrinsics::{atomic_cxchg, atomic_or, atomic_xadd, atomic_xchg, AtomicOrdering};
 use core::mem::size_of;
 use flowexport_common::{
-    slot_state, slot_word, table_hash, CacheSlot, ClockWord, FallbackEvent, FlowKey, FlowValue,
-    PendingExport, TableSlot, CLOCK_ACTIVE_ALL, CONTROL_EPOCH, CONTROL_LEN, DIR_EGRESS,
-    DIR_INGRESS, SLOT_BUSY, SLOT_EMPTY, SLOT_TOMB, SLOT_VALID, SLOT_WORD_INDEX,
-    STAT_FALLBACK_CONTENDED, STAT_FALLBACK_PACKETS, STAT_LEN, STAT_MALFORMED_EGRESS,
-    STAT_MALFORMED_INGRESS, STAT_NON_IP_EGRESS, STAT_NON_IP_INGRESS, STAT_OVERFLOW_BYTES_EGRESS,
+    slot_state, slot_word, table_hash, CacheSlot, ClockWord, FallbackEvent, FilterMasks, FilterSet,
+    FlowKey, FlowValue, PendingExport, TableSlot, CLOCK_ACTIVE_ALL, CONTROL_EPOCH, CONTROL_LEN,
+    DIR_EGRESS, DIR_INGRESS, FILTER_TRIE_ENTRIES, SLOT_BUSY, SLOT_EMPTY, SLOT_TOMB, SLOT_VALID,
+    SLOT_WORD_INDEX, STAT_FALLBACK_CONTENDED, STAT_FALLBACK_PACKETS, STAT_FILTERED_EGRESS,
+    STAT_FILTERED_INGRESS, STAT_LEN, STAT_MALFORMED_EGRESS, STAT_MALFORMED_INGRESS,
+    STAT_NON_IP_EGRESS, STAT_NON_IP_INGRESS, STAT_OVERFLOW_BYTES_EGRESS,
     STAT_OVERFLOW_BYTES_INGRESS, STAT_OVERFLOW_PACKETS_EGRESS, STAT_OVERFLOW_PACKETS_INGRESS,
     STAT_TABLE_BYTES_EGRESS, STAT_TABLE_BYTES_INGRESS, STAT_TABLE_PACKETS_EGRESS,
     STAT_TABLE_PACKETS_INGRESS, TABLE_LOCKS, TABLE_LOCK_SPINS, TABLE_MAX_PROBES,
@@ -129,8 +130,9 @@ static CACHE: PerCpuArray<CacheSlot> = PerCpuArray::with_max_entries(2 * 2048, 0
 static PENDING: HashMap<u32, PendingExport> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 
 /// Counters that are not flows (non-IP frames, fallback use, table-path
-/// traffic); see the STAT_* indices in flowexport-common. Per-CPU,
-/// cumulative, never reset (14 x 8 bytes per CPU).
+/// traffic, filtered packets); see the STAT_* indices in flowexport-common.
+/// Per-CPU, cumulative, never reset (16 x 8 bytes per CPU: 256 bytes on 2
+/// CPUs, 2 KiB on 16, 8 KiB on 64).
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_LEN, 0);
 
@@ -141,6 +143,53 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_LEN, 0);
 /// per-direction overflow counters of `STATS`, so totals stay exact.
 #[map]
 static FALLBACK: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// 1-in-N sampling (`--sampling`), set by the loader; 0 or 1: every packet.
+/// Read-only: with 1, the verifier sees a constant and drops the branch.
+#[no_mangle]
+static SAMPLING: u32 = 0;
+
+/// The filter rules (`--filter`) as bit masks (`FilterSet`), set by the
+/// loader; see `flowexport_filter`. A read-only global: no map look-up per
+/// table, and with `count` 0 the verifier drops the whole filter from the
+/// programs, so the hot path pays nothing without rules.
+#[no_mangle]
+static FILTER: FilterSet = FilterSet {
+    count: 0,
+    accept: 0,
+    default_reject: 0,
+    cidrs: 0,
+    ports: 0,
+    no_cidr: 0,
+    no_src_cidr: 0,
+    no_dst_cidr: 0,
+    no_port: 0,
+    no_src_port: 0,
+    no_dst_port: 0,
+    port_rules: 0,
+    direction: [0; 2],
+    proto: [0; 256],
+};
+
+/// The filter rules' CIDRs, per family: prefix -> which rules' CIDRs
+/// contain it (`FilterMasks`). Sizing: `FILTER_TRIE_ENTRIES` (three CIDRs
+/// for each of the 32 rules) prefixes of 4 or 16 bytes plus 12-byte values,
+/// allocated as used (an LPM trie must not be preallocated): a few KiB at
+/// most, whatever the CPU count. Filled by the loader, not pinned.
+#[map]
+static FILTER_V4: LpmTrie<[u8; 4], FilterMasks> =
+    LpmTrie::with_max_entries(FILTER_TRIE_ENTRIES, BPF_F_NO_PREALLOC);
+#[map]
+static FILTER_V6: LpmTrie<[u8; 16], FilterMasks> =
+    LpmTrie::with_max_entries(FILTER_TRIE_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// The filter rules' ports: port -> which rules name it (`FilterMasks`).
+/// An array, so a look-up is inlined (a hash look-up would cost a helper
+/// call). Sizing: the loader makes it 65,536 entries (768 KiB, shared by
+/// all CPUs: the same on 2, 16 or 64) only when some rule has a port, else
+/// 1 entry. Filled by the loader, not pinned.
+#[map]
+static FILTER_PORTS: Array<FilterMasks> = Array::with_max_entries(1, 0);
 
 const ETH_HDR_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -876,6 +925,104 @@ fn write_first(v: &mut FlowValue, packets: u64, bytes: u64, now: u64, tcp_flags:
     }
 }
 
+/// Whether a parsed packet (or GSO super-packet of `packets` segments) is
+/// counted: first the filter rules decide (a rejected packet is counted in
+/// `STAT_FILTERED_*`, so that figure is exact), then 1-in-`SAMPLING`
+/// random sampling. With neither configured, both branches fold away.
+#[inline(always)]
+fn admit(key: &FlowKey, packets: u64) -> bool {
+    // SAFETY: plain reads of read-only globals (volatile: see CACHE_SLOTS).
+    let (rules, sampling) = unsafe {
+        (
+            core::ptr::read_volatile(&FILTER.count),
+            core::ptr::read_volatile(&SAMPLING),
+        )
+    };
+    // SAFETY: `key` is the caller's valid key.
+    if rules != 0 && unsafe { flowexport_filter(key) } == 0 {
+        if key.direction == DIR_INGRESS {
+            stat_add(STAT_FILTERED_INGRESS, packets);
+        } else {
+            stat_add(STAT_FILTERED_EGRESS, packets);
+        }
+        return false;
+    }
+    // SAFETY: a helper without arguments.
+    sampling <= 1 || unsafe { bpf_get_prandom_u32() } % sampling == 0
+}
+
+/// The filter rules' verdict on `key`: 1 to count it, 0 to leave it out.
+/// The rules that match are the AND of the masks each of the packet's
+/// fields allows (protocol, direction, CIDR tries, port table); the first
+/// of them (lowest bit) decides. When none does, the packet is counted
+/// unless some rule accepts (`default_reject`). No loop: at most two trie
+/// look-ups and two array look-ups, whatever the number of rules. A global
+/// function (verified once, on its own).
+///
+/// # Safety
+/// `key` is null or points at a readable `FlowKey`.
+#[no_mangle]
+#[inline(never)]
+pub unsafe extern "C" fn flowexport_filter(key: *const FlowKey) -> i64 {
+    if key.is_null() {
+        return 1;
+    }
+    // SAFETY: the caller's key (checked non-null).
+    let key = unsafe { &*key };
+    // SAFETY: plain reads of a read-only global (volatile: see
+    // CACHE_SLOTS); the indices are a u8 and a bit, inside the arrays.
+    let f = |field: &u32| unsafe { core::ptr::read_volatile(field) };
+    let mut m =
+        f(&FILTER.proto[key.proto as usize]) & f(&FILTER.direction[(key.direction & 1) as usize]);
+    if m != 0 && f(&FILTER.cidrs) != 0 {
+        let (s, d) = if key.ip_version == 6 {
+            (
+                FILTER_V6.get(Key::new(128, key.src_addr)).copied(),
+                FILTER_V6.get(Key::new(128, key.dst_addr)).copied(),
+            )
+        } else {
+            let mut s4 = [0u8; 4];
+            let mut d4 = [0u8; 4];
+            s4.copy_from_slice(&key.src_addr[..4]);
+            d4.copy_from_slice(&key.dst_addr[..4]);
+            (
+                FILTER_V4.get(Key::new(32, s4)).copied(),
+                FILTER_V4.get(Key::new(32, d4)).copied(),
+            )
+        };
+        let (s, d) = (s.unwrap_or_default(), d.unwrap_or_default());
+        m &= (s.either | d.either | f(&FILTER.no_cidr))
+            & (s.src | f(&FILTER.no_src_cidr))
+            & (d.dst | f(&FILTER.no_dst_cidr));
+    }
+    if m != 0 && f(&FILTER.ports) != 0 {
+        let with_ports = matches!(
+            key.proto,
+            IPPROTO_TCP | IPPROTO_UDP | IPPROTO_UDPLITE | IPPROTO_SCTP
+        );
+        if with_ports {
+            let s = FILTER_PORTS
+                .get(key.src_port as u32)
+                .copied()
+                .unwrap_or_default();
+            let d = FILTER_PORTS
+                .get(key.dst_port as u32)
+                .copied()
+                .unwrap_or_default();
+            m &= (s.either | d.either | f(&FILTER.no_port))
+                & (s.src | f(&FILTER.no_src_port))
+                & (d.dst | f(&FILTER.no_dst_port));
+        } else {
+            m &= !f(&FILTER.port_rules);
+        }
+    }
+    if m == 0 {
+        return (f(&FILTER.default_reject) == 0) as i64;
+    }
+    // The first matching rule: the lowest bit.
+    (m & m.wrapping_neg() & f(&FILTER.accept) != 0) as i64
+}
+
 #[xdp]
 pub fn flowexport_ingress(ctx: XdpContext) -> u32 {
     // SAFETY: ctx.ctx points at the kernel's xdp_md for this packet.
@@ -884,7 +1031,11 @@ pub fn flowexport_ingress(ctx: XdpContext) -> u32 {
     let mut ip_len = 0u64;
     let mut flags = 0u8;
     match parse(&XdpPacket(&ctx), &mut key, &mut ip_len, &mut flags, false) {
-        Parsed::Flow { .. } => account(&key, 1, ip_len, flags),
+        Parsed::Flow { .. } => {
+            if admit(&key, 1) {
+                account(&key, 1, ip_len, flags)
+            }
+        }
         Parsed::NonIp => stat_add(STAT_NON_IP_INGRESS, 1),
         Parsed::Malformed => stat_add(STAT_MALFORMED_INGRESS, 1),
     }
@@ -916,11 +1067,14 @@ fn tc_count(ctx: &TcContext, dir: u8) {
         vlan_present != 0,
     ) {
         Parsed::Flow { l3_off, l4_hdr_end } => {
+            let segs = (gso_segs as u64).max(1);
+            if !admit(&key, segs) {
+                return;
+            }
             if gso_segs > 1 {
                 // A GSO super-packet leaves (a GRO one arrived) as
                 // `gso_segs` wire packets, each carrying its own copy of the
                 // IP and L4 headers.
-                let segs = gso_segs as u64;
                 let hdrs = (l4_hdr_end - l3_off) as u64;
                 let total = (skb_len as u64).saturating_sub(l3_off as u64);
                 account(&key, segs, total + (segs - 1) * hdrs, flags)

@@ -13,7 +13,8 @@ use flowexport_common::{DIR_EGRESS, DIR_INGRESS};
 use crate::capture::drain::{
     DrainReport, FlowAggregator, KernelStats, KernelTables, Start, Timeouts,
 };
-use crate::capture::loader::{LoadOptions, Programs};
+use crate::capture::interfaces::{self, Link, LinkEvent, LinkMonitor, Selection};
+use crate::capture::loader::{LoadOptions, Programs, XdpModeChoice};
 use crate::capture::pins::{Layout, PinDir};
 use crate::codec::export::ExportProtocol;
 use crate::config::AgentConfig;
@@ -50,6 +51,128 @@ const EXPORT_BATCH: usize = 4096;
 /// How often, at most, the log says that flows found the table full.
 const TABLE_FULL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// What the drain thread is told between drains.
+enum Msg {
+    /// SIGINT/SIGTERM (or `--detach`): the last drain, then exit.
+    Stop,
+    /// A link notification (with `--iface` globs).
+    Link(LinkEvent),
+    /// Link notifications were lost (the socket overran): list again.
+    Relist,
+}
+
+/// The interfaces `--iface` globs match: attached when they appear (or at
+/// start), forgotten when they go. Their flows stay in the table and are
+/// exported on their timeouts like any other.
+struct Hotplug {
+    selection: Selection,
+    mode: XdpModeChoice,
+    /// Attached through a glob: name -> ifindex.
+    attached: std::collections::HashMap<String, u32>,
+    /// Whose attach failed (not retried for the same ifindex).
+    failed: std::collections::HashMap<String, u32>,
+    metrics: AgentMetrics,
+}
+
+impl Hotplug {
+    fn handle(&mut self, capture: &mut Programs, ev: LinkEvent) {
+        match ev {
+            LinkEvent::Present(link) => self.present(capture, &link),
+            LinkEvent::Gone(link) => self.gone(capture, &link.name),
+        }
+        self.metrics
+            .interfaces_attached
+            .set(capture.attached_ifaces().len() as i64);
+    }
+
+    fn present(&mut self, capture: &mut Programs, link: &Link) {
+        if !self.selection.glob_matches(link) {
+            return;
+        }
+        match self.attached.get(&link.name) {
+            Some(&i) if i == link.index => return,
+            // Deleted and created again before we heard of the deletion.
+            Some(_) => self.gone(capture, &link.name),
+            None => {}
+        }
+        if self.failed.get(&link.name) == Some(&link.index) {
+            return;
+        }
+        match capture.attach(&link.name, self.mode) {
+            Ok(how) => {
+                log::info!("attached to {} (matches --iface): {how}", link.name);
+                self.attached.insert(link.name.clone(), link.index);
+                self.failed.remove(&link.name);
+                self.metrics
+                    .interface_events
+                    .with_label_values(&["attach"])
+                    .inc();
+            }
+            Err(e) => {
+                log::warn!("skipping {}: {e}", link.name);
+                capture.forget(&link.name);
+                self.failed.insert(link.name.clone(), link.index);
+                self.metrics
+                    .interface_attach_failures
+                    .with_label_values(&[&link.name])
+                    .inc();
+            }
+        }
+    }
+
+    fn gone(&mut self, capture: &mut Programs, name: &str) {
+        self.failed.remove(name);
+        if self.attached.remove(name).is_some() {
+            capture.forget(name);
+            log::info!("{name} went away: detached (its flows are exported as they time out)");
+            self.metrics
+                .interface_events
+                .with_label_values(&["detach"])
+                .inc();
+        }
+    }
+
+    /// Reconciles with the interfaces present now.
+    fn relist(&mut self, capture: &mut Programs) {
+        match interfaces::present() {
+            Ok(links) => {
+                let names: Vec<String> = self.attached.keys().cloned().collect();
+                for name in names {
+                    if !links.iter().any(|l| l.name == name) {
+                        self.gone(capture, &name);
+                    }
+                }
+                for link in links {
+                    self.handle(capture, LinkEvent::Present(link));
+                }
+            }
+            Err(e) => log::error!("listing interfaces: {e}"),
+        }
+    }
+}
+
+/// Forwards link notifications to the drain thread until it is gone.
+fn watch_links(mut monitor: LinkMonitor, tx: mpsc::Sender<Msg>) {
+    loop {
+        let msgs = match monitor.wait() {
+            Ok(events) => events.into_iter().map(Msg::Link).collect(),
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                log::warn!("link notifications were lost (socket overrun): listing again");
+                vec![Msg::Relist]
+            }
+            Err(e) => {
+                log::error!("link notifications stopped: {e}; interfaces that appear from now on are not attached");
+                return;
+            }
+        };
+        for m in msgs {
+            if tx.send(m).is_err() {
+                return;
+            }
+        }
+    }
+}
+
 /// The drain loop's state: kernel tables, fallback flows, sinks, metrics.
 struct Drainer {
     tables: KernelTables,
@@ -58,6 +181,8 @@ struct Drainer {
     sinks: Vec<Box<dyn Sink>>,
     metrics: AgentMetrics,
     sampler_address: Option<std::net::IpAddr>,
+    /// The records' sampling_rate (see `ExportContext`).
+    sampling_rate: u64,
     last_stats: KernelStats,
     /// Fallback packets since the last "table full" log line, and when that was.
     full_since_log: (u64, u64),
@@ -106,6 +231,9 @@ impl Drainer {
             m.malformed_packets
                 .with_label_values(&[name])
                 .inc_by(stats.malformed(dir) - self.last_stats.malformed(dir));
+            m.filtered_packets
+                .with_label_values(&[name])
+                .inc_by(stats.filtered(dir) - self.last_stats.filtered(dir));
         }
         let fallback = stats.fallback_packets() - self.last_stats.fallback_packets();
         let contended = stats.fallback_contended() - self.last_stats.fallback_contended();
@@ -156,6 +284,7 @@ impl Drainer {
         let started = Instant::now();
         let ctx = ExportContext {
             sampler_address: self.sampler_address,
+            sampling_rate: self.sampling_rate,
             clock: ClockOffset::now(),
             time_received_ns: wall_ns(),
         };
@@ -332,6 +461,8 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
         cache_slots: cfg.cache_slots,
         object: cfg.bpf_object.clone(),
         capture: cfg.capture,
+        sampling: cfg.sampling,
+        filter: crate::capture::filter::compile(&cfg.filters)?,
     })?;
     let tables = KernelTables::new(
         &mut capture.ebpf,
@@ -342,12 +473,43 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
         cfg.clock_resolution,
         start,
     )?;
-    for iface in &cfg.ifaces {
+    let selection = Selection::new(&cfg.ifaces, &cfg.exclude_ifaces);
+    for iface in &selection.names {
         // On error `capture` is dropped, which detaches what was attached
         // (pinned links stay for the next agent).
         let how = capture.attach(iface, cfg.xdp_mode)?;
         log::info!("attached to {iface}: {how}");
     }
+    // Globs: subscribe to link notifications first, then take what is
+    // there, so that no interface appears unseen in between.
+    let (msg_tx, msg_rx) = mpsc::channel::<Msg>();
+    let mut hotplug = Hotplug {
+        selection: selection.clone(),
+        mode: cfg.xdp_mode,
+        attached: Default::default(),
+        failed: Default::default(),
+        metrics: metrics.clone(),
+    };
+    if !selection.globs.is_empty() {
+        let monitor = LinkMonitor::open().context("subscribing to link notifications")?;
+        for link in interfaces::present().context("listing interfaces")? {
+            hotplug.handle(&mut capture, LinkEvent::Present(link));
+        }
+        if hotplug.attached.is_empty() {
+            log::info!(
+                "no interface matching {} is attached yet: attaching when one appears",
+                selection.globs.join(", ")
+            );
+        }
+        let tx = msg_tx.clone();
+        std::thread::Builder::new()
+            .name("links".into())
+            .spawn(move || watch_links(monitor, tx))
+            .context("spawning the link watcher")?;
+    }
+    metrics
+        .interfaces_attached
+        .set(capture.attached_ifaces().len() as i64);
     for gone in capture.detach_unused_pins() {
         log::info!("detached {gone}: that interface or hook is no longer asked for");
     }
@@ -396,7 +558,6 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
             })?;
     }
 
-    let (stop_tx, stop_rx) = mpsc::channel::<()>();
     // The kernel's counters at start (an adopted state's are what earlier
     // agents counted): the metrics count from here.
     let start_stats = tables.stats().unwrap_or_default();
@@ -410,6 +571,11 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
         sinks,
         metrics,
         sampler_address: cfg.sampler_address,
+        sampling_rate: if cfg.sampling > 1 {
+            cfg.sampling.into()
+        } else {
+            0
+        },
         last_stats: start_stats,
         full_since_log: (0, 0),
         full_logged: None,
@@ -422,8 +588,18 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
     let drain_thread = std::thread::Builder::new()
         .name("drain".into())
         .spawn(move || -> Result<()> {
-            while let Err(mpsc::RecvTimeoutError::Timeout) = stop_rx.recv_timeout(interval) {
-                drainer.cycle(false)?;
+            // Drains every `interval`; link events are handled in between.
+            let mut next = Instant::now() + interval;
+            loop {
+                match msg_rx.recv_timeout(next.saturating_duration_since(Instant::now())) {
+                    Ok(Msg::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    Ok(Msg::Link(ev)) => hotplug.handle(&mut capture, ev),
+                    Ok(Msg::Relist) => hotplug.relist(&mut capture),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        drainer.cycle(false)?;
+                        next = Instant::now() + interval;
+                    }
+                }
             }
             if keep_attached {
                 // Restart or upgrade: the programs go on counting into the
@@ -467,7 +643,7 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
         .context("spawning the drain thread")?;
 
     if cfg.detach {
-        let _ = stop_tx.send(());
+        let _ = msg_tx.send(Msg::Stop);
         let r = drain_thread.join();
         runtime.shutdown_background();
         return match r {
@@ -496,7 +672,7 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
                 };
             }
         }
-        let _ = stop_tx.send(());
+        let _ = msg_tx.send(Msg::Stop);
         match drain_done.await {
             Ok(Ok(r)) => r,
             _ => Err(anyhow::anyhow!("drain thread panicked")),

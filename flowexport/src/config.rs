@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Deserialize;
 
+use crate::capture::filter::Rule;
 use crate::capture::loader::{Capture, XdpModeChoice};
 use crate::sink::kafka::{
     parse_property, KafkaConfig, KafkaFormat, DEFAULT_BUFFER_BYTES, DEFAULT_BUFFER_RECORDS,
@@ -27,6 +28,9 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Largest `--max-flows`: 2^30 flows, 2^31 table slots (192 GiB).
 pub const MAX_MAX_FLOWS: u32 = 1 << 30;
 pub const DEFAULT_FALLBACK_RING_BYTES: u32 = 1 << 20;
+/// Largest `--sampling` (1 in 16M: beyond it, a busy link yields a
+/// handful of samples a second, no flow picture).
+pub const MAX_SAMPLING: u32 = 1 << 24;
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9590";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/flowexport";
 pub const DEFAULT_EXPORT_PACKET_SIZE: usize = 1400;
@@ -67,9 +71,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// from `--config` can fill it; defaults are applied in [`AgentArgs::resolve`].
 #[derive(Args, Debug, Default, Clone)]
 pub struct AgentArgs {
-    /// Interface to attach to (repeat for several). Required here or in the config file.
-    #[arg(long = "iface", value_name = "IF")]
+    /// Interface to attach to (repeat for several), or a shell-style glob
+    /// (`'brq*'`, `'tap?'`, `'eth[01]'`): every matching interface present
+    /// at start and each one that appears later (netlink notifications),
+    /// never loopback; one that disappears is forgotten (its last counts are
+    /// still exported). A plain name must exist at start; a glob matching
+    /// nothing is a log line. Required here or in the config file.
+    #[arg(long = "iface", value_name = "IF|GLOB")]
     pub iface: Vec<String>,
+    /// Leave out interfaces a --iface glob matches (a glob or a name;
+    /// repeatable).
+    #[arg(long = "exclude-iface", value_name = "GLOB")]
+    pub exclude_iface: Vec<String>,
     /// Where ingress is counted: xdp (an XDP program; see --xdp-mode) or tc
     /// (a TC program, as egress is: cheaper where the driver has to build
     /// an XDP buffer for it, e.g. veth, and it leaves XDP to others).
@@ -107,6 +120,23 @@ pub struct AgentArgs {
     /// 96 bytes per CPU (384 KiB per CPU at the default). [default: 2048]
     #[arg(long, value_name = "N")]
     pub cache_slots: Option<u32>,
+    /// Count 1 in N packets, chosen at random in the kernel before the
+    /// flow table (1: every packet). Records carry sampling_rate N and the
+    /// sampled counts; IPFIX and NetFlow v9 exports send the rate in an
+    /// options template. [default: 1]
+    #[arg(long, value_name = "N")]
+    pub sampling: Option<u32>,
+    /// Leave traffic out, or count only some (repeatable, evaluated in
+    /// order in the kernel; the first rule that matches decides). RULE is
+    /// comma-separated key=value: action=accept|reject (required),
+    /// cidr= (either address), src-cidr=, dst-cidr=,
+    /// proto=tcp|udp|udplite|icmp|icmpv6|sctp|N, port= (either port),
+    /// src-port=, dst-port=, direction=ingress|egress. When any rule
+    /// accepts, packets no rule matches are left out. Left-out packets form
+    /// no flow and are counted in flowexport_filtered_packets_total. At most
+    /// 32 rules. Example: --filter action=reject,proto=tcp,port=22
+    #[arg(long, value_name = "RULE")]
+    pub filter: Vec<String>,
     /// Resolution of first/last-seen times: how often the agent advances
     /// the clock word the kernel programs read (100us..1s). [default: 1ms]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
@@ -285,6 +315,7 @@ impl KafkaArgs {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct FileConfig {
     iface: Option<Vec<String>>,
+    exclude_iface: Option<Vec<String>>,
     capture: Option<String>,
     xdp_mode: Option<String>,
     idle_timeout: Option<String>,
@@ -293,6 +324,8 @@ struct FileConfig {
     max_flows: Option<u32>,
     fallback_ring_bytes: Option<u32>,
     cache_slots: Option<u32>,
+    sampling: Option<u32>,
+    filter: Option<Vec<std::collections::BTreeMap<String, toml::Value>>>,
     clock_resolution: Option<String>,
     metrics_addr: Option<String>,
     sampler_address: Option<String>,
@@ -320,7 +353,10 @@ struct FileConfig {
 /// Fully resolved agent settings.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
+    /// `--iface` names and globs.
     pub ifaces: Vec<String>,
+    /// `--exclude-iface` globs.
+    pub exclude_ifaces: Vec<String>,
     pub capture: Capture,
     pub xdp_mode: XdpModeChoice,
     pub idle_timeout: Duration,
@@ -329,6 +365,10 @@ pub struct AgentConfig {
     pub max_flows: u32,
     pub fallback_ring_bytes: u32,
     pub cache_slots: u32,
+    /// 1-in-N packet sampling (1: every packet).
+    pub sampling: u32,
+    /// `--filter` rules, in order.
+    pub filters: Vec<Rule>,
     pub clock_resolution: Duration,
     pub metrics_addr: SocketAddr,
     pub sampler_address: Option<IpAddr>,
@@ -382,6 +422,11 @@ impl AgentArgs {
             f.iface.unwrap_or_default()
         } else {
             self.iface
+        };
+        let exclude_ifaces = if self.exclude_iface.is_empty() {
+            f.exclude_iface.unwrap_or_default()
+        } else {
+            self.exclude_iface
         };
         if ifaces.is_empty() && !self.detach {
             bail!("no interface given: use --iface IF (repeatable) or `iface = [...]` in --config");
@@ -452,6 +497,25 @@ impl AgentArgs {
         if cache_slots != 0 && (!cache_slots.is_power_of_two() || cache_slots > 1 << 16) {
             bail!("--cache-slots {cache_slots} must be 0 (no cache) or a power of two up to 65536");
         }
+        let sampling = self.sampling.or(f.sampling).unwrap_or(1);
+        if sampling == 0 || sampling > MAX_SAMPLING {
+            bail!("--sampling {sampling} must be from 1 (every packet) to {MAX_SAMPLING}");
+        }
+        let filters = if !self.filter.is_empty() {
+            self.filter
+                .iter()
+                .map(|r| Rule::parse(r))
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            f.filter
+                .unwrap_or_default()
+                .iter()
+                .map(Rule::from_table)
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("{}: [[filter]]", path.display()))?
+        };
+        // Too many rules is an error of the set: say so now, not at load.
+        crate::capture::filter::compile(&filters)?;
         let clock_resolution = self
             .clock_resolution
             .or(file_duration(
@@ -527,6 +591,7 @@ impl AgentArgs {
                 .export_rate
                 .or(f.export_rate)
                 .unwrap_or(DEFAULT_EXPORT_RATE),
+            sampling,
         };
         if !(256..=65_000).contains(&export.max_packet) {
             bail!("--export-packet-size must be between 256 and 65000 bytes");
@@ -558,6 +623,7 @@ impl AgentArgs {
             netflow9,
             export,
             ifaces,
+            exclude_ifaces,
             capture,
             xdp_mode,
             idle_timeout,
@@ -566,6 +632,8 @@ impl AgentArgs {
             max_flows,
             fallback_ring_bytes,
             cache_slots,
+            sampling,
+            filters,
             clock_resolution,
             metrics_addr,
             sampler_address,
@@ -690,6 +758,57 @@ mod tests {
         let err = format!("{:#}", a.resolve().unwrap_err());
         assert!(err.contains("unknown field"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn sampling_and_filters_from_flags_and_file() {
+        let dir = std::env::temp_dir().join(format!("fe-cfg-filter-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("agent.toml");
+        std::fs::write(
+            &p,
+            "iface = [\"veth9\", \"brq*\"]\nexclude-iface = [\"brq-mgmt*\"]\nsampling = 100\n\n[[filter]]\naction = \"reject\"\n\
+             proto = \"tcp\"\nport = 22\n\n[[filter]]\naction = \"accept\"\n\
+             cidr = \"10.0.0.0/8\"\n",
+        )
+        .unwrap();
+        let mut a = args(&[]);
+        a.config = Some(p.clone());
+        let c = a.resolve().unwrap();
+        assert_eq!(c.ifaces, vec!["veth9", "brq*"]);
+        assert_eq!(c.exclude_ifaces, vec!["brq-mgmt*"]);
+        assert_eq!(c.sampling, 100);
+        assert_eq!(c.export.sampling, 100);
+        assert_eq!(c.filters.len(), 2);
+        assert_eq!((c.filters[0].accept, c.filters[0].port), (false, Some(22)));
+        assert!(c.filters[1].accept);
+        // Flags replace the file's rules.
+        let mut a = args(&[]);
+        a.config = Some(p.clone());
+        a.filter = vec!["action=reject,port=53".into()];
+        a.sampling = Some(1);
+        let c = a.resolve().unwrap();
+        assert_eq!((c.sampling, c.filters.len()), (1, 1));
+        assert_eq!(c.filters[0].port, Some(53));
+        // A bad rule in the file names the file and the rule.
+        std::fs::write(&p, "iface = [\"a\"]\n[[filter]]\naction = \"drop\"\n").unwrap();
+        let mut a = args(&[]);
+        a.config = Some(p.clone());
+        let err = format!("{:#}", a.resolve().unwrap_err());
+        assert!(
+            err.contains("[[filter]]") && err.contains("\"action=drop\": key action"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        for bad in [0, MAX_SAMPLING + 1] {
+            let mut a = args(&["eth0"]);
+            a.sampling = Some(bad);
+            assert!(format!("{:#}", a.resolve().unwrap_err()).contains("--sampling"));
+        }
+        let mut a = args(&["eth0"]);
+        a.filter = (0..33).map(|i| format!("action=reject,port={i}")).collect();
+        assert!(format!("{:#}", a.resolve().unwrap_err()).contains("at most 32 rules"));
     }
 
     #[test]
@@ -845,7 +964,9 @@ mod tests {
         assert_eq!(c.fallback_ring_bytes, d.fallback_ring_bytes);
         assert_eq!(c.metrics_addr, d.metrics_addr);
         assert_eq!(c.pin_dir, d.pin_dir);
-        // The sink examples are examples.
+        assert_eq!(c.sampling, d.sampling);
+        // The filter and sink examples are examples.
+        assert_eq!((c.filters.len(), d.filters.len()), (2, 0));
         assert_eq!(c.ipfix.len(), 1);
         assert_eq!(c.netflow9.len(), 1);
         assert!(c.kafka.is_some() && d.kafka.is_none());

@@ -235,25 +235,6 @@ struct PmacctFlow {
     sampling_rate: Option<u64>,
 }
 
-/// IP protocol numbers for pmacct's `ip_proto` names.
-fn proto_number(name: &str) -> Option<u8> {
-    Some(match name.to_ascii_lowercase().as_str() {
-        "icmp" => 1,
-        "igmp" => 2,
-        "tcp" => 6,
-        "udp" => 17,
-        "ipv6" => 41,
-        "gre" => 47,
-        "esp" => 50,
-        "ah" => 51,
-        "ipv6-icmp" | "icmpv6" => 58,
-        "ospf" => 89,
-        "pim" => 103,
-        "sctp" => 132,
-        _ => return None,
-    })
-}
-
 /// Decodes one message.
 pub fn decode(format: InputFormat, bytes: &[u8]) -> Result<DashFlow, DecodeError> {
     match format {
@@ -277,7 +258,9 @@ pub fn decode(format: InputFormat, bytes: &[u8]) -> Result<DashFlow, DecodeError
                 .or(p.ip_dst.as_deref())
                 .and_then(|a| a.parse::<IpAddr>().ok());
             let proto = match &p.ip_proto {
-                Some(serde_json::Value::String(s)) => proto_number(s).or(s.parse().ok()),
+                Some(serde_json::Value::String(s)) => {
+                    crate::record::ip_proto_number(s).or(s.parse().ok())
+                }
                 Some(serde_json::Value::Number(n)) => n.as_u64().and_then(|n| u8::try_from(n).ok()),
                 _ => None,
             };

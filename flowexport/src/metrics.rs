@@ -34,6 +34,10 @@ pub struct AgentMetrics {
     pub overflow_packets: IntCounter,
     pub non_ip_packets: IntCounterVec,
     pub malformed_packets: IntCounterVec,
+    pub filtered_packets: IntCounterVec,
+    pub interfaces_attached: IntGauge,
+    pub interface_events: IntCounterVec,
+    pub interface_attach_failures: IntCounterVec,
     pub sink_errors: IntCounterVec,
 }
 
@@ -172,6 +176,31 @@ impl AgentMetrics {
                 "flowexport_malformed_packets_total",
                 "IP packets whose headers were cut short, by direction; not flows.",
                 &["direction"],
+            ),
+            filtered_packets: counter_vec(
+                &r,
+                "flowexport_filtered_packets_total",
+                "Packets a --filter rule left out (they form no flow), by direction.",
+                &["direction"],
+            ),
+            interfaces_attached: gauge(
+                &r,
+                "flowexport_interfaces_attached",
+                "Interfaces the programs are attached to.",
+            ),
+            interface_events: counter_vec(
+                &r,
+                "flowexport_interface_events_total",
+                "Interfaces attached to (a --iface glob's match appeared, or was there at start) \
+                 and detached from (it went away), by event.",
+                &["event"],
+            ),
+            interface_attach_failures: counter_vec(
+                &r,
+                "flowexport_interface_attach_failures_total",
+                "Interfaces a --iface glob matched that could not be attached to (e.g. another \
+                 XDP program is there), by interface; they are skipped.",
+                &["iface"],
             ),
             sink_errors: counter_vec(
                 &r,

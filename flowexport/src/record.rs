@@ -242,6 +242,9 @@ impl FlowCounters {
 #[derive(Clone, Copy, Debug)]
 pub struct ExportContext {
     pub sampler_address: Option<IpAddr>,
+    /// The records' `sampling_rate`: N of `--sampling` when the kernel
+    /// samples 1 in N, 0 (not sampled) when it counts every packet.
+    pub sampling_rate: u64,
     pub clock: crate::timeconv::ClockOffset,
     pub time_received_ns: u64,
 }
@@ -253,6 +256,27 @@ pub fn key_addr(bytes: &[u8; 16], ip_version: u8) -> IpAddr {
     } else {
         IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
     }
+}
+
+/// IP protocol numbers by name (pmacct's `ip_proto` names, `--filter
+/// proto=`), case-insensitive.
+pub fn ip_proto_number(name: &str) -> Option<u8> {
+    Some(match name.to_ascii_lowercase().as_str() {
+        "icmp" => 1,
+        "igmp" => 2,
+        "tcp" => 6,
+        "udp" => 17,
+        "ipv6" => 41,
+        "gre" => 47,
+        "esp" => 50,
+        "ah" => 51,
+        "ipv6-icmp" | "icmpv6" => 58,
+        "ospf" => 89,
+        "pim" => 103,
+        "sctp" => 132,
+        "udplite" | "udp-lite" => 136,
+        _ => return None,
+    })
 }
 
 impl FlowRecord {
@@ -290,7 +314,7 @@ impl FlowRecord {
             flow_type: FlowType::Ebpf,
             time_received_ns: ctx.time_received_ns,
             sequence_num: 0,
-            sampling_rate: 0,
+            sampling_rate: ctx.sampling_rate,
             sampler_address: ctx.sampler_address,
             time_flow_start_ns: ctx.clock.to_wall_ns(c.first_seen_ns),
             time_flow_end_ns: ctx.clock.to_wall_ns(c.last_seen_ns),
@@ -330,6 +354,7 @@ mod tests {
     fn ctx() -> ExportContext {
         ExportContext {
             sampler_address: Some("192.0.2.1".parse().unwrap()),
+            sampling_rate: 0,
             // wall = mono + 1_700_000_000_000_000_000
             clock: ClockOffset::from_pair(1_000, 1_700_000_000_000_001_000),
             time_received_ns: 1_700_000_000_500_000_000,

@@ -239,3 +239,126 @@ fn ipfix_and_netflow9_export_decoded_by_nfdump_and_tshark() {
     assert!(bad.is_empty(), "tshark found problems: {bad:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--sampling 10`: 100,000 packets in 10 flows; the kernel keeps about one
+/// in ten. Every record says sampling_rate 10 and the sampled count lies
+/// within 5 standard deviations of 10,000 (sd = sqrt(100000 x 0.1 x 0.9) =
+/// 95). The IPFIX and NetFlow v9 exports carry the rate in their options
+/// data: tshark reads it, and `flowexport collect` gives every decoded
+/// record rate 10 and the same sampled counts as the agent's JSON.
+#[test]
+fn sampling_rate_in_records_and_in_ipfix_and_netflow9_options() {
+    let l = Link::new().unwrap();
+    let dir = std::env::temp_dir().join(unique("fe-sampling-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (p_ipfix, p_v9) = (free_udp_port(&l.b), free_udp_port(&l.b));
+    let pcap = dir.join("export.pcap");
+    let mut shark = tshark_capture(&l.b, &pcap);
+    let (t_ipfix, t_v9) = (format!("127.0.0.1:{p_ipfix}"), format!("127.0.0.1:{p_v9}"));
+    let collector = Agent::collector(&l.b, &["--listen", &t_ipfix, "--listen", &t_v9]).unwrap();
+    let agent = Agent::start(
+        &l.b,
+        &[
+            "--iface",
+            &l.b_dev,
+            "--xdp-mode",
+            "native",
+            "--sampling",
+            "10",
+            "--stdout",
+            "--ipfix",
+            &t_ipfix,
+            "--netflow9",
+            &t_v9,
+        ],
+    )
+    .unwrap();
+    let frames: Vec<Vec<u8>> = (0..10u16)
+        .map(|i| {
+            eth_ipv4(ipv4(
+                v4("10.60.0.1"),
+                v4("10.60.0.2"),
+                &L4::Udp {
+                    sport: 5000 + i,
+                    dport: 53,
+                    payload: 100,
+                },
+            ))
+        })
+        .collect();
+    let sent = send_frames(
+        &l.a,
+        &l.a_dev,
+        frames,
+        10_000,
+        64,
+        Duration::from_micros(200),
+    );
+    assert_eq!(sent.unwrap(), 100_000);
+
+    let out = agent.stop().unwrap();
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(!out.records.is_empty());
+    let field = |r: &serde_json::Value, k: &str| r[k].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        out.records.iter().all(|r| field(r, "sampling_rate") == 10),
+        "every record says rate 10"
+    );
+    let sampled: u64 = out.records.iter().map(|r| field(r, "packets")).sum();
+    assert!(
+        (10_000 - 475..=10_000 + 475).contains(&sampled),
+        "sampled {sampled} of 100000 packets at 1 in 10"
+    );
+    // The exports: decoded by our collector, per protocol.
+    assert!(
+        wait_until(Duration::from_secs(10), || [p_ipfix, p_v9]
+            .iter()
+            .all(|p| udp_recv_queue(&l.b, *p) == Some(0))),
+        "the collector did not read every export packet"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let decoded = collector.stop().unwrap();
+    assert!(decoded.status.success(), "{}", decoded.stderr);
+    for ty in ["IPFIX", "NETFLOW_V9"] {
+        let recs: Vec<_> = decoded.records.iter().filter(|r| r["type"] == ty).collect();
+        assert_eq!(recs.len(), out.records.len(), "{ty} records");
+        assert!(recs.iter().all(|r| field(r, "sampling_rate") == 10), "{ty}");
+        let packets: u64 = recs.iter().map(|r| field(r, "packets")).sum();
+        assert_eq!(packets, sampled, "{ty}: the sampled counts");
+    }
+    // tshark: the options data of both exports, and nothing malformed.
+    shark.term();
+    let fields = std::process::Command::new("tshark")
+        .args(["-r", pcap.to_str().unwrap()])
+        .args(["-d", &format!("udp.port=={p_ipfix},cflow")])
+        .args(["-d", &format!("udp.port=={p_v9},cflow")])
+        .args(["-Y", "cflow.sampling_interval"])
+        .args(["-T", "fields", "-E", "separator=,"])
+        .args(["-e", "udp.dstport", "-e", "cflow.sampling_interval"])
+        .args([
+            "-e",
+            "cflow.sampling_algorithm",
+            "-e",
+            "cflow.sampling_population",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        fields.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fields.stderr)
+    );
+    let lines: std::collections::BTreeSet<String> = String::from_utf8_lossy(&fields.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let want: std::collections::BTreeSet<String> =
+        [format!("{p_ipfix},10,2,10"), format!("{p_v9},10,2,")]
+            .into_iter()
+            .collect();
+    assert_eq!(lines, want, "tshark's view of the options data");
+    let (n, bad) = tshark_check(&pcap, &[p_ipfix, p_v9]);
+    assert!(n >= 2, "tshark saw only {n} export packets");
+    assert!(bad.is_empty(), "tshark found problems: {bad:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

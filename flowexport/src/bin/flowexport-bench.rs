@@ -35,6 +35,7 @@ use anyhow::{bail, Context, Result};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use clap::Parser;
 use flowexport::capture::drain::{FlowAggregator, KernelTables, Start, Timeouts};
+use flowexport::capture::filter::{compile, KernelFilter, Rule};
 use flowexport::capture::loader::{Capture, LoadOptions, Programs};
 use flowexport::capture::table::slots_for;
 use flowexport_common::{
@@ -178,9 +179,14 @@ struct Row {
     rotating: Option<(f64, f64)>,
 }
 
-fn measure(args: &Args, family: Family, n: u32) -> Result<Row> {
-    // The agent's sizing rule: a table of at least twice the flows.
-    let max_flows = n.max(1024);
+/// The programs and the agent's drain state and clock word, as the agent
+/// runs them, with the benchmark programs loaded too.
+fn load(
+    args: &Args,
+    max_flows: u32,
+    sampling: u32,
+    filter: KernelFilter,
+) -> Result<(Programs, KernelTables)> {
     let mut cap = Programs::load(&LoadOptions {
         pins: None,
         max_flows,
@@ -188,6 +194,8 @@ fn measure(args: &Args, family: Family, n: u32) -> Result<Row> {
         cache_slots: args.cache_slots,
         object: None,
         capture: Capture::Xdp,
+        sampling,
+        filter,
     })?;
     for name in [PROG_BENCH_PASS, PROG_BENCH_PARSE, PROG_BENCH_PARSE_CLOCK] {
         let p: &mut Xdp = cap
@@ -197,8 +205,7 @@ fn measure(args: &Args, family: Family, n: u32) -> Result<Row> {
             .try_into()?;
         p.load()?;
     }
-    // The agent's drain state and clock word, as the agent runs them.
-    let mut tables = KernelTables::new(
+    let tables = KernelTables::new(
         &mut cap.ebpf,
         max_flows,
         slots_for(max_flows),
@@ -207,6 +214,109 @@ fn measure(args: &Args, family: Family, n: u32) -> Result<Row> {
         Duration::from_millis(1),
         Start::Fresh,
     )?;
+    Ok((cap, tables))
+}
+
+/// The clock word rests when no packet came for 100 ms, or when the packet
+/// rate is too low for ticks to pay; every measured run starts with it
+/// ticking, as it does under heavy traffic.
+fn ticking(tables: &KernelTables) -> Result<()> {
+    tables.clock().set_rate(u64::MAX);
+    tables.clock().wake();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while !tables.clock().ticking() {
+        if Instant::now() > deadline {
+            bail!("the clock thread did not resume");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+/// Ten `--filter` rules none of the benchmark's frames match: every packet
+/// is checked against all ten (two trie look-ups, ten rules), then counted.
+const TEN_RULES: [&str; 10] = [
+    "action=reject,cidr=10.99.0.0/16",
+    "action=reject,src-cidr=192.0.2.0/24",
+    "action=reject,dst-cidr=198.51.100.0/24",
+    "action=reject,cidr=2001:db8:99::/48",
+    "action=reject,proto=tcp,port=22",
+    "action=reject,proto=udp,dst-port=53",
+    "action=reject,direction=egress,proto=udp,port=4739",
+    "action=reject,proto=47",
+    "action=reject,src-port=7",
+    "action=reject,proto=icmp",
+];
+
+/// The hot path (one flow's frame, repeated) of the ingress program loaded
+/// without options, with `TEN_RULES`, and with `--sampling 100`, beside the
+/// empty program: (plain, ten rules, sampling 100, empty) ns per packet,
+/// best of `--rounds`, interleaved.
+fn selection(args: &Args, family: Family) -> Result<[f64; 4]> {
+    let rules: Vec<Rule> = TEN_RULES
+        .iter()
+        .map(|r| Rule::parse(r))
+        .collect::<Result<_, _>>()?;
+    let variants = [
+        (1, KernelFilter::default()),
+        (1, compile(&rules)?),
+        (100, KernelFilter::default()),
+    ];
+    let mut loaded: Vec<(Programs, KernelTables)> = variants
+        .into_iter()
+        .map(|(sampling, filter)| load(args, 1024, sampling, filter))
+        .collect::<Result<_>>()?;
+    let frame = frame(family, 0);
+    let mut best = [f64::MAX; 4];
+    for _ in 0..args.rounds {
+        for (i, (cap, tables)) in loaded.iter().enumerate() {
+            ticking(tables)?;
+            let p: &Xdp = cap.ebpf.program(PROG_INGRESS).unwrap().try_into()?;
+            best[i] = best[i].min(run(p, &frame, args.repeat)?);
+        }
+        let pass: &Xdp = loaded[0]
+            .0
+            .ebpf
+            .program(PROG_BENCH_PASS)
+            .unwrap()
+            .try_into()?;
+        best[3] = best[3].min(run(pass, &frame, args.repeat)?);
+    }
+    // The rules must have let every packet through.
+    let filtered = loaded[1].1.stats()?.filtered(DIR_INGRESS);
+    if filtered != 0 {
+        bail!("{filtered} packets were filtered: the rules match the benchmark's frame");
+    }
+    // Sampling must have kept about 1 in 100 (within 5 standard deviations).
+    let mut kept = 0u64;
+    let t = Timeouts {
+        idle_ns: u64::MAX,
+        active_ns: u64::MAX,
+    };
+    loaded[2]
+        .1
+        .drain(&mut FlowAggregator::default(), t, true, &mut |_, c| {
+            kept += c.packets
+        })?;
+    let sent = f64::from(args.rounds) * f64::from(args.repeat);
+    let (want, sd) = (sent / 100.0, (sent * 0.01 * 0.99).sqrt());
+    if (kept as f64 - want).abs() > 5.0 * sd {
+        bail!(
+            "--sampling 100 kept {kept} of {sent} packets, expected {want:.0} +- {:.0}",
+            5.0 * sd
+        );
+    }
+    eprintln!(
+        "{}: --sampling 100 kept {kept} of {sent} packets",
+        fam_name(family)
+    );
+    Ok(best)
+}
+
+fn measure(args: &Args, family: Family, n: u32) -> Result<Row> {
+    // The agent's sizing rule: a table of at least twice the flows.
+    let max_flows = n.max(1024);
+    let (cap, mut tables) = load(args, max_flows, 1, KernelFilter::default())?;
     let ingress: &Xdp = cap.ebpf.program(PROG_INGRESS).unwrap().try_into()?;
     let pass: &Xdp = cap.ebpf.program(PROG_BENCH_PASS).unwrap().try_into()?;
     let parse: &Xdp = cap.ebpf.program(PROG_BENCH_PARSE).unwrap().try_into()?;
@@ -215,22 +325,6 @@ fn measure(args: &Args, family: Family, n: u32) -> Result<Row> {
         .program(PROG_BENCH_PARSE_CLOCK)
         .unwrap()
         .try_into()?;
-    // The clock word rests when no packet came for 100 ms, or when the
-    // packet rate is too low for ticks to pay; every measured run starts
-    // with it ticking, as it does under heavy traffic.
-    let ticking = |tables: &KernelTables| -> Result<()> {
-        // As under a high packet rate, where the word pays for its ticks.
-        tables.clock().set_rate(u64::MAX);
-        tables.clock().wake();
-        let deadline = Instant::now() + Duration::from_secs(1);
-        while !tables.clock().ticking() {
-            if Instant::now() > deadline {
-                bail!("the clock thread did not resume");
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Ok(())
-    };
 
     eprintln!("{}: {n} flows: filling the table", fam_name(family));
     let frames: Vec<Vec<u8>> = (0..n).map(|i| frame(family, i)).collect();
@@ -325,10 +419,13 @@ fn main() -> Result<()> {
         bail!("--repeat, --rounds and every --flows value must be at least 1");
     }
     let mut rows = Vec::new();
+    let mut selections = Vec::new();
     for family in [Family::V4, Family::V6] {
         for &n in &args.flows {
             rows.push(measure(&args, family, n)?);
         }
+        eprintln!("{}: filter rules and sampling", fam_name(family));
+        selections.push((fam_name(family), selection(&args, family)?));
     }
     println!(
         "XDP ingress vs empty XDP_PASS, BPF_PROG_TEST_RUN, {FRAME_LEN}-byte UDP frames; \
@@ -374,6 +471,23 @@ fn main() -> Result<()> {
             r.hot_parse_clock,
             r.hot,
             100.0 * (r.hot - r.hot_parse_clock) / r.hot
+        );
+    }
+    println!();
+    println!(
+        "Filter rules and sampling, hot path (ns/pkt, one flow, same frame and repeat, best of \
+         {}): the program without options; with 10 --filter rules that all miss (two CIDR trie \
+         look-ups and ten rules, then counted); with --sampling 100 (99 in 100 packets skip the \
+         flow update); added = minus the program without options",
+        args.rounds
+    );
+    println!("| family | empty | plain | 10 rules | added | sampling 100 | added |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for (fam, [plain, rules, sampled, empty]) in &selections {
+        println!(
+            "| {fam} | {empty:.1} | {plain:.1} | {rules:.1} | {:+.1} | {sampled:.1} | {:+.1} |",
+            rules - plain,
+            sampled - plain
         );
     }
     Ok(())

@@ -5,15 +5,21 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, MapData};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{
     tc, xdp::XdpLinkId, Link, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
 };
+use aya::Pod;
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use flowexport_common::{
-    GLOBAL_CACHE_SLOTS, GLOBAL_TABLE_MASK, MAPS, MAP_CACHE, MAP_DIRTY, MAP_FALLBACK, MAP_PENDING,
-    MAP_TABLE, PROG_EGRESS, PROG_INGRESS, PROG_INGRESS_TC,
+    FilterMasks, GLOBAL_CACHE_SLOTS, GLOBAL_FILTER, GLOBAL_SAMPLING, GLOBAL_TABLE_MASK, MAPS,
+    MAP_CACHE, MAP_DIRTY, MAP_FALLBACK, MAP_FILTER_PORTS, MAP_FILTER_V4, MAP_FILTER_V6,
+    MAP_PENDING, MAP_TABLE, PROG_EGRESS, PROG_INGRESS, PROG_INGRESS_TC,
 };
+
+use super::filter::KernelFilter;
 
 use super::pins::PinDir;
 use super::table::{dirty_words, slots_for};
@@ -136,6 +142,10 @@ pub struct LoadOptions<'a> {
     pub object: Option<PathBuf>,
     /// Which ingress program to load.
     pub capture: Capture,
+    /// 1-in-N sampling (1: every packet).
+    pub sampling: u32,
+    /// The filter rules (default: none).
+    pub filter: KernelFilter,
 }
 
 /// One program attachment.
@@ -155,6 +165,16 @@ enum Attachment {
         prog: &'static str,
         id: tc::SchedClassifierLinkId,
     },
+}
+
+impl Attachment {
+    fn iface(&self) -> &str {
+        match self {
+            Attachment::Link { iface, .. }
+            | Attachment::Xdp { iface, .. }
+            | Attachment::Tc { iface, .. } => iface,
+        }
+    }
 }
 
 /// Loaded programs and their attachments. Dropping it detaches what is not
@@ -251,6 +271,17 @@ impl Programs {
             // even when the cache is off.
             .map_max_entries(MAP_CACHE, (2 * opts.cache_slots).max(1))
             .override_global(GLOBAL_CACHE_SLOTS, &opts.cache_slots, true)
+            .override_global(GLOBAL_SAMPLING, &opts.sampling, true)
+            .override_global(GLOBAL_FILTER, &opts.filter.set, true)
+            // One entry per port when a rule has a port (768 KiB).
+            .map_max_entries(
+                MAP_FILTER_PORTS,
+                if opts.filter.ports.is_empty() {
+                    1
+                } else {
+                    1 << 16
+                },
+            )
             .load(bytes)
             .map_err(|e| match &e {
                 EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
@@ -264,6 +295,22 @@ impl Programs {
                 }
                 _ => map_load_error(e),
             })?;
+        // The tries before the programs: no packet sees a rule without
+        // its CIDRs.
+        fill_trie(&mut ebpf, MAP_FILTER_V4, &opts.filter.v4)?;
+        fill_trie(&mut ebpf, MAP_FILTER_V6, &opts.filter.v6)?;
+        if !opts.filter.ports.is_empty() {
+            let map = ebpf
+                .map_mut(MAP_FILTER_PORTS)
+                .ok_or(CaptureError::MissingPart(MAP_FILTER_PORTS))?;
+            let mut ports: Array<&mut MapData, FilterMasks> =
+                Array::try_from(map).map_err(|e| map_load_error(e.into()))?;
+            for (port, masks) in &opts.filter.ports {
+                ports
+                    .set(u32::from(*port), *masks, 0)
+                    .map_err(|e| map_load_error(e.into()))?;
+            }
+        }
         match opts.capture {
             Capture::Xdp => {
                 let xdp: &mut Xdp = ebpf
@@ -541,31 +588,60 @@ impl Programs {
     /// grace period before the final drain.
     pub fn detach_all(&mut self) {
         for a in std::mem::take(&mut self.attached) {
-            match a {
-                Attachment::Link { iface, link, pin } => {
-                    if let Some(p) = pin {
-                        let _ = std::fs::remove_file(p);
-                    }
-                    if let Err(e) = link.detach() {
-                        log::warn!("detaching from {iface}: {e}");
+            self.detach(a, true);
+        }
+    }
+
+    /// Detaches (and unpins) the programs of `iface`: an interface that
+    /// went away (the kernel has detached them already; then nothing is
+    /// logged), or one whose attach failed half-way.
+    pub fn forget(&mut self, iface: &str) {
+        let (gone, kept) = std::mem::take(&mut self.attached)
+            .into_iter()
+            .partition(|a| a.iface() == iface);
+        self.attached = kept;
+        for a in gone {
+            self.detach(a, false);
+        }
+    }
+
+    /// The interfaces with programs attached.
+    pub fn attached_ifaces(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.attached.iter().map(Attachment::iface).collect();
+        v.dedup();
+        v
+    }
+
+    fn detach(&mut self, a: Attachment, log_errors: bool) {
+        let report = |what: &str, iface: &str, e: &dyn std::fmt::Display| {
+            if log_errors {
+                log::warn!("detaching {what}from {iface}: {e}");
+            }
+        };
+        match a {
+            Attachment::Link { iface, link, pin } => {
+                if let Some(p) = pin {
+                    let _ = std::fs::remove_file(p);
+                }
+                if let Err(e) = link.detach() {
+                    report("", &iface, &e);
+                }
+            }
+            Attachment::Xdp { iface, id } => {
+                if let Some(Ok(xdp)) = self
+                    .ebpf
+                    .program_mut(PROG_INGRESS)
+                    .map(<&mut Xdp>::try_from)
+                {
+                    if let Err(e) = xdp.detach(id) {
+                        report("XDP ", &iface, &e);
                     }
                 }
-                Attachment::Xdp { iface, id } => {
-                    if let Some(Ok(xdp)) = self
-                        .ebpf
-                        .program_mut(PROG_INGRESS)
-                        .map(<&mut Xdp>::try_from)
-                    {
-                        if let Err(e) = xdp.detach(id) {
-                            log::warn!("detaching XDP from {iface}: {e}");
-                        }
-                    }
-                }
-                Attachment::Tc { iface, prog, id } => {
-                    if let Ok(tc) = classifier(&mut self.ebpf, prog) {
-                        if let Err(e) = tc.detach(id) {
-                            log::warn!("detaching TC from {iface}: {e}");
-                        }
+            }
+            Attachment::Tc { iface, prog, id } => {
+                if let Ok(tc) = classifier(&mut self.ebpf, prog) {
+                    if let Err(e) = tc.detach(id) {
+                        report("TC ", &iface, &e);
                     }
                 }
             }
@@ -587,6 +663,25 @@ impl Programs {
         self.detach_all();
         kept
     }
+}
+
+/// Inserts the filter rules' prefixes of one family into its trie.
+fn fill_trie<A: Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    entries: &[(u32, A, FilterMasks)],
+) -> Result<(), CaptureError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let map = ebpf.map_mut(name).ok_or(CaptureError::MissingPart(name))?;
+    let mut trie: LpmTrie<&mut MapData, A, FilterMasks> =
+        LpmTrie::try_from(map).map_err(|e| map_load_error(e.into()))?;
+    for (len, addr, masks) in entries {
+        trie.insert(&Key::new(*len, *addr), *masks, 0)
+            .map_err(|e| map_load_error(e.into()))?;
+    }
+    Ok(())
 }
 
 fn read_object(path: &Path) -> Result<Vec<u8>, CaptureError> {

@@ -6,8 +6,19 @@
 //! `template_interval_ms` and every `template_packets` packets, since UDP
 //! collectors may start (or lose state) at any time.
 //!
-//! Sequence numbers follow each RFC: IPFIX counts data records sent before the
-//! message, per observation domain; NetFlow v9 counts export packets.
+//! With sampling (`--sampling N`), an options template (id 258) and one
+//! options data record stating the rate go out with the data templates:
+//! IPFIX (RFC 7011 options template, scope observationDomainId) carries
+//! samplingInterval (34) and samplingAlgorithm (35) as RFC 7270 keeps them
+//! for NetFlow v9 collectors, and selectorId (302), selectorAlgorithm (304)
+//! = 3 (random n-out-of-N), samplingSize (309) = 1 and samplingPopulation
+//! (310) = N as RFC 5477 defines them; NetFlow v9 (scope System) carries
+//! SAMPLING_INTERVAL (34) and SAMPLING_ALGORITHM (35) = 2 (random), as
+//! softflowd does.
+//!
+//! Sequence numbers follow each RFC: IPFIX counts data records (options
+//! data included) sent before the message, per observation domain; NetFlow
+//! v9 counts export packets.
 
 use std::net::IpAddr;
 
@@ -22,6 +33,8 @@ pub enum ExportProtocol {
 
 pub const TEMPLATE_ID_V4: u16 = 256;
 pub const TEMPLATE_ID_V6: u16 = 257;
+/// The sampling options template (only with sampling).
+pub const TEMPLATE_ID_SAMPLING: u16 = 258;
 
 const IPFIX_HEADER_LEN: usize = 16;
 const V9_HEADER_LEN: usize = 20;
@@ -50,6 +63,44 @@ mod ie {
     pub const ICMP_TYPE_CODE_IPV6: u16 = 139;
     pub const FLOW_START_MILLISECONDS: u16 = 152;
     pub const FLOW_END_MILLISECONDS: u16 = 153;
+    pub const SAMPLING_INTERVAL: u16 = 34;
+    pub const SAMPLING_ALGORITHM: u16 = 35;
+    pub const OBSERVATION_DOMAIN_ID: u16 = 149;
+    pub const SELECTOR_ID: u16 = 302;
+    pub const SELECTOR_ALGORITHM: u16 = 304;
+    pub const SAMPLING_SIZE: u16 = 309;
+    pub const SAMPLING_POPULATION: u16 = 310;
+    /// NetFlow v9 scope field type "System".
+    pub const V9_SCOPE_SYSTEM: u16 = 1;
+}
+
+/// The sampling options template's fields: the scope first.
+fn sampling_fields(proto: ExportProtocol) -> Vec<Field> {
+    match proto {
+        ExportProtocol::Ipfix => vec![
+            (ie::OBSERVATION_DOMAIN_ID, 4),
+            (ie::SAMPLING_INTERVAL, 4),
+            (ie::SAMPLING_ALGORITHM, 1),
+            (ie::SELECTOR_ID, 8),
+            (ie::SELECTOR_ALGORITHM, 2),
+            (ie::SAMPLING_SIZE, 4),
+            (ie::SAMPLING_POPULATION, 4),
+        ],
+        ExportProtocol::NetflowV9 => vec![
+            (ie::V9_SCOPE_SYSTEM, 4),
+            (ie::SAMPLING_INTERVAL, 4),
+            (ie::SAMPLING_ALGORITHM, 1),
+        ],
+    }
+}
+
+/// Pads a set begun at `start` to 4 bytes and writes its length.
+fn close_set(pkt: &mut Vec<u8>, start: usize) {
+    while !(pkt.len() - start).is_multiple_of(4) {
+        pkt.push(0);
+    }
+    let len = (pkt.len() - start) as u16;
+    pkt[start + 2..start + 4].copy_from_slice(&len.to_be_bytes());
 }
 
 /// One field of a template: (element id, length in bytes).
@@ -127,6 +178,8 @@ pub struct ExportStream {
     last_templates_ms: Option<u64>,
     v4: Vec<Field>,
     v6: Vec<Field>,
+    /// 1-in-N sampling of the flows' packets (1: none; no options sent).
+    sampling: u32,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -156,12 +209,27 @@ impl ExportStream {
             last_templates_ms: None,
             v4: template_fields(protocol, false),
             v6: template_fields(protocol, true),
+            sampling: 1,
         };
-        let min = s.header_len() + s.templates_len() + SET_HEADER_LEN + record_len(&s.v6) + 3;
-        if max_packet < min {
-            return Err(ExportError::PacketTooSmall(max_packet, min));
-        }
+        s.check_size()?;
         Ok(s)
+    }
+
+    /// States 1-in-`n` packet sampling: with `n` > 1 the sampling options
+    /// template and its data go out with the data templates.
+    pub fn with_sampling(mut self, n: u32) -> Result<ExportStream, ExportError> {
+        self.sampling = n.max(1);
+        self.check_size()?;
+        Ok(self)
+    }
+
+    fn check_size(&self) -> Result<(), ExportError> {
+        let min =
+            self.header_len() + self.templates_len() + SET_HEADER_LEN + record_len(&self.v6) + 3;
+        if self.max_packet < min {
+            return Err(ExportError::PacketTooSmall(self.max_packet, min));
+        }
+        Ok(())
     }
 
     fn header_len(&self) -> usize {
@@ -171,9 +239,16 @@ impl ExportStream {
         }
     }
 
-    /// Size of the template set carrying both templates.
+    /// Size of the template set carrying both templates, and of the
+    /// sampling options template and data sets (with their padding).
     fn templates_len(&self) -> usize {
-        SET_HEADER_LEN + 4 * 2 + 4 * (self.v4.len() + self.v6.len())
+        let data = SET_HEADER_LEN + 4 * 2 + 4 * (self.v4.len() + self.v6.len());
+        if self.sampling <= 1 {
+            return data;
+        }
+        let f = sampling_fields(self.protocol);
+        let pad4 = |n: usize| n.div_ceil(4) * 4;
+        data + pad4(SET_HEADER_LEN + 6 + 4 * f.len()) + pad4(SET_HEADER_LEN + record_len(&f))
     }
 
     fn templates_due(&self, now_ms: u64) -> bool {
@@ -195,13 +270,18 @@ impl ExportStream {
             let mut pkt = Vec::with_capacity(self.max_packet);
             pkt.resize(self.header_len(), 0);
             let mut count = 0u16; // v9: records in the packet
+            let mut data_records = 0u32;
             if self.templates_due(now_ms) {
                 self.write_templates(&mut pkt);
                 count += 2;
+                if self.sampling > 1 {
+                    self.write_sampling_options(&mut pkt);
+                    count += 2;
+                    data_records += 1;
+                }
                 self.last_templates_ms = Some(now_ms);
                 self.packets_since_templates = 0;
             }
-            let mut data_records = 0u32;
             // Data sets: consecutive records of one family share a set.
             while i < records.len() {
                 let ipv6 = records[i].etype == ETYPE_IPV6;
@@ -223,12 +303,8 @@ impl ExportStream {
                     count += 1;
                     data_records += 1;
                 }
-                // Pad the set to a 4-byte boundary (shorter than any record).
-                while (pkt.len() - set_start) % 4 != 0 {
-                    pkt.push(0);
-                }
-                let set_len = (pkt.len() - set_start) as u16;
-                pkt[set_start + 2..set_start + 4].copy_from_slice(&set_len.to_be_bytes());
+                // Padded to a 4-byte boundary (shorter than any record).
+                close_set(&mut pkt, set_start);
             }
             self.write_header(&mut pkt, count, data_records, now_ms);
             self.packets_since_templates += 1;
@@ -253,8 +329,53 @@ impl ExportStream {
                 pkt.extend_from_slice(&len.to_be_bytes());
             }
         }
-        let len = (pkt.len() - start) as u16;
-        pkt[start + 2..start + 4].copy_from_slice(&len.to_be_bytes());
+        close_set(pkt, start);
+    }
+
+    /// The sampling options template set and its one data record.
+    fn write_sampling_options(&self, pkt: &mut Vec<u8>) {
+        let fields = sampling_fields(self.protocol);
+        let start = pkt.len();
+        match self.protocol {
+            ExportProtocol::Ipfix => {
+                // Set 3: template id, field count, scope field count.
+                pkt.extend_from_slice(&3u16.to_be_bytes());
+                pkt.extend_from_slice(&[0, 0]);
+                pkt.extend_from_slice(&TEMPLATE_ID_SAMPLING.to_be_bytes());
+                pkt.extend_from_slice(&(fields.len() as u16).to_be_bytes());
+                pkt.extend_from_slice(&1u16.to_be_bytes());
+            }
+            ExportProtocol::NetflowV9 => {
+                // Flowset 1: template id, scope bytes, option field bytes.
+                pkt.extend_from_slice(&1u16.to_be_bytes());
+                pkt.extend_from_slice(&[0, 0]);
+                pkt.extend_from_slice(&TEMPLATE_ID_SAMPLING.to_be_bytes());
+                pkt.extend_from_slice(&4u16.to_be_bytes());
+                pkt.extend_from_slice(&(4 * (fields.len() as u16 - 1)).to_be_bytes());
+            }
+        }
+        for (ie, len) in &fields {
+            pkt.extend_from_slice(&ie.to_be_bytes());
+            pkt.extend_from_slice(&len.to_be_bytes());
+        }
+        close_set(pkt, start);
+        let start = pkt.len();
+        pkt.extend_from_slice(&TEMPLATE_ID_SAMPLING.to_be_bytes());
+        pkt.extend_from_slice(&[0, 0]);
+        let n = self.sampling;
+        pkt.extend_from_slice(&self.observation_domain.to_be_bytes());
+        pkt.extend_from_slice(&n.to_be_bytes());
+        match self.protocol {
+            ExportProtocol::Ipfix => {
+                pkt.push(2); // samplingAlgorithm: random (RFC 7270)
+                pkt.extend_from_slice(&1u64.to_be_bytes()); // selectorId
+                pkt.extend_from_slice(&3u16.to_be_bytes()); // random n-out-of-N
+                pkt.extend_from_slice(&1u32.to_be_bytes()); // samplingSize n
+                pkt.extend_from_slice(&n.to_be_bytes()); // samplingPopulation N
+            }
+            ExportProtocol::NetflowV9 => pkt.push(2), // SAMPLING_ALGORITHM: random
+        }
+        close_set(pkt, start);
     }
 
     fn write_record(&self, pkt: &mut Vec<u8>, r: &FlowRecord, ipv6: bool) {

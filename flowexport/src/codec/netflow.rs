@@ -223,6 +223,9 @@ struct RecordTimes {
     /// `interval` consecutive packets, skip `space` (RFC 5477).
     packet_interval: Option<u64>,
     packet_space: Option<u64>,
+    /// samplingSize (309) and samplingPopulation (310): n out of N.
+    sampling_size: Option<u64>,
+    sampling_population: Option<u64>,
 }
 
 impl RecordTimes {
@@ -234,7 +237,10 @@ impl RecordTimes {
         match (self.packet_interval, self.packet_space) {
             (Some(i), Some(s)) if i > 0 => Some(i.saturating_add(s) / i),
             (Some(i), None) => Some(i),
-            _ => self.sampling,
+            _ => match (self.sampling_size, self.sampling_population) {
+                (Some(n), Some(p)) if n > 0 && self.sampling.is_none() => Some(p / n),
+                _ => self.sampling,
+            },
         }
     }
 }
@@ -313,6 +319,8 @@ fn apply(r: &mut FlowRecord, t: &mut RecordTimes, id: u16, v: &[u8]) {
         34 | 50 => t.sampling = Some(n()),
         305 => t.packet_interval = Some(n()),
         306 => t.packet_space = Some(n()),
+        309 => t.sampling_size = Some(n()),
+        310 => t.sampling_population = Some(n()),
         21 => t.end_uptime = Some(n()),
         22 => t.start_uptime = Some(n()),
         150 => t.start_ms = Some(n().saturating_mul(1000)),
@@ -912,6 +920,48 @@ mod tests {
             observation_domain_id: 7,
             ..r.clone()
         }
+    }
+
+    /// With sampling, our exporter's options template and data give the
+    /// decoder the rate (IPFIX: from samplingInterval, also from
+    /// samplingSize/samplingPopulation alone; v9: SAMPLING_INTERVAL), and
+    /// IPFIX sequence numbers count the options record.
+    #[test]
+    fn sampling_options_from_our_exporter_give_the_rate() {
+        for proto in [ExportProtocol::Ipfix, ExportProtocol::NetflowV9] {
+            let mut s = ExportStream::new(proto, 7, 600, 60_000, 100, 1_763_799_000_000)
+                .unwrap()
+                .with_sampling(10)
+                .unwrap();
+            let recs: Vec<_> = (0..12).map(|i| sample(i, i % 2 == 1)).collect();
+            let pkts = s.encode(&recs, 1_763_800_000_000);
+            assert!(pkts.len() > 1);
+            let mut d = NetflowDecoder::default();
+            let mut out = Vec::new();
+            let mut first_packet = 0;
+            for (i, p) in pkts.iter().enumerate() {
+                d.decode(exporter(), p, NOW, &mut out).unwrap();
+                if i == 0 {
+                    first_packet = out.len() as u32;
+                }
+            }
+            assert_eq!(out.len(), 12, "{proto:?}");
+            assert!(out.iter().all(|r| r.sampling_rate == 10), "{proto:?}");
+            if proto == ExportProtocol::Ipfix {
+                let seq = u32::from_be_bytes(pkts[1][8..12].try_into().unwrap());
+                assert_eq!(
+                    seq,
+                    first_packet + 1,
+                    "data records plus the options record"
+                );
+            }
+        }
+        let t = RecordTimes {
+            sampling_size: Some(1),
+            sampling_population: Some(64),
+            ..Default::default()
+        };
+        assert_eq!(t.sampling_rate(), Some(64));
     }
 
     #[test]

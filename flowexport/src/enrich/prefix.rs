@@ -59,6 +59,15 @@ impl Prefix {
         Ok(p)
     }
 
+    /// Whether every address of `other` lies in this prefix (same family).
+    pub fn contains(&self, other: &Prefix) -> bool {
+        let (first, last) = self.range();
+        let (o, _) = other.range();
+        self.addr.is_ipv4() == other.addr.is_ipv4()
+            && self.len <= other.len
+            && (first..=last).contains(&o)
+    }
+
     /// First and last address covered, as integers of the family's width.
     fn range(&self) -> (u128, u128) {
         let width = if self.addr.is_ipv4() { 32 } else { 128 };

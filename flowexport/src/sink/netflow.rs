@@ -17,6 +17,8 @@ pub struct ExportSettings {
     pub template_packets: u32,
     /// Most records per second to the collector (0: no limit).
     pub max_rate: u64,
+    /// 1-in-N packet sampling the records' counts come from (1: none).
+    pub sampling: u32,
 }
 
 pub struct FlowExportSink {
@@ -87,6 +89,7 @@ impl FlowExportSink {
             s.template_packets,
             boot_ms,
         )
+        .and_then(|st| st.with_sampling(s.sampling))
         .map_err(|e| format!("--export-packet-size: {e}"))?;
         let bind: SocketAddr = if target.is_ipv6() {
             "[::]:0".parse().expect("valid")
