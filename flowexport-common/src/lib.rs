@@ -293,7 +293,7 @@ pub const FILTER_MAX_RULES: usize = 32;
 /// loop over rules: every table gives, as a bit mask, the rules a packet's
 /// field can satisfy; their AND is the set of matching rules, and the
 /// lowest bit the first of them (which decides). A read-only global of
-/// the kernel object (1,080 bytes, whatever the CPU count).
+/// the kernel object (1,076 bytes, whatever the CPU count).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FilterSet {
@@ -303,10 +303,9 @@ pub struct FilterSet {
     pub accept: u32,
     /// 1 when a packet no rule matches is rejected (some rule accepts).
     pub default_reject: u32,
-    /// 1 when some rule has a CIDR (the `FILTER_V4`/`FILTER_V6` tries are
-    /// looked up), 1 when some rule has a port (`FILTER_PORTS` is).
-    pub cidrs: u32,
-    pub ports: u32,
+    /// Rules with any CIDR key: only when one of them is still a
+    /// candidate are the `FILTER_V4`/`FILTER_V6` tries looked up.
+    pub cidr_rules: u32,
     /// Rules without a `cidr` / `src-cidr` / `dst-cidr` key.
     pub no_cidr: u32,
     pub no_src_cidr: u32,
@@ -316,7 +315,8 @@ pub struct FilterSet {
     pub no_src_port: u32,
     pub no_dst_port: u32,
     /// Rules with any port key: they match only TCP, UDP, UDP-Lite and
-    /// SCTP packets.
+    /// SCTP packets; only when one of them is still a candidate is
+    /// `FILTER_PORTS` looked up.
     pub port_rules: u32,
     /// By direction (`DIR_INGRESS`, `DIR_EGRESS`): the rules that allow it.
     pub direction: [u32; 2],
@@ -330,8 +330,7 @@ impl Default for FilterSet {
             count: 0,
             accept: 0,
             default_reject: 0,
-            cidrs: 0,
-            ports: 0,
+            cidr_rules: 0,
             no_cidr: 0,
             no_src_cidr: 0,
             no_dst_cidr: 0,
@@ -459,7 +458,7 @@ mod tests {
         assert_eq!(size_of::<TableSlot>(), 96);
         assert_eq!(size_of::<ClockWord>(), 24);
         assert_eq!(size_of::<PendingExport>(), 40);
-        assert_eq!(size_of::<FilterSet>(), 1080);
+        assert_eq!(size_of::<FilterSet>(), 1076);
         assert_eq!(size_of::<FilterMasks>(), 12);
         assert_eq!(offset_of!(FlowKey, proto), SLOT_WORD_OFFSET);
         assert_eq!(SLOT_WORD_OFFSET, SLOT_WORD_INDEX * 4);

@@ -158,8 +158,7 @@ static FILTER: FilterSet = FilterSet {
     count: 0,
     accept: 0,
     default_reject: 0,
-    cidrs: 0,
-    ports: 0,
+    cidr_rules: 0,
     no_cidr: 0,
     no_src_cidr: 0,
     no_dst_cidr: 0,
@@ -956,7 +955,8 @@ fn admit(key: &FlowKey, packets: u64) -> bool {
 /// fields allows (protocol, direction, CIDR tries, port table); the first
 /// of them (lowest bit) decides. When none does, the packet is counted
 /// unless some rule accepts (`default_reject`). No loop: at most two trie
-/// look-ups and two array look-ups, whatever the number of rules. A global
+/// look-ups (only while a rule with a CIDR is a candidate) and two array
+/// look-ups (the same for ports), whatever the number of rules. A global
 /// function (verified once, on its own).
 ///
 /// # Safety
@@ -974,7 +974,8 @@ pub unsafe extern "C" fn flowexport_filter(key: *const FlowKey) -> i64 {
     let f = |field: &u32| unsafe { core::ptr::read_volatile(field) };
     let mut m =
         f(&FILTER.proto[key.proto as usize]) & f(&FILTER.direction[(key.direction & 1) as usize]);
-    if m != 0 && f(&FILTER.cidrs) != 0 {
+    // The tries only when a rule with a CIDR is still a candidate.
+    if m & f(&FILTER.cidr_rules) != 0 {
         let (s, d) = if key.ip_version == 6 {
             (
                 FILTER_V6.get(Key::new(128, key.src_addr)).copied(),
@@ -995,7 +996,7 @@ pub unsafe extern "C" fn flowexport_filter(key: *const FlowKey) -> i64 {
             & (s.src | f(&FILTER.no_src_cidr))
             & (d.dst | f(&FILTER.no_dst_cidr));
     }
-    if m != 0 && f(&FILTER.ports) != 0 {
+    if m & f(&FILTER.port_rules) != 0 {
         let with_ports = matches!(
             key.proto,
             IPPROTO_TCP | IPPROTO_UDP | IPPROTO_UDPLITE | IPPROTO_SCTP

@@ -269,6 +269,9 @@ pub fn compile(rules: &[Rule]) -> Result<KernelFilter, FilterError> {
         if r.port.is_some() || r.src_port.is_some() || r.dst_port.is_some() {
             set.port_rules |= bit;
         }
+        if r.cidr.is_some() || r.src_cidr.is_some() || r.dst_cidr.is_some() {
+            set.cidr_rules |= bit;
+        }
         for d in [DIR_INGRESS, DIR_EGRESS] {
             if r.direction.is_none_or(|x| x == d) {
                 set.direction[d as usize] |= bit;
@@ -295,7 +298,6 @@ pub fn compile(rules: &[Rule]) -> Result<KernelFilter, FilterError> {
             ports.entry(p).or_default().dst |= bit;
         }
     }
-    out.set.ports = !ports.is_empty() as u32;
     out.ports = ports.into_iter().collect();
     // Every distinct prefix any rule names, with the rules whose CIDRs
     // contain it (itself and every shorter prefix around it).
@@ -306,7 +308,6 @@ pub fn compile(rules: &[Rule]) -> Result<KernelFilter, FilterError> {
         .collect();
     prefixes.sort_by_key(|p| (p.addr, p.len));
     prefixes.dedup();
-    out.set.cidrs = !prefixes.is_empty() as u32;
     for p in prefixes {
         let mut m = FilterMasks::default();
         for (i, r) in rules.iter().enumerate() {
@@ -341,12 +342,12 @@ fn verdict(
 ) -> bool {
     let s = &k.set;
     let mut m = s.proto[proto as usize] & s.direction[direction as usize];
-    if s.cidrs != 0 {
+    if m & s.cidr_rules != 0 {
         m &= (src.either | dst.either | s.no_cidr)
             & (src.src | s.no_src_cidr)
             & (dst.dst | s.no_dst_cidr);
     }
-    if s.ports != 0 {
+    if m & s.port_rules != 0 {
         let get = |p: u16| {
             k.ports
                 .iter()
@@ -401,7 +402,10 @@ mod tests {
             "action=reject,proto=udp,dst-port=53,direction=ingress",
         )])
         .unwrap();
-        assert_eq!((k.set.accept, k.set.default_reject, k.set.ports), (0, 0, 1));
+        assert_eq!(
+            (k.set.accept, k.set.default_reject, k.set.cidr_rules),
+            (0, 0, 0)
+        );
         assert_eq!(k.set.direction, [1, 0]);
         assert_eq!((k.set.proto[17], k.set.proto[6]), (1, 0));
         assert_eq!(
@@ -469,7 +473,7 @@ mod tests {
         let k = compile(&rules).unwrap();
         assert_eq!(k.set.count, 5);
         assert_eq!(k.set.default_reject, 1);
-        assert_eq!(k.set.cidrs, 1);
+        assert_eq!(k.set.cidr_rules, 0b01111);
         let m = |len, a: [u8; 4]| k.v4.iter().find(|e| e.0 == len && e.1 == a).unwrap().2;
         let masks = |either, src, dst| FilterMasks { either, src, dst };
         assert_eq!(m(8, [10, 0, 0, 0]), masks(1, 0, 0));
@@ -479,7 +483,7 @@ mod tests {
         assert_eq!(k.v6.len(), 1);
         assert_eq!(k.v6[0].2.either, 8);
         assert_eq!(
-            (k.set.accept, k.set.no_cidr, k.set.ports),
+            (k.set.accept, k.set.no_cidr, k.set.port_rules),
             (0b10110, 0b10110, 0)
         );
 
@@ -503,7 +507,7 @@ mod tests {
 
         let only_reject = compile(&[rule("action=reject,proto=tcp,port=22")]).unwrap();
         assert_eq!(
-            (only_reject.set.default_reject, only_reject.set.cidrs),
+            (only_reject.set.default_reject, only_reject.set.cidr_rules),
             (0, 0)
         );
         assert!(only_reject.v4.is_empty());
