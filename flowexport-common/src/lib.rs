@@ -324,23 +324,28 @@ pub struct FilterSet {
     pub proto: [u32; 256],
 }
 
+impl FilterSet {
+    /// No rules (the kernel object's initial value).
+    pub const EMPTY: FilterSet = FilterSet {
+        count: 0,
+        accept: 0,
+        default_reject: 0,
+        cidr_rules: 0,
+        no_cidr: 0,
+        no_src_cidr: 0,
+        no_dst_cidr: 0,
+        no_port: 0,
+        no_src_port: 0,
+        no_dst_port: 0,
+        port_rules: 0,
+        direction: [0; 2],
+        proto: [0; 256],
+    };
+}
+
 impl Default for FilterSet {
     fn default() -> Self {
-        FilterSet {
-            count: 0,
-            accept: 0,
-            default_reject: 0,
-            cidr_rules: 0,
-            no_cidr: 0,
-            no_src_cidr: 0,
-            no_dst_cidr: 0,
-            no_port: 0,
-            no_src_port: 0,
-            no_dst_port: 0,
-            port_rules: 0,
-            direction: [0; 2],
-            proto: [0; 256],
-        }
+        FilterSet::EMPTY
     }
 }
 

@@ -154,21 +154,7 @@ static SAMPLING: u32 = 0;
 /// table, and with `count` 0 the verifier drops the whole filter from the
 /// programs, so the hot path pays nothing without rules.
 #[no_mangle]
-static FILTER: FilterSet = FilterSet {
-    count: 0,
-    accept: 0,
-    default_reject: 0,
-    cidr_rules: 0,
-    no_cidr: 0,
-    no_src_cidr: 0,
-    no_dst_cidr: 0,
-    no_port: 0,
-    no_src_port: 0,
-    no_dst_port: 0,
-    port_rules: 0,
-    direction: [0; 2],
-    proto: [0; 256],
-};
+static FILTER: FilterSet = FilterSet::EMPTY;
 
 /// The filter rules' CIDRs, per family: prefix -> which rules' CIDRs
 /// contain it (`FilterMasks`). Sizing: `FILTER_TRIE_ENTRIES` (three CIDRs

@@ -37,50 +37,47 @@ fn tshark_capture(ns: &Netns, file: &std::path::Path) -> Proc {
     Proc(Some(child))
 }
 
+/// Runs tshark over the capture with `args`, decoding `ports` as
+/// NetFlow/IPFIX; returns its output lines.
+fn tshark(file: &std::path::Path, ports: &[u16], args: &[&str]) -> Vec<String> {
+    let mut cmd = Command::new("tshark");
+    cmd.arg("-r").arg(file);
+    for p in ports {
+        cmd.arg("-d").arg(format!("udp.port=={p},cflow"));
+    }
+    let out = cmd.args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "tshark: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
 /// Runs tshark over the capture, decoding both ports as NetFlow/IPFIX;
 /// returns (export packets dissected, malformed or warning/error items).
 fn tshark_check(file: &std::path::Path, ports: &[u16]) -> (usize, Vec<String>) {
-    let mut args: Vec<String> = vec!["-r".into(), file.to_str().unwrap().into()];
-    for p in ports {
-        args.push("-d".into());
-        args.push(format!("udp.port=={p},cflow"));
-    }
-    let count = Command::new("tshark")
-        .args(&args)
-        .args(["-Y", "cflow"])
-        .output()
-        .unwrap();
-    assert!(
-        count.status.success(),
-        "tshark: {}",
-        String::from_utf8_lossy(&count.stderr)
-    );
-    let n = String::from_utf8_lossy(&count.stdout)
-        .lines()
+    let n = tshark(file, ports, &["-Y", "cflow"])
+        .iter()
         .filter(|l| l.contains("CFLOW"))
         .count();
-    let bad = Command::new("tshark")
-        .args(&args)
-        .args(["-Y", "_ws.malformed || _ws.expert.severity >= 6291456"])
-        .args([
+    let bad = tshark(
+        file,
+        ports,
+        &[
+            "-Y",
+            "_ws.malformed || _ws.expert.severity >= 6291456",
             "-T",
             "fields",
             "-e",
             "frame.number",
             "-e",
             "_ws.expert.message",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        bad.status.success(),
-        "tshark: {}",
-        String::from_utf8_lossy(&bad.stderr)
+        ],
     );
-    let bad = String::from_utf8_lossy(&bad.stdout)
-        .lines()
-        .map(|s| s.to_string())
-        .collect();
     (n, bad)
 }
 
@@ -328,30 +325,28 @@ fn sampling_rate_in_records_and_in_ipfix_and_netflow9_options() {
     }
     // tshark: the options data of both exports, and nothing malformed.
     shark.term();
-    let fields = std::process::Command::new("tshark")
-        .args(["-r", pcap.to_str().unwrap()])
-        .args(["-d", &format!("udp.port=={p_ipfix},cflow")])
-        .args(["-d", &format!("udp.port=={p_v9},cflow")])
-        .args(["-Y", "cflow.sampling_interval"])
-        .args(["-T", "fields", "-E", "separator=,"])
-        .args(["-e", "udp.dstport", "-e", "cflow.sampling_interval"])
-        .args([
+    let lines: std::collections::BTreeSet<String> = tshark(
+        &pcap,
+        &[p_ipfix, p_v9],
+        &[
+            "-Y",
+            "cflow.sampling_interval",
+            "-T",
+            "fields",
+            "-E",
+            "separator=,",
+            "-e",
+            "udp.dstport",
+            "-e",
+            "cflow.sampling_interval",
             "-e",
             "cflow.sampling_algorithm",
             "-e",
             "cflow.sampling_population",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        fields.status.success(),
-        "{}",
-        String::from_utf8_lossy(&fields.stderr)
-    );
-    let lines: std::collections::BTreeSet<String> = String::from_utf8_lossy(&fields.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect();
+        ],
+    )
+    .into_iter()
+    .collect();
     let want: std::collections::BTreeSet<String> =
         [format!("{p_ipfix},10,2,10"), format!("{p_v9},10,2,")]
             .into_iter()

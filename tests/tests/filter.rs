@@ -104,6 +104,18 @@ struct Topology {
     if_b1: u32,
 }
 
+impl Topology {
+    /// Starts the agent in B on both links with `capture` flags and `rules`.
+    fn agent(&self, capture: &[&str], rules: &[&str]) -> Agent {
+        let mut args = vec!["--iface", &self.ab.b_dev, "--iface", &self.b1];
+        args.extend_from_slice(capture);
+        for r in rules {
+            args.extend_from_slice(&["--filter", r]);
+        }
+        Agent::start(&self.ab.b, &args).unwrap()
+    }
+}
+
 fn topology() -> Topology {
     let ab = Link::new().unwrap();
     let c = Netns::new().unwrap();
@@ -123,26 +135,15 @@ fn topology() -> Topology {
 fn reject_rules_leave_out_exactly_the_matching_packets() {
     let t = topology();
     let (a, a_dev, b) = (&t.ab.a, &t.ab.a_dev, &t.ab.b);
-    let agent = Agent::start(
-        b,
+    let agent = t.agent(
+        &["--xdp-mode", "native"],
         &[
-            "--iface",
-            &t.ab.b_dev,
-            "--iface",
-            &t.b1,
-            "--xdp-mode",
-            "native",
-            "--filter",
             "action=reject,cidr=10.99.0.0/16",
-            "--filter",
             "action=reject,proto=tcp,port=22",
-            "--filter",
             "action=reject,direction=egress,proto=udp,dst-port=9999",
-            "--filter",
             "action=reject,src-cidr=2001:db8:bad::/48",
         ],
-    )
-    .unwrap();
+    );
     // Ingress (XDP on b0).
     send(a, a_dev, udp4("10.1.0.1", "10.1.0.2", 40000, 53), 100);
     send(a, a_dev, udp4("10.99.1.1", "10.1.0.2", 40000, 53), 30); // cidr (source)
@@ -209,24 +210,14 @@ fn reject_rules_leave_out_exactly_the_matching_packets() {
 fn accept_rules_count_only_what_they_accept() {
     let t = topology();
     let (a, a_dev, b) = (&t.ab.a, &t.ab.a_dev, &t.ab.b);
-    let agent = Agent::start(
-        b,
+    let agent = t.agent(
+        &["--capture", "tc"],
         &[
-            "--iface",
-            &t.ab.b_dev,
-            "--iface",
-            &t.b1,
-            "--capture",
-            "tc",
-            "--filter",
             "action=reject,dst-port=53",
-            "--filter",
             "action=accept,proto=udp,dst-cidr=10.1.0.0/24",
-            "--filter",
             "action=accept,proto=icmp,direction=ingress",
         ],
-    )
-    .unwrap();
+    );
     send(a, a_dev, udp4("10.1.0.1", "10.1.0.2", 40000, 53), 20); // first rule
     send(a, a_dev, udp4("10.1.0.1", "10.1.0.2", 40000, 9999), 15); // accepted
     send(a, a_dev, icmp4("10.1.0.1", "10.1.0.2"), 7); // accepted
