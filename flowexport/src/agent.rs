@@ -63,14 +63,15 @@ enum Msg {
 
 /// The interfaces `--iface` globs match: attached when they appear (or at
 /// start), forgotten when they go. Their flows stay in the table and are
-/// exported on their timeouts like any other.
+/// exported on their timeouts like any other. Keyed by ifindex: a name can
+/// go and come back as another interface, and an interface can be renamed.
 struct Hotplug {
     selection: Selection,
     mode: XdpModeChoice,
-    /// Attached through a glob: name -> ifindex.
-    attached: std::collections::HashMap<String, u32>,
-    /// Whose attach failed (not retried for the same ifindex).
-    failed: std::collections::HashMap<String, u32>,
+    /// Attached through a glob: ifindex -> name.
+    attached: std::collections::HashMap<u32, String>,
+    /// Whose attach failed (not retried while the interface lives).
+    failed: std::collections::HashSet<u32>,
     metrics: AgentMetrics,
 }
 
@@ -78,7 +79,7 @@ impl Hotplug {
     fn handle(&mut self, capture: &mut Programs, ev: LinkEvent) {
         match ev {
             LinkEvent::Present(link) => self.present(capture, &link),
-            LinkEvent::Gone(link) => self.gone(capture, &link.name),
+            LinkEvent::Gone(link) => self.gone(capture, link.index),
         }
         self.metrics
             .interfaces_attached
@@ -86,23 +87,31 @@ impl Hotplug {
     }
 
     fn present(&mut self, capture: &mut Programs, link: &Link) {
-        if !self.selection.glob_matches(link) {
-            return;
-        }
-        match self.attached.get(&link.name) {
-            Some(&i) if i == link.index => return,
-            // Deleted and created again before we heard of the deletion.
-            Some(_) => self.gone(capture, &link.name),
+        match self.attached.get(&link.index) {
+            Some(name) if *name == link.name => return,
+            // Renamed: its attachments (and pins) carry the old name; the
+            // new name may not match any more.
+            Some(_) => self.gone(capture, link.index),
             None => {}
         }
-        if self.failed.get(&link.name) == Some(&link.index) {
+        // The name may still be held by an interface that went away
+        // unheard (notifications lost): it is gone.
+        let stale: Vec<u32> = self
+            .attached
+            .iter()
+            .filter(|(_, n)| **n == link.name)
+            .map(|(i, _)| *i)
+            .collect();
+        for i in stale {
+            self.gone(capture, i);
+        }
+        if !self.selection.glob_matches(link) || self.failed.contains(&link.index) {
             return;
         }
         match capture.attach(&link.name, self.mode) {
             Ok(how) => {
                 log::info!("attached to {} (matches --iface): {how}", link.name);
-                self.attached.insert(link.name.clone(), link.index);
-                self.failed.remove(&link.name);
+                self.attached.insert(link.index, link.name.clone());
                 self.metrics
                     .interface_events
                     .with_label_values(&["attach"])
@@ -111,7 +120,7 @@ impl Hotplug {
             Err(e) => {
                 log::warn!("skipping {}: {e}", link.name);
                 capture.forget(&link.name);
-                self.failed.insert(link.name.clone(), link.index);
+                self.failed.insert(link.index);
                 self.metrics
                     .interface_attach_failures
                     .with_label_values(&[&link.name])
@@ -120,10 +129,10 @@ impl Hotplug {
         }
     }
 
-    fn gone(&mut self, capture: &mut Programs, name: &str) {
-        self.failed.remove(name);
-        if self.attached.remove(name).is_some() {
-            capture.forget(name);
+    fn gone(&mut self, capture: &mut Programs, index: u32) {
+        self.failed.remove(&index);
+        if let Some(name) = self.attached.remove(&index) {
+            capture.forget(&name);
             log::info!("{name} went away: detached (its flows are exported as they time out)");
             self.metrics
                 .interface_events
@@ -136,10 +145,10 @@ impl Hotplug {
     fn relist(&mut self, capture: &mut Programs) {
         match interfaces::present() {
             Ok(links) => {
-                let names: Vec<String> = self.attached.keys().cloned().collect();
-                for name in names {
-                    if !links.iter().any(|l| l.name == name) {
-                        self.gone(capture, &name);
+                let known: Vec<u32> = self.attached.keys().copied().collect();
+                for index in known {
+                    if !links.iter().any(|l| l.index == index) {
+                        self.gone(capture, index);
                     }
                 }
                 for link in links {
@@ -158,6 +167,11 @@ fn watch_links(mut monitor: LinkMonitor, tx: mpsc::Sender<Msg>) {
             Ok(events) => events.into_iter().map(Msg::Link).collect(),
             Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                 log::warn!("link notifications were lost (socket overrun): listing again");
+                vec![Msg::Relist]
+            }
+            // A notification it could not read: list instead.
+            Err(e) if e.raw_os_error().is_none() => {
+                log::warn!("unreadable link notification ({e}): listing again");
                 vec![Msg::Relist]
             }
             Err(e) => {
@@ -474,6 +488,13 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
         start,
     )?;
     let selection = Selection::new(&cfg.ifaces, &cfg.exclude_ifaces);
+    if selection.globs.is_empty() && !selection.excludes.is_empty() {
+        log::warn!(
+            "--exclude-iface {} has nothing to leave out: it applies to the matches of --iface \
+             globs, and no --iface is a glob",
+            selection.excludes.join(", ")
+        );
+    }
     for iface in &selection.names {
         // On error `capture` is dropped, which detaches what was attached
         // (pinned links stay for the next agent).
@@ -526,6 +547,16 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
                 * cpus,
         ),
         ("ring", u64::from(cfg.fallback_ring_bytes)),
+        (
+            "filter",
+            // The port table when a rule has a port; the tries' few KiB
+            // are allocated as used and not counted.
+            if cfg.filters.iter().any(|r| r.has_port()) {
+                (1u64 << 16) * std::mem::size_of::<flowexport_common::FilterMasks>() as u64
+            } else {
+                0
+            },
+        ),
         (
             "other",
             4 * u64::from(flowexport_common::TABLE_LOCKS)
@@ -588,17 +619,19 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
     let drain_thread = std::thread::Builder::new()
         .name("drain".into())
         .spawn(move || -> Result<()> {
-            // Drains every `interval`; link events are handled in between.
+            // Drains every `interval`; link events are handled in between,
+            // and never hold a due drain back.
             let mut next = Instant::now() + interval;
             loop {
+                if Instant::now() >= next {
+                    drainer.cycle(false)?;
+                    next = Instant::now() + interval;
+                }
                 match msg_rx.recv_timeout(next.saturating_duration_since(Instant::now())) {
                     Ok(Msg::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
                     Ok(Msg::Link(ev)) => hotplug.handle(&mut capture, ev),
                     Ok(Msg::Relist) => hotplug.relist(&mut capture),
-                    Err(mpsc::RecvTimeoutError::Timeout) => {
-                        drainer.cycle(false)?;
-                        next = Instant::now() + interval;
-                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
                 }
             }
             if keep_attached {

@@ -241,7 +241,8 @@ fn ipfix_and_netflow9_export_decoded_by_nfdump_and_tshark() {
 /// in ten. Every record says sampling_rate 10 and the sampled count lies
 /// within 5 standard deviations of 10,000 (sd = sqrt(100000 x 0.1 x 0.9) =
 /// 95). The IPFIX and NetFlow v9 exports carry the rate in their options
-/// data: tshark reads it, and `flowexport collect` gives every decoded
+/// data (IPFIX: samplingInterval 10 and samplingProbability 0.1): tshark
+/// reads it, and `flowexport collect` gives every decoded
 /// record rate 10 and the same sampled counts as the agent's JSON.
 #[test]
 fn sampling_rate_in_records_and_in_ipfix_and_netflow9_options() {
@@ -342,13 +343,13 @@ fn sampling_rate_in_records_and_in_ipfix_and_netflow9_options() {
             "-e",
             "cflow.sampling_algorithm",
             "-e",
-            "cflow.sampling_population",
+            "cflow.sampling_probability",
         ],
     )
     .into_iter()
     .collect();
     let want: std::collections::BTreeSet<String> =
-        [format!("{p_ipfix},10,2,10"), format!("{p_v9},10,2,")]
+        [format!("{p_ipfix},10,2,0.1"), format!("{p_v9},10,2,")]
             .into_iter()
             .collect();
     assert_eq!(lines, want, "tshark's view of the options data");

@@ -207,6 +207,14 @@ impl Rule {
     }
 }
 
+impl Rule {
+    /// Whether the rule has a port key (then the kernel needs its port
+    /// table).
+    pub fn has_port(&self) -> bool {
+        self.port.is_some() || self.src_port.is_some() || self.dst_port.is_some()
+    }
+}
+
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
@@ -266,7 +274,7 @@ pub fn compile(rules: &[Rule]) -> Result<KernelFilter, FilterError> {
         if r.accept {
             set.accept |= bit;
         }
-        if r.port.is_some() || r.src_port.is_some() || r.dst_port.is_some() {
+        if r.has_port() {
             set.port_rules |= bit;
         }
         if r.cidr.is_some() || r.src_cidr.is_some() || r.dst_cidr.is_some() {

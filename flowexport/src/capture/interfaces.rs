@@ -83,6 +83,7 @@ const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const IFLA_IFNAME: u16 = 3;
 const ARPHRD_LOOPBACK: u16 = 772;
+const NLM_F_DUMP_INTR: u16 = 0x10;
 const NLMSG_HDR: usize = 16;
 const IFINFOMSG: usize = 16;
 
@@ -93,11 +94,16 @@ pub enum NetlinkError {
     Truncated(usize),
     #[error("the kernel answered the link dump with error {0}")]
     Kernel(i32),
+    #[error("the link dump was interrupted by a change; list again")]
+    Interrupted,
 }
 
 /// Parses one datagram of netlink messages: the link events in it, and
-/// whether it ended a dump (NLMSG_DONE). Messages of other types are
-/// skipped.
+/// whether it ended a dump (NLMSG_DONE). Messages of other types, and link
+/// messages of a family other than AF_UNSPEC (the bridge driver's
+/// AF_BRIDGE RTM_DELLINK when a port leaves a bridge: the interface stays),
+/// are skipped. A dump the kernel interrupted (NLM_F_DUMP_INTR: links
+/// changed meanwhile) or ended with an error is an error.
 pub fn parse_links(buf: &[u8]) -> Result<(Vec<LinkEvent>, bool), NetlinkError> {
     let mut out = Vec::new();
     let mut off = 0;
@@ -105,19 +111,33 @@ pub fn parse_links(buf: &[u8]) -> Result<(Vec<LinkEvent>, bool), NetlinkError> {
     while off + NLMSG_HDR <= buf.len() {
         let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
         let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2 bytes"));
+        let flags = u16::from_ne_bytes(buf[off + 6..off + 8].try_into().expect("2 bytes"));
         if len < NLMSG_HDR || off + len > buf.len() {
             return Err(NetlinkError::Truncated(len));
         }
         let body = &buf[off + NLMSG_HDR..off + len];
+        if flags & NLM_F_DUMP_INTR != 0 {
+            return Err(NetlinkError::Interrupted);
+        }
         match ty {
-            NLMSG_DONE => done = true,
+            NLMSG_DONE => {
+                done = true;
+                if body.len() >= 4 {
+                    let code = i32::from_ne_bytes(body[..4].try_into().expect("4 bytes"));
+                    if code != 0 {
+                        return Err(NetlinkError::Kernel(code));
+                    }
+                }
+            }
             NLMSG_ERROR if body.len() >= 4 => {
                 let code = i32::from_ne_bytes(body[..4].try_into().expect("4 bytes"));
                 if code != 0 {
                     return Err(NetlinkError::Kernel(code));
                 }
             }
-            RTM_NEWLINK | RTM_DELLINK if body.len() >= IFINFOMSG => {
+            RTM_NEWLINK | RTM_DELLINK
+                if body.len() >= IFINFOMSG && body[0] == libc::AF_UNSPEC as u8 =>
+            {
                 let kind = u16::from_ne_bytes(body[2..4].try_into().expect("2 bytes"));
                 let index = u32::from_ne_bytes(body[4..8].try_into().expect("4 bytes"));
                 let mut name = None;
@@ -202,8 +222,26 @@ fn recv(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// The interfaces present now (an RTM_GETLINK dump).
+/// The interfaces present now (an RTM_GETLINK dump; again if a change
+/// interrupted it, up to 10 times).
 pub fn present() -> io::Result<Vec<Link>> {
+    let mut tries = 0;
+    loop {
+        match dump() {
+            Err(e)
+                if tries < 10
+                    && e.get_ref()
+                        .and_then(|i| i.downcast_ref::<NetlinkError>())
+                        .is_some_and(|n| *n == NetlinkError::Interrupted) =>
+            {
+                tries += 1
+            }
+            r => return r,
+        }
+    }
+}
+
+fn dump() -> io::Result<Vec<Link>> {
     let fd = route_socket(0)?;
     // nlmsghdr (16) + rtgenmsg (family, padded to 4).
     let mut req = [0u8; NLMSG_HDR + 4];
@@ -268,7 +306,12 @@ mod tests {
     /// An RTM_NEWLINK/RTM_DELLINK message as the kernel sends it: header,
     /// ifinfomsg, an IFLA_MTU attribute and IFLA_IFNAME.
     fn link_msg(ty: u16, index: u32, kind: u16, name: &str) -> Vec<u8> {
+        family_link_msg(0, ty, index, kind, name)
+    }
+
+    fn family_link_msg(family: u8, ty: u16, index: u32, kind: u16, name: &str) -> Vec<u8> {
         let mut body = vec![0u8; IFINFOMSG];
+        body[0] = family;
         body[2..4].copy_from_slice(&kind.to_ne_bytes());
         body[4..8].copy_from_slice(&index.to_ne_bytes());
         body.extend_from_slice(&8u16.to_ne_bytes());
@@ -294,6 +337,14 @@ mod tests {
         let mut buf = link_msg(RTM_NEWLINK, 7, 1, "brq1234");
         buf.extend(link_msg(RTM_DELLINK, 8, 1, "tap0"));
         buf.extend(link_msg(RTM_NEWLINK, 1, ARPHRD_LOOPBACK, "lo"));
+        // A port leaving a bridge: AF_BRIDGE, not the interface going away.
+        buf.extend(family_link_msg(
+            libc::AF_BRIDGE as u8,
+            RTM_DELLINK,
+            9,
+            1,
+            "tap1",
+        ));
         let (events, done) = parse_links(&buf).unwrap();
         assert!(!done);
         let link = |index, name: &str, loopback| Link {
@@ -313,6 +364,12 @@ mod tests {
         done_msg.extend_from_slice(&NLMSG_DONE.to_ne_bytes());
         done_msg.extend_from_slice(&[0; 14]);
         assert_eq!(parse_links(&done_msg).unwrap(), (vec![], true));
+        let mut intr = link_msg(RTM_NEWLINK, 7, 1, "brq1234");
+        intr[6..8].copy_from_slice(&NLM_F_DUMP_INTR.to_ne_bytes());
+        assert_eq!(parse_links(&intr), Err(NetlinkError::Interrupted));
+        let mut failed = done_msg.clone();
+        failed[16..20].copy_from_slice(&(-16i32).to_ne_bytes());
+        assert_eq!(parse_links(&failed), Err(NetlinkError::Kernel(-16)));
         // Cut short: an error, not a panic.
         assert!(parse_links(&buf[..buf.len() - 3]).is_err());
         assert_eq!(parse_links(&buf[..10]).unwrap(), (vec![], false));

@@ -11,8 +11,9 @@
 //! IPFIX (RFC 7011 options template, scope observationDomainId) carries
 //! samplingInterval (34) and samplingAlgorithm (35) as RFC 7270 keeps them
 //! for NetFlow v9 collectors, and selectorId (302), selectorAlgorithm (304)
-//! = 3 (random n-out-of-N), samplingSize (309) = 1 and samplingPopulation
-//! (310) = N as RFC 5477 defines them; NetFlow v9 (scope System) carries
+//! = 4 (uniform probabilistic: the kernel keeps each packet independently
+//! with probability 1/N) and samplingProbability (311) = 1/N as RFC 5477
+//! defines them; NetFlow v9 (scope System) carries
 //! SAMPLING_INTERVAL (34) and SAMPLING_ALGORITHM (35) = 2 (random), as
 //! softflowd does.
 //!
@@ -68,8 +69,7 @@ mod ie {
     pub const OBSERVATION_DOMAIN_ID: u16 = 149;
     pub const SELECTOR_ID: u16 = 302;
     pub const SELECTOR_ALGORITHM: u16 = 304;
-    pub const SAMPLING_SIZE: u16 = 309;
-    pub const SAMPLING_POPULATION: u16 = 310;
+    pub const SAMPLING_PROBABILITY: u16 = 311;
     /// NetFlow v9 scope field type "System".
     pub const V9_SCOPE_SYSTEM: u16 = 1;
 }
@@ -83,8 +83,7 @@ fn sampling_fields(proto: ExportProtocol) -> Vec<Field> {
             (ie::SAMPLING_ALGORITHM, 1),
             (ie::SELECTOR_ID, 8),
             (ie::SELECTOR_ALGORITHM, 2),
-            (ie::SAMPLING_SIZE, 4),
-            (ie::SAMPLING_POPULATION, 4),
+            (ie::SAMPLING_PROBABILITY, 8),
         ],
         ExportProtocol::NetflowV9 => vec![
             (ie::V9_SCOPE_SYSTEM, 4),
@@ -369,9 +368,9 @@ impl ExportStream {
             ExportProtocol::Ipfix => {
                 pkt.push(2); // samplingAlgorithm: random (RFC 7270)
                 pkt.extend_from_slice(&1u64.to_be_bytes()); // selectorId
-                pkt.extend_from_slice(&3u16.to_be_bytes()); // random n-out-of-N
-                pkt.extend_from_slice(&1u32.to_be_bytes()); // samplingSize n
-                pkt.extend_from_slice(&n.to_be_bytes()); // samplingPopulation N
+                                                            // Uniform probabilistic, probability 1/N (float64).
+                pkt.extend_from_slice(&4u16.to_be_bytes());
+                pkt.extend_from_slice(&(1.0 / f64::from(n)).to_bits().to_be_bytes());
             }
             ExportProtocol::NetflowV9 => pkt.push(2), // SAMPLING_ALGORITHM: random
         }

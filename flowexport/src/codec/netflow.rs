@@ -226,6 +226,8 @@ struct RecordTimes {
     /// samplingSize (309) and samplingPopulation (310): n out of N.
     sampling_size: Option<u64>,
     sampling_population: Option<u64>,
+    /// samplingProbability (311): 1 in 1/p.
+    sampling_probability: Option<f64>,
 }
 
 impl RecordTimes {
@@ -238,8 +240,12 @@ impl RecordTimes {
             (Some(i), Some(s)) if i > 0 => Some(i.saturating_add(s) / i),
             (Some(i), None) => Some(i),
             _ => match (self.sampling_size, self.sampling_population) {
-                (Some(n), Some(p)) if n > 0 && self.sampling.is_none() => Some(p / n),
-                _ => self.sampling,
+                _ if self.sampling.is_some() => self.sampling,
+                (Some(n), Some(p)) if n > 0 => Some(p / n),
+                _ => self
+                    .sampling_probability
+                    .filter(|p| *p > 0.0 && *p <= 1.0)
+                    .map(|p| (1.0 / p).round() as u64),
             },
         }
     }
@@ -321,6 +327,9 @@ fn apply(r: &mut FlowRecord, t: &mut RecordTimes, id: u16, v: &[u8]) {
         306 => t.packet_space = Some(n()),
         309 => t.sampling_size = Some(n()),
         310 => t.sampling_population = Some(n()),
+        311 if v.len() == 8 => {
+            t.sampling_probability = Some(f64::from_bits(n()));
+        }
         21 => t.end_uptime = Some(n()),
         22 => t.start_uptime = Some(n()),
         150 => t.start_ms = Some(n().saturating_mul(1000)),
@@ -923,8 +932,9 @@ mod tests {
     }
 
     /// With sampling, our exporter's options template and data give the
-    /// decoder the rate (IPFIX: from samplingInterval, also from
-    /// samplingSize/samplingPopulation alone; v9: SAMPLING_INTERVAL), and
+    /// decoder the rate (IPFIX: from samplingInterval; also from
+    /// samplingSize/samplingPopulation or samplingProbability alone; v9:
+    /// SAMPLING_INTERVAL), and
     /// IPFIX sequence numbers count the options record.
     #[test]
     fn sampling_options_from_our_exporter_give_the_rate() {
@@ -962,6 +972,11 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(t.sampling_rate(), Some(64));
+        let t = RecordTimes {
+            sampling_probability: Some(0.01),
+            ..Default::default()
+        };
+        assert_eq!(t.sampling_rate(), Some(100));
     }
 
     #[test]
