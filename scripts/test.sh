@@ -36,5 +36,7 @@ done
 # The package test (tests/tests/service.rs) installs this .deb.
 echo "==> cargo xtask deb"
 cargo xtask deb
-echo "==> cargo test"
-cargo test --workspace
+echo "==> cargo test (unit tests)"
+cargo test
+echo "==> cargo xtask integration-test"
+cargo xtask integration-test

@@ -27,6 +27,15 @@ enum Cmd {
     /// the commented /etc/flowexport/agent.toml, the Prometheus and Grafana
     /// files); needs cargo-deb (scripts/setup.sh --test installs it).
     Deb,
+    /// The integration tests (crate tests/): the real agent on veth pairs
+    /// in network namespaces, real third-party tools. They need root (plain
+    /// `cargo test` leaves them out and runs as any user); the package test
+    /// needs `cargo xtask deb` first (scripts/test.sh does both).
+    IntegrationTest {
+        /// Extra arguments for `cargo test` (a test name, `--nocapture`...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Benchmarks; see BENCHMARKS.md.
     Bench {
         /// What to benchmark: xdp, kafka, collect, consumers, churn, peers.
@@ -123,6 +132,26 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::BuildEbpf { debug } => build_ebpf(debug),
         Cmd::Deb => deb(),
+        Cmd::IntegrationTest { args } => {
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                bail!(
+                    "the integration tests need root (they create network namespaces and load BPF \
+                     programs): run `sudo -E cargo xtask integration-test`, or as root. \
+                     Plain `cargo test` runs the unit tests as any user"
+                );
+            }
+            build_ebpf(false)?;
+            run(Command::new("cargo").current_dir(root()).args([
+                "build",
+                "--workspace",
+                "--bins",
+            ]))?;
+            run(Command::new("cargo")
+                .current_dir(root())
+                .args(["test", "-p", "flowexport-tests"])
+                .args(&args))
+        }
         Cmd::Bench { what, args } => {
             build_ebpf(false)?;
             // Benchmark binary, its leading arguments, and whether it runs
