@@ -197,7 +197,7 @@ fn main() -> Result<()> {
                     "--release",
                     "--quiet",
                     "-p",
-                    "flowexport",
+                    "flowexport-benches",
                     "--bin",
                     bin,
                     "--",
