@@ -26,11 +26,7 @@ use flowexport::codec::export::{ExportProtocol, ExportStream};
 use flowexport::codec::netflow::NetflowDecoder;
 use flowexport::record::{FlowRecord, FlowType, ETYPE_IPV4};
 
-#[path = "bench-support/tansu.rs"]
-mod tansu;
-#[path = "bench-support/util.rs"]
-mod util;
-use util::cpu_seconds;
+use flowexport_benches::util::cpu_seconds;
 
 const RECORDS_PER_PACKET: usize = 30;
 /// Packets per protocol in the in-process stream.
@@ -413,7 +409,7 @@ fn main() -> Result<()> {
     let _ = std::fs::remove_file(&json_file);
 
     // Kafka: a shorter stream at a lower rate (the local broker is the limit).
-    match tansu::Tansu::start("input") {
+    match flowexport_benches::tansu::Tansu::start("input") {
         Ok(b) => {
             let port = free_udp_port()?;
             let brokers = b.brokers();

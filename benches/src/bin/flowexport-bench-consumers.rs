@@ -35,12 +35,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
-#[path = "bench-support/tansu.rs"]
-mod tansu;
-#[path = "bench-support/util.rs"]
-mod util;
-use tansu::Tansu;
-use util::{cpu_seconds, send_waiting};
+use flowexport_benches::tansu::Tansu;
+use flowexport_benches::util::{cpu_seconds, send_waiting};
 
 const PREFIXES: usize = 100_000;
 const IN_PROCESS_RECORDS: usize = 200_000;

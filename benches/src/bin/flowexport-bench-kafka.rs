@@ -23,12 +23,8 @@ use flowexport::sink::Sink;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
-#[path = "bench-support/tansu.rs"]
-mod tansu;
-#[path = "bench-support/util.rs"]
-mod util;
-use tansu::Tansu;
-use util::send_waiting;
+use flowexport_benches::tansu::Tansu;
+use flowexport_benches::util::send_waiting;
 
 const ENCODE_ITERS: usize = 5_000_000;
 /// Below the sink's default buffer bound, so neither side drops anything.

@@ -7,7 +7,6 @@ use rdkafka::message::ToBytes;
 use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
 
 /// utime + stime of a process and its threads, in seconds.
-#[allow(dead_code)] // not every benchmark measures CPU time
 pub fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
@@ -22,7 +21,6 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 
 /// Sends `rec`, waiting 1 ms at a time while the producer's queue is full
 /// (a benchmark sends as fast as the broker takes it).
-#[allow(dead_code)] // not every benchmark produces to Kafka
 pub fn send_waiting<C, K, P>(p: &ThreadedProducer<C>, mut rec: BaseRecord<'_, K, P>)
 where
     C: ProducerContext<DeliveryOpaque = ()> + 'static,
