@@ -1,7 +1,11 @@
-//! Small pieces the benchmarks share: CPU time of a process, and sending a
-//! Kafka record while the producer queue is full.
+//! Small pieces the benchmarks share: the release `flowexport` binary, CPU
+//! time of a process, and sending a Kafka record while the producer queue
+//! is full.
 
+use std::path::PathBuf;
 use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
 
 use rdkafka::message::ToBytes;
 use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
@@ -36,4 +40,20 @@ where
             }
         }
     }
+}
+
+/// The release `flowexport` binary beside this benchmark's (`cargo xtask
+/// bench` builds it first).
+pub fn flowexport_bin() -> Result<PathBuf> {
+    let bin = std::env::current_exe()?
+        .parent()
+        .context("exe dir")?
+        .join("flowexport");
+    if !bin.is_file() {
+        bail!(
+            "{} missing: cargo build --release --bin flowexport",
+            bin.display()
+        );
+    }
+    Ok(bin)
 }

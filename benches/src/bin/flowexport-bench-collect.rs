@@ -288,16 +288,7 @@ fn nfcapd(dir: &Path, port: u16) -> Result<Proc> {
 }
 
 fn main() -> Result<()> {
-    let bin: PathBuf = std::env::current_exe()?
-        .parent()
-        .context("exe dir")?
-        .join("flowexport");
-    if !bin.is_file() {
-        bail!(
-            "{} missing: cargo build --release --bin flowexport",
-            bin.display()
-        );
-    }
+    let bin: PathBuf = flowexport_benches::util::flowexport_bin()?;
     let dir = std::env::temp_dir().join(format!("fe-bench-collect-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     println!("## Collector benchmark\n");

@@ -508,16 +508,7 @@ fn main() -> Result<()> {
     };
     let e2e = encode_all(&records(e2e_records));
     produce(&brokers, &flows_t, &e2e)?;
-    let bin: PathBuf = std::env::current_exe()?
-        .parent()
-        .context("exe dir")?
-        .join("flowexport");
-    if !bin.is_file() {
-        bail!(
-            "{} missing: cargo build --release --bin flowexport",
-            bin.display()
-        );
-    }
+    let bin: PathBuf = flowexport_benches::util::flowexport_bin()?;
     let bare = bare_consumer(&brokers, &flows_t, e2e_records, true)?;
     let bare_assigned = bare_consumer(&brokers, &flows_t, e2e_records, false)?;
     let copy = bare_copy(&brokers, &flows_t, &copied_t, e2e_records)?;
