@@ -16,6 +16,7 @@ cargo xtask build-ebpf
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 (cd flowexport-ebpf && cargo +nightly clippy --release -- -D warnings)
+(cd flowexport-ebpf && cargo +nightly clippy --release --features bench -- -D warnings)
 echo "==> cargo build --bins"
 cargo build --workspace --bins
 # Each decoder's fuzz target for a bounded time (FUZZ_SECONDS, default 30);

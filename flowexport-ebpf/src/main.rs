@@ -1094,6 +1094,7 @@ pub fn flowexport_ingress_tc(ctx: TcContext) -> i32 {
 }
 
 /// Baseline for `cargo xtask bench xdp`: the cheapest possible XDP program.
+#[cfg(feature = "bench")]
 #[xdp]
 pub fn flowexport_bench_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
@@ -1101,6 +1102,7 @@ pub fn flowexport_bench_pass(_ctx: XdpContext) -> u32 {
 
 /// Cost breakdown for `cargo xtask bench xdp`: the ingress parser alone, the
 /// key kept alive by the return value (XDP_PASS for every real frame).
+#[cfg(feature = "bench")]
 #[xdp]
 pub fn flowexport_bench_parse(ctx: XdpContext) -> u32 {
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
@@ -1116,6 +1118,7 @@ pub fn flowexport_bench_parse(ctx: XdpContext) -> u32 {
 
 /// Cost breakdown for `cargo xtask bench xdp`: the parser plus the clock and
 /// generation reads that `account` does before its hash lookup.
+#[cfg(feature = "bench")]
 #[xdp]
 pub fn flowexport_bench_parse_clock(ctx: XdpContext) -> u32 {
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };

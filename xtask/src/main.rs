@@ -64,7 +64,23 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 pub fn build_ebpf(debug: bool) -> Result<()> {
+    build_ebpf_into(debug, false)
+}
+
+/// The kernel object with the benchmark-only programs (feature `bench`),
+/// into target/ebpf-bench/bpfel-unknown-none/release/flowexport, apart from
+/// the production object.
+fn build_bench_ebpf() -> Result<()> {
+    build_ebpf_into(false, true)
+}
+
+fn build_ebpf_into(debug: bool, bench: bool) -> Result<()> {
     let root = root();
+    let target = if bench {
+        root.join("target/ebpf-bench")
+    } else {
+        root.join("target")
+    };
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root.join("flowexport-ebpf"))
         // Whatever toolchain runs xtask, the kernel crate needs nightly
@@ -74,9 +90,12 @@ pub fn build_ebpf(debug: bool) -> Result<()> {
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .env_remove("CARGO_TARGET_DIR")
         .args(["+nightly", "build", "--target-dir"])
-        .arg(root.join("target"));
+        .arg(&target);
     if !debug {
         cmd.arg("--release");
+    }
+    if bench {
+        cmd.args(["--features", "bench"]);
     }
     run(&mut cmd).context(
         "building the eBPF object failed; it needs the nightly toolchain with rust-src and \
@@ -85,7 +104,8 @@ pub fn build_ebpf(debug: bool) -> Result<()> {
     let profile = if debug { "debug" } else { "release" };
     println!(
         "eBPF object: {}",
-        root.join("target/bpfel-unknown-none")
+        target
+            .join("bpfel-unknown-none")
             .join(profile)
             .join("flowexport")
             .display()
@@ -189,6 +209,9 @@ fn main() -> Result<()> {
             };
             if needs_flowexport {
                 build_release_agent()?;
+            }
+            if what == "xdp" {
+                build_bench_ebpf()?;
             }
             run(Command::new("cargo")
                 .current_dir(root())

@@ -1,6 +1,7 @@
 //! `cargo xtask bench xdp`: the XDP ingress program's cost per packet,
 //! measured with BPF_PROG_TEST_RUN beside an empty XDP_PASS program
-//! (`flowexport_bench_pass`, compiled into the same object) in the same run.
+//! (`flowexport_bench_pass`, compiled with the `bench` feature into a copy
+//! of the kernel object that only the benchmark loads) in the same run.
 //!
 //! For IPv4 and IPv6 64-byte UDP frames and flow tables holding 1, 10k and
 //! 1M flows:
@@ -61,6 +62,13 @@ struct Args {
     /// no cache, every packet goes to the hash table).
     #[arg(long, default_value_t = DEFAULT_CACHE_SLOTS)]
     cache_slots: u32,
+    /// The kernel object built with the benchmark programs (`cargo xtask
+    /// bench xdp` builds it; the production object has none of them).
+    #[arg(long, default_value = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/ebpf-bench/bpfel-unknown-none/release/flowexport"
+    ))]
+    bpf_object: std::path::PathBuf,
 }
 
 const FRAME_LEN: usize = 64;
@@ -192,7 +200,7 @@ fn load(
         max_flows,
         fallback_ring_bytes: 1 << 16,
         cache_slots: args.cache_slots,
-        object: None,
+        object: Some(args.bpf_object.clone()),
         capture: Capture::Xdp,
         sampling,
         filter,
