@@ -527,6 +527,29 @@ impl Agent {
         self.output(status)
     }
 
+    /// Runs `flowexport agent ARGS` in `ns` to its end, which must be a
+    /// refusal (a failure exit) whose stderr says each of `says`; returns
+    /// its output.
+    pub fn refused(ns: &Netns, args: &[&str], says: &[&str]) -> AgentOutput {
+        let out = Agent::spawn(ns, args)
+            .unwrap()
+            .wait_exit(Duration::from_secs(30))
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "{args:?} was accepted: {}",
+            out.stderr
+        );
+        for s in says {
+            assert!(
+                out.stderr.contains(s),
+                "{args:?}: no {s:?} in {}",
+                out.stderr
+            );
+        }
+        out
+    }
+
     /// Fetches /metrics from the agent's default endpoint inside its namespace.
     pub fn metrics(&self, port: u16) -> Result<String> {
         fetch_metrics(&Netns::borrowed(&self.ns_name), port)

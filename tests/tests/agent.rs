@@ -689,18 +689,13 @@ fn full_table_and_full_ring_still_account_every_packet() {
 fn start_up_errors_are_clear() {
     let l = Link::new().unwrap();
     // Missing interface.
-    let out = Agent::spawn(&l.b, &["--iface", "nosuch0"])
-        .unwrap()
-        .wait_exit(Duration::from_secs(30))
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        out.stderr.contains("interface \"nosuch0\" does not exist"),
-        "{}",
-        out.stderr
+    Agent::refused(
+        &l.b,
+        &["--iface", "nosuch0"],
+        &["interface \"nosuch0\" does not exist"],
     );
     // Missing object file.
-    let out = Agent::spawn(
+    Agent::refused(
         &l.b,
         &[
             "--iface",
@@ -708,39 +703,21 @@ fn start_up_errors_are_clear() {
             "--bpf-object",
             "/nonexistent/flowexport.o",
         ],
-    )
-    .unwrap()
-    .wait_exit(Duration::from_secs(30))
-    .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        out.stderr
-            .contains("cannot read the eBPF object /nonexistent/flowexport.o"),
-        "{}",
-        out.stderr
+        &["cannot read the eBPF object /nonexistent/flowexport.o"],
     );
     // Bad flag value.
-    let out = Agent::spawn(&l.b, &["--iface", &l.b_dev, "--idle-timeout", "soon"])
-        .unwrap()
-        .wait_exit(Duration::from_secs(30))
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(out.stderr.contains("invalid duration"), "{}", out.stderr);
+    Agent::refused(
+        &l.b,
+        &["--iface", &l.b_dev, "--idle-timeout", "soon"],
+        &["invalid duration"],
+    );
     // An interface that already carries another XDP program is refused, and
     // the program already there keeps running.
     let first = Agent::start(&l.b, &agent_args(&[&l.b_dev], &[])).unwrap();
-    let out = Agent::spawn(
+    Agent::refused(
         &l.b,
         &["--iface", &l.b_dev, "--metrics-addr", "127.0.0.1:9591"],
-    )
-    .unwrap()
-    .wait_exit(Duration::from_secs(30))
-    .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        out.stderr.contains("already has an XDP program attached"),
-        "{}",
-        out.stderr
+        &["already has an XDP program attached"],
     );
     let ip = ipv4(
         v4("10.8.0.1"),
@@ -1017,16 +994,10 @@ fn auto_mode_falls_back_to_skb_where_native_is_missing() {
     ns.exec(&["ip", "link", "set", &dev, "up"]).unwrap();
     let ifd = ns.ifindex(&dev).unwrap();
 
-    let out = Agent::spawn(&ns, &["--iface", &dev, "--xdp-mode", "native"])
-        .unwrap()
-        .wait_exit(Duration::from_secs(30))
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(out.stderr.contains("in native mode"), "{}", out.stderr);
-    assert!(
-        out.stderr.contains("try --xdp-mode skb or auto"),
-        "{}",
-        out.stderr
+    Agent::refused(
+        &ns,
+        &["--iface", &dev, "--xdp-mode", "native"],
+        &["in native mode", "try --xdp-mode skb or auto"],
     );
 
     let agent = Agent::start(&ns, &["--iface", &dev, "--xdp-mode", "auto"]).unwrap();
