@@ -4,7 +4,6 @@
 
 use std::path::Path;
 use std::sync::mpsc;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -569,25 +568,17 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
             .with_label_values(&[map])
             .set(bytes as i64);
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
-    let m2 = metrics.clone();
-    if !cfg.detach {
-        runtime
-            .block_on(crate::metrics::serve(
-                cfg.metrics_addr,
-                Arc::new(move || m2.render()),
-            ))
-            .with_context(|| {
-                format!(
-                    "cannot serve metrics on {} (in use? choose another with --metrics-addr)",
-                    cfg.metrics_addr
-                )
-            })?;
-    }
+    // Metrics and signals (not for --detach, which runs to its end).
+    let runtime = if cfg.detach {
+        None
+    } else {
+        Some(crate::runtime::start(
+            cfg.metrics_addr,
+            &metrics.registry,
+            false,
+            "shutting down",
+        )?)
+    };
 
     // The kernel's counters at start (an adopted state's are what earlier
     // agents counted): the metrics count from here.
@@ -675,28 +666,24 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
         })
         .context("spawning the drain thread")?;
 
-    if cfg.detach {
+    let Some(runtime) = runtime else {
+        // --detach: the last drain, then the end.
         let _ = msg_tx.send(Msg::Stop);
-        let r = drain_thread.join();
-        runtime.shutdown_background();
-        return match r {
+        return match drain_thread.join() {
             Ok(r) => r,
             Err(_) => Err(anyhow::anyhow!("drain thread panicked")),
         };
-    }
+    };
     log::info!(
         "flowexport agent running on {} (metrics on http://{}/metrics)",
         cfg.ifaces.join(","),
         cfg.metrics_addr
     );
-    let result = runtime.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("installing the SIGTERM handler")?;
+    let result = runtime.runtime.block_on(async {
         let drain_done = tokio::task::spawn_blocking(move || drain_thread.join());
         tokio::pin!(drain_done);
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => log::info!("SIGINT: shutting down"),
-            _ = term.recv() => log::info!("SIGTERM: shutting down"),
+            _ = runtime.stopped() => {}
             r = &mut drain_done => {
                 // The drain loop only ends on its own after an error.
                 return match r {
@@ -711,6 +698,6 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
             _ => Err(anyhow::anyhow!("drain thread panicked")),
         }
     });
-    runtime.shutdown_background();
+    runtime.runtime.shutdown_background();
     result
 }

@@ -21,7 +21,6 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use crate::codec::netflow::NetflowDecoder;
 use crate::codec::sflow;
 use crate::config::{parse_duration, FileKafka, KafkaArgs};
-use crate::metrics::serve;
 use crate::record::FlowRecord;
 use crate::sink::kafka::KafkaSink;
 use crate::sink::stdout::QueuedJsonLines;
@@ -410,29 +409,13 @@ pub fn run(args: CollectArgs) -> Result<()> {
         );
     }
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    let reg = metrics.registry.clone();
-    runtime
-        .block_on(serve(
-            args.metrics_addr,
-            Arc::new(move || crate::metrics::render_registry(&reg)),
-        ))
-        .with_context(|| format!("cannot serve metrics on {}", args.metrics_addr))?;
+    let runtime =
+        crate::runtime::start(args.metrics_addr, &metrics.registry, false, "shutting down")?;
     log::info!(
         "flowexport collector running (metrics on http://{}/metrics)",
         args.metrics_addr
     );
-    runtime.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => log::info!("SIGINT: shutting down"),
-            _ = term.recv() => log::info!("SIGTERM: shutting down"),
-        }
-        anyhow::Ok(())
-    })?;
+    runtime.wait_for_stop();
     drop(running);
     let mut sinks = sinks.lock().expect("sink lock");
     for s in sinks
@@ -445,6 +428,6 @@ pub fn run(args: CollectArgs) -> Result<()> {
         }
     }
     drop(stdout);
-    runtime.shutdown_background();
+    runtime.runtime.shutdown_background();
     Ok(())
 }

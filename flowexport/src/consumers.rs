@@ -183,7 +183,7 @@ fn run(
 ) -> Result<()> {
     let in_topic = bargs.in_topic.clone();
     let mut bridge = Bridge::new(bargs, group, create_topics, &registry)?;
-    let service = crate::service::start(
+    let service = crate::runtime::start(
         metrics_addr,
         &registry,
         true,

@@ -941,7 +941,7 @@ pub fn run(args: DashboardArgs) -> Result<()> {
         consumer.assign(&tpl)?;
     }
 
-    let service = crate::service::start(args.metrics_addr, &registry, false, "stopping")?;
+    let service = crate::runtime::start(args.metrics_addr, &registry, false, "stopping")?;
     let stop = &service.stop;
     log::info!(
         "dashboard reading topic {} as {format:?} (metrics on http://{}/metrics)",

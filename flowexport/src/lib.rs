@@ -16,6 +16,6 @@ pub mod enrich;
 pub mod kafka_group;
 pub mod metrics;
 pub mod record;
-pub mod service;
+pub mod runtime;
 pub mod sink;
 pub mod timeconv;
