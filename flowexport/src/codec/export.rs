@@ -23,6 +23,7 @@
 
 use std::net::IpAddr;
 
+use super::ie;
 use crate::record::{FlowRecord, ETYPE_IPV6};
 
 /// Which export protocol a stream speaks.
@@ -40,39 +41,6 @@ pub const TEMPLATE_ID_SAMPLING: u16 = 258;
 const IPFIX_HEADER_LEN: usize = 16;
 const V9_HEADER_LEN: usize = 20;
 const SET_HEADER_LEN: usize = 4;
-
-/// Information elements (IPFIX IANA ids; NetFlow v9 uses the same numbers
-/// for these).
-mod ie {
-    pub const OCTET_DELTA_COUNT: u16 = 1;
-    pub const PACKET_DELTA_COUNT: u16 = 2;
-    pub const PROTOCOL_IDENTIFIER: u16 = 4;
-    pub const TCP_CONTROL_BITS: u16 = 6;
-    pub const SOURCE_TRANSPORT_PORT: u16 = 7;
-    pub const SOURCE_IPV4_ADDRESS: u16 = 8;
-    pub const INGRESS_INTERFACE: u16 = 10;
-    pub const DESTINATION_TRANSPORT_PORT: u16 = 11;
-    pub const DESTINATION_IPV4_ADDRESS: u16 = 12;
-    pub const EGRESS_INTERFACE: u16 = 14;
-    pub const LAST_SWITCHED: u16 = 21;
-    pub const FIRST_SWITCHED: u16 = 22;
-    pub const SOURCE_IPV6_ADDRESS: u16 = 27;
-    pub const DESTINATION_IPV6_ADDRESS: u16 = 28;
-    pub const ICMP_TYPE_CODE_IPV4: u16 = 32;
-    pub const VLAN_ID: u16 = 58;
-    pub const FLOW_DIRECTION: u16 = 61;
-    pub const ICMP_TYPE_CODE_IPV6: u16 = 139;
-    pub const FLOW_START_MILLISECONDS: u16 = 152;
-    pub const FLOW_END_MILLISECONDS: u16 = 153;
-    pub const SAMPLING_INTERVAL: u16 = 34;
-    pub const SAMPLING_ALGORITHM: u16 = 35;
-    pub const OBSERVATION_DOMAIN_ID: u16 = 149;
-    pub const SELECTOR_ID: u16 = 302;
-    pub const SELECTOR_ALGORITHM: u16 = 304;
-    pub const SAMPLING_PROBABILITY: u16 = 311;
-    /// NetFlow v9 scope field type "System".
-    pub const V9_SCOPE_SYSTEM: u16 = 1;
-}
 
 /// The sampling options template's fields: the scope first.
 fn sampling_fields(proto: ExportProtocol) -> Vec<Field> {
@@ -148,9 +116,10 @@ pub fn template_fields(proto: ExportProtocol, ipv6: bool) -> Vec<Field> {
             (ie::FLOW_START_MILLISECONDS, 8),
             (ie::FLOW_END_MILLISECONDS, 8),
         ]),
-        ExportProtocol::NetflowV9 => {
-            f.extend_from_slice(&[(ie::FIRST_SWITCHED, 4), (ie::LAST_SWITCHED, 4)])
-        }
+        ExportProtocol::NetflowV9 => f.extend_from_slice(&[
+            (ie::FLOW_START_SYS_UP_TIME, 4),
+            (ie::FLOW_END_SYS_UP_TIME, 4),
+        ]),
     }
     f
 }

@@ -14,6 +14,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
+use super::ie;
 use crate::record::{FlowRecord, FlowType, ETYPE_IPV4, ETYPE_IPV6};
 
 /// Why a packet (or the rest of it) could not be decoded. `reason()` is the
@@ -268,79 +269,83 @@ fn v6(b: &[u8]) -> Option<IpAddr> {
 fn apply(r: &mut FlowRecord, t: &mut RecordTimes, id: u16, v: &[u8]) {
     let n = || uint(v);
     match id {
-        1 => {
+        ie::OCTET_DELTA_COUNT => {
             r.bytes = n();
             t.octets_delta = true;
         }
-        2 => {
+        ie::PACKET_DELTA_COUNT => {
             r.packets = n();
             t.packets_delta = true;
         }
-        85 if !t.octets_delta => r.bytes = n(),
-        86 if !t.packets_delta => r.packets = n(),
-        4 => r.proto = n() as u8,
-        5 => r.ip_tos = n() as u8,
-        6 => r.tcp_flags = n() as u8,
-        7 => r.src_port = n() as u16,
-        11 => r.dst_port = n() as u16,
-        8 | 27 => {
+        ie::OCTET_TOTAL_COUNT if !t.octets_delta => r.bytes = n(),
+        ie::PACKET_TOTAL_COUNT if !t.packets_delta => r.packets = n(),
+        ie::PROTOCOL_IDENTIFIER => r.proto = n() as u8,
+        ie::IP_CLASS_OF_SERVICE => r.ip_tos = n() as u8,
+        ie::TCP_CONTROL_BITS => r.tcp_flags = n() as u8,
+        ie::SOURCE_TRANSPORT_PORT => r.src_port = n() as u16,
+        ie::DESTINATION_TRANSPORT_PORT => r.dst_port = n() as u16,
+        ie::SOURCE_IPV4_ADDRESS | ie::SOURCE_IPV6_ADDRESS => {
             if let Some(a) = v4(v).or_else(|| v6(v)) {
                 r.src_addr = a;
             }
         }
-        12 | 28 => {
+        ie::DESTINATION_IPV4_ADDRESS | ie::DESTINATION_IPV6_ADDRESS => {
             if let Some(a) = v4(v).or_else(|| v6(v)) {
                 r.dst_addr = a;
             }
         }
-        10 => r.in_if = n() as u32,
-        14 => r.out_if = n() as u32,
-        16 => r.src_as = n() as u32,
-        17 => r.dst_as = n() as u32,
-        32 | 139 => {
+        ie::INGRESS_INTERFACE => r.in_if = n() as u32,
+        ie::EGRESS_INTERFACE => r.out_if = n() as u32,
+        ie::BGP_SOURCE_AS_NUMBER => r.src_as = n() as u32,
+        ie::BGP_DESTINATION_AS_NUMBER => r.dst_as = n() as u32,
+        ie::ICMP_TYPE_CODE_IPV4 | ie::ICMP_TYPE_CODE_IPV6 => {
             let x = n();
             r.icmp_type = (x >> 8) as u8;
             r.icmp_code = x as u8;
             t.icmp_explicit = true;
         }
-        176 | 178 => {
+        ie::ICMP_TYPE_IPV4 | ie::ICMP_TYPE_IPV6 => {
             r.icmp_type = n() as u8;
             t.icmp_explicit = true;
         }
-        177 | 179 => {
+        ie::ICMP_CODE_IPV4 | ie::ICMP_CODE_IPV6 => {
             r.icmp_code = n() as u8;
             t.icmp_explicit = true;
         }
-        56 => r.src_mac = mac(v),
-        80 => r.dst_mac = mac(v),
-        57 if r.dst_mac == 0 => r.dst_mac = mac(v),
-        58 | 243 => r.vlan_id = n() as u16 & 0x0fff,
-        61 => r.flow_direction = n() as u8,
-        60 => {
+        ie::SOURCE_MAC_ADDRESS => r.src_mac = mac(v),
+        ie::DESTINATION_MAC_ADDRESS => r.dst_mac = mac(v),
+        ie::POST_DESTINATION_MAC_ADDRESS if r.dst_mac == 0 => r.dst_mac = mac(v),
+        ie::VLAN_ID | ie::DOT1Q_VLAN_ID => r.vlan_id = n() as u16 & 0x0fff,
+        ie::FLOW_DIRECTION => r.flow_direction = n() as u8,
+        ie::IP_VERSION => {
             r.etype = match n() {
                 6 => ETYPE_IPV6,
                 _ => ETYPE_IPV4,
             }
         }
-        34 | 50 => t.sampling = Some(n()),
-        305 => t.packet_interval = Some(n()),
-        306 => t.packet_space = Some(n()),
-        309 => t.sampling_size = Some(n()),
-        310 => t.sampling_population = Some(n()),
-        311 if v.len() == 8 => {
+        ie::SAMPLING_INTERVAL | ie::SAMPLER_RANDOM_INTERVAL => t.sampling = Some(n()),
+        ie::SAMPLING_PACKET_INTERVAL => t.packet_interval = Some(n()),
+        ie::SAMPLING_PACKET_SPACE => t.packet_space = Some(n()),
+        ie::SAMPLING_SIZE => t.sampling_size = Some(n()),
+        ie::SAMPLING_POPULATION => t.sampling_population = Some(n()),
+        ie::SAMPLING_PROBABILITY if v.len() == 8 => {
             t.sampling_probability = Some(f64::from_bits(n()));
         }
-        21 => t.end_uptime = Some(n()),
-        22 => t.start_uptime = Some(n()),
-        150 => t.start_ms = Some(n().saturating_mul(1000)),
-        151 => t.end_ms = Some(n().saturating_mul(1000)),
-        152 => t.start_ms = Some(n()),
-        153 => t.end_ms = Some(n()),
-        154 | 156 => t.start_ns = Some(ntp_to_unix_ns(n())),
-        155 | 157 => t.end_ns = Some(ntp_to_unix_ns(n())),
-        158 => t.start_delta_us = Some(n()),
-        159 => t.end_delta_us = Some(n()),
-        160 => t.sys_init_ms = Some(n()),
+        ie::FLOW_END_SYS_UP_TIME => t.end_uptime = Some(n()),
+        ie::FLOW_START_SYS_UP_TIME => t.start_uptime = Some(n()),
+        ie::FLOW_START_SECONDS => t.start_ms = Some(n().saturating_mul(1000)),
+        ie::FLOW_END_SECONDS => t.end_ms = Some(n().saturating_mul(1000)),
+        ie::FLOW_START_MILLISECONDS => t.start_ms = Some(n()),
+        ie::FLOW_END_MILLISECONDS => t.end_ms = Some(n()),
+        ie::FLOW_START_MICROSECONDS | ie::FLOW_START_NANOSECONDS => {
+            t.start_ns = Some(ntp_to_unix_ns(n()))
+        }
+        ie::FLOW_END_MICROSECONDS | ie::FLOW_END_NANOSECONDS => {
+            t.end_ns = Some(ntp_to_unix_ns(n()))
+        }
+        ie::FLOW_START_DELTA_MICROSECONDS => t.start_delta_us = Some(n()),
+        ie::FLOW_END_DELTA_MICROSECONDS => t.end_delta_us = Some(n()),
+        ie::SYSTEM_INIT_TIME_MILLISECONDS => t.sys_init_ms = Some(n()),
         _ => {}
     }
 }
