@@ -126,11 +126,7 @@ pub struct BridgeMetrics {
 
 impl BridgeMetrics {
     pub fn new(r: &Registry) -> BridgeMetrics {
-        let c = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help).expect("valid metric");
-            r.register(Box::new(c.clone())).expect("unique metric");
-            c
-        };
+        let c = |name: &str, help: &str| crate::metrics::counter(r, name, help);
         BridgeMetrics {
             consumed: c("flowexport_bridge_consumed_total", "Input messages read."),
             undecodable: c(

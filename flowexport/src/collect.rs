@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
 
 use crate::codec::netflow::NetflowDecoder;
 use crate::codec::sflow;
@@ -74,22 +74,14 @@ impl CollectMetrics {
     fn new() -> CollectMetrics {
         let r = Registry::new();
         let vec = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            r.register(Box::new(c.clone())).expect("unique metric");
-            c
+            crate::metrics::counter_vec(&r, name, help, labels)
         };
-        let templates = IntGauge::new(
+        let templates = crate::metrics::gauge(
+            &r,
             "flowexport_collector_templates",
             "NetFlow v9/IPFIX templates currently known (all workers).",
-        )
-        .expect("valid metric");
-        r.register(Box::new(templates.clone()))
-            .expect("unique metric");
-        let counter = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help).expect("valid metric");
-            r.register(Box::new(c.clone())).expect("unique metric");
-            c
-        };
+        );
+        let counter = |name: &str, help: &str| crate::metrics::counter(&r, name, help);
         CollectMetrics {
             packets: vec(
                 "flowexport_collector_packets_total",
@@ -350,7 +342,10 @@ pub fn run(args: CollectArgs) -> Result<()> {
     // Formatted in the workers, written by a thread of its own: a slow
     // reader of stdout shows in the queue's metrics.
     let mut stdout = if stdout {
-        Some(QueuedJsonLines::stdout(&metrics.registry).context("stdout queue metrics")?)
+        Some(
+            QueuedJsonLines::stdout(&metrics.registry)
+                .context("starting the stdout writer thread")?,
+        )
     } else {
         None
     };

@@ -122,17 +122,17 @@ pub fn run_enrich(args: EnrichArgs) -> Result<()> {
         enricher.asn_prefixes()
     );
     let registry = Registry::new();
-    let g = IntGauge::new(
+    let g = crate::metrics::gauge(
+        &registry,
         "flowexport_enrich_customer_prefixes",
         "Prefixes in the customer list now in use.",
-    )?;
+    );
     g.set(enricher.customer_prefixes() as i64);
-    registry.register(Box::new(g.clone()))?;
-    let reloads = IntCounter::new(
+    let reloads = crate::metrics::counter(
+        &registry,
         "flowexport_enrich_reloads_total",
         "Successful reloads of the files on SIGHUP.",
-    )?;
-    registry.register(Box::new(reloads.clone()))?;
+    );
     let mut t = Enrich {
         sources,
         enricher,

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, Registry};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message as _;
@@ -633,9 +633,7 @@ impl Dashboard {
         max_as_pairs: usize,
     ) -> Dashboard {
         let vec = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            r.register(Box::new(c.clone())).expect("unique metric");
-            c
+            crate::metrics::counter_vec(r, name, help, labels)
         };
         let t = &["cid", "direction", "ip_version", "proto", "app"];
         let as_labels = &[
@@ -861,19 +859,17 @@ pub fn run(args: DashboardArgs) -> Result<()> {
     }
 
     let registry = Registry::new();
-    let messages = IntCounter::new(
+    let messages = crate::metrics::counter(
+        &registry,
         "flowexport_dashboard_messages_total",
         "Messages read from the topic.",
-    )?;
-    registry.register(Box::new(messages.clone()))?;
-    let undecodable = IntCounterVec::new(
-        Opts::new(
-            "flowexport_dashboard_undecodable_total",
-            "Messages that could not be decoded (counted, skipped), by reason.",
-        ),
+    );
+    let undecodable = crate::metrics::counter_vec(
+        &registry,
+        "flowexport_dashboard_undecodable_total",
+        "Messages that could not be decoded (counted, skipped), by reason.",
         &["reason"],
-    )?;
-    registry.register(Box::new(undecodable.clone()))?;
+    );
     let mut dash = Dashboard::new(
         &registry,
         args.asn,

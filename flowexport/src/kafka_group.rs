@@ -38,20 +38,17 @@ pub struct GroupMetrics {
 impl GroupMetrics {
     /// Registers `<prefix>_partitions_owned` and `<prefix>_rebalances_total`.
     pub fn new(r: &Registry, prefix: &str) -> GroupMetrics {
-        let owned = IntGauge::new(
-            format!("{prefix}_partitions_owned"),
+        let owned = crate::metrics::gauge(
+            r,
+            &format!("{prefix}_partitions_owned"),
             "Input partitions this process owns in its consumer group.",
-        )
-        .expect("valid metric");
-        let rebalances = IntCounter::new(
-            format!("{prefix}_rebalances_total"),
+        );
+        let rebalances = crate::metrics::counter(
+            r,
+            &format!("{prefix}_rebalances_total"),
             "Consumer-group rebalances this process took part in (each assignment or \
              revocation of partitions).",
-        )
-        .expect("valid metric");
-        r.register(Box::new(owned.clone())).expect("unique metric");
-        r.register(Box::new(rebalances.clone()))
-            .expect("unique metric");
+        );
         GroupMetrics {
             partitions_owned: owned,
             rebalances,

@@ -1,4 +1,5 @@
-//! Prometheus metrics of the agent, served on `--metrics-addr` at `/metrics`.
+//! Prometheus metrics: the agent's, the helpers every command creates its
+//! metrics with, and the `/metrics` server.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -7,8 +8,8 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Counter, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 /// Every metric the agent exports. Names follow Prometheus conventions:
@@ -41,28 +42,42 @@ pub struct AgentMetrics {
     pub sink_errors: IntCounterVec,
 }
 
-fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    r.register(Box::new(c.clone())).expect("unique metric");
-    c
+// Creating and registering a metric, for every command's metrics. A
+// metric's name and labels are constants of the program: an invalid or
+// duplicate one is a bug, hence the panics.
+
+/// An integer counter with labels, registered in `r`.
+pub fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(r, IntCounterVec::new(Opts::new(name, help), labels))
 }
 
-fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
-    let c = IntCounter::new(name, help).expect("valid metric");
-    r.register(Box::new(c.clone())).expect("unique metric");
-    c
+/// An integer counter, registered in `r`.
+pub fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    register(r, IntCounter::new(name, help))
 }
 
-fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-    r.register(Box::new(g.clone())).expect("unique metric");
-    g
+/// A float counter (seconds), registered in `r`.
+pub fn float_counter(r: &Registry, name: &str, help: &str) -> Counter {
+    register(r, Counter::new(name, help))
 }
 
-fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
-    let g = IntGauge::new(name, help).expect("valid metric");
-    r.register(Box::new(g.clone())).expect("unique metric");
-    g
+/// An integer gauge with labels, registered in `r`.
+pub fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    register(r, IntGaugeVec::new(Opts::new(name, help), labels))
+}
+
+/// An integer gauge, registered in `r`.
+pub fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    register(r, IntGauge::new(name, help))
+}
+
+fn register<M: prometheus::core::Collector + Clone + 'static>(
+    r: &Registry,
+    m: prometheus::Result<M>,
+) -> M {
+    let m = m.expect("valid metric");
+    r.register(Box::new(m.clone())).expect("unique metric");
+    m
 }
 
 impl AgentMetrics {

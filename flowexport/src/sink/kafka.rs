@@ -124,16 +124,8 @@ pub struct KafkaMetrics {
 
 impl KafkaMetrics {
     pub fn new(r: &Registry) -> KafkaMetrics {
-        let c = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help).expect("valid metric");
-            r.register(Box::new(c.clone())).expect("unique metric");
-            c
-        };
-        let g = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).expect("valid metric");
-            r.register(Box::new(g.clone())).expect("unique metric");
-            g
-        };
+        let c = |name: &str, help: &str| crate::metrics::counter(r, name, help);
+        let g = |name: &str, help: &str| crate::metrics::gauge(r, name, help);
         KafkaMetrics {
             produced: c(
                 "flowexport_kafka_records_produced_total",

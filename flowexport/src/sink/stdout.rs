@@ -113,7 +113,7 @@ pub struct QueuedJsonLines {
 
 impl QueuedJsonLines {
     /// Writes to stdout; registers the queue's metrics in `registry`.
-    pub fn stdout(registry: &Registry) -> Result<QueuedJsonLines, prometheus::Error> {
+    pub fn stdout(registry: &Registry) -> std::io::Result<QueuedJsonLines> {
         QueuedJsonLines::new(std::io::stdout(), QUEUE_BYTES, registry)
     }
 
@@ -122,17 +122,17 @@ impl QueuedJsonLines {
         mut out: W,
         limit: usize,
         registry: &Registry,
-    ) -> Result<QueuedJsonLines, prometheus::Error> {
-        let waiting = IntGauge::new(
+    ) -> std::io::Result<QueuedJsonLines> {
+        let waiting = crate::metrics::gauge(
+            registry,
             "flowexport_stdout_records_waiting",
             "Records formatted for stdout and not yet written (a slow reader of stdout).",
-        )?;
-        let blocked = Counter::new(
+        );
+        let blocked = crate::metrics::float_counter(
+            registry,
             "flowexport_stdout_blocked_seconds_total",
             "Time senders (collect's workers) waited for room in the full stdout queue.",
-        )?;
-        registry.register(Box::new(waiting.clone()))?;
-        registry.register(Box::new(blocked.clone()))?;
+        );
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
                 batches: VecDeque::new(),
@@ -151,8 +151,7 @@ impl QueuedJsonLines {
         let s = shared.clone();
         let writer = std::thread::Builder::new()
             .name("stdout-writer".into())
-            .spawn(move || write_loop(&s, &mut out))
-            .expect("spawning the stdout writer thread");
+            .spawn(move || write_loop(&s, &mut out))?;
         Ok(QueuedJsonLines {
             shared,
             writer: Some(writer),
