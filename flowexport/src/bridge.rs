@@ -25,7 +25,6 @@ use clap::Args;
 use prometheus::{IntCounter, Registry};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 
 use crate::kafka_group::{default_assignment, GroupContext, GroupMetrics};
@@ -248,25 +247,30 @@ impl Bridge {
             bail!("--batch-records must be at least 1");
         }
         let metrics = BridgeMetrics::new(registry);
-        let mut cc = ClientConfig::new();
-        cc.set("bootstrap.servers", &args.kafka_brokers);
-        for (k, v) in &args.kafka_property {
-            cc.set(k, v);
-        }
-        let mut consumer_cfg = cc.clone();
-        consumer_cfg
-            .set(
-                "group.id",
-                args.group_id.as_deref().unwrap_or(default_group),
+        let client = |fixed: &[(&str, String)]| {
+            crate::kafka_client::client_config(
+                &args.kafka_brokers,
+                &[],
+                &args.kafka_property,
+                fixed,
             )
-            .set("enable.auto.commit", "false")
-            .set(
+        };
+        // Offsets are committed by the loop, after delivery.
+        let mut consumer_cfg = client(&[
+            (
+                "group.id",
+                args.group_id.as_deref().unwrap_or(default_group).into(),
+            ),
+            ("enable.auto.commit", "false".into()),
+            (
                 "auto.offset.reset",
                 match args.start_offset {
                     StartOffset::Earliest => "earliest",
                     StartOffset::Latest => "latest",
-                },
-            );
+                }
+                .into(),
+            ),
+        ]);
         default_assignment(&mut consumer_cfg, &args.kafka_property);
         let consumer: BaseConsumer<GroupContext> = consumer_cfg
             .create_with_context(GroupContext::new(metrics.group.clone()))
@@ -274,10 +278,8 @@ impl Bridge {
         consumer
             .subscribe(&[args.in_topic.as_str()])
             .with_context(|| format!("subscribing to topic {}", args.in_topic))?;
-        let mut producer_cfg = cc.clone();
-        producer_cfg
-            .set("acks", "all")
-            .set("message.timeout.ms", "0");
+        // Every record acknowledged by all replicas, never given up.
+        let producer_cfg = client(&[("acks", "all".into()), ("message.timeout.ms", "0".into())]);
         let producer: ThreadedProducer<Deliveries> = producer_cfg
             .create_with_context(Deliveries {
                 metrics: metrics.clone(),
@@ -286,7 +288,7 @@ impl Bridge {
                 log: RateLimitedLog::new(),
             })
             .context("invalid Kafka producer configuration (check -X properties)")?;
-        let admin: AdminClient<DefaultClientContext> = cc
+        let admin: AdminClient<DefaultClientContext> = client(&[])
             .create()
             .context("invalid Kafka admin configuration (check -X properties)")?;
         Ok(Bridge {

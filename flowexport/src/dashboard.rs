@@ -21,7 +21,6 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use prometheus::{IntCounter, IntCounterVec, Registry};
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
@@ -879,21 +878,24 @@ pub fn run(args: DashboardArgs) -> Result<()> {
         args.max_as_pairs,
     );
 
-    let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", &args.kafka_brokers)
-        .set("group.id", &args.group_id)
-        .set(
-            "enable.auto.commit",
-            if args.start_offset == DashStart::Committed {
-                "true"
-            } else {
-                "false"
-            },
-        )
-        .set("auto.offset.reset", "latest");
-    for (k, v) in &args.kafka_property {
-        cc.set(k, v);
-    }
+    let mut cc = crate::kafka_client::client_config(
+        &args.kafka_brokers,
+        &[
+            ("group.id", args.group_id.clone()),
+            (
+                "enable.auto.commit",
+                if args.start_offset == DashStart::Committed {
+                    "true"
+                } else {
+                    "false"
+                }
+                .into(),
+            ),
+            ("auto.offset.reset", "latest".into()),
+        ],
+        &args.kafka_property,
+        &[],
+    );
     crate::kafka_group::default_assignment(&mut cc, &args.kafka_property);
     let group = crate::kafka_group::GroupMetrics::new(&registry, "flowexport_dashboard");
     let consumer: BaseConsumer<crate::kafka_group::GroupContext> = cc

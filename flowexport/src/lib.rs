@@ -13,6 +13,7 @@ pub mod config;
 pub mod consumers;
 pub mod dashboard;
 pub mod enrich;
+pub mod kafka_client;
 pub mod kafka_group;
 pub mod metrics;
 pub mod record;

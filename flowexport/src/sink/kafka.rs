@@ -19,7 +19,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use prometheus::{IntCounter, IntGauge, Registry};
-use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
@@ -294,21 +293,23 @@ impl KafkaSink {
     /// or a missing topic are only logged (records wait in the buffer).
     pub fn new(cfg: KafkaConfig, registry: &Registry) -> Result<KafkaSink, KafkaSinkError> {
         let metrics = KafkaMetrics::new(registry);
-        let mut cc = ClientConfig::new();
-        cc.set("bootstrap.servers", &cfg.brokers)
-            .set("acks", "all")
-            .set("message.timeout.ms", "0")
-            .set(
-                "queue.buffering.max.messages",
-                cfg.buffer_records.to_string(),
-            )
-            .set(
-                "queue.buffering.max.kbytes",
-                (cfg.buffer_bytes / 1024).max(1).to_string(),
-            );
-        for (k, v) in &cfg.properties {
-            cc.set(k, v);
-        }
+        let cc = crate::kafka_client::client_config(
+            &cfg.brokers,
+            &[
+                ("acks", "all".into()),
+                ("message.timeout.ms", "0".into()),
+                (
+                    "queue.buffering.max.messages",
+                    cfg.buffer_records.to_string(),
+                ),
+                (
+                    "queue.buffering.max.kbytes",
+                    (cfg.buffer_bytes / 1024).max(1).to_string(),
+                ),
+            ],
+            &cfg.properties,
+            &[],
+        );
         let producer: ThreadedProducer<DeliveryCounter> = cc
             .create_with_context(DeliveryCounter {
                 metrics: metrics.clone(),
