@@ -84,6 +84,7 @@ const NLMSG_DONE: u16 = 3;
 const IFLA_IFNAME: u16 = 3;
 const ARPHRD_LOOPBACK: u16 = 772;
 const NLM_F_DUMP_INTR: u16 = 0x10;
+const NLA_TYPE_MASK: u16 = 0x3fff;
 const NLMSG_HDR: usize = 16;
 const IFINFOMSG: usize = 16;
 
@@ -144,7 +145,9 @@ pub fn parse_links(buf: &[u8]) -> Result<(Vec<LinkEvent>, bool), NetlinkError> {
                 let mut a = IFINFOMSG;
                 while a + 4 <= body.len() {
                     let alen = u16::from_ne_bytes(body[a..a + 2].try_into().expect("2")) as usize;
-                    let aty = u16::from_ne_bytes(body[a + 2..a + 4].try_into().expect("2"));
+                    // The type without the nested / byte-order flags.
+                    let aty = u16::from_ne_bytes(body[a + 2..a + 4].try_into().expect("2"))
+                        & NLA_TYPE_MASK;
                     if alen < 4 || a + alen > body.len() {
                         break;
                     }
