@@ -467,6 +467,8 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
         None => Start::Fresh,
     };
     let slots = crate::capture::table::slots_for(cfg.max_flows);
+    let filter = crate::capture::filter::compile(&cfg.filters)?;
+    let filter_bytes = filter.port_table_bytes();
     let mut capture = Programs::load(&LoadOptions {
         pins: pins.as_ref(),
         max_flows: cfg.max_flows,
@@ -475,7 +477,7 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
         object: cfg.bpf_object.clone(),
         capture: cfg.capture,
         sampling: cfg.sampling,
-        filter: crate::capture::filter::compile(&cfg.filters)?,
+        filter,
     })?;
     let tables = KernelTables::new(
         &mut capture.ebpf,
@@ -546,16 +548,9 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
                 * cpus,
         ),
         ("ring", u64::from(cfg.fallback_ring_bytes)),
-        (
-            "filter",
-            // The port table when a rule has a port; the tries' few KiB
-            // are allocated as used and not counted.
-            if cfg.filters.iter().any(|r| r.has_port()) {
-                (1u64 << 16) * std::mem::size_of::<flowexport_common::FilterMasks>() as u64
-            } else {
-                0
-            },
-        ),
+        // The port table; the tries' few KiB are allocated as used and
+        // not counted.
+        ("filter", filter_bytes),
         (
             "other",
             4 * u64::from(flowexport_common::TABLE_LOCKS)

@@ -205,12 +205,10 @@ impl Rule {
         }
         Ok(rule)
     }
-}
 
-impl Rule {
     /// Whether the rule has a port key (then the kernel needs its port
     /// table).
-    pub fn has_port(&self) -> bool {
+    fn has_port(&self) -> bool {
         self.port.is_some() || self.src_port.is_some() || self.dst_port.is_some()
     }
 }
@@ -243,6 +241,24 @@ pub struct KernelFilter {
     pub v6: Vec<(u32, [u8; 16], FilterMasks)>,
     /// (port, rules naming it).
     pub ports: Vec<(u16, FilterMasks)>,
+}
+
+impl KernelFilter {
+    /// Entries of the kernel's port table (`FILTER_PORTS`): one per port
+    /// when a rule names a port (65,536 x 12 bytes = 768 KiB), else the one
+    /// entry an array map needs.
+    pub fn port_table_entries(&self) -> u32 {
+        if self.ports.is_empty() {
+            1
+        } else {
+            1 << 16
+        }
+    }
+
+    /// The port table's kernel memory, in bytes.
+    pub fn port_table_bytes(&self) -> u64 {
+        u64::from(self.port_table_entries()) * std::mem::size_of::<FilterMasks>() as u64
+    }
 }
 
 /// Builds the kernel form of `rules` (in order: rule i is bit i).

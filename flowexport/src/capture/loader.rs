@@ -273,15 +273,7 @@ impl Programs {
             .override_global(GLOBAL_CACHE_SLOTS, &opts.cache_slots, true)
             .override_global(GLOBAL_SAMPLING, &opts.sampling, true)
             .override_global(GLOBAL_FILTER, &opts.filter.set, true)
-            // One entry per port when a rule has a port (768 KiB).
-            .map_max_entries(
-                MAP_FILTER_PORTS,
-                if opts.filter.ports.is_empty() {
-                    1
-                } else {
-                    1 << 16
-                },
-            )
+            .map_max_entries(MAP_FILTER_PORTS, opts.filter.port_table_entries())
             .load(bytes)
             .map_err(|e| match &e {
                 EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
