@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use flowexport::config::AgentArgs;
+use flowexport::cmd::agent::config::AgentArgs;
 
 /// flowexport: per-flow packet and byte counters from XDP/TC programs, exported
 /// as flow records (JSON lines on stdout by default).
@@ -21,17 +21,17 @@ enum Command {
     Agent(AgentArgs),
     /// Receive NetFlow v5/v9, IPFIX and sFlow v5 over UDP and publish every
     /// flow to Kafka (or print JSON lines); runs until SIGINT/SIGTERM.
-    Collect(flowexport::collect::CollectArgs),
+    Collect(flowexport::cmd::collect::CollectArgs),
     /// Read flows from Kafka, add customer ids (CIDR list) and AS numbers
     /// (ASN table), write them to another topic; at least once.
-    Enrich(flowexport::consumers::EnrichArgs),
+    Enrich(flowexport::cmd::enrich::EnrichArgs),
     /// Read enriched flows from Kafka and write each to a per-customer
     /// topic `<prefix><cid>`; at least once.
-    Split(flowexport::consumers::SplitArgs),
+    Split(flowexport::cmd::split::SplitArgs),
     /// Read flows from Kafka and serve them as Prometheus counters (by
     /// customer, direction, protocol, application, exporter); also a
     /// drop-in for flow-exporter (--broker, --topic, --asn).
-    Dashboard(flowexport::dashboard::DashboardArgs),
+    Dashboard(flowexport::cmd::dashboard::DashboardArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,11 +58,11 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     let result = match cli.command {
-        Command::Agent(args) => args.resolve().and_then(flowexport::agent::run),
-        Command::Collect(args) => flowexport::collect::run(args),
-        Command::Enrich(args) => flowexport::consumers::run_enrich(args),
-        Command::Split(args) => flowexport::consumers::run_split(args),
-        Command::Dashboard(args) => flowexport::dashboard::run(args),
+        Command::Agent(args) => args.resolve().and_then(flowexport::cmd::agent::run),
+        Command::Collect(args) => flowexport::cmd::collect::run(args),
+        Command::Enrich(args) => flowexport::cmd::enrich::run(args),
+        Command::Split(args) => flowexport::cmd::split::run(args),
+        Command::Dashboard(args) => flowexport::cmd::dashboard::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

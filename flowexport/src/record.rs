@@ -2,9 +2,7 @@
 //! from the agent's drain and the collector's decoders to every sink.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-
-use flowexport_common::{FlowKey, DIR_EGRESS};
+use std::net::{IpAddr, Ipv4Addr};
 
 /// Where a record came from, as goflow2's `FlowMessage.type` names it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -54,9 +52,6 @@ impl<'de> Deserialize<'de> for FlowType {
 /// Ethertypes as goflow2 reports them in `etype`.
 pub const ETYPE_IPV4: u16 = 0x0800;
 pub const ETYPE_IPV6: u16 = 0x86dd;
-
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_ICMPV6: u8 = 58;
 
 /// One flow (or one active-timeout slice of a long flow). Field names are
 /// goflow2's JSON names; times are wall-clock nanoseconds since the epoch.
@@ -205,59 +200,6 @@ fn addr_or_empty<S: Serializer>(a: &Option<IpAddr>, s: S) -> Result<S::Ok, S::Er
     }
 }
 
-/// Counters of one flow, summed over CPUs, with kernel (CLOCK_MONOTONIC) times.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlowCounters {
-    pub packets: u64,
-    pub bytes: u64,
-    pub first_seen_ns: u64,
-    pub last_seen_ns: u64,
-    pub tcp_flags: u8,
-}
-
-impl FlowCounters {
-    /// Adds `other` into `self`: counts add, times widen, flags OR.
-    pub fn merge(&mut self, other: &FlowCounters) {
-        if self.packets == 0 {
-            *self = *other;
-            return;
-        }
-        if other.packets == 0 {
-            return;
-        }
-        self.packets += other.packets;
-        self.bytes += other.bytes;
-        // 0 means "not known" (never a real CLOCK_MONOTONIC reading).
-        self.first_seen_ns = match (self.first_seen_ns, other.first_seen_ns) {
-            (0, b) => b,
-            (a, 0) => a,
-            (a, b) => a.min(b),
-        };
-        self.last_seen_ns = self.last_seen_ns.max(other.last_seen_ns);
-        self.tcp_flags |= other.tcp_flags;
-    }
-}
-
-/// Context shared by every record of one drain.
-#[derive(Clone, Copy, Debug)]
-pub struct ExportContext {
-    pub sampler_address: Option<IpAddr>,
-    /// The records' `sampling_rate`: N of `--sampling` when the kernel
-    /// samples 1 in N, 0 (not sampled) when it counts every packet.
-    pub sampling_rate: u64,
-    pub clock: crate::timeconv::ClockOffset,
-    pub time_received_ns: u64,
-}
-
-/// The address in a key as an `IpAddr` (IPv4 sits in the first 4 bytes).
-pub fn key_addr(bytes: &[u8; 16], ip_version: u8) -> IpAddr {
-    if ip_version == 6 {
-        IpAddr::V6(Ipv6Addr::from(*bytes))
-    } else {
-        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
-    }
-}
-
 /// IP protocol numbers by name (pmacct's `ip_proto` names, `--filter
 /// proto=`), case-insensitive.
 pub fn ip_proto_number(name: &str) -> Option<u8> {
@@ -280,63 +222,6 @@ pub fn ip_proto_number(name: &str) -> Option<u8> {
 }
 
 impl FlowRecord {
-    /// Builds the record for one kernel flow key and its counters.
-    pub fn from_kernel(key: &FlowKey, c: &FlowCounters, ctx: &ExportContext) -> FlowRecord {
-        let (etype, src_addr, dst_addr) = match key.ip_version {
-            6 => (
-                ETYPE_IPV6,
-                key_addr(&key.src_addr, 6),
-                key_addr(&key.dst_addr, 6),
-            ),
-            4 => (
-                ETYPE_IPV4,
-                key_addr(&key.src_addr, 4),
-                key_addr(&key.dst_addr, 4),
-            ),
-            // Overflow records (see capture::drain) carry no address family.
-            _ => (
-                0,
-                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            ),
-        };
-        let is_icmp = matches!(
-            (key.ip_version, key.proto),
-            (4, IPPROTO_ICMP) | (6, IPPROTO_ICMPV6)
-        );
-        let (src_port, dst_port, icmp_type, icmp_code) = if is_icmp {
-            (0, 0, (key.dst_port >> 8) as u8, key.dst_port as u8)
-        } else {
-            (key.src_port, key.dst_port, 0, 0)
-        };
-        let egress = key.direction == DIR_EGRESS;
-        FlowRecord {
-            flow_type: FlowType::Ebpf,
-            time_received_ns: ctx.time_received_ns,
-            sequence_num: 0,
-            sampling_rate: ctx.sampling_rate,
-            sampler_address: ctx.sampler_address,
-            time_flow_start_ns: ctx.clock.to_wall_ns(c.first_seen_ns),
-            time_flow_end_ns: ctx.clock.to_wall_ns(c.last_seen_ns),
-            bytes: c.bytes,
-            packets: c.packets,
-            src_addr,
-            dst_addr,
-            etype,
-            proto: key.proto,
-            src_port,
-            dst_port,
-            in_if: if egress { 0 } else { key.ifindex },
-            out_if: if egress { key.ifindex } else { 0 },
-            vlan_id: key.vlan_id,
-            tcp_flags: c.tcp_flags,
-            icmp_type,
-            icmp_code,
-            flow_direction: key.direction,
-            ..FlowRecord::default()
-        }
-    }
-
     /// One JSON object, goflow2 field names, no trailing newline.
     pub fn to_json(&self) -> String {
         let mut out = Vec::with_capacity(512);
@@ -345,65 +230,98 @@ impl FlowRecord {
     }
 }
 
+/// The part of a flow that counting needs (the dashboard's input), with
+/// its counters already scaled by the sampling rate. Read straight off the
+/// wire by [`crate::codec::protobuf::scan`] and [`crate::codec::pmacct`],
+/// or taken from a [`FlowRecord`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlowSummary {
+    /// The exporter: sampler_address, or pmacct's `label`.
+    pub host: Host,
+    pub src_as: u32,
+    pub dst_as: u32,
+    pub bytes: u64,
+    pub packets: u64,
+    /// Flows this record stands for (1; the sampling rate does not apply).
+    pub flows: u64,
+    pub proto: Option<u8>,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub ip_version: Option<u8>,
+    /// 0 ingress, 1 egress; None when the source does not say.
+    pub direction: Option<u8>,
+    pub cid: u32,
+    /// AS names the record carries (enrich sets them); used when the
+    /// dashboard's own name files do not know the AS.
+    pub src_as_name: String,
+    pub dst_as_name: String,
+}
+
+/// An exporter as the dashboard labels it; an address is turned into text
+/// only when its series is created, not per record.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Host {
+    Addr(Option<IpAddr>),
+    Label(String),
+}
+
+impl Default for Host {
+    fn default() -> Host {
+        Host::Addr(None)
+    }
+}
+
+impl std::fmt::Display for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Host::Addr(Some(a)) => write!(f, "{a}"),
+            Host::Addr(None) => Ok(()),
+            Host::Label(l) => f.write_str(l),
+        }
+    }
+}
+
+impl From<&str> for Host {
+    fn from(s: &str) -> Host {
+        Host::Label(s.to_string())
+    }
+}
+
+impl FlowSummary {
+    pub fn from_record(r: &FlowRecord) -> FlowSummary {
+        let scale = r.sampling_rate.max(1);
+        FlowSummary {
+            host: Host::Addr(r.sampler_address),
+            src_as: r.src_as,
+            dst_as: r.dst_as,
+            bytes: r.bytes.saturating_mul(scale),
+            packets: r.packets.saturating_mul(scale),
+            flows: 1,
+            proto: Some(r.proto),
+            src_port: r.src_port,
+            dst_port: r.dst_port,
+            ip_version: Some(ip_version(r.etype, r.src_addr)),
+            direction: Some(r.flow_direction),
+            cid: r.cid,
+            src_as_name: r.src_as_name.clone(),
+            dst_as_name: r.dst_as_name.clone(),
+        }
+    }
+}
+
+/// 4 or 6: from the ethertype, else from the source address's family.
+pub fn ip_version(etype: u16, src: IpAddr) -> u8 {
+    match etype {
+        ETYPE_IPV4 => 4,
+        ETYPE_IPV6 => 6,
+        _ if src.is_ipv4() => 4,
+        _ => 6,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::timeconv::ClockOffset;
-    use flowexport_common::DIR_INGRESS;
-
-    fn ctx() -> ExportContext {
-        ExportContext {
-            sampler_address: Some("192.0.2.1".parse().unwrap()),
-            sampling_rate: 0,
-            // wall = mono + 1_700_000_000_000_000_000
-            clock: ClockOffset::from_pair(1_000, 1_700_000_000_000_001_000),
-            time_received_ns: 1_700_000_000_500_000_000,
-        }
-    }
-
-    fn v4_key(direction: u8, proto: u8, sp: u16, dp: u16) -> FlowKey {
-        let mut k = FlowKey {
-            ifindex: 7,
-            direction,
-            ip_version: 4,
-            proto,
-            src_port: sp,
-            dst_port: dp,
-            vlan_id: 100,
-            ..Default::default()
-        };
-        k.src_addr[..4].copy_from_slice(&[10, 0, 0, 1]);
-        k.dst_addr[..4].copy_from_slice(&[10, 0, 0, 2]);
-        k
-    }
-
-    #[test]
-    fn ingress_udp_record_fields() {
-        let c = FlowCounters {
-            packets: 3,
-            bytes: 3 * 128,
-            first_seen_ns: 5_000,
-            last_seen_ns: 9_000,
-            tcp_flags: 0,
-        };
-        let r = FlowRecord::from_kernel(&v4_key(DIR_INGRESS, 17, 4000, 53), &c, &ctx());
-        assert_eq!(r.in_if, 7);
-        assert_eq!(r.out_if, 0);
-        assert_eq!(r.etype, 0x800);
-        assert_eq!(r.src_addr.to_string(), "10.0.0.1");
-        assert_eq!(r.time_flow_start_ns, 1_700_000_000_000_005_000);
-        assert_eq!(r.time_flow_end_ns, 1_700_000_000_000_009_000);
-        let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
-        assert_eq!(v["type"], "EBPF");
-        assert_eq!(v["sampler_address"], "192.0.2.1");
-        assert_eq!(v["src_port"], 4000);
-        assert_eq!(v["dst_port"], 53);
-        assert_eq!(v["bytes"], 384);
-        assert_eq!(v["packets"], 3);
-        assert_eq!(v["flow_direction"], 0);
-        assert_eq!(v["vlan_id"], 100);
-        assert_eq!(v["time_received_ns"], 1_700_000_000_500_000_000u64);
-    }
 
     #[test]
     fn json_reads_back_what_it_wrote() {
@@ -440,76 +358,5 @@ mod tests {
             assert!(e.contains(&format!("missing field `{missing}`")), "{e}");
         }
         assert!(from_json(b"not json").is_err());
-    }
-
-    #[test]
-    fn egress_icmp_splits_type_and_code() {
-        let c = FlowCounters {
-            packets: 1,
-            bytes: 84,
-            first_seen_ns: 1,
-            last_seen_ns: 1,
-            tcp_flags: 0,
-        };
-        let r = FlowRecord::from_kernel(&v4_key(DIR_EGRESS, 1, 0, 8 << 8 | 3), &c, &ctx());
-        assert_eq!((r.icmp_type, r.icmp_code), (8, 3));
-        assert_eq!((r.src_port, r.dst_port), (0, 0));
-        assert_eq!((r.in_if, r.out_if), (0, 7));
-        assert_eq!(r.flow_direction, 1);
-    }
-
-    #[test]
-    fn ipv6_and_empty_sampler() {
-        let mut k = v4_key(DIR_INGRESS, 6, 1, 2);
-        k.ip_version = 6;
-        k.src_addr = "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets();
-        k.dst_addr = "2001:db8::2".parse::<Ipv6Addr>().unwrap().octets();
-        let mut cx = ctx();
-        cx.sampler_address = None;
-        let r = FlowRecord::from_kernel(&k, &FlowCounters::default(), &cx);
-        let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
-        assert_eq!(v["etype"], 0x86dd);
-        assert_eq!(v["src_addr"], "2001:db8::1");
-        assert_eq!(v["sampler_address"], "");
-    }
-
-    #[test]
-    fn merge_widens_times_and_ors_flags() {
-        let mut a = FlowCounters {
-            packets: 2,
-            bytes: 100,
-            first_seen_ns: 50,
-            last_seen_ns: 60,
-            tcp_flags: 0x02,
-        };
-        a.merge(&FlowCounters {
-            packets: 1,
-            bytes: 40,
-            first_seen_ns: 40,
-            last_seen_ns: 70,
-            tcp_flags: 0x10,
-        });
-        assert_eq!(
-            a,
-            FlowCounters {
-                packets: 3,
-                bytes: 140,
-                first_seen_ns: 40,
-                last_seen_ns: 70,
-                tcp_flags: 0x12
-            }
-        );
-        let mut z = FlowCounters::default();
-        z.merge(&a);
-        assert_eq!(z, a);
-        // A per-CPU slot created by another CPU may lack its first-seen time.
-        z.merge(&FlowCounters {
-            packets: 1,
-            bytes: 1,
-            first_seen_ns: 0,
-            last_seen_ns: 80,
-            tcp_flags: 0,
-        });
-        assert_eq!((z.first_seen_ns, z.last_seen_ns), (40, 80));
     }
 }

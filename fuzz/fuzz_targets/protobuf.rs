@@ -3,7 +3,7 @@
 //! decodes to the same record; the dashboard's wire scan agrees with it.
 #![no_main]
 use flowexport::codec::protobuf;
-use flowexport::dashboard;
+use flowexport::record::FlowSummary;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -17,11 +17,11 @@ fuzz_target!(|data: &[u8]| {
     // The dashboard's wire scan reads every message the full decoder
     // accepts, to the same values (it may accept more: it does not check
     // the fields it skips).
-    let scanned = dashboard::scan_flow_message(data);
+    let scanned = protobuf::scan::scan(data);
     if let Ok(r) = protobuf::decode(data, false) {
         assert_eq!(
             scanned.expect("scan accepts what decode accepts"),
-            dashboard::DashFlow::from_record(&r)
+            FlowSummary::from_record(&r)
         );
     }
 });

@@ -71,7 +71,7 @@ use flowexport_common::{
 use super::bpf_sys::{lookup_batch, GracePeriod, SharedMap};
 use super::clock::{ClockMap, ClockTicker};
 use super::table::{dirty_words, restore_ms, table_bytes, FlowTable, Regions};
-use crate::record::FlowCounters;
+use crate::capture::flow::FlowCounters;
 use crate::timeconv::monotonic_ns;
 
 const IPPROTO_TCP: u8 = 6;

@@ -6,6 +6,7 @@ pub mod bpf_sys;
 pub mod clock;
 pub mod drain;
 pub mod filter;
+pub mod flow;
 pub mod interfaces;
 pub mod loader;
 pub mod pins;

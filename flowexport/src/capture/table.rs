@@ -53,7 +53,7 @@ use flowexport_common::{
 };
 
 use super::bpf_sys::SharedMap;
-use crate::record::FlowCounters;
+use crate::capture::flow::FlowCounters;
 
 /// Slots in the table for a capacity of `max_flows` concurrent flows: twice
 /// as many, rounded up to a power of two, at least [`TABLE_MIN_SLOTS`].

@@ -3,5 +3,6 @@ pub mod export;
 pub mod ie;
 pub mod json;
 pub mod netflow;
+pub mod pmacct;
 pub mod protobuf;
 pub mod sflow;

@@ -131,6 +131,35 @@ pub fn load<T>(
     f(path, &text)
 }
 
+/// Reads CIDR-Report's asn.txt: `ASN<whitespace>NAME, CC` per line. The
+/// name is the text before the trailing `, CC` (as flow-exporter takes it),
+/// or the whole rest of the line when there is no country code.
+pub fn parse_asn_names(path: &Path, text: &str) -> Result<HashMap<u32, String>, FileError> {
+    let mut names = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if l.is_empty() || l.starts_with('#') {
+            continue;
+        }
+        let (asn, rest) = l.split_once(char::is_whitespace).unwrap_or((l, ""));
+        let asn = asn.strip_prefix("AS").unwrap_or(asn);
+        let Ok(asn) = asn.parse::<u32>() else {
+            return Err(FileError::Line {
+                path: path.display().to_string(),
+                line: i + 1,
+                reason: format!("{asn:?} is not an AS number; expected `ASN NAME, CC`"),
+            });
+        };
+        let rest = rest.trim();
+        let name = match rest.rsplit_once(", ") {
+            Some((n, cc)) if cc.len() == 2 && cc.chars().all(|c| c.is_ascii_alphabetic()) => n,
+            _ => rest,
+        };
+        names.insert(asn, name.to_string());
+    }
+    Ok(names)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,6 +259,25 @@ mod tests {
             e.to_string()
                 .starts_with("/nonexistent/customers.csv: cannot read: "),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn asn_names_from_cidr_report_format() {
+        let n = parse_asn_names(
+            Path::new("asn.txt"),
+            "0\t-Reserved AS-, ZZ\n1\tLVLT-1 - Level 3 Parent, LLC, US\n397143\tNEPTUNE-NETWORKS - Neptune Networks, US\n64500 NO-COUNTRY\n",
+        )
+        .unwrap();
+        assert_eq!(n[&1], "LVLT-1 - Level 3 Parent, LLC");
+        assert_eq!(n[&397143], "NEPTUNE-NETWORKS - Neptune Networks");
+        assert_eq!(n[&0], "-Reserved AS-");
+        assert_eq!(n[&64500], "NO-COUNTRY");
+        assert_eq!(
+            parse_asn_names(Path::new("asn.txt"), "x NAME, US\n")
+                .unwrap_err()
+                .to_string(),
+            "asn.txt line 1: \"x\" is not an AS number; expected `ASN NAME, CC`"
         );
     }
 }

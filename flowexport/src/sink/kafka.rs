@@ -293,7 +293,7 @@ impl KafkaSink {
     /// or a missing topic are only logged (records wait in the buffer).
     pub fn new(cfg: KafkaConfig, registry: &Registry) -> Result<KafkaSink, KafkaSinkError> {
         let metrics = KafkaMetrics::new(registry);
-        let cc = crate::kafka_client::client_config(
+        let cc = crate::kafka::client::client_config(
             &cfg.brokers,
             &[
                 ("acks", "all".into()),

@@ -1,7 +1,7 @@
 //! Sinks: where flow records go. The agent (and later the bridge commands)
 //! hand every batch of records to each configured sink.
+pub mod ipfix;
 pub mod kafka;
-pub mod netflow;
 pub mod stdout;
 
 use crate::record::FlowRecord;

@@ -21,7 +21,7 @@ pub struct ExportSettings {
     pub sampling: u32,
 }
 
-pub struct FlowExportSink {
+pub struct IpfixSink {
     name: &'static str,
     stream: ExportStream,
     socket: UdpSocket,
@@ -74,12 +74,12 @@ pub fn resolve(target: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("collector {target:?} resolves to no address"))
 }
 
-impl FlowExportSink {
+impl IpfixSink {
     pub fn new(
         protocol: ExportProtocol,
         target: SocketAddr,
         s: &ExportSettings,
-    ) -> Result<FlowExportSink, String> {
+    ) -> Result<IpfixSink, String> {
         let boot_ms = wall_ns() / 1_000_000;
         let stream = ExportStream::new(
             protocol,
@@ -97,7 +97,7 @@ impl FlowExportSink {
             "0.0.0.0:0".parse().expect("valid")
         };
         let socket = UdpSocket::bind(bind).map_err(|e| format!("cannot open a UDP socket: {e}"))?;
-        Ok(FlowExportSink {
+        Ok(IpfixSink {
             name: match protocol {
                 ExportProtocol::Ipfix => "ipfix",
                 ExportProtocol::NetflowV9 => "netflow9",
@@ -110,7 +110,7 @@ impl FlowExportSink {
     }
 }
 
-impl Sink for FlowExportSink {
+impl Sink for IpfixSink {
     fn name(&self) -> &'static str {
         self.name
     }

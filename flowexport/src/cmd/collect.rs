@@ -18,9 +18,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
 
+use crate::cmd::flags::{parse_duration, FileKafka, KafkaArgs};
 use crate::codec::netflow::NetflowDecoder;
 use crate::codec::sflow;
-use crate::config::{parse_duration, FileKafka, KafkaArgs};
 use crate::record::FlowRecord;
 use crate::sink::kafka::KafkaSink;
 use crate::sink::stdout::QueuedJsonLines;

@@ -2,6 +2,8 @@
 //! timer into flow records, hand the records to the sinks, serve metrics, and
 //! on SIGINT/SIGTERM detach, drain one last time and flush.
 
+pub mod config;
+
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::Instant;
@@ -12,18 +14,19 @@ use flowexport_common::{DIR_EGRESS, DIR_INGRESS};
 use crate::capture::drain::{
     DrainReport, FlowAggregator, KernelStats, KernelTables, Start, Timeouts,
 };
+use crate::capture::flow::{to_record, RecordContext};
 use crate::capture::interfaces::{self, Link, LinkEvent, LinkMonitor, Selection};
 use crate::capture::loader::{LoadOptions, Programs, XdpModeChoice};
 use crate::capture::pins::{Layout, PinDir};
 use crate::codec::export::ExportProtocol;
-use crate::config::AgentConfig;
 use crate::metrics::AgentMetrics;
-use crate::record::{ExportContext, FlowRecord};
+use crate::record::FlowRecord;
+use crate::sink::ipfix::IpfixSink;
 use crate::sink::kafka::KafkaSink;
-use crate::sink::netflow::FlowExportSink;
 use crate::sink::stdout::JsonLinesSink;
 use crate::sink::Sink;
 use crate::timeconv::{wall_ns, ClockOffset};
+use config::AgentConfig;
 
 const DIRS: [(u8, &str); 2] = [(DIR_INGRESS, "ingress"), (DIR_EGRESS, "egress")];
 
@@ -194,7 +197,7 @@ struct Drainer {
     sinks: Vec<Box<dyn Sink>>,
     metrics: AgentMetrics,
     sampler_address: Option<std::net::IpAddr>,
-    /// The records' sampling_rate (see `ExportContext`).
+    /// The records' sampling_rate (see `RecordContext`).
     sampling_rate: u64,
     last_stats: KernelStats,
     /// Fallback packets since the last "table full" log line, and when that was.
@@ -295,7 +298,7 @@ impl Drainer {
 
     fn export(&mut self, kind: Cycle) -> Result<usize> {
         let started = Instant::now();
-        let ctx = ExportContext {
+        let ctx = RecordContext {
             sampler_address: self.sampler_address,
             sampling_rate: self.sampling_rate,
             clock: ClockOffset::now(),
@@ -312,8 +315,8 @@ impl Drainer {
         } = self;
         // Time spent in the sinks, apart from the drain's own work.
         let mut in_sinks = std::time::Duration::ZERO;
-        let mut emit = |k: &flowexport_common::FlowKey, c: &crate::record::FlowCounters| {
-            batch.push(FlowRecord::from_kernel(k, c, &ctx));
+        let mut emit = |k: &flowexport_common::FlowKey, c: &crate::capture::flow::FlowCounters| {
+            batch.push(to_record(k, c, &ctx));
             if batch.len() == EXPORT_BATCH {
                 let t = Instant::now();
                 send(sinks, metrics, batch);
@@ -395,7 +398,7 @@ fn build_sinks(cfg: &AgentConfig, metrics: &AgentMetrics) -> Result<Vec<Box<dyn 
         (ExportProtocol::NetflowV9, &cfg.netflow9),
     ] {
         for t in targets {
-            let sink = FlowExportSink::new(proto, *t, &cfg.export).map_err(anyhow::Error::msg)?;
+            let sink = IpfixSink::new(proto, *t, &cfg.export).map_err(anyhow::Error::msg)?;
             log::info!("exporting {} to {t}", sink.name());
             sinks.push(Box::new(sink));
         }

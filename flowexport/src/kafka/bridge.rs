@@ -16,6 +16,7 @@
 //! per process.
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -27,14 +28,14 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 
-use crate::kafka_group::{default_assignment, GroupContext, GroupMetrics};
+use crate::kafka::group::{default_assignment, GroupContext, GroupMetrics};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
+use crate::cmd::flags::parse_duration;
 use crate::codec::protobuf;
-use crate::config::parse_duration;
 use crate::record::FlowRecord;
 use crate::sink::kafka::{
     message_key, parse_property, permanent, topic_partitions, KafkaFormat, RateLimitedLog,
@@ -248,7 +249,7 @@ impl Bridge {
         }
         let metrics = BridgeMetrics::new(registry);
         let client = |fixed: &[(&str, String)]| {
-            crate::kafka_client::client_config(
+            crate::kafka::client::client_config(
                 &args.kafka_brokers,
                 &[],
                 &args.kafka_property,
@@ -581,4 +582,28 @@ impl Bridge {
             ),
         }
     }
+}
+
+/// Serves metrics, runs the bridge on this thread and turns signals into
+/// its stop (SIGINT/SIGTERM) and reload (SIGHUP) flags.
+pub fn serve(
+    bargs: BridgeArgs,
+    group: &str,
+    create_topics: Option<i32>,
+    metrics_addr: SocketAddr,
+    registry: Registry,
+    t: &mut dyn Transform,
+) -> Result<()> {
+    let in_topic = bargs.in_topic.clone();
+    let mut bridge = Bridge::new(bargs, group, create_topics, &registry)?;
+    let service = crate::runtime::start(
+        metrics_addr,
+        &registry,
+        true,
+        "finishing the batch and stopping",
+    )?;
+    log::info!("reading topic {in_topic} (metrics on http://{metrics_addr}/metrics)");
+    let res = bridge.run(t, &service.stop, &service.reload);
+    service.runtime.shutdown_background();
+    res
 }

@@ -3,7 +3,7 @@
 //! file, the file over the defaults.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -12,11 +12,9 @@ use serde::Deserialize;
 
 use crate::capture::filter::Rule;
 use crate::capture::loader::{Capture, XdpModeChoice};
-use crate::sink::kafka::{
-    parse_property, KafkaConfig, KafkaFormat, DEFAULT_BUFFER_BYTES, DEFAULT_BUFFER_RECORDS,
-    DEFAULT_FLUSH_TIMEOUT, DEFAULT_TOPIC,
-};
-use crate::sink::netflow::{resolve, ExportSettings};
+use crate::cmd::flags::{file_duration, parse_duration, FileKafka, KafkaArgs};
+use crate::sink::ipfix::{resolve, ExportSettings};
+use crate::sink::kafka::KafkaConfig;
 
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_ACTIVE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -39,33 +37,6 @@ pub const DEFAULT_TEMPLATE_PACKETS: u32 = 20;
 /// IPFIX/NetFlow v9 records per second per collector: about 9,000 packets
 /// of 1400 bytes (100 Mbit/s); a million flows leave in 4 s.
 pub const DEFAULT_EXPORT_RATE: u64 = 250_000;
-
-/// Parses "15s", "500ms", "2m", "1h" or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 15s, 500ms, 2m"))?;
-    let secs = match unit.trim() {
-        "" | "s" => n,
-        "ms" => n / 1e3,
-        "m" | "min" => n * 60.0,
-        "h" => n * 3600.0,
-        other => {
-            return Err(format!(
-                "invalid duration unit {other:?} in {s:?}: use ms, s, m or h"
-            ))
-        }
-    };
-    if !secs.is_finite() || secs <= 0.0 {
-        return Err(format!("duration {s:?} must be greater than zero"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
 
 /// Flags of `flowexport agent`. Every flag is optional here so that a value
 /// from `--config` can fill it; defaults are applied in [`AgentArgs::resolve`].
@@ -205,111 +176,6 @@ pub struct AgentArgs {
     pub config: Option<PathBuf>,
 }
 
-/// Kafka producer flags, shared by every command that writes to Kafka.
-#[derive(Args, Debug, Default, Clone)]
-pub struct KafkaArgs {
-    /// Kafka bootstrap brokers; enables the Kafka sink.
-    #[arg(long, value_name = "HOST:PORT[,HOST:PORT]")]
-    pub kafka_brokers: Option<String>,
-    /// Topic to write flows to. [default: flows]
-    #[arg(long, value_name = "TOPIC")]
-    pub kafka_topic: Option<String>,
-    /// Message format: protobuf (goflow2 FlowMessage, proto/flow.proto) or
-    /// json (the stdout JSON object). [default: protobuf]
-    #[arg(long, value_name = "FORMAT")]
-    pub kafka_format: Option<KafkaFormat>,
-    /// Prefix each protobuf message with its varint length (goflow2's
-    /// fixed-length framing) for tools that expect it.
-    #[arg(long)]
-    pub kafka_length_prefix: bool,
-    /// A librdkafka property, e.g. -X compression.type=lz4 -X
-    /// security.protocol=SASL_SSL (repeatable; applied after flowexport's
-    /// defaults acks=all and message.timeout.ms=0).
-    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_property)]
-    pub kafka_property: Vec<(String, String)>,
-    /// Bound of records held while the broker does not acknowledge them;
-    /// past it new records are dropped and counted. [default: 100000]
-    #[arg(long, value_name = "N")]
-    pub kafka_buffer_records: Option<usize>,
-    /// Bound of bytes held the same way. [default: 268435456]
-    #[arg(long, value_name = "BYTES")]
-    pub kafka_buffer_bytes: Option<u64>,
-    /// How long shutdown waits for the broker to acknowledge what is
-    /// buffered. [default: 10s]
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub kafka_flush_timeout: Option<Duration>,
-}
-
-/// The Kafka keys of a config file (same names as the flags; `-X`
-/// properties go in a `[kafka-properties]` table).
-#[derive(Debug, Default)]
-pub struct FileKafka {
-    pub kafka_brokers: Option<String>,
-    pub kafka_topic: Option<String>,
-    pub kafka_format: Option<String>,
-    pub kafka_length_prefix: Option<bool>,
-    pub kafka_properties: Option<std::collections::BTreeMap<String, String>>,
-    pub kafka_buffer_records: Option<usize>,
-    pub kafka_buffer_bytes: Option<u64>,
-    pub kafka_flush_timeout: Option<String>,
-}
-
-impl KafkaArgs {
-    /// Flags over file over defaults; None when no brokers are configured.
-    pub fn resolve(self, path: &Path, f: FileKafka) -> Result<Option<KafkaConfig>> {
-        let Some(brokers) = self.kafka_brokers.or(f.kafka_brokers) else {
-            return Ok(None);
-        };
-        if brokers.trim().is_empty() {
-            bail!("--kafka-brokers is empty: give HOST:PORT[,HOST:PORT]");
-        }
-        let format = match (self.kafka_format, f.kafka_format) {
-            (Some(x), _) => x,
-            (None, Some(s)) => s
-                .parse()
-                .map_err(|e| anyhow::anyhow!("{}: kafka-format: {e}", path.display()))?,
-            (None, None) => KafkaFormat::Protobuf,
-        };
-        let mut properties: Vec<(String, String)> =
-            f.kafka_properties.unwrap_or_default().into_iter().collect();
-        properties.extend(self.kafka_property);
-        let buffer_records = self
-            .kafka_buffer_records
-            .or(f.kafka_buffer_records)
-            .unwrap_or(DEFAULT_BUFFER_RECORDS);
-        if buffer_records == 0 || buffer_records > 10_000_000 {
-            bail!("--kafka-buffer-records must be between 1 and 10000000 (librdkafka's limit)");
-        }
-        let buffer_bytes = self
-            .kafka_buffer_bytes
-            .or(f.kafka_buffer_bytes)
-            .unwrap_or(DEFAULT_BUFFER_BYTES);
-        if buffer_bytes < 1024 {
-            bail!("--kafka-buffer-bytes must be at least 1024");
-        }
-        Ok(Some(KafkaConfig {
-            brokers,
-            topic: self
-                .kafka_topic
-                .or(f.kafka_topic)
-                .unwrap_or_else(|| DEFAULT_TOPIC.to_string()),
-            format,
-            length_prefix: self.kafka_length_prefix || f.kafka_length_prefix.unwrap_or(false),
-            properties,
-            buffer_records,
-            buffer_bytes,
-            flush_timeout: self
-                .kafka_flush_timeout
-                .or(file_duration(
-                    path,
-                    "kafka-flush-timeout",
-                    f.kafka_flush_timeout,
-                )?)
-                .unwrap_or(DEFAULT_FLUSH_TIMEOUT),
-        }))
-    }
-}
-
 /// The `--config` file: the same settings as the flags.
 #[derive(Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -384,12 +250,6 @@ pub struct AgentConfig {
     pub ipfix: Vec<SocketAddr>,
     pub netflow9: Vec<SocketAddr>,
     pub export: ExportSettings,
-}
-
-fn file_duration(path: &Path, key: &str, v: Option<String>) -> Result<Option<Duration>> {
-    v.map(|s| parse_duration(&s))
-        .transpose()
-        .map_err(|e| anyhow::anyhow!("{}: {key}: {e}", path.display()))
 }
 
 fn parse_sampler(s: &str) -> Result<Option<IpAddr>> {
@@ -693,6 +553,7 @@ pub fn host_address() -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sink::kafka::{KafkaFormat, DEFAULT_BUFFER_RECORDS};
 
     #[test]
     fn durations() {
@@ -922,7 +783,7 @@ mod tests {
     /// valid key, and the values shown are the defaults.
     #[test]
     fn packaged_config_shows_valid_keys_and_the_defaults() {
-        let shipped = include_str!("../../deploy/etc/agent.toml");
+        let shipped = include_str!("../../../../deploy/etc/agent.toml");
         let uncommented: String = shipped
             .lines()
             .map(|l| match l.strip_prefix('#') {
@@ -936,7 +797,7 @@ mod tests {
         let (as_shipped, all_set) = (dir.join("shipped.toml"), dir.join("all.toml"));
         std::fs::write(&as_shipped, shipped).unwrap();
         std::fs::write(&all_set, &uncommented).unwrap();
-        let resolve = |path: &Path| {
+        let resolve = |path: &std::path::Path| {
             AgentArgs {
                 config: Some(path.to_path_buf()),
                 iface: vec!["eth9".into()],

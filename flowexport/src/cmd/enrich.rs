@@ -1,16 +1,16 @@
-//! The Kafka consumer commands built on [`crate::bridge`]: `flowexport
-//! enrich` (customer ids and AS numbers) and `flowexport split` (one topic
-//! per customer).
+//! `flowexport enrich`: read flows from Kafka, add customer ids (CIDR list)
+//! and AS numbers, write them to another topic; at least once, on
+//! [`crate::kafka::bridge`].
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use prometheus::{IntCounter, IntGauge, Registry};
 
-use crate::bridge::{Bridge, BridgeArgs, Route, Transform};
 use crate::enrich::{Enricher, Sources};
+use crate::kafka::bridge::{serve, BridgeArgs, Route, Transform};
 use crate::record::FlowRecord;
 
 #[derive(Args, Debug, Clone)]
@@ -34,26 +34,6 @@ pub struct EnrichArgs {
     pub drop_unmatched: bool,
     /// Prometheus endpoint address (serves /metrics).
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9592")]
-    pub metrics_addr: SocketAddr,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct SplitArgs {
-    #[command(flatten)]
-    pub bridge: BridgeArgs,
-    /// Each flow goes to `<prefix><cid>`.
-    #[arg(long, value_name = "PREFIX", default_value = "flows-customer-")]
-    pub topic_prefix: String,
-    /// Topic for flows without a customer id; without it they are dropped
-    /// (and counted).
-    #[arg(long, value_name = "TOPIC")]
-    pub unmatched_topic: Option<String>,
-    /// Partitions of the per-customer topics split creates when missing
-    /// (0: never create; they must exist).
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    pub create_partitions: i32,
-    /// Prometheus endpoint address (serves /metrics).
-    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9593")]
     pub metrics_addr: SocketAddr,
 }
 
@@ -88,28 +68,7 @@ impl Transform for Enrich {
     }
 }
 
-struct Split {
-    prefix: String,
-    unmatched: Option<String>,
-    topic: String,
-}
-
-impl Transform for Split {
-    fn apply(&mut self, r: &mut FlowRecord) -> Route<'_> {
-        if r.cid == 0 {
-            return match &self.unmatched {
-                Some(t) => Route::To(t),
-                None => Route::Drop,
-            };
-        }
-        use std::fmt::Write;
-        self.topic.clear();
-        let _ = write!(self.topic, "{}{}", self.prefix, r.cid);
-        Route::To(&self.topic)
-    }
-}
-
-pub fn run_enrich(args: EnrichArgs) -> Result<()> {
+pub fn run(args: EnrichArgs) -> Result<()> {
     let sources = Sources {
         customers: args.customers.clone(),
         asn_db: args.asn_db.clone(),
@@ -141,7 +100,7 @@ pub fn run_enrich(args: EnrichArgs) -> Result<()> {
         customer_prefixes: g,
         reloads,
     };
-    run(
+    serve(
         args.bridge,
         "flowexport-enrich",
         None,
@@ -149,48 +108,4 @@ pub fn run_enrich(args: EnrichArgs) -> Result<()> {
         registry,
         &mut t,
     )
-}
-
-pub fn run_split(args: SplitArgs) -> Result<()> {
-    if args.create_partitions < 0 {
-        bail!("--create-partitions must be 0 (never create) or more");
-    }
-    let mut t = Split {
-        prefix: args.topic_prefix.clone(),
-        unmatched: args.unmatched_topic.clone(),
-        topic: String::new(),
-    };
-    let create = (args.create_partitions > 0).then_some(args.create_partitions);
-    run(
-        args.bridge,
-        "flowexport-split",
-        create,
-        args.metrics_addr,
-        Registry::new(),
-        &mut t,
-    )
-}
-
-/// Serves metrics, runs the bridge on this thread and turns signals into
-/// its stop (SIGINT/SIGTERM) and reload (SIGHUP) flags.
-fn run(
-    bargs: BridgeArgs,
-    group: &str,
-    create_topics: Option<i32>,
-    metrics_addr: SocketAddr,
-    registry: Registry,
-    t: &mut dyn Transform,
-) -> Result<()> {
-    let in_topic = bargs.in_topic.clone();
-    let mut bridge = Bridge::new(bargs, group, create_topics, &registry)?;
-    let service = crate::runtime::start(
-        metrics_addr,
-        &registry,
-        true,
-        "finishing the batch and stopping",
-    )?;
-    log::info!("reading topic {in_topic} (metrics on http://{metrics_addr}/metrics)");
-    let res = bridge.run(t, &service.stop, &service.reload);
-    service.runtime.shutdown_background();
-    res
 }
