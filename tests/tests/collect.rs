@@ -617,7 +617,7 @@ fn pmacctd_sfprobe_sflow5() {
 /// record arrives exactly once.
 #[test]
 fn stalled_stdout_reader_loses_and_duplicates_nothing() {
-    use flowexport::codec::export::{ExportProtocol, ExportStream};
+    use flowexport::codec::netflow::encode::{ExportProtocol, ExportStream};
     use flowexport::record::{FlowRecord, FlowType, ETYPE_IPV4};
     use std::io::Read;
 

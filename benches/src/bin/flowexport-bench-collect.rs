@@ -22,7 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use flowexport::codec::export::{ExportProtocol, ExportStream};
+use flowexport::codec::netflow::encode::{ExportProtocol, ExportStream};
 use flowexport::codec::netflow::NetflowDecoder;
 use flowexport::record::{FlowRecord, FlowType, ETYPE_IPV4};
 

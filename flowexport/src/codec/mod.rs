@@ -1,5 +1,4 @@
 //! Wire formats: pure functions over bytes and records, no I/O.
-pub mod export;
 pub mod ie;
 pub mod json;
 pub mod netflow;

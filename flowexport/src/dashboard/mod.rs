@@ -2,7 +2,7 @@
 //! counters (`flowexport dashboard`, also a drop-in for
 //! neptune-networks/flow-exporter).
 //!
-//! Pipeline: message bytes → [`decode`] (our protobuf, our JSON, or
+//! Pipeline: message bytes → [`decode()`] (our protobuf, our JSON, or
 //! pmacct's JSON) → [`FlowSummary`](crate::record::FlowSummary) →
 //! [`Dashboard::add`] (counters, [`counters`]) with fixed label tables
 //! ([`labels`]). All pure over their inputs; the Kafka loop is

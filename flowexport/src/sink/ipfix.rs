@@ -4,7 +4,7 @@ use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::time::{Duration, Instant};
 
 use super::{Sink, SinkError};
-use crate::codec::export::{ExportProtocol, ExportStream};
+use crate::codec::netflow::encode::{ExportProtocol, ExportStream};
 use crate::record::FlowRecord;
 use crate::timeconv::wall_ns;
 

@@ -18,7 +18,7 @@ use crate::capture::flow::{to_record, RecordContext};
 use crate::capture::interfaces::{self, Link, LinkEvent, LinkMonitor, Selection};
 use crate::capture::loader::{LoadOptions, Programs, XdpModeChoice};
 use crate::capture::pins::{Layout, PinDir};
-use crate::codec::export::ExportProtocol;
+use crate::codec::netflow::encode::ExportProtocol;
 use crate::metrics::AgentMetrics;
 use crate::record::FlowRecord;
 use crate::sink::ipfix::IpfixSink;
