@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
 
-use crate::cmd::flags::{parse_duration, FileKafka, KafkaArgs};
+use crate::cmd::flags::{parse_duration, KafkaArgs};
 use crate::codec::netflow::NetflowDecoder;
 use crate::codec::sflow;
 use crate::record::FlowRecord;
@@ -331,9 +331,7 @@ pub fn run(args: CollectArgs) -> Result<()> {
         bail!("--workers must be between 1 and 256");
     }
     let metrics = CollectMetrics::new();
-    let kafka = args
-        .kafka
-        .resolve(std::path::Path::new(""), FileKafka::default())?;
+    let kafka = args.kafka.resolve()?;
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     let stdout = !args.discard && (args.stdout || kafka.is_none());
     if let Some(k) = kafka {

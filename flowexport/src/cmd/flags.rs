@@ -1,16 +1,181 @@
-//! Flag types and parsers more than one command shares: durations, and the
-//! Kafka producer flags (with their config-file keys).
+//! What the commands' settings are made of: each command declares its
+//! settings once, as one struct that carries both its flags (clap) and its
+//! config-file keys (serde, the flag names without `--`), and
+//! [`layered!`] gives it `over`: the command line over the file. Also the
+//! parsers more than one command shares (durations, `-X` properties) and
+//! the Kafka producer settings.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
+use serde::Deserialize;
 
 use crate::sink::kafka::{
     parse_property, KafkaConfig, KafkaFormat, DEFAULT_BUFFER_BYTES, DEFAULT_BUFFER_RECORDS,
     DEFAULT_FLUSH_TIMEOUT, DEFAULT_TOPIC,
 };
+
+/// A value from the command line over one from a config file.
+pub trait Layer {
+    /// `self` (flags) over `lower` (the file).
+    fn over(self, lower: Self) -> Self;
+}
+
+/// A set flag wins.
+impl<T> Layer for Option<T> {
+    fn over(self, lower: Self) -> Self {
+        self.or(lower)
+    }
+}
+
+/// Repeated flags replace the file's list.
+impl<T> Layer for Vec<T> {
+    fn over(self, lower: Self) -> Self {
+        if self.is_empty() {
+            lower
+        } else {
+            self
+        }
+    }
+}
+
+/// A switch is on when either turns it on.
+impl Layer for bool {
+    fn over(self, lower: Self) -> Self {
+        self || lower
+    }
+}
+
+/// A table only the file sets (e.g. `[kafka-properties]`).
+impl<K: Ord, V> Layer for BTreeMap<K, V> {
+    fn over(self, lower: Self) -> Self {
+        if self.is_empty() {
+            lower
+        } else {
+            self
+        }
+    }
+}
+
+/// Declares a settings struct once, with its clap and serde attributes on
+/// each field, and implements [`Layer`] for it field by field: a new
+/// setting is one field, its flag and its config key together.
+macro_rules! layered {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $( $(#[$fmeta:meta])* pub $field:ident : $ty:ty ),* $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        pub struct $name {
+            $( $(#[$fmeta])* pub $field: $ty ),*
+        }
+
+        impl $crate::cmd::flags::Layer for $name {
+            fn over(self, lower: Self) -> Self {
+                $name {
+                    $( $field: $crate::cmd::flags::Layer::over(self.$field, lower.$field) ),*
+                }
+            }
+        }
+    };
+}
+pub(crate) use layered;
+
+/// Reads a config file for settings split over several structs (a
+/// command's own and flattened ones such as [`KafkaArgs`]): each part reads
+/// the keys it knows, with the line of a bad value in its error; a key no
+/// part knows is an error.
+pub struct ConfigFile {
+    path: std::path::PathBuf,
+    text: String,
+    /// Top-level keys each part read so far left unread.
+    unread: Option<BTreeSet<String>>,
+}
+
+impl ConfigFile {
+    pub fn read(path: &Path) -> Result<ConfigFile> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        Ok(ConfigFile {
+            path: path.to_path_buf(),
+            text,
+            unread: None,
+        })
+    }
+
+    /// One part's settings from the file.
+    pub fn part<T: serde::de::DeserializeOwned>(&mut self) -> Result<T> {
+        let mut unread = BTreeSet::new();
+        let t = serde_ignored::deserialize(toml::Deserializer::new(&self.text), |key| {
+            unread.insert(key.to_string());
+        })
+        .with_context(|| format!("invalid config file {}", self.path.display()))?;
+        self.unread = Some(match self.unread.take() {
+            Some(before) => before.intersection(&unread).cloned().collect(),
+            None => unread,
+        });
+        Ok(t)
+    }
+
+    /// Fails on a key that no part read.
+    pub fn finish(self) -> Result<()> {
+        if let Some(key) = self.unread.unwrap_or_default().into_iter().next() {
+            bail!(
+                "invalid config file {}: unknown field `{key}` (keys are the flags' names \
+                 without --, as `flowexport agent --help` lists them)",
+                self.path.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// serde readers for config values given as text, with the flags' parsers
+/// and messages.
+pub mod de {
+    use std::fmt::Display;
+    use std::str::FromStr;
+    use std::time::Duration;
+
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer};
+
+    /// `"15s"`, `"500ms"`, ... as [`super::parse_duration`] reads them.
+    pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s = String::deserialize(d)?;
+        super::parse_duration(&s)
+            .map(Some)
+            .map_err(D::Error::custom)
+    }
+
+    /// Any value whose flag is parsed with `FromStr`.
+    pub fn parsed<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: FromStr,
+        T::Err: Display,
+    {
+        String::deserialize(d)?
+            .parse()
+            .map(Some)
+            .map_err(D::Error::custom)
+    }
+
+    /// `ADDR:PORT`.
+    pub fn socket_addr<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<std::net::SocketAddr>, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse()
+            .map(Some)
+            .map_err(|_| D::Error::custom(format!("{s:?}: expected ADDR:PORT")))
+    }
+}
 
 /// Parses "15s", "500ms", "2m", "1h" or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -39,15 +204,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-/// A duration from a config file: its key named in the error.
-pub fn file_duration(path: &Path, key: &str, v: Option<String>) -> Result<Option<Duration>> {
-    v.map(|s| parse_duration(&s))
-        .transpose()
-        .map_err(|e| anyhow::anyhow!("{}: {key}: {e}", path.display()))
-}
-
-/// Kafka producer flags, shared by every command that writes to Kafka.
-#[derive(Args, Debug, Default, Clone)]
+layered! {
+/// Kafka producer settings, shared by every command that writes to Kafka
+/// (flags; in the agent's config file the same names, and `-X` properties
+/// in a `[kafka-properties]` table).
+#[derive(Args, Deserialize, Debug, Default, Clone)]
+#[serde(default, rename_all = "kebab-case")]
 pub struct KafkaArgs {
     /// Kafka bootstrap brokers; enables the Kafka sink.
     #[arg(long, value_name = "HOST:PORT[,HOST:PORT]")]
@@ -58,6 +220,7 @@ pub struct KafkaArgs {
     /// Message format: protobuf (goflow2 FlowMessage, proto/flow.proto) or
     /// json (the stdout JSON object). [default: protobuf]
     #[arg(long, value_name = "FORMAT")]
+    #[serde(deserialize_with = "de::parsed")]
     pub kafka_format: Option<KafkaFormat>,
     /// Prefix each protobuf message with its varint length (goflow2's
     /// fixed-length framing) for tools that expect it.
@@ -67,7 +230,11 @@ pub struct KafkaArgs {
     /// security.protocol=SASL_SSL (repeatable; applied after flowexport's
     /// defaults acks=all and message.timeout.ms=0).
     #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_property)]
+    #[serde(skip)]
     pub kafka_property: Vec<(String, String)>,
+    /// The config file's `[kafka-properties]` table (applied before -X).
+    #[arg(skip)]
+    pub kafka_properties: BTreeMap<String, String>,
     /// Bound of records held while the broker does not acknowledge them;
     /// past it new records are dropped and counted. [default: 100000]
     #[arg(long, value_name = "N")]
@@ -78,53 +245,27 @@ pub struct KafkaArgs {
     /// How long shutdown waits for the broker to acknowledge what is
     /// buffered. [default: 10s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[serde(deserialize_with = "de::duration")]
     pub kafka_flush_timeout: Option<Duration>,
 }
-
-/// The Kafka keys of a config file (same names as the flags; `-X`
-/// properties go in a `[kafka-properties]` table).
-#[derive(Debug, Default)]
-pub struct FileKafka {
-    pub kafka_brokers: Option<String>,
-    pub kafka_topic: Option<String>,
-    pub kafka_format: Option<String>,
-    pub kafka_length_prefix: Option<bool>,
-    pub kafka_properties: Option<std::collections::BTreeMap<String, String>>,
-    pub kafka_buffer_records: Option<usize>,
-    pub kafka_buffer_bytes: Option<u64>,
-    pub kafka_flush_timeout: Option<String>,
 }
 
 impl KafkaArgs {
-    /// Flags over file over defaults; None when no brokers are configured.
-    pub fn resolve(self, path: &Path, f: FileKafka) -> Result<Option<KafkaConfig>> {
-        let Some(brokers) = self.kafka_brokers.or(f.kafka_brokers) else {
+    /// Defaults and validation; None when no brokers are configured.
+    pub fn resolve(self) -> Result<Option<KafkaConfig>> {
+        let Some(brokers) = self.kafka_brokers else {
             return Ok(None);
         };
         if brokers.trim().is_empty() {
             bail!("--kafka-brokers is empty: give HOST:PORT[,HOST:PORT]");
         }
-        let format = match (self.kafka_format, f.kafka_format) {
-            (Some(x), _) => x,
-            (None, Some(s)) => s
-                .parse()
-                .map_err(|e| anyhow::anyhow!("{}: kafka-format: {e}", path.display()))?,
-            (None, None) => KafkaFormat::Protobuf,
-        };
-        let mut properties: Vec<(String, String)> =
-            f.kafka_properties.unwrap_or_default().into_iter().collect();
+        let mut properties: Vec<(String, String)> = self.kafka_properties.into_iter().collect();
         properties.extend(self.kafka_property);
-        let buffer_records = self
-            .kafka_buffer_records
-            .or(f.kafka_buffer_records)
-            .unwrap_or(DEFAULT_BUFFER_RECORDS);
+        let buffer_records = self.kafka_buffer_records.unwrap_or(DEFAULT_BUFFER_RECORDS);
         if buffer_records == 0 || buffer_records > 10_000_000 {
             bail!("--kafka-buffer-records must be between 1 and 10000000 (librdkafka's limit)");
         }
-        let buffer_bytes = self
-            .kafka_buffer_bytes
-            .or(f.kafka_buffer_bytes)
-            .unwrap_or(DEFAULT_BUFFER_BYTES);
+        let buffer_bytes = self.kafka_buffer_bytes.unwrap_or(DEFAULT_BUFFER_BYTES);
         if buffer_bytes < 1024 {
             bail!("--kafka-buffer-bytes must be at least 1024");
         }
@@ -132,21 +273,13 @@ impl KafkaArgs {
             brokers,
             topic: self
                 .kafka_topic
-                .or(f.kafka_topic)
                 .unwrap_or_else(|| DEFAULT_TOPIC.to_string()),
-            format,
-            length_prefix: self.kafka_length_prefix || f.kafka_length_prefix.unwrap_or(false),
+            format: self.kafka_format.unwrap_or(KafkaFormat::Protobuf),
+            length_prefix: self.kafka_length_prefix,
             properties,
             buffer_records,
             buffer_bytes,
-            flush_timeout: self
-                .kafka_flush_timeout
-                .or(file_duration(
-                    path,
-                    "kafka-flush-timeout",
-                    f.kafka_flush_timeout,
-                )?)
-                .unwrap_or(DEFAULT_FLUSH_TIMEOUT),
+            flush_timeout: self.kafka_flush_timeout.unwrap_or(DEFAULT_FLUSH_TIMEOUT),
         }))
     }
 }

@@ -1,6 +1,9 @@
 //! `flowexport agent` settings: command-line flags, an optional TOML file
 //! (`--config`) that may set every flag, and the defaults. Flags win over the
-//! file, the file over the defaults.
+//! file, the file over the defaults. Each setting is declared once, in
+//! [`AgentArgs`] (its flag, its help and its config key together); a new
+//! setting is one field there and its default and check in
+//! [`AgentArgs::resolve`].
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -12,7 +15,7 @@ use serde::Deserialize;
 
 use crate::capture::filter::Rule;
 use crate::capture::loader::{Capture, XdpModeChoice};
-use crate::cmd::flags::{file_duration, parse_duration, FileKafka, KafkaArgs};
+use crate::cmd::flags::{de, layered, parse_duration, ConfigFile, KafkaArgs, Layer};
 use crate::sink::ipfix::{resolve, ExportSettings};
 use crate::sink::kafka::KafkaConfig;
 
@@ -38,9 +41,13 @@ pub const DEFAULT_TEMPLATE_PACKETS: u32 = 20;
 /// of 1400 bytes (100 Mbit/s); a million flows leave in 4 s.
 pub const DEFAULT_EXPORT_RATE: u64 = 250_000;
 
-/// Flags of `flowexport agent`. Every flag is optional here so that a value
-/// from `--config` can fill it; defaults are applied in [`AgentArgs::resolve`].
-#[derive(Args, Debug, Default, Clone)]
+layered! {
+/// Settings of `flowexport agent`: each field is a flag and, under the same
+/// name without `--`, a key of the `--config` file (flags win). Every
+/// setting is optional here so that the file can fill it; defaults are
+/// applied in [`AgentArgs::resolve`].
+#[derive(Args, Deserialize, Debug, Default, Clone)]
+#[serde(default, rename_all = "kebab-case")]
 pub struct AgentArgs {
     /// Interface to attach to (repeat for several), or a shell-style glob
     /// (`'brq*'`, `'tap?'`, `'eth[01]'`): every matching interface present
@@ -59,21 +66,26 @@ pub struct AgentArgs {
     /// an XDP buffer for it, e.g. veth, and it leaves XDP to others).
     /// [default: xdp]
     #[arg(long, value_name = "xdp|tc")]
+    #[serde(deserialize_with = "de::parsed")]
     pub capture: Option<Capture>,
     /// XDP attach mode: native (driver), skb (generic), or auto = native,
     /// falling back to skb with a log line. [default: auto]
     #[arg(long, value_name = "MODE")]
+    #[serde(deserialize_with = "de::parsed")]
     pub xdp_mode: Option<XdpModeChoice>,
     /// Export a flow once it has seen no packet for this long. [default: 15s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[serde(deserialize_with = "de::duration")]
     pub idle_timeout: Option<Duration>,
     /// Export a long-lived flow every DURATION, with the counts since its
     /// last export. [default: 60s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[serde(deserialize_with = "de::duration")]
     pub active_timeout: Option<Duration>,
     /// How often the kernel table is drained (timeouts are checked then);
     /// at most the smaller timeout. [default: 1s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[serde(deserialize_with = "de::duration")]
     pub drain_interval: Option<Duration>,
     /// Kernel flow-table capacity: concurrent flows (from their first
     /// packet until their idle timeout). The table has 2 x N slots (rounded
@@ -106,14 +118,17 @@ pub struct AgentArgs {
     /// accepts, packets no rule matches are left out. Left-out packets form
     /// no flow and are counted in flowexport_filtered_packets_total. At most
     /// 32 rules. Example: --filter action=reject,proto=tcp,port=22
-    #[arg(long, value_name = "RULE")]
-    pub filter: Vec<String>,
+    #[arg(long, value_name = "RULE", value_parser = Rule::parse)]
+    #[serde(deserialize_with = "filter_tables")]
+    pub filter: Vec<Rule>,
     /// Resolution of first/last-seen times: how often the agent advances
     /// the clock word the kernel programs read (100us..1s). [default: 1ms]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[serde(deserialize_with = "de::duration")]
     pub clock_resolution: Option<Duration>,
     /// Prometheus endpoint address (serves /metrics). [default: 127.0.0.1:9590]
     #[arg(long, value_name = "ADDR:PORT")]
+    #[serde(deserialize_with = "de::socket_addr")]
     pub metrics_addr: Option<SocketAddr>,
     /// `sampler_address` of every record; "none" for empty. [default: the
     /// host's first non-loopback address, IPv4 first]
@@ -139,6 +154,7 @@ pub struct AgentArgs {
     /// left behind (package removal runs it); with nothing pinned, does
     /// nothing. --iface is not needed.
     #[arg(long, conflicts_with = "keep_attached")]
+    #[serde(skip)]
     pub detach: bool,
     /// Also print JSON lines on stdout when another sink is configured
     /// (stdout is the sink when no other is).
@@ -159,6 +175,7 @@ pub struct AgentArgs {
     pub export_packet_size: Option<usize>,
     /// Resend IPFIX/NetFlow v9 templates at least this often. [default: 30s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[serde(deserialize_with = "de::duration")]
     pub template_interval: Option<Duration>,
     /// ... and at least every N export packets. [default: 20]
     #[arg(long, value_name = "N")]
@@ -168,52 +185,31 @@ pub struct AgentArgs {
     /// otherwise overflow a collector's socket buffer. [default: 250000]
     #[arg(long, value_name = "RECORDS")]
     pub export_rate: Option<u64>,
+    /// Kafka producer settings (read from the file by their own part).
     #[command(flatten)]
+    #[serde(skip)]
     pub kafka: KafkaArgs,
     /// TOML file with any of these settings (keys as the flag names, e.g.
-    /// `idle-timeout = "10s"`, `iface = ["eth0"]`). Flags win.
+    /// `idle-timeout = "10s"`, `iface = ["eth0"]`; filter rules as
+    /// `[[filter]]` tables, -X properties as a `[kafka-properties]` table).
+    /// Flags win.
     #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
 }
+}
 
-/// The `--config` file: the same settings as the flags.
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct FileConfig {
-    iface: Option<Vec<String>>,
-    exclude_iface: Option<Vec<String>>,
-    capture: Option<String>,
-    xdp_mode: Option<String>,
-    idle_timeout: Option<String>,
-    active_timeout: Option<String>,
-    drain_interval: Option<String>,
-    max_flows: Option<u32>,
-    fallback_ring_bytes: Option<u32>,
-    cache_slots: Option<u32>,
-    sampling: Option<u32>,
-    filter: Option<Vec<std::collections::BTreeMap<String, toml::Value>>>,
-    clock_resolution: Option<String>,
-    metrics_addr: Option<String>,
-    sampler_address: Option<String>,
-    bpf_object: Option<PathBuf>,
-    pin_dir: Option<String>,
-    keep_attached: Option<bool>,
-    stdout: Option<bool>,
-    ipfix: Option<Vec<String>>,
-    netflow9: Option<Vec<String>>,
-    observation_domain: Option<u32>,
-    export_packet_size: Option<usize>,
-    template_interval: Option<String>,
-    template_packets: Option<u32>,
-    export_rate: Option<u64>,
-    kafka_brokers: Option<String>,
-    kafka_topic: Option<String>,
-    kafka_format: Option<String>,
-    kafka_length_prefix: Option<bool>,
-    kafka_properties: Option<std::collections::BTreeMap<String, String>>,
-    kafka_buffer_records: Option<usize>,
-    kafka_buffer_bytes: Option<u64>,
-    kafka_flush_timeout: Option<String>,
+/// `[[filter]]` tables of the config file, in order.
+fn filter_tables<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Rule>, D::Error> {
+    let tables = Vec::<std::collections::BTreeMap<String, toml::Value>>::deserialize(d)?;
+    tables
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            Rule::from_table(t)
+                .map_err(|e| serde::de::Error::custom(format!("[[filter]] number {}: {e}", i + 1)))
+        })
+        .collect()
 }
 
 /// Fully resolved agent settings.
@@ -262,63 +258,35 @@ fn parse_sampler(s: &str) -> Result<Option<IpAddr>> {
 }
 
 impl AgentArgs {
+    /// The flags over the config file (when `--config` names one).
+    fn layered(self) -> Result<AgentArgs> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let mut file = ConfigFile::read(&path)?;
+        let mut lower: AgentArgs = file.part()?;
+        lower.kafka = file.part()?;
+        file.finish()?;
+        Ok(self.over(lower))
+    }
+
     /// Merges flags over the config file over the defaults, and validates.
     pub fn resolve(self) -> Result<AgentConfig> {
-        let file = match &self.config {
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("cannot read config file {}", p.display()))?;
-                let f: FileConfig = toml::from_str(&text)
-                    .with_context(|| format!("invalid config file {}", p.display()))?;
-                Some((p.clone(), f))
-            }
-            None => None,
-        };
-        let (path, f) = match file {
-            Some((p, f)) => (p, f),
-            None => (PathBuf::new(), FileConfig::default()),
-        };
-        let ifaces = if self.iface.is_empty() {
-            f.iface.unwrap_or_default()
-        } else {
-            self.iface
-        };
-        let exclude_ifaces = if self.exclude_iface.is_empty() {
-            f.exclude_iface.unwrap_or_default()
-        } else {
-            self.exclude_iface
-        };
-        if ifaces.is_empty() && !self.detach {
+        let a = self.layered()?;
+        let ifaces = a.iface;
+        let exclude_ifaces = a.exclude_iface;
+        if ifaces.is_empty() && !a.detach {
             bail!("no interface given: use --iface IF (repeatable) or `iface = [...]` in --config");
         }
-        let capture = match (self.capture, &f.capture) {
-            (Some(c), _) => c,
-            (None, Some(s)) => s
-                .parse()
-                .map_err(|e| anyhow::anyhow!("{}: capture: {e}", path.display()))?,
-            (None, None) => Capture::Xdp,
-        };
-        if capture == Capture::Tc && (self.xdp_mode.is_some() || f.xdp_mode.is_some()) {
+        let capture = a.capture.unwrap_or(Capture::Xdp);
+        if capture == Capture::Tc && a.xdp_mode.is_some() {
             bail!("--xdp-mode applies to --capture xdp; with --capture tc, drop it");
         }
-        let xdp_mode = match (self.xdp_mode, f.xdp_mode) {
-            (Some(m), _) => m,
-            (None, Some(s)) => s
-                .parse()
-                .map_err(|e| anyhow::anyhow!("{}: xdp-mode: {e}", path.display()))?,
-            (None, None) => XdpModeChoice::Auto,
-        };
-        let idle_timeout = self
-            .idle_timeout
-            .or(file_duration(&path, "idle-timeout", f.idle_timeout)?)
-            .unwrap_or(DEFAULT_IDLE_TIMEOUT);
-        let active_timeout = self
-            .active_timeout
-            .or(file_duration(&path, "active-timeout", f.active_timeout)?)
-            .unwrap_or(DEFAULT_ACTIVE_TIMEOUT);
-        let drain_interval = self
+        let xdp_mode = a.xdp_mode.unwrap_or(XdpModeChoice::Auto);
+        let idle_timeout = a.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT);
+        let active_timeout = a.active_timeout.unwrap_or(DEFAULT_ACTIVE_TIMEOUT);
+        let drain_interval = a
             .drain_interval
-            .or(file_duration(&path, "drain-interval", f.drain_interval)?)
             .unwrap_or_else(|| DEFAULT_DRAIN_INTERVAL.min(idle_timeout).min(active_timeout));
         if idle_timeout.max(active_timeout) > MAX_TIMEOUT {
             bail!(
@@ -332,14 +300,11 @@ impl AgentArgs {
                  or active ({active_timeout:?}) timeout: timeouts are only checked at drains"
             );
         }
-        let max_flows = self.max_flows.or(f.max_flows).unwrap_or(DEFAULT_MAX_FLOWS);
+        let max_flows = a.max_flows.unwrap_or(DEFAULT_MAX_FLOWS);
         if max_flows == 0 || max_flows > MAX_MAX_FLOWS {
             bail!("--max-flows {max_flows} must be from 1 to {MAX_MAX_FLOWS}");
         }
-        let fallback_ring_bytes = self
-            .fallback_ring_bytes
-            .or(f.fallback_ring_bytes)
-            .unwrap_or(DEFAULT_FALLBACK_RING_BYTES);
+        let fallback_ring_bytes = a.fallback_ring_bytes.unwrap_or(DEFAULT_FALLBACK_RING_BYTES);
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u32;
         if !fallback_ring_bytes.is_power_of_two() || fallback_ring_bytes < page {
@@ -348,135 +313,79 @@ impl AgentArgs {
                  the page size ({page})"
             );
         }
-        let cache_slots = self
+        let cache_slots = a
             .cache_slots
-            .or(f.cache_slots)
             .unwrap_or(flowexport_common::DEFAULT_CACHE_SLOTS);
         // Each drain copies the N slots of one half of every CPU, so N is
         // capped where that stays a few ms.
         if cache_slots != 0 && (!cache_slots.is_power_of_two() || cache_slots > 1 << 16) {
             bail!("--cache-slots {cache_slots} must be 0 (no cache) or a power of two up to 65536");
         }
-        let sampling = self.sampling.or(f.sampling).unwrap_or(1);
+        let sampling = a.sampling.unwrap_or(1);
         if sampling == 0 || sampling > MAX_SAMPLING {
             bail!("--sampling {sampling} must be from 1 (every packet) to {MAX_SAMPLING}");
         }
-        let filters = if !self.filter.is_empty() {
-            self.filter
-                .iter()
-                .map(|r| Rule::parse(r))
-                .collect::<Result<Vec<_>, _>>()?
-        } else {
-            f.filter
-                .unwrap_or_default()
-                .iter()
-                .map(Rule::from_table)
-                .collect::<Result<Vec<_>, _>>()
-                .with_context(|| format!("{}: [[filter]]", path.display()))?
-        };
+        let filters = a.filter;
         // Too many rules is an error of the set: say so now, not at load.
         crate::capture::filter::compile(&filters)?;
-        let clock_resolution = self
-            .clock_resolution
-            .or(file_duration(
-                &path,
-                "clock-resolution",
-                f.clock_resolution,
-            )?)
-            .unwrap_or(Duration::from_millis(1));
+        let clock_resolution = a.clock_resolution.unwrap_or(Duration::from_millis(1));
         if clock_resolution < Duration::from_micros(100)
             || clock_resolution > Duration::from_secs(1)
         {
             bail!("--clock-resolution {clock_resolution:?} must be from 100us to 1s");
         }
-        let metrics_addr = match (self.metrics_addr, f.metrics_addr) {
-            (Some(a), _) => a,
-            (None, Some(s)) => s.parse().with_context(|| {
-                format!("{}: metrics-addr {s:?}: expected ADDR:PORT", path.display())
-            })?,
-            (None, None) => DEFAULT_METRICS_ADDR.parse().expect("valid default"),
-        };
-        let sampler_address = match self.sampler_address.or(f.sampler_address) {
+        let metrics_addr = a
+            .metrics_addr
+            .unwrap_or_else(|| DEFAULT_METRICS_ADDR.parse().expect("valid default"));
+        let sampler_address = match a.sampler_address {
             Some(s) => parse_sampler(&s)?,
             None => host_address(),
         };
-        let file_kafka = FileKafka {
-            kafka_brokers: f.kafka_brokers,
-            kafka_topic: f.kafka_topic,
-            kafka_format: f.kafka_format,
-            kafka_length_prefix: f.kafka_length_prefix,
-            kafka_properties: f.kafka_properties,
-            kafka_buffer_records: f.kafka_buffer_records,
-            kafka_buffer_bytes: f.kafka_buffer_bytes,
-            kafka_flush_timeout: f.kafka_flush_timeout,
+        let kafka = a.kafka.resolve()?;
+        let resolve_all = |list: Vec<String>| -> Result<Vec<SocketAddr>> {
+            list.iter()
+                .map(|t| resolve(t).map_err(|e| anyhow::anyhow!(e)))
+                .collect()
         };
-        let kafka = self.kafka.resolve(&path, file_kafka)?;
-        let resolve_all =
-            |flag: Vec<String>, file: Option<Vec<String>>| -> Result<Vec<SocketAddr>> {
-                let list = if flag.is_empty() {
-                    file.unwrap_or_default()
-                } else {
-                    flag
-                };
-                list.iter()
-                    .map(|t| resolve(t).map_err(|e| anyhow::anyhow!(e)))
-                    .collect()
-            };
-        let ipfix = resolve_all(self.ipfix, f.ipfix).context("--ipfix")?;
-        let netflow9 = resolve_all(self.netflow9, f.netflow9).context("--netflow9")?;
+        let ipfix = resolve_all(a.ipfix).context("--ipfix")?;
+        let netflow9 = resolve_all(a.netflow9).context("--netflow9")?;
         let export = ExportSettings {
-            observation_domain: self
-                .observation_domain
-                .or(f.observation_domain)
-                .unwrap_or(1),
-            max_packet: self
-                .export_packet_size
-                .or(f.export_packet_size)
-                .unwrap_or(DEFAULT_EXPORT_PACKET_SIZE),
-            template_interval_ms: self
+            observation_domain: a.observation_domain.unwrap_or(1),
+            max_packet: a.export_packet_size.unwrap_or(DEFAULT_EXPORT_PACKET_SIZE),
+            template_interval_ms: a
                 .template_interval
-                .or(file_duration(
-                    &path,
-                    "template-interval",
-                    f.template_interval,
-                )?)
                 .unwrap_or(DEFAULT_TEMPLATE_INTERVAL)
                 .as_millis() as u64,
-            template_packets: self
+            template_packets: a
                 .template_packets
-                .or(f.template_packets)
                 .unwrap_or(DEFAULT_TEMPLATE_PACKETS)
                 .max(1),
-            max_rate: self
-                .export_rate
-                .or(f.export_rate)
-                .unwrap_or(DEFAULT_EXPORT_RATE),
+            max_rate: a.export_rate.unwrap_or(DEFAULT_EXPORT_RATE),
             sampling,
         };
         if !(256..=65_000).contains(&export.max_packet) {
             bail!("--export-packet-size must be between 256 and 65000 bytes");
         }
         let other_sinks = kafka.is_some() || !ipfix.is_empty() || !netflow9.is_empty();
-        let stdout = self.stdout || f.stdout.unwrap_or(false) || !other_sinks;
-        let pin_dir = match self.pin_dir.or(f.pin_dir).as_deref() {
+        let stdout = a.stdout || !other_sinks;
+        let pin_dir = match a.pin_dir.as_deref() {
             Some("none") => None,
             Some("") => bail!("--pin-dir needs a directory (or none)"),
             Some(d) => Some(PathBuf::from(d)),
             None => Some(PathBuf::from(DEFAULT_PIN_DIR)),
         };
         // --detach ends what keep-attached (say, in the file) keeps.
-        let keep_attached =
-            !self.detach && (self.keep_attached || f.keep_attached.unwrap_or(false));
+        let keep_attached = !a.detach && a.keep_attached;
         if keep_attached && pin_dir.is_none() {
             bail!("--keep-attached needs a --pin-dir: the programs stay attached through their pinned links");
         }
-        if self.detach && pin_dir.is_none() {
+        if a.detach && pin_dir.is_none() {
             bail!("--detach needs the --pin-dir whose pinned programs and counts it should end");
         }
         Ok(AgentConfig {
             pin_dir,
             keep_attached,
-            detach: self.detach,
+            detach: a.detach,
             stdout,
             kafka,
             ipfix,
@@ -497,7 +406,7 @@ impl AgentArgs {
             clock_resolution,
             metrics_addr,
             sampler_address,
-            bpf_object: self.bpf_object.or(f.bpf_object),
+            bpf_object: a.bpf_object,
         })
     }
 }
@@ -646,7 +555,7 @@ mod tests {
         // Flags replace the file's rules.
         let mut a = args(&[]);
         a.config = Some(p.clone());
-        a.filter = vec!["action=reject,port=53".into()];
+        a.filter = vec![Rule::parse("action=reject,port=53").unwrap()];
         a.sampling = Some(1);
         let c = a.resolve().unwrap();
         assert_eq!((c.sampling, c.filters.len()), (1, 1));
@@ -668,7 +577,9 @@ mod tests {
             assert!(format!("{:#}", a.resolve().unwrap_err()).contains("--sampling"));
         }
         let mut a = args(&["eth0"]);
-        a.filter = (0..33).map(|i| format!("action=reject,port={i}")).collect();
+        a.filter = (0..33)
+            .map(|i| Rule::parse(&format!("action=reject,port={i}")).unwrap())
+            .collect();
         assert!(format!("{:#}", a.resolve().unwrap_err()).contains("at most 32 rules"));
     }
 
