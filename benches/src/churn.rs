@@ -14,7 +14,7 @@ use crate::procstat::{quantile, range};
 use crate::run::{self, Outcome};
 
 #[derive(Args, Debug)]
-pub struct ChurnArgs {
+pub(crate) struct ChurnArgs {
     /// Flow counts, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
     flows: Vec<u32>,
@@ -32,7 +32,7 @@ pub struct ChurnArgs {
     agent_args: Vec<String>,
 }
 
-pub fn run(a: &ChurnArgs) -> Result<()> {
+pub(crate) fn run(a: &ChurnArgs) -> Result<()> {
     let agent = Kind::Agent(a.agent_args.clone());
     let mut rows = Vec::new();
     for &n in &a.flows {
@@ -116,7 +116,7 @@ pub fn run(a: &ChurnArgs) -> Result<()> {
             quantile(&durations, 0.5),
             quantile(&durations, 0.99),
             f(&finals, 2),
-            ag.first().and_then(|o| o.final_drain).map(|f| f.1).unwrap_or(0),
+            ag.first().and_then(|o| o.final_drain).map_or(0, |f| f.1),
             range(&rate, |x| format!("{:.2}", x / 1e6)),
             f(&cpu, 3),
             f(&soft, 3),

@@ -13,7 +13,7 @@ use flowexport_tests::{tools, wait_until, Netns};
 
 /// Which exporter.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     /// Nothing attached: the receive path alone.
     ReceiveOnly,
     /// `flowexport agent` with these extra flags.
@@ -24,7 +24,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         match self {
             Kind::ReceiveOnly => "receive-only".into(),
             Kind::Agent(a) if a.is_empty() => "flowexport".into(),
@@ -38,7 +38,7 @@ impl Kind {
 
 /// Where the exporter's flows go.
 #[derive(Clone, Copy, Debug)]
-pub enum Output {
+pub(crate) enum Output {
     /// The agent's JSON lines, into a file.
     Stdout,
     /// NetFlow (v9; fprobe: v5) to nfcapd on 127.0.0.1:port in the namespace.
@@ -47,13 +47,13 @@ pub enum Output {
 
 /// CPU time and peak memory of a finished exporter (children included).
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Usage {
+pub(crate) struct Usage {
     pub cpu: Duration,
     pub max_rss: u64,
 }
 
 /// A running exporter.
-pub struct Running {
+pub(crate) struct Running {
     pub kind: Kind,
     pid: Option<u32>,
     pub dir: PathBuf,
@@ -61,7 +61,7 @@ pub struct Running {
 }
 
 /// The agent binary: $FLOWEXPORT_BIN, else target/release/flowexport.
-pub fn agent_bin() -> PathBuf {
+pub(crate) fn agent_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("FLOWEXPORT_BIN") {
         return PathBuf::from(p);
     }
@@ -77,7 +77,13 @@ fn wait_file_contains(path: &Path, what: &str, timeout: Duration) -> bool {
 impl Running {
     /// Starts `kind` in `ns` on `dev` and waits until it captures. Files
     /// (output, logs, configuration) go to `dir`.
-    pub fn start(kind: Kind, ns: &Netns, dev: &str, out: Output, dir: &Path) -> Result<Running> {
+    pub(crate) fn start(
+        kind: Kind,
+        ns: &Netns,
+        dev: &str,
+        out: Output,
+        dir: &Path,
+    ) -> Result<Running> {
         std::fs::create_dir_all(dir)?;
         let mut r = Running {
             kind: kind.clone(),
@@ -169,8 +175,7 @@ impl Running {
             ),
             _ => wait_until(Duration::from_secs(10), || {
                 ns.exec(&["ss", "-H", "-0", "-a"])
-                    .map(|o| o.contains(dev))
-                    .unwrap_or(false)
+                    .is_ok_and(|o| o.contains(dev))
             }),
         };
         if !ready {
@@ -181,13 +186,13 @@ impl Running {
         Ok(r)
     }
 
-    pub fn pid(&self) -> Option<u32> {
+    pub(crate) fn pid(&self) -> Option<u32> {
         self.pid
     }
 
     /// Stops the exporter so that it exports every flow it holds, waits for
     /// it (up to 5 minutes) and returns its resource usage.
-    pub fn stop(&mut self) -> Result<Usage> {
+    pub(crate) fn stop(&mut self) -> Result<Usage> {
         let Some(pid) = self.pid.take() else {
             return Ok(Usage::default());
         };
@@ -256,7 +261,7 @@ impl Drop for Running {
 /// nfcapd in `ns` on 127.0.0.1:`port`, its files in `dir`, with the largest
 /// socket buffer the namespace allows (an exporter's final flush of a
 /// million flows arrives in a burst).
-pub fn nfcapd(ns: &Netns, dir: &Path, port: u16) -> Result<tools::Proc> {
+pub(crate) fn nfcapd(ns: &Netns, dir: &Path, port: u16) -> Result<tools::Proc> {
     std::fs::create_dir_all(dir)?;
     let child = Command::new("ip")
         .args(["netns", "exec", &ns.name, "nfcapd", "-w"])
@@ -275,13 +280,13 @@ pub fn nfcapd(ns: &Netns, dir: &Path, port: u16) -> Result<tools::Proc> {
 
 /// UDP datagrams the namespace's sockets dropped for a full receive buffer
 /// (`Udp: RcvbufErrors`).
-pub fn udp_rcvbuf_errors(ns: &Netns) -> u64 {
+pub(crate) fn udp_rcvbuf_errors(ns: &Netns) -> u64 {
     ns.snmp("Udp", "RcvbufErrors").unwrap_or(0)
 }
 
 /// Stops nfcapd once its socket has been empty for a moment (the last
 /// datagrams processed) and returns nfdump's view of its files.
-pub fn finish_nfcapd(
+pub(crate) fn finish_nfcapd(
     ns: &Netns,
     mut p: tools::Proc,
     dir: &Path,

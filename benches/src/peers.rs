@@ -13,7 +13,7 @@ use crate::procstat::range;
 use crate::run::{self, Outcome};
 
 #[derive(Args, Debug)]
-pub struct PeersArgs {
+pub(crate) struct PeersArgs {
     /// Flow counts, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,10000,100000,1000000")]
     flows: Vec<u32>,
@@ -65,7 +65,7 @@ fn frames(n: u32, rate: u64) -> u64 {
     }
 }
 
-pub fn run(a: &PeersArgs) -> Result<()> {
+pub(crate) fn run(a: &PeersArgs) -> Result<()> {
     let mut kinds = vec![Kind::ReceiveOnly];
     for e in &a.exporters {
         kinds.push(kind(e, &a.agent_args)?);

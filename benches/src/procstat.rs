@@ -34,7 +34,7 @@ fn session(leader: u32) -> Vec<u32> {
 }
 
 /// User + system CPU time of the live processes of `leader`'s session.
-pub fn tree_cpu(leader: u32) -> Duration {
+pub(crate) fn tree_cpu(leader: u32) -> Duration {
     let ticks: u64 = session(leader)
         .into_iter()
         .filter_map(|pid| {
@@ -59,7 +59,7 @@ fn status_kb(pid: u32, field: &str) -> Option<u64> {
 
 /// Anonymous resident memory (RssAnon: the process's own heap, not shared
 /// mappings) of `leader`'s session, summed, in bytes.
-pub fn tree_rss_anon(leader: u32) -> u64 {
+pub(crate) fn tree_rss_anon(leader: u32) -> u64 {
     session(leader)
         .into_iter()
         .filter_map(|pid| status_kb(pid, "RssAnon:"))
@@ -68,7 +68,7 @@ pub fn tree_rss_anon(leader: u32) -> u64 {
 }
 
 /// Softirq time of all CPUs since boot (/proc/stat).
-pub fn softirq() -> Duration {
+pub(crate) fn softirq() -> Duration {
     let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let ticks = s
         .lines()
@@ -79,7 +79,7 @@ pub fn softirq() -> Duration {
 }
 
 /// Quantile `q` (0..1) of `xs` (sorted copy), or 0 for none.
-pub fn quantile(xs: &[f64], q: f64) -> f64 {
+pub(crate) fn quantile(xs: &[f64], q: f64) -> f64 {
     if xs.is_empty() {
         return 0.0;
     }
@@ -90,7 +90,7 @@ pub fn quantile(xs: &[f64], q: f64) -> f64 {
 }
 
 /// "lo–hi" of a set of repeated measurements (one value: just it).
-pub fn range(xs: &[f64], fmt: impl Fn(f64) -> String) -> String {
+pub(crate) fn range(xs: &[f64], fmt: impl Fn(f64) -> String) -> String {
     let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     if xs.is_empty() {

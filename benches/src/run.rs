@@ -15,7 +15,7 @@ use crate::procstat;
 
 /// What one run measured.
 #[derive(Clone, Debug, Default)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     /// Frames that reached the receiving interface (sent minus veth drops).
     pub delivered: u64,
     pub elapsed: Duration,
@@ -42,30 +42,30 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    pub fn pps(&self) -> f64 {
+    pub(crate) fn pps(&self) -> f64 {
         self.delivered as f64 / self.elapsed.as_secs_f64()
     }
-    pub fn accuracy(&self) -> f64 {
+    pub(crate) fn accuracy(&self) -> f64 {
         if self.delivered == 0 {
             return 0.0;
         }
         self.reported as f64 / self.delivered as f64
     }
     /// CPU seconds per million delivered packets, for the whole run.
-    pub fn cpu_per_mpkt(&self) -> f64 {
+    pub(crate) fn cpu_per_mpkt(&self) -> f64 {
         self.usage.cpu.as_secs_f64() * 1e6 / self.delivered.max(1) as f64
     }
     /// The same, while processing the traffic only.
-    pub fn traffic_cpu_per_mpkt(&self) -> f64 {
+    pub(crate) fn traffic_cpu_per_mpkt(&self) -> f64 {
         self.traffic_cpu.as_secs_f64() * 1e6 / self.delivered.max(1) as f64
     }
-    pub fn softirq_per_mpkt(&self) -> f64 {
+    pub(crate) fn softirq_per_mpkt(&self) -> f64 {
         self.softirq.as_secs_f64() * 1e6 / self.delivered.max(1) as f64
     }
 }
 
 /// The generated flows of a run with `n` flows.
-pub fn flows(n: u32) -> Flows {
+pub(crate) fn flows(n: u32) -> Flows {
     Flows::new(v4("10.64.0.0"), n, v4("10.201.200.1"))
 }
 
@@ -80,7 +80,7 @@ fn scratch(name: &str) -> PathBuf {
 /// Sends `packets` frames of `n` flows (at `rate_pps`, or as fast as
 /// possible) to `kind` and measures it. The agent writes JSON lines (or,
 /// with `nfcapd`, NetFlow v9 like the others); the others NetFlow.
-pub fn run(
+pub(crate) fn run(
     kind: &Kind,
     n: u32,
     packets: u64,
@@ -264,7 +264,7 @@ fn read_drains(path: &Path) -> Result<(Vec<(f64, u64, u64)>, Option<(f64, u64)>)
 /// The agent's CPU use with no traffic at all: started on a fresh veth pair,
 /// given `settle`, then measured over `window`. Returns the share of one
 /// core.
-pub fn idle_cpu(settle: Duration, window: Duration) -> Result<f64> {
+pub(crate) fn idle_cpu(settle: Duration, window: Duration) -> Result<f64> {
     let link = Link::new()?;
     let dir = scratch("idle");
     let mut exp = Running::start(

@@ -439,13 +439,21 @@ mod pod {
     // SAFETY: all these types are #[repr(C)], contain only integers and byte
     // arrays, and have no implicit padding (explicit `_pad` fields).
     unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowValue {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::FallbackEvent {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::CacheSlot {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::TableSlot {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::ClockWord {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::PendingExport {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::FilterSet {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::FilterMasks {}
 }
 

@@ -37,7 +37,7 @@ impl CommandRuntime {
 
     /// Blocks until SIGINT or SIGTERM.
     pub fn wait_for_stop(&self) {
-        self.runtime.block_on(self.stopped())
+        self.runtime.block_on(self.stopped());
     }
 }
 
@@ -87,7 +87,7 @@ pub fn start(
                     _ = int.recv() => { log::info!("SIGINT: {stopping}"); break; }
                     _ = term.recv() => { log::info!("SIGTERM: {stopping}"); break; }
                     Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                        reload.store(true, Ordering::Relaxed)
+                        reload.store(true, Ordering::Relaxed);
                     }
                 }
             }

@@ -252,7 +252,7 @@ pub fn send_frames(
                         f.len(),
                         0,
                         &addr as *const libc::sockaddr_ll as *const libc::sockaddr,
-                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                        size_of::<libc::sockaddr_ll>() as u32,
                     );
                     if n != f.len() as isize {
                         let e = std::io::Error::last_os_error();
@@ -382,10 +382,10 @@ impl Agent {
         } else {
             None
         };
-        let mut argv: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
+        let mut argv: Vec<String> = wrapper.iter().map(ToString::to_string).collect();
         argv.push(bin.display().to_string());
         argv.push(command.into());
-        argv.extend(args.iter().map(|s| s.to_string()));
+        argv.extend(args.iter().map(ToString::to_string));
         if let Some(d) = &own_pins {
             argv.extend(["--pin-dir".into(), d.display().to_string()]);
         }
@@ -420,7 +420,7 @@ impl Agent {
         // hundreds of thousands of records through the pipe.
         let stdout = std::thread::spawn(move || {
             let mut all = Vec::new();
-            let _ = std::io::Read::read_to_end(&mut out, &mut all);
+            let _ = Read::read_to_end(&mut out, &mut all);
             String::from_utf8_lossy(&all)
                 .lines()
                 .map(String::from)
@@ -430,7 +430,7 @@ impl Agent {
         let stderr_lines = Arc::new(Mutex::new(Vec::new()));
         let sink = stderr_lines.clone();
         std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(|l| l.ok()) {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
                 sink.lock().unwrap().push(line);
             }
         });
@@ -445,7 +445,7 @@ impl Agent {
 
     /// The process id (`ip netns exec` becomes the command).
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+        self.child.as_ref().map_or(0, Child::id)
     }
 
     /// Sends `signal` (SIGHUP, say) and returns at once.
@@ -577,7 +577,9 @@ pub const TEST_BPF_FS: &str = "/run/flowexport-tests/bpf";
 /// tests' agent runs as nobody).
 pub fn pin_dir() -> Result<PathBuf> {
     static MOUNTED: Mutex<bool> = Mutex::new(false);
-    let mut mounted = MOUNTED.lock().unwrap_or_else(|e| e.into_inner());
+    let mut mounted = MOUNTED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if !*mounted {
         std::fs::create_dir_all(TEST_BPF_FS)?;
         let is_mount = Command::new("mountpoint")

@@ -25,7 +25,7 @@ pub struct Proc(pub Option<Child>);
 impl Proc {
     /// SIGTERM, then up to 10 s for the process to exit (killed after).
     pub fn term(&mut self) {
-        self.stop_with(libc::SIGTERM)
+        self.stop_with(libc::SIGTERM);
     }
 
     /// Sends `signal`, then waits up to 10 s for the process to exit
@@ -58,8 +58,7 @@ impl Drop for Proc {
 
 pub fn udp_listening(ns: &Netns, port: u16) -> bool {
     ns.exec(&["ss", "-Hlun", &format!("sport = :{port}")])
-        .map(|o| !o.trim().is_empty())
-        .unwrap_or(false)
+        .is_ok_and(|o| !o.trim().is_empty())
 }
 
 /// Bytes waiting in the receive queue of the UDP socket bound to `port` in

@@ -145,8 +145,7 @@ impl Exporter {
         assert!(
             wait_until(Duration::from_secs(10), || {
                 ns.exec(&["ss", "-H", "-0", "-a"])
-                    .map(|o| o.contains(dev))
-                    .unwrap_or(false)
+                    .is_ok_and(|o| o.contains(dev))
             }),
             "{self:?} opened no capture socket on {dev}"
         );
@@ -294,14 +293,12 @@ fn ipv6_pkt(src: &str, dst: &str, l4: &L4) -> Vec<u8> {
 }
 
 fn collector_flows(c: &Agent, port: u16) -> u64 {
-    c.metrics(port)
-        .map(|m| {
-            m.lines()
-                .filter(|l| l.starts_with("flowexport_collector_flows_total"))
-                .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-                .sum::<f64>() as u64
-        })
-        .unwrap_or(0)
+    c.metrics(port).map_or(0, |m| {
+        m.lines()
+            .filter(|l| l.starts_with("flowexport_collector_flows_total"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    })
 }
 
 /// Where the collector sends its flows.
@@ -314,7 +311,7 @@ enum Output {
 }
 
 fn run(exporter: Exporter) {
-    run_to(exporter, Output::Stdout)
+    run_to(exporter, Output::Stdout);
 }
 
 fn run_to(exporter: Exporter, output: Output) {
@@ -336,7 +333,7 @@ fn run_to(exporter: Exporter, output: Output) {
     let sflow = matches!(exporter, Exporter::PmacctdSflow);
     let listen_flag = if sflow { "--sflow-listen" } else { "--listen" };
     let mut args = vec![listen_flag, &listen, "--metrics-addr", &metrics_addr];
-    let brokers = broker.as_ref().map(|b| b.addr()).unwrap_or_default();
+    let brokers = broker.as_ref().map(Broker::addr).unwrap_or_default();
     if let Output::Kafka(format) = output {
         args.extend([
             "--kafka-brokers",

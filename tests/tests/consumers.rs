@@ -66,7 +66,7 @@ fn flow(i: u32) -> FlowRecord {
             format!("10.1.5.{}", i % 250 + 1).parse().unwrap(),
         ),
         3 => (
-            format!("2001:db8:1::{:x}", i).parse().unwrap(),
+            format!("2001:db8:1::{i:x}").parse().unwrap(),
             "2001:db8:ff::1".parse().unwrap(),
         ),
         4 => ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap()),

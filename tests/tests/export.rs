@@ -26,7 +26,7 @@ fn tshark_capture(ns: &Netns, file: &std::path::Path) -> Proc {
     let err = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(|l| l.ok()) {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
             if line.contains("Capturing on") {
                 let _ = tx.send(());
             }

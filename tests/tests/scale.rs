@@ -64,7 +64,9 @@ fn by_source(
 
 #[test]
 fn two_hundred_thousand_flows_at_max_rate_exact_with_defaults() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let l = Link::new().unwrap();
     let agent = Agent::start(&l.b, &agent_args(&l.b_dev, &[])).unwrap();
     let (tx0, rx0) = l.a.drops(&l.a_dev).unwrap();
@@ -113,7 +115,9 @@ fn two_hundred_thousand_flows_at_max_rate_exact_with_defaults() {
 
 #[test]
 fn exact_under_concurrent_load_with_active_timeout_at_100k_flows() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let l = Link::new().unwrap();
     let agent = Agent::start(
         &l.b,

@@ -72,10 +72,10 @@ fn agent_args(l: &Link, pins: &Pins, extra: &[&str]) -> Vec<String> {
         "--sampler-address",
     ]
     .iter()
-    .map(|s| s.to_string())
+    .map(ToString::to_string)
     .collect();
     args.extend(["192.0.2.10".into(), "--pin-dir".into(), pins.arg()]);
-    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(extra.iter().map(ToString::to_string));
     args
 }
 

@@ -119,8 +119,7 @@ fn deb() -> Result<()> {
     let has_cargo_deb = Command::new("cargo")
         .args(["deb", "--version"])
         .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+        .is_ok_and(|o| o.status.success());
     if !has_cargo_deb {
         bail!(
             "cargo-deb is not installed: run `scripts/setup.sh --test` or \

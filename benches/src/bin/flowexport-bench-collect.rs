@@ -303,7 +303,7 @@ fn main() -> Result<()> {
         let decode = decode_only(&stream(proto, PACKETS)?);
         let ours = json_rate(&records, &flowexport::codec::json::write_record);
         let serde = json_rate(&records, &|out, r| {
-            serde_json::to_writer(&mut *out, r).expect("serializes")
+            serde_json::to_writer(&mut *out, r).expect("serializes");
         });
         println!(
             "| {name} | {decode:.0} | {ours:.0} | {serde:.0} | {:.1}x |",

@@ -208,7 +208,7 @@ fn bare_consumer(brokers: &str, topic: &str, n: usize, group: bool) -> Result<Ra
     }
     let mut bytes = 0usize;
     let first = read_n(&c, n, "bare consumer", t, |m| {
-        bytes += rdkafka::Message::payload(m).map_or(0, |p| p.len());
+        bytes += rdkafka::Message::payload(m).map_or(0, <[u8]>::len);
     })?;
     std::hint::black_box(bytes);
     Ok(Rates::of_this_process(n, t, cpu0, first))
@@ -588,7 +588,7 @@ fn main() -> Result<()> {
             r.per_cpu,
             100.0 * r.whole / base.whole,
             100.0 * r.steady / base.steady
-        )
+        );
     };
     row(
         "bare rdkafka consumer, group member (baseline of enrich)",

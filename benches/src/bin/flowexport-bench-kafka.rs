@@ -102,8 +102,7 @@ fn run_sink(brokers: &str, recs: &[FlowRecord]) -> Result<f64> {
             .gather()
             .iter()
             .find(|m| m.name() == name)
-            .map(|m| m.get_metric()[0].get_counter().get_value())
-            .unwrap_or(0.0)
+            .map_or(0.0, |m| m.get_metric()[0].get_counter().get_value())
     };
     let delivered = get("flowexport_kafka_records_delivered_total");
     if delivered as usize != recs.len() {
@@ -160,7 +159,7 @@ fn main() -> Result<()> {
         bare.push(run_bare(&brokers, &msgs)?);
         ours.push(run_sink(&brokers, &recs)?);
     }
-    let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
+    let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     println!(
         "| bare rdkafka producer, pre-encoded, {E2E_RECORDS} records x {ROUNDS} (records/s, each round) | {} |",
         bare.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ")

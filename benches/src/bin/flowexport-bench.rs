@@ -317,7 +317,7 @@ fn selection(args: &Args, family: Family) -> Result<[f64; 5]> {
     loaded[2]
         .1
         .drain(&mut FlowAggregator::default(), t, true, &mut |_, c| {
-            kept += c.packets
+            kept += c.packets;
         })?;
     let sent = f64::from(args.rounds) * f64::from(args.repeat);
     let (want, sd) = (sent / 100.0, (sent * 0.01 * 0.99).sqrt());
@@ -397,7 +397,7 @@ fn measure(args: &Args, family: Family, n: u32) -> Result<Row> {
         active_ns: u64::MAX,
     };
     tables.drain(&mut agg, t, true, &mut |k, c| {
-        *got.entry(*k).or_default() += c.packets
+        *got.entry(*k).or_default() += c.packets;
     })?;
     let drain_ms = started.elapsed().as_secs_f64() * 1e3;
     eprintln!(

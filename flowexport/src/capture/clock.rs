@@ -73,7 +73,7 @@ unsafe impl Sync for ClockMap {}
 impl ClockMap {
     /// Wraps the mapping of the `CLOCK` map (at least one `ClockWord`).
     pub fn new(map: SharedMap) -> ClockMap {
-        assert!(map.len() >= std::mem::size_of::<ClockWord>());
+        assert!(map.len() >= size_of::<ClockWord>());
         ClockMap {
             word: map.as_ptr() as *mut ClockWord,
             rate: AtomicU64::new(0),

@@ -778,9 +778,8 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
 
 /// Maps the first `len` bytes of an array map of the object.
 fn shared(ebpf: &mut Ebpf, name: &'static str, len: usize) -> Result<SharedMap, DrainError> {
-    let data = match ebpf.take_map(name) {
-        Some(aya::maps::Map::Array(d)) => d,
-        _ => return Err(DrainError::MissingMap(name)),
+    let Some(aya::maps::Map::Array(data)) = ebpf.take_map(name) else {
+        return Err(DrainError::MissingMap(name));
     };
     SharedMap::new(data, len).map_err(|source| DrainError::Mmap { name, source })
 }
@@ -803,7 +802,7 @@ impl PendingMap {
     fn entries(&self) -> Result<Vec<(u32, PendingExport)>, DrainError> {
         let m: aya::maps::HashMap<&MapData, u32, PendingExport> =
             aya::maps::HashMap::try_from(&self.map).map_err(map_err(MAP_PENDING))?;
-        Ok(m.iter().filter_map(|e| e.ok()).collect())
+        Ok(m.iter().filter_map(Result::ok).collect())
     }
 }
 
@@ -845,7 +844,7 @@ impl KernelTables {
         let clock = ClockMap::new(shared(
             ebpf,
             MAP_CLOCK,
-            std::mem::size_of::<flowexport_common::ClockWord>(),
+            size_of::<flowexport_common::ClockWord>(),
         )?);
         let clock =
             ClockTicker::start(Arc::new(clock), clock_resolution).map_err(DrainError::Clock)?;
@@ -884,13 +883,11 @@ impl KernelTables {
         ] {
             control.set(i, v, 0).map_err(map_err(MAP_CONTROL))?;
         }
-        let cache = match ebpf.take_map(MAP_CACHE) {
-            Some(aya::maps::Map::PerCpuArray(d)) => d,
-            _ => return Err(DrainError::MissingMap(MAP_CACHE)),
+        let Some(aya::maps::Map::PerCpuArray(cache)) = ebpf.take_map(MAP_CACHE) else {
+            return Err(DrainError::MissingMap(MAP_CACHE));
         };
-        let pending_map = match ebpf.take_map(MAP_PENDING) {
-            Some(m @ aya::maps::Map::HashMap(_)) => m,
-            _ => return Err(DrainError::MissingMap(MAP_PENDING)),
+        let Some(pending_map @ aya::maps::Map::HashMap(_)) = ebpf.take_map(MAP_PENDING) else {
+            return Err(DrainError::MissingMap(MAP_PENDING));
         };
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| DrainError::CacheRead(e))?;
         let mut table = TableDrain::new(table);
@@ -1137,7 +1134,7 @@ impl KernelTables {
         report: &mut DrainReport,
     ) -> Result<(), DrainError> {
         while let Some(item) = self.fallback.next() {
-            if item.len() < std::mem::size_of::<FallbackEvent>() {
+            if item.len() < size_of::<FallbackEvent>() {
                 log::warn!("short fallback event ({} bytes) ignored", item.len());
                 continue;
             }
@@ -1202,7 +1199,7 @@ impl KernelTables {
             return Ok(());
         }
         let gen = old_epoch & 1;
-        let value_len = std::mem::size_of::<CacheSlot>().next_multiple_of(8);
+        let value_len = size_of::<CacheSlot>().next_multiple_of(8);
         let n = lookup_batch(
             self.cache.fd().as_fd(),
             gen * self.cache_slots,

@@ -137,14 +137,14 @@ impl Rule {
                         "accept" => true,
                         "reject" => false,
                         _ => return Err(err(&k, format!("{v:?} is not accept or reject"))),
-                    })
+                    });
                 }
                 "direction" => {
                     rule.direction = Some(match v.to_ascii_lowercase().as_str() {
                         "ingress" => DIR_INGRESS,
                         "egress" => DIR_EGRESS,
                         _ => return Err(err(&k, format!("{v:?} is not ingress or egress"))),
-                    })
+                    });
                 }
                 "proto" => {
                     rule.proto = Some(match ip_proto_number(&v).or_else(|| v.parse().ok()) {
@@ -158,7 +158,7 @@ impl Rule {
                                 ),
                             ))
                         }
-                    })
+                    });
                 }
                 "port" => rule.port = Some(port(&v)?),
                 "src-port" => rule.src_port = Some(port(&v)?),
@@ -257,7 +257,7 @@ impl KernelFilter {
 
     /// The port table's kernel memory, in bytes.
     pub fn port_table_bytes(&self) -> u64 {
-        u64::from(self.port_table_entries()) * std::mem::size_of::<FilterMasks>() as u64
+        u64::from(self.port_table_entries()) * size_of::<FilterMasks>() as u64
     }
 }
 
@@ -278,7 +278,7 @@ pub fn compile(rules: &[Rule]) -> Result<KernelFilter, FilterError> {
         let bit = 1u32 << i;
         let without = |has: bool, mask: &mut u32| {
             if !has {
-                *mask |= bit
+                *mask |= bit;
             }
         };
         without(r.cidr.is_some(), &mut set.no_cidr);

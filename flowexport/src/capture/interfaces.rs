@@ -202,7 +202,7 @@ fn route_socket(groups: u32) -> io::Result<OwnedFd> {
         libc::bind(
             fd.as_raw_fd(),
             &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            size_of::<libc::sockaddr_nl>() as u32,
         )
     };
     if r < 0 {
@@ -237,7 +237,7 @@ pub fn present() -> io::Result<Vec<Link>> {
                         .and_then(|i| i.downcast_ref::<NetlinkError>())
                         .is_some_and(|n| *n == NetlinkError::Interrupted) =>
             {
-                tries += 1
+                tries += 1;
             }
             r => return r,
         }

@@ -515,7 +515,7 @@ impl Programs {
             .map_err(|_| CaptureError::MissingPart(PROG_INGRESS))?;
         let busy = |e: &ProgramError| {
             program_io_error(e)
-                .and_then(|e| e.raw_os_error())
+                .and_then(io::Error::raw_os_error)
                 .is_some_and(|c| c == libc::EBUSY || c == libc::EEXIST)
         };
         let attempt = |xdp: &mut Xdp, m: XdpMode, name: &'static str| {

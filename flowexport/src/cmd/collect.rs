@@ -164,7 +164,7 @@ fn reuseport_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
                 libc::SOL_SOCKET,
                 opt,
                 &one as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as u32,
+                size_of::<libc::c_int>() as u32,
             ) != 0
             {
                 return Err(std::io::Error::last_os_error());
@@ -176,7 +176,7 @@ fn reuseport_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
             libc::SOL_SOCKET,
             libc::SO_RCVBUF,
             &rcvbuf as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as u32,
+            size_of::<libc::c_int>() as u32,
         );
         let (sa, len) = sockaddr(addr);
         if libc::bind(fd, &sa as *const _ as *const libc::sockaddr, len) != 0 {
@@ -196,7 +196,7 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
             sin.sin_family = libc::AF_INET as u16;
             sin.sin_port = a.port().to_be();
             sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
-            (ss, std::mem::size_of::<libc::sockaddr_in>() as u32)
+            (ss, size_of::<libc::sockaddr_in>() as u32)
         }
         SocketAddr::V6(a) => {
             // SAFETY: sockaddr_storage is large enough for sockaddr_in6.
@@ -204,7 +204,7 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
             sin6.sin6_family = libc::AF_INET6 as u16;
             sin6.sin6_port = a.port().to_be();
             sin6.sin6_addr.s6_addr = a.ip().octets();
-            (ss, std::mem::size_of::<libc::sockaddr_in6>() as u32)
+            (ss, size_of::<libc::sockaddr_in6>() as u32)
         }
     }
 }
@@ -326,7 +326,7 @@ pub fn run(args: CollectArgs) -> Result<()> {
     }
     let workers = args
         .workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
     if workers == 0 || workers > 256 {
         bail!("--workers must be between 1 and 256");
     }
@@ -413,7 +413,7 @@ pub fn run(args: CollectArgs) -> Result<()> {
     let mut sinks = sinks.lock().expect("sink lock");
     for s in sinks
         .iter_mut()
-        .map(|s| s.as_mut())
+        .map(AsMut::as_mut)
         .chain(stdout.as_mut().map(|s| s as &mut dyn Sink))
     {
         if let Err(e) = s.flush() {

@@ -194,7 +194,7 @@ pub fn from_message(m: &FlowMessage) -> Result<FlowRecord, DecodeError> {
 /// `length_prefix` (goflow2's framing for streams of messages). For many
 /// records, an [`Encoder`] avoids the per-record allocations.
 pub fn encode(r: &FlowRecord, length_prefix: bool, out: &mut Vec<u8>) {
-    Encoder::default().encode(r, length_prefix, out)
+    Encoder::default().encode(r, length_prefix, out);
 }
 
 /// Decodes messages one after another, reusing one FlowMessage's buffers

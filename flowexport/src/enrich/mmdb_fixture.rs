@@ -47,7 +47,7 @@ fn uint(out: &mut Vec<u8>, ty: u8, v: u64) {
 }
 
 /// The database for `entries` (prefix, AS number, organization).
-pub fn asn_mmdb(entries: &[(&str, u32, &str)]) -> Vec<u8> {
+pub(crate) fn asn_mmdb(entries: &[(&str, u32, &str)]) -> Vec<u8> {
     let mut data = Vec::new();
     let mut offsets = Vec::new();
     let mut prefixes: Vec<(u128, u8, usize)> = Vec::new();

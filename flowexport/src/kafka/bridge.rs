@@ -432,7 +432,7 @@ impl Bridge {
             // After a rebalance the partitions may be someone else's: they
             // read the batch again (duplicates, never losses).
             Err(e) => {
-                log::warn!("committing input offsets failed ({e}); the batch may be read again")
+                log::warn!("committing input offsets failed ({e}); the batch may be read again");
             }
         }
         Ok(())

@@ -81,7 +81,7 @@ impl ConsumerContext for GroupContext {
             }
         };
         self.metrics.rebalances.inc();
-        let owned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        let owned = consumer.assignment().map_or(0, |a| a.count());
         self.metrics.partitions_owned.set(owned as i64);
         log::info!("consumer group rebalance: {n} partitions {what}; this process owns {owned}");
     }

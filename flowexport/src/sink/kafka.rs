@@ -162,8 +162,12 @@ impl KafkaMetrics {
 /// missing, carries an error, or has no partitions.
 pub(crate) fn topic_partitions(md: &rdkafka::metadata::Metadata, topic: &str) -> Option<Vec<i32>> {
     let t = md.topics().iter().find(|t| t.name() == topic)?;
-    (t.error().is_none() && !t.partitions().is_empty())
-        .then(|| t.partitions().iter().map(|p| p.id()).collect())
+    (t.error().is_none() && !t.partitions().is_empty()).then(|| {
+        t.partitions()
+            .iter()
+            .map(rdkafka::metadata::MetadataPartition::id)
+            .collect()
+    })
 }
 
 /// Logs at most one line per interval, counting what it held back.
@@ -181,11 +185,11 @@ impl RateLimitedLog {
     }
 
     pub(crate) fn error(&self, msg: impl FnOnce() -> String) {
-        self.emit(log::Level::Error, "errors", msg)
+        self.emit(log::Level::Error, "errors", msg);
     }
 
     pub(crate) fn warn(&self, msg: impl FnOnce() -> String) {
-        self.emit(log::Level::Warn, "messages", msg)
+        self.emit(log::Level::Warn, "messages", msg);
     }
 
     fn emit(&self, level: log::Level, what: &str, msg: impl FnOnce() -> String) {
@@ -399,7 +403,7 @@ impl Sink for KafkaSink {
             match self.cfg.format {
                 KafkaFormat::Protobuf => {
                     self.encoder
-                        .encode(r, self.cfg.length_prefix, &mut self.payload)
+                        .encode(r, self.cfg.length_prefix, &mut self.payload);
                 }
                 KafkaFormat::Json => crate::codec::json::write_record(&mut self.payload, r),
             }

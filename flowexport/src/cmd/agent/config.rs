@@ -478,7 +478,7 @@ mod tests {
 
     fn args(iface: &[&str]) -> AgentArgs {
         AgentArgs {
-            iface: iface.iter().map(|s| s.to_string()).collect(),
+            iface: iface.iter().map(ToString::to_string).collect(),
             sampler_address: Some("none".into()),
             ..Default::default()
         }

@@ -541,13 +541,13 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
 
     metrics.table_capacity.set(tables.capacity() as i64);
     metrics.table_slots.set(slots as i64);
-    let cpus = aya::util::nr_cpus().map(|n| n as u64).unwrap_or(1);
+    let cpus = aya::util::nr_cpus().map_or(1, |n| n as u64);
     for (map, bytes) in [
         ("table", crate::capture::table::table_bytes(slots)),
         (
             "cache",
             2 * u64::from(cfg.cache_slots.max(1))
-                * std::mem::size_of::<flowexport_common::CacheSlot>() as u64
+                * size_of::<flowexport_common::CacheSlot>() as u64
                 * cpus,
         ),
         ("ring", u64::from(cfg.fallback_ring_bytes)),

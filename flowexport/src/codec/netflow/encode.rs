@@ -595,9 +595,10 @@ mod tests {
             Err(ExportError::PacketTooSmall(100, _))
         ));
         // The smallest allowed size still fits templates plus one record.
-        let min = match ExportStream::new(ExportProtocol::Ipfix, 1, 100, 1, 1, 0) {
-            Err(ExportError::PacketTooSmall(_, m)) => m,
-            _ => unreachable!(),
+        let Err(ExportError::PacketTooSmall(_, min)) =
+            ExportStream::new(ExportProtocol::Ipfix, 1, 100, 1, 1, 0)
+        else {
+            unreachable!()
         };
         let mut s = ExportStream::new(ExportProtocol::Ipfix, 1, min, 1, 1, 0).unwrap();
         let recs: Vec<_> = (0..4).map(|i| rec(i, true)).collect();

@@ -95,10 +95,10 @@ pub(super) fn apply(r: &mut FlowRecord, t: &mut RecordTimes, id: u16, v: &[u8]) 
         ie::FLOW_START_MILLISECONDS => t.start_ms = Some(n()),
         ie::FLOW_END_MILLISECONDS => t.end_ms = Some(n()),
         ie::FLOW_START_MICROSECONDS | ie::FLOW_START_NANOSECONDS => {
-            t.start_ns = Some(ntp_to_unix_ns(n()))
+            t.start_ns = Some(ntp_to_unix_ns(n()));
         }
         ie::FLOW_END_MICROSECONDS | ie::FLOW_END_NANOSECONDS => {
-            t.end_ns = Some(ntp_to_unix_ns(n()))
+            t.end_ns = Some(ntp_to_unix_ns(n()));
         }
         ie::FLOW_START_DELTA_MICROSECONDS => t.start_delta_us = Some(n()),
         ie::FLOW_END_DELTA_MICROSECONDS => t.end_delta_us = Some(n()),
