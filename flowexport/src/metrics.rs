@@ -15,7 +15,7 @@ use prometheus::{
 /// Every metric the agent exports. Names follow Prometheus conventions:
 /// `flowexport_` prefix, `_total` for counters, base units (bytes, seconds).
 #[derive(Clone)]
-pub struct AgentMetrics {
+pub(crate) struct AgentMetrics {
     pub registry: Registry,
     pub packets: IntCounterVec,
     pub bytes: IntCounterVec,
@@ -47,27 +47,27 @@ pub struct AgentMetrics {
 // duplicate one is a bug, hence the panics.
 
 /// An integer counter with labels, registered in `r`.
-pub fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+pub(crate) fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     register(r, IntCounterVec::new(Opts::new(name, help), labels))
 }
 
 /// An integer counter, registered in `r`.
-pub fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+pub(crate) fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
     register(r, IntCounter::new(name, help))
 }
 
 /// A float counter (seconds), registered in `r`.
-pub fn float_counter(r: &Registry, name: &str, help: &str) -> Counter {
+pub(crate) fn float_counter(r: &Registry, name: &str, help: &str) -> Counter {
     register(r, Counter::new(name, help))
 }
 
 /// An integer gauge with labels, registered in `r`.
-pub fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+pub(crate) fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     register(r, IntGaugeVec::new(Opts::new(name, help), labels))
 }
 
 /// An integer gauge, registered in `r`.
-pub fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+pub(crate) fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     register(r, IntGauge::new(name, help))
 }
 
@@ -81,7 +81,7 @@ fn register<M: prometheus::core::Collector + Clone + 'static>(
 }
 
 impl AgentMetrics {
-    pub fn new() -> AgentMetrics {
+    pub(crate) fn new() -> AgentMetrics {
         let r = Registry::new();
         let drain_duration = Histogram::with_opts(
             HistogramOpts::new(
@@ -226,10 +226,6 @@ impl AgentMetrics {
             registry: r,
         }
     }
-
-    pub fn render(&self) -> String {
-        render_registry(&self.registry)
-    }
 }
 
 impl Default for AgentMetrics {
@@ -239,7 +235,7 @@ impl Default for AgentMetrics {
 }
 
 /// A registry in the Prometheus text format.
-pub fn render_registry(r: &Registry) -> String {
+pub(crate) fn render_registry(r: &Registry) -> String {
     let mut buf = Vec::new();
     TextEncoder::new()
         .encode(&r.gather(), &mut buf)
@@ -265,7 +261,7 @@ async fn handle(
 
 /// Binds `addr` now (so a bad address fails at start) and serves `/metrics`
 /// until the runtime shuts down.
-pub async fn serve(
+pub(crate) async fn serve(
     addr: SocketAddr,
     render: std::sync::Arc<dyn Fn() -> String + Send + Sync>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {

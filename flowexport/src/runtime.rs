@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use crate::metrics::{render_registry, serve};
 
 /// The runtime serving `/metrics`, and what the signals set.
-pub struct CommandRuntime {
+pub(crate) struct CommandRuntime {
     pub runtime: tokio::runtime::Runtime,
     /// Set on SIGINT or SIGTERM.
     pub stop: Arc<AtomicBool>,
@@ -25,7 +25,7 @@ pub struct CommandRuntime {
 
 impl CommandRuntime {
     /// Resolves once SIGINT or SIGTERM has come.
-    pub async fn stopped(&self) {
+    pub(crate) async fn stopped(&self) {
         loop {
             let woken = self.stopped.notified();
             if self.stop.load(Ordering::Relaxed) {
@@ -36,14 +36,14 @@ impl CommandRuntime {
     }
 
     /// Blocks until SIGINT or SIGTERM.
-    pub fn wait_for_stop(&self) {
+    pub(crate) fn wait_for_stop(&self) {
         self.runtime.block_on(self.stopped());
     }
 }
 
 /// Serves `registry` on `metrics_addr` and watches SIGINT/SIGTERM (logged
 /// as "SIGINT: {stopping}") and, with `hangup`, SIGHUP.
-pub fn start(
+pub(crate) fn start(
     metrics_addr: SocketAddr,
     registry: &Registry,
     hangup: bool,

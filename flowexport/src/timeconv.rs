@@ -3,7 +3,7 @@
 /// `wall_ns - mono_ns`, sampled at one instant; add it to a monotonic time to
 /// get the wall-clock time of the same instant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ClockOffset {
+pub(crate) struct ClockOffset {
     offset_ns: i128,
 }
 
@@ -22,12 +22,12 @@ fn clock_ns(clock: libc::clockid_t) -> i128 {
 }
 
 /// Current CLOCK_MONOTONIC in nanoseconds: the kernel programs' clock.
-pub fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     clock_ns(libc::CLOCK_MONOTONIC) as u64
 }
 
 /// Current wall-clock time in nanoseconds since the epoch.
-pub fn wall_ns() -> u64 {
+pub(crate) fn wall_ns() -> u64 {
     clock_ns(libc::CLOCK_REALTIME) as u64
 }
 
@@ -35,7 +35,7 @@ impl ClockOffset {
     /// Samples both clocks now. The monotonic clock is read on both sides of
     /// the wall clock and averaged, which bounds the error by half the time
     /// between the reads (well under a microsecond).
-    pub fn now() -> ClockOffset {
+    pub(crate) fn now() -> ClockOffset {
         let m1 = clock_ns(libc::CLOCK_MONOTONIC);
         let w = clock_ns(libc::CLOCK_REALTIME);
         let m2 = clock_ns(libc::CLOCK_MONOTONIC);
@@ -45,7 +45,8 @@ impl ClockOffset {
     }
 
     /// The offset for one simultaneous pair of readings.
-    pub fn from_pair(mono_ns: u64, wall_ns: u64) -> ClockOffset {
+    #[cfg(test)]
+    pub(crate) fn from_pair(mono_ns: u64, wall_ns: u64) -> ClockOffset {
         ClockOffset {
             offset_ns: wall_ns as i128 - mono_ns as i128,
         }
@@ -53,7 +54,7 @@ impl ClockOffset {
 
     /// Wall-clock nanoseconds for a monotonic timestamp; 0 stays 0 (unknown),
     /// and a result before the epoch clamps to 0.
-    pub fn to_wall_ns(self, mono_ns: u64) -> u64 {
+    pub(crate) fn to_wall_ns(self, mono_ns: u64) -> u64 {
         if mono_ns == 0 {
             return 0;
         }

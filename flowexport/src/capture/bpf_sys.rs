@@ -86,20 +86,20 @@ fn create_map(map_type: u32, inner_map_fd: u32) -> io::Result<OwnedFd> {
 }
 
 /// Waits for RCU grace periods (see the module docs).
-pub struct GracePeriod {
+pub(crate) struct GracePeriod {
     inner: OwnedFd,
     outer: OwnedFd,
 }
 
 impl GracePeriod {
-    pub fn new() -> io::Result<GracePeriod> {
+    pub(crate) fn new() -> io::Result<GracePeriod> {
         let inner = create_map(BPF_MAP_TYPE_ARRAY, 0)?;
         let outer = create_map(BPF_MAP_TYPE_ARRAY_OF_MAPS, inner.as_raw_fd() as u32)?;
         Ok(GracePeriod { inner, outer })
     }
 
     /// Returns once every BPF program run that began before the call is over.
-    pub fn wait(&self) -> io::Result<()> {
+    pub(crate) fn wait(&self) -> io::Result<()> {
         let key: u32 = 0;
         let value: u32 = self.inner.as_raw_fd() as u32;
         let mut attr = MapElemAttr {
@@ -133,7 +133,7 @@ struct BatchAttr {
 /// key. `values` receives `count` values of `value_len` bytes each (for a
 /// per-CPU array: the value size rounded up to 8, times the possible CPUs);
 /// returns how many keys were read (fewer at the end of the map).
-pub fn lookup_batch(
+pub(crate) fn lookup_batch(
     map: BorrowedFd<'_>,
     start: u32,
     count: u32,
@@ -168,7 +168,7 @@ pub fn lookup_batch(
 
 /// Writes `keys[i] -> values[i]` into a map with BPF_MAP_UPDATE_BATCH
 /// (Linux 5.6+), in chunks of at most 65536.
-pub fn update_batch<K: Copy, V: Copy>(
+pub(crate) fn update_batch<K: Copy, V: Copy>(
     map: BorrowedFd<'_>,
     keys: &[K],
     values: &[V],
@@ -189,7 +189,7 @@ pub fn update_batch<K: Copy, V: Copy>(
 
 /// Deletes `keys` from a map with BPF_MAP_DELETE_BATCH (Linux 5.6+); keys
 /// that are not there are not an error.
-pub fn delete_batch<K: Copy>(map: BorrowedFd<'_>, keys: &[K]) -> io::Result<()> {
+pub(crate) fn delete_batch<K: Copy>(map: BorrowedFd<'_>, keys: &[K]) -> io::Result<()> {
     for k in keys.chunks(65536) {
         let mut attr = BatchAttr {
             keys: k.as_ptr() as u64,

@@ -39,12 +39,12 @@ use super::bpf_sys::SharedMap;
 use crate::timeconv::monotonic_ns;
 
 /// After a window this long without a packet, the ticker rests.
-pub const REST_WINDOW: Duration = Duration::from_millis(100);
+pub(crate) const REST_WINDOW: Duration = Duration::from_millis(100);
 /// How often a resting ticker looks for traffic.
-pub const REST_POLL: Duration = Duration::from_millis(100);
+pub(crate) const REST_POLL: Duration = Duration::from_millis(100);
 /// What the programs pay per packet for `bpf_ktime_get_ns()` instead of the
 /// clock word (`cargo xtask bench xdp`'s parse+clock breakdown: ~27 ns).
-pub const HELPER_NS: f64 = 30.0;
+pub(crate) const HELPER_NS: f64 = 30.0;
 /// The cost of one tick assumed until the thread has measured its own.
 const DEFAULT_TICK_NS: f64 = 20_000.0;
 
@@ -155,7 +155,7 @@ impl ClockMap {
 }
 
 /// Keeps the clock word current while traffic flows, until dropped.
-pub struct ClockTicker {
+pub(crate) struct ClockTicker {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     clock: Arc<ClockMap>,
@@ -164,7 +164,7 @@ pub struct ClockTicker {
 impl ClockTicker {
     /// Sets the word now and starts a thread that advances it every
     /// `period` while packets come (see the module docs).
-    pub fn start(clock: Arc<ClockMap>, period: Duration) -> std::io::Result<ClockTicker> {
+    pub(crate) fn start(clock: Arc<ClockMap>, period: Duration) -> std::io::Result<ClockTicker> {
         clock.tick();
         let stop = Arc::new(AtomicBool::new(false));
         let (s, c) = (stop.clone(), clock.clone());
@@ -178,7 +178,7 @@ impl ClockTicker {
         })
     }
 
-    pub fn clock(&self) -> &Arc<ClockMap> {
+    pub(crate) fn clock(&self) -> &Arc<ClockMap> {
         &self.clock
     }
 }
@@ -249,7 +249,7 @@ fn run(clock: &ClockMap, stop: &AtomicBool, period: Duration) {
 impl ClockTicker {
     /// Stops the thread and sets the word to 0: the programs read the
     /// kernel clock from now on (they may outlive the agent).
-    pub fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             t.thread().unpark();

@@ -12,7 +12,7 @@
 //!
 //! 1. advances `CONTROL[0]`; new packets now count in the other
 //!    generation's counters and cache half;
-//! 2. waits for an RCU grace period ([`super::bpf_sys::GracePeriod`]):
+//! 2. waits for an RCU grace period (`bpf_sys::GracePeriod`):
 //!    afterwards no program that read the old epoch is still running, so
 //!    nothing writes the old generation's counters or old-epoch cache slots
 //!    any more;

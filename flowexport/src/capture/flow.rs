@@ -47,7 +47,7 @@ impl FlowCounters {
 
 /// What every record of one drain shares.
 #[derive(Clone, Copy, Debug)]
-pub struct RecordContext {
+pub(crate) struct RecordContext {
     pub sampler_address: Option<IpAddr>,
     /// The records' `sampling_rate`: N of `--sampling` when the kernel
     /// samples 1 in N, 0 (not sampled) when it counts every packet.
@@ -57,7 +57,7 @@ pub struct RecordContext {
 }
 
 /// The address in a key as an `IpAddr` (IPv4 sits in the first 4 bytes).
-pub fn key_addr(bytes: &[u8; 16], ip_version: u8) -> IpAddr {
+pub(crate) fn key_addr(bytes: &[u8; 16], ip_version: u8) -> IpAddr {
     if ip_version == 6 {
         IpAddr::V6(Ipv6Addr::from(*bytes))
     } else {
@@ -66,7 +66,7 @@ pub fn key_addr(bytes: &[u8; 16], ip_version: u8) -> IpAddr {
 }
 
 /// Builds the record for one kernel flow key and its counters.
-pub fn to_record(key: &FlowKey, c: &FlowCounters, ctx: &RecordContext) -> FlowRecord {
+pub(crate) fn to_record(key: &FlowKey, c: &FlowCounters, ctx: &RecordContext) -> FlowRecord {
     let (etype, src_addr, dst_addr) = match key.ip_version {
         6 => (
             ETYPE_IPV6,

@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// `--iface` and `--exclude-iface`, split into plain names and globs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Selection {
+pub(crate) struct Selection {
     /// Plain names: each must exist at start.
     pub names: Vec<String>,
     /// Globs: every matching interface, now and later (never loopback).
@@ -22,7 +22,7 @@ pub struct Selection {
 }
 
 /// Whether `s` has a glob's special characters.
-pub fn is_glob(s: &str) -> bool {
+pub(crate) fn is_glob(s: &str) -> bool {
     s.contains(['*', '?', '['])
 }
 
@@ -38,7 +38,7 @@ fn fnmatch(pattern: &str, name: &str) -> bool {
 
 impl Selection {
     /// Splits the `--iface` values into names and globs.
-    pub fn new(ifaces: &[String], excludes: &[String]) -> Selection {
+    pub(crate) fn new(ifaces: &[String], excludes: &[String]) -> Selection {
         let (globs, names): (Vec<String>, Vec<String>) =
             ifaces.iter().cloned().partition(|i| is_glob(i));
         Selection {
@@ -51,7 +51,7 @@ impl Selection {
     /// Whether an interface that appears (or is there at start) is watched
     /// through a glob: it matches one, no exclusion, and is not loopback.
     /// (Plain names are attached at start, whatever they are.)
-    pub fn glob_matches(&self, link: &Link) -> bool {
+    pub(crate) fn glob_matches(&self, link: &Link) -> bool {
         !link.loopback
             && !self.names.contains(&link.name)
             && self.globs.iter().any(|g| fnmatch(g, &link.name))
@@ -61,7 +61,7 @@ impl Selection {
 
 /// One interface as a netlink link message describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Link {
+pub(crate) struct Link {
     pub index: u32,
     pub name: String,
     pub loopback: bool,
@@ -69,7 +69,7 @@ pub struct Link {
 
 /// What a netlink message says about a link.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LinkEvent {
+pub(crate) enum LinkEvent {
     /// A link exists (RTM_NEWLINK: new, or changed).
     Present(Link),
     /// A link went away (RTM_DELLINK).
@@ -90,7 +90,7 @@ const IFINFOMSG: usize = 16;
 
 /// Why a netlink reply could not be read.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
-pub enum NetlinkError {
+pub(crate) enum NetlinkError {
     #[error("netlink message of {0} bytes runs past the datagram")]
     Truncated(usize),
     #[error("the kernel answered the link dump with error {0}")]
@@ -105,7 +105,7 @@ pub enum NetlinkError {
 /// AF_BRIDGE RTM_DELLINK when a port leaves a bridge: the interface stays),
 /// are skipped. A dump the kernel interrupted (NLM_F_DUMP_INTR: links
 /// changed meanwhile) or ended with an error is an error.
-pub fn parse_links(buf: &[u8]) -> Result<(Vec<LinkEvent>, bool), NetlinkError> {
+pub(crate) fn parse_links(buf: &[u8]) -> Result<(Vec<LinkEvent>, bool), NetlinkError> {
     let mut out = Vec::new();
     let mut off = 0;
     let mut done = false;
@@ -227,7 +227,7 @@ fn recv(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
 
 /// The interfaces present now (an RTM_GETLINK dump; again if a change
 /// interrupted it, up to 10 times).
-pub fn present() -> io::Result<Vec<Link>> {
+pub(crate) fn present() -> io::Result<Vec<Link>> {
     let mut tries = 0;
     loop {
         match dump() {
@@ -276,7 +276,7 @@ fn dump() -> io::Result<Vec<Link>> {
 }
 
 /// A socket that receives the kernel's link notifications.
-pub struct LinkMonitor {
+pub(crate) struct LinkMonitor {
     fd: OwnedFd,
     buf: Vec<u8>,
 }
@@ -284,7 +284,7 @@ pub struct LinkMonitor {
 impl LinkMonitor {
     /// Subscribes to link notifications. Open it before reading
     /// [`present`], so that no interface appears unseen in between.
-    pub fn open() -> io::Result<LinkMonitor> {
+    pub(crate) fn open() -> io::Result<LinkMonitor> {
         Ok(LinkMonitor {
             fd: route_socket(libc::RTMGRP_LINK as u32)?,
             buf: vec![0u8; 64 * 1024],
@@ -294,7 +294,7 @@ impl LinkMonitor {
     /// Waits for the next datagram of notifications. An overrun socket
     /// (ENOBUFS: notifications were lost) is reported as an error; the
     /// caller reads [`present`] again.
-    pub fn wait(&mut self) -> io::Result<Vec<LinkEvent>> {
+    pub(crate) fn wait(&mut self) -> io::Result<Vec<LinkEvent>> {
         let n = recv(&self.fd, &mut self.buf)?;
         parse_links(&self.buf[..n])
             .map(|(events, _)| events)

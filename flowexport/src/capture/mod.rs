@@ -2,13 +2,13 @@
 //! they watch (names, globs, hotplug), what they leave out (filter rules),
 //! the shared flow table, and the exact drain that turns the kernel's
 //! counters into flows.
-pub mod bpf_sys;
-pub mod clock;
+pub(crate) mod bpf_sys;
+pub(crate) mod clock;
 pub mod drain;
 pub mod filter;
-pub mod flow;
-pub mod interfaces;
+pub(crate) mod flow;
+pub(crate) mod interfaces;
 pub mod loader;
-pub mod pins;
-pub mod privileges;
+pub(crate) mod pins;
+pub(crate) mod privileges;
 pub mod table;

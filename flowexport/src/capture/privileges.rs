@@ -10,14 +10,14 @@
 
 use std::io;
 
-pub const CAP_NET_ADMIN: u32 = 12;
-pub const CAP_SYS_ADMIN: u32 = 21;
-pub const CAP_PERFMON: u32 = 38;
-pub const CAP_BPF: u32 = 39;
+pub(crate) const CAP_NET_ADMIN: u32 = 12;
+pub(crate) const CAP_SYS_ADMIN: u32 = 21;
+pub(crate) const CAP_PERFMON: u32 = 38;
+pub(crate) const CAP_BPF: u32 = 39;
 
 /// A capability the agent needs, and what for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Needed {
+pub(crate) struct Needed {
     pub name: &'static str,
     pub cap: u32,
     /// Also satisfied by CAP_SYS_ADMIN (kernels before 5.8).
@@ -25,7 +25,7 @@ pub struct Needed {
     pub why: &'static str,
 }
 
-pub const NEEDED: [Needed; 3] = [
+pub(crate) const NEEDED: [Needed; 3] = [
     Needed {
         name: "CAP_BPF",
         cap: CAP_BPF,
@@ -47,7 +47,7 @@ pub const NEEDED: [Needed; 3] = [
 ];
 
 /// The capabilities missing from an effective set (a bit mask).
-pub fn missing(effective: u64) -> Vec<Needed> {
+pub(crate) fn missing(effective: u64) -> Vec<Needed> {
     let has = |cap: u32| effective & (1u64 << cap) != 0;
     NEEDED
         .iter()
@@ -58,7 +58,7 @@ pub fn missing(effective: u64) -> Vec<Needed> {
 
 /// The effective capability set of this process (`CapEff` in
 /// /proc/self/status).
-pub fn effective() -> io::Result<u64> {
+pub(crate) fn effective() -> io::Result<u64> {
     let status = std::fs::read_to_string("/proc/self/status")?;
     parse_cap_eff(&status)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no CapEff in /proc/self/status"))
@@ -73,7 +73,7 @@ fn parse_cap_eff(status: &str) -> Option<u64> {
 }
 
 /// Fails, naming each missing capability, when this process lacks one.
-pub fn require() -> Result<(), super::loader::CaptureError> {
+pub(crate) fn require() -> Result<(), super::loader::CaptureError> {
     match effective() {
         Ok(eff) => {
             let m = missing(eff);
@@ -93,7 +93,7 @@ pub fn require() -> Result<(), super::loader::CaptureError> {
 }
 
 /// "CAP_BPF (create BPF maps and load programs), ..." for an error message.
-pub fn describe(missing: &[Needed]) -> String {
+pub(crate) fn describe(missing: &[Needed]) -> String {
     missing
         .iter()
         .map(|n| format!("{} ({})", n.name, n.why))

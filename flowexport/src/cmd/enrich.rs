@@ -1,6 +1,6 @@
 //! `flowexport enrich`: read flows from Kafka, add customer ids (CIDR list)
 //! and AS numbers, write them to another topic; at least once, on
-//! [`crate::kafka::bridge`].
+//! `kafka::bridge`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

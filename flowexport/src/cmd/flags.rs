@@ -1,7 +1,7 @@
 //! What the commands' settings are made of: each command declares its
 //! settings once, as one struct that carries both its flags (clap) and its
 //! config-file keys (serde, the flag names without `--`), and
-//! [`layered!`] gives it `over`: the command line over the file. Also the
+//! `layered!` gives it `over`: the command line over the file. Also the
 //! parsers more than one command shares (durations, `-X` properties) and
 //! the Kafka producer settings.
 

@@ -1,6 +1,6 @@
 //! The five commands, each thin wiring over the shared stages: it reads its
 //! flags, builds capture sources or decoders, transforms and sinks, and runs
-//! them under [`crate::runtime::start`].
+//! them under `runtime::start`.
 pub mod agent;
 pub mod collect;
 pub mod dashboard;

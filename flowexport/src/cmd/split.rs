@@ -1,6 +1,6 @@
 //! `flowexport split`: read enriched flows from Kafka and write each to its
 //! customer's topic `<prefix><cid>`; at least once, on
-//! [`crate::kafka::bridge`].
+//! `kafka::bridge`.
 
 use std::net::SocketAddr;
 

@@ -90,7 +90,7 @@ pub struct BridgeArgs {
 }
 
 /// What a transform decides for one record.
-pub enum Route<'a> {
+pub(crate) enum Route<'a> {
     /// Produce the (changed) record to this topic.
     To(&'a str),
     /// Drop it (counted by the transform's own metric).
@@ -98,7 +98,7 @@ pub enum Route<'a> {
 }
 
 /// The per-command part of the loop.
-pub trait Transform {
+pub(crate) trait Transform {
     /// Changes `r` in place and says where it goes.
     fn apply(&mut self, r: &mut FlowRecord) -> Route<'_>;
     /// SIGHUP: re-read whatever files the transform uses. An error keeps
@@ -110,7 +110,7 @@ pub trait Transform {
 
 /// Bridge metrics (`flowexport_bridge_*`).
 #[derive(Clone)]
-pub struct BridgeMetrics {
+pub(crate) struct BridgeMetrics {
     pub consumed: IntCounter,
     pub undecodable: IntCounter,
     pub produced: IntCounter,
@@ -125,7 +125,7 @@ pub struct BridgeMetrics {
 }
 
 impl BridgeMetrics {
-    pub fn new(r: &Registry) -> BridgeMetrics {
+    pub(crate) fn new(r: &Registry) -> BridgeMetrics {
         let c = |name: &str, help: &str| crate::metrics::counter(r, name, help);
         BridgeMetrics {
             consumed: c("flowexport_bridge_consumed_total", "Input messages read."),
@@ -213,7 +213,7 @@ impl ProducerContext for Deliveries {
 }
 
 /// The running loop's clients and state.
-pub struct Bridge {
+pub(crate) struct Bridge {
     args: BridgeArgs,
     consumer: BaseConsumer<GroupContext>,
     producer: ThreadedProducer<Deliveries>,
@@ -238,7 +238,7 @@ pub struct Bridge {
 
 impl Bridge {
     /// Creates the clients and subscribes. Bad `-X` properties are errors.
-    pub fn new(
+    pub(crate) fn new(
         args: BridgeArgs,
         default_group: &str,
         create_topics: Option<i32>,
@@ -313,7 +313,7 @@ impl Bridge {
     /// Runs batches until `stop` is set, then finishes the batch at hand
     /// (delivered and committed) and returns. `reload` (SIGHUP) makes the
     /// transform re-read its files between batches.
-    pub fn run(
+    pub(crate) fn run(
         &mut self,
         t: &mut dyn Transform,
         stop: &AtomicBool,
@@ -586,7 +586,7 @@ impl Bridge {
 
 /// Serves metrics, runs the bridge on this thread and turns signals into
 /// its stop (SIGINT/SIGTERM) and reload (SIGHUP) flags.
-pub fn serve(
+pub(crate) fn serve(
     bargs: BridgeArgs,
     group: &str,
     create_topics: Option<i32>,

@@ -9,7 +9,7 @@
 use rdkafka::config::ClientConfig;
 
 /// The configuration of one client, in that order.
-pub fn client_config(
+pub(crate) fn client_config(
     brokers: &str,
     defaults: &[(&str, String)],
     properties: &[(String, String)],

@@ -17,12 +17,12 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 
 /// The assignor group members use unless `-X` names another.
-pub const DEFAULT_ASSIGNMENT_STRATEGY: &str = "cooperative-sticky";
+pub(crate) const DEFAULT_ASSIGNMENT_STRATEGY: &str = "cooperative-sticky";
 const ASSIGNMENT_PROPERTY: &str = "partition.assignment.strategy";
 
 /// Sets the default assignor on a consumer's configuration, unless the
 /// user's `-X` properties (`props`) set one.
-pub fn default_assignment(cfg: &mut ClientConfig, props: &[(String, String)]) {
+pub(crate) fn default_assignment(cfg: &mut ClientConfig, props: &[(String, String)]) {
     if !props.iter().any(|(k, _)| k == ASSIGNMENT_PROPERTY) {
         cfg.set(ASSIGNMENT_PROPERTY, DEFAULT_ASSIGNMENT_STRATEGY);
     }
@@ -30,14 +30,14 @@ pub fn default_assignment(cfg: &mut ClientConfig, props: &[(String, String)]) {
 
 /// A member's share of its group: partitions it owns, rebalances it saw.
 #[derive(Clone)]
-pub struct GroupMetrics {
+pub(crate) struct GroupMetrics {
     pub partitions_owned: IntGauge,
     pub rebalances: IntCounter,
 }
 
 impl GroupMetrics {
     /// Registers `<prefix>_partitions_owned` and `<prefix>_rebalances_total`.
-    pub fn new(r: &Registry, prefix: &str) -> GroupMetrics {
+    pub(crate) fn new(r: &Registry, prefix: &str) -> GroupMetrics {
         let owned = crate::metrics::gauge(
             r,
             &format!("{prefix}_partitions_owned"),
@@ -58,12 +58,12 @@ impl GroupMetrics {
 
 /// Consumer context that keeps [`GroupMetrics`] current and logs each
 /// change of assignment.
-pub struct GroupContext {
+pub(crate) struct GroupContext {
     metrics: GroupMetrics,
 }
 
 impl GroupContext {
-    pub fn new(metrics: GroupMetrics) -> GroupContext {
+    pub(crate) fn new(metrics: GroupMetrics) -> GroupContext {
         GroupContext { metrics }
     }
 }

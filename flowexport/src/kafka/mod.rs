@@ -2,6 +2,6 @@
 //! ([`client`]), consumer-group membership and its metrics ([`group`]), and
 //! the at-least-once Kafka → Kafka loop enrich and split run on
 //! ([`bridge`]). The Kafka sink is [`crate::sink::kafka`].
-pub mod bridge;
-pub mod client;
-pub mod group;
+pub(crate) mod bridge;
+pub(crate) mod client;
+pub(crate) mod group;
