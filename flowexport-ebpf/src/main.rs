@@ -487,8 +487,8 @@ const LOCK_BUSY: i64 = -4;
 /// The slot's control word.
 #[inline(always)]
 fn slot_word_ptr(s: *mut TableSlot) -> *mut u32 {
-    // SAFETY (of callers' use): the control word is the key's last 4-byte
-    // aligned word, inside the slot.
+    // SAFETY: the control word is the key's last 4-byte aligned word,
+    // inside the slot `s` points at (callers pass slots of the table).
     unsafe { (s as *mut u32).add(SLOT_WORD_INDEX) }
 }
 
@@ -1011,7 +1011,7 @@ pub unsafe extern "C" fn flowexport_filter(key: *const FlowKey) -> i64 {
 }
 
 #[xdp]
-pub fn flowexport_ingress(ctx: XdpContext) -> u32 {
+pub(crate) fn flowexport_ingress(ctx: XdpContext) -> u32 {
     // SAFETY: ctx.ctx points at the kernel's xdp_md for this packet.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
     let mut key = empty_key(ifindex, DIR_INGRESS);
@@ -1020,7 +1020,7 @@ pub fn flowexport_ingress(ctx: XdpContext) -> u32 {
     match parse(&XdpPacket(&ctx), &mut key, &mut ip_len, &mut flags, false) {
         Parsed::Flow { .. } => {
             if admit(&key, 1) {
-                account(&key, 1, ip_len, flags)
+                account(&key, 1, ip_len, flags);
             }
         }
         Parsed::NonIp => stat_add(STAT_NON_IP_INGRESS, 1),
@@ -1064,9 +1064,9 @@ fn tc_count(ctx: &TcContext, dir: u8) {
                 // IP and L4 headers.
                 let hdrs = (l4_hdr_end - l3_off) as u64;
                 let total = (skb_len as u64).saturating_sub(l3_off as u64);
-                account(&key, segs, total + (segs - 1) * hdrs, flags)
+                account(&key, segs, total + (segs - 1) * hdrs, flags);
             } else {
-                account(&key, 1, ip_len, flags)
+                account(&key, 1, ip_len, flags);
             }
         }
         Parsed::NonIp if dir == DIR_EGRESS => stat_add(STAT_NON_IP_EGRESS, 1),
@@ -1077,7 +1077,7 @@ fn tc_count(ctx: &TcContext, dir: u8) {
 }
 
 #[classifier]
-pub fn flowexport_egress(ctx: TcContext) -> i32 {
+pub(crate) fn flowexport_egress(ctx: TcContext) -> i32 {
     tc_count(&ctx, DIR_EGRESS);
     TC_ACT_UNSPEC
 }
@@ -1088,7 +1088,7 @@ pub fn flowexport_egress(ctx: TcContext) -> i32 {
 /// the XDP hook belongs to another program. Sees packets after GRO (counted
 /// as their segments, as on egress).
 #[classifier]
-pub fn flowexport_ingress_tc(ctx: TcContext) -> i32 {
+pub(crate) fn flowexport_ingress_tc(ctx: TcContext) -> i32 {
     tc_count(&ctx, DIR_INGRESS);
     TC_ACT_UNSPEC
 }
@@ -1096,7 +1096,7 @@ pub fn flowexport_ingress_tc(ctx: TcContext) -> i32 {
 /// Baseline for `cargo xtask bench xdp`: the cheapest possible XDP program.
 #[cfg(feature = "bench")]
 #[xdp]
-pub fn flowexport_bench_pass(_ctx: XdpContext) -> u32 {
+pub(crate) fn flowexport_bench_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
@@ -1104,7 +1104,8 @@ pub fn flowexport_bench_pass(_ctx: XdpContext) -> u32 {
 /// key kept alive by the return value (XDP_PASS for every real frame).
 #[cfg(feature = "bench")]
 #[xdp]
-pub fn flowexport_bench_parse(ctx: XdpContext) -> u32 {
+pub(crate) fn flowexport_bench_parse(ctx: XdpContext) -> u32 {
+    // SAFETY: ctx.ctx points at the kernel's xdp_md for this packet.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
     let mut key = empty_key(ifindex, DIR_INGRESS);
     let mut ip_len = 0u64;
@@ -1120,7 +1121,8 @@ pub fn flowexport_bench_parse(ctx: XdpContext) -> u32 {
 /// generation reads that `account` does before its hash lookup.
 #[cfg(feature = "bench")]
 #[xdp]
-pub fn flowexport_bench_parse_clock(ctx: XdpContext) -> u32 {
+pub(crate) fn flowexport_bench_parse_clock(ctx: XdpContext) -> u32 {
+    // SAFETY: ctx.ctx points at the kernel's xdp_md for this packet.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
     let mut key = empty_key(ifindex, DIR_INGRESS);
     let mut ip_len = 0u64;
