@@ -20,9 +20,9 @@ pub enum InputFormat {
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     #[error("not a FlowMessage: {0}")]
-    Protobuf(String),
+    Protobuf(&'static str),
     #[error("not JSON of the expected shape: {0}")]
-    Json(String),
+    Json(#[from] serde_json::Error),
 }
 
 impl DecodeError {
@@ -38,18 +38,15 @@ impl DecodeError {
 pub fn decode(format: InputFormat, bytes: &[u8]) -> Result<FlowSummary, DecodeError> {
     match format {
         InputFormat::Protobuf => {
-            crate::codec::protobuf::scan::scan(bytes).map_err(|e| DecodeError::Protobuf(e.into()))
+            crate::codec::protobuf::scan::scan(bytes).map_err(DecodeError::Protobuf)
         }
         InputFormat::Json => {
             // The same reader (and the same required fields) as enrich and
             // split use for `--in-format json`.
-            let r =
-                crate::record::from_json(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;
+            let r = crate::record::from_json(bytes)?;
             Ok(FlowSummary::from_record(&r))
         }
-        InputFormat::PmacctJson => {
-            crate::codec::pmacct::decode(bytes).map_err(|e| DecodeError::Json(e.to_string()))
-        }
+        InputFormat::PmacctJson => Ok(crate::codec::pmacct::decode(bytes)?),
     }
 }
 

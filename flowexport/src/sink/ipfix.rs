@@ -4,7 +4,7 @@ use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::time::{Duration, Instant};
 
 use super::{Sink, SinkError};
-use crate::codec::netflow::encode::{ExportProtocol, ExportStream};
+use crate::codec::netflow::encode::{ExportError, ExportProtocol, ExportStream};
 use crate::record::FlowRecord;
 use crate::timeconv::wall_ns;
 
@@ -65,13 +65,32 @@ impl Pacer {
     }
 }
 
+/// Why an IPFIX/NetFlow v9 sink could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum IpfixSetupError {
+    #[error("cannot resolve collector {target:?}: {source} (expected HOST:PORT)")]
+    Resolve {
+        target: String,
+        source: std::io::Error,
+    },
+    #[error("collector {0:?} resolves to no address")]
+    NoAddress(String),
+    #[error("--export-packet-size: {0}")]
+    PacketSize(#[from] ExportError),
+    #[error("cannot open a UDP socket: {0}")]
+    Socket(std::io::Error),
+}
+
 /// Resolves `HOST:PORT` once, at start.
-pub fn resolve(target: &str) -> Result<SocketAddr, String> {
+pub fn resolve(target: &str) -> Result<SocketAddr, IpfixSetupError> {
     target
         .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve collector {target:?}: {e} (expected HOST:PORT)"))?
+        .map_err(|source| IpfixSetupError::Resolve {
+            target: target.to_string(),
+            source,
+        })?
         .next()
-        .ok_or_else(|| format!("collector {target:?} resolves to no address"))
+        .ok_or_else(|| IpfixSetupError::NoAddress(target.to_string()))
 }
 
 impl IpfixSink {
@@ -79,7 +98,7 @@ impl IpfixSink {
         protocol: ExportProtocol,
         target: SocketAddr,
         s: &ExportSettings,
-    ) -> Result<IpfixSink, String> {
+    ) -> Result<IpfixSink, IpfixSetupError> {
         let boot_ms = wall_ns() / 1_000_000;
         let stream = ExportStream::new(
             protocol,
@@ -89,14 +108,13 @@ impl IpfixSink {
             s.template_packets,
             boot_ms,
         )
-        .and_then(|st| st.with_sampling(s.sampling))
-        .map_err(|e| format!("--export-packet-size: {e}"))?;
+        .and_then(|st| st.with_sampling(s.sampling))?;
         let bind: SocketAddr = if target.is_ipv6() {
             "[::]:0".parse().expect("valid")
         } else {
             "0.0.0.0:0".parse().expect("valid")
         };
-        let socket = UdpSocket::bind(bind).map_err(|e| format!("cannot open a UDP socket: {e}"))?;
+        let socket = UdpSocket::bind(bind).map_err(IpfixSetupError::Socket)?;
         Ok(IpfixSink {
             name: match protocol {
                 ExportProtocol::Ipfix => "ipfix",

@@ -343,9 +343,7 @@ impl AgentArgs {
         };
         let kafka = a.kafka.resolve()?;
         let resolve_all = |list: Vec<String>| -> Result<Vec<SocketAddr>> {
-            list.iter()
-                .map(|t| resolve(t).map_err(|e| anyhow::anyhow!(e)))
-                .collect()
+            Ok(list.iter().map(|t| resolve(t)).collect::<Result<_, _>>()?)
         };
         let ipfix = resolve_all(a.ipfix).context("--ipfix")?;
         let netflow9 = resolve_all(a.netflow9).context("--netflow9")?;

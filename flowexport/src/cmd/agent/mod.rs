@@ -398,7 +398,7 @@ fn build_sinks(cfg: &AgentConfig, metrics: &AgentMetrics) -> Result<Vec<Box<dyn 
         (ExportProtocol::NetflowV9, &cfg.netflow9),
     ] {
         for t in targets {
-            let sink = IpfixSink::new(proto, *t, &cfg.export).map_err(anyhow::Error::msg)?;
+            let sink = IpfixSink::new(proto, *t, &cfg.export)?;
             log::info!("exporting {} to {t}", sink.name());
             sinks.push(Box::new(sink));
         }
