@@ -30,6 +30,7 @@ pub mod dashboard;
 pub mod enrich;
 pub(crate) mod kafka;
 pub(crate) mod metrics;
+pub(crate) mod rate_limited_log;
 pub mod record;
 pub(crate) mod runtime;
 pub mod sink;

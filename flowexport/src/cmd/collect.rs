@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -21,6 +21,7 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
 use crate::cmd::flags::{parse_duration, KafkaArgs};
 use crate::codec::netflow::NetflowDecoder;
 use crate::codec::sflow;
+use crate::rate_limited_log::RateLimitedLog;
 use crate::record::FlowRecord;
 use crate::sink::kafka::KafkaSink;
 use crate::sink::stdout::QueuedJsonLines;
@@ -117,25 +118,6 @@ impl CollectMetrics {
     }
 }
 
-/// Logs malformed input at most once per exporter and reason per 10 s.
-struct ErrorLog {
-    last: Mutex<HashMap<(IpAddr, &'static str), Instant>>,
-}
-
-impl ErrorLog {
-    fn log(&self, exporter: IpAddr, reason: &'static str, msg: &dyn std::fmt::Display) {
-        let mut last = self.last.lock().expect("log lock");
-        let now = Instant::now();
-        match last.get(&(exporter, reason)) {
-            Some(t) if now.duration_since(*t) < Duration::from_secs(10) => {}
-            _ => {
-                last.insert((exporter, reason), now);
-                log::warn!("malformed packet from {exporter} ({reason}): {msg}");
-            }
-        }
-    }
-}
-
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Netflow,
@@ -218,7 +200,7 @@ struct Worker {
     sinks: Arc<Mutex<Vec<Box<dyn Sink>>>>,
     /// This worker's sender into the stdout queue: formats without a lock.
     stdout: Option<QueuedJsonLines>,
-    errors: Arc<ErrorLog>,
+    errors: Arc<RateLimitedLog<(IpAddr, &'static str)>>,
     stop: Arc<AtomicBool>,
     templates_reported: i64,
     expired_reported: u64,
@@ -267,7 +249,9 @@ impl Worker {
                     .errors
                     .with_label_values(&[&exporter.to_string(), reason])
                     .inc();
-                self.errors.log(exporter, reason, &msg);
+                self.errors.warn_for((exporter, reason), || {
+                    format!("malformed packet from {exporter} ({reason}): {msg}")
+                });
             }
             if self.kind == Kind::Netflow {
                 let known = self.netflow.templates_known() as i64;
@@ -349,9 +333,8 @@ pub fn run(args: CollectArgs) -> Result<()> {
     };
     let sinks = Arc::new(Mutex::new(sinks));
     let stop = Arc::new(AtomicBool::new(false));
-    let errors = Arc::new(ErrorLog {
-        last: Mutex::new(HashMap::new()),
-    });
+    // Malformed input: at most one line per exporter and reason per 10 s.
+    let errors = Arc::new(RateLimitedLog::default());
     let wait_ns = args
         .template_wait
         .unwrap_or(Duration::from_secs(60))

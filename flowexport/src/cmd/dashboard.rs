@@ -17,7 +17,8 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::dashboard::{decode, Dashboard, InputFormat};
 use crate::enrich::files::{self, parse_asn_names};
-use crate::sink::kafka::{parse_property, topic_partitions, RateLimitedLog};
+use crate::rate_limited_log::RateLimitedLog;
+use crate::sink::kafka::{parse_property, topic_partitions};
 
 /// Where reading starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -18,7 +18,6 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -31,15 +30,15 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use crate::kafka::group::{default_assignment, GroupContext, GroupMetrics};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
 
 use crate::cmd::flags::parse_duration;
 use crate::codec::protobuf;
+use crate::kafka::delivery::{Accounting, Deliveries};
+use crate::rate_limited_log::RateLimitedLog;
 use crate::record::FlowRecord;
-use crate::sink::kafka::{
-    message_key, parse_property, permanent, topic_partitions, KafkaFormat, RateLimitedLog,
-};
+use crate::sink::kafka::{message_key, parse_property, topic_partitions, KafkaFormat};
 
 /// How long a stop waits for the broker to acknowledge the last batch.
 const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(10);
@@ -162,53 +161,28 @@ impl BridgeMetrics {
     }
 }
 
-/// A record to produce again: (batch slot, topic, key, payload).
-type Retry = (usize, String, Vec<u8>, Vec<u8>);
-
-/// Delivery reports of one producer. Records carry their batch's slot (0
-/// or 1, alternating) as the delivery opaque.
-struct Deliveries {
+/// The bridge's accounting of deliveries: records produced and not yet
+/// acknowledged (or failed, or queued again), per batch slot (the delivery
+/// opaque: 0 or 1, alternating).
+struct SlotAccounting {
     metrics: BridgeMetrics,
-    /// Records produced and not yet acknowledged (or failed), per slot.
     outstanding: [AtomicU64; 2],
-    retry: Mutex<Vec<Retry>>,
-    log: RateLimitedLog,
 }
 
-impl ClientContext for Deliveries {}
+impl Accounting for SlotAccounting {
+    fn delivered(&self, slot: usize) {
+        self.metrics.delivered.inc();
+        self.outstanding[slot & 1].fetch_sub(1, Ordering::AcqRel);
+    }
 
-impl ProducerContext for Deliveries {
-    type DeliveryOpaque = usize;
+    fn failed(&self, slot: usize) {
+        self.metrics.failed.inc();
+        self.outstanding[slot & 1].fetch_sub(1, Ordering::AcqRel);
+    }
 
-    fn delivery(&self, result: &DeliveryResult<'_>, slot: usize) {
-        let slot = slot & 1;
-        match result {
-            Ok(_) => {
-                self.metrics.delivered.inc();
-                self.outstanding[slot].fetch_sub(1, Ordering::AcqRel);
-            }
-            Err((e, msg)) if permanent(e) => {
-                self.metrics.failed.inc();
-                self.outstanding[slot].fetch_sub(1, Ordering::AcqRel);
-                let topic = msg.topic().to_string();
-                self.log
-                    .error(|| format!("delivery to topic {topic} failed for good: {e}"));
-            }
-            Err((e, msg)) => {
-                // Produced again before the batch is committed (queued
-                // first, then the count lowered: see await_acks).
-                self.retry.lock().expect("retry lock").push((
-                    slot,
-                    msg.topic().to_string(),
-                    msg.key().unwrap_or_default().to_vec(),
-                    msg.payload().unwrap_or_default().to_vec(),
-                ));
-                self.outstanding[slot].fetch_sub(1, Ordering::AcqRel);
-                let topic = msg.topic().to_string();
-                self.log
-                    .error(|| format!("delivery to topic {topic} failed ({e}); retrying"));
-            }
-        }
+    fn retrying(&self, slot: usize) {
+        // Queued first, then the count lowered: see await_acks.
+        self.outstanding[slot & 1].fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -216,7 +190,7 @@ impl ProducerContext for Deliveries {
 pub(crate) struct Bridge {
     args: BridgeArgs,
     consumer: BaseConsumer<GroupContext>,
-    producer: ThreadedProducer<Deliveries>,
+    producer: ThreadedProducer<Deliveries<SlotAccounting>>,
     admin: AdminClient<DefaultClientContext>,
     metrics: BridgeMetrics,
     /// Output topics known to exist (created when missing, once each).
@@ -281,13 +255,11 @@ impl Bridge {
             .with_context(|| format!("subscribing to topic {}", args.in_topic))?;
         // Every record acknowledged by all replicas, never given up.
         let producer_cfg = client(&[("acks", "all".into()), ("message.timeout.ms", "0".into())]);
-        let producer: ThreadedProducer<Deliveries> = producer_cfg
-            .create_with_context(Deliveries {
+        let producer: ThreadedProducer<Deliveries<SlotAccounting>> = producer_cfg
+            .create_with_context(Deliveries::new(SlotAccounting {
                 metrics: metrics.clone(),
                 outstanding: [AtomicU64::new(0), AtomicU64::new(0)],
-                retry: Mutex::new(Vec::new()),
-                log: RateLimitedLog::new(),
-            })
+            }))
             .context("invalid Kafka producer configuration (check -X properties)")?;
         let admin: AdminClient<DefaultClientContext> = client(&[])
             .create()
@@ -447,7 +419,7 @@ impl Bridge {
         payload: &[u8],
         stop: &AtomicBool,
     ) -> Result<()> {
-        let d = self.producer.context();
+        let d = &self.producer.context().accounting;
         d.outstanding[slot].fetch_add(1, Ordering::AcqRel);
         let mut rec = BaseRecord::with_opaque_to(topic, slot)
             .key(key)
@@ -489,21 +461,14 @@ impl Bridge {
         loop {
             // The delivery callback queues a retry before it lowers the
             // count, so once the count is 0 every retry is in the list.
-            let idle = d.outstanding[slot].load(Ordering::Acquire) == 0;
-            let retry: Vec<Retry> = {
-                let mut all = d.retry.lock().expect("retry lock");
-                let (mine, rest) = std::mem::take(&mut *all)
-                    .into_iter()
-                    .partition(|r| r.0 == slot);
-                *all = rest;
-                mine
-            };
+            let idle = d.accounting.outstanding[slot].load(Ordering::Acquire) == 0;
+            let retry = d.take_retries_of(slot);
             if idle && retry.is_empty() {
                 return Ok(());
             }
-            for (slot, topic, key, payload) in &retry {
+            for r in &retry {
                 self.metrics.retried.inc();
-                self.produce(*slot, topic, key, payload, stop)?;
+                self.produce(r.opaque, &r.topic, &r.key, &r.payload, stop)?;
             }
             if retry.is_empty() {
                 // ThreadedProducer serves delivery reports on its own
@@ -516,7 +481,7 @@ impl Bridge {
                     bail!(
                         "{} records unacknowledged {}s after the stop signal; their input \
                          offsets stay uncommitted and they are read again on restart",
-                        d.outstanding[slot].load(Ordering::Acquire),
+                        d.accounting.outstanding[slot].load(Ordering::Acquire),
                         SHUTDOWN_ACK_WAIT.as_secs()
                     );
                 }
@@ -524,7 +489,7 @@ impl Bridge {
             if waited.elapsed() >= Duration::from_secs(30) {
                 log::warn!(
                     "{} records still unacknowledged after 30s; waiting for the broker (offsets stay uncommitted)",
-                    d.outstanding[slot].load(Ordering::Acquire)
+                    d.accounting.outstanding[slot].load(Ordering::Acquire)
                 );
                 waited = Instant::now();
             }

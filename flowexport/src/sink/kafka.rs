@@ -14,18 +14,16 @@
 //! producer is flushed, bounded by `--kafka-flush-timeout`.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use prometheus::{IntCounter, IntGauge, Registry};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message as _;
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::ClientContext;
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
 use super::{Sink, SinkError};
 use crate::codec::protobuf;
+use crate::kafka::delivery::{Accounting, Deliveries};
+use crate::rate_limited_log::RateLimitedLog;
 use crate::record::FlowRecord;
 
 /// Message encoding on the topic.
@@ -170,114 +168,28 @@ pub(crate) fn topic_partitions(md: &rdkafka::metadata::Metadata, topic: &str) ->
     })
 }
 
-/// Logs at most one line per interval, counting what it held back.
-pub(crate) struct RateLimitedLog {
-    last: Mutex<Option<Instant>>,
-    suppressed: AtomicU64,
-}
-
-impl RateLimitedLog {
-    pub(crate) fn new() -> Self {
-        RateLimitedLog {
-            last: Mutex::new(None),
-            suppressed: AtomicU64::new(0),
-        }
-    }
-
-    pub(crate) fn error(&self, msg: impl FnOnce() -> String) {
-        self.emit(log::Level::Error, "errors", msg);
-    }
-
-    pub(crate) fn warn(&self, msg: impl FnOnce() -> String) {
-        self.emit(log::Level::Warn, "messages", msg);
-    }
-
-    fn emit(&self, level: log::Level, what: &str, msg: impl FnOnce() -> String) {
-        let mut last = self.last.lock().expect("log lock");
-        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        *last = Some(Instant::now());
-        let n = self.suppressed.swap(0, Ordering::Relaxed);
-        if n > 0 {
-            log::log!(
-                level,
-                "{} ({n} similar {what} in the last 10s not shown)",
-                msg()
-            );
-        } else {
-            log::log!(level, "{}", msg());
-        }
-    }
-}
-
-/// Errors that retrying cannot fix: the record itself or our rights are at
-/// fault. Everything else (broker errors, transport trouble) may pass.
-pub(crate) fn permanent(e: &KafkaError) -> bool {
-    use RDKafkaErrorCode as C;
-    matches!(
-        e.rdkafka_error_code(),
-        Some(
-            C::MessageSizeTooLarge
-                | C::InvalidMessageSize
-                | C::InvalidMessage
-                | C::MessageBatchTooLarge
-                | C::InvalidRecord
-                | C::InvalidRequiredAcks
-                | C::TopicAuthorizationFailed
-                | C::ClusterAuthorizationFailed
-                | C::InvalidTopic
-                | C::BadMessage
-                | C::InvalidArgument
-        )
-    )
-}
-
-/// A record to produce again: (key, payload).
-type Retry = (Vec<u8>, Vec<u8>);
-
-/// Counts deliveries as librdkafka reports them (on its polling thread) and
-/// queues records whose error may pass for another attempt.
-pub struct DeliveryCounter {
+/// The Kafka sink's accounting of deliveries: buffered records leave the
+/// buffer when delivered or failed for good; a retry stays buffered.
+pub struct SinkAccounting {
     metrics: KafkaMetrics,
-    log: RateLimitedLog,
-    retry: Mutex<Vec<Retry>>,
 }
 
-impl ClientContext for DeliveryCounter {}
-
-impl ProducerContext for DeliveryCounter {
-    type DeliveryOpaque = ();
-
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        match result {
-            Ok(_) => {
-                self.metrics.buffered.dec();
-                self.metrics.delivered.inc();
-            }
-            Err((e, msg)) if permanent(e) => {
-                self.metrics.buffered.dec();
-                self.metrics.failed.inc();
-                let topic = msg.topic().to_string();
-                self.log
-                    .error(|| format!("Kafka delivery to topic {topic} failed for good: {e}"));
-            }
-            Err((e, msg)) => {
-                // Still buffered: it goes out again with the next batch.
-                let key = msg.key().unwrap_or_default().to_vec();
-                let payload = msg.payload().unwrap_or_default().to_vec();
-                self.retry.lock().expect("retry lock").push((key, payload));
-                let topic = msg.topic().to_string();
-                self.log
-                    .error(|| format!("Kafka delivery to topic {topic} failed ({e}); retrying"));
-            }
-        }
+impl Accounting for SinkAccounting {
+    fn delivered(&self, _: usize) {
+        self.metrics.buffered.dec();
+        self.metrics.delivered.inc();
     }
+
+    fn failed(&self, _: usize) {
+        self.metrics.buffered.dec();
+        self.metrics.failed.inc();
+    }
+
+    fn retrying(&self, _: usize) {}
 }
 
 pub struct KafkaSink {
-    producer: ThreadedProducer<DeliveryCounter>,
+    producer: ThreadedProducer<Deliveries<SinkAccounting>>,
     cfg: KafkaConfig,
     metrics: KafkaMetrics,
     encoder: protobuf::Encoder,
@@ -314,12 +226,10 @@ impl KafkaSink {
             &cfg.properties,
             &[],
         );
-        let producer: ThreadedProducer<DeliveryCounter> = cc
-            .create_with_context(DeliveryCounter {
+        let producer: ThreadedProducer<Deliveries<SinkAccounting>> = cc
+            .create_with_context(Deliveries::new(SinkAccounting {
                 metrics: metrics.clone(),
-                log: RateLimitedLog::new(),
-                retry: Mutex::new(Vec::new()),
-            })
+            }))
             .map_err(KafkaSinkError::Config)?;
         let sink = KafkaSink {
             producer,
@@ -366,19 +276,15 @@ impl KafkaSink {
 }
 
 impl KafkaSink {
-    fn context(&self) -> &DeliveryCounter {
-        self.producer.context()
-    }
-
     /// Produces the records queued for another attempt; returns how many
     /// were dropped because the buffer is full.
     fn produce_retries(&mut self) -> u64 {
-        let retries = std::mem::take(&mut *self.context().retry.lock().expect("retry lock"));
+        let retries = self.producer.context().take_retries();
         let mut dropped = 0;
-        for (key, payload) in retries {
-            let rec = BaseRecord::to(&self.cfg.topic)
-                .key(&key[..])
-                .payload(&payload[..]);
+        for r in retries {
+            let rec = BaseRecord::with_opaque_to(&self.cfg.topic, 0)
+                .key(&r.key[..])
+                .payload(&r.payload[..]);
             match self.producer.send(rec) {
                 Ok(()) => self.metrics.retried.inc(),
                 Err(_) => {
@@ -408,7 +314,7 @@ impl Sink for KafkaSink {
                 KafkaFormat::Json => crate::codec::json::write_record(&mut self.payload, r),
             }
             message_key(r, &mut self.key);
-            let rec = BaseRecord::to(&self.cfg.topic)
+            let rec = BaseRecord::with_opaque_to(&self.cfg.topic, 0)
                 .key(&self.key[..])
                 .payload(&self.payload[..]);
             match self.producer.send(rec) {
@@ -452,7 +358,7 @@ impl Sink for KafkaSink {
                 .producer
                 .flush(left.min(Duration::from_millis(500)))
                 .is_ok();
-            let retries = self.context().retry.lock().expect("retry lock").len();
+            let retries = self.producer.context().retries_waiting();
             if flushed && retries == 0 {
                 break;
             }
@@ -484,23 +390,6 @@ impl Sink for KafkaSink {
 mod tests {
     use super::*;
     use crate::record::FlowType;
-
-    #[test]
-    fn rate_limited_log_holds_back_and_counts() {
-        let log = RateLimitedLog::new();
-        let line = || "x".to_string();
-        log.warn(line);
-        log.warn(line);
-        log.error(line);
-        // One line logged; the other two held back and counted for the next
-        // line after the interval, whatever their level.
-        assert_eq!(log.suppressed.load(Ordering::Relaxed), 2);
-        *log.last.lock().unwrap() = Some(Instant::now() - Duration::from_secs(11));
-        log.warn(line);
-        assert_eq!(log.suppressed.load(Ordering::Relaxed), 0);
-        log.error(line);
-        assert_eq!(log.suppressed.load(Ordering::Relaxed), 1);
-    }
 
     fn rec(src: &str, dst: &str) -> FlowRecord {
         FlowRecord {
