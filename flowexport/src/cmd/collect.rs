@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -25,7 +25,7 @@ use crate::rate_limited_log::RateLimitedLog;
 use crate::record::FlowRecord;
 use crate::sink::kafka::KafkaSink;
 use crate::sink::stdout::QueuedJsonLines;
-use crate::sink::Sink;
+use crate::sink::{Fanout, Sink};
 use crate::timeconv::wall_ns;
 
 #[derive(Args, Debug, Clone)]
@@ -196,10 +196,9 @@ struct Worker {
     kind: Kind,
     netflow: NetflowDecoder,
     metrics: CollectMetrics,
-    /// Shared sinks (Kafka), one lock around them.
-    sinks: Arc<Mutex<Vec<Box<dyn Sink>>>>,
-    /// This worker's sender into the stdout queue: formats without a lock.
-    stdout: Option<QueuedJsonLines>,
+    /// This worker's own senders: into the stdout queue, and over the
+    /// shared Kafka producer; no lock between workers.
+    sinks: Fanout,
     errors: Arc<RateLimitedLog<(IpAddr, &'static str)>>,
     stop: Arc<AtomicBool>,
     templates_reported: i64,
@@ -271,20 +270,7 @@ impl Worker {
                 .flows
                 .with_label_values(&[flows[0].flow_type.as_str()])
                 .inc_by(flows.len() as u64);
-            let metrics = &self.metrics;
-            let deliver = |s: &mut dyn Sink| {
-                if let Err(e) = s.send(&flows) {
-                    metrics.sink_errors.with_label_values(&[s.name()]).inc();
-                    log::error!("{} records not delivered: {e}", flows.len());
-                }
-            };
-            if let Some(out) = self.stdout.as_mut() {
-                deliver(out);
-            }
-            let mut sinks = self.sinks.lock().expect("sink lock");
-            for s in sinks.iter_mut() {
-                deliver(s.as_mut());
-            }
+            self.sinks.send(&flows);
         }
     }
 }
@@ -316,14 +302,13 @@ pub fn run(args: CollectArgs) -> Result<()> {
     }
     let metrics = CollectMetrics::new();
     let kafka = args.kafka.resolve()?;
-    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     let stdout = !args.discard && (args.stdout || kafka.is_none());
-    if let Some(k) = kafka {
-        sinks.push(Box::new(KafkaSink::new(k, &metrics.registry)?));
-    }
+    let kafka = kafka
+        .map(|k| KafkaSink::new(k, &metrics.registry))
+        .transpose()?;
     // Formatted in the workers, written by a thread of its own: a slow
     // reader of stdout shows in the queue's metrics.
-    let mut stdout = if stdout {
+    let stdout = if stdout {
         Some(
             QueuedJsonLines::stdout(&metrics.registry)
                 .context("starting the stdout writer thread")?,
@@ -331,7 +316,6 @@ pub fn run(args: CollectArgs) -> Result<()> {
     } else {
         None
     };
-    let sinks = Arc::new(Mutex::new(sinks));
     let stop = Arc::new(AtomicBool::new(false));
     // Malformed input: at most one line per exporter and reason per 10 s.
     let errors = Arc::new(RateLimitedLog::default());
@@ -361,8 +345,16 @@ pub fn run(args: CollectArgs) -> Result<()> {
                 kind,
                 netflow: NetflowDecoder::new(wait_ns, 4 << 20),
                 metrics: metrics.clone(),
-                sinks: sinks.clone(),
-                stdout: stdout.as_ref().map(QueuedJsonLines::handle),
+                sinks: {
+                    let mut own: Vec<Box<dyn Sink>> = Vec::new();
+                    if let Some(k) = &kafka {
+                        own.push(Box::new(k.handle()));
+                    }
+                    if let Some(s) = &stdout {
+                        own.push(Box::new(s.handle()));
+                    }
+                    Fanout::new(own, metrics.sink_errors.clone())
+                },
                 errors: errors.clone(),
                 stop: stop.clone(),
                 templates_reported: 0,
@@ -393,17 +385,17 @@ pub fn run(args: CollectArgs) -> Result<()> {
     );
     runtime.wait_for_stop();
     drop(running);
-    let mut sinks = sinks.lock().expect("sink lock");
-    for s in sinks
-        .iter_mut()
-        .map(AsMut::as_mut)
-        .chain(stdout.as_mut().map(|s| s as &mut dyn Sink))
-    {
-        if let Err(e) = s.flush() {
-            log::error!("flushing {}: {e}", s.name());
-        }
+    // The workers' handles are gone; flush the sinks they shared.
+    let mut last: Vec<Box<dyn Sink>> = Vec::new();
+    if let Some(k) = kafka {
+        last.push(Box::new(k));
     }
-    drop(stdout);
+    if let Some(s) = stdout {
+        last.push(Box::new(s));
+    }
+    let mut last = Fanout::new(last, metrics.sink_errors.clone());
+    last.flush();
+    drop(last);
     runtime.runtime.shutdown_background();
     Ok(())
 }

@@ -217,15 +217,9 @@ pub fn run(args: DashboardArgs) -> Result<()> {
     );
     let decode_log = RateLimitedLog::new();
     while !stop.load(Ordering::Relaxed) {
-        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+        let Some(m) = crate::kafka::group::next_message(&consumer, Duration::from_millis(200))
+        else {
             continue;
-        };
-        let m = match m {
-            Ok(m) => m,
-            Err(e) => {
-                log::warn!("Kafka consumer: {e}");
-                continue;
-            }
         };
         messages.inc();
         match decode(format, m.payload().unwrap_or_default()) {

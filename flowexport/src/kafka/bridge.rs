@@ -27,7 +27,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 
-use crate::kafka::group::{default_assignment, GroupContext, GroupMetrics};
+use crate::kafka::group::{default_assignment, next_message, GroupContext, GroupMetrics};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
@@ -318,15 +318,8 @@ impl Bridge {
             if left.is_zero() || stop.load(Ordering::Relaxed) {
                 break;
             }
-            let Some(m) = self.consumer.poll(left.min(Duration::from_millis(100))) else {
+            let Some(m) = next_message(&self.consumer, left.min(Duration::from_millis(100))) else {
                 continue;
-            };
-            let m = match m {
-                Ok(m) => m,
-                Err(e) => {
-                    log::warn!("Kafka consumer: {e}");
-                    continue;
-                }
             };
             n += 1;
             self.metrics.consumed.inc();

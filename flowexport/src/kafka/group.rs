@@ -11,10 +11,13 @@
 //! overrides it. rdkafka's default rebalance handler assigns and revokes
 //! incrementally under the cooperative protocol.
 
+use std::time::Duration;
+
 use prometheus::{IntCounter, IntGauge, Registry};
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::BorrowedMessage;
 
 /// The assignor group members use unless `-X` names another.
 pub(crate) const DEFAULT_ASSIGNMENT_STRATEGY: &str = "cooperative-sticky";
@@ -84,6 +87,21 @@ impl ConsumerContext for GroupContext {
         let owned = consumer.assignment().map_or(0, |a| a.count());
         self.metrics.partitions_owned.set(owned as i64);
         log::info!("consumer group rebalance: {n} partitions {what}; this process owns {owned}");
+    }
+}
+
+/// The next message within `timeout`; a consumer error (the broker gone,
+/// a rebalance in progress) is logged and counts as no message.
+pub(crate) fn next_message<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    timeout: Duration,
+) -> Option<BorrowedMessage<'_>> {
+    match consumer.poll(timeout)? {
+        Ok(m) => Some(m),
+        Err(e) => {
+            log::warn!("Kafka consumer: {e}");
+            None
+        }
     }
 }
 

@@ -14,6 +14,7 @@
 //! producer is flushed, bounded by `--kafka-flush-timeout`.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus::{IntCounter, IntGauge, Registry};
@@ -188,14 +189,17 @@ impl Accounting for SinkAccounting {
     fn retrying(&self, _: usize) {}
 }
 
+/// The Kafka sink. [`KafkaSink::handle`] gives more senders over the same
+/// producer (one per collector worker: no lock between them); each has its
+/// own encoding buffers.
 pub struct KafkaSink {
-    producer: ThreadedProducer<Deliveries<SinkAccounting>>,
-    cfg: KafkaConfig,
+    producer: Arc<ThreadedProducer<Deliveries<SinkAccounting>>>,
+    cfg: Arc<KafkaConfig>,
     metrics: KafkaMetrics,
     encoder: protobuf::Encoder,
     payload: Vec<u8>,
     key: Vec<u8>,
-    drop_log: RateLimitedLog,
+    drop_log: Arc<RateLimitedLog>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -232,16 +236,29 @@ impl KafkaSink {
             }))
             .map_err(KafkaSinkError::Config)?;
         let sink = KafkaSink {
-            producer,
-            cfg,
+            producer: Arc::new(producer),
+            cfg: Arc::new(cfg),
             metrics,
             encoder: protobuf::Encoder::default(),
             payload: Vec::with_capacity(512),
             key: Vec::with_capacity(32),
-            drop_log: RateLimitedLog::new(),
+            drop_log: Arc::new(RateLimitedLog::new()),
         };
         sink.check_reachable();
         Ok(sink)
+    }
+
+    /// Another sender over the same producer, buffer and metrics.
+    pub fn handle(&self) -> KafkaSink {
+        KafkaSink {
+            producer: self.producer.clone(),
+            cfg: self.cfg.clone(),
+            metrics: self.metrics.clone(),
+            encoder: protobuf::Encoder::default(),
+            payload: Vec::with_capacity(512),
+            key: Vec::with_capacity(32),
+            drop_log: self.drop_log.clone(),
+        }
     }
 
     /// Logs, once at start, whether the brokers answer and the topic exists.

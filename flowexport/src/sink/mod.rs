@@ -1,5 +1,5 @@
-//! Sinks: where flow records go. The agent (and later the bridge commands)
-//! hand every batch of records to each configured sink.
+//! Sinks: where flow records go. The agent's drain and each collector
+//! worker hand every batch to a [`Fanout`] of the configured sinks.
 pub mod ipfix;
 pub mod kafka;
 pub mod stdout;
@@ -24,5 +24,42 @@ pub trait Sink: Send {
     /// Flushes anything buffered; called at shutdown.
     fn flush(&mut self) -> Result<(), SinkError> {
         Ok(())
+    }
+}
+
+/// Every configured sink behind one call: a batch goes to each sink; a
+/// failing sink is counted (`flowexport_sink_errors_total{sink}`) and
+/// logged, and the others still get the batch. Owned by one thread (the
+/// agent's drain, or one collector worker with its own sink handles): no
+/// lock on the way.
+pub struct Fanout {
+    sinks: Vec<Box<dyn Sink>>,
+    errors: prometheus::IntCounterVec,
+}
+
+impl Fanout {
+    /// `errors` is the `flowexport_sink_errors_total` counter, by `sink`.
+    pub fn new(sinks: Vec<Box<dyn Sink>>, errors: prometheus::IntCounterVec) -> Fanout {
+        Fanout { sinks, errors }
+    }
+
+    /// Hands `records` to every sink.
+    pub fn send(&mut self, records: &[FlowRecord]) {
+        for sink in &mut self.sinks {
+            if let Err(e) = sink.send(records) {
+                self.errors.with_label_values(&[sink.name()]).inc();
+                log::error!("{} records not delivered: {e}", records.len());
+            }
+        }
+    }
+
+    /// Flushes every sink (at shutdown); a failure is counted and logged.
+    pub fn flush(&mut self) {
+        for sink in &mut self.sinks {
+            if let Err(e) = sink.flush() {
+                self.errors.with_label_values(&[sink.name()]).inc();
+                log::error!("flushing {}: {e}", sink.name());
+            }
+        }
     }
 }

@@ -24,7 +24,7 @@ use crate::record::FlowRecord;
 use crate::sink::ipfix::IpfixSink;
 use crate::sink::kafka::KafkaSink;
 use crate::sink::stdout::JsonLinesSink;
-use crate::sink::Sink;
+use crate::sink::{Fanout, Sink};
 use crate::timeconv::{wall_ns, ClockOffset};
 use config::AgentConfig;
 
@@ -194,7 +194,7 @@ struct Drainer {
     tables: KernelTables,
     agg: FlowAggregator,
     timeouts: Timeouts,
-    sinks: Vec<Box<dyn Sink>>,
+    sinks: Fanout,
     metrics: AgentMetrics,
     sampler_address: Option<std::net::IpAddr>,
     /// The records' sampling_rate (see `RecordContext`).
@@ -206,18 +206,6 @@ struct Drainer {
     batch: Vec<FlowRecord>,
     /// When the last drain cycle ran (for the packet rate the clock uses).
     last_cycle: Instant,
-}
-
-/// Hands a batch to every sink; a failing sink is counted and logged, the
-/// others still get the records.
-fn send(sinks: &mut [Box<dyn Sink>], metrics: &AgentMetrics, records: &[FlowRecord]) {
-    for sink in sinks.iter_mut() {
-        if let Err(e) = sink.send(records) {
-            metrics.sink_errors.with_label_values(&[sink.name()]).inc();
-            log::error!("{} records not delivered: {e}", records.len());
-        }
-    }
-    metrics.flows_exported.inc_by(records.len() as u64);
 }
 
 impl Drainer {
@@ -319,7 +307,8 @@ impl Drainer {
             batch.push(to_record(k, c, &ctx));
             if batch.len() == EXPORT_BATCH {
                 let t = Instant::now();
-                send(sinks, metrics, batch);
+                sinks.send(batch);
+                metrics.flows_exported.inc_by(batch.len() as u64);
                 in_sinks += t.elapsed();
                 batch.clear();
             }
@@ -331,7 +320,8 @@ impl Drainer {
         };
         if !batch.is_empty() {
             let t = Instant::now();
-            send(sinks, metrics, batch);
+            sinks.send(batch);
+            metrics.flows_exported.inc_by(batch.len() as u64);
             in_sinks += t.elapsed();
             batch.clear();
         }
@@ -388,7 +378,7 @@ enum Cycle {
 
 /// The sinks the configuration asks for. Fails on bad sink settings (for
 /// example an unknown `-X` property) before anything is attached.
-fn build_sinks(cfg: &AgentConfig, metrics: &AgentMetrics) -> Result<Vec<Box<dyn Sink>>> {
+fn build_sinks(cfg: &AgentConfig, metrics: &AgentMetrics) -> Result<Fanout> {
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     if let Some(k) = &cfg.kafka {
         sinks.push(Box::new(KafkaSink::new(k.clone(), &metrics.registry)?));
@@ -406,7 +396,7 @@ fn build_sinks(cfg: &AgentConfig, metrics: &AgentMetrics) -> Result<Vec<Box<dyn 
     if cfg.stdout {
         sinks.push(Box::new(JsonLinesSink::stdout()));
     }
-    Ok(sinks)
+    Ok(Fanout::new(sinks, metrics.sink_errors.clone()))
 }
 
 /// Runs the agent until SIGINT/SIGTERM (with `--detach`: drains and
@@ -633,11 +623,7 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
                 if n > 0 {
                     log::info!("exported {n} flows held in memory (fallback and overflow)");
                 }
-                for sink in &mut drainer.sinks {
-                    if let Err(e) = sink.flush() {
-                        log::error!("flushing {}: {e}", sink.name());
-                    }
-                }
+                drainer.sinks.flush();
                 log::info!(
                     "left {kept} links attached and the counts pinned in {} for the next agent",
                     pin_dir
@@ -651,11 +637,7 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
             // take everything that is left and flush.
             capture.detach_all();
             let n = drainer.cycle(true)?;
-            for sink in &mut drainer.sinks {
-                if let Err(e) = sink.flush() {
-                    log::error!("flushing {}: {e}", sink.name());
-                }
-            }
+            drainer.sinks.flush();
             if let Some(p) = &pins {
                 p.clear();
             }
