@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use flowexport::codec::netflow::encode::{ExportProtocol, ExportStream};
+use flowexport::record::{FlowRecord, FlowType, ETYPE_IPV4};
 
 use rdkafka::message::ToBytes;
 use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
@@ -56,4 +58,45 @@ pub fn flowexport_bin() -> Result<PathBuf> {
         );
     }
     Ok(bin)
+}
+
+/// Records per export packet in the generated streams.
+pub const RECORDS_PER_PACKET: usize = 30;
+
+/// `n` distinct IPv4 flows, varied counters and ports (UDP and TCP).
+pub fn flows(n: usize) -> Vec<FlowRecord> {
+    (0..n)
+        .map(|i| FlowRecord {
+            flow_type: FlowType::Ebpf,
+            time_flow_start_ns: 1_763_799_990_000_000_000 + i as u64 * 1_000_000,
+            time_flow_end_ns: 1_763_799_999_000_000_000 + i as u64 * 1_000_000,
+            bytes: 100 + (i as u64 * 7919) % 100_000,
+            packets: 1 + (i as u64 * 31) % 100,
+            src_addr: std::net::Ipv4Addr::from(0x0a00_0000 + i as u32).into(),
+            dst_addr: std::net::Ipv4Addr::from(0xc0a8_0000 + (i as u32 * 13) % 65536).into(),
+            etype: ETYPE_IPV4,
+            proto: if i % 4 == 0 { 6 } else { 17 },
+            src_port: (1024 + i % 60000) as u16,
+            dst_port: [53, 80, 443, 123][i % 4],
+            in_if: 2,
+            out_if: 3,
+            ..FlowRecord::default()
+        })
+        .collect()
+}
+
+/// `packets` export packets of [`RECORDS_PER_PACKET`] records each, one
+/// protocol, from flowexport's own exporter (templates every 20 packets).
+pub fn stream(proto: ExportProtocol, packets: usize) -> Result<Vec<Vec<u8>>> {
+    let recs = flows(RECORDS_PER_PACKET * packets);
+    let mut s = ExportStream::new(proto, 1, 9000, 60_000, 20, 1_763_799_000_000)?;
+    let mut pkts = Vec::with_capacity(packets);
+    for chunk in recs.chunks(RECORDS_PER_PACKET) {
+        let mut p = s.encode(chunk, 1_763_800_000_000);
+        if p.len() != 1 {
+            bail!("expected one packet per 30 records");
+        }
+        pkts.push(p.remove(0));
+    }
+    Ok(pkts)
 }

@@ -1,6 +1,7 @@
-//! A real Kafka-protocol broker for tests: Tansu with SQLite storage, run
-//! inside a test's network namespace on its loopback, with its own state
-//! directory. Topics are created explicitly (Tansu does not auto-create).
+//! A real Kafka-protocol broker for tests and benchmarks: Tansu with SQLite
+//! storage, run inside a test's network namespace on its loopback (or, for
+//! the benchmarks, on the host's loopback: [`Broker::start_host`]), with its
+//! own state directory. Topics are created explicitly (Tansu does not auto-create).
 //! Clients run on threads that entered the namespace, so librdkafka's own
 //! threads (created with the client) live there too.
 
@@ -24,7 +25,8 @@ pub fn tansu_bin() -> String {
 }
 
 pub struct Broker {
-    ns_name: String,
+    /// The namespace it runs in; None: the host's.
+    ns_name: Option<String>,
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
@@ -49,7 +51,24 @@ impl Broker {
         let dir = std::env::temp_dir().join(unique("fe-tansu-"));
         std::fs::create_dir_all(&dir)?;
         let mut b = Broker {
-            ns_name: ns.name.clone(),
+            ns_name: Some(ns.name.clone()),
+            port,
+            dir,
+            child: None,
+        };
+        b.spawn()?;
+        Ok(b)
+    }
+
+    /// Starts a broker on a free port of the host's loopback (benchmarks).
+    pub fn start_host() -> Result<Broker> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let dir = std::env::temp_dir().join(unique("fe-tansu-"));
+        std::fs::create_dir_all(&dir)?;
+        let mut b = Broker {
+            ns_name: None,
             port,
             dir,
             child: None,
@@ -62,8 +81,24 @@ impl Broker {
         format!("127.0.0.1:{}", self.port)
     }
 
-    fn ns(&self) -> Netns {
-        Netns::borrowed(&self.ns_name)
+    /// Runs `f` on a thread in the broker's namespace.
+    fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        match &self.ns_name {
+            Some(ns) => Netns::borrowed(ns).run(f),
+            None => Ok(f()),
+        }
+    }
+
+    /// `tansu` run in the broker's namespace.
+    fn tansu(&self) -> Command {
+        match &self.ns_name {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(tansu_bin());
+                c
+            }
+            None => Command::new(tansu_bin()),
+        }
     }
 
     fn spawn(&mut self) -> Result<()> {
@@ -72,9 +107,8 @@ impl Broker {
             .create(true)
             .append(true)
             .open(self.dir.join("tansu.log"))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns_name])
-            .arg(tansu_bin())
+        let child = self
+            .tansu()
             .args([
                 "broker",
                 "--listener-url",
@@ -98,9 +132,7 @@ impl Broker {
         let port = self.port;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let up = self
-                .ns()
-                .run(move || TcpStream::connect(("127.0.0.1", port)).is_ok())?;
+            let up = self.within(move || TcpStream::connect(("127.0.0.1", port)).is_ok())?;
             if up {
                 return Ok(());
             }
@@ -142,9 +174,8 @@ impl Broker {
     }
 
     pub fn create_topic(&self, name: &str, partitions: u32) -> Result<()> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.ns_name])
-            .arg(tansu_bin())
+        let out = self
+            .tansu()
             .args(["topic", "create", name, "--broker"])
             .arg(format!("tcp://127.0.0.1:{}", self.port))
             .args(["--partitions", &partitions.to_string()])
@@ -164,7 +195,7 @@ impl Broker {
     pub fn produce(&self, topic: &str, msgs: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
         let brokers = self.addr();
         let topic = topic.to_string();
-        self.ns().run(move || -> Result<()> {
+        self.within(move || -> Result<()> {
             use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
             let p: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
                 ClientConfig::new()
@@ -194,24 +225,23 @@ impl Broker {
     pub fn count(&self, topic: &str) -> u64 {
         let brokers = self.addr();
         let topic = topic.to_string();
-        self.ns()
-            .run(move || -> Result<u64> {
-                let c: BaseConsumer = ClientConfig::new()
-                    .set("bootstrap.servers", &brokers)
-                    .create()?;
-                let md = c.fetch_metadata(Some(&topic), Duration::from_secs(5))?;
-                let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
-                    return Ok(0);
-                };
-                let mut n = 0;
-                for p in t.partitions() {
-                    let (lo, hi) = c.fetch_watermarks(&topic, p.id(), Duration::from_secs(5))?;
-                    n += (hi - lo) as u64;
-                }
-                Ok(n)
-            })
-            .and_then(|r| r)
-            .unwrap_or(0)
+        self.within(move || -> Result<u64> {
+            let c: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .create()?;
+            let md = c.fetch_metadata(Some(&topic), Duration::from_secs(5))?;
+            let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+                return Ok(0);
+            };
+            let mut n = 0;
+            for p in t.partitions() {
+                let (lo, hi) = c.fetch_watermarks(&topic, p.id(), Duration::from_secs(5))?;
+                n += (hi - lo) as u64;
+            }
+            Ok(n)
+        })
+        .and_then(|r| r)
+        .unwrap_or(0)
     }
 
     /// Reads every message of `topic` from the beginning up to the high
@@ -219,7 +249,7 @@ impl Broker {
     pub fn consume_all(&self, topic: &str) -> Result<Vec<Consumed>> {
         let brokers = self.addr();
         let topic = topic.to_string();
-        self.ns().run(move || -> Result<Vec<Consumed>> {
+        self.within(move || -> Result<Vec<Consumed>> {
             let c: BaseConsumer = ClientConfig::new()
                 .set("bootstrap.servers", &brokers)
                 .set("group.id", unique("fe-test-"))

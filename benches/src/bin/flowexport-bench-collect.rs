@@ -22,13 +22,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use flowexport::codec::netflow::encode::{ExportProtocol, ExportStream};
+use flowexport::codec::netflow::encode::ExportProtocol;
 use flowexport::codec::netflow::NetflowDecoder;
-use flowexport::record::{FlowRecord, FlowType, ETYPE_IPV4};
+use flowexport::record::FlowRecord;
 
-use flowexport_benches::util::cpu_seconds;
+use flowexport_benches::util::{cpu_seconds, flows, stream, RECORDS_PER_PACKET};
 
-const RECORDS_PER_PACKET: usize = 30;
 /// Packets per protocol in the in-process stream.
 const PACKETS: usize = 10_000;
 /// Packets of the replayed stream: 3M flows.
@@ -38,42 +37,6 @@ const RATES: [u64; 4] = [500_000, 1_000_000, 2_000_000, 3_000_000];
 /// The Kafka run: 45k flows (under the sink's buffer) at 120k flows/s.
 const KAFKA_PACKETS: usize = 1_500;
 const KAFKA_RATE: u64 = 120_000;
-
-fn flows(n: usize) -> Vec<FlowRecord> {
-    (0..n)
-        .map(|i| FlowRecord {
-            flow_type: FlowType::Ebpf,
-            time_flow_start_ns: 1_763_799_990_000_000_000 + i as u64 * 1_000_000,
-            time_flow_end_ns: 1_763_799_999_000_000_000 + i as u64 * 1_000_000,
-            bytes: 100 + (i as u64 * 7919) % 100_000,
-            packets: 1 + (i as u64 * 31) % 100,
-            src_addr: std::net::Ipv4Addr::from(0x0a00_0000 + i as u32).into(),
-            dst_addr: std::net::Ipv4Addr::from(0xc0a8_0000 + (i as u32 * 13) % 65536).into(),
-            etype: ETYPE_IPV4,
-            proto: if i % 4 == 0 { 6 } else { 17 },
-            src_port: (1024 + i % 60000) as u16,
-            dst_port: [53, 80, 443, 123][i % 4],
-            in_if: 2,
-            out_if: 3,
-            ..FlowRecord::default()
-        })
-        .collect()
-}
-
-/// `packets` packets of RECORDS_PER_PACKET records for one protocol.
-fn stream(proto: ExportProtocol, packets: usize) -> Result<Vec<Vec<u8>>> {
-    let recs = flows(RECORDS_PER_PACKET * packets);
-    let mut s = ExportStream::new(proto, 1, 9000, 60_000, 20, 1_763_799_000_000)?;
-    let mut pkts = Vec::with_capacity(packets);
-    for chunk in recs.chunks(RECORDS_PER_PACKET) {
-        let mut p = s.encode(chunk, 1_763_800_000_000);
-        if p.len() != 1 {
-            bail!("expected one packet per 30 records");
-        }
-        pkts.push(p.remove(0));
-    }
-    Ok(pkts)
-}
 
 fn decode_only(pkts: &[Vec<u8>]) -> f64 {
     let exporter: IpAddr = "192.0.2.1".parse().unwrap();
@@ -400,10 +363,10 @@ fn main() -> Result<()> {
     let _ = std::fs::remove_file(&json_file);
 
     // Kafka: a shorter stream at a lower rate (the local broker is the limit).
-    match flowexport_benches::tansu::Tansu::start("input") {
+    match flowexport_benches::tansu("input") {
         Ok(b) => {
             let port = free_udp_port()?;
-            let brokers = b.brokers();
+            let brokers = b.addr();
             let p = flowexport_collect(
                 &bin,
                 port,

@@ -35,7 +35,6 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
-use flowexport_benches::tansu::Tansu;
 use flowexport_benches::util::{cpu_seconds, send_waiting};
 
 const PREFIXES: usize = 100_000;
@@ -474,8 +473,8 @@ fn main() -> Result<()> {
             )
         }
         None => {
-            tansu = Tansu::start("flows")?;
-            (tansu.brokers(), "a local Tansu broker".to_string())
+            tansu = flowexport_benches::tansu("flows")?;
+            (tansu.addr(), "a local Tansu broker".to_string())
         }
     };
     let pid = std::process::id();

@@ -23,7 +23,6 @@ use flowexport::sink::Sink;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
-use flowexport_benches::tansu::Tansu;
 use flowexport_benches::util::send_waiting;
 
 const ENCODE_ITERS: usize = 5_000_000;
@@ -148,8 +147,8 @@ fn main() -> Result<()> {
         "| encoder (prost FlowMessage, {size}-byte messages, 1 core) | {ns:.1} ns/record = {:.2} M records/s |",
         1e3 / ns
     );
-    let tansu = Tansu::start("bench")?;
-    let brokers = tansu.brokers();
+    let tansu = flowexport_benches::tansu("bench")?;
+    let brokers = tansu.addr();
     let recs = records(E2E_RECORDS);
     let msgs: Vec<(Vec<u8>, Vec<u8>)> = recs.iter().map(protobuf_message).collect();
     // A first small round warms the broker's storage.

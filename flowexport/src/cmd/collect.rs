@@ -118,9 +118,12 @@ impl CollectMetrics {
     }
 }
 
+/// What a listening socket receives.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
+enum Protocol {
+    /// NetFlow v5/v9 and IPFIX (`--listen`).
     Netflow,
+    /// sFlow v5 (`--sflow-listen`).
     Sflow,
 }
 
@@ -193,7 +196,7 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 
 struct Worker {
     socket: UdpSocket,
-    kind: Kind,
+    protocol: Protocol,
     netflow: NetflowDecoder,
     metrics: CollectMetrics,
     /// This worker's own senders: into the stdout queue, and over the
@@ -234,12 +237,12 @@ impl Worker {
                 .inc();
             flows.clear();
             let now = wall_ns();
-            let result = match self.kind {
-                Kind::Netflow => self
+            let result = match self.protocol {
+                Protocol::Netflow => self
                     .netflow
                     .decode(exporter, &buf[..n], now, &mut flows)
                     .map_err(|e| (e.reason(), e.to_string())),
-                Kind::Sflow => sflow::decode(exporter, &buf[..n], now, &mut flows)
+                Protocol::Sflow => sflow::decode(exporter, &buf[..n], now, &mut flows)
                     .map(|counters| self.metrics.sflow_counter_samples.inc_by(counters))
                     .map_err(|e| (e.reason(), e.to_string())),
             };
@@ -252,7 +255,7 @@ impl Worker {
                     format!("malformed packet from {exporter} ({reason}): {msg}")
                 });
             }
-            if self.kind == Kind::Netflow {
+            if self.protocol == Protocol::Netflow {
                 let known = self.netflow.templates_known() as i64;
                 self.metrics.templates.add(known - self.templates_reported);
                 self.templates_reported = known;
@@ -333,16 +336,16 @@ pub fn run(args: CollectArgs) -> Result<()> {
     let listeners = args
         .listen
         .iter()
-        .map(|a| (*a, Kind::Netflow))
-        .chain(args.sflow_listen.iter().map(|a| (*a, Kind::Sflow)));
-    for (addr, kind) in listeners {
+        .map(|a| (*a, Protocol::Netflow))
+        .chain(args.sflow_listen.iter().map(|a| (*a, Protocol::Sflow)));
+    for (addr, protocol) in listeners {
         for i in 0..workers {
             let socket = reuseport_socket(addr)
                 .with_context(|| format!("cannot listen on udp {addr} (in use? permission?)"))?;
             socket.set_read_timeout(Some(Duration::from_millis(200)))?;
             let w = Worker {
                 socket,
-                kind,
+                protocol,
                 netflow: NetflowDecoder::new(wait_ns, 4 << 20),
                 metrics: metrics.clone(),
                 sinks: {
@@ -369,7 +372,7 @@ pub fn run(args: CollectArgs) -> Result<()> {
         }
         log::info!(
             "listening for {} on udp {addr} ({workers} workers)",
-            if kind == Kind::Sflow {
+            if protocol == Protocol::Sflow {
                 "sFlow v5"
             } else {
                 "NetFlow v5/v9/IPFIX"

@@ -11,9 +11,9 @@ use crate::record::{FlowSummary, Host};
 /// A hasher for keys that are already well-spread integers (one
 /// multiply instead of SipHash): the per-record series look-ups.
 #[derive(Default)]
-struct MixHasher(u64);
+struct SpreadKeyHasher(u64);
 
-impl std::hash::Hasher for MixHasher {
+impl std::hash::Hasher for SpreadKeyHasher {
     fn finish(&self) -> u64 {
         self.0
     }
@@ -29,7 +29,7 @@ impl std::hash::Hasher for MixHasher {
     }
 }
 
-type Mix = std::hash::BuildHasherDefault<MixHasher>;
+type SpreadKeys = std::hash::BuildHasherDefault<SpreadKeyHasher>;
 
 /// The traffic series of a flow, packed: cid (bit 32 set: over the cap,
 /// `other`), direction, IP version, protocol number (256: unknown) and
@@ -59,7 +59,7 @@ pub struct Dashboard {
     receive: IntCounterVec,
     asn: Option<u32>,
     names: HashMap<u32, String>,
-    traffic: HashMap<u64, [IntCounter; 3], Mix>,
+    traffic: HashMap<u64, [IntCounter; 3], SpreadKeys>,
     hosts: HashMap<Host, [IntCounter; 3]>,
     as_series: HashMap<(bool, u32, u32, Host), IntCounter>,
     /// Customer ids with their own label (at most max_customers).
