@@ -24,18 +24,7 @@ impl NetflowDecoder {
         }
         let mut r = Reader::new(&p[..len]);
         r.take(4, "IPFIX header")?;
-        let secs = r.u32("IPFIX header")? as u64;
-        let sequence = r.u32("IPFIX header")?;
-        let domain = r.u32("IPFIX header")?;
-        let h = Header {
-            version: 10,
-            exporter,
-            domain,
-            sequence,
-            export_ms: secs * 1000,
-            uptime_ms: 0,
-            time_received_ns: now_ns,
-        };
+        let h = Header::read_tail(&mut r, "IPFIX header", 10, exporter, 0, now_ns)?;
         while r.left() > 0 {
             let id = r.u16("set header")?;
             let len = r.u16("set header")? as usize;

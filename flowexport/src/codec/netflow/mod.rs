@@ -99,6 +99,33 @@ struct Header {
     uptime_ms: u32,
     time_received_ns: u64,
 }
+
+impl Header {
+    /// Reads what v9 and IPFIX headers end with, in this order: the export
+    /// time (s), the sequence number and the source id / observation domain.
+    fn read_tail(
+        r: &mut Reader<'_>,
+        what: &'static str,
+        version: u16,
+        exporter: IpAddr,
+        uptime_ms: u32,
+        now_ns: u64,
+    ) -> Result<Header, NetflowError> {
+        let secs = u64::from(r.u32(what)?);
+        let sequence = r.u32(what)?;
+        let domain = r.u32(what)?;
+        Ok(Header {
+            version,
+            exporter,
+            domain,
+            sequence,
+            export_ms: secs * 1000,
+            uptime_ms,
+            time_received_ns: now_ns,
+        })
+    }
+}
+
 struct Pending {
     key: TemplateKey,
     header: Header,

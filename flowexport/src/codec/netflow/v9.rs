@@ -13,18 +13,7 @@ impl NetflowDecoder {
     ) -> Result<(), NetflowError> {
         let _count = r.u16("v9 header")?;
         let uptime = r.u32("v9 header")?;
-        let secs = r.u32("v9 header")? as u64;
-        let sequence = r.u32("v9 header")?;
-        let domain = r.u32("v9 header")?;
-        let h = Header {
-            version: 9,
-            exporter,
-            domain,
-            sequence,
-            export_ms: secs * 1000,
-            uptime_ms: uptime,
-            time_received_ns: now_ns,
-        };
+        let h = Header::read_tail(r, "v9 header", 9, exporter, uptime, now_ns)?;
         while r.left() >= 4 {
             let id = r.u16("flowset header")?;
             let len = r.u16("flowset header")? as usize;
