@@ -330,6 +330,28 @@ impl Agent {
         Ok(agent)
     }
 
+    /// `flowexport enrich` from topic `input` to `enriched` with a customer
+    /// list and an ASN CSV, started and reading.
+    pub fn start_enrich(ns: &Netns, brokers: &str, customers: &str, asn: &str) -> Result<Agent> {
+        Agent::start_command(
+            ns,
+            "enrich",
+            &[
+                "--kafka-brokers",
+                brokers,
+                "--in-topic",
+                "input",
+                "--out-topic",
+                "enriched",
+                "--customers",
+                customers,
+                "--asn-csv",
+                asn,
+            ],
+            "reading topic",
+        )
+    }
+
     /// Waits up to 30 s for `ready` on stderr.
     fn wait_ready(&mut self, ready: &str, command: &str) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -11,6 +11,23 @@ use std::time::Duration;
 use flowexport_tests::frames::*;
 use flowexport_tests::*;
 
+/// A case run once per way of counting ingress: the XDP program (the
+/// default) and the TC program (`--capture tc`); `$case` takes the extra
+/// agent flags.
+macro_rules! in_each_capture {
+    ($case:ident: $xdp:ident, $tc:ident) => {
+        #[test]
+        fn $xdp() {
+            $case(&[]);
+        }
+
+        #[test]
+        fn $tc() {
+            $case(&["--capture", "tc"]);
+        }
+    };
+}
+
 const PACE: Duration = Duration::from_micros(200);
 
 fn send(ns: &Netns, dev: &str, frames: Vec<Vec<u8>>, repeat: usize) -> u64 {
@@ -49,16 +66,7 @@ fn assert_flows(got: &BTreeMap<FlowId, Totals>, want: &[(FlowId, u64, u64, u64)]
     );
 }
 
-#[test]
-fn ipv4_ipv6_udp_tcp_icmp_both_directions_exact() {
-    both_directions_exact(&[]);
-}
-
-/// The same, with ingress counted by the TC program (`--capture tc`).
-#[test]
-fn ipv4_ipv6_udp_tcp_icmp_both_directions_exact_tc_capture() {
-    both_directions_exact(&["--capture", "tc"]);
-}
+in_each_capture!(both_directions_exact: ipv4_ipv6_udp_tcp_icmp_both_directions_exact, ipv4_ipv6_udp_tcp_icmp_both_directions_exact_tc_capture);
 
 fn both_directions_exact(capture: &[&str]) {
     // A --(a0/b0)--> B <--(b1/c0)-- C ; agent in B on b0 and b1.
@@ -281,16 +289,7 @@ fn both_directions_exact(capture: &[&str]) {
     }
 }
 
-#[test]
-fn vlan_tags_and_non_ip_frames() {
-    vlan_tags_and_non_ip(&[]);
-}
-
-/// The same, with ingress counted by the TC program (`--capture tc`).
-#[test]
-fn vlan_tags_and_non_ip_frames_tc_capture() {
-    vlan_tags_and_non_ip(&["--capture", "tc"]);
-}
+in_each_capture!(vlan_tags_and_non_ip: vlan_tags_and_non_ip_frames, vlan_tags_and_non_ip_frames_tc_capture);
 
 fn vlan_tags_and_non_ip(capture: &[&str]) {
     let l = Link::new().unwrap();
@@ -368,16 +367,7 @@ fn vlan_tags_and_non_ip(capture: &[&str]) {
     );
 }
 
-#[test]
-fn ipv4_fragments_and_ipv6_extension_headers() {
-    fragments_and_extension_headers(&[]);
-}
-
-/// The same, with ingress counted by the TC program (`--capture tc`).
-#[test]
-fn ipv4_fragments_and_ipv6_extension_headers_tc_capture() {
-    fragments_and_extension_headers(&["--capture", "tc"]);
-}
+in_each_capture!(fragments_and_extension_headers: ipv4_fragments_and_ipv6_extension_headers, ipv4_fragments_and_ipv6_extension_headers_tc_capture);
 
 fn fragments_and_extension_headers(capture: &[&str]) {
     let l = Link::new().unwrap();

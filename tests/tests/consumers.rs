@@ -189,24 +189,7 @@ fn enrich_then_split_per_customer_exact() {
 
     let brokers = broker.addr();
     let (customers, asn) = (files.path("customers.csv"), files.path("asn.csv"));
-    let enrich = Agent::start_command(
-        &ns,
-        "enrich",
-        &[
-            "--kafka-brokers",
-            &brokers,
-            "--in-topic",
-            "input",
-            "--out-topic",
-            "enriched",
-            "--customers",
-            &customers,
-            "--asn-csv",
-            &asn,
-        ],
-        "reading topic",
-    )
-    .unwrap();
+    let enrich = Agent::start_enrich(&ns, &brokers, &customers, &asn).unwrap();
     wait_count(&broker, "enriched", 600, &enrich);
     let m = enrich.metrics(9592).unwrap();
     assert_eq!(

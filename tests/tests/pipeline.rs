@@ -164,24 +164,7 @@ fn agent_to_enrich_split_dashboard_and_prometheus() {
     let want: BTreeMap<u32, (u64, u64)> =
         BTreeMap::from([(1, (7, 7 * 128)), (2, (4, 4 * 40)), (3, (5, 5 * 98))]);
 
-    let enrich = Agent::start_command(
-        &l.b,
-        "enrich",
-        &[
-            "--kafka-brokers",
-            &brokers,
-            "--in-topic",
-            "input",
-            "--out-topic",
-            "enriched",
-            "--customers",
-            &customers,
-            "--asn-csv",
-            &asn,
-        ],
-        "reading topic",
-    )
-    .unwrap();
+    let enrich = Agent::start_enrich(&l.b, &brokers, &customers, &asn).unwrap();
     let split = Agent::start_command(
         &l.b,
         "split",
