@@ -7,7 +7,9 @@
 //! The flow table's layout, hash and probing rules live here too, so the
 //! kernel (which inserts) and userspace (which drains and retires) cannot
 //! drift apart; `flowexport/src/capture/table.rs` explains the scheme.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
+
+pub mod parse;
 
 /// Direction of a packet relative to the interface it was seen on.
 pub const DIR_INGRESS: u8 = 0;

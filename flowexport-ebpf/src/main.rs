@@ -41,6 +41,9 @@ use aya_ebpf::{
 };
 use core::intrinsics::{atomic_cxchg, atomic_or, atomic_xadd, atomic_xchg, AtomicOrdering};
 use core::mem::size_of;
+use flowexport_common::parse::{
+    parse, Bytes, Packet, Parsed, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE,
+};
 use flowexport_common::{
     slot_state, slot_word, table_hash, CacheSlot, ClockWord, FallbackEvent, FilterMasks, FilterSet,
     FlowKey, FlowValue, PendingExport, TableSlot, CLOCK_ACTIVE_ALL, CONTROL_EPOCH, CONTROL_LEN,
@@ -176,51 +179,12 @@ static FILTER_V6: LpmTrie<[u8; 16], FilterMasks> =
 #[map]
 static FILTER_PORTS: Array<FilterMasks> = Array::with_max_entries(1, 0);
 
-const ETH_HDR_LEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88A8;
-const ETH_P_QINQ1: u16 = 0x9100;
-
-const IPPROTO_HOPOPTS: u8 = 0;
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_ROUTING: u8 = 43;
-const IPPROTO_FRAGMENT: u8 = 44;
-const IPPROTO_AH: u8 = 51;
-const IPPROTO_ICMPV6: u8 = 58;
-const IPPROTO_DSTOPTS: u8 = 60;
-const IPPROTO_SCTP: u8 = 132;
-const IPPROTO_UDPLITE: u8 = 136;
-
-/// Verifier bound: at most two VLAN tags (802.1ad outer + 802.1Q inner) are
-/// parsed; a third tag leaves the frame classified by that tag's ethertype
-/// (non-IP).
-const MAX_VLAN_TAGS: usize = 2;
-/// Verifier bound: at most this many IPv6 extension headers are walked. Each
-/// is at most 2048 bytes ((255 + 1) × 8), so the L4 offset stays below
-/// 14 + 8 + 40 + 6 × 2048 = 12350, well inside the verifier's 64 KiB packet
-/// offset limit. A chain longer than this is counted with the next-header
-/// value where the walk stopped and no ports.
-const MAX_IPV6_EXT_HDRS: usize = 6;
-
-/// Reads a value at a byte offset of the packet, or None past its end.
-///
-/// Each header is read as one byte array with one bounds check: besides being
-/// cheaper, this keeps LLVM from turning a 1-byte check `p + 1 > end` into
-/// `p >= end`, a form the verifier does not learn a packet range from.
-trait Packet {
-    fn load<T: Copy>(&self, off: usize) -> Option<T>;
-}
-
 /// XDP: direct packet access, bounds-checked against data_end.
 struct XdpPacket<'a>(&'a XdpContext);
 
 impl Packet for XdpPacket<'_> {
     #[inline(always)]
-    fn load<T: Copy>(&self, off: usize) -> Option<T> {
+    fn load<T: Bytes>(&self, off: usize) -> Option<T> {
         let start = self.0.data();
         let end = self.0.data_end();
         if start + off + size_of::<T>() > end {
@@ -236,148 +200,9 @@ struct SkbPacket<'a>(&'a TcContext);
 
 impl Packet for SkbPacket<'_> {
     #[inline(always)]
-    fn load<T: Copy>(&self, off: usize) -> Option<T> {
+    fn load<T: Bytes>(&self, off: usize) -> Option<T> {
         self.0.load::<T>(off).ok()
     }
-}
-
-#[inline(always)]
-fn be16(b: &[u8], i: usize) -> u16 {
-    u16::from_be_bytes([b[i], b[i + 1]])
-}
-
-enum Parsed {
-    Flow { l3_off: usize, l4_hdr_end: usize },
-    NonIp,
-    Malformed,
-}
-
-/// Parses Ethernet / VLAN / IPv4 / IPv6 / L4 into `key` and `ip_len` (the
-/// IP-layer length: IPv4 total length, IPv6 payload length + 40).
-#[inline(always)]
-fn parse<P: Packet>(
-    p: &P,
-    key: &mut FlowKey,
-    ip_len: &mut u64,
-    tcp_flags: &mut u8,
-    mut vlan_seen: bool,
-) -> Parsed {
-    let Some(eth) = p.load::<[u8; ETH_HDR_LEN]>(0) else {
-        return Parsed::NonIp;
-    };
-    let mut etype = be16(&eth, 12);
-    let mut off = ETH_HDR_LEN;
-    for _ in 0..MAX_VLAN_TAGS {
-        if etype != ETH_P_8021Q && etype != ETH_P_8021AD && etype != ETH_P_QINQ1 {
-            break;
-        }
-        let Some(tag) = p.load::<[u8; 4]>(off) else {
-            return Parsed::Malformed;
-        };
-        // The key keeps the outermost tag: the one on this link.
-        if !vlan_seen {
-            key.vlan_id = be16(&tag, 0) & 0x0fff;
-            vlan_seen = true;
-        }
-        etype = be16(&tag, 2);
-        off += 4;
-    }
-    let l3_off = off;
-    let mut l4_off: usize;
-    let mut has_ports = true;
-    let proto;
-    match etype {
-        ETH_P_IP => {
-            let Some(h) = p.load::<[u8; 20]>(off) else {
-                return Parsed::Malformed;
-            };
-            let ihl = ((h[0] & 0x0f) as usize) * 4;
-            if h[0] >> 4 != 4 || ihl < 20 {
-                return Parsed::Malformed;
-            }
-            key.ip_version = 4;
-            key.src_addr[..4].copy_from_slice(&h[12..16]);
-            key.dst_addr[..4].copy_from_slice(&h[16..20]);
-            *ip_len = be16(&h, 2) as u64;
-            // Only the first fragment (offset 0) carries the L4 header.
-            if be16(&h, 6) & 0x1fff != 0 {
-                has_ports = false;
-            }
-            proto = h[9];
-            l4_off = off + ihl;
-        }
-        ETH_P_IPV6 => {
-            let Some(h) = p.load::<[u8; 40]>(off) else {
-                return Parsed::Malformed;
-            };
-            if h[0] >> 4 != 6 {
-                return Parsed::Malformed;
-            }
-            key.ip_version = 6;
-            key.src_addr.copy_from_slice(&h[8..24]);
-            key.dst_addr.copy_from_slice(&h[24..40]);
-            *ip_len = be16(&h, 4) as u64 + 40;
-            let mut next = h[6];
-            l4_off = off + 40;
-            for _ in 0..MAX_IPV6_EXT_HDRS {
-                let hdr_len = match next {
-                    IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH
-                    | IPPROTO_FRAGMENT => 0,
-                    _ => break,
-                };
-                let Some(x) = p.load::<[u8; 4]>(l4_off) else {
-                    has_ports = false;
-                    break;
-                };
-                let hdr_len = hdr_len
-                    + match next {
-                        // Fixed 8 bytes; a non-zero offset means no L4 header.
-                        IPPROTO_FRAGMENT => {
-                            if be16(&x, 2) & 0xfff8 != 0 {
-                                has_ports = false;
-                            }
-                            8
-                        }
-                        // AH counts 4-byte units minus 2.
-                        IPPROTO_AH => (x[1] as usize + 2) * 4,
-                        // The others count 8-byte units after the first 8.
-                        _ => (x[1] as usize + 1) * 8,
-                    };
-                next = x[0];
-                l4_off += hdr_len;
-            }
-            proto = next;
-        }
-        _ => return Parsed::NonIp,
-    }
-    key.proto = proto;
-    let mut l4_hdr_end = l4_off;
-    if has_ports {
-        match proto {
-            IPPROTO_TCP => {
-                if let Some(t) = p.load::<[u8; 14]>(l4_off) {
-                    key.src_port = be16(&t, 0);
-                    key.dst_port = be16(&t, 2);
-                    *tcp_flags = t[13];
-                    l4_hdr_end = l4_off + ((t[12] >> 4) as usize) * 4;
-                }
-            }
-            IPPROTO_UDP | IPPROTO_UDPLITE | IPPROTO_SCTP => {
-                if let Some(u) = p.load::<[u8; 4]>(l4_off) {
-                    key.src_port = be16(&u, 0);
-                    key.dst_port = be16(&u, 2);
-                    l4_hdr_end = l4_off + 8;
-                }
-            }
-            IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-                if let Some(i) = p.load::<[u8; 2]>(l4_off) {
-                    key.dst_port = be16(&i, 0);
-                }
-            }
-            _ => {}
-        }
-    }
-    Parsed::Flow { l3_off, l4_hdr_end }
 }
 
 #[inline(always)]
