@@ -287,6 +287,9 @@ pub const GLOBAL_TABLE_MASK: &str = "TABLE_MASK";
 pub const GLOBAL_SAMPLING: &str = "SAMPLING";
 /// The filter rules (`--filter`), a [`FilterSet`].
 pub const GLOBAL_FILTER: &str = "FILTER";
+/// `--mirror` (a u8, 0 or 1): the interface carries copies of someone
+/// else's traffic; ingress programs drop what they counted.
+pub const GLOBAL_MIRROR: &str = "MIRROR";
 
 /// Most filter rules: each is one bit of the u32 masks below.
 pub const FILTER_MAX_RULES: usize = 32;
@@ -425,10 +428,23 @@ pub const MAPS: [&str; 9] = [
     MAP_CLOCK,
     MAP_PENDING,
 ];
+/// AF_XDP (`--capture afxdp`): the sockets by slot, each interface's first
+/// slot, and the frames no socket took (not pinned: the sockets live and
+/// die with the agent).
+pub const MAP_XSKS: &str = "XSKS";
+pub const MAP_XSK_SLOTS: &str = "XSK_SLOTS";
+pub const MAP_XSK_MISSED: &str = "XSK_MISSED";
+/// Interfaces and RX queues per interface `--capture afxdp` serves: an
+/// interface's queue q goes to socket slot `XSK_SLOTS[ifindex] + q`.
+pub const XSK_MAX_IFACES: u32 = 16;
+pub const XSK_MAX_QUEUES: u32 = 64;
+pub const XSK_MAX_SOCKETS: u32 = XSK_MAX_IFACES * XSK_MAX_QUEUES;
 pub const PROG_INGRESS: &str = "flowexport_ingress";
 pub const PROG_EGRESS: &str = "flowexport_egress";
 /// The TC program that counts ingress with `--capture tc`.
 pub const PROG_INGRESS_TC: &str = "flowexport_ingress_tc";
+/// The XDP program of `--capture afxdp`: every frame to its queue's socket.
+pub const PROG_XSK: &str = "flowexport_xsk";
 /// An XDP program that only returns XDP_PASS: the baseline of `cargo xtask bench xdp`.
 pub const PROG_BENCH_PASS: &str = "flowexport_bench_pass";
 /// Cost-breakdown programs of `cargo xtask bench xdp`: the parser alone, and

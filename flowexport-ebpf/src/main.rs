@@ -33,10 +33,10 @@
 #![allow(internal_features)]
 
 use aya_ebpf::{
-    bindings::{xdp_action, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, TC_ACT_UNSPEC},
+    bindings::{xdp_action, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::{classifier, map, xdp},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf, XskMap},
     programs::{TcContext, XdpContext},
 };
 use core::intrinsics::{atomic_cxchg, atomic_or, atomic_xadd, atomic_xchg, AtomicOrdering};
@@ -54,7 +54,7 @@ use flowexport_common::{
     STAT_OVERFLOW_BYTES_INGRESS, STAT_OVERFLOW_PACKETS_EGRESS, STAT_OVERFLOW_PACKETS_INGRESS,
     STAT_TABLE_BYTES_EGRESS, STAT_TABLE_BYTES_INGRESS, STAT_TABLE_PACKETS_EGRESS,
     STAT_TABLE_PACKETS_INGRESS, TABLE_LOCKS, TABLE_LOCK_SPINS, TABLE_MAX_PROBES,
-    TABLE_REGION_SHIFT,
+    TABLE_REGION_SHIFT, XSK_MAX_IFACES, XSK_MAX_QUEUES, XSK_MAX_SOCKETS,
 };
 
 /// The flow table: one 96-byte `TableSlot` per slot, shared by all CPUs.
@@ -158,6 +158,30 @@ static SAMPLING: u32 = 0;
 /// programs, so the hot path pays nothing without rules.
 #[no_mangle]
 static FILTER: FilterSet = FilterSet::EMPTY;
+
+/// `--mirror`, set by the loader: 1 when the interface carries copies of
+/// someone else's traffic (a SPAN port, a TAP): the ingress programs drop
+/// what they counted, so the stack never processes the copies. Read-only:
+/// the verifier keeps only the branch taken.
+#[no_mangle]
+static MIRROR: u8 = 0;
+
+/// `--capture afxdp`: the AF_XDP sockets, by slot (an interface's RX queue
+/// q is slot `XSK_SLOTS[ifindex] + q`). Sizing: XSK_MAX_SOCKETS (1024)
+/// entries of 4 bytes, 4 KiB whatever the CPU count (2, 16 or 64). Filled
+/// by the agent, not pinned.
+#[map]
+static XSKS: XskMap = XskMap::with_max_entries(XSK_MAX_SOCKETS, 0);
+
+/// The first XSKS slot of each interface `flowexport_xsk` runs on: at most
+/// XSK_MAX_IFACES (16) entries of 8 bytes.
+#[map]
+static XSK_SLOTS: HashMap<u32, u32> = HashMap::with_max_entries(XSK_MAX_IFACES, 0);
+
+/// Frames `flowexport_xsk` found no socket for (dropped), per CPU: one u64
+/// (16 B at 2 CPUs, 512 B at 64).
+#[map]
+static XSK_MISSED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// The filter rules' CIDRs, per family: prefix -> which rules' CIDRs
 /// contain it (`FilterMasks`). Sizing: `FILTER_TRIE_ENTRIES` (three CIDRs
@@ -851,7 +875,41 @@ pub(crate) fn flowexport_ingress(ctx: XdpContext) -> u32 {
         Parsed::NonIp => stat_add(STAT_NON_IP_INGRESS, 1),
         Parsed::Malformed => stat_add(STAT_MALFORMED_INGRESS, 1),
     }
-    xdp_action::XDP_PASS
+    if mirror() {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
+    }
+}
+
+/// Whether `--mirror` is set (see MIRROR).
+#[inline(always)]
+fn mirror() -> bool {
+    // SAFETY: a plain read of a read-only global (volatile: see CACHE_SLOTS).
+    unsafe { core::ptr::read_volatile(&MIRROR) != 0 }
+}
+
+/// `--capture afxdp`: hands every frame to the AF_XDP socket of its RX
+/// queue, where userspace parses and counts it; a frame with no socket
+/// (its queue is not served) is dropped and counted in XSK_MISSED.
+#[xdp]
+pub(crate) fn flowexport_xsk(ctx: XdpContext) -> u32 {
+    // SAFETY: ctx.ctx points at the kernel's xdp_md for this packet.
+    let (ifindex, queue) = unsafe { ((*ctx.ctx).ingress_ifindex, (*ctx.ctx).rx_queue_index) };
+    // SAFETY: a look-up of a plain u32 value.
+    if let Some(base) = unsafe { XSK_SLOTS.get(ifindex) } {
+        // Verifier bound: the slot stays inside this interface's range.
+        if queue < XSK_MAX_QUEUES {
+            if let Ok(action) = XSKS.redirect(*base + queue, 0) {
+                return action;
+            }
+        }
+    }
+    if let Some(n) = XSK_MISSED.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot of a per-CPU array; no other writer.
+        unsafe { *n += 1 };
+    }
+    xdp_action::XDP_DROP
 }
 
 /// Counts a packet a TC program sees, in direction `dir`: egress always;
@@ -915,7 +973,11 @@ pub(crate) fn flowexport_egress(ctx: TcContext) -> i32 {
 #[classifier]
 pub(crate) fn flowexport_ingress_tc(ctx: TcContext) -> i32 {
     tc_count(&ctx, DIR_INGRESS);
-    TC_ACT_UNSPEC
+    if mirror() {
+        TC_ACT_SHOT
+    } else {
+        TC_ACT_UNSPEC
+    }
 }
 
 /// Baseline for `cargo xtask bench xdp`: the cheapest possible XDP program.

@@ -204,6 +204,7 @@ fn load(
         capture: Capture::Xdp,
         sampling,
         filter,
+        mirror: false,
     })?;
     for name in [PROG_BENCH_PASS, PROG_BENCH_PARSE, PROG_BENCH_PARSE_CLOCK] {
         let p: &mut Xdp = cap

@@ -1,6 +1,7 @@
 //! Loads flowexport's kernel programs and attaches them: XDP (or, with
 //! `--capture tc`, TC) on ingress, TC (TCX on kernels >= 6.6, clsact before)
-//! on egress.
+//! on egress (not with `--mirror`); with `--capture afxdp`, the XDP program
+//! that hands frames to AF_XDP sockets, alone.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -14,9 +15,9 @@ use aya::programs::{
 use aya::Pod;
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use flowexport_common::{
-    FilterMasks, GLOBAL_CACHE_SLOTS, GLOBAL_FILTER, GLOBAL_SAMPLING, GLOBAL_TABLE_MASK, MAPS,
-    MAP_CACHE, MAP_DIRTY, MAP_FALLBACK, MAP_FILTER_PORTS, MAP_FILTER_V4, MAP_FILTER_V6,
-    MAP_PENDING, MAP_TABLE, PROG_EGRESS, PROG_INGRESS, PROG_INGRESS_TC,
+    FilterMasks, GLOBAL_CACHE_SLOTS, GLOBAL_FILTER, GLOBAL_MIRROR, GLOBAL_SAMPLING,
+    GLOBAL_TABLE_MASK, MAPS, MAP_CACHE, MAP_DIRTY, MAP_FALLBACK, MAP_FILTER_PORTS, MAP_FILTER_V4,
+    MAP_FILTER_V6, MAP_PENDING, MAP_TABLE, PROG_EGRESS, PROG_INGRESS, PROG_INGRESS_TC, PROG_XSK,
 };
 
 use super::filter::KernelFilter;
@@ -61,6 +62,9 @@ pub enum Capture {
     /// has to build an XDP buffer for it (veth) or has no native XDP, and
     /// it leaves the XDP hook free.
     Tc,
+    /// AF_XDP sockets (a dedicated mirror port): an XDP program hands every
+    /// frame to userspace, which parses and counts it (`capture::afxdp`).
+    Afxdp,
 }
 
 impl std::str::FromStr for Capture {
@@ -69,7 +73,8 @@ impl std::str::FromStr for Capture {
         match s {
             "xdp" => Ok(Capture::Xdp),
             "tc" => Ok(Capture::Tc),
-            other => Err(format!("unknown capture {other:?}: use xdp or tc")),
+            "afxdp" => Ok(Capture::Afxdp),
+            other => Err(format!("unknown capture {other:?}: use xdp, tc or afxdp")),
         }
     }
 }
@@ -146,6 +151,9 @@ pub struct LoadOptions<'a> {
     pub sampling: u32,
     /// The filter rules (default: none).
     pub filter: KernelFilter,
+    /// `--mirror`: ingress programs drop what they counted, and no egress
+    /// program is attached.
+    pub mirror: bool,
 }
 
 /// One program attachment.
@@ -182,6 +190,7 @@ impl Attachment {
 pub struct Programs {
     pub ebpf: Ebpf,
     capture: Capture,
+    mirror: bool,
     pins: Option<PathBuf>,
     attached: Vec<Attachment>,
 }
@@ -273,6 +282,7 @@ impl Programs {
             .override_global(GLOBAL_CACHE_SLOTS, &opts.cache_slots, true)
             .override_global(GLOBAL_SAMPLING, &opts.sampling, true)
             .override_global(GLOBAL_FILTER, &opts.filter.set, true)
+            .override_global(GLOBAL_MIRROR, &u8::from(opts.mirror), true)
             .map_max_entries(MAP_FILTER_PORTS, opts.filter.port_table_entries())
             .load(bytes)
             .map_err(|e| match &e {
@@ -304,24 +314,32 @@ impl Programs {
             }
         }
         match opts.capture {
-            Capture::Xdp => {
+            Capture::Xdp | Capture::Afxdp => {
+                let name = if opts.capture == Capture::Xdp {
+                    PROG_INGRESS
+                } else {
+                    PROG_XSK
+                };
                 let xdp: &mut Xdp = ebpf
-                    .program_mut(PROG_INGRESS)
-                    .ok_or(CaptureError::MissingPart(PROG_INGRESS))?
+                    .program_mut(name)
+                    .ok_or(CaptureError::MissingPart(name))?
                     .try_into()
-                    .map_err(|_| CaptureError::MissingPart(PROG_INGRESS))?;
+                    .map_err(|_| CaptureError::MissingPart(name))?;
                 xdp.load().map_err(|e| map_load_error(e.into()))?;
             }
             Capture::Tc => classifier(&mut ebpf, PROG_INGRESS_TC)?
                 .load()
                 .map_err(|e| map_load_error(e.into()))?,
         }
-        classifier(&mut ebpf, PROG_EGRESS)?
-            .load()
-            .map_err(|e| map_load_error(e.into()))?;
+        if opts.capture != Capture::Afxdp {
+            classifier(&mut ebpf, PROG_EGRESS)?
+                .load()
+                .map_err(|e| map_load_error(e.into()))?;
+        }
         Ok(Programs {
             ebpf,
             capture: opts.capture,
+            mirror: opts.mirror,
             pins: opts.pins.map(|p| p.path().to_path_buf()),
             attached: Vec::new(),
         })
@@ -341,8 +359,17 @@ impl Programs {
                 if self.adopt(iface, HOOK_XDP, PROG_INGRESS)? {
                     "XDP ingress (adopted link)".to_string()
                 } else {
-                    format!("XDP ingress ({} mode)", self.attach_xdp(iface, mode)?)
+                    format!(
+                        "XDP ingress ({} mode)",
+                        self.attach_xdp(iface, PROG_INGRESS, mode)?
+                    )
                 }
+            }
+            Capture::Afxdp => {
+                return Ok(format!(
+                    "XDP to AF_XDP sockets ({} mode)",
+                    self.attach_xdp(iface, PROG_XSK, mode)?
+                ));
             }
             Capture::Tc => {
                 if !self.adopt(iface, HOOK_TC_INGRESS, PROG_INGRESS_TC)? {
@@ -351,6 +378,10 @@ impl Programs {
                 "TC ingress".to_string()
             }
         };
+        if self.mirror {
+            // A mirror port's egress is not traffic of this host.
+            return Ok(format!("{ingress}, mirror (copies dropped, no egress)"));
+        }
         if !self.adopt(iface, HOOK_TC_EGRESS, PROG_EGRESS)? {
             self.attach_tc(iface, PROG_EGRESS, TcAttachType::Egress)?;
         }
@@ -505,14 +536,15 @@ impl Programs {
     fn attach_xdp(
         &mut self,
         iface: &str,
+        prog: &'static str,
         mode: XdpModeChoice,
     ) -> Result<&'static str, CaptureError> {
         let xdp: &mut Xdp = self
             .ebpf
-            .program_mut(PROG_INGRESS)
-            .ok_or(CaptureError::MissingPart(PROG_INGRESS))?
+            .program_mut(prog)
+            .ok_or(CaptureError::MissingPart(prog))?
             .try_into()
-            .map_err(|_| CaptureError::MissingPart(PROG_INGRESS))?;
+            .map_err(|_| CaptureError::MissingPart(prog))?;
         let busy = |e: &ProgramError| {
             program_io_error(e)
                 .and_then(io::Error::raw_os_error)

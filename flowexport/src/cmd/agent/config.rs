@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Deserialize;
 
+use crate::capture::afxdp::{Queues, Settings as AfxdpSettings, ZeroCopy, DEFAULT_FRAMES};
 use crate::capture::filter::Rule;
 use crate::capture::loader::{Capture, XdpModeChoice};
 use crate::cmd::flags::{de, layered, parse_duration, ConfigFile, KafkaArgs, Layer};
@@ -61,13 +62,39 @@ pub struct AgentArgs {
     /// repeatable).
     #[arg(long = "exclude-iface", value_name = "GLOB")]
     pub exclude_iface: Vec<String>,
-    /// Where ingress is counted: xdp (an XDP program; see --xdp-mode) or tc
+    /// Where ingress is counted: xdp (an XDP program; see --xdp-mode), tc
     /// (a TC program, as egress is: cheaper where the driver has to build
-    /// an XDP buffer for it, e.g. veth, and it leaves XDP to others).
-    /// [default: xdp]
-    #[arg(long, value_name = "xdp|tc")]
+    /// an XDP buffer for it, e.g. veth, and it leaves XDP to others), or
+    /// afxdp (AF_XDP sockets: every frame of the interface goes to the
+    /// agent, which parses and counts it; for a dedicated mirror port, needs
+    /// --mirror). [default: xdp]
+    #[arg(long, value_name = "xdp|tc|afxdp")]
     #[serde(deserialize_with = "de::parsed")]
     pub capture: Option<Capture>,
+    /// The interface carries copies of someone else's traffic (a SPAN or
+    /// mirror port, a TAP): the ingress program counts the copies and drops
+    /// them (the host's stack never processes them), and no egress program
+    /// is attached. Required by --capture afxdp.
+    #[arg(long)]
+    pub mirror: bool,
+    /// --capture afxdp: the RX queues served, all or a list; one AF_XDP
+    /// socket and one thread each. [default: all]
+    #[arg(long, value_name = "all|N[,N...]")]
+    #[serde(deserialize_with = "de::parsed")]
+    pub afxdp_queues: Option<Queues>,
+    /// --capture afxdp: zero-copy where the driver supports it, copy mode
+    /// with a log line elsewhere (auto); zero-copy or fail (on); copy mode
+    /// (off). [default: auto]
+    #[arg(long, value_name = "auto|on|off")]
+    #[serde(deserialize_with = "de::parsed")]
+    pub afxdp_zero_copy: Option<ZeroCopy>,
+    /// --capture afxdp: UMEM frames per queue, a power of two from 64 to
+    /// 262144, of 4 KiB each (the fill and RX rings get as many entries):
+    /// the default costs 16 MiB per queue. A burst longer than the frames
+    /// the worker has not returned yet is dropped and counted in
+    /// flowexport_afxdp_dropped_packets_total. [default: 4096]
+    #[arg(long, value_name = "N")]
+    pub afxdp_frames: Option<u32>,
     /// XDP attach mode: native (driver), skb (generic), or auto = native,
     /// falling back to skb with a log line. [default: auto]
     #[arg(long, value_name = "MODE")]
@@ -215,6 +242,10 @@ fn filter_tables<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Rule>, D:
 /// Fully resolved agent settings.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
+    /// `--mirror`: count and drop the copies, no egress program.
+    pub mirror: bool,
+    /// The `--afxdp-*` settings (used with `--capture afxdp`).
+    pub afxdp: AfxdpSettings,
     /// `--iface` names and globs.
     pub ifaces: Vec<String>,
     /// `--exclude-iface` globs.
@@ -257,6 +288,40 @@ fn parse_sampler(s: &str) -> Result<Option<IpAddr>> {
         .with_context(|| format!("invalid --sampler-address {s:?}: expected an IP address or none"))
 }
 
+/// What does not fit with `--capture afxdp`.
+fn check_afxdp(a: &AgentArgs, s: &AfxdpSettings) -> Result<()> {
+    if !a.mirror {
+        bail!(
+            "--capture afxdp takes every packet of the interface away from the host: the frames \
+             go to the agent's AF_XDP sockets, not to the network stack. It is for a dedicated \
+             mirror/SPAN port or TAP: add --mirror to say the interface carries copies, or count \
+             this host's own traffic with --capture xdp (the default) or tc"
+        );
+    }
+    if a.iface.iter().any(|i| i.contains(['*', '?', '['])) {
+        bail!("--capture afxdp takes interface names, not globs (no hotplug with AF_XDP yet)");
+    }
+    if !a.filter.is_empty() || a.sampling.is_some_and(|n| n > 1) {
+        bail!(
+            "--filter and --sampling run in the kernel programs of --capture xdp and tc; \
+             --capture afxdp counts every frame (drop them)"
+        );
+    }
+    if a.keep_attached {
+        bail!(
+            "--keep-attached: with --capture afxdp the flows live in the agent, which exports \
+             them all when it stops; nothing is left attached"
+        );
+    }
+    if !s.frames.is_power_of_two() || !(64..=1 << 18).contains(&s.frames) {
+        bail!(
+            "--afxdp-frames {} must be a power of two from 64 to 262144",
+            s.frames
+        );
+    }
+    Ok(())
+}
+
 impl AgentArgs {
     /// The flags over the config file (when `--config` names one).
     fn layered(self) -> Result<AgentArgs> {
@@ -273,12 +338,25 @@ impl AgentArgs {
     /// Merges flags over the config file over the defaults, and validates.
     pub fn resolve(self) -> Result<AgentConfig> {
         let a = self.layered()?;
+        let capture = a.capture.unwrap_or(Capture::Xdp);
+        let afxdp = AfxdpSettings {
+            queues: a.afxdp_queues.clone().unwrap_or(Queues::All),
+            zero_copy: a.afxdp_zero_copy.unwrap_or(ZeroCopy::Auto),
+            frames: a.afxdp_frames.unwrap_or(DEFAULT_FRAMES),
+        };
+        if capture == Capture::Afxdp {
+            check_afxdp(&a, &afxdp)?;
+        } else if a.afxdp_queues.is_some()
+            || a.afxdp_zero_copy.is_some()
+            || a.afxdp_frames.is_some()
+        {
+            bail!("--afxdp-queues, --afxdp-zero-copy and --afxdp-frames apply to --capture afxdp");
+        }
         let ifaces = a.iface;
         let exclude_ifaces = a.exclude_iface;
         if ifaces.is_empty() && !a.detach {
             bail!("no interface given: use --iface IF (repeatable) or `iface = [...]` in --config");
         }
-        let capture = a.capture.unwrap_or(Capture::Xdp);
         if capture == Capture::Tc && a.xdp_mode.is_some() {
             bail!("--xdp-mode applies to --capture xdp; with --capture tc, drop it");
         }
@@ -381,6 +459,8 @@ impl AgentArgs {
             bail!("--detach needs the --pin-dir whose pinned programs and counts it should end");
         }
         Ok(AgentConfig {
+            mirror: a.mirror || capture == Capture::Afxdp,
+            afxdp,
             pin_dir,
             keep_attached,
             detach: a.detach,

@@ -2,6 +2,7 @@
 //! timer into flow records, hand the records to the sinks, serve metrics, and
 //! on SIGINT/SIGTERM detach, drain one last time and flush.
 
+mod afxdp;
 pub mod config;
 
 use std::path::Path;
@@ -16,7 +17,7 @@ use crate::capture::drain::{
 };
 use crate::capture::flow::{to_record, RecordContext};
 use crate::capture::interfaces::{self, Link, LinkEvent, LinkMonitor, Selection};
-use crate::capture::loader::{LoadOptions, Programs, XdpModeChoice};
+use crate::capture::loader::{Capture, LoadOptions, Programs, XdpModeChoice};
 use crate::capture::pins::{Layout, PinDir};
 use crate::codec::netflow::encode::ExportProtocol;
 use crate::metrics::AgentMetrics;
@@ -48,7 +49,7 @@ fn raise_memlock() {
 
 /// Records handed to the sinks per call: a drain that exports a million
 /// flows builds and sends them in batches of this many, not all at once.
-const EXPORT_BATCH: usize = 4096;
+pub(super) const EXPORT_BATCH: usize = 4096;
 
 /// How often, at most, the log says that flows found the table full.
 const TABLE_FULL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
@@ -414,6 +415,9 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
     }
     let metrics = AgentMetrics::new();
     let sinks = build_sinks(&cfg, &metrics)?;
+    if cfg.capture == Capture::Afxdp && !cfg.detach {
+        return afxdp::run(cfg, metrics, sinks);
+    }
     raise_memlock();
     // Name a missing capability before touching the pin directory.
     crate::capture::privileges::require()?;
@@ -471,6 +475,7 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
         capture: cfg.capture,
         sampling: cfg.sampling,
         filter,
+        mirror: cfg.mirror,
     })?;
     let tables = KernelTables::new(
         &mut capture.ebpf,

@@ -1,0 +1,411 @@
+//! The AF_XDP capture source (`--capture afxdp`), for a dedicated mirror
+//! port (SPAN, TAP, remote mirror sessions): the kernel program
+//! `flowexport_xsk` hands every frame of the interface to the AF_XDP
+//! socket of its RX queue, one socket and one worker thread per queue
+//! ([`xsk`]); each worker parses its frames with the kernel programs' own
+//! parser ([`flowexport_common::parse`]) and counts them into the flow
+//! table every capture path shares ([`FlowAggregator`]), which the agent
+//! drains on the same idle and active timeouts into the same records.
+//!
+//! Nothing is dropped silently: frames no socket took (`XSK_MISSED`) and
+//! the kernel's per-socket drops (`XDP_STATISTICS`) are metrics.
+
+pub mod xsk;
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, XskMap};
+use flowexport_common::parse::{parse, Frame, Parsed};
+use flowexport_common::{
+    FlowKey, DIR_INGRESS, MAP_XSKS, MAP_XSK_MISSED, MAP_XSK_SLOTS, XSK_MAX_IFACES, XSK_MAX_QUEUES,
+};
+pub use xsk::ZeroCopy;
+use xsk::{Xsk, XskStats};
+
+use super::drain::FlowAggregator;
+use super::flow::FlowCounters;
+use super::loader::{ifindex, CaptureError, Programs};
+
+/// Default UMEM frames per queue: 4096 frames of 4 KiB, 16 MiB per queue.
+pub const DEFAULT_FRAMES: u32 = 4096;
+/// Frames read per ring pass at most (then merged into the shared table).
+const MERGE_EVERY: usize = 256;
+
+/// `--afxdp-queues`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Queues {
+    /// Every RX queue of the interface.
+    All,
+    /// These queues.
+    List(Vec<u32>),
+}
+
+impl std::str::FromStr for Queues {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "all" {
+            return Ok(Queues::All);
+        }
+        let list = s
+            .split(',')
+            .map(|q| q.trim().parse::<u32>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| format!("{s:?}: use all or queue numbers like 0,1,2"))?;
+        if let Some(q) = list.iter().find(|q| **q >= XSK_MAX_QUEUES) {
+            return Err(format!(
+                "queue {q}: at most {XSK_MAX_QUEUES} queues per interface"
+            ));
+        }
+        Ok(Queues::List(list))
+    }
+}
+
+/// The AF_XDP settings of the agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub queues: Queues,
+    pub zero_copy: ZeroCopy,
+    /// UMEM frames per queue (a power of two).
+    pub frames: u32,
+}
+
+/// What the workers counted, for the metrics (cumulative).
+#[derive(Default)]
+pub struct Counted {
+    pub packets: AtomicU64,
+    pub bytes: AtomicU64,
+    pub non_ip: AtomicU64,
+    pub malformed: AtomicU64,
+}
+
+/// One socket as the metrics see it.
+pub struct Socket {
+    pub iface: String,
+    pub queue: u32,
+    pub zero_copy: bool,
+    stats: OwnedFd,
+}
+
+impl Socket {
+    /// The kernel's drop counters of this socket.
+    pub fn stats(&self) -> std::io::Result<XskStats> {
+        xsk::stats(self.stats.as_raw_fd())
+    }
+}
+
+/// The running capture: sockets, workers, and the flows they counted.
+pub struct AfXdp {
+    pub sockets: Vec<Socket>,
+    pub counted: Arc<Counted>,
+    /// The flow table the workers count into and the agent drains.
+    pub flows: Arc<Mutex<FlowAggregator>>,
+    stop: Arc<AtomicBool>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+/// The RX queues of `iface` (`/sys/class/net/IF/queues/rx-N`).
+fn rx_queues(iface: &str) -> std::io::Result<Vec<u32>> {
+    let mut qs: Vec<u32> = std::fs::read_dir(format!("/sys/class/net/{iface}/queues"))?
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_prefix("rx-")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    qs.sort_unstable();
+    Ok(qs)
+}
+
+/// Errors of the AF_XDP capture.
+#[derive(Debug, thiserror::Error)]
+pub enum AfXdpError {
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error("--capture afxdp serves at most {XSK_MAX_IFACES} interfaces")]
+    TooManyInterfaces,
+    #[error("cannot list the RX queues of {iface}: {source}")]
+    Queues {
+        iface: String,
+        source: std::io::Error,
+    },
+    #[error("{iface} has no RX queue {queue} (it has {have:?})")]
+    NoSuchQueue {
+        iface: String,
+        queue: u32,
+        have: Vec<u32>,
+    },
+    #[error("{iface} has {n} RX queues; --capture afxdp serves at most {XSK_MAX_QUEUES}: pick some with --afxdp-queues")]
+    TooManyQueues { iface: String, n: usize },
+    #[error("cannot open an AF_XDP socket on {iface} queue {queue}: {source}{hint}")]
+    Socket {
+        iface: String,
+        queue: u32,
+        source: std::io::Error,
+        hint: &'static str,
+    },
+    #[error("the kernel object has no usable {0} map")]
+    Map(&'static str),
+    #[error("cannot update the {name} map: {source}")]
+    MapUpdate {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("cannot start a capture thread: {0}")]
+    Thread(std::io::Error),
+}
+
+fn socket_hint(e: &std::io::Error, mode: ZeroCopy) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EPERM) => " (AF_XDP sockets need CAP_NET_RAW)",
+        Some(libc::EOPNOTSUPP) if mode == ZeroCopy::On => {
+            " (the driver has no zero-copy AF_XDP: use --afxdp-zero-copy auto or off)"
+        }
+        Some(libc::EBUSY) => " (another AF_XDP socket holds this queue)",
+        _ => "",
+    }
+}
+
+impl AfXdp {
+    /// Opens a socket on each asked queue of each interface, registers them
+    /// with the kernel program, attaches it (XDP in `mode`) and starts the
+    /// workers. On error, what was attached is detached when `programs`
+    /// drops.
+    pub fn start(
+        programs: &mut Programs,
+        ifaces: &[String],
+        settings: &Settings,
+        mode: super::loader::XdpModeChoice,
+    ) -> Result<AfXdp, AfXdpError> {
+        if ifaces.len() > XSK_MAX_IFACES as usize {
+            return Err(AfXdpError::TooManyInterfaces);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let counted = Arc::new(Counted::default());
+        let flows = Arc::new(Mutex::new(FlowAggregator::default()));
+        let mut sockets = Vec::new();
+        let mut workers = Vec::new();
+        let mut opened: Vec<(String, u32, u32, Xsk)> = Vec::new();
+        for (i, iface) in ifaces.iter().enumerate() {
+            let index = ifindex(iface)?;
+            let have = rx_queues(iface).map_err(|source| AfXdpError::Queues {
+                iface: iface.clone(),
+                source,
+            })?;
+            let queues = match &settings.queues {
+                Queues::All => {
+                    if have.len() > XSK_MAX_QUEUES as usize {
+                        return Err(AfXdpError::TooManyQueues {
+                            iface: iface.clone(),
+                            n: have.len(),
+                        });
+                    }
+                    have.clone()
+                }
+                Queues::List(l) => l.clone(),
+            };
+            for q in queues {
+                if !have.contains(&q) {
+                    return Err(AfXdpError::NoSuchQueue {
+                        iface: iface.clone(),
+                        queue: q,
+                        have: have.clone(),
+                    });
+                }
+                let xsk =
+                    Xsk::open(index, q, settings.frames, settings.zero_copy).map_err(|source| {
+                        AfXdpError::Socket {
+                            iface: iface.clone(),
+                            queue: q,
+                            hint: socket_hint(&source, settings.zero_copy),
+                            source,
+                        }
+                    })?;
+                let slot = i as u32 * XSK_MAX_QUEUES + q;
+                opened.push((iface.clone(), index, slot, xsk));
+            }
+            // The interface's first slot, before its program runs.
+            let map = programs
+                .ebpf
+                .map_mut(MAP_XSK_SLOTS)
+                .ok_or(AfXdpError::Map(MAP_XSK_SLOTS))?;
+            let mut slots: BpfHashMap<&mut MapData, u32, u32> =
+                BpfHashMap::try_from(map).map_err(|_| AfXdpError::Map(MAP_XSK_SLOTS))?;
+            slots
+                .insert(index, i as u32 * XSK_MAX_QUEUES, 0)
+                .map_err(|source| AfXdpError::MapUpdate {
+                    name: MAP_XSK_SLOTS,
+                    source,
+                })?;
+        }
+        {
+            let map = programs
+                .ebpf
+                .map_mut(MAP_XSKS)
+                .ok_or(AfXdpError::Map(MAP_XSKS))?;
+            let mut xsks: XskMap<&mut MapData> =
+                XskMap::try_from(map).map_err(|_| AfXdpError::Map(MAP_XSKS))?;
+            for (_, _, slot, xsk) in &opened {
+                xsks.set(*slot, xsk.fd(), 0)
+                    .map_err(|source| AfXdpError::MapUpdate {
+                        name: MAP_XSKS,
+                        source,
+                    })?;
+            }
+        }
+        for (iface, index, slot, xsk) in opened {
+            let queue = slot % XSK_MAX_QUEUES;
+            let stats = xsk.stats_handle().map_err(|source| AfXdpError::Socket {
+                iface: iface.clone(),
+                queue,
+                source,
+                hint: "",
+            })?;
+            log::info!(
+                "AF_XDP socket on {iface} queue {queue}: {} mode, {} frames of {} bytes",
+                if xsk.zero_copy { "zero-copy" } else { "copy" },
+                settings.frames,
+                xsk::FRAME_SIZE
+            );
+            sockets.push(Socket {
+                iface: iface.clone(),
+                queue,
+                zero_copy: xsk.zero_copy,
+                stats,
+            });
+            let worker = Worker {
+                xsk,
+                ifindex: index,
+                flows: flows.clone(),
+                counted: counted.clone(),
+                stop: stop.clone(),
+            };
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("afxdp-{iface}-{queue}"))
+                    .spawn(move || worker.run())
+                    .map_err(AfXdpError::Thread)?,
+            );
+        }
+        for iface in ifaces {
+            let how = programs.attach(iface, mode)?;
+            log::info!("attached to {iface}: {how}");
+        }
+        Ok(AfXdp {
+            sockets,
+            counted,
+            flows,
+            stop,
+            workers,
+        })
+    }
+
+    /// Frames the kernel program found no socket for (all interfaces).
+    pub fn missed(programs: &Programs) -> u64 {
+        let Some(map) = programs.ebpf.map(MAP_XSK_MISSED) else {
+            return 0;
+        };
+        let Ok(missed) = PerCpuArray::<&MapData, u64>::try_from(map) else {
+            return 0;
+        };
+        missed.get(&0, 0).map_or(0, |per_cpu| per_cpu.iter().sum())
+    }
+
+    /// Stops the workers once they have read what their rings hold (call
+    /// after detaching the program, so that nothing more arrives).
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for AfXdp {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One queue's reader.
+struct Worker {
+    xsk: Xsk,
+    ifindex: u32,
+    flows: Arc<Mutex<FlowAggregator>>,
+    counted: Arc<Counted>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Worker {
+    fn run(mut self) {
+        let mut local: HashMap<FlowKey, FlowCounters> = HashMap::new();
+        loop {
+            let stopping = self.stop.load(Ordering::Relaxed);
+            // When stopping, read what is left without waiting.
+            let timeout = if stopping { 0 } else { 100 };
+            let mut n = 0;
+            let (mut packets, mut bytes, mut non_ip, mut malformed) = (0u64, 0u64, 0u64, 0u64);
+            let now = crate::timeconv::monotonic_ns();
+            let ifindex = self.ifindex;
+            loop {
+                let got = self.xsk.receive(if n == 0 { timeout } else { 0 }, |frame| {
+                    let mut key = FlowKey {
+                        ifindex,
+                        direction: DIR_INGRESS,
+                        ..FlowKey::default()
+                    };
+                    let (mut ip_len, mut tcp_flags) = (0u64, 0u8);
+                    match parse(&Frame(frame), &mut key, &mut ip_len, &mut tcp_flags, false) {
+                        Parsed::Flow { .. } => {
+                            packets += 1;
+                            bytes += ip_len;
+                            local.entry(key).or_default().merge(&FlowCounters {
+                                packets: 1,
+                                bytes: ip_len,
+                                first_seen_ns: now,
+                                last_seen_ns: now,
+                                tcp_flags,
+                            });
+                        }
+                        Parsed::NonIp => non_ip += 1,
+                        Parsed::Malformed => malformed += 1,
+                    }
+                });
+                match got {
+                    Ok(0) => break,
+                    Ok(k) => {
+                        n += k;
+                        if n >= MERGE_EVERY {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        log::error!("AF_XDP receive on ifindex {ifindex}: {e}");
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                        break;
+                    }
+                }
+            }
+            if !local.is_empty() {
+                let mut flows = self.flows.lock().expect("flow table lock");
+                for (k, c) in local.drain() {
+                    flows.add(k, &c);
+                }
+            }
+            let c = &self.counted;
+            c.packets.fetch_add(packets, Ordering::Relaxed);
+            c.bytes.fetch_add(bytes, Ordering::Relaxed);
+            c.non_ip.fetch_add(non_ip, Ordering::Relaxed);
+            c.malformed.fetch_add(malformed, Ordering::Relaxed);
+            if stopping && n == 0 {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! One AF_XDP socket bound to one RX queue of one interface, receive only:
+//! its UMEM (frames it lends the kernel through the fill ring), the fill,
+//! completion and RX rings mapped from the kernel, and its statistics.
+//! Written over the kernel's ABI (linux/if_xdp.h, through libc) rather than
+//! a crate: receive-only needs four rings' worth of code, and it keeps the
+//! dependency tree free of C libraries and MSRV bumps.
+//!
+//! The ring protocol: each ring is a power-of-two array with a producer
+//! and a consumer index that only grow (wrapping). We produce into the
+//! fill ring (frames the kernel may write into) and consume the RX ring
+//! (frames it wrote: address and length). A frame consumed from RX goes
+//! straight back to the fill ring once parsed, so all frames are always
+//! either the kernel's or in the batch being parsed.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Bytes per UMEM frame: a page, the kernel's default chunk. Frames longer
+/// than this (jumbo frames) are dropped by the kernel and counted in
+/// `rx_dropped`.
+pub const FRAME_SIZE: u32 = 4096;
+/// Completion ring entries: the kernel requires one to bind, even for a
+/// socket that never transmits.
+const COMPLETION_ENTRIES: u32 = 64;
+
+/// `--afxdp-zero-copy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZeroCopy {
+    /// Zero-copy where the driver supports it, else copy mode (logged).
+    Auto,
+    /// Zero-copy or fail.
+    On,
+    /// Copy mode.
+    Off,
+}
+
+impl std::str::FromStr for ZeroCopy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(ZeroCopy::Auto),
+            "on" => Ok(ZeroCopy::On),
+            "off" => Ok(ZeroCopy::Off),
+            other => Err(format!(
+                "unknown zero-copy mode {other:?}: use auto, on or off"
+            )),
+        }
+    }
+}
+
+/// The kernel's drop counters of one socket (`XDP_STATISTICS`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct XskStats {
+    /// Frames dropped: no free frame in the fill ring, or longer than a
+    /// frame.
+    pub rx_dropped: u64,
+    /// RX descriptors the kernel found invalid.
+    pub rx_invalid_descs: u64,
+    /// Frames dropped because the RX ring was full (we read too slowly).
+    pub rx_ring_full: u64,
+    /// Times the kernel found the fill ring empty (each such frame is also
+    /// in `rx_dropped`).
+    pub rx_fill_ring_empty_descs: u64,
+}
+
+/// A mapped region, unmapped on drop.
+struct Mmap {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Mmap {
+    fn new(len: usize, fd: Option<RawFd>, offset: u64) -> io::Result<Mmap> {
+        let (flags, fd) = match fd {
+            Some(fd) => (libc::MAP_SHARED | libc::MAP_POPULATE, fd),
+            None => (
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+            ),
+        };
+        // SAFETY: a fresh mapping; the kernel checks fd, offset and length.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                fd,
+                offset as libc::off_t,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mmap {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+}
+
+impl Drop for Mmap {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are exactly what mmap returned.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// One mapped ring of `T` entries.
+struct Ring<T> {
+    _map: Mmap,
+    producer: *const AtomicU32,
+    consumer: *const AtomicU32,
+    entries: *mut T,
+    mask: u32,
+}
+
+impl<T> Ring<T> {
+    /// Maps the ring of `size` entries at `pgoff`, laid out by `off`.
+    fn map(fd: RawFd, off: &libc::xdp_ring_offset, size: u32, pgoff: u64) -> io::Result<Ring<T>> {
+        let len = off.desc as usize + size as usize * size_of::<T>();
+        let map = Mmap::new(len, Some(fd), pgoff)?;
+        // SAFETY: the offsets the kernel gave lie inside the mapping; the
+        // indices are 4-byte aligned u32s the kernel updates atomically.
+        unsafe {
+            Ok(Ring {
+                producer: map.ptr.add(off.producer as usize).cast(),
+                consumer: map.ptr.add(off.consumer as usize).cast(),
+                entries: map.ptr.add(off.desc as usize).cast(),
+                mask: size - 1,
+                _map: map,
+            })
+        }
+    }
+
+    fn producer(&self) -> &AtomicU32 {
+        // SAFETY: points into the live mapping (see `map`).
+        unsafe { &*self.producer }
+    }
+
+    fn consumer(&self) -> &AtomicU32 {
+        // SAFETY: points into the live mapping (see `map`).
+        unsafe { &*self.consumer }
+    }
+
+    fn entry(&self, index: u32) -> *mut T {
+        // SAFETY: masked into the ring's `size` entries.
+        unsafe { self.entries.add((index & self.mask) as usize) }
+    }
+}
+
+/// One bound AF_XDP socket with its UMEM and rings.
+pub struct Xsk {
+    fd: OwnedFd,
+    umem: Mmap,
+    fill: Ring<u64>,
+    _completion: Ring<u64>,
+    rx: Ring<libc::xdp_desc>,
+    /// Whether the driver runs it in zero-copy mode.
+    pub zero_copy: bool,
+}
+
+// SAFETY: the raw pointers point into mappings the Xsk owns; it is used by
+// one thread at a time (moved into its worker).
+unsafe impl Send for Xsk {}
+
+fn setsockopt<T>(fd: RawFd, opt: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: value points at a T of the size passed.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_XDP,
+            opt,
+            std::ptr::from_ref(value).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn getsockopt<T: Default>(fd: RawFd, opt: libc::c_int) -> io::Result<T> {
+    let mut value = T::default();
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: value is a T of the size passed; the kernel writes at most it.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_XDP,
+            opt,
+            std::ptr::from_mut(&mut value).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+/// `XDP_STATISTICS` of a socket (any descriptor of it).
+pub fn stats(fd: RawFd) -> io::Result<XskStats> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct Raw {
+        rx_dropped: u64,
+        rx_invalid_descs: u64,
+        tx_invalid_descs: u64,
+        rx_ring_full: u64,
+        rx_fill_ring_empty_descs: u64,
+        tx_ring_empty_descs: u64,
+    }
+    let s: Raw = getsockopt(fd, libc::XDP_STATISTICS)?;
+    Ok(XskStats {
+        rx_dropped: s.rx_dropped,
+        rx_invalid_descs: s.rx_invalid_descs,
+        rx_ring_full: s.rx_ring_full,
+        rx_fill_ring_empty_descs: s.rx_fill_ring_empty_descs,
+    })
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct RingOffset {
+    producer: u64,
+    consumer: u64,
+    desc: u64,
+    flags: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MmapOffsets {
+    rx: RingOffset,
+    tx: RingOffset,
+    fr: RingOffset,
+    cr: RingOffset,
+}
+
+impl RingOffset {
+    fn libc(&self) -> libc::xdp_ring_offset {
+        libc::xdp_ring_offset {
+            producer: self.producer,
+            consumer: self.consumer,
+            desc: self.desc,
+            flags: self.flags,
+        }
+    }
+}
+
+impl Xsk {
+    /// Opens a socket on queue `queue` of interface `ifindex` with `frames`
+    /// UMEM frames (a power of two): the fill and RX rings get as many
+    /// entries, and every frame starts in the fill ring.
+    pub fn open(ifindex: u32, queue: u32, frames: u32, mode: ZeroCopy) -> io::Result<Xsk> {
+        match mode {
+            ZeroCopy::On => Xsk::open_with(ifindex, queue, frames, libc::XDP_ZEROCOPY),
+            ZeroCopy::Off => Xsk::open_with(ifindex, queue, frames, libc::XDP_COPY),
+            ZeroCopy::Auto => Xsk::open_with(ifindex, queue, frames, libc::XDP_ZEROCOPY)
+                .or_else(|_| Xsk::open_with(ifindex, queue, frames, libc::XDP_COPY)),
+        }
+    }
+
+    fn open_with(ifindex: u32, queue: u32, frames: u32, bind_flags: u16) -> io::Result<Xsk> {
+        // SAFETY: a plain socket call.
+        let raw = unsafe { libc::socket(libc::AF_XDP, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: raw is a new descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let umem = Mmap::new(frames as usize * FRAME_SIZE as usize, None, 0)?;
+        let reg = libc::xdp_umem_reg {
+            addr: umem.ptr as u64,
+            len: umem.len as u64,
+            chunk_size: FRAME_SIZE,
+            headroom: 0,
+            flags: 0,
+            tx_metadata_len: 0,
+        };
+        setsockopt(raw, libc::XDP_UMEM_REG, &reg)?;
+        setsockopt(raw, libc::XDP_UMEM_FILL_RING, &frames)?;
+        setsockopt(raw, libc::XDP_UMEM_COMPLETION_RING, &COMPLETION_ENTRIES)?;
+        setsockopt(raw, libc::XDP_RX_RING, &frames)?;
+        let off: MmapOffsets = getsockopt(raw, libc::XDP_MMAP_OFFSETS)?;
+        let fill: Ring<u64> =
+            Ring::map(raw, &off.fr.libc(), frames, libc::XDP_UMEM_PGOFF_FILL_RING)?;
+        let completion: Ring<u64> = Ring::map(
+            raw,
+            &off.cr.libc(),
+            COMPLETION_ENTRIES,
+            libc::XDP_UMEM_PGOFF_COMPLETION_RING,
+        )?;
+        let rx: Ring<libc::xdp_desc> =
+            Ring::map(raw, &off.rx.libc(), frames, libc::XDP_PGOFF_RX_RING as u64)?;
+        // Every frame to the kernel before the socket goes live.
+        let start = fill.producer().load(Ordering::Relaxed);
+        for i in 0..frames {
+            // SAFETY: an entry of the fill ring, which we alone produce into.
+            unsafe { *fill.entry(start.wrapping_add(i)) = u64::from(i) * u64::from(FRAME_SIZE) };
+        }
+        fill.producer()
+            .store(start.wrapping_add(frames), Ordering::Release);
+        let sxdp = libc::sockaddr_xdp {
+            sxdp_family: libc::AF_XDP as u16,
+            sxdp_flags: bind_flags,
+            sxdp_ifindex: ifindex,
+            sxdp_queue_id: queue,
+            sxdp_shared_umem_fd: 0,
+        };
+        // SAFETY: sxdp is a valid sockaddr_xdp of the size passed.
+        let r = unsafe {
+            libc::bind(
+                raw,
+                std::ptr::from_ref(&sxdp).cast(),
+                size_of::<libc::sockaddr_xdp>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Xsk {
+            fd,
+            umem,
+            fill,
+            _completion: completion,
+            rx,
+            zero_copy: bind_flags & libc::XDP_ZEROCOPY != 0,
+        })
+    }
+
+    /// Waits up to `timeout_ms` for frames (0: do not wait), then hands
+    /// every received frame to `f` and gives the frames back to the kernel.
+    /// Returns how many frames were received.
+    pub fn receive(&mut self, timeout_ms: i32, mut f: impl FnMut(&[u8])) -> io::Result<usize> {
+        let cons = self.rx.consumer().load(Ordering::Relaxed);
+        let mut prod = self.rx.producer().load(Ordering::Acquire);
+        if prod == cons && timeout_ms > 0 {
+            let mut pfd = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut pfd, 1, timeout_ms) } < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            prod = self.rx.producer().load(Ordering::Acquire);
+        }
+        let n = prod.wrapping_sub(cons);
+        if n == 0 {
+            return Ok(0);
+        }
+        let fill_prod = self.fill.producer().load(Ordering::Relaxed);
+        for i in 0..n {
+            // SAFETY: entries between consumer and producer are ours to read
+            // (the Acquire load above orders them after the kernel's writes).
+            let desc = unsafe { std::ptr::read(self.rx.entry(cons.wrapping_add(i))) };
+            let len = desc.len as usize;
+            let off = desc.addr as usize;
+            if off + len <= self.umem.len {
+                // SAFETY: inside the UMEM; the kernel wrote this frame and
+                // does not touch it until we return it below.
+                let frame = unsafe { std::slice::from_raw_parts(self.umem.ptr.add(off), len) };
+                f(frame);
+            }
+            // The frame's start (a copy-mode frame may begin past it).
+            let base = desc.addr - desc.addr % u64::from(FRAME_SIZE);
+            // SAFETY: the fill ring has room for every frame we hold.
+            unsafe { *self.fill.entry(fill_prod.wrapping_add(i)) = base };
+        }
+        self.rx
+            .consumer()
+            .store(cons.wrapping_add(n), Ordering::Release);
+        self.fill
+            .producer()
+            .store(fill_prod.wrapping_add(n), Ordering::Release);
+        Ok(n as usize)
+    }
+
+    /// A second descriptor of the socket, for reading its statistics from
+    /// another thread.
+    pub fn stats_handle(&self) -> io::Result<OwnedFd> {
+        self.fd.try_clone()
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
