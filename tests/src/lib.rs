@@ -721,6 +721,20 @@ impl FlowId {
     }
 }
 
+/// Asserts that the flows (packets, bytes, OR of TCP flags) are exactly
+/// `want`: no flow missing, none extra.
+pub fn assert_flows(got: &BTreeMap<FlowId, Totals>, want: &[(FlowId, u64, u64, u64)]) {
+    let want: BTreeMap<FlowId, (u64, u64, u64)> = want
+        .iter()
+        .map(|(id, p, b, f)| (id.clone(), (*p, *b, *f)))
+        .collect();
+    let got: BTreeMap<FlowId, (u64, u64, u64)> = got
+        .iter()
+        .map(|(id, t)| (id.clone(), (t.packets, t.bytes, t.tcp_flags)))
+        .collect();
+    assert_eq!(got, want, "flows (packets, bytes, tcp_flags) differ");
+}
+
 /// Sums records per flow (a flow may be split across active-timeout slices).
 pub fn totals(records: &[Value]) -> BTreeMap<FlowId, Totals> {
     let mut m: BTreeMap<FlowId, Totals> = BTreeMap::new();

@@ -4,7 +4,6 @@
 //!
 //! AF_XDP on veth runs in copy mode (no zero-copy driver), one RX queue.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use flowexport_tests::frames::*;
@@ -16,26 +15,17 @@ fn send(ns: &Netns, dev: &str, frames: Vec<Vec<u8>>, repeat: usize) -> u64 {
     send_frames(ns, dev, frames, repeat, 64, PACE).expect("send frames")
 }
 
-fn assert_flows(got: &BTreeMap<FlowId, Totals>, want: &[(FlowId, u64, u64, u64)]) {
-    let want: BTreeMap<FlowId, (u64, u64, u64)> = want
-        .iter()
-        .map(|(id, p, b, f)| (id.clone(), (*p, *b, *f)))
-        .collect();
-    let got: BTreeMap<FlowId, (u64, u64, u64)> = got
-        .iter()
-        .map(|(id, t)| (id.clone(), (t.packets, t.bytes, t.tcp_flags)))
-        .collect();
-    assert_eq!(got, want, "flows (packets, bytes, tcp_flags) differ");
-}
-
 /// The frames of the kernel paths' integration cases (UDP, TCP and ICMP
 /// over IPv4 and IPv6, one and two VLAN tags, IPv4 fragments, IPv6
 /// extension headers, a protocol without ports, non-IP), sent into a
 /// mirror port; returns the flows expected on ingress of `ifb`.
-fn send_the_cases(l: &Link, ifb: u32) -> Vec<(FlowId, u64, u64, u64)> {
-    let (a, dev) = (&l.a, l.a_dev.as_str());
+/// A flow expected in the records: id, packets, bytes, OR of TCP flags.
+type Want = (FlowId, u64, u64, u64);
+
+fn send_the_cases(l: &Link, ifb: u32) -> Vec<Want> {
     let (s4, d4) = (v4("10.5.0.1"), v4("10.5.0.2"));
     let (s6, d6) = (v6("2001:db8:5::1"), v6("2001:db8:5::2"));
+    let (a4, b4, a6, b6) = ("10.5.0.1", "10.5.0.2", "2001:db8:5::1", "2001:db8:5::2");
     let udp = ipv4(
         s4,
         d4,
@@ -45,7 +35,6 @@ fn send_the_cases(l: &Link, ifb: u32) -> Vec<(FlowId, u64, u64, u64)> {
             payload: 64,
         },
     );
-    assert_eq!(send(a, dev, vec![eth_ipv4(udp.clone())], 9), 9);
     let tcp6 = ipv6(
         s6,
         d6,
@@ -56,7 +45,6 @@ fn send_the_cases(l: &Link, ifb: u32) -> Vec<(FlowId, u64, u64, u64)> {
             payload: 20,
         },
     );
-    assert_eq!(send(a, dev, vec![eth_ipv6(tcp6.clone())], 4), 4);
     let icmp = ipv4(
         s4,
         d4,
@@ -66,7 +54,6 @@ fn send_the_cases(l: &Link, ifb: u32) -> Vec<(FlowId, u64, u64, u64)> {
             payload: 56,
         },
     );
-    assert_eq!(send(a, dev, vec![eth_ipv4(icmp.clone())], 3), 3);
     let icmp6 = ipv6(
         s6,
         d6,
@@ -76,39 +63,6 @@ fn send_the_cases(l: &Link, ifb: u32) -> Vec<(FlowId, u64, u64, u64)> {
             payload: 56,
         },
     );
-    assert_eq!(send(a, dev, vec![eth_ipv6(icmp6.clone())], 2), 2);
-    let qinq = ethernet(&[(ETH_P_8021AD, 200), (ETH_P_8021Q, 100)], ETH_P_IP, &udp);
-    assert_eq!(send(a, dev, vec![qinq], 6), 6);
-    let tagged6 = ethernet(&[(ETH_P_8021Q, 4094)], ETH_P_IPV6, &tcp6);
-    assert_eq!(send(a, dev, vec![tagged6], 5), 5);
-    // One 3000-byte UDP datagram in three fragments: the first carries the
-    // ports, the other two form a port-less flow.
-    let big = L4::Udp {
-        sport: 3333,
-        dport: 4444,
-        payload: 2992,
-    }
-    .bytes();
-    let f1 = ipv4_raw(s4, d4, 17, &big[..1480], 0, true);
-    let f2 = ipv4_raw(s4, d4, 17, &big[1480..2960], 185, true);
-    let f3 = ipv4_raw(s4, d4, 17, &big[2960..], 370, false);
-    assert_eq!(
-        send(a, dev, vec![eth_ipv4(f1), eth_ipv4(f2), eth_ipv4(f3)], 4),
-        12
-    );
-    // Hop-by-hop, destination options and a first fragment before TCP.
-    let tcp = L4::Tcp {
-        sport: 6001,
-        dport: 7001,
-        flags: TCP_SYN,
-        payload: 40,
-    }
-    .bytes();
-    let frag0 = ipv6_frag(6, 0, true, &tcp);
-    let dst = ipv6_ext(44, 1, &frag0);
-    let hbh = ipv6_ext(60, 0, &dst);
-    let ext = ipv6_raw(s6, d6, 0, &hbh);
-    assert_eq!(send(a, dev, vec![eth_ipv6(ext.clone())], 3), 3);
     let gre = ipv4(
         s4,
         d4,
@@ -117,146 +71,170 @@ fn send_the_cases(l: &Link, ifb: u32) -> Vec<(FlowId, u64, u64, u64)> {
             payload: 30,
         },
     );
-    assert_eq!(send(a, dev, vec![eth_ipv4(gre)], 2), 2);
-    assert_eq!(send(a, dev, vec![arp()], 7), 7);
-
+    // One 3000-byte UDP datagram in three fragments: the first carries the
+    // ports, the other two form a port-less flow.
+    let big = L4::Udp {
+        sport: 3333,
+        dport: 4444,
+        payload: 2992,
+    }
+    .bytes();
+    let frags = vec![
+        eth_ipv4(ipv4_raw(s4, d4, 17, &big[..1480], 0, true)),
+        eth_ipv4(ipv4_raw(s4, d4, 17, &big[1480..2960], 185, true)),
+        eth_ipv4(ipv4_raw(s4, d4, 17, &big[2960..], 370, false)),
+    ];
+    // Hop-by-hop, destination options and a first fragment before TCP.
+    let tcp = L4::Tcp {
+        sport: 6001,
+        dport: 7001,
+        flags: TCP_SYN,
+        payload: 40,
+    }
+    .bytes();
+    let ext = ipv6_raw(
+        s6,
+        d6,
+        0,
+        &ipv6_ext(60, 0, &ipv6_ext(44, 1, &ipv6_frag(6, 0, true, &tcp))),
+    );
     let id = |src: &str, dst: &str, proto: u64, sp: u64, dp: u64, vlan: u64| {
         FlowId::new(0, ifb, src, dst, proto, sp, dp, vlan)
     };
-    let mut icmp_id = id("10.5.0.1", "10.5.0.2", 1, 0, 0, 0);
-    icmp_id.icmp_type = 8;
-    let mut icmp6_id = id("2001:db8:5::1", "2001:db8:5::2", 58, 0, 0, 0);
-    icmp6_id.icmp_type = 128;
+    let icmp_id = |src, dst, proto, ty| FlowId {
+        icmp_type: ty,
+        ..id(src, dst, proto, 0, 0, 0)
+    };
     let syn = u64::from(TCP_SYN);
-    vec![
-        (id("10.5.0.1", "10.5.0.2", 17, 7, 9, 0), 9, 9 * 92, 0),
+    let len = |p: &[u8]| p.len() as u64;
+    // (frames, times each, the flows they make)
+    let cases: Vec<(Vec<Vec<u8>>, usize, Vec<Want>)> = vec![
         (
-            id("2001:db8:5::1", "2001:db8:5::2", 6, 6000, 443, 0),
+            vec![eth_ipv4(udp.clone())],
+            9,
+            vec![(id(a4, b4, 17, 7, 9, 0), 9, 9 * 92, 0)],
+        ),
+        (
+            vec![eth_ipv6(tcp6.clone())],
             4,
-            4 * tcp6.len() as u64,
-            syn,
-        ),
-        (icmp_id, 3, 3 * icmp.len() as u64, 0),
-        (icmp6_id, 2, 2 * icmp6.len() as u64, 0),
-        (id("10.5.0.1", "10.5.0.2", 17, 7, 9, 200), 6, 6 * 92, 0),
-        (
-            id("2001:db8:5::1", "2001:db8:5::2", 6, 6000, 443, 4094),
-            5,
-            5 * tcp6.len() as u64,
-            syn,
+            vec![(id(a6, b6, 6, 6000, 443, 0), 4, 4 * len(&tcp6), syn)],
         ),
         (
-            id("10.5.0.1", "10.5.0.2", 17, 3333, 4444, 0),
-            4,
-            4 * 1500,
-            0,
-        ),
-        (
-            id("10.5.0.1", "10.5.0.2", 17, 0, 0, 0),
-            8,
-            4 * (1500 + 60),
-            0,
-        ),
-        (
-            id("2001:db8:5::1", "2001:db8:5::2", 6, 6001, 7001, 0),
+            vec![eth_ipv4(icmp.clone())],
             3,
-            3 * ext.len() as u64,
-            syn,
+            vec![(icmp_id(a4, b4, 1, 8), 3, 3 * len(&icmp), 0)],
         ),
-        (id("10.5.0.1", "10.5.0.2", 47, 0, 0, 0), 2, 2 * 50, 0),
-    ]
+        (
+            vec![eth_ipv6(icmp6.clone())],
+            2,
+            vec![(icmp_id(a6, b6, 58, 128), 2, 2 * len(&icmp6), 0)],
+        ),
+        (
+            vec![ethernet(
+                &[(ETH_P_8021AD, 200), (ETH_P_8021Q, 100)],
+                ETH_P_IP,
+                &udp,
+            )],
+            6,
+            vec![(id(a4, b4, 17, 7, 9, 200), 6, 6 * 92, 0)],
+        ),
+        (
+            vec![ethernet(&[(ETH_P_8021Q, 4094)], ETH_P_IPV6, &tcp6)],
+            5,
+            vec![(id(a6, b6, 6, 6000, 443, 4094), 5, 5 * len(&tcp6), syn)],
+        ),
+        (
+            frags,
+            4,
+            vec![
+                (id(a4, b4, 17, 3333, 4444, 0), 4, 4 * 1500, 0),
+                (id(a4, b4, 17, 0, 0, 0), 8, 4 * (1500 + 60), 0),
+            ],
+        ),
+        (
+            vec![eth_ipv6(ext.clone())],
+            3,
+            vec![(id(a6, b6, 6, 6001, 7001, 0), 3, 3 * len(&ext), syn)],
+        ),
+        (
+            vec![eth_ipv4(gre)],
+            2,
+            vec![(id(a4, b4, 47, 0, 0, 0), 2, 2 * 50, 0)],
+        ),
+        (vec![arp()], 7, vec![]),
+    ];
+    let mut want = Vec::new();
+    for (frames, times, flows) in cases {
+        let n = frames.len() * times;
+        assert_eq!(send(&l.a, &l.a_dev, frames, times), n as u64);
+        want.extend(flows);
+    }
+    want
 }
 
-/// Every case with AF_XDP: the same exact flows as the kernel paths count,
-/// non-IP frames in their metric, nothing reaching the host's stack.
-#[test]
-fn afxdp_mirror_counts_every_case_exactly() {
+/// An agent with `flags` on a mirror port: every case is counted exactly
+/// and none reaches the host's stack; `during` runs while the agent does.
+/// Returns the agent's log.
+fn every_case_on_a_mirror_port(flags: &[&str], during: impl FnOnce(&Link, &Agent)) -> String {
     let l = Link::new().unwrap();
     let ifb = l.b.ifindex(&l.b_dev).unwrap();
     let stack_before = l.b.snmp("Ip", "InReceives").unwrap();
-    let agent = Agent::start(
-        &l.b,
-        &[
-            "--iface",
-            &l.b_dev,
-            "--capture",
-            "afxdp",
-            "--mirror",
-            "--sampler-address",
-            "192.0.2.10",
-        ],
-    )
-    .unwrap();
+    let mut args = vec!["--iface", &l.b_dev, "--sampler-address", "192.0.2.10"];
+    args.extend_from_slice(flags);
+    let agent = Agent::start(&l.b, &args).unwrap();
     let want = send_the_cases(&l, ifb);
-    // Read before the metrics are fetched (over this namespace's loopback,
+    // Read before any metrics are fetched (over this namespace's loopback,
     // which the counter also counts).
     let stack_after = l.b.snmp("Ip", "InReceives").unwrap();
-    let mut m = String::new();
-    let seen = wait_until(Duration::from_secs(10), || {
-        m = agent.metrics(9590).unwrap_or_default();
-        metric(&m, "flowexport_non_ip_packets_total{direction=\"ingress\"}") == Some(7.0)
-    });
-    assert!(seen, "non-IP frames not counted:\n{m}");
-    let dropped = format!(
-        "flowexport_afxdp_dropped_packets_total{{iface=\"{}\",queue=\"0\",reason=\"rx_dropped\"}}",
-        l.b_dev
-    );
-    assert_eq!(metric(&m, &dropped).unwrap_or(0.0), 0.0, "{m}");
+    during(&l, &agent);
     let out = agent.stop().unwrap();
     assert!(out.status.success(), "{}", out.stderr);
-    assert!(out.stderr.contains("copy mode"), "{}", out.stderr);
     assert_flows(&totals(&out.records), &want);
     assert_eq!(
         stack_after, stack_before,
         "mirrored frames reached the host's stack"
     );
+    out.stderr
+}
+
+/// Every case with AF_XDP: the same exact flows as the kernel paths count,
+/// non-IP frames in their metric, no drop.
+#[test]
+fn afxdp_mirror_counts_every_case_exactly() {
+    let log = every_case_on_a_mirror_port(&["--capture", "afxdp", "--mirror"], |l, agent| {
+        let mut m = String::new();
+        let seen = wait_until(Duration::from_secs(10), || {
+            m = agent.metrics(9590).unwrap_or_default();
+            metric(&m, "flowexport_non_ip_packets_total{direction=\"ingress\"}") == Some(7.0)
+        });
+        assert!(seen, "non-IP frames not counted:\n{m}");
+        let dropped = format!(
+            "flowexport_afxdp_dropped_packets_total{{iface=\"{}\",queue=\"0\",reason=\"rx_dropped\"}}",
+            l.b_dev
+        );
+        assert_eq!(metric(&m, &dropped).unwrap_or(0.0), 0.0, "{m}");
+    });
+    assert!(log.contains("copy mode"), "{log}");
 }
 
 /// `--mirror` with the XDP program: the copies are counted and dropped, no
-/// egress program is attached.
+/// egress program is attached (the host's own frames out of the port are
+/// not counted).
 #[test]
 fn xdp_mirror_counts_and_drops_the_copies() {
-    let l = Link::new().unwrap();
-    let ifb = l.b.ifindex(&l.b_dev).unwrap();
-    let stack_before = l.b.snmp("Ip", "InReceives").unwrap();
-    let agent = Agent::start(
-        &l.b,
-        &[
-            "--iface",
-            &l.b_dev,
-            "--mirror",
-            "--xdp-mode",
-            "native",
-            "--sampler-address",
-            "192.0.2.10",
-        ],
-    )
-    .unwrap();
-    let want = send_the_cases(&l, ifb);
-    // The host's own frame out of the mirror port is not counted.
-    let out_frame = eth_ipv4(ipv4(
-        v4("10.5.0.2"),
-        v4("10.5.0.1"),
-        &L4::Udp {
-            sport: 9,
-            dport: 7,
-            payload: 10,
-        },
-    ));
-    assert_eq!(send(&l.b, &l.b_dev, vec![out_frame], 5), 5);
-    let out = agent.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
-    assert!(
-        out.stderr.contains("mirror (copies dropped, no egress)"),
-        "{}",
-        out.stderr
-    );
-    assert_flows(&totals(&out.records), &want);
-    assert_eq!(
-        l.b.snmp("Ip", "InReceives").unwrap(),
-        stack_before,
-        "mirrored frames reached the host's stack"
-    );
+    let log = every_case_on_a_mirror_port(&["--mirror", "--xdp-mode", "native"], |l, _| {
+        let out_frame = eth_ipv4(ipv4(
+            v4("10.5.0.2"),
+            v4("10.5.0.1"),
+            &L4::Udp {
+                sport: 9,
+                dport: 7,
+                payload: 10,
+            },
+        ));
+        assert_eq!(send(&l.b, &l.b_dev, vec![out_frame], 5), 5);
+    });
+    assert!(log.contains("mirror (copies dropped, no egress)"), "{log}");
 }
 
 /// A burst into a deliberately tiny ring: every frame is either exported or

@@ -5,7 +5,6 @@
 //! Needs root (CI runs as root). Every namespace is removed on drop, also
 //! when an assertion fails.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use flowexport_tests::frames::*;
@@ -49,21 +48,6 @@ fn agent_args<'a>(iface: &'a [&'a str], extra: &[&'a str]) -> Vec<&'a str> {
     a.extend_from_slice(&["--sampler-address", "192.0.2.10"]);
     a.extend_from_slice(extra);
     a
-}
-
-fn assert_flows(got: &BTreeMap<FlowId, Totals>, want: &[(FlowId, u64, u64, u64)]) {
-    let want_map: BTreeMap<FlowId, (u64, u64, u64)> = want
-        .iter()
-        .map(|(id, p, b, f)| (id.clone(), (*p, *b, *f)))
-        .collect();
-    let got_map: BTreeMap<FlowId, (u64, u64, u64)> = got
-        .iter()
-        .map(|(id, t)| (id.clone(), (t.packets, t.bytes, t.tcp_flags)))
-        .collect();
-    assert_eq!(
-        got_map, want_map,
-        "flows (packets, bytes, tcp_flags) differ"
-    );
 }
 
 in_each_capture!(both_directions_exact: ipv4_ipv6_udp_tcp_icmp_both_directions_exact, ipv4_ipv6_udp_tcp_icmp_both_directions_exact_tc_capture);
