@@ -133,6 +133,67 @@ pub struct FlowRecord {
     pub src_as_name: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub dst_as_name: String,
+    /// A flow that came out of a tunnel (`--capture afxdp`, decapsulated):
+    /// the tunnel, its VNI / GRE key / ERSPAN session id, and the outer
+    /// addresses. Left out of JSON when not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_type: Option<TunnelType>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tunnel_id: u32,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "addr_or_empty",
+        deserialize_with = "addr_from_text"
+    )]
+    pub outer_src_addr: Option<IpAddr>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "addr_or_empty",
+        deserialize_with = "addr_from_text"
+    )]
+    pub outer_dst_addr: Option<IpAddr>,
+}
+
+/// The tunnel a decapsulated flow came in (`tunnel_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelType {
+    /// VXLAN (UDP 4789); the id is the VNI.
+    Vxlan,
+    /// GENEVE (UDP 6081); the id is the VNI.
+    Geneve,
+    /// GRE carrying Ethernet or IP; the id is the GRE key (0 without one).
+    Gre,
+    /// ERSPAN type I, II or III (GRE 0x88BE / 0x22EB); the id is the
+    /// session id.
+    Erspan,
+    /// IPv4 or IPv6 in IP (protocol 4 / 41); no id.
+    Ipip,
+}
+
+impl TunnelType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TunnelType::Vxlan => "vxlan",
+            TunnelType::Geneve => "geneve",
+            TunnelType::Gre => "gre",
+            TunnelType::Erspan => "erspan",
+            TunnelType::Ipip => "ipip",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<TunnelType> {
+        Some(match s {
+            "vxlan" => TunnelType::Vxlan,
+            "geneve" => TunnelType::Geneve,
+            "gre" => TunnelType::Gre,
+            "erspan" => TunnelType::Erspan,
+            "ipip" => TunnelType::Ipip,
+            _ => return None,
+        })
+    }
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -175,6 +236,10 @@ impl Default for FlowRecord {
             cid: 0,
             src_as_name: String::new(),
             dst_as_name: String::new(),
+            tunnel_type: None,
+            tunnel_id: 0,
+            outer_src_addr: None,
+            outer_dst_addr: None,
         }
     }
 }

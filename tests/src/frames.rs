@@ -195,3 +195,67 @@ pub fn arp() -> Vec<u8> {
     p.extend_from_slice(&[0, 0, 0, 0, 0, 0, 192, 0, 2, 2]);
     ethernet(&[], ETH_P_ARP, &p)
 }
+
+/// UDP to `dport` carrying `payload` (a tunnel header and what it carries).
+pub fn udp_with(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut u = Vec::with_capacity(8 + payload.len());
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    u
+}
+
+/// A VXLAN header (I flag, `vni`) and the inner Ethernet frame.
+pub fn vxlan(vni: u32, inner: &[u8]) -> Vec<u8> {
+    let mut h = vec![0x08, 0, 0, 0];
+    h.extend_from_slice(&(vni << 8).to_be_bytes());
+    h.extend_from_slice(inner);
+    h
+}
+
+/// A GENEVE header with one 4-byte option, Ethernet payload, `vni`.
+pub fn geneve(vni: u32, inner: &[u8]) -> Vec<u8> {
+    let mut h = vec![0x01, 0, 0x65, 0x58];
+    h.extend_from_slice(&(vni << 8).to_be_bytes());
+    h.extend_from_slice(&[0x01, 0x02, 0x03, 0x04]);
+    h.extend_from_slice(inner);
+    h
+}
+
+/// A GRE header: protocol `ptype`, with `key` and `seq` when given.
+pub fn gre(ptype: u16, key: Option<u32>, seq: Option<u32>, inner: &[u8]) -> Vec<u8> {
+    let flags: u16 =
+        if key.is_some() { 0x2000 } else { 0 } | if seq.is_some() { 0x1000 } else { 0 };
+    let mut h = flags.to_be_bytes().to_vec();
+    h.extend_from_slice(&ptype.to_be_bytes());
+    if let Some(k) = key {
+        h.extend_from_slice(&k.to_be_bytes());
+    }
+    if let Some(s) = seq {
+        h.extend_from_slice(&s.to_be_bytes());
+    }
+    h.extend_from_slice(inner);
+    h
+}
+
+/// An ERSPAN type II header (session `session`) and the mirrored frame.
+pub fn erspan2(session: u16, inner: &[u8]) -> Vec<u8> {
+    let mut h = vec![0x10, 0x00];
+    h.extend_from_slice(&(session & 0x3ff).to_be_bytes());
+    h.extend_from_slice(&[0, 0, 0, 0]);
+    h.extend_from_slice(inner);
+    h
+}
+
+/// An ERSPAN type III header (session `session`) with the 8-byte platform
+/// sub-header, and the mirrored frame.
+pub fn erspan3(session: u16, inner: &[u8]) -> Vec<u8> {
+    let mut h = vec![0x20, 0x00];
+    h.extend_from_slice(&(session & 0x3ff).to_be_bytes());
+    h.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0x01]);
+    h.extend_from_slice(&[0u8; 8]);
+    h.extend_from_slice(inner);
+    h
+}

@@ -349,3 +349,193 @@ fn afxdp_needs_mirror_and_names_what_does_not_fit() {
         &["has no RX queue 3"],
     );
 }
+
+/// Frames the test encapsulates in VXLAN, GENEVE, GRE with a key, ERSPAN
+/// II and III and IPv4-in-IPv4: each counts as its inner flow, exactly,
+/// with the tunnel's type, id and outer addresses; with `--decap none` as
+/// the outer packets.
+#[test]
+fn afxdp_decapsulates_tunnels_into_inner_flows() {
+    let (outer_s, outer_d) = (v4("198.51.100.1"), v4("198.51.100.2"));
+    let inner_ip = |n: u8| {
+        ipv4(
+            v4(&format!("172.16.{n}.1")),
+            v4(&format!("172.16.{n}.2")),
+            &L4::Udp {
+                sport: 5000,
+                dport: 6000,
+                payload: 40,
+            },
+        )
+    };
+    let inner_eth = |n: u8| eth_ipv4(inner_ip(n));
+    // (outer frame, times, inner net, tunnel type, tunnel id)
+    let cases: Vec<(Vec<u8>, usize, u8, &str, u64)> = vec![
+        (
+            eth_ipv4(ipv4_raw(
+                outer_s,
+                outer_d,
+                17,
+                &udp_with(40000, 4789, &vxlan(5001, &inner_eth(1))),
+                0,
+                false,
+            )),
+            3,
+            1,
+            "vxlan",
+            5001,
+        ),
+        (
+            eth_ipv4(ipv4_raw(
+                outer_s,
+                outer_d,
+                17,
+                &udp_with(40000, 6081, &geneve(77, &inner_eth(2))),
+                0,
+                false,
+            )),
+            4,
+            2,
+            "geneve",
+            77,
+        ),
+        (
+            eth_ipv4(ipv4_raw(
+                outer_s,
+                outer_d,
+                47,
+                &gre(0x6558, Some(1234), None, &inner_eth(3)),
+                0,
+                false,
+            )),
+            5,
+            3,
+            "gre",
+            1234,
+        ),
+        (
+            eth_ipv4(ipv4_raw(
+                outer_s,
+                outer_d,
+                47,
+                &gre(0x88be, None, Some(1), &erspan2(300, &inner_eth(4))),
+                0,
+                false,
+            )),
+            6,
+            4,
+            "erspan",
+            300,
+        ),
+        (
+            eth_ipv4(ipv4_raw(
+                outer_s,
+                outer_d,
+                47,
+                &gre(0x22eb, None, Some(1), &erspan3(512, &inner_eth(5))),
+                0,
+                false,
+            )),
+            2,
+            5,
+            "erspan",
+            512,
+        ),
+        (
+            eth_ipv4(ipv4_raw(outer_s, outer_d, 4, &inner_ip(6), 0, false)),
+            7,
+            6,
+            "ipip",
+            0,
+        ),
+    ];
+    for decap in ["inner", "none"] {
+        let l = Link::new().unwrap();
+        let ifb = l.b.ifindex(&l.b_dev).unwrap();
+        let agent = Agent::start(
+            &l.b,
+            &[
+                "--iface",
+                &l.b_dev,
+                "--capture",
+                "afxdp",
+                "--mirror",
+                "--decap",
+                decap,
+            ],
+        )
+        .unwrap();
+        for (frame, times, ..) in &cases {
+            assert_eq!(
+                send(&l.a, &l.a_dev, vec![frame.clone()], *times),
+                *times as u64
+            );
+        }
+        let out = agent.stop().unwrap();
+        assert!(out.status.success(), "{}", out.stderr);
+        let got = totals(&out.records);
+        if decap == "none" {
+            // The outer packets: UDP 40000 -> 4789 / 6081, GRE, IP-in-IP.
+            let outer = |proto, dport, n: u64, bytes: u64| {
+                (
+                    FlowId::new(
+                        0,
+                        ifb,
+                        "198.51.100.1",
+                        "198.51.100.2",
+                        proto,
+                        if proto == 17 { 40000 } else { 0 },
+                        dport,
+                        0,
+                    ),
+                    n,
+                    bytes,
+                    0,
+                )
+            };
+            let len = |f: &Vec<u8>| f.len() as u64 - 14;
+            assert_flows(
+                &got,
+                &[
+                    outer(17, 4789, 3, 3 * len(&cases[0].0)),
+                    outer(17, 6081, 4, 4 * len(&cases[1].0)),
+                    outer(
+                        47,
+                        0,
+                        13,
+                        5 * len(&cases[2].0) + 6 * len(&cases[3].0) + 2 * len(&cases[4].0),
+                    ),
+                    outer(4, 0, 7, 7 * len(&cases[5].0)),
+                ],
+            );
+            assert!(out.records.iter().all(|r| r.get("tunnel_type").is_none()));
+            continue;
+        }
+        let want: Vec<_> = cases
+            .iter()
+            .map(|(_, times, n, ..)| {
+                let id = FlowId::new(
+                    0,
+                    ifb,
+                    &format!("172.16.{n}.1"),
+                    &format!("172.16.{n}.2"),
+                    17,
+                    5000,
+                    6000,
+                    0,
+                );
+                (id, *times as u64, *times as u64 * 68, 0)
+            })
+            .collect();
+        assert_flows(&got, &want);
+        for (_, _, n, kind, id) in &cases {
+            let src = format!("172.16.{n}.1");
+            for r in out.records.iter().filter(|r| r["src_addr"] == src.as_str()) {
+                assert_eq!(r["tunnel_type"], *kind, "{r}");
+                assert_eq!(r["tunnel_id"].as_u64().unwrap_or(0), *id, "{r}");
+                assert_eq!(r["outer_src_addr"], "198.51.100.1", "{r}");
+                assert_eq!(r["outer_dst_addr"], "198.51.100.2", "{r}");
+            }
+        }
+    }
+}

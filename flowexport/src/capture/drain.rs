@@ -117,14 +117,42 @@ pub struct Timeouts {
 /// export); the agent batches them into records for the sinks.
 pub type Export<'a> = dyn FnMut(&FlowKey, &FlowCounters) + 'a;
 
-/// Flows that found no table slot (fallback ring, overflow counters), kept
-/// in userspace between exports: counts since the flow's last export.
-#[derive(Default)]
-pub struct FlowAggregator {
-    flows: HashMap<FlowKey, FlowCounters>,
+/// What a flow table keys flows by: the kernel's [`FlowKey`], or a key
+/// with more identity around it (AF_XDP's tunnel).
+pub trait AggregateKey: Copy + Eq + std::hash::Hash {
+    /// The 5-tuple part (for the TCP FIN/RST rule).
+    fn flow(&self) -> &FlowKey;
+    /// The key with bytes that are not part of the flow cleared.
+    fn normalized(self) -> Self;
 }
 
-impl FlowAggregator {
+impl AggregateKey for FlowKey {
+    fn flow(&self) -> &FlowKey {
+        self
+    }
+
+    fn normalized(mut self) -> Self {
+        self._pad = [0; 3];
+        self
+    }
+}
+
+/// Flows counted in userspace between exports: the kernel paths' flows that
+/// found no table slot (fallback ring, overflow counters), and every flow
+/// of the AF_XDP capture. Counts since the flow's last export.
+pub struct FlowAggregator<K = FlowKey> {
+    flows: HashMap<K, FlowCounters>,
+}
+
+impl<K> Default for FlowAggregator<K> {
+    fn default() -> Self {
+        FlowAggregator {
+            flows: HashMap::new(),
+        }
+    }
+}
+
+impl<K: AggregateKey> FlowAggregator<K> {
     pub fn len(&self) -> usize {
         self.flows.len()
     }
@@ -134,9 +162,8 @@ impl FlowAggregator {
     }
 
     /// Adds counters to a flow. The key's pad bytes are not part of the flow.
-    pub fn add(&mut self, mut key: FlowKey, c: &FlowCounters) {
-        key._pad = [0; 3];
-        self.flows.entry(key).or_default().merge(c);
+    pub fn add(&mut self, key: K, c: &FlowCounters) {
+        self.flows.entry(key.normalized()).or_default().merge(c);
     }
 
     /// Exports every flow that is due: idle for `idle_ns`, active for
@@ -144,13 +171,19 @@ impl FlowAggregator {
     /// that saw FIN or RST, or everything if `force` (shutdown). An exported
     /// flow leaves the table; its next packet starts a new slice, so
     /// successive records of a long flow are deltas. Returns how many.
-    pub fn expire(&mut self, now_ns: u64, t: Timeouts, force: bool, out: &mut Export) -> usize {
+    pub fn expire(
+        &mut self,
+        now_ns: u64,
+        t: Timeouts,
+        force: bool,
+        out: &mut dyn FnMut(&K, &FlowCounters),
+    ) -> usize {
         let mut n = 0;
         self.flows.retain(|k, c| {
             let due = force
                 || now_ns.saturating_sub(c.last_seen_ns) >= t.idle_ns
                 || now_ns.saturating_sub(c.first_seen_ns) >= t.active_ns
-                || (k.proto == IPPROTO_TCP && c.tcp_flags & (TCP_FIN | TCP_RST) != 0);
+                || (k.flow().proto == IPPROTO_TCP && c.tcp_flags & (TCP_FIN | TCP_RST) != 0);
             if due {
                 out(k, c);
                 n += 1;

@@ -190,6 +190,35 @@ pub fn write_record(out: &mut Vec<u8>, r: &FlowRecord) {
             serde_json::to_writer(&mut *out, name).expect("a string serializes");
         }
     }
+    if r.tunnel_type.is_some()
+        || r.tunnel_id != 0
+        || r.outer_src_addr.is_some()
+        || r.outer_dst_addr.is_some()
+    {
+        let mut l = Line {
+            buf: [0; MAX_FIXED],
+            len: 0,
+        };
+        if let Some(t) = r.tunnel_type {
+            l.put(b",\"tunnel_type\":\"");
+            l.put_slice(t.as_str().as_bytes());
+            l.put(b"\"");
+        }
+        if r.tunnel_id != 0 {
+            l.int(b",\"tunnel_id\":", r.tunnel_id.into());
+        }
+        for (key, addr) in [
+            (&b",\"outer_src_addr\":\""[..], r.outer_src_addr),
+            (b",\"outer_dst_addr\":\"", r.outer_dst_addr),
+        ] {
+            if let Some(a) = addr {
+                l.put_slice(key);
+                l.addr(a);
+                l.put(b"\"");
+            }
+        }
+        out.extend_from_slice(&l.buf[..l.len]);
+    }
     out.push(b'}');
 }
 
@@ -204,7 +233,7 @@ pub fn write_lines(out: &mut Vec<u8>, records: &[FlowRecord]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::FlowType;
+    use crate::record::{FlowType, TunnelType};
     use std::net::Ipv6Addr;
 
     fn serde(r: &FlowRecord) -> String {
@@ -252,8 +281,37 @@ mod tests {
             cid: u32::MAX,
             src_as_name: "AS \"quoted\" \\ back\u{1}slash, ünïcode, \u{2028}".into(),
             dst_as_name: "EXAMPLE-NET".into(),
+            tunnel_type: Some(TunnelType::Erspan),
+            tunnel_id: u32::MAX,
+            outer_src_addr: Some(IpAddr::V6(Ipv6Addr::from(u128::MAX))),
+            outer_dst_addr: Some(IpAddr::V4(Ipv4Addr::BROADCAST)),
         };
         let mut v = vec![FlowRecord::default(), max];
+        // Each tunnel field alone, every tunnel type.
+        for (i, t) in [
+            TunnelType::Vxlan,
+            TunnelType::Geneve,
+            TunnelType::Gre,
+            TunnelType::Erspan,
+            TunnelType::Ipip,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            v.push(FlowRecord {
+                tunnel_type: Some(t),
+                ..FlowRecord::default()
+            });
+            v.push(FlowRecord {
+                tunnel_id: i as u32 + 1,
+                outer_src_addr: Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, i as u8))),
+                ..FlowRecord::default()
+            });
+            v.push(FlowRecord {
+                outer_dst_addr: Some("2001:db8::7".parse().unwrap()),
+                ..FlowRecord::default()
+            });
+        }
         for (i, t) in [
             FlowType::Unknown,
             FlowType::SFlow5,

@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use prost::Message;
 
-use crate::record::{FlowRecord, FlowType};
+use crate::record::{FlowRecord, FlowType, TunnelType};
 
 pub mod scan;
 
@@ -25,6 +25,8 @@ pub enum DecodeError {
     Address { field: &'static str, len: usize },
     #[error("{field}: {value} does not fit")]
     Range { field: &'static str, value: u64 },
+    #[error("tunnel_type: not vxlan, geneve, gre, erspan or ipip")]
+    Tunnel,
 }
 
 fn bytes_addr(field: &'static str, b: &[u8]) -> Result<IpAddr, DecodeError> {
@@ -117,6 +119,13 @@ pub fn fill_message(m: &mut FlowMessage, r: &FlowRecord) {
     m.src_as_name.push_str(&r.src_as_name);
     m.dst_as_name.clear();
     m.dst_as_name.push_str(&r.dst_as_name);
+    m.tunnel_type.clear();
+    if let Some(t) = r.tunnel_type {
+        m.tunnel_type.push_str(t.as_str());
+    }
+    m.tunnel_id = r.tunnel_id;
+    set_addr(&mut m.outer_src_addr, r.outer_src_addr.as_ref());
+    set_addr(&mut m.outer_dst_addr, r.outer_dst_addr.as_ref());
 }
 
 /// Encodes records one after another without allocating per record: the
@@ -187,7 +196,23 @@ pub fn from_message(m: &FlowMessage) -> Result<FlowRecord, DecodeError> {
         cid: m.cid,
         src_as_name: m.src_as_name.clone(),
         dst_as_name: m.dst_as_name.clone(),
+        tunnel_type: match m.tunnel_type.as_str() {
+            "" => None,
+            t => Some(TunnelType::from_name(t).ok_or(DecodeError::Tunnel)?),
+        },
+        tunnel_id: m.tunnel_id,
+        outer_src_addr: opt_addr("outer_src_addr", &m.outer_src_addr)?,
+        outer_dst_addr: opt_addr("outer_dst_addr", &m.outer_dst_addr)?,
     })
+}
+
+/// An optional address: empty bytes are none.
+fn opt_addr(field: &'static str, b: &[u8]) -> Result<Option<IpAddr>, DecodeError> {
+    if b.is_empty() {
+        Ok(None)
+    } else {
+        bytes_addr(field, b).map(Some)
+    }
 }
 
 /// Appends the encoded message to `out`, with a varint length prefix if
@@ -265,6 +290,10 @@ pub(crate) mod tests {
             cid: 17,
             src_as_name: "EXAMPLE-AS".into(),
             dst_as_name: String::new(),
+            tunnel_type: Some(TunnelType::Vxlan),
+            tunnel_id: 4242,
+            outer_src_addr: Some("192.0.2.100".parse().unwrap()),
+            outer_dst_addr: Some("2001:db8::100".parse().unwrap()),
         }
     }
 

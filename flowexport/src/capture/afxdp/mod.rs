@@ -6,10 +6,14 @@
 //! parser ([`flowexport_common::parse`]) and counts them into the flow
 //! table every capture path shares ([`FlowAggregator`]), which the agent
 //! drains on the same idle and active timeouts into the same records.
+//! With `--decap inner` (the default), a frame carrying a tunnel (VXLAN,
+//! GENEVE, GRE, ERSPAN, IP-in-IP, see [`decap`]) counts as its inner flow,
+//! keyed and recorded with the tunnel.
 //!
 //! Nothing is dropped silently: frames no socket took (`XSK_MISSED`) and
 //! the kernel's per-socket drops (`XDP_STATISTICS`) are metrics.
 
+pub mod decap;
 pub mod xsk;
 
 use std::collections::HashMap;
@@ -26,7 +30,9 @@ use flowexport_common::{
 pub use xsk::ZeroCopy;
 use xsk::{Xsk, XskStats};
 
-use super::drain::FlowAggregator;
+use decap::{decap, Tunnel};
+
+use super::drain::{AggregateKey, FlowAggregator};
 use super::flow::FlowCounters;
 use super::loader::{ifindex, CaptureError, Programs};
 
@@ -64,6 +70,26 @@ impl std::str::FromStr for Queues {
     }
 }
 
+/// `--decap`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decap {
+    /// Count the outer packets, as the kernel paths do.
+    None,
+    /// Count a tunnel's inner flow, with the tunnel (one level).
+    Inner,
+}
+
+impl std::str::FromStr for Decap {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Decap::None),
+            "inner" => Ok(Decap::Inner),
+            other => Err(format!("unknown --decap {other:?}: use none or inner")),
+        }
+    }
+}
+
 /// The AF_XDP settings of the agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
@@ -71,6 +97,26 @@ pub struct Settings {
     pub zero_copy: ZeroCopy,
     /// UMEM frames per queue (a power of two).
     pub frames: u32,
+    pub decap: Decap,
+}
+
+/// A flow of the AF_XDP capture: the kernel's key, and the tunnel it came
+/// in (decapsulated flows only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct XskKey {
+    pub flow: FlowKey,
+    pub tunnel: Option<Tunnel>,
+}
+
+impl AggregateKey for XskKey {
+    fn flow(&self) -> &FlowKey {
+        &self.flow
+    }
+
+    fn normalized(mut self) -> Self {
+        self.flow._pad = [0; 3];
+        self
+    }
 }
 
 /// What the workers counted, for the metrics (cumulative).
@@ -102,7 +148,7 @@ pub struct AfXdp {
     pub sockets: Vec<Socket>,
     pub counted: Arc<Counted>,
     /// The flow table the workers count into and the agent drains.
-    pub flows: Arc<Mutex<FlowAggregator>>,
+    pub flows: Arc<Mutex<FlowAggregator<XskKey>>>,
     stop: Arc<AtomicBool>,
     workers: Vec<JoinHandle<()>>,
 }
@@ -281,6 +327,7 @@ impl AfXdp {
             });
             let worker = Worker {
                 xsk,
+                decap: settings.decap,
                 ifindex: index,
                 flows: flows.clone(),
                 counted: counted.clone(),
@@ -336,15 +383,17 @@ impl Drop for AfXdp {
 /// One queue's reader.
 struct Worker {
     xsk: Xsk,
+    decap: Decap,
     ifindex: u32,
-    flows: Arc<Mutex<FlowAggregator>>,
+    flows: Arc<Mutex<FlowAggregator<XskKey>>>,
     counted: Arc<Counted>,
     stop: Arc<AtomicBool>,
 }
 
 impl Worker {
     fn run(mut self) {
-        let mut local: HashMap<FlowKey, FlowCounters> = HashMap::new();
+        let mut local: HashMap<XskKey, FlowCounters> = HashMap::new();
+        let mut scratch = Vec::new();
         loop {
             let stopping = self.stop.load(Ordering::Relaxed);
             // When stopping, read what is left without waiting.
@@ -352,7 +401,7 @@ impl Worker {
             let mut n = 0;
             let (mut packets, mut bytes, mut non_ip, mut malformed) = (0u64, 0u64, 0u64, 0u64);
             let now = crate::timeconv::monotonic_ns();
-            let ifindex = self.ifindex;
+            let (ifindex, decap_inner) = (self.ifindex, self.decap == Decap::Inner);
             loop {
                 let got = self.xsk.receive(if n == 0 { timeout } else { 0 }, |frame| {
                     let mut key = FlowKey {
@@ -360,11 +409,16 @@ impl Worker {
                         direction: DIR_INGRESS,
                         ..FlowKey::default()
                     };
+                    let (tunnel, frame) = match decap_inner.then(|| decap(frame, &mut scratch)) {
+                        Some(Some((t, inner))) => (Some(t), inner),
+                        _ => (None, frame),
+                    };
                     let (mut ip_len, mut tcp_flags) = (0u64, 0u8);
                     match parse(&Frame(frame), &mut key, &mut ip_len, &mut tcp_flags, false) {
                         Parsed::Flow { .. } => {
                             packets += 1;
                             bytes += ip_len;
+                            let key = XskKey { flow: key, tunnel };
                             local.entry(key).or_default().merge(&FlowCounters {
                                 packets: 1,
                                 bytes: ip_len,

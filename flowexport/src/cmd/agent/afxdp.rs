@@ -58,7 +58,14 @@ fn export(
     let active = {
         let mut flows = capture.flows.lock().expect("flow table lock");
         flows.expire(now, timeouts, force, &mut |k, c| {
-            due.push(to_record(k, c, &ctx));
+            let mut r = to_record(&k.flow, c, &ctx);
+            if let Some(t) = k.tunnel {
+                r.tunnel_type = Some(t.kind);
+                r.tunnel_id = t.id;
+                r.outer_src_addr = Some(t.outer_src);
+                r.outer_dst_addr = Some(t.outer_dst);
+            }
+            due.push(r);
         });
         flows.len()
     };

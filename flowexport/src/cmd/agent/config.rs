@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Deserialize;
 
-use crate::capture::afxdp::{Queues, Settings as AfxdpSettings, ZeroCopy, DEFAULT_FRAMES};
+use crate::capture::afxdp::{Decap, Queues, Settings as AfxdpSettings, ZeroCopy, DEFAULT_FRAMES};
 use crate::capture::filter::Rule;
 use crate::capture::loader::{Capture, XdpModeChoice};
 use crate::cmd::flags::{de, layered, parse_duration, ConfigFile, KafkaArgs, Layer};
@@ -95,6 +95,14 @@ pub struct AgentArgs {
     /// flowexport_afxdp_dropped_packets_total. [default: 4096]
     #[arg(long, value_name = "N")]
     pub afxdp_frames: Option<u32>,
+    /// --capture afxdp: count a tunnel's inner flow, with the tunnel's
+    /// type, id (VNI, GRE key, ERSPAN session) and outer addresses in the
+    /// record (inner: VXLAN, GENEVE, GRE, ERSPAN I/II/III, IPv4/IPv6 in IP;
+    /// one level), or the outer packets as the other capture modes do
+    /// (none). [default: inner]
+    #[arg(long, value_name = "none|inner")]
+    #[serde(deserialize_with = "de::parsed")]
+    pub decap: Option<Decap>,
     /// XDP attach mode: native (driver), skb (generic), or auto = native,
     /// falling back to skb with a log line. [default: auto]
     #[arg(long, value_name = "MODE")]
@@ -343,14 +351,19 @@ impl AgentArgs {
             queues: a.afxdp_queues.clone().unwrap_or(Queues::All),
             zero_copy: a.afxdp_zero_copy.unwrap_or(ZeroCopy::Auto),
             frames: a.afxdp_frames.unwrap_or(DEFAULT_FRAMES),
+            decap: a.decap.unwrap_or(Decap::Inner),
         };
         if capture == Capture::Afxdp {
             check_afxdp(&a, &afxdp)?;
         } else if a.afxdp_queues.is_some()
             || a.afxdp_zero_copy.is_some()
             || a.afxdp_frames.is_some()
+            || a.decap.is_some()
         {
-            bail!("--afxdp-queues, --afxdp-zero-copy and --afxdp-frames apply to --capture afxdp");
+            bail!(
+                "--afxdp-queues, --afxdp-zero-copy, --afxdp-frames and --decap apply to --capture \
+                 afxdp"
+            );
         }
         let ifaces = a.iface;
         let exclude_ifaces = a.exclude_iface;
