@@ -4,6 +4,7 @@
 //!
 //! AF_XDP on veth runs in copy mode (no zero-copy driver), one RX queue.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use flowexport_tests::frames::*;
@@ -452,6 +453,16 @@ fn afxdp_decapsulates_tunnels_into_inner_flows() {
     for decap in ["inner", "none"] {
         let l = Link::new().unwrap();
         let ifb = l.b.ifindex(&l.b_dev).unwrap();
+        // An IPFIX collector on the namespace's loopback: our decoder reads
+        // the exports back.
+        let collector =
+            l.b.run(|| {
+                let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                s
+            })
+            .unwrap();
+        let ipfix = collector.local_addr().unwrap().to_string();
         let agent = Agent::start(
             &l.b,
             &[
@@ -462,6 +473,9 @@ fn afxdp_decapsulates_tunnels_into_inner_flows() {
                 "--mirror",
                 "--decap",
                 decap,
+                "--stdout",
+                "--ipfix",
+                &ipfix,
             ],
         )
         .unwrap();
@@ -528,6 +542,40 @@ fn afxdp_decapsulates_tunnels_into_inner_flows() {
             })
             .collect();
         assert_flows(&got, &want);
+        // IPFIX carries the inner flows, with the VNI (VXLAN, GENEVE) or
+        // GRE key as layer2SegmentId; ERSPAN and IP-in-IP have none.
+        let mut decoder = flowexport::codec::netflow::NetflowDecoder::default();
+        let mut exported = Vec::new();
+        let mut buf = [0u8; 65536];
+        while let Ok(n) = collector.recv(&mut buf) {
+            decoder
+                .decode("127.0.0.1".parse().unwrap(), &buf[..n], 0, &mut exported)
+                .unwrap();
+        }
+        let segments: BTreeMap<String, (Option<&str>, u32, u64)> = exported
+            .iter()
+            .map(|r| {
+                (
+                    r.src_addr.to_string(),
+                    (
+                        r.tunnel_type.map(flowexport::record::TunnelType::as_str),
+                        r.tunnel_id,
+                        r.packets,
+                    ),
+                )
+            })
+            .collect();
+        assert_eq!(
+            segments,
+            BTreeMap::from([
+                ("172.16.1.1".to_string(), (Some("vxlan"), 5001, 3)),
+                ("172.16.2.1".to_string(), (Some("vxlan"), 77, 4)),
+                ("172.16.3.1".to_string(), (Some("gre"), 1234, 5)),
+                ("172.16.4.1".to_string(), (None, 0, 6)),
+                ("172.16.5.1".to_string(), (None, 0, 2)),
+                ("172.16.6.1".to_string(), (None, 0, 7)),
+            ])
+        );
         for (_, _, n, kind, id) in &cases {
             let src = format!("172.16.{n}.1");
             for r in out.records.iter().filter(|r| r["src_addr"] == src.as_str()) {

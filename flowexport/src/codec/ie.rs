@@ -66,6 +66,9 @@ pub const SAMPLING_PACKET_SPACE: u16 = 306;
 pub const SAMPLING_SIZE: u16 = 309;
 pub const SAMPLING_POPULATION: u16 = 310;
 pub const SAMPLING_PROBABILITY: u16 = 311;
+/// layer2SegmentId (RFC 7133): an overlay segment, the encapsulation type
+/// in the top octet (0x01 VXLAN, 0x02 NVGRE), the id below.
+pub const LAYER2_SEGMENT_ID: u16 = 351;
 
 /// NetFlow v9 options scope field type "System" (RFC 3954), not an IE.
 pub const V9_SCOPE_SYSTEM: u16 = 1;

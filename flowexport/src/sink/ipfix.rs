@@ -19,6 +19,9 @@ pub struct ExportSettings {
     pub max_rate: u64,
     /// 1-in-N packet sampling the records' counts come from (1: none).
     pub sampling: u32,
+    /// Records may come out of tunnels (AF_XDP, `--decap inner`): IPFIX
+    /// carries their layer2SegmentId.
+    pub segment_ids: bool,
 }
 
 pub struct IpfixSink {
@@ -108,7 +111,14 @@ impl IpfixSink {
             s.template_packets,
             boot_ms,
         )
-        .and_then(|st| st.with_sampling(s.sampling))?;
+        .and_then(|st| st.with_sampling(s.sampling))
+        .and_then(|st| {
+            if s.segment_ids {
+                st.with_segment_ids()
+            } else {
+                Ok(st)
+            }
+        })?;
         let bind: SocketAddr = if target.is_ipv6() {
             "[::]:0".parse().expect("valid")
         } else {

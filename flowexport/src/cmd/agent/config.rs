@@ -451,6 +451,7 @@ impl AgentArgs {
                 .max(1),
             max_rate: a.export_rate.unwrap_or(DEFAULT_EXPORT_RATE),
             sampling,
+            segment_ids: capture == Capture::Afxdp && afxdp.decap == Decap::Inner,
         };
         if !(256..=65_000).contains(&export.max_packet) {
             bail!("--export-packet-size must be between 256 and 65000 bytes");

@@ -24,7 +24,7 @@
 use std::net::IpAddr;
 
 use super::ie;
-use crate::record::{FlowRecord, ETYPE_IPV6};
+use crate::record::{FlowRecord, TunnelType, ETYPE_IPV6};
 
 /// Which export protocol a stream speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,6 +148,21 @@ pub struct ExportStream {
     v6: Vec<Field>,
     /// 1-in-N sampling of the flows' packets (1: none; no options sent).
     sampling: u32,
+    /// IPFIX records carry layer2SegmentId (decapsulated flows' tunnel).
+    segment_ids: bool,
+}
+
+/// A decapsulated flow's layer2SegmentId (RFC 7133): VXLAN and GENEVE VNIs
+/// as type 0x01 (VXLAN; GENEVE's VNI has the same form), GRE keys as 0x02
+/// (NVGRE's); 0 for flows without a segment (no tunnel, ERSPAN, IP-in-IP).
+pub fn layer2_segment_id(r: &FlowRecord) -> u64 {
+    match r.tunnel_type {
+        Some(TunnelType::Vxlan | TunnelType::Geneve) => {
+            1 << 56 | u64::from(r.tunnel_id & 0xff_ffff)
+        }
+        Some(TunnelType::Gre) => 2 << 56 | u64::from(r.tunnel_id),
+        _ => 0,
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -178,6 +193,7 @@ impl ExportStream {
             v4: template_fields(protocol, false),
             v6: template_fields(protocol, true),
             sampling: 1,
+            segment_ids: false,
         };
         s.check_size()?;
         Ok(s)
@@ -187,6 +203,19 @@ impl ExportStream {
     /// template and its data go out with the data templates.
     pub fn with_sampling(mut self, n: u32) -> Result<ExportStream, ExportError> {
         self.sampling = n.max(1);
+        self.check_size()?;
+        Ok(self)
+    }
+
+    /// IPFIX: data templates and records carry layer2SegmentId (for an
+    /// agent whose flows may come out of tunnels). NetFlow v9 has no such
+    /// field: unchanged.
+    pub fn with_segment_ids(mut self) -> Result<ExportStream, ExportError> {
+        if self.protocol == ExportProtocol::Ipfix && !self.segment_ids {
+            self.segment_ids = true;
+            self.v4.push((ie::LAYER2_SEGMENT_ID, 8));
+            self.v6.push((ie::LAYER2_SEGMENT_ID, 8));
+        }
         self.check_size()?;
         Ok(self)
     }
@@ -386,6 +415,9 @@ impl ExportStream {
                 pkt.extend_from_slice(&(self.uptime_ms(start_ms)).to_be_bytes());
                 pkt.extend_from_slice(&(self.uptime_ms(end_ms)).to_be_bytes());
             }
+        }
+        if self.segment_ids {
+            pkt.extend_from_slice(&layer2_segment_id(r).to_be_bytes());
         }
     }
 

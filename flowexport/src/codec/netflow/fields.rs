@@ -73,6 +73,15 @@ pub(super) fn apply(r: &mut FlowRecord, t: &mut RecordTimes, id: u16, v: &[u8]) 
         ie::DESTINATION_MAC_ADDRESS => r.dst_mac = mac(v),
         ie::POST_DESTINATION_MAC_ADDRESS if r.dst_mac == 0 => r.dst_mac = mac(v),
         ie::VLAN_ID | ie::DOT1Q_VLAN_ID => r.vlan_id = n() as u16 & 0x0fff,
+        // RFC 7133: the encapsulation in the top octet.
+        ie::LAYER2_SEGMENT_ID => {
+            let v = n();
+            (r.tunnel_type, r.tunnel_id) = match v >> 56 {
+                1 => (Some(TunnelType::Vxlan), (v & 0xff_ffff) as u32),
+                2 => (Some(TunnelType::Gre), v as u32),
+                _ => (None, 0),
+            };
+        }
         ie::FLOW_DIRECTION => r.flow_direction = n() as u8,
         ie::IP_VERSION => {
             r.etype = match n() {

@@ -18,7 +18,7 @@ use super::ie;
 use fields::{icmp_from_port, uint, v4};
 use time::{ntp_to_unix_ns, sysuptime_to_wall_ms, uptime_to_wall_ms};
 
-use crate::record::{FlowRecord, FlowType, ETYPE_IPV4, ETYPE_IPV6};
+use crate::record::{FlowRecord, FlowType, TunnelType, ETYPE_IPV4, ETYPE_IPV6};
 
 pub mod encode;
 mod fields;

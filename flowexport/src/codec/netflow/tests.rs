@@ -141,6 +141,70 @@ fn ipfix_and_v9_round_trip_with_our_exporter() {
 }
 
 #[test]
+fn layer2_segment_ids_of_decapsulated_flows() {
+    let recs: Vec<FlowRecord> = [
+        (
+            Some(TunnelType::Vxlan),
+            5001u32,
+            Some(TunnelType::Vxlan),
+            5001u32,
+        ),
+        (Some(TunnelType::Geneve), 77, Some(TunnelType::Vxlan), 77),
+        (
+            Some(TunnelType::Gre),
+            0xdead_beef,
+            Some(TunnelType::Gre),
+            0xdead_beef,
+        ),
+        (Some(TunnelType::Erspan), 300, None, 0),
+        (None, 0, None, 0),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, (t, id, ..))| FlowRecord {
+        tunnel_type: *t,
+        tunnel_id: *id,
+        ..sample(i as u32, i % 2 == 1)
+    })
+    .collect();
+    let want = [
+        (Some(TunnelType::Vxlan), 5001u32),
+        (Some(TunnelType::Vxlan), 77),
+        (Some(TunnelType::Gre), 0xdead_beef),
+        (None, 0),
+        (None, 0),
+    ];
+    let mut s = ExportStream::new(ExportProtocol::Ipfix, 7, 1400, 60_000, 100, 0)
+        .unwrap()
+        .with_segment_ids()
+        .unwrap();
+    let mut d = NetflowDecoder::default();
+    let mut out = Vec::new();
+    for p in s.encode(&recs, 1_763_800_000_000) {
+        d.decode(exporter(), &p, NOW, &mut out).unwrap();
+    }
+    let got: Vec<_> = out.iter().map(|r| (r.tunnel_type, r.tunnel_id)).collect();
+    assert_eq!(got, want);
+    // Without them (v9, or an agent without tunnels) the records are as
+    // before: no segment id.
+    for proto in [ExportProtocol::NetflowV9, ExportProtocol::Ipfix] {
+        let mut s = ExportStream::new(proto, 7, 1400, 60_000, 100, 0).unwrap();
+        if proto == ExportProtocol::NetflowV9 {
+            s = s.with_segment_ids().unwrap();
+        }
+        let mut out = Vec::new();
+        for p in s.encode(&recs, 1_763_800_000_000) {
+            NetflowDecoder::default()
+                .decode(exporter(), &p, NOW, &mut out)
+                .unwrap();
+        }
+        assert!(out
+            .iter()
+            .all(|r| r.tunnel_type.is_none() && r.tunnel_id == 0));
+    }
+}
+
+#[test]
 fn data_before_template_is_held_then_decoded() {
     let mut s = ExportStream::new(ExportProtocol::Ipfix, 7, 1400, 60_000, 100, 0).unwrap();
     let first = s.encode(&[sample(1, false)], 1_763_800_000_000).remove(0);
