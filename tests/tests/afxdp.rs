@@ -349,6 +349,23 @@ fn afxdp_needs_mirror_and_names_what_does_not_fit() {
         ],
         &["has no RX queue 3"],
     );
+    // veth has no zero-copy AF_XDP: `on` refuses, naming the way out.
+    Agent::refused(
+        &l.b,
+        &[
+            "--iface",
+            &l.b_dev,
+            "--capture",
+            "afxdp",
+            "--mirror",
+            "--afxdp-zero-copy",
+            "on",
+        ],
+        &[
+            "cannot open an AF_XDP socket",
+            "--afxdp-zero-copy auto or off",
+        ],
+    );
 }
 
 /// Frames the test encapsulates in VXLAN, GENEVE, GRE with a key, ERSPAN

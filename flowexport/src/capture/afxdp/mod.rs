@@ -169,6 +169,69 @@ fn rx_queues(iface: &str) -> std::io::Result<Vec<u32>> {
     Ok(qs)
 }
 
+/// The IRQ of `iface`'s RX queue `queue`, from /proc/interrupts' names
+/// (`eth0-TxRx-3`, `eth0-rx-3`, `eth0-3`, ...; drivers name them so), if
+/// one is there.
+fn queue_irq(interrupts: &str, iface: &str, queue: u32) -> Option<u32> {
+    let q = queue.to_string();
+    interrupts.lines().find_map(|line| {
+        let (irq, rest) = line.trim_start().split_once(':')?;
+        let irq: u32 = irq.parse().ok()?;
+        let name = rest.split_whitespace().last()?;
+        let tail = name.strip_prefix(iface)?.strip_prefix(['-', '_'])?;
+        let parts: Vec<&str> = tail.split(['-', '_']).collect();
+        let kind_ok = match parts.as_slice() {
+            [n] => *n == q,
+            [kind, n] => {
+                *n == q
+                    && ["txrx", "rxtx", "rx", "combined"]
+                        .contains(&kind.to_ascii_lowercase().as_str())
+            }
+            _ => false,
+        };
+        kind_ok.then_some(irq)
+    })
+}
+
+/// The CPUs of a list like `0-3,8` (`smp_affinity_list`).
+fn cpu_list(text: &str) -> Vec<usize> {
+    let mut cpus = Vec::new();
+    for part in text.trim().split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                if let (Ok(a), Ok(b)) = (a.parse::<usize>(), b.parse::<usize>()) {
+                    cpus.extend(a..=b);
+                }
+            }
+            None => cpus.extend(part.parse::<usize>().ok()),
+        }
+    }
+    cpus
+}
+
+/// Pins the calling thread to the CPUs serving `iface`'s queue `queue`
+/// interrupts, where they are known; returns them.
+fn pin_to_queue_irq(iface: &str, queue: u32) -> Option<Vec<usize>> {
+    let interrupts = std::fs::read_to_string("/proc/interrupts").ok()?;
+    let irq = queue_irq(&interrupts, iface, queue)?;
+    let list = std::fs::read_to_string(format!("/proc/irq/{irq}/smp_affinity_list")).ok()?;
+    let cpus = cpu_list(&list);
+    if cpus.is_empty() {
+        return None;
+    }
+    // SAFETY: a zeroed cpu_set_t filled with CPU_SET, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for c in &cpus {
+            libc::CPU_SET(*c, &mut set);
+        }
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return None;
+        }
+    }
+    Some(cpus)
+}
+
 /// Errors of the AF_XDP capture.
 #[derive(Debug, thiserror::Error)]
 pub enum AfXdpError {
@@ -327,6 +390,8 @@ impl AfXdp {
             });
             let worker = Worker {
                 xsk,
+                iface: iface.clone(),
+                queue,
                 decap: settings.decap,
                 ifindex: index,
                 flows: flows.clone(),
@@ -383,6 +448,8 @@ impl Drop for AfXdp {
 /// One queue's reader.
 struct Worker {
     xsk: Xsk,
+    iface: String,
+    queue: u32,
     decap: Decap,
     ifindex: u32,
     flows: Arc<Mutex<FlowAggregator<XskKey>>>,
@@ -392,6 +459,19 @@ struct Worker {
 
 impl Worker {
     fn run(mut self) {
+        // Beside the queue's interrupt, where the frames are warm.
+        match pin_to_queue_irq(&self.iface, self.queue) {
+            Some(cpus) => log::info!(
+                "AF_XDP worker of {} queue {} on CPUs {cpus:?} (its IRQ's)",
+                self.iface,
+                self.queue
+            ),
+            None => log::debug!(
+                "AF_XDP worker of {} queue {}: the queue's IRQ is not known; not pinned",
+                self.iface,
+                self.queue
+            ),
+        }
         let mut local: HashMap<XskKey, FlowCounters> = HashMap::new();
         let mut scratch = Vec::new();
         loop {
@@ -461,5 +541,38 @@ impl Worker {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_irqs_from_proc_interrupts() {
+        let text = "           CPU0       CPU1
+  24:          0          0   PCI-MSIX-0000:00:03.0   0-edge      eth0-TxRx-0
+  25:        310          9   PCI-MSIX-0000:00:03.0   1-edge      eth0-TxRx-1
+  26:          1          0   PCI-MSIX-0000:00:03.0   2-edge      eth10-rx-1
+  27:          1          0   PCI-MSIX-0000:00:03.0   3-edge      eth1-1
+  28:          1          0   PCI-MSIX-0000:00:03.0   4-edge      eth1-tx-2
+ NMI:          0          0   Non-maskable interrupts
+";
+        assert_eq!(queue_irq(text, "eth0", 1), Some(25));
+        assert_eq!(queue_irq(text, "eth0", 0), Some(24));
+        assert_eq!(queue_irq(text, "eth10", 1), Some(26));
+        assert_eq!(queue_irq(text, "eth1", 1), Some(27));
+        assert_eq!(queue_irq(text, "eth1", 2), None, "a TX queue's");
+        assert_eq!(queue_irq(text, "veth0", 0), None);
+        assert_eq!(cpu_list("0-2,5\n"), vec![0, 1, 2, 5]);
+        assert_eq!(cpu_list("3"), vec![3]);
+    }
+
+    #[test]
+    fn queue_lists() {
+        assert_eq!("all".parse::<Queues>(), Ok(Queues::All));
+        assert_eq!("0,2".parse::<Queues>(), Ok(Queues::List(vec![0, 2])));
+        assert!("x".parse::<Queues>().is_err());
+        assert!("64".parse::<Queues>().is_err());
     }
 }
