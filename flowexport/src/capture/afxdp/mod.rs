@@ -38,8 +38,6 @@ use super::loader::{ifindex, CaptureError, Programs};
 
 /// Default UMEM frames per queue: 4096 frames of 4 KiB, 16 MiB per queue.
 pub const DEFAULT_FRAMES: u32 = 4096;
-/// Frames read per ring pass at most (then merged into the shared table).
-const MERGE_EVERY: usize = 256;
 
 /// `--afxdp-queues`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -477,55 +475,44 @@ impl Worker {
         loop {
             let stopping = self.stop.load(Ordering::Relaxed);
             // When stopping, read what is left without waiting.
-            let timeout = if stopping { 0 } else { 100 };
-            let mut n = 0;
-            let (mut packets, mut bytes, mut non_ip, mut malformed) = (0u64, 0u64, 0u64, 0u64);
-            let now = crate::timeconv::monotonic_ns();
-            let (ifindex, decap_inner) = (self.ifindex, self.decap == Decap::Inner);
-            loop {
-                let got = self.xsk.receive(if n == 0 { timeout } else { 0 }, |frame| {
-                    let mut key = FlowKey {
-                        ifindex,
-                        direction: DIR_INGRESS,
-                        ..FlowKey::default()
-                    };
-                    let (tunnel, frame) = match decap_inner.then(|| decap(frame, &mut scratch)) {
-                        Some(Some((t, inner))) => (Some(t), inner),
-                        _ => (None, frame),
-                    };
-                    let (mut ip_len, mut tcp_flags) = (0u64, 0u8);
-                    match parse(&Frame(frame), &mut key, &mut ip_len, &mut tcp_flags, false) {
-                        Parsed::Flow { .. } => {
-                            packets += 1;
-                            bytes += ip_len;
-                            let key = XskKey { flow: key, tunnel };
-                            local.entry(key).or_default().merge(&FlowCounters {
-                                packets: 1,
-                                bytes: ip_len,
-                                first_seen_ns: now,
-                                last_seen_ns: now,
-                                tcp_flags,
-                            });
-                        }
-                        Parsed::NonIp => non_ip += 1,
-                        Parsed::Malformed => malformed += 1,
-                    }
-                });
-                match got {
-                    Ok(0) => break,
-                    Ok(k) => {
-                        n += k;
-                        if n >= MERGE_EVERY {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        log::error!("AF_XDP receive on ifindex {ifindex}: {e}");
-                        std::thread::sleep(std::time::Duration::from_millis(100));
-                        break;
-                    }
+            if !stopping {
+                if let Err(e) = self.xsk.wait(100) {
+                    log::error!("AF_XDP poll on {} queue {}: {e}", self.iface, self.queue);
+                    std::thread::sleep(std::time::Duration::from_millis(100));
                 }
             }
+            // First/last-seen times: when the batch was taken off the ring.
+            let now = crate::timeconv::monotonic_ns();
+            let (mut packets, mut bytes, mut non_ip, mut malformed) = (0u64, 0u64, 0u64, 0u64);
+            let (ifindex, decap_inner) = (self.ifindex, self.decap == Decap::Inner);
+            let n = self.xsk.receive(|frame| {
+                let mut key = FlowKey {
+                    ifindex,
+                    direction: DIR_INGRESS,
+                    ..FlowKey::default()
+                };
+                let (tunnel, frame) = match decap_inner.then(|| decap(frame, &mut scratch)) {
+                    Some(Some((t, inner))) => (Some(t), inner),
+                    _ => (None, frame),
+                };
+                let (mut ip_len, mut tcp_flags) = (0u64, 0u8);
+                match parse(&Frame(frame), &mut key, &mut ip_len, &mut tcp_flags, false) {
+                    Parsed::Flow { .. } => {
+                        packets += 1;
+                        bytes += ip_len;
+                        let key = XskKey { flow: key, tunnel };
+                        local.entry(key).or_default().merge(&FlowCounters {
+                            packets: 1,
+                            bytes: ip_len,
+                            first_seen_ns: now,
+                            last_seen_ns: now,
+                            tcp_flags,
+                        });
+                    }
+                    Parsed::NonIp => non_ip += 1,
+                    Parsed::Malformed => malformed += 1,
+                }
+            });
             if !local.is_empty() {
                 let mut flows = self.flows.lock().expect("flow table lock");
                 for (k, c) in local.drain() {

@@ -332,30 +332,35 @@ impl Xsk {
         })
     }
 
-    /// Waits up to `timeout_ms` for frames (0: do not wait), then hands
-    /// every received frame to `f` and gives the frames back to the kernel.
-    /// Returns how many frames were received.
-    pub fn receive(&mut self, timeout_ms: i32, mut f: impl FnMut(&[u8])) -> io::Result<usize> {
+    /// Waits up to `timeout_ms` until the RX ring holds frames.
+    pub fn wait(&self, timeout_ms: i32) -> io::Result<()> {
         let cons = self.rx.consumer().load(Ordering::Relaxed);
-        let mut prod = self.rx.producer().load(Ordering::Acquire);
-        if prod == cons && timeout_ms > 0 {
-            let mut pfd = libc::pollfd {
-                fd: self.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd.
-            if unsafe { libc::poll(&mut pfd, 1, timeout_ms) } < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-            prod = self.rx.producer().load(Ordering::Acquire);
+        if self.rx.producer().load(Ordering::Acquire) != cons {
+            return Ok(());
         }
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, timeout_ms) } < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands every frame the RX ring holds now to `f` and gives the frames
+    /// back to the kernel. Returns how many there were.
+    pub fn receive(&mut self, mut f: impl FnMut(&[u8])) -> usize {
+        let cons = self.rx.consumer().load(Ordering::Relaxed);
+        let prod = self.rx.producer().load(Ordering::Acquire);
         let n = prod.wrapping_sub(cons);
         if n == 0 {
-            return Ok(0);
+            return 0;
         }
         let fill_prod = self.fill.producer().load(Ordering::Relaxed);
         for i in 0..n {
@@ -381,7 +386,7 @@ impl Xsk {
         self.fill
             .producer()
             .store(fill_prod.wrapping_add(n), Ordering::Release);
-        Ok(n as usize)
+        n as usize
     }
 
     /// A second descriptor of the socket, for reading its statistics from

@@ -27,6 +27,9 @@ struct Metrics {
     dropped: IntCounterVec,
     /// Frames the program found no socket for.
     no_socket: IntCounter,
+    /// Times the kernel found the fill ring empty (those frames are in
+    /// `rx_dropped`).
+    fill_ring_empty: IntCounterVec,
 }
 
 /// The kernel's counts at the last look, per socket, and the missed
@@ -100,6 +103,10 @@ fn update_metrics(
                 .with_label_values(&[&s.iface, &q, reason])
                 .inc_by(n.saturating_sub(before));
         }
+        m.fill_ring_empty.with_label_values(&[&s.iface, &q]).inc_by(
+            now.rx_fill_ring_empty_descs
+                .saturating_sub(last.rx_fill_ring_empty_descs),
+        );
         *last = now;
     }
     let missed = AfXdp::missed(programs);
@@ -160,6 +167,14 @@ pub(super) fn run(cfg: AgentConfig, metrics: AgentMetrics, mut sinks: Fanout) ->
             &metrics.registry,
             "flowexport_afxdp_no_socket_packets_total",
             "Frames dropped because no AF_XDP socket serves their RX queue (see --afxdp-queues).",
+        ),
+        fill_ring_empty: crate::metrics::counter_vec(
+            &metrics.registry,
+            "flowexport_afxdp_fill_ring_empty_total",
+            "Times a frame arrived while the socket's fill ring was empty (XDP_STATISTICS \
+             rx_fill_ring_empty_descs; those frames are counted in rx_dropped): the worker \
+             returned frames too slowly, raise --afxdp-frames.",
+            &["iface", "queue"],
         ),
     };
     let mut seen = Seen {
