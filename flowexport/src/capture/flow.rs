@@ -5,12 +5,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use flowexport_common::parse::{IPPROTO_ICMP, IPPROTO_ICMPV6};
 use flowexport_common::{FlowKey, DIR_EGRESS};
 
 use crate::record::{FlowRecord, FlowType, ETYPE_IPV4, ETYPE_IPV6};
-
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_ICMPV6: u8 = 58;
 
 /// Counters of one flow, summed over CPUs, with kernel (CLOCK_MONOTONIC) times.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -19,10 +19,12 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use flowexport_common::parse::{
+    ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ETH_P_QINQ1, IPPROTO_UDP, MAX_VLAN_TAGS,
+};
+
 use crate::record::TunnelType;
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_TEB: u16 = 0x6558;
 const ETH_P_ERSPAN2: u16 = 0x88BE;
 const ETH_P_ERSPAN3: u16 = 0x22EB;
@@ -51,8 +53,8 @@ fn be32(b: &[u8], i: usize) -> Option<u32> {
 fn outer_ip(frame: &[u8]) -> Option<(u8, IpAddr, IpAddr, &[u8])> {
     let mut etype = be16(frame, 12)?;
     let mut off = 14;
-    for _ in 0..2 {
-        if !matches!(etype, 0x8100 | 0x88A8 | 0x9100) {
+    for _ in 0..MAX_VLAN_TAGS {
+        if !matches!(etype, ETH_P_8021Q | ETH_P_8021AD | ETH_P_QINQ1) {
             break;
         }
         etype = be16(frame, off + 2)?;
@@ -126,7 +128,7 @@ pub fn decap<'a>(frame: &'a [u8], scratch: &'a mut Vec<u8>) -> Option<(Tunnel, &
     };
     match proto {
         // UDP: VXLAN or GENEVE by destination port.
-        17 => {
+        IPPROTO_UDP => {
             let dport = be16(p, 2)?;
             let t = p.get(8..)?;
             match dport {

@@ -118,7 +118,7 @@ struct Ring<T> {
 
 impl<T> Ring<T> {
     /// Maps the ring of `size` entries at `pgoff`, laid out by `off`.
-    fn map(fd: RawFd, off: &libc::xdp_ring_offset, size: u32, pgoff: u64) -> io::Result<Ring<T>> {
+    fn map(fd: RawFd, off: &RingOffset, size: u32, pgoff: u64) -> io::Result<Ring<T>> {
         let len = off.desc as usize + size as usize * size_of::<T>();
         let map = Mmap::new(len, Some(fd), pgoff)?;
         // SAFETY: the offsets the kernel gave lie inside the mapping; the
@@ -222,6 +222,8 @@ pub fn stats(fd: RawFd) -> io::Result<XskStats> {
     })
 }
 
+/// The kernel's `struct xdp_ring_offset` and `xdp_mmap_offsets`
+/// (libc's have no `Default` for getsockopt to fill).
 #[repr(C)]
 #[derive(Default)]
 struct RingOffset {
@@ -238,17 +240,6 @@ struct MmapOffsets {
     tx: RingOffset,
     fr: RingOffset,
     cr: RingOffset,
-}
-
-impl RingOffset {
-    fn libc(&self) -> libc::xdp_ring_offset {
-        libc::xdp_ring_offset {
-            producer: self.producer,
-            consumer: self.consumer,
-            desc: self.desc,
-            flags: self.flags,
-        }
-    }
 }
 
 impl Xsk {
@@ -286,16 +277,15 @@ impl Xsk {
         setsockopt(raw, libc::XDP_UMEM_COMPLETION_RING, &COMPLETION_ENTRIES)?;
         setsockopt(raw, libc::XDP_RX_RING, &frames)?;
         let off: MmapOffsets = getsockopt(raw, libc::XDP_MMAP_OFFSETS)?;
-        let fill: Ring<u64> =
-            Ring::map(raw, &off.fr.libc(), frames, libc::XDP_UMEM_PGOFF_FILL_RING)?;
+        let fill: Ring<u64> = Ring::map(raw, &off.fr, frames, libc::XDP_UMEM_PGOFF_FILL_RING)?;
         let completion: Ring<u64> = Ring::map(
             raw,
-            &off.cr.libc(),
+            &off.cr,
             COMPLETION_ENTRIES,
             libc::XDP_UMEM_PGOFF_COMPLETION_RING,
         )?;
         let rx: Ring<libc::xdp_desc> =
-            Ring::map(raw, &off.rx.libc(), frames, libc::XDP_PGOFF_RX_RING as u64)?;
+            Ring::map(raw, &off.rx, frames, libc::XDP_PGOFF_RX_RING as u64)?;
         // Every frame to the kernel before the socket goes live.
         let start = fill.producer().load(Ordering::Relaxed);
         for i in 0..frames {
