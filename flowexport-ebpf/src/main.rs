@@ -987,17 +987,25 @@ pub(crate) fn flowexport_bench_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-/// Cost breakdown for `cargo xtask bench xdp`: the ingress parser alone, the
-/// key kept alive by the return value (XDP_PASS for every real frame).
+/// The ingress program's parse of this packet: its key and IP length.
 #[cfg(feature = "bench")]
-#[xdp]
-pub(crate) fn flowexport_bench_parse(ctx: XdpContext) -> u32 {
+#[inline(always)]
+fn bench_parse(ctx: &XdpContext) -> (FlowKey, u64) {
     // SAFETY: ctx.ctx points at the kernel's xdp_md for this packet.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
     let mut key = empty_key(ifindex, DIR_INGRESS);
     let mut ip_len = 0u64;
     let mut flags = 0u8;
-    let _ = parse(&XdpPacket(&ctx), &mut key, &mut ip_len, &mut flags, false);
+    let _ = parse(&XdpPacket(ctx), &mut key, &mut ip_len, &mut flags, false);
+    (key, ip_len)
+}
+
+/// Cost breakdown for `cargo xtask bench xdp`: the ingress parser alone, the
+/// key kept alive by the return value (XDP_PASS for every real frame).
+#[cfg(feature = "bench")]
+#[xdp]
+pub(crate) fn flowexport_bench_parse(ctx: XdpContext) -> u32 {
+    let (key, ip_len) = bench_parse(&ctx);
     if key.src_port == 0 && ip_len == 1 {
         return xdp_action::XDP_DROP;
     }
@@ -1009,12 +1017,7 @@ pub(crate) fn flowexport_bench_parse(ctx: XdpContext) -> u32 {
 #[cfg(feature = "bench")]
 #[xdp]
 pub(crate) fn flowexport_bench_parse_clock(ctx: XdpContext) -> u32 {
-    // SAFETY: ctx.ctx points at the kernel's xdp_md for this packet.
-    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    let mut key = empty_key(ifindex, DIR_INGRESS);
-    let mut ip_len = 0u64;
-    let mut flags = 0u8;
-    let _ = parse(&XdpPacket(&ctx), &mut key, &mut ip_len, &mut flags, false);
+    let (key, ip_len) = bench_parse(&ctx);
     let (now_ns, _) = now();
     let gen = match CONTROL.get(CONTROL_EPOCH) {
         Some(g) => *g & 1,

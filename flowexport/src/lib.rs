@@ -23,6 +23,36 @@
 //!
 //! ARCHITECTURE.md in the repository says where a new source, codec, sink
 //! or command plugs in.
+/// `FromStr` for a setting that takes one of a few keywords (`--capture`,
+/// `--xdp-mode`, ...): each keyword, with its aliases after `|`, names a
+/// variant; anything else is refused with the keywords to use instead.
+macro_rules! from_keywords {
+    ($ty:ident, $what:literal, { $($kw:literal $(| $alias:literal)* => $variant:ident),+ $(,)? }) => {
+        impl std::str::FromStr for $ty {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($kw $(| $alias)* => Ok($ty::$variant),)+
+                    other => Err(format!(
+                        "unknown {} {other:?}: use {}",
+                        $what,
+                        crate::one_of(&[$($kw),+])
+                    )),
+                }
+            }
+        }
+    };
+}
+
+/// "a, b or c".
+pub(crate) fn one_of(words: &[&str]) -> String {
+    match words {
+        [] => String::new(),
+        [one] => (*one).to_string(),
+        [init @ .., last] => format!("{} or {last}", init.join(", ")),
+    }
+}
+
 pub mod capture;
 pub mod cmd;
 pub mod codec;

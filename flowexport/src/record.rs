@@ -69,11 +69,7 @@ pub struct FlowRecord {
     pub sequence_num: u32,
     #[serde(default)]
     pub sampling_rate: u64,
-    #[serde(
-        default,
-        serialize_with = "addr_or_empty",
-        deserialize_with = "addr_from_text"
-    )]
+    #[serde(default, with = "addr_text")]
     pub sampler_address: Option<IpAddr>,
     #[serde(default)]
     pub time_flow_start_ns: u64,
@@ -140,19 +136,9 @@ pub struct FlowRecord {
     pub tunnel_type: Option<TunnelType>,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub tunnel_id: u32,
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        serialize_with = "addr_or_empty",
-        deserialize_with = "addr_from_text"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "addr_text")]
     pub outer_src_addr: Option<IpAddr>,
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        serialize_with = "addr_or_empty",
-        deserialize_with = "addr_from_text"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "addr_text")]
     pub outer_dst_addr: Option<IpAddr>,
 }
 
@@ -244,24 +230,29 @@ impl Default for FlowRecord {
     }
 }
 
-fn addr_from_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<IpAddr>, D::Error> {
-    let s = String::deserialize(d)?;
-    if s.is_empty() {
-        return Ok(None);
-    }
-    s.parse().map(Some).map_err(serde::de::Error::custom)
-}
-
 /// A record from its JSON line (the stdout sink's and `--kafka-format
 /// json`'s object).
 pub fn from_json(bytes: &[u8]) -> Result<FlowRecord, serde_json::Error> {
     serde_json::from_slice(bytes)
 }
 
-fn addr_or_empty<S: Serializer>(a: &Option<IpAddr>, s: S) -> Result<S::Ok, S::Error> {
-    match a {
-        Some(a) => s.collect_str(a),
-        None => s.serialize_str(""),
+/// An optional address as text, "" for none (goflow2's JSON).
+mod addr_text {
+    use super::*;
+
+    pub(super) fn serialize<S: Serializer>(a: &Option<IpAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match a {
+            Some(a) => s.collect_str(a),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<IpAddr>, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.is_empty() {
+            return Ok(None);
+        }
+        s.parse().map(Some).map_err(serde::de::Error::custom)
     }
 }
 
@@ -303,18 +294,24 @@ impl FlowRecord {
 pub struct FlowSummary {
     /// The exporter: sampler_address, or pmacct's `label`.
     pub host: Host,
+    /// AS numbers (0: unknown).
     pub src_as: u32,
     pub dst_as: u32,
+    /// Counts scaled by the sampling rate.
     pub bytes: u64,
     pub packets: u64,
     /// Flows this record stands for (1; the sampling rate does not apply).
     pub flows: u64,
+    /// IP protocol; None when the source does not say.
     pub proto: Option<u8>,
+    /// Ports (0 for protocols without them): the `app` label.
     pub src_port: u16,
     pub dst_port: u16,
+    /// 4 or 6; None when the source does not say.
     pub ip_version: Option<u8>,
     /// 0 ingress, 1 egress; None when the source does not say.
     pub direction: Option<u8>,
+    /// Customer id (0: none).
     pub cid: u32,
     /// AS names the record carries (enrich sets them); used when the
     /// dashboard's own name files do not know the AS.
@@ -385,13 +382,57 @@ pub fn ip_version(etype: u16, src: IpAddr) -> u8 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A record with every field set (IPv6, a tunnel, AS names), for the
+    /// codecs' and sinks' tests.
+    pub(crate) fn sample() -> FlowRecord {
+        FlowRecord {
+            flow_type: FlowType::Ebpf,
+            time_received_ns: 1_763_800_000_000_000_000,
+            sequence_num: 7,
+            sampling_rate: 0,
+            sampler_address: Some("192.0.2.1".parse().unwrap()),
+            time_flow_start_ns: 1_763_799_999_000_000_000,
+            time_flow_end_ns: 1_763_799_999_500_000_000,
+            bytes: 1500,
+            packets: 3,
+            src_addr: "2001:db8::1".parse().unwrap(),
+            dst_addr: "2001:db8::2".parse().unwrap(),
+            etype: 0x86dd,
+            proto: 6,
+            src_port: 443,
+            dst_port: 50000,
+            in_if: 0,
+            out_if: 4,
+            vlan_id: 10,
+            tcp_flags: 0x18,
+            icmp_type: 0,
+            icmp_code: 0,
+            flow_direction: 1,
+            ip_tos: 0x2e,
+            src_as: 64500,
+            dst_as: 64501,
+            src_mac: 0x0200_0000_00aa,
+            dst_mac: 0x0200_0000_00bb,
+            observation_domain_id: 9,
+            src_cid: 0,
+            dst_cid: 17,
+            cid: 17,
+            src_as_name: "EXAMPLE-AS".into(),
+            dst_as_name: String::new(),
+            tunnel_type: Some(TunnelType::Vxlan),
+            tunnel_id: 4242,
+            outer_src_addr: Some("192.0.2.100".parse().unwrap()),
+            outer_dst_addr: Some("2001:db8::100".parse().unwrap()),
+        }
+    }
 
     #[test]
     fn json_reads_back_what_it_wrote() {
         // Every field set (the protobuf tests' sample lists them all).
-        let full = crate::codec::protobuf::tests::sample();
+        let full = sample();
         let mut none = full.clone();
         none.sampler_address = None;
         none.flow_type = FlowType::Unknown;

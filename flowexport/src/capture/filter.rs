@@ -456,18 +456,27 @@ mod tests {
             e.contains("\"action=drop,port=22\"") && e.contains("key action"),
             "{e}"
         );
-        assert!(problem("port=22").contains("action is missing"));
-        assert!(problem("action=reject,port=70000").contains("key port"));
-        assert!(problem("action=reject,cidr=10.0.0.1/8").contains("host bits"));
-        assert!(problem("action=reject,cidr=10.0.0.0/33").contains("key cidr"));
-        assert!(problem("action=reject,proto=foo").contains("key proto"));
-        assert!(problem("action=reject,proto=icmp,port=8").contains("key port"));
-        assert!(problem("action=reject,colour=red").contains("unknown key"));
-        assert!(problem("action=reject,port=1,port=2").contains("given twice"));
-        assert!(problem("action=reject,port=").contains("no value"));
-        assert!(problem("action=reject,direction=up").contains("key direction"));
-        assert!(problem("action=reject,src-cidr=10.0.0.0/8,dst-cidr=::/0").contains("key dst-cidr"));
-        assert!(problem("action=reject,22").contains("not key=value"));
+        // Each rule, and what its error names.
+        for (rule, names) in [
+            ("port=22", "action is missing"),
+            ("action=reject,port=70000", "key port"),
+            ("action=reject,cidr=10.0.0.1/8", "host bits"),
+            ("action=reject,cidr=10.0.0.0/33", "key cidr"),
+            ("action=reject,proto=foo", "key proto"),
+            ("action=reject,proto=icmp,port=8", "key port"),
+            ("action=reject,colour=red", "unknown key"),
+            ("action=reject,port=1,port=2", "given twice"),
+            ("action=reject,port=", "no value"),
+            ("action=reject,direction=up", "key direction"),
+            (
+                "action=reject,src-cidr=10.0.0.0/8,dst-cidr=::/0",
+                "key dst-cidr",
+            ),
+            ("action=reject,22", "not key=value"),
+        ] {
+            let e = problem(rule);
+            assert!(e.contains(names), "{rule}: {e}");
+        }
     }
 
     #[test]

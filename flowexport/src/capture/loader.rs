@@ -39,19 +39,11 @@ pub enum XdpModeChoice {
     Auto,
 }
 
-impl std::str::FromStr for XdpModeChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "native" | "drv" | "driver" => Ok(XdpModeChoice::Native),
-            "skb" | "generic" => Ok(XdpModeChoice::Skb),
-            "auto" => Ok(XdpModeChoice::Auto),
-            other => Err(format!(
-                "unknown XDP mode {other:?}: use native, skb or auto"
-            )),
-        }
-    }
-}
+from_keywords!(XdpModeChoice, "XDP mode", {
+    "native" | "drv" | "driver" => Native,
+    "skb" | "generic" => Skb,
+    "auto" => Auto,
+});
 
 /// Where ingress packets are counted (`--capture`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,17 +59,7 @@ pub enum Capture {
     Afxdp,
 }
 
-impl std::str::FromStr for Capture {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "xdp" => Ok(Capture::Xdp),
-            "tc" => Ok(Capture::Tc),
-            "afxdp" => Ok(Capture::Afxdp),
-            other => Err(format!("unknown capture {other:?}: use xdp, tc or afxdp")),
-        }
-    }
-}
+from_keywords!(Capture, "capture", { "xdp" => Xdp, "tc" => Tc, "afxdp" => Afxdp });
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {

@@ -10,6 +10,7 @@
 //! time, IPv4 addresses without `core::fmt`. `cargo xtask bench collect`
 //! prints its rate beside serde_json's.
 
+use std::mem::MaybeUninit;
 use std::net::{IpAddr, Ipv4Addr};
 
 use crate::record::FlowRecord;
@@ -19,11 +20,13 @@ use crate::record::FlowRecord;
 /// characters, the longest type name.
 const MAX_FIXED: usize = 1280;
 
-/// One record's bytes, built in a stack buffer: every key is a copy of a
-/// constant length (inlined moves, not `memcpy` calls), integers are written
-/// two digits at a time.
-struct Line {
-    buf: [u8; MAX_FIXED],
+/// One record's bytes, written straight into the output's spare capacity
+/// (reserved for [`MAX_FIXED`] bytes up front: nothing is zeroed or copied
+/// twice). Every write is a bounds-checked sub-slice of that capacity; keys
+/// are copies of a constant length (inlined moves, not `memcpy` calls),
+/// integers are written two digits at a time.
+struct Line<'a> {
+    spare: &'a mut [MaybeUninit<u8>],
     len: usize,
 }
 
@@ -32,16 +35,51 @@ const DIGIT_PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
 2021222324252627282930313233343536373839404142434445464748495051525354555657585960\
 616263646566676869707172737475767778798081828384858687888990919293949596979899";
 
-impl Line {
+/// Each octet's decimal text followed by a dot, padded to 4 bytes, and the
+/// text's length without the dot: an IPv4 address is four 4-byte copies.
+const OCTETS: [([u8; 4], u8); 256] = {
+    let mut t = [([0u8; 4], 0u8); 256];
+    let mut i = 0;
+    while i < 256 {
+        let (h, te, o) = ((i / 100) as u8, ((i / 10) % 10) as u8, (i % 10) as u8);
+        t[i] = if i >= 100 {
+            ([b'0' + h, b'0' + te, b'0' + o, b'.'], 3)
+        } else if i >= 10 {
+            ([b'0' + te, b'0' + o, b'.', 0], 2)
+        } else {
+            ([b'0' + o, b'.', 0, 0], 1)
+        };
+        i += 1;
+    }
+    t
+};
+
+impl Line<'_> {
+    /// Writes `bytes` at `at` (a checked range of the spare capacity).
+    #[inline(always)]
+    fn put_at(&mut self, at: usize, bytes: &[u8]) {
+        let dst = &mut self.spare[at..at + bytes.len()];
+        // SAFETY: `dst` is a checked sub-slice of `bytes.len()` writable
+        // bytes; `MaybeUninit<u8>` has `u8`'s layout, and `bytes` cannot
+        // overlap memory borrowed mutably here.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                dst.as_mut_ptr().cast::<u8>(),
+                bytes.len(),
+            );
+        };
+    }
+
     #[inline(always)]
     fn put<const N: usize>(&mut self, bytes: &[u8; N]) {
-        self.buf[self.len..self.len + N].copy_from_slice(bytes);
+        self.put_at(self.len, bytes);
         self.len += N;
     }
 
     #[inline(always)]
     fn put_slice(&mut self, bytes: &[u8]) {
-        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.put_at(self.len, bytes);
         self.len += bytes.len();
     }
 
@@ -54,8 +92,7 @@ impl Line {
     #[inline(always)]
     fn digits(&mut self, mut v: u64) {
         if v < 10 {
-            self.buf[self.len] = b'0' + v as u8;
-            self.len += 1;
+            self.put(&[b'0' + v as u8]);
             return;
         }
         let n = decimal_len(v);
@@ -64,14 +101,14 @@ impl Line {
         while v >= 100 {
             let pair = (v % 100) as usize * 2;
             v /= 100;
-            self.buf[end - 2..end].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+            self.put_at(end - 2, &DIGIT_PAIRS[pair..pair + 2]);
             end -= 2;
         }
         if v >= 10 {
             let pair = v as usize * 2;
-            self.buf[end - 2..end].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+            self.put_at(end - 2, &DIGIT_PAIRS[pair..pair + 2]);
         } else {
-            self.buf[end - 1] = b'0' + v as u8;
+            self.put_at(end - 1, &[b'0' + v as u8]);
         }
     }
 
@@ -90,15 +127,34 @@ impl Line {
         }
     }
 
+    #[inline(always)]
     fn v4(&mut self, a: Ipv4Addr) {
-        for (i, octet) in a.octets().into_iter().enumerate() {
-            if i > 0 {
-                self.buf[self.len] = b'.';
-                self.len += 1;
-            }
-            self.digits(octet.into());
+        let [a, b, c, d] = a.octets();
+        for o in [a, b, c] {
+            let (text, n) = &OCTETS[o as usize];
+            self.put_at(self.len, text);
+            self.len += *n as usize + 1;
         }
+        let (text, n) = &OCTETS[d as usize];
+        self.put_at(self.len, text);
+        self.len += *n as usize;
     }
+}
+
+/// Runs `write` on a [`Line`] over `out`'s spare capacity (at least
+/// `MAX_FIXED` bytes), then keeps the bytes it wrote.
+#[inline(always)]
+fn with_line(out: &mut Vec<u8>, write: impl FnOnce(&mut Line<'_>)) {
+    out.reserve(MAX_FIXED);
+    let mut l = Line {
+        spare: out.spare_capacity_mut(),
+        len: 0,
+    };
+    write(&mut l);
+    let n = l.len;
+    // SAFETY: `Line` only moves `len` past bytes it wrote: the first `n`
+    // spare bytes are initialized, and within the capacity (checked slices).
+    unsafe { out.set_len(out.len() + n) };
 }
 
 /// Decimal digits of `v` (>= 10), without a loop: from its bit length,
@@ -126,10 +182,30 @@ fn decimal_len(v: u64) -> usize {
 
 /// Appends `r` as one JSON object (no newline) to `out`.
 pub fn write_record(out: &mut Vec<u8>, r: &FlowRecord) {
-    let mut l = Line {
-        buf: [0; MAX_FIXED],
-        len: 0,
-    };
+    with_line(out, |l| fixed_fields(l, r));
+    for (key, name) in [
+        (&b",\"src_as_name\":"[..], &r.src_as_name),
+        (b",\"dst_as_name\":", &r.dst_as_name),
+    ] {
+        if !name.is_empty() {
+            out.extend_from_slice(key);
+            // Names come from a database: let serde_json escape them.
+            serde_json::to_writer(&mut *out, name).expect("a string serializes");
+        }
+    }
+    if r.tunnel_type.is_some()
+        || r.tunnel_id != 0
+        || r.outer_src_addr.is_some()
+        || r.outer_dst_addr.is_some()
+    {
+        with_line(out, |l| tunnel_fields(l, r));
+    }
+    out.push(b'}');
+}
+
+/// The fields every record has, in serde's order (up to `cid`).
+#[inline(always)]
+fn fixed_fields(l: &mut Line<'_>, r: &FlowRecord) {
     l.put(b"{\"type\":\"");
     l.put_slice(r.flow_type.as_str().as_bytes());
     l.put(b"\"");
@@ -179,47 +255,28 @@ pub fn write_record(out: &mut Vec<u8>, r: &FlowRecord) {
     if r.cid != 0 {
         l.int(b",\"cid\":", r.cid.into());
     }
-    out.extend_from_slice(&l.buf[..l.len]);
-    for (key, name) in [
-        (&b",\"src_as_name\":"[..], &r.src_as_name),
-        (b",\"dst_as_name\":", &r.dst_as_name),
-    ] {
-        if !name.is_empty() {
-            out.extend_from_slice(key);
-            // Names come from a database: let serde_json escape them.
-            serde_json::to_writer(&mut *out, name).expect("a string serializes");
-        }
+}
+
+/// The tunnel fields that are set.
+fn tunnel_fields(l: &mut Line<'_>, r: &FlowRecord) {
+    if let Some(t) = r.tunnel_type {
+        l.put(b",\"tunnel_type\":\"");
+        l.put_slice(t.as_str().as_bytes());
+        l.put(b"\"");
     }
-    if r.tunnel_type.is_some()
-        || r.tunnel_id != 0
-        || r.outer_src_addr.is_some()
-        || r.outer_dst_addr.is_some()
-    {
-        let mut l = Line {
-            buf: [0; MAX_FIXED],
-            len: 0,
-        };
-        if let Some(t) = r.tunnel_type {
-            l.put(b",\"tunnel_type\":\"");
-            l.put_slice(t.as_str().as_bytes());
+    if r.tunnel_id != 0 {
+        l.int(b",\"tunnel_id\":", r.tunnel_id.into());
+    }
+    for (key, addr) in [
+        (&b",\"outer_src_addr\":\""[..], r.outer_src_addr),
+        (b",\"outer_dst_addr\":\"", r.outer_dst_addr),
+    ] {
+        if let Some(a) = addr {
+            l.put_slice(key);
+            l.addr(a);
             l.put(b"\"");
         }
-        if r.tunnel_id != 0 {
-            l.int(b",\"tunnel_id\":", r.tunnel_id.into());
-        }
-        for (key, addr) in [
-            (&b",\"outer_src_addr\":\""[..], r.outer_src_addr),
-            (b",\"outer_dst_addr\":\"", r.outer_dst_addr),
-        ] {
-            if let Some(a) = addr {
-                l.put_slice(key);
-                l.addr(a);
-                l.put(b"\"");
-            }
-        }
-        out.extend_from_slice(&l.buf[..l.len]);
     }
-    out.push(b'}');
 }
 
 /// Appends the records as JSON lines (one object and a newline each).
@@ -359,6 +416,7 @@ mod tests {
                 packets: digits - 1,
                 src_addr: IpAddr::V4(Ipv4Addr::from(x as u32)),
                 dst_addr: IpAddr::V4(Ipv4Addr::new(i as u8, 0, 99, 100)),
+                sampler_address: Some(IpAddr::V4(Ipv4Addr::new(9, 10, 255, i as u8))),
                 src_port: x as u16,
                 in_if: (x >> 32) as u32,
                 src_mac: x >> 16,

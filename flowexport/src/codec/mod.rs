@@ -4,4 +4,5 @@ pub mod json;
 pub mod netflow;
 pub mod pmacct;
 pub mod protobuf;
+pub(crate) mod reader;
 pub mod sflow;

@@ -81,40 +81,38 @@ fn set_addr(dst: &mut Vec<u8>, a: Option<&IpAddr>) {
     }
 }
 
+/// The scalar fields a record and a FlowMessage both carry, in two lists:
+/// the same type on both sides (`$same`), and narrower in the record than
+/// the message's u32 (`$narrower`). Each list goes to the macro named.
+macro_rules! shared_fields {
+    ($same:ident, $narrower:ident) => {
+        $same!(time_received_ns, sequence_num, sampling_rate);
+        $same!(time_flow_start_ns, time_flow_end_ns, bytes, packets);
+        $same!(in_if, out_if, src_as, dst_as, src_mac, dst_mac);
+        $same!(observation_domain_id, src_cid, dst_cid, cid, tunnel_id);
+        $narrower!(etype, proto, src_port, dst_port, vlan_id, tcp_flags);
+        $narrower!(icmp_type, icmp_code, flow_direction, ip_tos);
+    };
+}
+
 /// Overwrites every field a record carries, reusing `m`'s buffers (the
 /// fields a record does not carry are left as they are: keep them empty).
 pub fn fill_message(m: &mut FlowMessage, r: &FlowRecord) {
+    // Fields of the same type on both sides, and fields the message
+    // carries wider (as u32).
+    macro_rules! copy {
+        ($($f:ident),+) => { $(m.$f = r.$f;)+ };
+    }
+    macro_rules! widen {
+        ($($f:ident),+) => { $(m.$f = r.$f.into();)+ };
+    }
     m.r#type = type_to_pb(r.flow_type) as i32;
-    m.time_received_ns = r.time_received_ns;
-    m.sequence_num = r.sequence_num;
-    m.sampling_rate = r.sampling_rate;
+    shared_fields!(copy, widen);
     set_addr(&mut m.sampler_address, r.sampler_address.as_ref());
-    m.time_flow_start_ns = r.time_flow_start_ns;
-    m.time_flow_end_ns = r.time_flow_end_ns;
-    m.bytes = r.bytes;
-    m.packets = r.packets;
     set_addr(&mut m.src_addr, Some(&r.src_addr));
     set_addr(&mut m.dst_addr, Some(&r.dst_addr));
-    m.etype = r.etype as u32;
-    m.proto = r.proto as u32;
-    m.src_port = r.src_port as u32;
-    m.dst_port = r.dst_port as u32;
-    m.in_if = r.in_if;
-    m.out_if = r.out_if;
-    m.vlan_id = r.vlan_id as u32;
-    m.tcp_flags = r.tcp_flags as u32;
-    m.icmp_type = r.icmp_type as u32;
-    m.icmp_code = r.icmp_code as u32;
-    m.flow_direction = r.flow_direction as u32;
-    m.ip_tos = r.ip_tos as u32;
-    m.src_as = r.src_as;
-    m.dst_as = r.dst_as;
-    m.src_mac = r.src_mac;
-    m.dst_mac = r.dst_mac;
-    m.observation_domain_id = r.observation_domain_id;
-    m.src_cid = r.src_cid;
-    m.dst_cid = r.dst_cid;
-    m.cid = r.cid;
+    set_addr(&mut m.outer_src_addr, r.outer_src_addr.as_ref());
+    set_addr(&mut m.outer_dst_addr, r.outer_dst_addr.as_ref());
     m.src_as_name.clear();
     m.src_as_name.push_str(&r.src_as_name);
     m.dst_as_name.clear();
@@ -123,9 +121,6 @@ pub fn fill_message(m: &mut FlowMessage, r: &FlowRecord) {
     if let Some(t) = r.tunnel_type {
         m.tunnel_type.push_str(t.as_str());
     }
-    m.tunnel_id = r.tunnel_id;
-    set_addr(&mut m.outer_src_addr, r.outer_src_addr.as_ref());
-    set_addr(&mut m.outer_dst_addr, r.outer_dst_addr.as_ref());
 }
 
 /// Encodes records one after another without allocating per record: the
@@ -158,52 +153,31 @@ fn narrow<T: TryFrom<u32>>(field: &'static str, v: u32) -> Result<T, DecodeError
 /// The record for a FlowMessage. Fields the record does not carry are ignored;
 /// values out of range for the record's types are an error.
 pub fn from_message(m: &FlowMessage) -> Result<FlowRecord, DecodeError> {
-    Ok(FlowRecord {
+    let mut r = FlowRecord {
         flow_type: type_from_pb(m.r#type),
-        time_received_ns: m.time_received_ns,
-        sequence_num: m.sequence_num,
-        sampling_rate: m.sampling_rate,
-        sampler_address: if m.sampler_address.is_empty() {
-            None
-        } else {
-            Some(bytes_addr("sampler_address", &m.sampler_address)?)
-        },
-        time_flow_start_ns: m.time_flow_start_ns,
-        time_flow_end_ns: m.time_flow_end_ns,
-        bytes: m.bytes,
-        packets: m.packets,
+        sampler_address: opt_addr("sampler_address", &m.sampler_address)?,
         src_addr: bytes_addr("src_addr", &m.src_addr)?,
         dst_addr: bytes_addr("dst_addr", &m.dst_addr)?,
-        etype: narrow("etype", m.etype)?,
-        proto: narrow("proto", m.proto)?,
-        src_port: narrow("src_port", m.src_port)?,
-        dst_port: narrow("dst_port", m.dst_port)?,
-        in_if: m.in_if,
-        out_if: m.out_if,
-        vlan_id: narrow("vlan_id", m.vlan_id)?,
-        tcp_flags: narrow("tcp_flags", m.tcp_flags)?,
-        icmp_type: narrow("icmp_type", m.icmp_type)?,
-        icmp_code: narrow("icmp_code", m.icmp_code)?,
-        flow_direction: narrow("flow_direction", m.flow_direction)?,
-        ip_tos: narrow("ip_tos", m.ip_tos)?,
-        src_as: m.src_as,
-        dst_as: m.dst_as,
-        src_mac: m.src_mac,
-        dst_mac: m.dst_mac,
-        observation_domain_id: m.observation_domain_id,
-        src_cid: m.src_cid,
-        dst_cid: m.dst_cid,
-        cid: m.cid,
+        outer_src_addr: opt_addr("outer_src_addr", &m.outer_src_addr)?,
+        outer_dst_addr: opt_addr("outer_dst_addr", &m.outer_dst_addr)?,
         src_as_name: m.src_as_name.clone(),
         dst_as_name: m.dst_as_name.clone(),
         tunnel_type: match m.tunnel_type.as_str() {
             "" => None,
             t => Some(TunnelType::from_name(t).ok_or(DecodeError::Tunnel)?),
         },
-        tunnel_id: m.tunnel_id,
-        outer_src_addr: opt_addr("outer_src_addr", &m.outer_src_addr)?,
-        outer_dst_addr: opt_addr("outer_dst_addr", &m.outer_dst_addr)?,
-    })
+        ..FlowRecord::default()
+    };
+    // Fields of the same type on both sides (`fill_message`'s `copy`), and
+    // fields the record keeps narrower than the message (its `widen`).
+    macro_rules! copy {
+        ($($f:ident),+) => { $(r.$f = m.$f;)+ };
+    }
+    macro_rules! narrow {
+        ($($f:ident),+) => { $(r.$f = narrow(stringify!($f), m.$f)?;)+ };
+    }
+    shared_fields!(copy, narrow);
+    Ok(r)
 }
 
 /// An optional address: empty bytes are none.
@@ -252,50 +226,10 @@ pub fn decode(bytes: &[u8], length_prefix: bool) -> Result<FlowRecord, DecodeErr
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
 
-    pub(crate) fn sample() -> FlowRecord {
-        FlowRecord {
-            flow_type: FlowType::Ebpf,
-            time_received_ns: 1_763_800_000_000_000_000,
-            sequence_num: 7,
-            sampling_rate: 0,
-            sampler_address: Some("192.0.2.1".parse().unwrap()),
-            time_flow_start_ns: 1_763_799_999_000_000_000,
-            time_flow_end_ns: 1_763_799_999_500_000_000,
-            bytes: 1500,
-            packets: 3,
-            src_addr: "2001:db8::1".parse().unwrap(),
-            dst_addr: "2001:db8::2".parse().unwrap(),
-            etype: 0x86dd,
-            proto: 6,
-            src_port: 443,
-            dst_port: 50000,
-            in_if: 0,
-            out_if: 4,
-            vlan_id: 10,
-            tcp_flags: 0x18,
-            icmp_type: 0,
-            icmp_code: 0,
-            flow_direction: 1,
-            ip_tos: 0x2e,
-            src_as: 64500,
-            dst_as: 64501,
-            src_mac: 0x0200_0000_00aa,
-            dst_mac: 0x0200_0000_00bb,
-            observation_domain_id: 9,
-            src_cid: 0,
-            dst_cid: 17,
-            cid: 17,
-            src_as_name: "EXAMPLE-AS".into(),
-            dst_as_name: String::new(),
-            tunnel_type: Some(TunnelType::Vxlan),
-            tunnel_id: 4242,
-            outer_src_addr: Some("192.0.2.100".parse().unwrap()),
-            outer_dst_addr: Some("2001:db8::100".parse().unwrap()),
-        }
-    }
+    use crate::record::tests::sample;
 
     #[test]
     fn round_trip_with_and_without_prefix() {

@@ -6,6 +6,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use super::reader::{Reader, Truncated};
 use crate::record::{FlowRecord, FlowType, ETYPE_IPV4, ETYPE_IPV6};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,44 +32,35 @@ impl SflowError {
     }
 }
 
-struct Xdr<'a> {
-    b: &'a [u8],
-    off: usize,
+impl From<Truncated> for SflowError {
+    fn from(t: Truncated) -> Self {
+        SflowError::Truncated(t.0)
+    }
 }
 
-impl<'a> Xdr<'a> {
-    fn new(b: &'a [u8]) -> Self {
-        Xdr { b, off: 0 }
-    }
-    fn left(&self) -> usize {
-        self.b.len() - self.off
-    }
-    fn bytes(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], SflowError> {
-        if self.left() < n {
-            return Err(SflowError::Truncated(what));
-        }
-        let s = &self.b[self.off..self.off + n];
-        self.off += n;
-        Ok(s)
-    }
-    fn u32(&mut self, what: &'static str) -> Result<u32, SflowError> {
-        let s = self.bytes(4, what)?;
-        Ok(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
-    }
+/// XDR (RFC 4506) on the shared reader: opaque data padded to 4 bytes,
+/// sFlow's tagged addresses.
+trait Xdr<'a> {
+    /// An XDR opaque of `n` bytes, padded to a multiple of 4.
+    fn opaque(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], SflowError>;
+    fn address(&mut self) -> Result<IpAddr, SflowError>;
+}
+
+impl<'a> Xdr<'a> for Reader<'a> {
     /// An XDR opaque of `n` bytes, padded to a multiple of 4.
     fn opaque(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], SflowError> {
-        let s = self.bytes(n, what)?;
-        self.bytes((4 - n % 4) % 4, what)?;
+        let s = self.take(n, what)?;
+        self.take((4 - n % 4) % 4, what)?;
         Ok(s)
     }
     fn address(&mut self) -> Result<IpAddr, SflowError> {
         match self.u32("address type")? {
             1 => {
-                let b = self.bytes(4, "IPv4 address")?;
+                let b = self.take(4, "IPv4 address")?;
                 Ok(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3])))
             }
             2 => {
-                let b: [u8; 16] = self.bytes(16, "IPv6 address")?.try_into().expect("16");
+                let b: [u8; 16] = self.take(16, "IPv6 address")?.try_into().expect("16");
                 Ok(IpAddr::V6(Ipv6Addr::from(b)))
             }
             t => Err(SflowError::AddressType(t)),
@@ -205,7 +197,7 @@ pub fn decode(
     now_ns: u64,
     out: &mut Vec<FlowRecord>,
 ) -> Result<u64, SflowError> {
-    let mut x = Xdr::new(datagram);
+    let mut x = Reader::new(datagram);
     let version = x.u32("header")?;
     if version != 5 {
         return Err(SflowError::Version(version));
@@ -219,8 +211,8 @@ pub fn decode(
     for _ in 0..samples {
         let format = x.u32("sample header")?;
         let len = x.u32("sample header")? as usize;
-        let body = x.bytes(len, "sample")?;
-        let mut s = Xdr::new(body);
+        let body = x.take(len, "sample")?;
+        let mut s = Reader::new(body);
         let base = FlowRecord {
             flow_type: FlowType::SFlow5,
             time_received_ns: now_ns,
@@ -239,10 +231,10 @@ pub fn decode(
                 if format == 1 {
                     s.u32("flow sample")?; // source id
                 } else {
-                    s.bytes(8, "flow sample")?; // source id type, index
+                    s.take(8, "flow sample")?; // source id type, index
                 }
                 r.sampling_rate = s.u32("flow sample")? as u64;
-                s.bytes(8, "flow sample")?; // sample pool, drops
+                s.take(8, "flow sample")?; // sample pool, drops
                 if format == 1 {
                     r.in_if = s.u32("flow sample")? & 0x3fff_ffff;
                     r.out_if = s.u32("flow sample")? & 0x3fff_ffff;
@@ -257,8 +249,8 @@ pub fn decode(
                 for _ in 0..records {
                     let rf = s.u32("flow record")?;
                     let rlen = s.u32("flow record")? as usize;
-                    let data = s.bytes(rlen, "flow record")?;
-                    let mut d = Xdr::new(data);
+                    let data = s.take(rlen, "flow record")?;
+                    let mut d = Reader::new(data);
                     match rf {
                         // raw packet header
                         1 => {
@@ -314,7 +306,7 @@ pub fn decode(
 }
 
 /// extended_gateway: (src_as, dst_as = last AS of the destination path).
-fn gateway(d: &mut Xdr<'_>) -> Result<(u32, u32), SflowError> {
+fn gateway(d: &mut Reader<'_>) -> Result<(u32, u32), SflowError> {
     d.address()?; // next hop
     let router_as = d.u32("gateway")?;
     let src_as = d.u32("gateway")?;

@@ -46,21 +46,49 @@ fn traffic_key(cid: Option<u32>, f: &FlowSummary, app: u8) -> u64 {
     cid | dir << 33 | ipv << 35 | proto << 37 | (app as u64) << 46
 }
 
-/// The counters and their per-series handles (looked up once per series,
-/// then incremented directly).
-pub struct Dashboard {
+/// Bytes, packets and flows by the same labels.
+struct Totals {
     bytes: IntCounterVec,
     packets: IntCounterVec,
     flows: IntCounterVec,
-    host_bytes: IntCounterVec,
-    host_packets: IntCounterVec,
-    host_flows: IntCounterVec,
+}
+
+impl Totals {
+    fn series(&self, labels: &[&str]) -> Series {
+        Series {
+            bytes: self.bytes.with_label_values(labels),
+            packets: self.packets.with_label_values(labels),
+            flows: self.flows.with_label_values(labels),
+        }
+    }
+}
+
+/// One label set's bytes, packets and flows.
+struct Series {
+    bytes: IntCounter,
+    packets: IntCounter,
+    flows: IntCounter,
+}
+
+impl Series {
+    fn add(&self, f: &FlowSummary) {
+        self.bytes.inc_by(f.bytes);
+        self.packets.inc_by(f.packets);
+        self.flows.inc_by(f.flows);
+    }
+}
+
+/// The counters and their per-series handles (looked up once per series,
+/// then incremented directly).
+pub struct Dashboard {
+    traffic_totals: Totals,
+    host_totals: Totals,
     transmit: IntCounterVec,
     receive: IntCounterVec,
     asn: Option<u32>,
     names: HashMap<u32, String>,
-    traffic: HashMap<u64, [IntCounter; 3], SpreadKeys>,
-    hosts: HashMap<Host, [IntCounter; 3]>,
+    traffic: HashMap<u64, Series, SpreadKeys>,
+    hosts: HashMap<Host, Series>,
     as_series: HashMap<(bool, u32, u32, Host), IntCounter>,
     /// Customer ids with their own label (at most max_customers).
     cids: std::collections::HashSet<u32>,
@@ -90,32 +118,36 @@ impl Dashboard {
             "hostname",
         ];
         Dashboard {
-            bytes: vec(
-                "flowexport_dashboard_bytes_total",
-                "Bytes of the flows read, scaled by their sampling rate.",
-                t,
-            ),
-            packets: vec(
-                "flowexport_dashboard_packets_total",
-                "Packets of the flows read, scaled by their sampling rate.",
-                t,
-            ),
-            flows: vec("flowexport_dashboard_flows_total", "Flow records read.", t),
-            host_bytes: vec(
-                "flowexport_dashboard_host_bytes_total",
-                "Bytes by exporter (sampler_address, or pmacct's label), scaled by sampling rate.",
-                &["host"],
-            ),
-            host_packets: vec(
-                "flowexport_dashboard_host_packets_total",
-                "Packets by exporter, scaled by sampling rate.",
-                &["host"],
-            ),
-            host_flows: vec(
-                "flowexport_dashboard_host_flows_total",
-                "Flow records by exporter.",
-                &["host"],
-            ),
+            traffic_totals: Totals {
+                bytes: vec(
+                    "flowexport_dashboard_bytes_total",
+                    "Bytes of the flows read, scaled by their sampling rate.",
+                    t,
+                ),
+                packets: vec(
+                    "flowexport_dashboard_packets_total",
+                    "Packets of the flows read, scaled by their sampling rate.",
+                    t,
+                ),
+                flows: vec("flowexport_dashboard_flows_total", "Flow records read.", t),
+            },
+            host_totals: Totals {
+                bytes: vec(
+                    "flowexport_dashboard_host_bytes_total",
+                    "Bytes by exporter (sampler_address, or pmacct's label), scaled by sampling rate.",
+                    &["host"],
+                ),
+                packets: vec(
+                    "flowexport_dashboard_host_packets_total",
+                    "Packets by exporter, scaled by sampling rate.",
+                    &["host"],
+                ),
+                flows: vec(
+                    "flowexport_dashboard_host_flows_total",
+                    "Flow records by exporter.",
+                    &["host"],
+                ),
+            },
             transmit: vec("flow_transmit_bytes_total", "Bytes transferred.", as_labels),
             receive: vec("flow_receive_bytes_total", "Bytes received.", as_labels),
             asn,
@@ -157,17 +189,11 @@ impl Dashboard {
                     proto_label(f.proto),
                     app_name(app),
                 ];
-                let c = [
-                    self.bytes.with_label_values(&l),
-                    self.packets.with_label_values(&l),
-                    self.flows.with_label_values(&l),
-                ];
+                let c = self.traffic_totals.series(&l);
                 self.traffic.entry(key).or_insert(c)
             }
         };
-        counters[0].inc_by(f.bytes);
-        counters[1].inc_by(f.packets);
-        counters[2].inc_by(f.flows);
+        counters.add(f);
 
         // Hosts past the cap share the `other` entry (the map holds at
         // most max_hosts + 1 keys).
@@ -181,17 +207,11 @@ impl Dashboard {
                 };
                 let text = host.to_string();
                 let l = [text.as_str()];
-                let c = [
-                    self.host_bytes.with_label_values(&l),
-                    self.host_packets.with_label_values(&l),
-                    self.host_flows.with_label_values(&l),
-                ];
+                let c = self.host_totals.series(&l);
                 self.hosts.entry(host).or_insert(c)
             }
         };
-        h[0].inc_by(f.bytes);
-        h[1].inc_by(f.packets);
-        h[2].inc_by(f.flows);
+        h.add(f);
 
         // flow-exporter: transmit when the monitored AS is the source,
         // else receive when it is the destination.

@@ -104,7 +104,7 @@ mod tests {
 
     #[test]
     fn our_json_records_read_as_enrich_reads_them() {
-        let mut r = crate::codec::protobuf::tests::sample();
+        let mut r = crate::record::tests::sample();
         r.sampling_rate = 10;
         let f = decode(InputFormat::Json, r.to_json().as_bytes()).unwrap();
         assert_eq!(

@@ -239,6 +239,12 @@ mod tests {
         }
     }
 
+    /// `r` through `e`: its AS numbers and names.
+    fn enriched_as<'r>(e: &Enricher, r: &'r mut FlowRecord) -> (u32, &'r str, u32, &'r str) {
+        e.apply(r);
+        (r.src_as, &r.src_as_name, r.dst_as, &r.dst_as_name)
+    }
+
     #[test]
     fn local_side_customer_by_direction() {
         let e = enricher();
@@ -279,14 +285,8 @@ mod tests {
         assert_eq!(g("2001:db9::1"), None);
         let e = Enricher::new(PrefixTable::default(), Some(asn));
         let mut r = flow("10.1.0.1", "198.51.100.1", 0);
-        e.apply(&mut r);
         assert_eq!(
-            (
-                r.src_as,
-                r.src_as_name.as_str(),
-                r.dst_as,
-                r.dst_as_name.as_str()
-            ),
+            enriched_as(&e, &mut r),
             (64510, "MORE-SPECIFIC", 64501, "DOC-NET, Example Org")
         );
         // Damaged: the marker without a valid database behind it.
@@ -324,16 +324,7 @@ mod tests {
     fn as_numbers_and_names_where_the_table_has_them() {
         let e = enricher();
         let mut r = flow("10.9.9.9", "198.51.100.1", 0);
-        e.apply(&mut r);
-        assert_eq!(
-            (
-                r.src_as,
-                r.src_as_name.as_str(),
-                r.dst_as,
-                r.dst_as_name.as_str()
-            ),
-            (64500, "EXAMPLE-NET", 64501, "")
-        );
+        assert_eq!(enriched_as(&e, &mut r), (64500, "EXAMPLE-NET", 64501, ""));
         // Not in the table: the exporter's numbers stay.
         let mut r = flow("192.0.2.1", "10.0.0.1", 0);
         e.apply(&mut r);

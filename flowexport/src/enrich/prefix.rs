@@ -311,24 +311,28 @@ mod tests {
             ("2001:db8::/32", 6),
             ("2001:db8:1::/48", 7),
         ]);
-        assert_eq!(get(&t, "9.255.255.255"), None);
-        assert_eq!(get(&t, "10.0.0.0"), Some(1));
-        assert_eq!(get(&t, "10.1.0.0"), Some(2));
-        assert_eq!(get(&t, "10.1.2.127"), Some(3));
-        assert_eq!(get(&t, "10.1.2.128"), Some(4));
-        assert_eq!(get(&t, "10.1.2.255"), Some(4));
-        assert_eq!(get(&t, "10.1.3.6"), Some(2));
-        assert_eq!(get(&t, "10.1.3.7"), Some(5));
-        assert_eq!(get(&t, "10.1.3.8"), Some(2));
-        assert_eq!(get(&t, "10.2.0.0"), Some(1));
-        assert_eq!(get(&t, "10.255.255.255"), Some(1));
-        assert_eq!(get(&t, "11.0.0.0"), None);
-        assert_eq!(get(&t, "2001:db8:1::5"), Some(7));
-        assert_eq!(get(&t, "2001:db8:2::5"), Some(6));
-        assert_eq!(get(&t, "2001:db9::"), None);
-        // IPv4-mapped IPv6 is IPv4; the families never mix otherwise.
-        assert_eq!(get(&t, "::ffff:10.1.2.200"), Some(4));
-        assert_eq!(get(&t, "::a01:203"), None);
+        for (addr, want) in [
+            ("9.255.255.255", None),
+            ("10.0.0.0", Some(1)),
+            ("10.1.0.0", Some(2)),
+            ("10.1.2.127", Some(3)),
+            ("10.1.2.128", Some(4)),
+            ("10.1.2.255", Some(4)),
+            ("10.1.3.6", Some(2)),
+            ("10.1.3.7", Some(5)),
+            ("10.1.3.8", Some(2)),
+            ("10.2.0.0", Some(1)),
+            ("10.255.255.255", Some(1)),
+            ("11.0.0.0", None),
+            ("2001:db8:1::5", Some(7)),
+            ("2001:db8:2::5", Some(6)),
+            ("2001:db9::", None),
+            // IPv4-mapped IPv6 is IPv4; the families never mix otherwise.
+            ("::ffff:10.1.2.200", Some(4)),
+            ("::a01:203", None),
+        ] {
+            assert_eq!(get(&t, addr), want, "{addr}");
+        }
         assert_eq!(t.len(), 7);
     }
 
@@ -341,13 +345,17 @@ mod tests {
             ("::/0", 4),
             ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128", 5),
         ]);
-        assert_eq!(get(&t, "0.0.0.0"), Some(3));
-        assert_eq!(get(&t, "0.0.0.1"), Some(1));
-        assert_eq!(get(&t, "255.255.255.254"), Some(1));
-        assert_eq!(get(&t, "255.255.255.255"), Some(2));
-        assert_eq!(get(&t, "::"), Some(4));
-        assert_eq!(get(&t, "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe"), Some(4));
-        assert_eq!(get(&t, "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"), Some(5));
+        for (addr, want) in [
+            ("0.0.0.0", Some(3)),
+            ("0.0.0.1", Some(1)),
+            ("255.255.255.254", Some(1)),
+            ("255.255.255.255", Some(2)),
+            ("::", Some(4)),
+            ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe", Some(4)),
+            ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", Some(5)),
+        ] {
+            assert_eq!(get(&t, addr), want, "{addr}");
+        }
     }
 
     #[test]
@@ -392,22 +400,23 @@ mod tests {
 
     #[test]
     fn parse_errors_say_what_to_write() {
-        assert_eq!(
-            Prefix::parse("10.0.0.1/8").unwrap_err().to_string(),
-            "10.0.0.1/8 has host bits set; write 10.0.0.0/8"
-        );
-        assert_eq!(
-            Prefix::parse("10.0.0.0/33").unwrap_err().to_string(),
-            "prefix length \"33\" is not a number from 0 to 32"
-        );
-        assert_eq!(
-            Prefix::parse("2001:db8::/x").unwrap_err().to_string(),
-            "prefix length \"x\" is not a number from 0 to 128"
-        );
-        assert_eq!(
-            Prefix::parse("10.0.0/24").unwrap_err().to_string(),
-            "\"10.0.0\" is not an IPv4 or IPv6 address"
-        );
+        for (text, error) in [
+            (
+                "10.0.0.1/8",
+                "10.0.0.1/8 has host bits set; write 10.0.0.0/8",
+            ),
+            (
+                "10.0.0.0/33",
+                "prefix length \"33\" is not a number from 0 to 32",
+            ),
+            (
+                "2001:db8::/x",
+                "prefix length \"x\" is not a number from 0 to 128",
+            ),
+            ("10.0.0/24", "\"10.0.0\" is not an IPv4 or IPv6 address"),
+        ] {
+            assert_eq!(Prefix::parse(text).unwrap_err().to_string(), error);
+        }
         assert_eq!(
             Prefix::parse("2001:db8::1").unwrap(),
             Prefix {

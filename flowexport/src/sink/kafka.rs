@@ -36,18 +36,7 @@ pub enum KafkaFormat {
     Json,
 }
 
-impl std::str::FromStr for KafkaFormat {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "protobuf" | "pb" => Ok(KafkaFormat::Protobuf),
-            "json" => Ok(KafkaFormat::Json),
-            other => Err(format!(
-                "unknown Kafka format {other:?}: use protobuf or json"
-            )),
-        }
-    }
-}
+from_keywords!(KafkaFormat, "Kafka format", { "protobuf" | "pb" => Protobuf, "json" => Json });
 
 pub const DEFAULT_TOPIC: &str = "flows";
 pub const DEFAULT_BUFFER_RECORDS: usize = 100_000;

@@ -13,11 +13,14 @@
 //!   `flowexport_stdout_blocked_seconds_total` (time senders waited for room
 //!   in a full queue), instead of as silent drops at the collector's
 //!   sockets; nothing in the queue is dropped, and `flush` waits for it.
+//!   The writer writes in chunks of 64 KiB or more where the rate allows
+//!   (waiting at most 5 ms for one to fill): the page cache costs several
+//!   times more per byte in small writes.
 
 use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use prometheus::{Counter, IntGauge, Registry};
 
@@ -86,9 +89,14 @@ struct Queue {
     /// The writer's last error, reported to the next sender.
     error: Option<std::io::Error>,
     closed: bool,
-    /// The writer waits for work: a sender must wake it (otherwise it
-    /// takes the new batch with the next round, without a wake-up call).
-    writer_idle: bool,
+    /// The writer sleeps until this many bytes are queued: a sender that
+    /// brings the queue to it wakes the writer. `usize::MAX` while the
+    /// writer is busy (it takes new batches with its next round, without a
+    /// wake-up call).
+    writer_wants: usize,
+    /// Someone waits for the queue to empty (`flush`, or a sender for
+    /// room): the writer writes what it has without lingering.
+    hurry: bool,
 }
 
 struct Shared {
@@ -140,7 +148,8 @@ impl QueuedJsonLines {
                 spare: Vec::new(),
                 error: None,
                 closed: false,
-                writer_idle: false,
+                writer_wants: usize::MAX,
+                hurry: false,
             }),
             work: Condvar::new(),
             room: Condvar::new(),
@@ -169,21 +178,51 @@ impl QueuedJsonLines {
     }
 }
 
-/// The writer thread: takes every queued batch at once, writes them as one
-/// buffer, then releases their bytes.
+/// The writer writes at least this much at once when it can: smaller
+/// writes cost the page cache several times more per byte (measured here,
+/// ext4, 450-byte records: 0.4-0.6 us each in 4-16 KiB writes, 0.12-0.18 us
+/// in 32-256 KiB writes).
+const MIN_WRITE: usize = 64 << 10;
+
+/// How long the writer waits for the queue to reach [`MIN_WRITE`] once a
+/// batch is there: the most a record is held back for it (at low rates).
+const LINGER: Duration = Duration::from_millis(5);
+
+/// The writer thread: waits for a batch, then (up to [`LINGER`]) for
+/// [`MIN_WRITE`] bytes, takes every queued batch at once, writes them as
+/// one buffer, then releases their bytes.
 fn write_loop(s: &Shared, out: &mut dyn Write) {
     let mut taken: Vec<(Vec<u8>, u64)> = Vec::new();
     let mut joined: Vec<u8> = Vec::new();
+    // A queue smaller than two writes' worth would hold senders back.
+    let min_write = MIN_WRITE.min(s.limit / 2).max(1);
     loop {
         {
             let mut q = s.queue.lock().expect("stdout queue");
-            while q.batches.is_empty() && !q.closed {
-                q.writer_idle = true;
-                q = s.work.wait(q).expect("stdout queue");
+            let mut deadline: Option<Instant> = None;
+            while !q.closed {
+                if q.batches.is_empty() {
+                    q.hurry = false;
+                    q.writer_wants = 1;
+                    q = s.work.wait(q).expect("stdout queue");
+                    continue;
+                }
+                // The writer has nothing in flight: `bytes` is what is queued.
+                if q.bytes >= min_write || q.hurry {
+                    break;
+                }
+                let now = Instant::now();
+                let until = *deadline.get_or_insert(now + LINGER);
+                if now >= until {
+                    break;
+                }
+                q.writer_wants = min_write;
+                q = s.work.wait_timeout(q, until - now).expect("stdout queue").0;
             }
-            q.writer_idle = false;
+            q.writer_wants = usize::MAX;
+            q.hurry = false;
             if q.batches.is_empty() {
-                return;
+                return; // closed, and everything written
             }
             taken.extend(q.batches.drain(..));
         }
@@ -246,6 +285,8 @@ impl Sink for QueuedJsonLines {
         }
         if q.bytes > 0 && q.bytes + buf.len() > s.limit {
             let started = Instant::now();
+            q.hurry = true;
+            s.work.notify_one();
             while q.bytes > 0 && q.bytes + buf.len() > s.limit {
                 q = s.room.wait(q).expect("stdout queue");
             }
@@ -254,8 +295,8 @@ impl Sink for QueuedJsonLines {
         q.bytes += buf.len();
         s.waiting.add(records.len() as i64);
         q.batches.push_back((buf, records.len() as u64));
-        if q.writer_idle {
-            q.writer_idle = false;
+        if q.bytes >= q.writer_wants {
+            q.writer_wants = usize::MAX;
             s.work.notify_one();
         }
         Ok(())
@@ -265,6 +306,10 @@ impl Sink for QueuedJsonLines {
     fn flush(&mut self) -> Result<(), SinkError> {
         let s = &*self.shared;
         let mut q = s.queue.lock().expect("stdout queue");
+        if q.bytes > 0 {
+            q.hurry = true;
+            s.work.notify_one();
+        }
         while q.bytes > 0 {
             q = s.room.wait(q).expect("stdout queue");
         }
@@ -289,41 +334,18 @@ impl Drop for QueuedJsonLines {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::FlowType;
 
     #[test]
     fn writes_one_line_per_record() {
-        let rec = FlowRecord {
-            flow_type: FlowType::Ebpf,
-            time_received_ns: 1,
-            sequence_num: 0,
-            sampling_rate: 0,
-            sampler_address: None,
-            time_flow_start_ns: 2,
-            time_flow_end_ns: 3,
-            bytes: 60,
-            packets: 1,
-            src_addr: "10.1.1.1".parse().unwrap(),
-            dst_addr: "10.1.1.2".parse().unwrap(),
-            etype: 0x800,
-            proto: 6,
-            src_port: 1,
-            dst_port: 2,
-            in_if: 4,
-            out_if: 0,
-            vlan_id: 0,
-            tcp_flags: 2,
-            flow_direction: 0,
-            ..FlowRecord::default()
-        };
+        let rec = crate::record::tests::sample();
         let mut sink = JsonLinesSink::new(Vec::new());
         sink.send(&[rec.clone(), rec]).unwrap();
         let text = String::from_utf8(sink.out).unwrap();
         let lines: Vec<_> = text.lines().collect();
         assert_eq!(lines.len(), 2);
         let v: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
-        assert_eq!(v["src_addr"], "10.1.1.1");
-        assert_eq!(v["tcp_flags"], 2);
+        assert_eq!(v["src_addr"], "2001:db8::1");
+        assert_eq!(v["tcp_flags"], 0x18);
         assert!(text.ends_with('\n'));
     }
 
@@ -373,7 +395,7 @@ mod tests {
             sink
         });
         // The reader stalls: the queue fills up (8 KiB) and the sender waits.
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(300));
         let metric = |name: &str| {
             crate::metrics::render_registry(&registry)
                 .lines()

@@ -238,82 +238,103 @@ mod tests {
 
     const INNER: &[u8] = b"inner-ethernet-frame";
 
-    fn check(frame: &[u8], kind: TunnelType, id: u32, inner_is: &[u8]) {
-        let mut scratch = Vec::new();
-        let (t, inner) = decap(frame, &mut scratch).expect("a tunnel");
-        assert_eq!((t.kind, t.id), (kind, id));
-        assert_eq!(t.outer_src.to_string(), "192.0.2.1");
-        assert_eq!(inner, inner_is);
+    /// `payload` behind `head`.
+    fn after(head: &[u8], payload: &[u8]) -> Vec<u8> {
+        [head, payload].concat()
     }
 
     #[test]
     fn vxlan_geneve_gre_erspan_ipip() {
-        let mut vx = vec![0x08, 0, 0, 0, 0x12, 0x34, 0x56, 0];
-        vx.extend(INNER);
-        check(
-            &eth(ETH_P_IP, &ipv4(17, &udp(4789, &vx))),
-            TunnelType::Vxlan,
-            0x123456,
-            INNER,
-        );
-
-        let mut gn = vec![0x01, 0, 0x65, 0x58, 0, 0, 0x2a, 0, 1, 2, 3, 4];
-        gn.extend(INNER);
-        check(
-            &eth(ETH_P_IP, &ipv4(17, &udp(6081, &gn))),
-            TunnelType::Geneve,
-            42,
-            INNER,
-        );
-
-        // GRE with checksum, key and sequence.
-        let mut gre = vec![
-            0xb0, 0, 0x65, 0x58, 0, 0, 0, 0, 0, 0, 0x03, 0xe8, 0, 0, 0, 9,
-        ];
-        gre.extend(INNER);
-        check(
-            &eth(ETH_P_IP, &ipv4(47, &gre)),
-            TunnelType::Gre,
-            1000,
-            INNER,
-        );
-
-        // GRE carrying IPv4 directly: an Ethernet header is put in front.
         let inner_ip = ipv4(6, &[0; 20]);
-        let mut gre_ip = vec![0, 0, 0x08, 0];
-        gre_ip.extend(&inner_ip);
-        check(
-            &eth(ETH_P_IP, &ipv4(47, &gre_ip)),
-            TunnelType::Gre,
-            0,
-            &eth(ETH_P_IP, &inner_ip),
-        );
-
-        // ERSPAN II: GRE with a sequence number, session 0x155.
-        let mut e2 = vec![
-            0x10, 0, 0x88, 0xbe, 0, 0, 0, 1, 0x10, 0x64, 0x01, 0x55, 0, 0, 0, 0,
+        let inner_ip_frame = eth(ETH_P_IP, &inner_ip);
+        let mut inner_ip6 = vec![0u8; 40];
+        inner_ip6[0] = 0x60; // version 6
+        inner_ip6[6] = 59; // no next header
+        let inner_ip6_frame = eth(ETH_P_IPV6, &inner_ip6);
+        /// The outer IPv4 protocol and payload; the tunnel, its id and the
+        /// inner frame.
+        type Case<'a> = (u8, Vec<u8>, TunnelType, u32, &'a [u8]);
+        let cases: [Case<'_>; 8] = [
+            // VXLAN, VNI 0x123456.
+            (
+                17,
+                udp(4789, &after(&[0x08, 0, 0, 0, 0x12, 0x34, 0x56, 0], INNER)),
+                TunnelType::Vxlan,
+                0x123456,
+                INNER,
+            ),
+            // GENEVE with 4 bytes of options, VNI 42.
+            (
+                17,
+                udp(
+                    6081,
+                    &after(&[0x01, 0, 0x65, 0x58, 0, 0, 0x2a, 0, 1, 2, 3, 4], INNER),
+                ),
+                TunnelType::Geneve,
+                42,
+                INNER,
+            ),
+            // GRE with checksum, key and sequence.
+            (
+                47,
+                after(
+                    &[
+                        0xb0, 0, 0x65, 0x58, 0, 0, 0, 0, 0, 0, 0x03, 0xe8, 0, 0, 0, 9,
+                    ],
+                    INNER,
+                ),
+                TunnelType::Gre,
+                1000,
+                INNER,
+            ),
+            // GRE carrying IPv4 directly: an Ethernet header is put in front.
+            (
+                47,
+                after(&[0, 0, 0x08, 0], &inner_ip),
+                TunnelType::Gre,
+                0,
+                &inner_ip_frame,
+            ),
+            // ERSPAN II: GRE with a sequence number, session 0x155.
+            (
+                47,
+                after(
+                    &[
+                        0x10, 0, 0x88, 0xbe, 0, 0, 0, 1, 0x10, 0x64, 0x01, 0x55, 0, 0, 0, 0,
+                    ],
+                    INNER,
+                ),
+                TunnelType::Erspan,
+                0x155,
+                INNER,
+            ),
+            // ERSPAN III with the platform sub-header (O flag), session 7.
+            (
+                47,
+                [
+                    &[0x10, 0, 0x22, 0xeb, 0, 0, 0, 1][..],
+                    &[0x20, 0, 0x00, 0x07, 0, 0, 0, 0, 0, 0, 0, 0x01],
+                    &[0xaa; 8],
+                    INNER,
+                ]
+                .concat(),
+                TunnelType::Erspan,
+                7,
+                INNER,
+            ),
+            // IPv4 in IPv4.
+            (4, inner_ip.clone(), TunnelType::Ipip, 0, &inner_ip_frame),
+            // IPv6 in IPv4.
+            (41, inner_ip6.clone(), TunnelType::Ipip, 0, &inner_ip6_frame),
         ];
-        e2.extend(INNER);
-        check(
-            &eth(ETH_P_IP, &ipv4(47, &e2)),
-            TunnelType::Erspan,
-            0x155,
-            INNER,
-        );
-
-        // ERSPAN III with the platform sub-header (O flag).
-        let mut e3 = vec![0x10, 0, 0x22, 0xeb, 0, 0, 0, 1];
-        e3.extend([0x20, 0, 0x00, 0x07, 0, 0, 0, 0, 0, 0, 0, 0x01]);
-        e3.extend([0xaa; 8]);
-        e3.extend(INNER);
-        check(&eth(ETH_P_IP, &ipv4(47, &e3)), TunnelType::Erspan, 7, INNER);
-
-        check(
-            &eth(ETH_P_IP, &ipv4(4, &inner_ip)),
-            TunnelType::Ipip,
-            0,
-            &eth(ETH_P_IP, &inner_ip),
-        );
+        let mut scratch = Vec::new();
+        for (proto, payload, kind, id, inner_is) in &cases {
+            let frame = eth(ETH_P_IP, &ipv4(*proto, payload));
+            let (t, inner) = decap(&frame, &mut scratch).expect("a tunnel");
+            assert_eq!((t.kind, t.id), (*kind, *id), "{kind:?}");
+            assert_eq!(t.outer_src.to_string(), "192.0.2.1");
+            assert_eq!(inner, *inner_is, "{kind:?} {id}");
+        }
     }
 
     #[test]

@@ -77,16 +77,7 @@ pub enum Decap {
     Inner,
 }
 
-impl std::str::FromStr for Decap {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "none" => Ok(Decap::None),
-            "inner" => Ok(Decap::Inner),
-            other => Err(format!("unknown --decap {other:?}: use none or inner")),
-        }
-    }
-}
+from_keywords!(Decap, "--decap", { "none" => None, "inner" => Inner });
 
 /// The AF_XDP settings of the agent.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -35,19 +35,7 @@ pub enum ZeroCopy {
     Off,
 }
 
-impl std::str::FromStr for ZeroCopy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(ZeroCopy::Auto),
-            "on" => Ok(ZeroCopy::On),
-            "off" => Ok(ZeroCopy::Off),
-            other => Err(format!(
-                "unknown zero-copy mode {other:?}: use auto, on or off"
-            )),
-        }
-    }
-}
+from_keywords!(ZeroCopy, "zero-copy mode", { "auto" => Auto, "on" => On, "off" => Off });
 
 /// The kernel's drop counters of one socket (`XDP_STATISTICS`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -258,32 +258,48 @@ pub struct AgentConfig {
     pub ifaces: Vec<String>,
     /// `--exclude-iface` globs.
     pub exclude_ifaces: Vec<String>,
+    /// `--capture`: where ingress is counted.
     pub capture: Capture,
+    /// `--xdp-mode`: how the XDP program attaches.
     pub xdp_mode: XdpModeChoice,
+    /// `--idle-timeout`, `--active-timeout`: when a flow is exported.
     pub idle_timeout: Duration,
     pub active_timeout: Duration,
+    /// `--drain-interval`: how often the kernel table is drained.
     pub drain_interval: Duration,
+    /// `--max-flows`: the kernel table's capacity (it has 2 x N slots).
     pub max_flows: u32,
+    /// `--fallback-ring-bytes`: the ring for packets the table has no room for.
     pub fallback_ring_bytes: u32,
+    /// `--cache-slots`: per-CPU cache slots per generation (0: no cache).
     pub cache_slots: u32,
     /// 1-in-N packet sampling (1: every packet).
     pub sampling: u32,
     /// `--filter` rules, in order.
     pub filters: Vec<Rule>,
+    /// `--clock-resolution`: how often the kernel's clock word advances.
     pub clock_resolution: Duration,
+    /// `--metrics-addr`: where /metrics is served.
     pub metrics_addr: SocketAddr,
+    /// `--sampler-address`: every record's sampler_address (None: empty).
     pub sampler_address: Option<IpAddr>,
+    /// `--bpf-object`: a kernel object to load instead of the embedded one.
     pub bpf_object: Option<PathBuf>,
     /// Where maps and links are pinned (None: nowhere).
     pub pin_dir: Option<PathBuf>,
+    /// `--keep-attached`: at exit, leave the programs counting for the next
+    /// agent.
     pub keep_attached: bool,
     /// `--detach`: drain and detach the pinned state, then exit.
     pub detach: bool,
     /// Print JSON lines on stdout (always true when no other sink is set).
     pub stdout: bool,
+    /// The Kafka sink, when `--kafka-brokers` is set.
     pub kafka: Option<KafkaConfig>,
+    /// `--ipfix`, `--netflow9`: collectors to export to over UDP.
     pub ipfix: Vec<SocketAddr>,
     pub netflow9: Vec<SocketAddr>,
+    /// How IPFIX/NetFlow v9 exports are built (`--export-*`, sampling).
     pub export: ExportSettings,
 }
 

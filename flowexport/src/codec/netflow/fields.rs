@@ -211,21 +211,17 @@ impl NetflowDecoder {
             }
         };
         let export_us = h.export_ms.saturating_mul(1000);
-        rec.time_flow_start_ns = t
-            .start_ns
-            .or(t.start_ms.map(ms))
-            .or(t.start_uptime.and_then(from_uptime).map(ms))
-            .or(t
-                .start_delta_us
-                .map(|d| export_us.saturating_sub(d).saturating_mul(1000)))
+        // One end of the flow from the most precise field the record has:
+        // ns, ms, uptime, then a delta back from the export time.
+        let wall_ns =
+            |ns: Option<u64>, ms_: Option<u64>, uptime: Option<u64>, delta_us: Option<u64>| {
+                ns.or(ms_.map(ms))
+                    .or(uptime.and_then(from_uptime).map(ms))
+                    .or(delta_us.map(|d| export_us.saturating_sub(d).saturating_mul(1000)))
+            };
+        rec.time_flow_start_ns = wall_ns(t.start_ns, t.start_ms, t.start_uptime, t.start_delta_us)
             .unwrap_or(ms(h.export_ms));
-        rec.time_flow_end_ns = t
-            .end_ns
-            .or(t.end_ms.map(ms))
-            .or(t.end_uptime.and_then(from_uptime).map(ms))
-            .or(t
-                .end_delta_us
-                .map(|d| export_us.saturating_sub(d).saturating_mul(1000)))
+        rec.time_flow_end_ns = wall_ns(t.end_ns, t.end_ms, t.end_uptime, t.end_delta_us)
             .unwrap_or(rec.time_flow_start_ns);
         rec.sampling_rate = t
             .sampling_rate()

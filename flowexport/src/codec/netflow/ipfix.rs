@@ -4,13 +4,8 @@
 use super::*;
 
 impl NetflowDecoder {
-    pub(super) fn decode_ipfix(
-        &mut self,
-        exporter: IpAddr,
-        p: &[u8],
-        now_ns: u64,
-        out: &mut Vec<FlowRecord>,
-    ) -> Result<(), NetflowError> {
+    pub(super) fn decode_ipfix(&mut self, d: Datagram, out: &mut Vec<FlowRecord>) -> Result<()> {
+        let p = d.bytes;
         let mut r = Reader::new(p);
         r.take(2, "IPFIX header")?;
         let len = r.u16("IPFIX header")? as usize;
@@ -24,14 +19,9 @@ impl NetflowDecoder {
         }
         let mut r = Reader::new(&p[..len]);
         r.take(4, "IPFIX header")?;
-        let h = Header::read_tail(&mut r, "IPFIX header", 10, exporter, 0, now_ns)?;
+        let h = Header::read_tail(&mut r, "IPFIX header", 10, d.exporter, 0, d.now_ns)?;
         while r.left() > 0 {
-            let id = r.u16("set header")?;
-            let len = r.u16("set header")? as usize;
-            if len < 4 {
-                return Err(NetflowError::Length("set shorter than its header"));
-            }
-            let body = r.take(len - 4, "set")?;
+            let (id, body) = next_set(&mut r, &IPFIX_SET)?;
             match id {
                 2 => self.ipfix_templates(&h, body, false)?,
                 3 => self.ipfix_templates(&h, body, true)?,
@@ -82,21 +72,11 @@ impl NetflowDecoder {
             }
             let mut fields = Vec::with_capacity(count);
             for _ in 0..count {
-                let raw = r.u16("template field")?;
-                let len = r.u16("template field")?;
-                let pen = if raw & 0x8000 != 0 {
-                    r.u32("enterprise number")?
-                } else {
-                    0
-                };
-                if len == 0 {
+                let field = Field::read(&mut r, "template field", true)?;
+                if field.len == 0 {
                     return Err(NetflowError::Template("zero-length field"));
                 }
-                fields.push(Field {
-                    id: raw & 0x7fff,
-                    pen,
-                    len,
-                });
+                fields.push(field);
             }
             self.learn(h, id, fields, options);
             self.replay(h, id);

@@ -15,6 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use super::ie;
+use super::reader::{Reader, Truncated};
 use fields::{icmp_from_port, uint, v4};
 use time::{ntp_to_unix_ns, sysuptime_to_wall_ms, uptime_to_wall_ms};
 
@@ -42,6 +43,12 @@ pub enum NetflowError {
     Length(&'static str),
     #[error("malformed template: {0}")]
     Template(&'static str),
+}
+
+impl From<Truncated> for NetflowError {
+    fn from(t: Truncated) -> Self {
+        NetflowError::Truncated(t.0)
+    }
 }
 
 impl NetflowError {
@@ -77,6 +84,29 @@ struct Field {
     len: u16,
 }
 
+impl Field {
+    /// One field specifier of a template: its id and length, and in IPFIX
+    /// (`enterprise`) the enterprise number that follows when the id's top
+    /// bit is set.
+    fn read(r: &mut Reader<'_>, what: &'static str, enterprise: bool) -> Result<Field> {
+        let raw = r.u16(what)?;
+        let len = r.u16(what)?;
+        Ok(if enterprise && raw & 0x8000 != 0 {
+            Field {
+                id: raw & 0x7fff,
+                pen: r.u32("enterprise number")?,
+                len,
+            }
+        } else {
+            Field {
+                id: raw,
+                pen: 0,
+                len,
+            }
+        })
+    }
+}
+
 #[derive(Debug)]
 struct Template {
     fields: Vec<Field>,
@@ -84,6 +114,18 @@ struct Template {
     options: bool,
     /// Smallest record: fixed lengths plus one byte per variable field.
     min_len: usize,
+}
+
+/// What the version decoders return.
+type Result<T, E = NetflowError> = std::result::Result<T, E>;
+
+/// One packet as it arrived: from whom, its bytes (from the version field
+/// on), when (wall clock).
+#[derive(Clone, Copy)]
+struct Datagram<'a> {
+    exporter: IpAddr,
+    bytes: &'a [u8],
+    now_ns: u64,
 }
 
 /// What the packet header tells every record in it.
@@ -170,38 +212,36 @@ impl Default for NetflowDecoder {
     }
 }
 
-struct Reader<'a> {
-    b: &'a [u8],
-    off: usize,
+/// What a set is called in a version's errors.
+struct SetNames {
+    header: &'static str,
+    short: &'static str,
+    body: &'static str,
 }
 
-impl<'a> Reader<'a> {
-    fn new(b: &'a [u8]) -> Self {
-        Reader { b, off: 0 }
+const V9_FLOWSET: SetNames = SetNames {
+    header: "flowset header",
+    short: "flowset shorter than its header",
+    body: "flowset",
+};
+
+const IPFIX_SET: SetNames = SetNames {
+    header: "set header",
+    short: "set shorter than its header",
+    body: "set",
+};
+
+/// The next NetFlow v9 FlowSet or IPFIX Set (the same 4-byte header: id,
+/// length including the header): its id and its body.
+fn next_set<'a>(r: &mut Reader<'a>, names: &SetNames) -> Result<(u16, &'a [u8])> {
+    let id = r.u16(names.header)?;
+    let len = r.u16(names.header)? as usize;
+    if len < 4 {
+        return Err(NetflowError::Length(names.short));
     }
-    fn left(&self) -> usize {
-        self.b.len() - self.off
-    }
-    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], NetflowError> {
-        if self.left() < n {
-            return Err(NetflowError::Truncated(what));
-        }
-        let s = &self.b[self.off..self.off + n];
-        self.off += n;
-        Ok(s)
-    }
-    fn u8(&mut self, what: &'static str) -> Result<u8, NetflowError> {
-        Ok(self.take(1, what)?[0])
-    }
-    fn u16(&mut self, what: &'static str) -> Result<u16, NetflowError> {
-        let s = self.take(2, what)?;
-        Ok(u16::from_be_bytes([s[0], s[1]]))
-    }
-    fn u32(&mut self, what: &'static str) -> Result<u32, NetflowError> {
-        let s = self.take(4, what)?;
-        Ok(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
-    }
+    Ok((id, r.take(len - 4, names.body)?))
 }
+
 /// Times found in one data record, resolved after all fields are read.
 #[derive(Default)]
 struct RecordTimes {
@@ -285,12 +325,15 @@ impl NetflowDecoder {
         out: &mut Vec<FlowRecord>,
     ) -> Result<(), NetflowError> {
         self.expire_pending(now_ns);
-        let mut r = Reader::new(packet);
-        let version = r.u16("version")?;
-        let result = match version {
-            5 => self.decode_v5(exporter, packet, now_ns, out),
-            9 => self.decode_v9(exporter, &mut r, now_ns, out),
-            10 => self.decode_ipfix(exporter, packet, now_ns, out),
+        let d = Datagram {
+            exporter,
+            bytes: packet,
+            now_ns,
+        };
+        let result = match Reader::new(packet).u16("version")? {
+            5 => self.decode_v5(d, out),
+            9 => self.decode_v9(d, out),
+            10 => self.decode_ipfix(d, out),
             v => Err(NetflowError::Version(v)),
         };
         out.append(&mut self.replayed);

@@ -3,14 +3,11 @@
 use super::*;
 
 impl NetflowDecoder {
-    pub(super) fn decode_v5(
-        &mut self,
-        exporter: IpAddr,
-        p: &[u8],
-        now_ns: u64,
-        out: &mut Vec<FlowRecord>,
-    ) -> Result<(), NetflowError> {
-        let mut r = Reader::new(p);
+    pub(super) fn decode_v5(&mut self, d: Datagram, out: &mut Vec<FlowRecord>) -> Result<()> {
+        let Datagram {
+            exporter, now_ns, ..
+        } = d;
+        let mut r = Reader::new(d.bytes);
         r.take(2, "v5 header")?;
         let count = r.u16("v5 header")? as usize;
         let uptime = r.u32("v5 header")?;

@@ -4,23 +4,13 @@
 use super::*;
 
 impl NetflowDecoder {
-    pub(super) fn decode_v9(
-        &mut self,
-        exporter: IpAddr,
-        r: &mut Reader<'_>,
-        now_ns: u64,
-        out: &mut Vec<FlowRecord>,
-    ) -> Result<(), NetflowError> {
-        let _count = r.u16("v9 header")?;
+    pub(super) fn decode_v9(&mut self, d: Datagram, out: &mut Vec<FlowRecord>) -> Result<()> {
+        let mut r = Reader::new(d.bytes);
+        r.take(4, "v9 header")?; // version, record count
         let uptime = r.u32("v9 header")?;
-        let h = Header::read_tail(r, "v9 header", 9, exporter, uptime, now_ns)?;
+        let h = Header::read_tail(&mut r, "v9 header", 9, d.exporter, uptime, d.now_ns)?;
         while r.left() >= 4 {
-            let id = r.u16("flowset header")?;
-            let len = r.u16("flowset header")? as usize;
-            if len < 4 {
-                return Err(NetflowError::Length("flowset shorter than its header"));
-            }
-            let body = r.take(len - 4, "flowset")?;
+            let (id, body) = next_set(&mut r, &V9_FLOWSET)?;
             match id {
                 0 => self.v9_templates(&h, body)?,
                 1 => self.v9_options_templates(&h, body)?,
@@ -39,16 +29,9 @@ impl NetflowDecoder {
             if id < 256 {
                 return Err(NetflowError::Template("template id below 256"));
             }
-            let mut fields = Vec::with_capacity(count);
-            for _ in 0..count {
-                let fid = r.u16("template field")?;
-                let len = r.u16("template field")?;
-                fields.push(Field {
-                    id: fid,
-                    pen: 0,
-                    len,
-                });
-            }
+            let fields = (0..count)
+                .map(|_| Field::read(&mut r, "template field", false))
+                .collect::<Result<Vec<_>>>()?;
             if fields.is_empty() || fields.iter().any(|f| f.len == 0 || f.len == VARLEN) {
                 return Err(NetflowError::Template(
                     "v9 fields need a fixed, non-zero length",
@@ -75,16 +58,11 @@ impl NetflowDecoder {
             }
             let mut fields = Vec::new();
             for _ in 0..(scope_len + opt_len) / 4 {
-                let fid = r.u16("options template field")?;
-                let len = r.u16("options template field")?;
-                if len == 0 {
+                let field = Field::read(&mut r, "options template field", false)?;
+                if field.len == 0 {
                     return Err(NetflowError::Template("zero-length options field"));
                 }
-                fields.push(Field {
-                    id: fid,
-                    pen: 0,
-                    len,
-                });
+                fields.push(field);
             }
             if fields.is_empty() {
                 return Err(NetflowError::Template("options template without fields"));
