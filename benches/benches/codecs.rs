@@ -11,6 +11,7 @@ use divan::{black_box, Bencher};
 use flowexport::codec::netflow::encode::ExportProtocol;
 use flowexport::codec::netflow::NetflowDecoder;
 use flowexport::codec::{json, protobuf};
+use flowexport::record::FlowRecord;
 use flowexport_benches::util::{flows, stream, RECORDS_PER_PACKET};
 
 /// Export packets per decoding batch.
@@ -37,42 +38,38 @@ fn decode(b: Bencher<'_, '_>, proto: ExportProtocol) {
         });
 }
 
-#[divan::bench]
-fn decode_netflow_v9(b: Bencher<'_, '_>) {
-    decode(b, ExportProtocol::NetflowV9);
-}
-
-#[divan::bench]
-fn decode_ipfix(b: Bencher<'_, '_>) {
-    decode(b, ExportProtocol::Ipfix);
-}
-
-#[divan::bench]
-fn json_lines_writer(b: Bencher<'_, '_>) {
+/// A batch of JSON lines, each record written by `write`.
+fn json_lines(b: Bencher<'_, '_>, mut write: impl FnMut(&mut Vec<u8>, &FlowRecord)) {
     let recs = flows(RECORDS);
     let mut out = Vec::with_capacity(1 << 21);
     b.counter(ItemsCount::new(RECORDS)).bench_local(|| {
         out.clear();
         for r in &recs {
-            json::write_record(&mut out, r);
+            write(&mut out, r);
             out.push(b'\n');
         }
         black_box(&out);
     });
 }
 
-#[divan::bench]
-fn json_lines_serde_json(b: Bencher<'_, '_>) {
-    let recs = flows(RECORDS);
-    let mut out = Vec::with_capacity(1 << 21);
-    b.counter(ItemsCount::new(RECORDS)).bench_local(|| {
-        out.clear();
-        for r in &recs {
-            serde_json::to_writer(&mut out, r).expect("serializable");
-            out.push(b'\n');
-        }
-        black_box(&out);
-    });
+/// Benchmarks that each run one of the functions above with an argument:
+/// `name: function(argument);`.
+macro_rules! benches {
+    ($($name:ident: $run:ident($arg:expr);)*) => {
+        $(
+            #[divan::bench]
+            fn $name(b: Bencher<'_, '_>) {
+                $run(b, $arg);
+            }
+        )*
+    };
+}
+
+benches! {
+    decode_netflow_v9: decode(ExportProtocol::NetflowV9);
+    decode_ipfix: decode(ExportProtocol::Ipfix);
+    json_lines_writer: json_lines(json::write_record);
+    json_lines_serde_json: json_lines(|out, r| serde_json::to_writer(out, r).expect("serializable"));
 }
 
 #[divan::bench]

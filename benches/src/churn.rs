@@ -73,13 +73,14 @@ pub(crate) fn run(a: &ChurnArgs) -> Result<()> {
          drain p50 / p99 (ms) | final drain | flows drained/s/core | agent CPU-s per Mpkt | softirq CPU-s per Mpkt (receive-only) | agent peak RSS / anon | kernel maps |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    const MIB: f64 = 1048576.0;
     for (n, packets, rx, ag) in &rows {
         let f = |xs: &[f64], d: usize| range(xs, |x| format!("{x:.d$}"));
-        let rx_pps: Vec<f64> = rx.iter().map(Outcome::pps).collect();
-        let ag_pps: Vec<f64> = ag.iter().map(Outcome::pps).collect();
-        let ratio: Vec<f64> = ag_pps.iter().zip(&rx_pps).map(|(a, r)| a / r).collect();
-        let acc: Vec<f64> = ag.iter().map(Outcome::accuracy).collect();
-        let exact: Vec<f64> = ag.iter().map(|o| o.flows_exact as f64).collect();
+        // The range of `value` over the runs `os`, with `d` decimals.
+        let col = |os: &[Outcome], value: &dyn Fn(&Outcome) -> f64, d: usize| {
+            f(&os.iter().map(value).collect::<Vec<_>>(), d)
+        };
+        let ratio: Vec<f64> = ag.iter().zip(rx).map(|(a, r)| a.pps() / r.pps()).collect();
         let durations: Vec<f64> = ag
             .iter()
             .flat_map(|o| o.drains.iter().map(|d| d.0 * 1e3))
@@ -94,36 +95,24 @@ pub(crate) fn run(a: &ChurnArgs) -> Result<()> {
             .iter()
             .filter_map(|o| o.final_drain.map(|(s, r)| r as f64 / s.max(1e-9)))
             .collect();
-        let cpu: Vec<f64> = ag.iter().map(Outcome::cpu_per_mpkt).collect();
-        let soft: Vec<f64> = ag.iter().map(Outcome::softirq_per_mpkt).collect();
-        let soft_rx: Vec<f64> = rx.iter().map(Outcome::softirq_per_mpkt).collect();
-        let rss: Vec<f64> = ag
-            .iter()
-            .map(|o| o.usage.max_rss as f64 / 1048576.0)
-            .collect();
-        let anon: Vec<f64> = ag.iter().map(|o| o.rss_anon as f64 / 1048576.0).collect();
-        let kmem: Vec<f64> = ag
-            .iter()
-            .map(|o| o.kernel_memory as f64 / 1048576.0)
-            .collect();
         println!(
             "| {n} | {packets} | {} | {} | {} | {} | {} / {n} | {:.1} / {:.1} | {} s ({} records) | {}M | {} | {} ({}) | {} / {} MiB | {} MiB |",
-            f(&rx_pps, 0),
-            f(&ag_pps, 0),
+            col(rx, &Outcome::pps, 0),
+            col(ag, &Outcome::pps, 0),
             f(&ratio, 2),
-            f(&acc, 4),
-            f(&exact, 0),
+            col(ag, &Outcome::accuracy, 4),
+            col(ag, &|o| o.flows_exact as f64, 0),
             quantile(&durations, 0.5),
             quantile(&durations, 0.99),
             f(&finals, 2),
             ag.first().and_then(|o| o.final_drain).map_or(0, |f| f.1),
             range(&rate, |x| format!("{:.2}", x / 1e6)),
-            f(&cpu, 3),
-            f(&soft, 3),
-            f(&soft_rx, 3),
-            f(&rss, 0),
-            f(&anon, 0),
-            f(&kmem, 1),
+            col(ag, &Outcome::cpu_per_mpkt, 3),
+            col(ag, &Outcome::softirq_per_mpkt, 3),
+            col(rx, &Outcome::softirq_per_mpkt, 3),
+            col(ag, &|o| o.usage.max_rss as f64 / MIB, 0),
+            col(ag, &|o| o.rss_anon as f64 / MIB, 0),
+            col(ag, &|o| o.kernel_memory as f64 / MIB, 1),
         );
     }
     if let Some(idle) = idle {

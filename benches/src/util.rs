@@ -12,6 +12,8 @@ use flowexport::record::{FlowRecord, FlowType, ETYPE_IPV4};
 use rdkafka::message::ToBytes;
 use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
 
+use flowexport_tests::kafka::send_retrying;
+
 /// utime + stime of a process and its threads, in seconds.
 pub fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -27,21 +29,13 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 
 /// Sends `rec`, waiting 1 ms at a time while the producer's queue is full
 /// (a benchmark sends as fast as the broker takes it).
-pub fn send_waiting<C, K, P>(p: &ThreadedProducer<C>, mut rec: BaseRecord<'_, K, P>)
+pub fn send_waiting<C, K, P>(p: &ThreadedProducer<C>, rec: BaseRecord<'_, K, P>)
 where
     C: ProducerContext<DeliveryOpaque = ()> + 'static,
     K: ToBytes + ?Sized,
     P: ToBytes + ?Sized,
 {
-    loop {
-        match p.send(rec) {
-            Ok(()) => return,
-            Err((_, r)) => {
-                rec = r;
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-    }
+    send_retrying(p, rec, Duration::from_millis(1));
 }
 
 /// The release `flowexport` binary beside this benchmark's (`cargo xtask
@@ -63,24 +57,32 @@ pub fn flowexport_bin() -> Result<PathBuf> {
 /// Records per export packet in the generated streams.
 pub const RECORDS_PER_PACKET: usize = 30;
 
+/// Flow `i` of the generated IPv4 flows (UDP and TCP, varied addresses and
+/// ports, in on interface 2): its identity, without times or counters.
+pub fn base_flow(i: usize) -> FlowRecord {
+    FlowRecord {
+        flow_type: FlowType::Ebpf,
+        src_addr: std::net::Ipv4Addr::from(0x0a00_0000 + i as u32).into(),
+        dst_addr: std::net::Ipv4Addr::from(0xc0a8_0000 + (i as u32 * 13) % 65536).into(),
+        etype: ETYPE_IPV4,
+        proto: if i.is_multiple_of(4) { 6 } else { 17 },
+        src_port: (1024 + i % 60000) as u16,
+        dst_port: [53, 80, 443, 123][i % 4],
+        in_if: 2,
+        ..FlowRecord::default()
+    }
+}
+
 /// `n` distinct IPv4 flows, varied counters and ports (UDP and TCP).
 pub fn flows(n: usize) -> Vec<FlowRecord> {
     (0..n)
         .map(|i| FlowRecord {
-            flow_type: FlowType::Ebpf,
             time_flow_start_ns: 1_763_799_990_000_000_000 + i as u64 * 1_000_000,
             time_flow_end_ns: 1_763_799_999_000_000_000 + i as u64 * 1_000_000,
             bytes: 100 + (i as u64 * 7919) % 100_000,
             packets: 1 + (i as u64 * 31) % 100,
-            src_addr: std::net::Ipv4Addr::from(0x0a00_0000 + i as u32).into(),
-            dst_addr: std::net::Ipv4Addr::from(0xc0a8_0000 + (i as u32 * 13) % 65536).into(),
-            etype: ETYPE_IPV4,
-            proto: if i % 4 == 0 { 6 } else { 17 },
-            src_port: (1024 + i % 60000) as u16,
-            dst_port: [53, 80, 443, 123][i % 4],
-            in_if: 2,
             out_if: 3,
-            ..FlowRecord::default()
+            ..base_flow(i)
         })
         .collect()
 }

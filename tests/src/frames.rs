@@ -47,6 +47,35 @@ pub enum L4 {
 }
 
 impl L4 {
+    pub fn udp(sport: u16, dport: u16, payload: usize) -> L4 {
+        L4::Udp {
+            sport,
+            dport,
+            payload,
+        }
+    }
+
+    pub fn tcp(sport: u16, dport: u16, flags: u8, payload: usize) -> L4 {
+        L4::Tcp {
+            sport,
+            dport,
+            flags,
+            payload,
+        }
+    }
+
+    pub fn icmp(ty: u8, code: u8, payload: usize) -> L4 {
+        L4::Icmp { ty, code, payload }
+    }
+
+    pub fn icmpv6(ty: u8, code: u8, payload: usize) -> L4 {
+        L4::Icmpv6 { ty, code, payload }
+    }
+
+    pub fn raw(proto: u8, payload: usize) -> L4 {
+        L4::Raw { proto, payload }
+    }
+
     pub fn proto(&self) -> u8 {
         match self {
             L4::Udp { .. } => 17,
@@ -57,28 +86,27 @@ impl L4 {
         }
     }
 
+    /// The source and destination ports of UDP and TCP.
+    fn ports(&self) -> Option<(u16, u16)> {
+        match *self {
+            L4::Udp { sport, dport, .. } | L4::Tcp { sport, dport, .. } => Some((sport, dport)),
+            _ => None,
+        }
+    }
+
     pub fn bytes(&self) -> Vec<u8> {
         let mut b = Vec::new();
+        if let Some((sport, dport)) = self.ports() {
+            b.extend_from_slice(&sport.to_be_bytes());
+            b.extend_from_slice(&dport.to_be_bytes());
+        }
         match *self {
-            L4::Udp {
-                sport,
-                dport,
-                payload,
-            } => {
-                b.extend_from_slice(&sport.to_be_bytes());
-                b.extend_from_slice(&dport.to_be_bytes());
+            L4::Udp { payload, .. } => {
                 b.extend_from_slice(&((8 + payload) as u16).to_be_bytes());
                 b.extend_from_slice(&[0, 0]);
                 b.resize(8 + payload, 0x55);
             }
-            L4::Tcp {
-                sport,
-                dport,
-                flags,
-                payload,
-            } => {
-                b.extend_from_slice(&sport.to_be_bytes());
-                b.extend_from_slice(&dport.to_be_bytes());
+            L4::Tcp { flags, payload, .. } => {
                 b.extend_from_slice(&1u32.to_be_bytes()); // seq
                 b.extend_from_slice(&0u32.to_be_bytes()); // ack
                 b.push(5 << 4); // data offset: 20 bytes
@@ -122,6 +150,34 @@ pub fn ipv4_raw(
 
 pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, l4: &L4) -> Vec<u8> {
     ipv4_raw(src, dst, l4.proto(), &l4.bytes(), 0, false)
+}
+
+/// `n` frames, one for each of `n` UDP flows from `src` to `dst`:`dport`
+/// (source ports `first_sport` up), with `payload` bytes.
+pub fn udp_flows(
+    src: &str,
+    dst: &str,
+    first_sport: u16,
+    n: u16,
+    dport: u16,
+    payload: usize,
+) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| eth4(src, dst, &L4::udp(first_sport + i, dport, payload)))
+        .collect()
+}
+
+/// One 3000-byte UDP datagram (3333 -> 4444) in three Ethernet frames of
+/// IPv4 fragments: only the first carries the UDP header, so the other two
+/// form a port-less flow. IP bytes: 1500, then 1500 + 60 port-less.
+pub fn udp_in_three_fragments(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<Vec<u8>> {
+    let udp = L4::udp(3333, 4444, 2992).bytes();
+    assert_eq!(udp.len(), 3000);
+    vec![
+        eth_ipv4(ipv4_raw(src, dst, 17, &udp[..1480], 0, true)),
+        eth_ipv4(ipv4_raw(src, dst, 17, &udp[1480..2960], 185, true)),
+        eth_ipv4(ipv4_raw(src, dst, 17, &udp[2960..], 370, false)),
+    ]
 }
 
 /// An IPv6 packet whose payload starts with header `next`.
@@ -186,6 +242,16 @@ pub fn eth_ipv4(ip: Vec<u8>) -> Vec<u8> {
 
 pub fn eth_ipv6(ip: Vec<u8>) -> Vec<u8> {
     ethernet(&[], ETH_P_IPV6, &ip)
+}
+
+/// An untagged Ethernet frame of an IPv4 packet from `src` to `dst`.
+pub fn eth4(src: &str, dst: &str, l4: &L4) -> Vec<u8> {
+    eth_ipv4(ipv4(crate::v4(src), crate::v4(dst), l4))
+}
+
+/// An untagged Ethernet frame of an IPv6 packet from `src` to `dst`.
+pub fn eth6(src: &str, dst: &str, l4: &L4) -> Vec<u8> {
+    eth_ipv6(ipv6(crate::v6(src), crate::v6(dst), l4))
 }
 
 /// An ARP request (a non-IP frame).

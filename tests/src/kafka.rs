@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
+use rdkafka::message::{Message, ToBytes};
+use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::{unique, Netns};
@@ -22,6 +23,28 @@ use crate::{unique, Netns};
 /// installs it with cargo).
 pub fn tansu_bin() -> String {
     std::env::var("TANSU_BIN").unwrap_or_else(|_| "tansu".to_string())
+}
+
+/// Sends `rec`, waiting `pause` at a time while the producer's queue is
+/// full.
+pub fn send_retrying<C, K, P>(
+    p: &ThreadedProducer<C>,
+    mut rec: BaseRecord<'_, K, P>,
+    pause: Duration,
+) where
+    C: ProducerContext<DeliveryOpaque = ()> + 'static,
+    K: ToBytes + ?Sized,
+    P: ToBytes + ?Sized,
+{
+    loop {
+        match p.send(rec) {
+            Ok(()) => return,
+            Err((_, r)) => {
+                rec = r;
+                std::thread::sleep(pause);
+            }
+        }
+    }
 }
 
 pub struct Broker {
@@ -48,15 +71,15 @@ impl Broker {
         let port = ns.run(|| {
             std::net::TcpListener::bind("127.0.0.1:0").map(|l| l.local_addr().unwrap().port())
         })??;
-        let dir = std::env::temp_dir().join(unique("fe-tansu-"));
-        std::fs::create_dir_all(&dir)?;
-        let mut b = Broker {
-            ns_name: Some(ns.name.clone()),
-            port,
-            dir,
-            child: None,
-        };
-        b.spawn()?;
+        Broker::launch(Some(ns.name.clone()), port)
+    }
+
+    /// Starts a broker in `ns` with `topics` (name, partitions) created.
+    pub fn start_with(ns: &Netns, topics: &[(&str, u32)]) -> Result<Broker> {
+        let b = Broker::start(ns)?;
+        for (name, partitions) in topics {
+            b.create_topic(name, *partitions)?;
+        }
         Ok(b)
     }
 
@@ -65,10 +88,16 @@ impl Broker {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
+        Broker::launch(None, port)
+    }
+
+    /// A broker with a new state directory on `port` of the loopback of
+    /// namespace `ns_name` (None: the host's), started.
+    fn launch(ns_name: Option<String>, port: u16) -> Result<Broker> {
         let dir = std::env::temp_dir().join(unique("fe-tansu-"));
         std::fs::create_dir_all(&dir)?;
         let mut b = Broker {
-            ns_name: None,
+            ns_name,
             port,
             dir,
             child: None,
@@ -152,18 +181,8 @@ impl Broker {
 
     /// Stops the broker (SIGTERM, then SIGKILL after 10 s). Its data stays.
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            crate::tools::stop_child(c, libc::SIGTERM);
         }
     }
 
@@ -196,7 +215,7 @@ impl Broker {
         let brokers = self.addr();
         let topic = topic.to_string();
         self.within(move || -> Result<()> {
-            use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+            use rdkafka::producer::Producer;
             let p: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
                 ClientConfig::new()
                     .set("bootstrap.servers", &brokers)
@@ -204,16 +223,8 @@ impl Broker {
                     .set("queue.buffering.max.messages", "1000000")
                     .create()?;
             for (k, v) in &msgs {
-                let mut rec = BaseRecord::to(&topic).key(k).payload(v);
-                loop {
-                    match p.send(rec) {
-                        Ok(()) => break,
-                        Err((_, r)) => {
-                            rec = r;
-                            std::thread::sleep(Duration::from_millis(5));
-                        }
-                    }
-                }
+                let rec = BaseRecord::to(&topic).key(k).payload(v);
+                send_retrying(&p, rec, Duration::from_millis(5));
             }
             p.flush(Duration::from_secs(60))?;
             Ok(())

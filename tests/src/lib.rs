@@ -194,6 +194,15 @@ impl Link {
         Link::between(a, b)
     }
 
+    /// [`Netns::drops`] of both ends (a, then b): what the link itself
+    /// dropped so far.
+    pub fn drops(&self) -> [(u64, u64); 2] {
+        [
+            self.a.drops(&self.a_dev).unwrap(),
+            self.b.drops(&self.b_dev).unwrap(),
+        ]
+    }
+
     /// A new veth pair from `a` to `b` (both namespaces already exist).
     pub fn between(a: Netns, b: Netns) -> Result<Link> {
         let (a_dev, b_dev) = veth_between(&a, &b)?;
@@ -206,13 +215,33 @@ impl Link {
 pub fn veth_between(a: &Netns, b: &Netns) -> Result<(String, String)> {
     let a_dev = unique("vea");
     let b_dev = unique("veb");
+    veth_named(a, &a_dev, b, &b_dev)?;
+    Ok((a_dev, b_dev))
+}
+
+/// Adds a veth pair `a_dev` (in `a`) <-> `b_dev` (in `b`), both up.
+pub fn veth_named(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> Result<()> {
     sh(&[
-        "ip", "link", "add", &a_dev, "netns", &a.name, "type", "veth", "peer", "name", &b_dev,
+        "ip", "link", "add", a_dev, "netns", &a.name, "type", "veth", "peer", "name", b_dev,
         "netns", &b.name,
     ])?;
-    a.exec(&["ip", "link", "set", &a_dev, "up"])?;
-    b.exec(&["ip", "link", "set", &b_dev, "up"])?;
-    Ok((a_dev, b_dev))
+    a.exec(&["ip", "link", "set", a_dev, "up"])?;
+    b.exec(&["ip", "link", "set", b_dev, "up"])?;
+    Ok(())
+}
+
+/// The tests' usual pacing: [`send`] sleeps this long every 64 frames.
+pub const PACE: Duration = Duration::from_micros(200);
+
+/// Sends each frame `repeat` times out of `dev` in `ns`, paced (64 frames
+/// every [`PACE`]); returns the number of frames sent.
+pub fn send(ns: &Netns, dev: &str, frames: Vec<Vec<u8>>, repeat: usize) -> u64 {
+    send_frames(ns, dev, frames, repeat, 64, PACE).expect("send frames")
+}
+
+/// Sends `frame` `n` times like [`send`], and asserts that all went out.
+pub fn send_one(ns: &Netns, dev: &str, frame: Vec<u8>, n: usize) {
+    assert_eq!(send(ns, dev, vec![frame], n), n as u64);
 }
 
 /// Sends each frame `repeat` times out of `dev` in `ns` with AF_PACKET.
@@ -270,6 +299,75 @@ pub fn send_frames(
         }
     })?
 }
+
+/// Agent flags: `--iface` for each of `iface`, native XDP unless `extra`
+/// picks the capture, then `extra`.
+pub fn iface_args<'a>(iface: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = Vec::new();
+    for i in iface {
+        a.push("--iface");
+        a.push(*i);
+    }
+    // Native XDP, unless the test counts ingress with TC or AF_XDP.
+    if !extra.contains(&"--capture") {
+        a.extend_from_slice(&["--xdp-mode", "native"]);
+    }
+    a.extend_from_slice(extra);
+    a
+}
+
+/// Agent flags shared by the tests: [`iface_args`] with the sampler
+/// address 192.0.2.10; timeouts long enough that only shutdown exports
+/// (unless `extra` says otherwise).
+pub fn agent_args<'a>(iface: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+    iface_args(
+        iface,
+        &[&["--sampler-address", "192.0.2.10"], extra].concat(),
+    )
+}
+
+/// Agent flags of a Kafka sink to `topic` on `brokers` (sampler address
+/// 192.0.2.20), then `extra`.
+pub fn kafka_agent_args<'a>(
+    dev: &'a str,
+    brokers: &'a str,
+    topic: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let sink = [
+        "--sampler-address",
+        "192.0.2.20",
+        "--kafka-brokers",
+        brokers,
+        "--kafka-topic",
+        topic,
+    ];
+    iface_args(&[dev], &[&sink, extra].concat())
+}
+
+/// `--active-timeout`, `--idle-timeout` and `--drain-interval` flags.
+pub fn timeouts<'a>(active: &'a str, idle: &'a str, drain: &'a str) -> [&'a str; 6] {
+    [
+        "--active-timeout",
+        active,
+        "--idle-timeout",
+        idle,
+        "--drain-interval",
+        drain,
+    ]
+}
+
+/// A tiny flow table: 8 entries, 8 cache slots (flows evicted from the
+/// cache meet the full table, and the full ring too) and a one-page
+/// fallback ring (46 events of 88 bytes).
+pub const TINY_TABLE: [&str; 6] = [
+    "--max-flows",
+    "8",
+    "--cache-slots",
+    "8",
+    "--fallback-ring-bytes",
+    "4096",
+];
 
 /// Path of the `flowexport` binary under test: $FLOWEXPORT_BIN, else the
 /// one cargo built next to this test executable.
@@ -347,6 +445,24 @@ impl Agent {
                 customers,
                 "--asn-csv",
                 asn,
+            ],
+            "reading topic",
+        )
+    }
+
+    /// `flowexport split` from topic `enriched` to per-customer topics
+    /// `cust-<cid>`, started and reading.
+    pub fn start_split(ns: &Netns, brokers: &str) -> Result<Agent> {
+        Agent::start_command(
+            ns,
+            "split",
+            &[
+                "--kafka-brokers",
+                brokers,
+                "--in-topic",
+                "enriched",
+                "--topic-prefix",
+                "cust-",
             ],
             "reading topic",
         )
@@ -515,6 +631,13 @@ impl Agent {
         self.output(status)
     }
 
+    /// [`Agent::stop`], which must succeed: a clean exit.
+    pub fn stop_ok(self) -> AgentOutput {
+        let out = self.stop().unwrap();
+        assert!(out.status.success(), "{}", out.stderr);
+        out
+    }
+
     /// The exited agent's status, parsed stdout records and stderr.
     fn output(&mut self, status: std::process::ExitStatus) -> Result<AgentOutput> {
         let lines = self.stdout.take().unwrap().join().unwrap();
@@ -575,6 +698,22 @@ impl Agent {
     /// Fetches /metrics from the agent's default endpoint inside its namespace.
     pub fn metrics(&self, port: u16) -> Result<String> {
         fetch_metrics(&Netns::borrowed(&self.ns_name), port)
+    }
+
+    /// Scrapes the metrics on `port` until `ready` holds for the scrape, for
+    /// up to `timeout`; whether it did, and the last scrape.
+    pub fn wait_metrics(
+        &self,
+        port: u16,
+        timeout: Duration,
+        mut ready: impl FnMut(&str) -> bool,
+    ) -> (bool, String) {
+        let mut m = String::new();
+        let ok = wait_until(timeout, || {
+            m = self.metrics(port).unwrap_or_default();
+            ready(&m)
+        });
+        (ok, m)
     }
 }
 
@@ -638,6 +777,11 @@ pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
         let (k, v) = l.rsplit_once(' ')?;
         (k == name_and_labels).then(|| v.parse().ok())?
     })
+}
+
+/// Asserts that the sample `name` in the scrape `m` is `want`.
+pub fn assert_metric(m: &str, name: &str, want: f64) {
+    assert_eq!(metric(m, name), Some(want), "{name}:\n{m}");
 }
 
 /// Identity of a flow in the JSON records (everything but the counters).

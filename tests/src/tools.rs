@@ -3,10 +3,21 @@
 //! NetFlow/IPFIX collector.
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::{wait_until, Netns};
+
+pub fn free_tcp_port(ns: &Netns) -> u16 {
+    ns.run(|| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    })
+    .unwrap()
+}
 
 pub fn free_udp_port(ns: &Netns) -> u16 {
     ns.run(|| {
@@ -19,10 +30,49 @@ pub fn free_udp_port(ns: &Netns) -> u16 {
     .unwrap()
 }
 
+/// Runs `cmd` to its end; it must succeed (`what` names it in the failure).
+pub fn run_ok(cmd: &mut Command, what: &str) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Sends `signal` to `child`, then waits up to 10 s for it to exit (killed
+/// after).
+pub fn stop_child(mut c: Child, signal: i32) {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(c.id() as i32, signal) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = c.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
 /// A child process in a namespace, killed on drop.
 pub struct Proc(pub Option<Child>);
 
 impl Proc {
+    /// Starts `cmd` with its output discarded; `missing` is the panic
+    /// message when it cannot start.
+    pub fn spawn(cmd: &mut Command, missing: &str) -> Proc {
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(missing);
+        Proc(Some(child))
+    }
+
     /// SIGTERM, then up to 10 s for the process to exit (killed after).
     pub fn term(&mut self) {
         self.stop_with(libc::SIGTERM);
@@ -31,18 +81,8 @@ impl Proc {
     /// Sends `signal`, then waits up to 10 s for the process to exit
     /// (killed after).
     pub fn stop_with(&mut self, signal: i32) {
-        if let Some(mut c) = self.0.take() {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(c.id() as i32, signal) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(c) = self.0.take() {
+            stop_child(c, signal);
         }
     }
 }
@@ -83,12 +123,10 @@ pub fn nfcapd(ns: &Netns, dir: &std::path::Path, port: u16, repeat_to: Option<u1
     if let Some(r) = repeat_to {
         cmd.args(["-R", &format!("127.0.0.1/{r}")]);
     }
-    let child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nfcapd (Debian package nfdump) must be installed: scripts/setup.sh --test");
-    let p = Proc(Some(child));
+    let p = Proc::spawn(
+        &mut cmd,
+        "nfcapd (Debian package nfdump) must be installed: scripts/setup.sh --test",
+    );
     assert!(
         wait_until(Duration::from_secs(10), || udp_listening(ns, port)),
         "nfcapd not listening"
@@ -102,16 +140,12 @@ pub type NfKey = (String, String, u64, u64, String);
 /// nfdump's totals per flow: (packets, bytes, in, out).
 pub type NfMap = BTreeMap<NfKey, (u64, u64, u64, u64)>;
 pub fn nfdump(dir: &std::path::Path) -> NfMap {
-    let out = Command::new("nfdump")
-        .arg("-R")
-        .arg(dir)
-        .args(["-o", "csv"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "nfdump: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new("nfdump")
+            .arg("-R")
+            .arg(dir)
+            .args(["-o", "csv"]),
+        "nfdump",
     );
     let text = String::from_utf8(out.stdout).unwrap();
     let mut lines = text.lines();

@@ -10,10 +10,10 @@ use std::time::Duration;
 use flowexport_tests::frames::*;
 use flowexport_tests::*;
 
-const PACE: Duration = Duration::from_micros(200);
-
-fn send(ns: &Netns, dev: &str, frames: Vec<Vec<u8>>, repeat: usize) -> u64 {
-    send_frames(ns, dev, frames, repeat, 64, PACE).expect("send frames")
+/// `flowexport agent` flags: AF_XDP capture on the mirror port `dev`, then
+/// `extra`.
+fn afxdp_args<'a>(dev: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    [&["--iface", dev, "--capture", "afxdp", "--mirror"], extra].concat()
 }
 
 /// The frames of the kernel paths' integration cases (UDP, TCP and ICMP
@@ -27,72 +27,16 @@ fn send_the_cases(l: &Link, ifb: u32) -> Vec<Want> {
     let (s4, d4) = (v4("10.5.0.1"), v4("10.5.0.2"));
     let (s6, d6) = (v6("2001:db8:5::1"), v6("2001:db8:5::2"));
     let (a4, b4, a6, b6) = ("10.5.0.1", "10.5.0.2", "2001:db8:5::1", "2001:db8:5::2");
-    let udp = ipv4(
-        s4,
-        d4,
-        &L4::Udp {
-            sport: 7,
-            dport: 9,
-            payload: 64,
-        },
-    );
-    let tcp6 = ipv6(
-        s6,
-        d6,
-        &L4::Tcp {
-            sport: 6000,
-            dport: 443,
-            flags: TCP_SYN,
-            payload: 20,
-        },
-    );
-    let icmp = ipv4(
-        s4,
-        d4,
-        &L4::Icmp {
-            ty: 8,
-            code: 0,
-            payload: 56,
-        },
-    );
-    let icmp6 = ipv6(
-        s6,
-        d6,
-        &L4::Icmpv6 {
-            ty: 128,
-            code: 0,
-            payload: 56,
-        },
-    );
-    let gre = ipv4(
-        s4,
-        d4,
-        &L4::Raw {
-            proto: 47,
-            payload: 30,
-        },
-    );
+    let udp = ipv4(s4, d4, &L4::udp(7, 9, 64));
+    let tcp6 = ipv6(s6, d6, &L4::tcp(6000, 443, TCP_SYN, 20));
+    let icmp = ipv4(s4, d4, &L4::icmp(8, 0, 56));
+    let icmp6 = ipv6(s6, d6, &L4::icmpv6(128, 0, 56));
+    let gre = ipv4(s4, d4, &L4::raw(47, 30));
     // One 3000-byte UDP datagram in three fragments: the first carries the
     // ports, the other two form a port-less flow.
-    let big = L4::Udp {
-        sport: 3333,
-        dport: 4444,
-        payload: 2992,
-    }
-    .bytes();
-    let frags = vec![
-        eth_ipv4(ipv4_raw(s4, d4, 17, &big[..1480], 0, true)),
-        eth_ipv4(ipv4_raw(s4, d4, 17, &big[1480..2960], 185, true)),
-        eth_ipv4(ipv4_raw(s4, d4, 17, &big[2960..], 370, false)),
-    ];
+    let frags = udp_in_three_fragments(s4, d4);
     // Hop-by-hop, destination options and a first fragment before TCP.
-    let tcp = L4::Tcp {
-        sport: 6001,
-        dport: 7001,
-        flags: TCP_SYN,
-        payload: 40,
-    }
-    .bytes();
+    let tcp = L4::tcp(6001, 7001, TCP_SYN, 40).bytes();
     let ext = ipv6_raw(
         s6,
         d6,
@@ -188,8 +132,7 @@ fn every_case_on_a_mirror_port(flags: &[&str], during: impl FnOnce(&Link, &Agent
     // which the counter also counts).
     let stack_after = l.b.snmp("Ip", "InReceives").unwrap();
     during(&l, &agent);
-    let out = agent.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    let out = agent.stop_ok();
     assert_flows(&totals(&out.records), &want);
     assert_eq!(
         stack_after, stack_before,
@@ -203,10 +146,8 @@ fn every_case_on_a_mirror_port(flags: &[&str], during: impl FnOnce(&Link, &Agent
 #[test]
 fn afxdp_mirror_counts_every_case_exactly() {
     let log = every_case_on_a_mirror_port(&["--capture", "afxdp", "--mirror"], |l, agent| {
-        let mut m = String::new();
-        let seen = wait_until(Duration::from_secs(10), || {
-            m = agent.metrics(9590).unwrap_or_default();
-            metric(&m, "flowexport_non_ip_packets_total{direction=\"ingress\"}") == Some(7.0)
+        let (seen, m) = agent.wait_metrics(9590, Duration::from_secs(10), |m| {
+            metric(m, "flowexport_non_ip_packets_total{direction=\"ingress\"}") == Some(7.0)
         });
         assert!(seen, "non-IP frames not counted:\n{m}");
         let dropped = format!(
@@ -224,16 +165,8 @@ fn afxdp_mirror_counts_every_case_exactly() {
 #[test]
 fn xdp_mirror_counts_and_drops_the_copies() {
     let log = every_case_on_a_mirror_port(&["--mirror", "--xdp-mode", "native"], |l, _| {
-        let out_frame = eth_ipv4(ipv4(
-            v4("10.5.0.2"),
-            v4("10.5.0.1"),
-            &L4::Udp {
-                sport: 9,
-                dport: 7,
-                payload: 10,
-            },
-        ));
-        assert_eq!(send(&l.b, &l.b_dev, vec![out_frame], 5), 5);
+        let out_frame = eth4("10.5.0.2", "10.5.0.1", &L4::udp(9, 7, 10));
+        send_one(&l.b, &l.b_dev, out_frame, 5);
     });
     assert!(log.contains("mirror (copies dropped, no egress)"), "{log}");
 }
@@ -243,42 +176,20 @@ fn xdp_mirror_counts_and_drops_the_copies() {
 #[test]
 fn afxdp_tiny_ring_accounts_for_every_frame() {
     let l = Link::new().unwrap();
-    let agent = Agent::start(
-        &l.b,
-        &[
-            "--iface",
-            &l.b_dev,
-            "--capture",
-            "afxdp",
-            "--mirror",
-            "--afxdp-frames",
-            "64",
-        ],
-    )
-    .unwrap();
-    let frame = eth_ipv4(ipv4(
-        v4("10.6.0.1"),
-        v4("10.6.0.2"),
-        &L4::Udp {
-            sport: 1,
-            dport: 2,
-            payload: 18,
-        },
-    ));
+    let agent = Agent::start(&l.b, &afxdp_args(&l.b_dev, &["--afxdp-frames", "64"])).unwrap();
+    let frame = eth4("10.6.0.1", "10.6.0.2", &L4::udp(1, 2, 18));
     // 20,000 frames in bursts of 200: less than the veth's own ring (256),
     // which would otherwise drop before any program sees the frames, and
     // far more than the socket's 64 frames.
     let sent = send_frames(&l.a, &l.a_dev, vec![frame], 20_000, 200, PACE).unwrap();
     assert_eq!(sent, 20_000);
-    let mut m = String::new();
-    let settled = wait_until(Duration::from_secs(10), || {
-        m = agent.metrics(9590).unwrap_or_default();
-        let counted = metric(&m, "flowexport_packets_total{direction=\"ingress\"}").unwrap_or(0.0);
+    let (settled, m) = agent.wait_metrics(9590, Duration::from_secs(10), |m| {
+        let counted = metric(m, "flowexport_packets_total{direction=\"ingress\"}").unwrap_or(0.0);
         let dropped: f64 = ["rx_dropped", "rx_ring_full", "rx_invalid_descs"]
             .iter()
             .map(|r| {
                 metric(
-                    &m,
+                    m,
                     &format!(
                         "flowexport_afxdp_dropped_packets_total{{iface=\"{}\",queue=\"0\",reason=\"{r}\"}}",
                         l.b_dev
@@ -287,11 +198,10 @@ fn afxdp_tiny_ring_accounts_for_every_frame() {
                 .unwrap_or(0.0)
             })
             .sum();
-        let no_socket = metric(&m, "flowexport_afxdp_no_socket_packets_total").unwrap_or(0.0);
+        let no_socket = metric(m, "flowexport_afxdp_no_socket_packets_total").unwrap_or(0.0);
         counted + dropped + no_socket == 20_000.0
     });
-    let out = agent.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    let out = agent.stop_ok();
     let exported: u64 = totals(&out.records).values().map(|t| t.packets).sum();
     assert!(settled, "counted + dropped != 20000 sent:\n{m}");
     let counted = metric(&m, "flowexport_packets_total{direction=\"ingress\"}").unwrap_or(0.0);
@@ -305,67 +215,39 @@ fn afxdp_tiny_ring_accounts_for_every_frame() {
 #[test]
 fn afxdp_needs_mirror_and_names_what_does_not_fit() {
     let l = Link::new().unwrap();
-    Agent::refused(
-        &l.b,
-        &["--iface", &l.b_dev, "--capture", "afxdp"],
-        &[
-            "takes every packet of the interface away from the host",
-            "--mirror",
-        ],
-    );
-    Agent::refused(
-        &l.b,
-        &["--iface", "veth*", "--capture", "afxdp", "--mirror"],
-        &["not globs"],
-    );
-    Agent::refused(
-        &l.b,
-        &[
-            "--iface",
-            &l.b_dev,
-            "--capture",
-            "afxdp",
-            "--mirror",
-            "--afxdp-frames",
-            "100",
-        ],
-        &["--afxdp-frames 100 must be a power of two"],
-    );
-    Agent::refused(
-        &l.b,
-        &["--iface", &l.b_dev, "--afxdp-frames", "64"],
-        &["apply to --capture afxdp"],
-    );
-    Agent::refused(
-        &l.b,
-        &[
-            "--iface",
-            &l.b_dev,
-            "--capture",
-            "afxdp",
-            "--mirror",
-            "--afxdp-queues",
-            "3",
-        ],
-        &["has no RX queue 3"],
-    );
-    // veth has no zero-copy AF_XDP: `on` refuses, naming the way out.
-    Agent::refused(
-        &l.b,
-        &[
-            "--iface",
-            &l.b_dev,
-            "--capture",
-            "afxdp",
-            "--mirror",
-            "--afxdp-zero-copy",
-            "on",
-        ],
-        &[
-            "cannot open an AF_XDP socket",
-            "--afxdp-zero-copy auto or off",
-        ],
-    );
+    let dev = l.b_dev.as_str();
+    for (args, says) in [
+        (
+            vec!["--iface", dev, "--capture", "afxdp"],
+            &[
+                "takes every packet of the interface away from the host",
+                "--mirror",
+            ][..],
+        ),
+        (afxdp_args("veth*", &[]), &["not globs"]),
+        (
+            afxdp_args(dev, &["--afxdp-frames", "100"]),
+            &["--afxdp-frames 100 must be a power of two"],
+        ),
+        (
+            vec!["--iface", dev, "--afxdp-frames", "64"],
+            &["apply to --capture afxdp"],
+        ),
+        (
+            afxdp_args(dev, &["--afxdp-queues", "3"]),
+            &["has no RX queue 3"],
+        ),
+        // veth has no zero-copy AF_XDP: `on` refuses, naming the way out.
+        (
+            afxdp_args(dev, &["--afxdp-zero-copy", "on"]),
+            &[
+                "cannot open an AF_XDP socket",
+                "--afxdp-zero-copy auto or off",
+            ],
+        ),
+    ] {
+        Agent::refused(&l.b, &args, says);
+    }
 }
 
 /// Frames the test encapsulates in VXLAN, GENEVE, GRE with a key, ERSPAN
@@ -376,15 +258,8 @@ fn afxdp_needs_mirror_and_names_what_does_not_fit() {
 fn afxdp_decapsulates_tunnels_into_inner_flows() {
     let (outer_s, outer_d) = (v4("198.51.100.1"), v4("198.51.100.2"));
     let inner_ip = |n: u8| {
-        ipv4(
-            v4(&format!("172.16.{n}.1")),
-            v4(&format!("172.16.{n}.2")),
-            &L4::Udp {
-                sport: 5000,
-                dport: 6000,
-                payload: 40,
-            },
-        )
+        let (src, dst) = (format!("172.16.{n}.1"), format!("172.16.{n}.2"));
+        ipv4(v4(&src), v4(&dst), &L4::udp(5000, 6000, 40))
     };
     let inner_eth = |n: u8| eth_ipv4(inner_ip(n));
     // (outer frame, times, inner net, tunnel type, tunnel id)
@@ -480,30 +355,12 @@ fn afxdp_decapsulates_tunnels_into_inner_flows() {
             })
             .unwrap();
         let ipfix = collector.local_addr().unwrap().to_string();
-        let agent = Agent::start(
-            &l.b,
-            &[
-                "--iface",
-                &l.b_dev,
-                "--capture",
-                "afxdp",
-                "--mirror",
-                "--decap",
-                decap,
-                "--stdout",
-                "--ipfix",
-                &ipfix,
-            ],
-        )
-        .unwrap();
+        let flags = ["--decap", decap, "--stdout", "--ipfix", &ipfix];
+        let agent = Agent::start(&l.b, &afxdp_args(&l.b_dev, &flags)).unwrap();
         for (frame, times, ..) in &cases {
-            assert_eq!(
-                send(&l.a, &l.a_dev, vec![frame.clone()], *times),
-                *times as u64
-            );
+            send_one(&l.a, &l.a_dev, frame.clone(), *times);
         }
-        let out = agent.stop().unwrap();
-        assert!(out.status.success(), "{}", out.stderr);
+        let out = agent.stop_ok();
         let got = totals(&out.records);
         if decap == "none" {
             // The outer packets: UDP 40000 -> 4789 / 6081, GRE, IP-in-IP.

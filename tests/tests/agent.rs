@@ -27,29 +27,6 @@ macro_rules! in_each_capture {
     };
 }
 
-const PACE: Duration = Duration::from_micros(200);
-
-fn send(ns: &Netns, dev: &str, frames: Vec<Vec<u8>>, repeat: usize) -> u64 {
-    send_frames(ns, dev, frames, repeat, 64, PACE).expect("send frames")
-}
-
-/// Agent flags shared by the tests: native XDP, timeouts long enough that
-/// only shutdown exports (unless a test says otherwise).
-fn agent_args<'a>(iface: &'a [&'a str], extra: &[&'a str]) -> Vec<&'a str> {
-    let mut a = Vec::new();
-    for i in iface {
-        a.push("--iface");
-        a.push(*i);
-    }
-    // Native XDP, unless the test counts ingress with TC.
-    if !extra.contains(&"--capture") {
-        a.extend_from_slice(&["--xdp-mode", "native"]);
-    }
-    a.extend_from_slice(&["--sampler-address", "192.0.2.10"]);
-    a.extend_from_slice(extra);
-    a
-}
-
 in_each_capture!(both_directions_exact: ipv4_ipv6_udp_tcp_icmp_both_directions_exact, ipv4_ipv6_udp_tcp_icmp_both_directions_exact_tc_capture);
 
 fn both_directions_exact(capture: &[&str]) {
@@ -66,180 +43,66 @@ fn both_directions_exact(capture: &[&str]) {
     let (a4, b4) = (v4("10.1.0.1"), v4("10.1.0.2"));
     let (a6, b6) = (v6("2001:db8:1::1"), v6("2001:db8:1::2"));
     // Ingress on b0, sent from A.
-    let udp4 = ipv4(
-        a4,
-        b4,
-        &L4::Udp {
-            sport: 40000,
-            dport: 53,
-            payload: 100,
-        },
+    let ingress = |frame, n| send_one(&ab.a, &ab.a_dev, frame, n);
+    ingress(eth_ipv4(ipv4(a4, b4, &L4::udp(40000, 53, 100))), 100);
+    ingress(eth_ipv4(ipv4(a4, b4, &L4::icmp(8, 0, 56))), 7);
+    ingress(eth_ipv6(ipv6(a6, b6, &L4::udp(40001, 443, 300))), 50);
+    ingress(eth_ipv6(ipv6(a6, b6, &L4::icmpv6(128, 0, 56))), 3);
+    ingress(eth_ipv4(ipv4(a4, b4, &L4::tcp(50000, 80, TCP_SYN, 0))), 1);
+    let data = L4::tcp(50000, 80, TCP_ACK | TCP_PSH, 1000);
+    ingress(eth_ipv4(ipv4(a4, b4, &data)), 20);
+    ingress(
+        eth_ipv4(ipv4(a4, b4, &L4::tcp(50000, 80, TCP_FIN | TCP_ACK, 0))),
+        1,
     );
-    let icmp4 = ipv4(
-        a4,
-        b4,
-        &L4::Icmp {
-            ty: 8,
-            code: 0,
-            payload: 56,
-        },
+    ingress(
+        eth_ipv6(ipv6(a6, b6, &L4::tcp(50001, 22, TCP_ACK, 500))),
+        11,
     );
-    let udp6 = ipv6(
-        a6,
-        b6,
-        &L4::Udp {
-            sport: 40001,
-            dport: 443,
-            payload: 300,
-        },
-    );
-    let icmp6 = ipv6(
-        a6,
-        b6,
-        &L4::Icmpv6 {
-            ty: 128,
-            code: 0,
-            payload: 56,
-        },
-    );
-    let syn = ipv4(
-        a4,
-        b4,
-        &L4::Tcp {
-            sport: 50000,
-            dport: 80,
-            flags: TCP_SYN,
-            payload: 0,
-        },
-    );
-    let data = ipv4(
-        a4,
-        b4,
-        &L4::Tcp {
-            sport: 50000,
-            dport: 80,
-            flags: TCP_ACK | TCP_PSH,
-            payload: 1000,
-        },
-    );
-    let fin = ipv4(
-        a4,
-        b4,
-        &L4::Tcp {
-            sport: 50000,
-            dport: 80,
-            flags: TCP_FIN | TCP_ACK,
-            payload: 0,
-        },
-    );
-    let tcp6 = ipv6(
-        a6,
-        b6,
-        &L4::Tcp {
-            sport: 50001,
-            dport: 22,
-            flags: TCP_ACK,
-            payload: 500,
-        },
-    );
-    assert_eq!(
-        send(&ab.a, &ab.a_dev, vec![eth_ipv4(udp4.clone())], 100),
-        100
-    );
-    assert_eq!(send(&ab.a, &ab.a_dev, vec![eth_ipv4(icmp4.clone())], 7), 7);
-    assert_eq!(send(&ab.a, &ab.a_dev, vec![eth_ipv6(udp6.clone())], 50), 50);
-    assert_eq!(send(&ab.a, &ab.a_dev, vec![eth_ipv6(icmp6.clone())], 3), 3);
-    send(&ab.a, &ab.a_dev, vec![eth_ipv4(syn.clone())], 1);
-    send(&ab.a, &ab.a_dev, vec![eth_ipv4(data.clone())], 20);
-    send(&ab.a, &ab.a_dev, vec![eth_ipv4(fin.clone())], 1);
-    send(&ab.a, &ab.a_dev, vec![eth_ipv6(tcp6.clone())], 11);
     // Egress on b1, injected in B (towards C).
-    let (b4o, c4) = (v4("10.2.0.2"), v4("10.2.0.3"));
-    let (b6o, c6) = (v6("2001:db8:2::2"), v6("2001:db8:2::3"));
-    let out4 = ipv4(
-        b4o,
-        c4,
-        &L4::Udp {
-            sport: 1234,
-            dport: 5678,
-            payload: 200,
-        },
+    let out4 = eth4("10.2.0.2", "10.2.0.3", &L4::udp(1234, 5678, 200));
+    let out6 = eth6(
+        "2001:db8:2::2",
+        "2001:db8:2::3",
+        &L4::tcp(2345, 443, TCP_SYN | TCP_ACK, 0),
     );
-    let out6 = ipv6(
-        b6o,
-        c6,
-        &L4::Tcp {
-            sport: 2345,
-            dport: 443,
-            flags: TCP_SYN | TCP_ACK,
-            payload: 0,
-        },
-    );
-    assert_eq!(send(&ab.b, &b1, vec![eth_ipv4(out4.clone())], 25), 25);
-    assert_eq!(send(&ab.b, &b1, vec![eth_ipv6(out6.clone())], 4), 4);
+    send_one(&ab.b, &b1, out4, 25);
+    send_one(&ab.b, &b1, out6, 4);
 
     let out = agent.stop().unwrap();
     assert!(out.status.success(), "agent failed: {}", out.stderr);
     let got = totals(&out.records);
+    let (a4, b4, a6, b6) = ("10.1.0.1", "10.1.0.2", "2001:db8:1::1", "2001:db8:1::2");
+    let on_b0 =
+        |src: &str, dst: &str, proto, sp, dp| FlowId::new(0, if_b0, src, dst, proto, sp, dp, 0);
+    let on_b1 =
+        |src: &str, dst: &str, proto, sp, dp| FlowId::new(1, if_b1, src, dst, proto, sp, dp, 0);
+    let (syn, ack) = (TCP_SYN as u64, TCP_ACK as u64);
     assert_flows(
         &got,
         &[
+            (on_b0(a4, b4, 17, 40000, 53), 100, 100 * 128, 0),
+            (on_b0(a4, b4, 1, 0, 0).icmp(8, 0), 7, 7 * 84, 0),
+            (on_b0(a6, b6, 17, 40001, 443), 50, 50 * 348, 0),
+            (on_b0(a6, b6, 58, 0, 0).icmp(128, 0), 3, 3 * 104, 0),
             (
-                FlowId::new(0, if_b0, "10.1.0.1", "10.1.0.2", 17, 40000, 53, 0),
-                100,
-                100 * 128,
-                0,
-            ),
-            (
-                FlowId::new(0, if_b0, "10.1.0.1", "10.1.0.2", 1, 0, 0, 0).icmp(8, 0),
-                7,
-                7 * 84,
-                0,
-            ),
-            (
-                FlowId::new(
-                    0,
-                    if_b0,
-                    "2001:db8:1::1",
-                    "2001:db8:1::2",
-                    17,
-                    40001,
-                    443,
-                    0,
-                ),
-                50,
-                50 * 348,
-                0,
-            ),
-            (
-                FlowId::new(0, if_b0, "2001:db8:1::1", "2001:db8:1::2", 58, 0, 0, 0).icmp(128, 0),
-                3,
-                3 * 104,
-                0,
-            ),
-            (
-                FlowId::new(0, if_b0, "10.1.0.1", "10.1.0.2", 6, 50000, 80, 0),
+                on_b0(a4, b4, 6, 50000, 80),
                 22,
                 40 + 20 * 1040 + 40,
                 (TCP_SYN | TCP_ACK | TCP_PSH | TCP_FIN) as u64,
             ),
+            (on_b0(a6, b6, 6, 50001, 22), 11, 11 * 560, ack),
             (
-                FlowId::new(0, if_b0, "2001:db8:1::1", "2001:db8:1::2", 6, 50001, 22, 0),
-                11,
-                11 * 560,
-                TCP_ACK as u64,
-            ),
-            (
-                FlowId::new(1, if_b1, "10.2.0.2", "10.2.0.3", 17, 1234, 5678, 0),
+                on_b1("10.2.0.2", "10.2.0.3", 17, 1234, 5678),
                 25,
                 25 * 228,
                 0,
             ),
             (
-                FlowId::new(1, if_b1, "2001:db8:2::2", "2001:db8:2::3", 6, 2345, 443, 0),
+                on_b1("2001:db8:2::2", "2001:db8:2::3", 6, 2345, 443),
                 4,
                 4 * 60,
-                (TCP_SYN | TCP_ACK) as u64,
+                syn | ack,
             ),
         ],
     );
@@ -279,74 +142,40 @@ fn vlan_tags_and_non_ip(capture: &[&str]) {
     let l = Link::new().unwrap();
     let ifb = l.b.ifindex(&l.b_dev).unwrap();
     let agent = Agent::start(&l.b, &agent_args(&[&l.b_dev], capture)).unwrap();
-    let ip = ipv4(
-        v4("10.3.0.1"),
-        v4("10.3.0.2"),
-        &L4::Udp {
-            sport: 7,
-            dport: 9,
-            payload: 64,
-        },
-    );
+    let ip = ipv4(v4("10.3.0.1"), v4("10.3.0.2"), &L4::udp(7, 9, 64));
     let one_tag = ethernet(&[(ETH_P_8021Q, 100)], ETH_P_IP, &ip);
     let qinq = ethernet(&[(ETH_P_8021AD, 200), (ETH_P_8021Q, 100)], ETH_P_IP, &ip);
-    let ip6 = ipv6(
-        v6("2001:db8:3::1"),
-        v6("2001:db8:3::2"),
-        &L4::Udp {
-            sport: 7,
-            dport: 9,
-            payload: 64,
-        },
-    );
+    let ip6 = ipv6(v6("2001:db8:3::1"), v6("2001:db8:3::2"), &L4::udp(7, 9, 64));
     let tagged6 = ethernet(&[(ETH_P_8021Q, 4094)], ETH_P_IPV6, &ip6);
-    assert_eq!(send(&l.a, &l.a_dev, vec![one_tag], 9), 9);
-    assert_eq!(send(&l.a, &l.a_dev, vec![qinq], 6), 6);
-    assert_eq!(send(&l.a, &l.a_dev, vec![tagged6], 5), 5);
-    assert_eq!(send(&l.a, &l.a_dev, vec![arp()], 13), 13);
+    send_one(&l.a, &l.a_dev, one_tag, 9);
+    send_one(&l.a, &l.a_dev, qinq, 6);
+    send_one(&l.a, &l.a_dev, tagged6, 5);
+    send_one(&l.a, &l.a_dev, arp(), 13);
     // Egress with a tag in the frame.
     let tagged_out = ethernet(&[(ETH_P_8021Q, 42)], ETH_P_IP, &ip);
-    assert_eq!(send(&l.b, &l.b_dev, vec![tagged_out], 4), 4);
-    assert_eq!(send(&l.b, &l.b_dev, vec![arp()], 2), 2);
+    send_one(&l.b, &l.b_dev, tagged_out, 4);
+    send_one(&l.b, &l.b_dev, arp(), 2);
 
     // Non-IP frames show up in the metrics (after a drain), never as flows.
-    let mut m = String::new();
-    let seen = wait_until(Duration::from_secs(10), || {
-        m = agent.metrics(9590).unwrap_or_default();
-        metric(&m, "flowexport_non_ip_packets_total{direction=\"ingress\"}") == Some(13.0)
-            && metric(&m, "flowexport_non_ip_packets_total{direction=\"egress\"}") == Some(2.0)
+    let (seen, m) = agent.wait_metrics(9590, Duration::from_secs(10), |m| {
+        metric(m, "flowexport_non_ip_packets_total{direction=\"ingress\"}") == Some(13.0)
+            && metric(m, "flowexport_non_ip_packets_total{direction=\"egress\"}") == Some(2.0)
     });
     assert!(seen, "non-IP counters wrong:\n{m}");
-    let out = agent.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
-    let got = totals(&out.records);
+    let out = agent.stop_ok();
+    let udp = |dir, src: &str, dst: &str, vlan| FlowId::new(dir, ifb, src, dst, 17, 7, 9, vlan);
     assert_flows(
-        &got,
+        &totals(&out.records),
         &[
+            (udp(0, "10.3.0.1", "10.3.0.2", 100), 9, 9 * 92, 0),
+            (udp(0, "10.3.0.1", "10.3.0.2", 200), 6, 6 * 92, 0),
             (
-                FlowId::new(0, ifb, "10.3.0.1", "10.3.0.2", 17, 7, 9, 100),
-                9,
-                9 * 92,
-                0,
-            ),
-            (
-                FlowId::new(0, ifb, "10.3.0.1", "10.3.0.2", 17, 7, 9, 200),
-                6,
-                6 * 92,
-                0,
-            ),
-            (
-                FlowId::new(0, ifb, "2001:db8:3::1", "2001:db8:3::2", 17, 7, 9, 4094),
+                udp(0, "2001:db8:3::1", "2001:db8:3::2", 4094),
                 5,
                 5 * 112,
                 0,
             ),
-            (
-                FlowId::new(1, ifb, "10.3.0.1", "10.3.0.2", 17, 7, 9, 42),
-                4,
-                4 * 92,
-                0,
-            ),
+            (udp(1, "10.3.0.1", "10.3.0.2", 42), 4, 4 * 92, 0),
         ],
     );
 }
@@ -360,29 +189,13 @@ fn fragments_and_extension_headers(capture: &[&str]) {
     let (s4, d4) = (v4("10.4.0.1"), v4("10.4.0.2"));
     // One 3000-byte UDP datagram in three fragments: only the first carries
     // the UDP header, so the other two form a port-less flow.
-    let udp = L4::Udp {
-        sport: 3333,
-        dport: 4444,
-        payload: 2992,
-    }
-    .bytes();
-    assert_eq!(udp.len(), 3000);
-    let f1 = ipv4_raw(s4, d4, 17, &udp[..1480], 0, true);
-    let f2 = ipv4_raw(s4, d4, 17, &udp[1480..2960], 185, true);
-    let f3 = ipv4_raw(s4, d4, 17, &udp[2960..], 370, false);
-    let frames = vec![eth_ipv4(f1), eth_ipv4(f2), eth_ipv4(f3)];
+    let frames = udp_in_three_fragments(s4, d4);
     assert_eq!(send(&l.a, &l.a_dev, frames, 4), 12);
 
     // IPv6: hop-by-hop + destination options + routing + fragment (first
     // fragment, offset 0) before TCP; and a later fragment with no L4 header.
     let (s6, d6) = (v6("2001:db8:4::1"), v6("2001:db8:4::2"));
-    let tcp = L4::Tcp {
-        sport: 6000,
-        dport: 7000,
-        flags: TCP_SYN,
-        payload: 40,
-    }
-    .bytes();
+    let tcp = L4::tcp(6000, 7000, TCP_SYN, 40).bytes();
     let frag0 = ipv6_frag(6, 0, true, &tcp);
     let routing = {
         // Type 4 (SRH-like), segments left 0: parsers must skip it by length.
@@ -406,51 +219,24 @@ fn fragments_and_extension_headers(capture: &[&str]) {
         6
     );
     // A protocol with no ports (GRE, 47), by number.
-    let gre = ipv4(
-        s4,
-        d4,
-        &L4::Raw {
-            proto: 47,
-            payload: 30,
-        },
-    );
-    assert_eq!(send(&l.a, &l.a_dev, vec![eth_ipv4(gre)], 2), 2);
+    send_one(&l.a, &l.a_dev, eth_ipv4(ipv4(s4, d4, &L4::raw(47, 30))), 2);
 
-    let out = agent.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    let out = agent.stop_ok();
+    let id = |src: &str, dst: &str, proto, sp, dp| FlowId::new(0, ifb, src, dst, proto, sp, dp, 0);
+    let (a6, b6) = ("2001:db8:4::1", "2001:db8:4::2");
     assert_flows(
         &totals(&out.records),
         &[
+            (id("10.4.0.1", "10.4.0.2", 17, 3333, 4444), 4, 4 * 1500, 0),
+            (id("10.4.0.1", "10.4.0.2", 17, 0, 0), 8, 4 * (1500 + 60), 0),
             (
-                FlowId::new(0, ifb, "10.4.0.1", "10.4.0.2", 17, 3333, 4444, 0),
-                4,
-                4 * 1500,
-                0,
-            ),
-            (
-                FlowId::new(0, ifb, "10.4.0.1", "10.4.0.2", 17, 0, 0, 0),
-                8,
-                4 * (1500 + 60),
-                0,
-            ),
-            (
-                FlowId::new(0, ifb, "2001:db8:4::1", "2001:db8:4::2", 6, 6000, 7000, 0),
+                id(a6, b6, 6, 6000, 7000),
                 3,
                 3 * p1.len() as u64,
                 TCP_SYN as u64,
             ),
-            (
-                FlowId::new(0, ifb, "2001:db8:4::1", "2001:db8:4::2", 6, 0, 0, 0),
-                3,
-                3 * p2.len() as u64,
-                0,
-            ),
-            (
-                FlowId::new(0, ifb, "10.4.0.1", "10.4.0.2", 47, 0, 0, 0),
-                2,
-                2 * 50,
-                0,
-            ),
+            (id(a6, b6, 6, 0, 0), 3, 3 * p2.len() as u64, 0),
+            (id("10.4.0.1", "10.4.0.2", 47, 0, 0), 2, 2 * 50, 0),
         ],
     );
 }
@@ -459,47 +245,19 @@ fn fragments_and_extension_headers(capture: &[&str]) {
 fn exact_under_concurrent_load_with_active_timeout() {
     let l = Link::new().unwrap();
     let ifb = l.b.ifindex(&l.b_dev).unwrap();
-    let agent = Agent::start(
-        &l.b,
-        &agent_args(
-            &[&l.b_dev],
-            &[
-                "--active-timeout",
-                "300ms",
-                "--idle-timeout",
-                "5s",
-                "--drain-interval",
-                "50ms",
-            ],
-        ),
-    )
-    .unwrap();
-    let (tx0, rx0) = l.a.drops(&l.a_dev).unwrap();
-    let (btx0, brx0) = l.b.drops(&l.b_dev).unwrap();
+    let flags = timeouts("300ms", "5s", "50ms");
+    let agent = Agent::start(&l.b, &agent_args(&[&l.b_dev], &flags)).unwrap();
+    let drops = l.drops();
     // 64 flows, 2000 rounds: 128000 packets over a few seconds, while the
     // agent drains every 50 ms and exports active slices every 300 ms.
-    let frames: Vec<Vec<u8>> = (0..64u16)
-        .map(|i| {
-            eth_ipv4(ipv4(
-                v4("10.5.0.1"),
-                v4("10.5.0.2"),
-                &L4::Udp {
-                    sport: 10000 + i,
-                    dport: 80,
-                    payload: 18,
-                },
-            ))
-        })
-        .collect();
+    let frames = udp_flows("10.5.0.1", "10.5.0.2", 10000, 64, 80, 18);
     let sent = send_frames(&l.a, &l.a_dev, frames, 2000, 32, Duration::from_micros(300)).unwrap();
     assert_eq!(sent, 128_000);
     let m = agent.metrics(9590).unwrap();
     let drains = metric(&m, "flowexport_drains_total").unwrap();
-    let out = agent.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    let out = agent.stop_ok();
     // The link itself dropped nothing, so every sent frame reached XDP.
-    assert_eq!(l.a.drops(&l.a_dev).unwrap(), (tx0, rx0));
-    assert_eq!(l.b.drops(&l.b_dev).unwrap(), (btx0, brx0));
+    assert_eq!(l.drops(), drops);
     let got = totals(&out.records);
     assert_eq!(got.len(), 64);
     let mut slices = 0;
@@ -525,57 +283,36 @@ fn exact_under_concurrent_load_with_active_timeout() {
 fn full_table_falls_back_without_loss(cache_slots: &str) {
     let l = Link::new().unwrap();
     let ifb = l.b.ifindex(&l.b_dev).unwrap();
-    let agent = Agent::start(
-        &l.b,
-        &agent_args(
-            &[&l.b_dev],
-            &["--max-flows", "16", "--cache-slots", cache_slots],
-        ),
-    )
-    .unwrap();
-    let frames: Vec<Vec<u8>> = (0..400u16)
-        .map(|i| {
-            eth_ipv4(ipv4(
-                v4("10.6.0.1"),
-                v4("10.6.1.1"),
-                &L4::Udp {
-                    sport: 20000 + i,
-                    dport: 53,
-                    payload: 30,
-                },
-            ))
-        })
-        .collect();
+    let flags = ["--max-flows", "16", "--cache-slots", cache_slots];
+    let agent = Agent::start(&l.b, &agent_args(&[&l.b_dev], &flags)).unwrap();
+    let frames = udp_flows("10.6.0.1", "10.6.1.1", 20000, 400, 53, 30);
     assert_eq!(send(&l.a, &l.a_dev, frames, 3), 1200);
-    let mut m = String::new();
-    let counted = wait_until(Duration::from_secs(5), || {
-        m = agent.metrics(9590).unwrap_or_default();
-        metric(&m, "flowexport_packets_total{direction=\"ingress\"}") == Some(1200.0)
+    let (counted, m) = agent.wait_metrics(9590, Duration::from_secs(5), |m| {
+        metric(m, "flowexport_packets_total{direction=\"ingress\"}") == Some(1200.0)
     });
     assert!(counted, "the 1200 packets were not counted:\n{m}");
     // A drain updates the packet counters before the fallback counter, so
     // that scrape may have fallen between the two: read the metrics again
     // once a later drain has started (the previous one's update is done).
     let drains = metric(&m, "flowexport_drains_total").unwrap();
-    let settled = wait_until(Duration::from_secs(5), || {
-        m = agent.metrics(9590).unwrap_or_default();
-        metric(&m, "flowexport_drains_total").is_some_and(|d| d > drains)
+    let (settled, m) = agent.wait_metrics(9590, Duration::from_secs(5), |m| {
+        metric(m, "flowexport_drains_total").is_some_and(|d| d > drains)
     });
     assert!(settled, "no drain after the count:\n{m}");
-    let out = agent.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    let out = agent.stop_ok();
     let fallback = metric(&m, "flowexport_table_full_fallback_packets_total").unwrap();
     assert!(
         fallback >= 1000.0,
         "fallback used for only {fallback} packets:\n{m}"
     );
-    assert_eq!(metric(&m, "flowexport_flow_table_capacity"), Some(16.0));
+    assert_metric(&m, "flowexport_flow_table_capacity", 16.0);
     // The table's 64 slots (its minimum), and its kernel memory, in the
     // metrics and in the log line that names the flag to raise.
-    assert_eq!(metric(&m, "flowexport_flow_table_slots"), Some(64.0));
-    assert_eq!(
-        metric(&m, "flowexport_kernel_memory_bytes{map=\"table\"}"),
-        Some(64.0 * 96.0)
+    assert_metric(&m, "flowexport_flow_table_slots", 64.0);
+    assert_metric(
+        &m,
+        "flowexport_kernel_memory_bytes{map=\"table\"}",
+        64.0 * 96.0,
     );
     assert!(
         out.stderr.contains("flow table full")
@@ -609,42 +346,12 @@ fn full_table_and_full_ring_still_account_every_packet() {
     let l = Link::new().unwrap();
     // One-page ring (46 events of 88 bytes) and 8 table entries for 600 flows:
     // the rest can only go to the overflow counters.
-    let agent = Agent::start(
-        &l.b,
-        &agent_args(
-            &[&l.b_dev],
-            &[
-                "--max-flows",
-                "8",
-                // 8 cache slots: flows evicted from the cache meet the
-                // full table and the full ring too.
-                "--cache-slots",
-                "8",
-                "--fallback-ring-bytes",
-                "4096",
-                "--drain-interval",
-                "1s",
-            ],
-        ),
-    )
-    .unwrap();
-    let frames: Vec<Vec<u8>> = (0..600u16)
-        .map(|i| {
-            eth_ipv4(ipv4(
-                v4("10.7.0.1"),
-                v4("10.7.1.1"),
-                &L4::Udp {
-                    sport: 30000 + i,
-                    dport: 53,
-                    payload: 30,
-                },
-            ))
-        })
-        .collect();
+    let flags = [&TINY_TABLE[..], &["--drain-interval", "1s"]].concat();
+    let agent = Agent::start(&l.b, &agent_args(&[&l.b_dev], &flags)).unwrap();
+    let frames = udp_flows("10.7.0.1", "10.7.1.1", 30000, 600, 53, 30);
     // 600 frames take a few ms: most land within one drain interval.
     assert_eq!(send(&l.a, &l.a_dev, frames, 1), 600);
-    let out = agent.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    let out = agent.stop_ok();
     let got = totals(&out.records);
     let packets: u64 = got.values().map(|t| t.packets).sum();
     let bytes: u64 = got.values().map(|t| t.bytes).sum();
@@ -693,16 +400,12 @@ fn start_up_errors_are_clear() {
         &["--iface", &l.b_dev, "--metrics-addr", "127.0.0.1:9591"],
         &["already has an XDP program attached"],
     );
-    let ip = ipv4(
-        v4("10.8.0.1"),
-        v4("10.8.0.2"),
-        &L4::Udp {
-            sport: 1,
-            dport: 2,
-            payload: 10,
-        },
+    send_one(
+        &l.a,
+        &l.a_dev,
+        eth4("10.8.0.1", "10.8.0.2", &L4::udp(1, 2, 10)),
+        5,
     );
-    assert_eq!(send(&l.a, &l.a_dev, vec![eth_ipv4(ip)], 5), 5);
     let out = first.stop().unwrap();
     assert!(out.status.success());
     assert_eq!(
@@ -761,18 +464,9 @@ fn unprivileged_user_with_three_capabilities_counts_exactly() {
     let wrapper = as_nobody_with("+bpf,+net_admin,+perfmon");
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let agent = Agent::start_wrapped(&l.b, &wrapper, &agent_args(&[&l.b_dev], &[])).unwrap();
-    let frame = eth_ipv4(ipv4(
-        v4("10.40.0.1"),
-        v4("10.40.0.2"),
-        &L4::Udp {
-            sport: 4000,
-            dport: 53,
-            payload: 72,
-        },
-    ));
-    assert_eq!(send(&l.a, &l.a_dev, vec![frame], 25), 25);
-    let out = agent.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    let frame = eth4("10.40.0.1", "10.40.0.2", &L4::udp(4000, 53, 72));
+    send_one(&l.a, &l.a_dev, frame, 25);
+    let out = agent.stop_ok();
     assert_flows(
         &totals(&out.records),
         &[(
@@ -821,16 +515,12 @@ fn config_file_sets_flags_and_flags_win() {
     )
     .unwrap();
     let m = agent.metrics(9700).unwrap();
-    let ip = ipv4(
-        v4("10.9.0.1"),
-        v4("10.9.0.2"),
-        &L4::Udp {
-            sport: 1,
-            dport: 2,
-            payload: 10,
-        },
+    send_one(
+        &l.a,
+        &l.a_dev,
+        eth4("10.9.0.1", "10.9.0.2", &L4::udp(1, 2, 10)),
+        3,
     );
-    assert_eq!(send(&l.a, &l.a_dev, vec![eth_ipv4(ip)], 3), 3);
     let out = agent.stop().unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(
@@ -930,8 +620,7 @@ fn real_tcp_transfer_counts_gso_segments_exactly() {
     // its IP output octets are exactly what crossed into b0.
     let a_out_octets = l.a.netstat("IpExt", "OutOctets").unwrap() - a_out_octets0;
     assert!(bytes_sent >= TOTAL as u64, "{bytes_sent}");
-    let out = agent.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    let out = agent.stop_ok();
     let got = totals(&out.records);
     let port = client_port as u64;
     let egress = got[&FlowId::new(1, ifb, "10.20.0.2", "10.20.0.1", 6, port, 5001, 0)];
@@ -987,18 +676,13 @@ fn auto_mode_falls_back_to_skb_where_native_is_missing() {
         "{}",
         agent.stderr()
     );
-    let ip = ipv4(
-        v4("10.11.0.1"),
-        v4("10.11.0.2"),
-        &L4::Udp {
-            sport: 11,
-            dport: 12,
-            payload: 100,
-        },
+    send_one(
+        &ns,
+        &dev,
+        eth4("10.11.0.1", "10.11.0.2", &L4::udp(11, 12, 100)),
+        17,
     );
-    assert_eq!(send(&ns, &dev, vec![eth_ipv4(ip)], 17), 17);
-    let out = agent.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    let out = agent.stop_ok();
     // A new bridge's own IGMP membership report (0.0.0.0 -> 224.0.0.22) may
     // leave within the window; it is real egress, counted like any other
     // flow, but not this test's traffic.

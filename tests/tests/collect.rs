@@ -136,12 +136,10 @@ impl Exporter {
                 cmd.arg("pmacctd").arg("-f").arg(&conf);
             }
         }
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("fprobe and pmacct must be installed: scripts/setup.sh --test");
-        let p = Proc(Some(child));
+        let p = Proc::spawn(
+            &mut cmd,
+            "fprobe and pmacct must be installed: scripts/setup.sh --test",
+        );
         assert!(
             wait_until(Duration::from_secs(10), || {
                 ns.exec(&["ss", "-H", "-0", "-a"])
@@ -193,11 +191,7 @@ fn traffic(ipv6: bool) -> (Frames, Flows) {
         frames.push((if v6 { eth_ipv6(ip) } else { eth_ipv4(ip) }, n, key));
     };
     for i in 0..6u64 {
-        let l4 = L4::Udp {
-            sport: 5000 + i as u16,
-            dport: 53,
-            payload: 60 + 10 * i as usize,
-        };
+        let l4 = L4::udp(5000 + i as u16, 53, 60 + 10 * i as usize);
         add(
             ipv4(v4("10.60.0.1"), v4("10.60.0.2"), &l4),
             false,
@@ -205,12 +199,7 @@ fn traffic(ipv6: bool) -> (Frames, Flows) {
             1 + 3 * i,
         );
     }
-    let tcp = L4::Tcp {
-        sport: 40000,
-        dport: 80,
-        flags: TCP_ACK | TCP_PSH,
-        payload: 500,
-    };
+    let tcp = L4::tcp(40000, 80, TCP_ACK | TCP_PSH, 500);
     add(
         ipv4(v4("10.60.1.1"), v4("10.60.1.2"), &tcp),
         false,
@@ -218,11 +207,7 @@ fn traffic(ipv6: bool) -> (Frames, Flows) {
         7,
     );
     if ipv6 {
-        let udp = L4::Udp {
-            sport: 6000,
-            dport: 4739,
-            payload: 100,
-        };
+        let udp = L4::udp(6000, 4739, 100);
         add(
             ipv6_pkt("2001:db8:60::1", "2001:db8:60::2", &udp),
             true,
@@ -310,10 +295,6 @@ enum Output {
     Kafka(&'static str),
 }
 
-fn run(exporter: Exporter) {
-    run_to(exporter, Output::Stdout);
-}
-
 fn run_to(exporter: Exporter, output: Output) {
     let l = Link::new().unwrap();
     let dir = std::env::temp_dir().join(unique("fe-col-"));
@@ -322,11 +303,7 @@ fn run_to(exporter: Exporter, output: Output) {
     let metrics_port = free_tcp_port(&l.b);
     let broker = match output {
         Output::Stdout => None,
-        Output::Kafka(_) => {
-            let b = Broker::start(&l.b).unwrap();
-            b.create_topic("input", 2).unwrap();
-            Some(b)
-        }
+        Output::Kafka(_) => Some(Broker::start_with(&l.b, &[("input", 2)]).unwrap()),
     };
     let listen = format!("127.0.0.1:{p_collect}");
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
@@ -364,24 +341,22 @@ fn run_to(exporter: Exporter, output: Output) {
             let pcap = dir.join("traffic.pcap");
             write_pcap(&pcap, &frames);
             let ctl = dir.join("softflowd.ctl");
-            let child = Command::new("ip")
-                .args(["netns", "exec", &l.b.name, "softflowd", "-d", "-r"])
-                .arg(&pcap)
-                .args(["-n", &format!("127.0.0.1:{p_export}"), "-v", v])
-                .args(if sampling > 1 {
-                    vec!["-s".to_string(), sampling.to_string()]
-                } else {
-                    vec![]
-                })
-                .arg("-p")
-                .arg(dir.join("softflowd.pid"))
-                .arg("-c")
-                .arg(&ctl)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("softflowd must be installed: scripts/setup.sh --test");
-            let mut exp = Proc(Some(child));
+            let mut exp = Proc::spawn(
+                Command::new("ip")
+                    .args(["netns", "exec", &l.b.name, "softflowd", "-d", "-r"])
+                    .arg(&pcap)
+                    .args(["-n", &format!("127.0.0.1:{p_export}"), "-v", v])
+                    .args(if sampling > 1 {
+                        vec!["-s".to_string(), sampling.to_string()]
+                    } else {
+                        vec![]
+                    })
+                    .arg("-p")
+                    .arg(dir.join("softflowd.pid"))
+                    .arg("-c")
+                    .arg(&ctl),
+                "softflowd must be installed: scripts/setup.sh --test",
+            );
             // After the file's end softflowd either exports everything and
             // exits (with -s), or waits on its control socket: then, once it
             // has processed every frame, `shutdown` makes it expire and
@@ -412,17 +387,9 @@ fn run_to(exporter: Exporter, output: Output) {
             let mut exp = exporter.start_live(&l.b, &l.b_dev, p_export, &dir);
             send_all(&l, &frames);
             if matches!(exporter, Exporter::Fprobe) {
-                let filler = ipv4(
-                    v4(FILLER_SRC),
-                    v4("10.60.255.2"),
-                    &L4::Udp {
-                        sport: 9,
-                        dport: 9,
-                        payload: 10,
-                    },
-                );
+                let filler = eth4(FILLER_SRC, "10.60.255.2", &L4::udp(9, 9, 10));
                 let key = (FILLER_SRC.into(), "10.60.255.2".into(), 17, 9, 9);
-                send_all(&l, &vec![(eth_ipv4(filler), FILLER_FRAMES as u64, key)]);
+                send_all(&l, &vec![(filler, FILLER_FRAMES as u64, key)]);
             }
             std::thread::sleep(Duration::from_millis(500));
             // Both expire and export every flow they hold when stopped:
@@ -458,8 +425,7 @@ fn run_to(exporter: Exporter, output: Output) {
     if let Some(n) = nfcapd.as_mut() {
         n.term();
     }
-    let out = collector.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    let out = collector.stop_ok();
     let records: Vec<Value> = match (output, &broker) {
         (Output::Kafka(format), Some(b)) => {
             assert!(
@@ -542,70 +508,32 @@ fn run_to(exporter: Exporter, output: Output) {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-fn free_tcp_port(ns: &Netns) -> u16 {
-    ns.run(|| {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    })
-    .unwrap()
+/// One test per exporter (and output): `name: exporter[, output]`.
+macro_rules! collect_tests {
+    ($($name:ident: $exporter:expr $(, $output:expr)?;)*) => {
+        $(
+            #[test]
+            fn $name() {
+                run_to($exporter, collect_tests!(@output $($output)?));
+            }
+        )*
+    };
+    (@output) => { Output::Stdout };
+    (@output $output:expr) => { $output };
 }
 
-#[test]
-fn softflowd_netflow5() {
-    run(Exporter::Softflowd("5", 1));
-}
-
-#[test]
-fn softflowd_netflow9() {
-    run(Exporter::Softflowd("9", 1));
-}
-
-#[test]
-fn softflowd_ipfix() {
-    run(Exporter::Softflowd("10", 1));
-}
-
-#[test]
-fn fprobe_netflow5() {
-    run(Exporter::Fprobe);
-}
-
-#[test]
-fn pmacctd_nfprobe_netflow9() {
-    run(Exporter::Pmacctd(9));
-}
-
-#[test]
-fn pmacctd_nfprobe_ipfix() {
-    run(Exporter::Pmacctd(10));
-}
-
-#[test]
-fn softflowd_ipfix_sampled() {
-    run(Exporter::Softflowd("10", 4));
-}
-
-#[test]
-fn softflowd_netflow9_sampled() {
-    run(Exporter::Softflowd("9", 4));
-}
-
-#[test]
-fn softflowd_ipfix_into_kafka_protobuf() {
-    run_to(Exporter::Softflowd("10", 4), Output::Kafka("protobuf"));
-}
-
-#[test]
-fn pmacctd_netflow9_into_kafka_json() {
-    run_to(Exporter::Pmacctd(9), Output::Kafka("json"));
-}
-
-#[test]
-fn pmacctd_sfprobe_sflow5() {
-    run(Exporter::PmacctdSflow);
+collect_tests! {
+    softflowd_netflow5: Exporter::Softflowd("5", 1);
+    softflowd_netflow9: Exporter::Softflowd("9", 1);
+    softflowd_ipfix: Exporter::Softflowd("10", 1);
+    fprobe_netflow5: Exporter::Fprobe;
+    pmacctd_nfprobe_netflow9: Exporter::Pmacctd(9);
+    pmacctd_nfprobe_ipfix: Exporter::Pmacctd(10);
+    softflowd_ipfix_sampled: Exporter::Softflowd("10", 4);
+    softflowd_netflow9_sampled: Exporter::Softflowd("9", 4);
+    softflowd_ipfix_into_kafka_protobuf: Exporter::Softflowd("10", 4), Output::Kafka("protobuf");
+    pmacctd_netflow9_into_kafka_json: Exporter::Pmacctd(9), Output::Kafka("json");
+    pmacctd_sfprobe_sflow5: Exporter::PmacctdSflow;
 }
 
 /// A reader of the collector's stdout that stalls: decoding goes on (every

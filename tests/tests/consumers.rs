@@ -163,6 +163,14 @@ fn decode_all(b: &Broker, topic: &str) -> Vec<FlowRecord> {
         .collect()
 }
 
+/// A namespace, a broker in it with `topics` (name, partitions), and the
+/// customer and ASN files.
+fn setup(topics: &[(&str, u32)]) -> (Netns, Broker, Files) {
+    let ns = Netns::new().unwrap();
+    let broker = Broker::start_with(&ns, topics).unwrap();
+    (ns, broker, Files::new())
+}
+
 fn wait_count(b: &Broker, topic: &str, n: u64, who: &Agent) {
     let mut got = 0;
     let ok = wait_until(Duration::from_secs(90), || {
@@ -174,11 +182,7 @@ fn wait_count(b: &Broker, topic: &str, n: u64, who: &Agent) {
 
 #[test]
 fn enrich_then_split_per_customer_exact() {
-    let ns = Netns::new().unwrap();
-    let broker = Broker::start(&ns).unwrap();
-    let files = Files::new();
-    broker.create_topic("input", 2).unwrap();
-    broker.create_topic("enriched", 1).unwrap();
+    let (ns, broker, files) = setup(&[("input", 2), ("enriched", 1)]);
     let flows: Vec<FlowRecord> = (0..600).map(flow).collect();
     let mut msgs = messages(&flows);
     // Three messages that are not FlowMessages: counted and skipped.
@@ -192,21 +196,9 @@ fn enrich_then_split_per_customer_exact() {
     let enrich = Agent::start_enrich(&ns, &brokers, &customers, &asn).unwrap();
     wait_count(&broker, "enriched", 600, &enrich);
     let m = enrich.metrics(9592).unwrap();
-    assert_eq!(
-        metric(&m, "flowexport_bridge_consumed_total"),
-        Some(603.0),
-        "{m}"
-    );
-    assert_eq!(
-        metric(&m, "flowexport_bridge_undecodable_total"),
-        Some(3.0),
-        "{m}"
-    );
-    assert_eq!(
-        metric(&m, "flowexport_bridge_delivered_total"),
-        Some(600.0),
-        "{m}"
-    );
+    assert_metric(&m, "flowexport_bridge_consumed_total", 603.0);
+    assert_metric(&m, "flowexport_bridge_undecodable_total", 3.0);
+    assert_metric(&m, "flowexport_bridge_delivered_total", 600.0);
     // The batch is committed once its acks are in (at the latest when the
     // next, empty batch ends).
     assert!(
@@ -217,11 +209,7 @@ fn enrich_then_split_per_customer_exact() {
         .is_some_and(|b| b >= 1.0)),
         "{m}"
     );
-    assert_eq!(
-        metric(&m, "flowexport_enrich_customer_prefixes"),
-        Some(3.0),
-        "{m}"
-    );
+    assert_metric(&m, "flowexport_enrich_customer_prefixes", 3.0);
 
     let out = decode_all(&broker, "enriched");
     assert_eq!(out.len(), 600);
@@ -293,28 +281,11 @@ fn enrich_then_split_per_customer_exact() {
     // table, 12 with the new.
     assert_eq!(late, vec![(600, 11), (606, 12)]);
     let m = enrich.metrics(9592).unwrap();
-    assert_eq!(
-        metric(&m, "flowexport_enrich_reloads_total"),
-        Some(1.0),
-        "{m}"
-    );
+    assert_metric(&m, "flowexport_enrich_reloads_total", 1.0);
 
     // split: one topic per customer (created by split), no-customer flows
     // dropped.
-    let split = Agent::start_command(
-        &ns,
-        "split",
-        &[
-            "--kafka-brokers",
-            &brokers,
-            "--in-topic",
-            "enriched",
-            "--topic-prefix",
-            "cust-",
-        ],
-        "reading topic",
-    )
-    .unwrap();
+    let split = Agent::start_split(&ns, &brokers).unwrap();
     let mut want: BTreeMap<u32, (u64, u64, u64)> = BTreeMap::new();
     let split_input = flows
         .iter()
@@ -333,11 +304,7 @@ fn enrich_then_split_per_customer_exact() {
         wait_count(&broker, &format!("cust-{cid}"), *n, &split);
     }
     let m = split.metrics(9593).unwrap();
-    assert_eq!(
-        metric(&m, "flowexport_bridge_dropped_total"),
-        Some(unmatched as f64),
-        "{m}"
-    );
+    assert_metric(&m, "flowexport_bridge_dropped_total", unmatched as f64);
     for (cid, (n, packets, bytes)) in &want {
         let recs = decode_all(&broker, &format!("cust-{cid}"));
         assert!(recs.iter().all(|r| r.cid == *cid));
@@ -349,8 +316,7 @@ fn enrich_then_split_per_customer_exact() {
         assert_eq!(got, (*n, *packets, *bytes), "customer {cid}");
     }
     for a in [enrich, split] {
-        let o = a.stop().unwrap();
-        assert!(o.status.success(), "{}", o.stderr);
+        a.stop_ok();
     }
 }
 
@@ -366,10 +332,7 @@ fn killed_mid_stream_loses_nothing(
 ) {
     const N: u32 = 50_000;
     const BATCH: u64 = 500;
-    let ns = Netns::new().unwrap();
-    let broker = Broker::start(&ns).unwrap();
-    let files = Files::new();
-    broker.create_topic(in_topic, 2).unwrap();
+    let (ns, broker, files) = setup(&[(in_topic, 2)]);
     if command == "enrich" {
         broker.create_topic(outputs[0], 2).unwrap();
     }
@@ -438,8 +401,7 @@ fn killed_mid_stream_loses_nothing(
         "{dups} duplicates > two batches of {BATCH}"
     );
     eprintln!("{command}: kill -9 after {at_kill} of {N} records: 0 lost, {dups} duplicates");
-    let o = second.stop().unwrap();
-    assert!(o.status.success(), "{}", o.stderr);
+    second.stop_ok();
 }
 
 #[test]
@@ -468,11 +430,7 @@ fn split_killed_mid_stream_loses_nothing() {
 /// downstream).
 #[test]
 fn enrich_reads_and_writes_json() {
-    let ns = Netns::new().unwrap();
-    let broker = Broker::start(&ns).unwrap();
-    let files = Files::new();
-    broker.create_topic("jin", 1).unwrap();
-    broker.create_topic("jout", 1).unwrap();
+    let (ns, broker, files) = setup(&[("jin", 1), ("jout", 1)]);
     let flows: Vec<FlowRecord> = (0..60).map(flow).collect();
     let mut msgs: Vec<(Vec<u8>, Vec<u8>)> = flows
         .iter()
@@ -527,13 +485,8 @@ fn enrich_reads_and_writes_json() {
         assert_eq!((got.packets, got.bytes), (want.packets, want.bytes));
     }
     let m = enrich.metrics(9592).unwrap();
-    assert_eq!(
-        metric(&m, "flowexport_bridge_undecodable_total"),
-        Some(2.0),
-        "{m}"
-    );
-    let o = enrich.stop().unwrap();
-    assert!(o.status.success(), "{}", o.stderr);
+    assert_metric(&m, "flowexport_bridge_undecodable_total", 2.0);
+    enrich.stop_ok();
 }
 
 #[test]
@@ -586,11 +539,7 @@ fn enrich_group_survives_the_death_of_a_member() {
     const N: u32 = 60_000;
     const CHUNKS: u32 = 12;
     const BATCH: u64 = 500;
-    let ns = Netns::new().unwrap();
-    let broker = Broker::start(&ns).unwrap();
-    let files = Files::new();
-    broker.create_topic("gin", 4).unwrap();
-    broker.create_topic("gout", 4).unwrap();
+    let (ns, broker, files) = setup(&[("gin", 4), ("gout", 4)]);
     let flows: Vec<FlowRecord> = (0..N).map(flow).collect();
     let brokers = broker.addr();
     let customers = files.path("customers.csv");
@@ -698,7 +647,6 @@ fn enrich_group_survives_the_death_of_a_member() {
              0 lost, {dups} duplicates",
             takeover.as_secs_f64()
         );
-        let o = a.stop().unwrap();
-        assert!(o.status.success(), "{}", o.stderr);
+        a.stop_ok();
     });
 }

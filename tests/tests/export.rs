@@ -45,12 +45,7 @@ fn tshark(file: &std::path::Path, ports: &[u16], args: &[&str]) -> Vec<String> {
     for p in ports {
         cmd.arg("-d").arg(format!("udp.port=={p},cflow"));
     }
-    let out = cmd.args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "tshark: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(cmd.args(args), "tshark");
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::to_string)
@@ -94,122 +89,56 @@ fn ipfix_and_netflow9_export_decoded_by_nfdump_and_tshark() {
     let (t_ipfix, t_v9) = (format!("127.0.0.1:{p_ipfix}"), format!("127.0.0.1:{p_v9}"));
     // Small packets and a template refresh every 2 packets: several export
     // packets, some without templates, all checked.
-    let agent = Agent::start(
-        &l.b,
-        &[
-            "--iface",
-            &l.b_dev,
-            "--xdp-mode",
-            "native",
-            "--ipfix",
-            &t_ipfix,
-            "--netflow9",
-            &t_v9,
-            "--export-packet-size",
-            "400",
-            "--template-packets",
-            "2",
-            "--observation-domain",
-            "77",
-        ],
-    )
-    .unwrap();
+    let flags = [
+        "--ipfix",
+        &t_ipfix,
+        "--netflow9",
+        &t_v9,
+        "--export-packet-size",
+        "400",
+        "--template-packets",
+        "2",
+        "--observation-domain",
+        "77",
+    ];
+    let agent = Agent::start(&l.b, &iface_args(&[&l.b_dev], &flags)).unwrap();
+    // nfdump's key: (src, dst, sport, dport, proto).
+    let key = |src: &str, dst: &str, sport, dport, proto: &str| -> NfKey {
+        (src.into(), dst.into(), sport, dport, proto.into())
+    };
     let mut want: BTreeMap<NfKey, (u64, u64, u64, u64)> = BTreeMap::new();
     for i in 0..20u16 {
-        let ip = ipv4(
-            v4("10.50.0.1"),
-            v4("10.50.0.2"),
-            &L4::Udp {
-                sport: 3000 + i,
-                dport: 53,
-                payload: 100 + i as usize,
-            },
+        let frame = eth4(
+            "10.50.0.1",
+            "10.50.0.2",
+            &L4::udp(3000 + i, 53, 100 + i as usize),
         );
         let n = 1 + i as u64;
-        assert_eq!(
-            send_frames(
-                &l.a,
-                &l.a_dev,
-                vec![eth_ipv4(ip)],
-                n as usize,
-                64,
-                Duration::from_micros(200)
-            )
-            .unwrap(),
-            n
-        );
-        want.insert(
-            (
-                "10.50.0.1".into(),
-                "10.50.0.2".into(),
-                3000 + i as u64,
-                53,
-                "UDP".into(),
-            ),
-            (n, n * (128 + i as u64), ifb, 0),
-        );
+        assert_eq!(send(&l.a, &l.a_dev, vec![frame], n as usize), n);
+        let k = key("10.50.0.1", "10.50.0.2", 3000 + i as u64, 53, "UDP");
+        want.insert(k, (n, n * (128 + i as u64), ifb, 0));
     }
-    let tcp6 = ipv6(
-        v6("2001:db8:50::1"),
-        v6("2001:db8:50::2"),
-        &L4::Tcp {
-            sport: 40000,
-            dport: 443,
-            flags: TCP_SYN | TCP_ACK,
-            payload: 200,
-        },
-    );
-    send_frames(
+    let (s6, d6) = ("2001:db8:50::1", "2001:db8:50::2");
+    send(
         &l.a,
         &l.a_dev,
-        vec![eth_ipv6(tcp6)],
+        vec![eth6(s6, d6, &L4::tcp(40000, 443, TCP_SYN | TCP_ACK, 200))],
         6,
-        64,
-        Duration::from_micros(200),
-    )
-    .unwrap();
-    want.insert(
-        (
-            "2001:db8:50::1".into(),
-            "2001:db8:50::2".into(),
-            40000,
-            443,
-            "TCP".into(),
-        ),
-        (6, 6 * 260, ifb, 0),
     );
+    want.insert(key(s6, d6, 40000, 443, "TCP"), (6, 6 * 260, ifb, 0));
     // Egress.
-    let out4 = ipv4(
-        v4("10.50.1.2"),
-        v4("10.50.1.1"),
-        &L4::Udp {
-            sport: 123,
-            dport: 123,
-            payload: 48,
-        },
-    );
-    send_frames(
+    send(
         &l.b,
         &l.b_dev,
-        vec![eth_ipv4(out4)],
+        vec![eth4("10.50.1.2", "10.50.1.1", &L4::udp(123, 123, 48))],
         4,
-        64,
-        Duration::from_micros(200),
-    )
-    .unwrap();
+    );
     want.insert(
-        (
-            "10.50.1.2".into(),
-            "10.50.1.1".into(),
-            123,
-            123,
-            "UDP".into(),
-        ),
+        key("10.50.1.2", "10.50.1.1", 123, 123, "UDP"),
         (4, 4 * 76, 0, ifb),
     );
 
-    let out = agent.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    let out = agent.stop_ok();
     assert!(out.records.is_empty(), "stdout is off with other sinks");
     // The agent has sent its last export packet; both nfcapd must have read
     // every datagram before they are stopped (their sockets' queues empty),
@@ -254,48 +183,20 @@ fn sampling_rate_in_records_and_in_ipfix_and_netflow9_options() {
     let mut shark = tshark_capture(&l.b, &pcap);
     let (t_ipfix, t_v9) = (format!("127.0.0.1:{p_ipfix}"), format!("127.0.0.1:{p_v9}"));
     let collector = Agent::collector(&l.b, &["--listen", &t_ipfix, "--listen", &t_v9]).unwrap();
-    let agent = Agent::start(
-        &l.b,
-        &[
-            "--iface",
-            &l.b_dev,
-            "--xdp-mode",
-            "native",
-            "--sampling",
-            "10",
-            "--stdout",
-            "--ipfix",
-            &t_ipfix,
-            "--netflow9",
-            &t_v9,
-        ],
-    )
-    .unwrap();
-    let frames: Vec<Vec<u8>> = (0..10u16)
-        .map(|i| {
-            eth_ipv4(ipv4(
-                v4("10.60.0.1"),
-                v4("10.60.0.2"),
-                &L4::Udp {
-                    sport: 5000 + i,
-                    dport: 53,
-                    payload: 100,
-                },
-            ))
-        })
-        .collect();
-    let sent = send_frames(
-        &l.a,
-        &l.a_dev,
-        frames,
-        10_000,
-        64,
-        Duration::from_micros(200),
-    );
-    assert_eq!(sent.unwrap(), 100_000);
+    let flags = [
+        "--sampling",
+        "10",
+        "--stdout",
+        "--ipfix",
+        &t_ipfix,
+        "--netflow9",
+        &t_v9,
+    ];
+    let agent = Agent::start(&l.b, &iface_args(&[&l.b_dev], &flags)).unwrap();
+    let frames = udp_flows("10.60.0.1", "10.60.0.2", 5000, 10, 53, 100);
+    assert_eq!(send(&l.a, &l.a_dev, frames, 10_000), 100_000);
 
-    let out = agent.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    let out = agent.stop_ok();
     assert!(!out.records.is_empty());
     let field = |r: &serde_json::Value, k: &str| r[k].as_u64().unwrap_or(u64::MAX);
     assert!(
@@ -315,8 +216,7 @@ fn sampling_rate_in_records_and_in_ipfix_and_netflow9_options() {
         "the collector did not read every export packet"
     );
     std::thread::sleep(Duration::from_millis(500));
-    let decoded = collector.stop().unwrap();
-    assert!(decoded.status.success(), "{}", decoded.stderr);
+    let decoded = collector.stop_ok();
     for ty in ["IPFIX", "NETFLOW_V9"] {
         let recs: Vec<_> = decoded.records.iter().filter(|r| r["type"] == ty).collect();
         assert_eq!(recs.len(), out.records.len(), "{ty} records");

@@ -13,42 +13,24 @@ use flowexport_tests::*;
 
 /// A veth pair: `b_dev` in `b`, `a_dev` in `a`, both up.
 fn veth(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) {
-    let out = std::process::Command::new("ip")
-        .args(["link", "add", b_dev, "netns", &b.name, "type", "veth"])
-        .args(["peer", "name", a_dev, "netns", &a.name])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    a.exec(&["ip", "link", "set", a_dev, "up"]).unwrap();
-    b.exec(&["ip", "link", "set", b_dev, "up"]).unwrap();
+    veth_named(a, a_dev, b, b_dev).unwrap();
 }
 
 fn send(ns: &Netns, dev: &str, sport: u16, n: usize) {
-    let frame = eth_ipv4(ipv4(
-        v4("10.70.0.1"),
-        v4("10.70.0.2"),
-        &L4::Udp {
-            sport,
-            dport: 4000,
-            payload: 100,
-        },
-    ));
-    let sent = send_frames(ns, dev, vec![frame], n, 64, Duration::from_micros(200)).unwrap();
-    assert_eq!(sent, n as u64);
+    send_one(
+        ns,
+        dev,
+        eth4("10.70.0.1", "10.70.0.2", &L4::udp(sport, 4000, 100)),
+        n,
+    );
 }
 
 /// Waits until the agent's metric `name` reads `want`.
 fn wait_metric(agent: &Agent, name: &str, want: f64) {
-    let mut got = None;
-    let ok = wait_until(Duration::from_secs(10), || {
-        got = metric(&agent.metrics(9590).unwrap_or_default(), name);
-        got == Some(want)
+    let (ok, m) = agent.wait_metrics(9590, Duration::from_secs(10), |m| {
+        metric(m, name) == Some(want)
     });
-    assert!(ok, "{name}: {got:?}, expected {want}");
+    assert!(ok, "{name}: {:?}, expected {want}", metric(&m, name));
 }
 
 #[test]
@@ -64,14 +46,7 @@ fn glob_attaches_to_interfaces_that_appear_and_forgets_those_that_go() {
     .unwrap();
     let agent = Agent::start(
         &b,
-        &[
-            "--iface",
-            "watch*",
-            "--exclude-iface",
-            "watchx*",
-            "--xdp-mode",
-            "native",
-        ],
+        &iface_args(&["watch*"], &["--exclude-iface", "watchx*"]),
     )
     .unwrap();
     assert!(
@@ -120,8 +95,7 @@ fn glob_attaches_to_interfaces_that_appear_and_forgets_those_that_go() {
     );
     send(&a, "peer0", 1003, 25);
 
-    let out = agent.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    let out = agent.stop_ok();
     let got: Vec<(FlowId, u64)> = totals(&out.records)
         .into_iter()
         .map(|(id, t)| (id, t.packets))

@@ -11,27 +11,19 @@ use flowexport_tests::kafka::{Broker, Consumed};
 use flowexport_tests::*;
 use serde_json::Value;
 
-const PACE: Duration = Duration::from_micros(200);
-
-fn send(ns: &Netns, dev: &str, frames: Vec<Vec<u8>>, repeat: usize) -> u64 {
-    send_frames(ns, dev, frames, repeat, 64, PACE).expect("send frames")
+fn kafka_agent<'a>(dev: &'a str, brokers: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    kafka_agent_args(dev, brokers, "flows", extra)
 }
 
-fn kafka_agent<'a>(dev: &'a str, brokers: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut a = vec![
-        "--iface",
-        dev,
-        "--xdp-mode",
-        "native",
-        "--sampler-address",
-        "192.0.2.20",
-        "--kafka-brokers",
-        brokers,
-        "--kafka-topic",
-        "flows",
-    ];
-    a.extend_from_slice(extra);
-    a
+/// A link, a broker in its `b` side with topic `flows` of `partitions`, the
+/// ifindex of `b_dev`, and an agent there exporting to the broker with
+/// `extra` flags.
+fn with_broker(partitions: u32, extra: &[&str]) -> (Link, Broker, u32, Agent) {
+    let l = Link::new().unwrap();
+    let broker = Broker::start_with(&l.b, &[("flows", partitions)]).unwrap();
+    let ifb = l.b.ifindex(&l.b_dev).unwrap();
+    let agent = Agent::start(&l.b, &kafka_agent(&l.b_dev, &broker.addr(), extra)).unwrap();
+    (l, broker, ifb, agent)
 }
 
 /// Decodes protobuf messages into the JSON form `totals` reads.
@@ -65,16 +57,7 @@ fn wait_delivered(agent: &Agent, flows: f64) -> String {
 
 #[test]
 fn protobuf_records_reach_the_broker_exactly() {
-    let l = Link::new().unwrap();
-    let broker = Broker::start(&l.b).unwrap();
-    broker.create_topic("flows", 3).unwrap();
-    let ifb = l.b.ifindex(&l.b_dev).unwrap();
-    let addr = broker.addr();
-    let agent = Agent::start(
-        &l.b,
-        &kafka_agent(&l.b_dev, &addr, &["--idle-timeout", "1s"]),
-    )
-    .unwrap();
+    let (l, broker, ifb, agent) = with_broker(3, &["--idle-timeout", "1s"]);
     // Three conversations, each seen in both directions (A->B ingress, B->A
     // egress), plus an IPv6 one.
     let mut flows = Vec::new();
@@ -83,29 +66,14 @@ fn protobuf_records_reach_the_broker_exactly() {
             format!("10.40.0.{}", 10 + i),
             format!("10.40.1.{}", 200 - i),
         );
-        let fwd = ipv4(
-            v4(&a),
-            v4(&b),
-            &L4::Udp {
-                sport: 5000 + i as u16,
-                dport: 53,
-                payload: 100,
-            },
+        let port = 5000 + i as u16;
+        send_one(
+            &l.a,
+            &l.a_dev,
+            eth4(&a, &b, &L4::udp(port, 53, 100)),
+            10 + i as usize,
         );
-        let rev = ipv4(
-            v4(&b),
-            v4(&a),
-            &L4::Udp {
-                sport: 53,
-                dport: 5000 + i as u16,
-                payload: 300,
-            },
-        );
-        assert_eq!(
-            send(&l.a, &l.a_dev, vec![eth_ipv4(fwd)], 10 + i as usize),
-            10 + i as u64
-        );
-        assert_eq!(send(&l.b, &l.b_dev, vec![eth_ipv4(rev)], 5), 5);
+        send_one(&l.b, &l.b_dev, eth4(&b, &a, &L4::udp(53, port, 300)), 5);
         flows.push((
             FlowId::new(0, ifb, &a, &b, 17, 5000 + i as u64, 53, 0),
             10 + i as u64,
@@ -119,17 +87,12 @@ fn protobuf_records_reach_the_broker_exactly() {
             0,
         ));
     }
-    let v6fwd = ipv6(
-        v6("2001:db8:40::1"),
-        v6("2001:db8:40::2"),
-        &L4::Tcp {
-            sport: 4000,
-            dport: 443,
-            flags: TCP_SYN,
-            payload: 0,
-        },
+    let v6fwd = eth6(
+        "2001:db8:40::1",
+        "2001:db8:40::2",
+        &L4::tcp(4000, 443, TCP_SYN, 0),
     );
-    assert_eq!(send(&l.a, &l.a_dev, vec![eth_ipv6(v6fwd)], 2), 2);
+    send_one(&l.a, &l.a_dev, v6fwd, 2);
     flows.push((
         FlowId::new(0, ifb, "2001:db8:40::1", "2001:db8:40::2", 6, 4000, 443, 0),
         2,
@@ -138,17 +101,10 @@ fn protobuf_records_reach_the_broker_exactly() {
     ));
 
     let m = wait_delivered(&agent, flows.len() as f64);
-    assert_eq!(
-        metric(&m, "flowexport_kafka_records_failed_total"),
-        Some(0.0)
-    );
-    assert_eq!(
-        metric(&m, "flowexport_kafka_records_dropped_total"),
-        Some(0.0)
-    );
-    assert_eq!(metric(&m, "flowexport_kafka_records_buffered"), Some(0.0));
-    let out = agent.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    assert_metric(&m, "flowexport_kafka_records_failed_total", 0.0);
+    assert_metric(&m, "flowexport_kafka_records_dropped_total", 0.0);
+    assert_metric(&m, "flowexport_kafka_records_buffered", 0.0);
+    let out = agent.stop_ok();
     assert!(
         out.records.is_empty(),
         "stdout is off when Kafka is the sink"
@@ -156,16 +112,7 @@ fn protobuf_records_reach_the_broker_exactly() {
 
     let msgs = broker.consume_all("flows").unwrap();
     let records = decode_pb(&msgs);
-    let got = totals(&records);
-    let want: BTreeMap<FlowId, (u64, u64, u64)> = flows
-        .iter()
-        .map(|(id, p, b, f)| (id.clone(), (*p, *b, *f)))
-        .collect();
-    let got_map: BTreeMap<FlowId, (u64, u64, u64)> = got
-        .iter()
-        .map(|(id, t)| (id.clone(), (t.packets, t.bytes, t.tcp_flags)))
-        .collect();
-    assert_eq!(got_map, want);
+    assert_flows(&totals(&records), &flows);
     assert_eq!(
         msgs.len(),
         flows.len(),
@@ -207,29 +154,15 @@ fn protobuf_records_reach_the_broker_exactly() {
 
 #[test]
 fn json_records_reach_the_broker_exactly() {
-    let l = Link::new().unwrap();
-    let broker = Broker::start(&l.b).unwrap();
-    broker.create_topic("flows", 1).unwrap();
-    let ifb = l.b.ifindex(&l.b_dev).unwrap();
-    let addr = broker.addr();
     // --stdout as well: both sinks get the same records.
-    let agent = Agent::start(
-        &l.b,
-        &kafka_agent(&l.b_dev, &addr, &["--kafka-format", "json", "--stdout"]),
-    )
-    .unwrap();
-    let ip = ipv4(
-        v4("10.41.0.1"),
-        v4("10.41.0.2"),
-        &L4::Icmp {
-            ty: 8,
-            code: 0,
-            payload: 56,
-        },
+    let (l, broker, ifb, agent) = with_broker(1, &["--kafka-format", "json", "--stdout"]);
+    send_one(
+        &l.a,
+        &l.a_dev,
+        eth4("10.41.0.1", "10.41.0.2", &L4::icmp(8, 0, 56)),
+        9,
     );
-    assert_eq!(send(&l.a, &l.a_dev, vec![eth_ipv4(ip)], 9), 9);
-    let out = agent.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    let out = agent.stop_ok();
     let msgs = broker.consume_all("flows").unwrap();
     assert_eq!(msgs.len(), 1);
     let v: Value = serde_json::from_slice(&msgs[0].payload).unwrap();
@@ -246,50 +179,19 @@ fn json_records_reach_the_broker_exactly() {
 
 #[test]
 fn broker_outage_loses_nothing() {
-    let l = Link::new().unwrap();
-    let mut broker = Broker::start(&l.b).unwrap();
-    broker.create_topic("flows", 2).unwrap();
-    let ifb = l.b.ifindex(&l.b_dev).unwrap();
-    let addr = broker.addr();
-    let agent = Agent::start(
-        &l.b,
-        &kafka_agent(
-            &l.b_dev,
-            &addr,
-            &[
-                "--active-timeout",
-                "500ms",
-                "--idle-timeout",
-                "500ms",
-                "--drain-interval",
-                "100ms",
-                "--kafka-flush-timeout",
-                "60s",
-            ],
-        ),
-    )
-    .unwrap();
-    let frames: Vec<Vec<u8>> = (0..8u16)
-        .map(|i| {
-            eth_ipv4(ipv4(
-                v4("10.42.0.1"),
-                v4("10.42.0.2"),
-                &L4::Udp {
-                    sport: 7000 + i,
-                    dport: 9,
-                    payload: 50,
-                },
-            ))
-        })
-        .collect();
+    let flags = [
+        &timeouts("500ms", "500ms", "100ms")[..],
+        &["--kafka-flush-timeout", "60s"],
+    ]
+    .concat();
+    let (l, mut broker, ifb, agent) = with_broker(2, &flags);
+    let frames = udp_flows("10.42.0.1", "10.42.0.2", 7000, 8, 9, 50);
     let mut sent = send(&l.a, &l.a_dev, frames.clone(), 300);
     // Broker down: the agent keeps draining and exporting; records wait.
     broker.stop();
     sent += send(&l.a, &l.a_dev, frames.clone(), 300);
-    let mut m = String::new();
-    let waited = wait_until(Duration::from_secs(10), || {
-        m = agent.metrics(9590).unwrap_or_default();
-        metric(&m, "flowexport_kafka_records_buffered").unwrap_or(0.0) >= 8.0
+    let (waited, m) = agent.wait_metrics(9590, Duration::from_secs(10), |m| {
+        metric(m, "flowexport_kafka_records_buffered").unwrap_or(0.0) >= 8.0
     });
     assert!(waited, "records were not buffered during the outage:\n{m}");
     broker.restart().unwrap();
@@ -297,18 +199,9 @@ fn broker_outage_loses_nothing() {
     assert_eq!(sent, 8 * 900);
     let exported_min = 8.0;
     let m = wait_delivered(&agent, exported_min);
-    assert_eq!(
-        metric(&m, "flowexport_kafka_records_dropped_total"),
-        Some(0.0),
-        "{m}"
-    );
-    assert_eq!(
-        metric(&m, "flowexport_kafka_records_failed_total"),
-        Some(0.0),
-        "{m}"
-    );
-    let out = agent.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    assert_metric(&m, "flowexport_kafka_records_dropped_total", 0.0);
+    assert_metric(&m, "flowexport_kafka_records_failed_total", 0.0);
+    agent.stop_ok();
 
     let msgs = broker.consume_all("flows").unwrap();
     // At-least-once: a retried request may have been stored twice. Such a
@@ -357,18 +250,13 @@ fn unreachable_broker_keeps_other_sinks_and_bad_property_is_refused() {
         "{}",
         agent.stderr()
     );
-    let ip = ipv4(
-        v4("10.43.0.1"),
-        v4("10.43.0.2"),
-        &L4::Udp {
-            sport: 1,
-            dport: 2,
-            payload: 10,
-        },
+    send_one(
+        &l.a,
+        &l.a_dev,
+        eth4("10.43.0.1", "10.43.0.2", &L4::udp(1, 2, 10)),
+        4,
     );
-    assert_eq!(send(&l.a, &l.a_dev, vec![eth_ipv4(ip)], 4), 4);
-    let out = agent.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    let out = agent.stop_ok();
     assert_flows_one(
         &out.records,
         FlowId::new(0, ifb, "10.43.0.1", "10.43.0.2", 17, 1, 2, 0),

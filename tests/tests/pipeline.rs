@@ -73,112 +73,49 @@ impl Drop for TempDir {
     }
 }
 
-fn send(ns: &Netns, dev: &str, frame: Vec<u8>, n: usize) {
-    let sent = send_frames(ns, dev, vec![frame], n, 64, Duration::from_micros(200)).unwrap();
-    assert_eq!(sent, n as u64);
-}
-
-fn udp(sport: u16, dport: u16, payload: usize) -> L4 {
-    L4::Udp {
-        sport,
-        dport,
-        payload,
-    }
-}
-
 #[test]
 fn agent_to_enrich_split_dashboard_and_prometheus() {
     let l = Link::new().unwrap();
-    let broker = Broker::start(&l.b).unwrap();
-    broker.create_topic("input", 2).unwrap();
-    broker.create_topic("enriched", 1).unwrap();
+    let broker = Broker::start_with(&l.b, &[("input", 2), ("enriched", 1)]).unwrap();
     let dir = TempDir::new();
     let customers = dir.write("customers.csv", CUSTOMERS);
     let asn = dir.write("asn.csv", ASN);
     let brokers = broker.addr();
 
-    let agent = Agent::start(
-        &l.b,
-        &[
-            "--iface",
-            &l.b_dev,
-            "--xdp-mode",
-            "native",
-            "--sampler-address",
-            "192.0.2.20",
-            "--idle-timeout",
-            "1s",
-            "--kafka-brokers",
-            &brokers,
-            "--kafka-topic",
-            "input",
-        ],
-    )
-    .unwrap();
+    let args = kafka_agent_args(&l.b_dev, &brokers, "input", &["--idle-timeout", "1s"]);
+    let agent = Agent::start(&l.b, &args).unwrap();
     // Ingress (frames from the other namespace arrive at the agent's XDP
     // program) and egress (frames sent from the agent's side pass its TC
     // program). (cid, packets, bytes) per customer, by the cid rule: the
     // destination of ingress, the source of egress.
-    send(
-        &l.a,
-        &l.a_dev,
-        eth_ipv4(ipv4(
-            v4("10.60.0.5"),
-            v4("10.50.1.10"),
-            &udp(40000, 53, 100),
-        )),
+    let (a, a_dev, b, b_dev) = (&l.a, &l.a_dev, &l.b, &l.b_dev);
+    send_one(
+        a,
+        a_dev,
+        eth4("10.60.0.5", "10.50.1.10", &L4::udp(40000, 53, 100)),
         7,
     );
-    send(
-        &l.b,
-        &l.b_dev,
-        eth_ipv4(ipv4(
-            v4("10.50.2.20"),
-            v4("10.60.0.6"),
-            &L4::Tcp {
-                sport: 40001,
-                dport: 443,
-                flags: TCP_SYN,
-                payload: 0,
-            },
-        )),
-        4,
-    );
-    send(
-        &l.a,
-        &l.a_dev,
-        eth_ipv6(ipv6(
-            v6("2001:db8:60::1"),
-            v6("2001:db8:50:3::9"),
-            &udp(40002, 123, 50),
-        )),
+    let syn = L4::tcp(40001, 443, TCP_SYN, 0);
+    send_one(b, b_dev, eth4("10.50.2.20", "10.60.0.6", &syn), 4);
+    let ntp = L4::udp(40002, 123, 50);
+    send_one(
+        a,
+        a_dev,
+        eth6("2001:db8:60::1", "2001:db8:50:3::9", &ntp),
         5,
     );
     // No customer on either side: dropped by split.
-    send(
-        &l.a,
-        &l.a_dev,
-        eth_ipv4(ipv4(v4("10.70.0.1"), v4("10.70.0.2"), &udp(1, 2, 10))),
+    send_one(
+        a,
+        a_dev,
+        eth4("10.70.0.1", "10.70.0.2", &L4::udp(1, 2, 10)),
         3,
     );
     let want: BTreeMap<u32, (u64, u64)> =
         BTreeMap::from([(1, (7, 7 * 128)), (2, (4, 4 * 40)), (3, (5, 5 * 98))]);
 
     let enrich = Agent::start_enrich(&l.b, &brokers, &customers, &asn).unwrap();
-    let split = Agent::start_command(
-        &l.b,
-        "split",
-        &[
-            "--kafka-brokers",
-            &brokers,
-            "--in-topic",
-            "enriched",
-            "--topic-prefix",
-            "cust-",
-        ],
-        "reading topic",
-    )
-    .unwrap();
+    let split = Agent::start_split(&l.b, &brokers).unwrap();
     let dashboard = Agent::start_command(
         &l.b,
         "dashboard",
@@ -234,25 +171,16 @@ fn agent_to_enrich_split_dashboard_and_prometheus() {
     }
     // The flow without a customer reached `enriched` and was dropped by split.
     let m = split.metrics(9593).unwrap();
-    assert_eq!(
-        metric(&m, "flowexport_bridge_dropped_total"),
-        Some(1.0),
-        "{m}"
-    );
+    assert_metric(&m, "flowexport_bridge_dropped_total", 1.0);
 
     // Dashboard counters, exact (once it has read all of `enriched`).
-    let mut m = String::new();
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            m = dashboard.metrics(9595).unwrap_or_default();
-            metric(
-                &m,
-                "flowexport_dashboard_host_bytes_total{host=\"192.0.2.20\"}",
-            ) >= Some(1660.0)
-        }),
-        "{m}\n{}",
-        dashboard.stderr()
-    );
+    let (ok, m) = dashboard.wait_metrics(9595, Duration::from_secs(30), |m| {
+        metric(
+            m,
+            "flowexport_dashboard_host_bytes_total{host=\"192.0.2.20\"}",
+        ) >= Some(1660.0)
+    });
+    assert!(ok, "{m}\n{}", dashboard.stderr());
     let want_lines = [
         "flowexport_dashboard_bytes_total{app=\"dns\",cid=\"1\",direction=\"ingress\",ip_version=\"4\",proto=\"udp\"} 896",
         "flowexport_dashboard_packets_total{app=\"https\",cid=\"2\",direction=\"egress\",ip_version=\"4\",proto=\"tcp\"} 4",
@@ -269,12 +197,13 @@ fn agent_to_enrich_split_dashboard_and_prometheus() {
     broker
         .produce("enriched", vec![(b"junk".to_vec(), b"\x08".to_vec())])
         .unwrap();
-    assert!(wait_until(Duration::from_secs(30), || {
+    let (ok, _) = dashboard.wait_metrics(9595, Duration::from_secs(30), |m| {
         metric(
-            &dashboard.metrics(9595).unwrap_or_default(),
+            m,
             "flowexport_dashboard_undecodable_total{reason=\"protobuf\"}",
         ) == Some(1.0)
-    }));
+    });
+    assert!(ok);
 
     // Prometheus with the shipped configuration (scrape interval shortened).
     let config = repo_file("deploy/prometheus/prometheus.yml")
@@ -339,8 +268,7 @@ fn agent_to_enrich_split_dashboard_and_prometheus() {
     );
     drop(prom);
     for a in [dashboard, split, enrich, agent] {
-        let o = a.stop().unwrap();
-        assert!(o.status.success(), "{}", o.stderr);
+        a.stop_ok();
     }
 }
 
@@ -349,8 +277,7 @@ fn agent_to_enrich_split_dashboard_and_prometheus() {
 #[test]
 fn pmacct_json_into_the_flow_exporter_drop_in() {
     let ns = Netns::new().unwrap();
-    let broker = Broker::start(&ns).unwrap();
-    broker.create_topic("pmacct.acct", 1).unwrap();
+    let broker = Broker::start_with(&ns, &[("pmacct.acct", 1)]).unwrap();
     let dir = TempDir::new();
     // CIDR-Report's asn.txt format, as flow-exporter fetched it.
     let names = dir.write(
@@ -381,91 +308,50 @@ fn pmacct_json_into_the_flow_exporter_drop_in() {
         )
         .unwrap();
     let brokers = broker.addr();
-    // flow-exporter's flags, plus the names file (no network look-up) and
-    // an explicit start offset (flow-exporter always starts at the newest).
-    let d = Agent::start_command(
-        &ns,
-        "dashboard",
-        &[
+    // flow-exporter's flags (`--broker --topic --asn`), then `extra`.
+    let dashboard = |extra: &[&str], ready: &str| {
+        let drop_in = [
             "--broker",
             &brokers,
             "--topic",
             "pmacct.acct",
             "--asn",
             "15169",
-            "--asn-names",
-            &names,
-            "--start-offset",
-            "earliest",
-        ],
+        ];
+        Agent::start_command(&ns, "dashboard", &[&drop_in, extra].concat(), ready).unwrap()
+    };
+    // flow-exporter's flags, plus the names file (no network look-up) and
+    // an explicit start offset (flow-exporter always starts at the newest).
+    let d = dashboard(
+        &["--asn-names", &names, "--start-offset", "earliest"],
         "dashboard reading topic",
-    )
-    .unwrap();
-    let mut m = String::new();
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            m = d.metrics(9590).unwrap_or_default();
-            metric(&m, "flowexport_dashboard_messages_total") == Some(7.0)
-        }),
-        "{m}\n{}",
-        d.stderr()
     );
+    let (ok, m) = d.wait_metrics(9590, Duration::from_secs(30), |m| {
+        metric(m, "flowexport_dashboard_messages_total") == Some(7.0)
+    });
+    assert!(ok, "{m}\n{}", d.stderr());
     let g = "destination_as=\"6939\",destination_as_name=\"HURRICANE - Hurricane Electric LLC\"";
     let s = "source_as=\"15169\",source_as_name=\"GOOGLE - Google LLC\"";
-    assert_eq!(
-        metric(
-            &m,
-            &format!("flow_transmit_bytes_total{{{g},hostname=\"bdr1.ny1\",{s}}}")
-        ),
-        Some(300.0),
-        "{m}"
-    );
-    assert_eq!(
-        metric(
-            &m,
-            &format!("flow_transmit_bytes_total{{{g},hostname=\"bdr2.ny1\",{s}}}")
-        ),
-        Some(300.0),
-        "{m}"
-    );
-    assert_eq!(
-        metric(
-            &m,
-            "flow_receive_bytes_total{destination_as=\"15169\",destination_as_name=\"GOOGLE - Google LLC\",hostname=\"bdr1.ny1\",source_as=\"6939\",source_as_name=\"HURRICANE - Hurricane Electric LLC\"}"
-        ),
-        Some(52.0),
-        "{m}"
+    for border in ["bdr1.ny1", "bdr2.ny1"] {
+        let name = format!("flow_transmit_bytes_total{{{g},hostname=\"{border}\",{s}}}");
+        assert_metric(&m, &name, 300.0);
+    }
+    assert_metric(
+        &m,
+        "flow_receive_bytes_total{destination_as=\"15169\",destination_as_name=\"GOOGLE - Google LLC\",hostname=\"bdr1.ny1\",source_as=\"6939\",source_as_name=\"HURRICANE - Hurricane Electric LLC\"}",
+        52.0,
     );
     assert_eq!(m.matches("\nflow_transmit_bytes_total{").count(), 2, "{m}");
     assert_eq!(m.matches("\nflow_receive_bytes_total{").count(), 1, "{m}");
     // Malformed JSON is counted, not ignored.
-    assert_eq!(
-        metric(
-            &m,
-            "flowexport_dashboard_undecodable_total{reason=\"json\"}"
-        ),
-        Some(2.0),
-        "{m}"
+    assert_metric(
+        &m,
+        "flowexport_dashboard_undecodable_total{reason=\"json\"}",
+        2.0,
     );
-    let o = d.stop().unwrap();
-    assert!(o.status.success(), "{}", o.stderr);
+    d.stop_ok();
 
     // flow-exporter's exact command line starts (and reads from the newest
     // message on, pmacct-json implied by --asn).
-    let d = Agent::start_command(
-        &ns,
-        "dashboard",
-        &[
-            "--broker",
-            &brokers,
-            "--topic",
-            "pmacct.acct",
-            "--asn",
-            "15169",
-        ],
-        "pmacct.acct as PmacctJson",
-    )
-    .unwrap();
-    let o = d.stop().unwrap();
-    assert!(o.status.success(), "{}", o.stderr);
+    dashboard(&[], "pmacct.acct as PmacctJson").stop_ok();
 }

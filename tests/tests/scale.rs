@@ -8,35 +8,25 @@
 //! load both CPUs); every namespace is removed on drop.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use flowexport_tests::trafgen::{self, Flows, IP_BYTES};
 use flowexport_tests::*;
 
-/// One scale test at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn agent_args<'a>(iface: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut a = vec![
-        "--iface",
-        iface,
-        "--xdp-mode",
-        "native",
-        "--sampler-address",
-        "192.0.2.10",
-    ];
-    a.extend_from_slice(extra);
-    a
+/// One scale test at a time: held while a test runs.
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Waits until the agent has counted `packets` ingress packets (it drains
 /// every interval), so that stopping it exports them all at once or not.
 fn wait_counted(agent: &Agent, packets: u64) -> String {
-    let mut m = String::new();
-    let ok = wait_until(Duration::from_secs(60), || {
-        m = agent.metrics(9590).unwrap_or_default();
-        metric(&m, "flowexport_packets_total{direction=\"ingress\"}")
+    let (ok, m) = agent.wait_metrics(9590, Duration::from_secs(60), |m| {
+        metric(m, "flowexport_packets_total{direction=\"ingress\"}")
             .is_some_and(|p| p >= packets as f64)
     });
     assert!(ok, "the agent did not count {packets} packets:\n{m}");
@@ -64,34 +54,22 @@ fn by_source(
 
 #[test]
 fn two_hundred_thousand_flows_at_max_rate_exact_with_defaults() {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = serial();
     let l = Link::new().unwrap();
-    let agent = Agent::start(&l.b, &agent_args(&l.b_dev, &[])).unwrap();
-    let (tx0, rx0) = l.a.drops(&l.a_dev).unwrap();
-    let (btx0, brx0) = l.b.drops(&l.b_dev).unwrap();
+    let agent = Agent::start(&l.b, &agent_args(&[&l.b_dev], &[])).unwrap();
+    let drops = l.drops();
     // 200,000 flows, 3 rounds: every flow's packets arrive about a third
     // of a second apart, at whatever rate trafgen and the veth manage.
     let flows = Flows::new(v4("10.32.0.0"), 200_000, v4("10.201.200.1"));
     let rounds = 3u64;
     trafgen::send(&l.a, &l.a_dev, &flows, rounds * 200_000, None).unwrap();
     let m = wait_counted(&agent, rounds * 200_000);
-    let out = agent.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    let out = agent.stop_ok();
     // Nothing was dropped on the way: every frame reached XDP.
-    assert_eq!(l.a.drops(&l.a_dev).unwrap(), (tx0, rx0));
-    assert_eq!(l.b.drops(&l.b_dev).unwrap(), (btx0, brx0));
+    assert_eq!(l.drops(), drops);
     // No flow lost its identity: no fallback, no overflow record.
-    assert_eq!(
-        metric(&m, "flowexport_table_full_fallback_packets_total"),
-        Some(0.0),
-        "{m}"
-    );
-    assert_eq!(
-        metric(&m, "flowexport_fallback_overflow_packets_total"),
-        Some(0.0)
-    );
+    assert_metric(&m, "flowexport_table_full_fallback_packets_total", 0.0);
+    assert_metric(&m, "flowexport_fallback_overflow_packets_total", 0.0);
     let got = totals(&out.records);
     assert!(
         !got.keys().any(|id| id.proto == 0),
@@ -115,27 +93,11 @@ fn two_hundred_thousand_flows_at_max_rate_exact_with_defaults() {
 
 #[test]
 fn exact_under_concurrent_load_with_active_timeout_at_100k_flows() {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = serial();
     let l = Link::new().unwrap();
-    let agent = Agent::start(
-        &l.b,
-        &agent_args(
-            &l.b_dev,
-            &[
-                "--active-timeout",
-                "1s",
-                "--idle-timeout",
-                "10s",
-                "--drain-interval",
-                "100ms",
-            ],
-        ),
-    )
-    .unwrap();
-    let (tx0, rx0) = l.a.drops(&l.a_dev).unwrap();
-    let (btx0, brx0) = l.b.drops(&l.b_dev).unwrap();
+    let flags = timeouts("1s", "10s", "100ms");
+    let agent = Agent::start(&l.b, &agent_args(&[&l.b_dev], &flags)).unwrap();
+    let drops = l.drops();
     // 100,000 flows, 8 rounds at 200k packets/s: 4 s of traffic while the
     // agent drains every 100 ms and exports every flow's active slice every
     // second, so each flow's packets are split over several records, taken
@@ -145,10 +107,8 @@ fn exact_under_concurrent_load_with_active_timeout_at_100k_flows() {
     trafgen::send(&l.a, &l.a_dev, &flows, rounds * 100_000, Some(200_000)).unwrap();
     let m = wait_counted(&agent, rounds * 100_000);
     let drains = metric(&m, "flowexport_drains_total").unwrap();
-    let out = agent.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
-    assert_eq!(l.a.drops(&l.a_dev).unwrap(), (tx0, rx0));
-    assert_eq!(l.b.drops(&l.b_dev).unwrap(), (btx0, brx0));
+    let out = agent.stop_ok();
+    assert_eq!(l.drops(), drops);
     let got = totals(&out.records);
     let (mine, other) = by_source(&got, &flows);
     assert!(other.is_empty(), "unexpected flows: {other:?}");

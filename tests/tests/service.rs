@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use flowexport_tests::frames::*;
+use flowexport_tests::tools::run_ok;
 use flowexport_tests::*;
 
 /// Removes a test's pin directory on drop (detaching whatever is left).
@@ -31,67 +32,26 @@ impl Drop for Pins {
     }
 }
 
-/// `flows` UDP flows from 10.50.0.1, ports 30000.., to 10.50.0.2:53.
-fn frames(flows: u16) -> Vec<Vec<u8>> {
-    (0..flows)
-        .map(|i| {
-            eth_ipv4(ipv4(
-                v4("10.50.0.1"),
-                v4("10.50.0.2"),
-                &L4::Udp {
-                    sport: 30000 + i,
-                    dport: 53,
-                    payload: 30,
-                },
-            ))
-        })
-        .collect()
-}
-
-/// Sends `rounds` of every flow, paced (4 frames every 200 us).
+/// Sends `rounds` of every one of `flows` UDP flows from 10.50.0.1, ports
+/// 30000.., to 10.50.0.2:53, paced (4 frames every 200 us).
 fn send(l: &Link, flows: u16, rounds: usize) -> u64 {
-    send_frames(
-        &l.a,
-        &l.a_dev,
-        frames(flows),
-        rounds,
-        4,
-        Duration::from_micros(200),
-    )
-    .unwrap()
+    let frames = udp_flows("10.50.0.1", "10.50.0.2", 30000, flows, 53, 30);
+    send_frames(&l.a, &l.a_dev, frames, rounds, 4, PACE).unwrap()
 }
 
-/// The agent's arguments: native XDP on the link's `b` side, pinning
+/// The agent's arguments ([`agent_args`] on the link's `b` side), pinning
 /// into `pins`, then `extra`.
-fn agent_args(l: &Link, pins: &Pins, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "--iface",
-        &l.b_dev,
-        "--xdp-mode",
-        "native",
-        "--sampler-address",
-    ]
-    .iter()
-    .map(ToString::to_string)
-    .collect();
-    args.extend(["192.0.2.10".into(), "--pin-dir".into(), pins.arg()]);
-    args.extend(extra.iter().map(ToString::to_string));
-    args
+fn pinned_args<'a>(l: &'a Link, pins: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    agent_args(&[&l.b_dev], &[&["--pin-dir", pins], extra].concat())
 }
 
 fn agent(l: &Link, pins: &Pins, extra: &[&str]) -> Agent {
-    let args = agent_args(l, pins, extra);
-    Agent::start(&l.b, &args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap()
+    Agent::start(&l.b, &pinned_args(l, &pins.arg(), extra)).unwrap()
 }
 
 /// An agent on `pins` that must refuse to start; its output.
 fn refused(l: &Link, pins: &Pins, extra: &[&str]) -> AgentOutput {
-    let args = agent_args(l, pins, extra);
-    Agent::refused(
-        &l.b,
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        &[],
-    )
+    Agent::refused(&l.b, &pinned_args(l, &pins.arg(), extra), &[])
 }
 
 /// `flowexport agent --pin-dir DIR --detach`, run to its end.
@@ -148,8 +108,7 @@ fn restart_with_keep_attached_counts_every_packet() {
     let pins = Pins::new();
     let first = agent(&l, &pins, &["--keep-attached"]);
     assert_eq!(send(&l, 20, 10), 200);
-    let out = first.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    let out = first.stop_ok();
     assert!(
         out.stderr.contains("left 2 links attached"),
         "{}",
@@ -172,8 +131,7 @@ fn restart_with_keep_attached_counts_every_packet() {
         second.stderr()
     );
     assert_eq!(send(&l, 20, 5), 100);
-    let out = second.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    let out = second.stop_ok();
     records.extend(out.records);
     assert_every_flow_has(&records, 20);
     // A normal exit removes the pins.
@@ -185,14 +143,7 @@ fn kill_9_loses_nothing() {
     let l = Link::new().unwrap();
     let pins = Pins::new();
     // Short timeouts and drains: exports are in progress when it dies.
-    let quick = [
-        "--idle-timeout",
-        "600ms",
-        "--active-timeout",
-        "300ms",
-        "--drain-interval",
-        "100ms",
-    ];
+    let quick = timeouts("300ms", "600ms", "100ms");
     let mut first = agent(&l, &pins, &quick);
     let mut sent = 0;
     for _ in 0..8 {
@@ -208,8 +159,7 @@ fn kill_9_loses_nothing() {
         sent += send(&l, 20, 5);
         std::thread::sleep(Duration::from_millis(60));
     }
-    let out = second.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    let out = second.stop_ok();
     records.extend(out.records);
     let got = per_flow(&records);
     assert_eq!(got.len(), 20);
@@ -272,8 +222,7 @@ fn one_agent_per_pin_dir_and_foreign_layouts_are_refused() {
     // Back to this version: the counts of that state are all there.
     set_layout_version(&pins.0, flowexport_common_layout());
     let last = agent(&l, &pins, &[]);
-    let out = last.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    let out = last.stop_ok();
     let got = per_flow(&out.records);
     assert_eq!(got.values().map(|v| v.0).sum::<u64>(), 20, "{got:?}");
 }
@@ -309,8 +258,7 @@ fn detach_exports_what_keep_attached_left_and_removes_it() {
         ],
     );
     assert_eq!(send(&l, 20, 6), 120);
-    let out = first.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    let out = first.stop_ok();
     let mut records = out.records;
     // No agent: still counted.
     assert_eq!(send(&l, 20, 4), 80);
@@ -374,18 +322,9 @@ impl Drop for Package {
 }
 
 fn dpkg(args: &[&str]) -> std::process::Output {
-    let out = std::process::Command::new("dpkg")
-        .args(args)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "dpkg {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    let mut cmd = std::process::Command::new("dpkg");
+    cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+    run_ok(&mut cmd, &format!("dpkg {args:?}"))
 }
 
 /// The value of `key=` in the installed unit (its last setting).
@@ -483,14 +422,9 @@ fn package_installs_runs_as_the_service_and_purge_removes_it_all() {
         .status()
         .unwrap()
         .success());
-    let verify = std::process::Command::new("systemd-analyze")
-        .args(["verify", UNIT])
-        .output()
-        .unwrap();
-    assert!(
-        verify.status.success(),
-        "systemd-analyze verify {UNIT}:\n{}",
-        String::from_utf8_lossy(&verify.stderr)
+    run_ok(
+        std::process::Command::new("systemd-analyze").args(["verify", UNIT]),
+        &format!("systemd-analyze verify {UNIT}"),
     );
 
     // The operator's edit of the shipped config: the interface to watch
@@ -519,8 +453,7 @@ fn package_installs_runs_as_the_service_and_purge_removes_it_all() {
     let service = Agent::start_argv(&l.b, &argv_of_service).unwrap();
     assert_eq!(send(&l, 20, 6), 120);
     // systemctl stop: SIGTERM; --keep-attached leaves the programs counting.
-    let out = service.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    let out = service.stop_ok();
     let mut records = out.records;
     assert_eq!(send(&l, 20, 4), 80);
 
@@ -567,8 +500,7 @@ fn package_installs_runs_as_the_service_and_purge_removes_it_all() {
     // The new version's service starts afresh and counts again.
     let service = Agent::start_argv(&l.b, &argv_of_service).unwrap();
     assert_eq!(send(&l, 20, 2), 40);
-    let out = service.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    let out = service.stop_ok();
     records.extend(out.records);
 
     // Purge: prerm exports what the programs counted since the stop,
@@ -620,8 +552,7 @@ fn restart_detaches_interfaces_no_longer_asked_for() {
     let first = agent(&l, &pins, &["--iface", &l2.b_dev, "--keep-attached"]);
     assert_eq!(send(&l, 5, 4), 20);
     assert_eq!(send(&l2, 5, 6), 30);
-    let out = first.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    let out = first.stop_ok();
     let mut records = out.records;
     // Restarted for the first interface only: the second one's programs go
     // (what they counted is still exported), the first keeps counting.
@@ -637,8 +568,7 @@ fn restart_detaches_interfaces_no_longer_asked_for() {
     assert!(!pinned(&pins.0).contains(&format!("link:xdp:{}", l2.b_dev)));
     assert_eq!(send(&l, 5, 2), 10);
     assert_eq!(send(&l2, 5, 2), 10);
-    let out = second.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    let out = second.stop_ok();
     records.extend(out.records);
     let got = per_in_if(&records);
     assert_eq!(got, BTreeMap::from([(if1, 30), (if2, 30)]), "{got:?}");
@@ -654,27 +584,15 @@ fn full_table_overflow_is_exported_once_across_restarts() {
     let pins = Pins::new();
     // 8 table entries, 8 cache slots and a one-page ring (46 events) for
     // 600 flows: most packets can only go to the overflow counters.
-    let tiny = [
-        "--max-flows",
-        "8",
-        "--cache-slots",
-        "8",
-        "--fallback-ring-bytes",
-        "4096",
-    ];
-    let mut args = tiny.to_vec();
-    args.push("--keep-attached");
-    let first = agent(&l, &pins, &args);
+    let first = agent(&l, &pins, &[&TINY_TABLE[..], &["--keep-attached"]].concat());
     assert_eq!(send(&l, 600, 1), 600);
-    let out = first.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    let out = first.stop_ok();
     let mut records = out.records;
     let exported_first: u64 = records.iter().map(|r| r["packets"].as_u64().unwrap()).sum();
     // No agent: counted into the pinned table, ring and counters.
     assert_eq!(send(&l, 600, 1), 600);
-    let second = agent(&l, &pins, &tiny);
-    let out = second.stop().unwrap();
-    assert!(out.status.success(), "{}", out.stderr);
+    let second = agent(&l, &pins, &TINY_TABLE);
+    let out = second.stop_ok();
     records.extend(out.records);
     let got = totals(&records);
     let packets: u64 = got.values().map(|t| t.packets).sum();

@@ -53,6 +53,13 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// `cargo` run in the workspace's root.
+fn cargo() -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root());
+    cmd
+}
+
 fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd
         .status()
@@ -128,15 +135,14 @@ fn deb() -> Result<()> {
     }
     build_ebpf(false)?;
     let out = root().join("target/debian");
-    run(Command::new("cargo")
-        .current_dir(root())
+    run(cargo()
         .args(["deb", "-p", "flowexport", "--strip", "--output"])
         .arg(&out))
 }
 
 /// The release `flowexport` binary, which the benchmarks run as a process.
 fn build_release_agent() -> Result<()> {
-    run(Command::new("cargo").current_dir(root()).args([
+    run(cargo().args([
         "build",
         "--release",
         "--quiet",
@@ -161,44 +167,21 @@ fn main() -> Result<()> {
                 );
             }
             build_ebpf(false)?;
-            run(Command::new("cargo").current_dir(root()).args([
-                "build",
-                "--workspace",
-                "--bins",
-            ]))?;
-            run(Command::new("cargo")
-                .current_dir(root())
-                .args(["test", "-p", "flowexport-tests"])
-                .args(&args))
+            run(cargo().args(["build", "--workspace", "--bins"]))?;
+            run(cargo().args(["test", "-p", "flowexport-tests"]).args(&args))
         }
         Cmd::Bench { what, args } => {
             build_ebpf(false)?;
             // Benchmark binary, its leading arguments, and whether it runs
             // the `flowexport` binary itself (which is then built first).
-            if matches!(what.as_str(), "churn" | "peers") {
-                // The scale benchmarks run the release agent against the
-                // receive path and its peers (crate benches/).
-                build_release_agent()?;
-                return run(Command::new("cargo")
-                    .current_dir(root())
-                    .args([
-                        "run",
-                        "--release",
-                        "--quiet",
-                        "-p",
-                        "flowexport-benches",
-                        "--bin",
-                        "flowexport-scale-bench",
-                        "--",
-                        &what,
-                    ])
-                    .args(&args));
-            }
             let (bin, lead, needs_flowexport): (&str, &[&str], bool) = match what.as_str() {
                 "xdp" => ("flowexport-bench", &["xdp"], false),
                 "kafka" => ("flowexport-bench-kafka", &[], false),
                 "collect" => ("flowexport-bench-collect", &[], true),
                 "consumers" => ("flowexport-bench-consumers", &[], true),
+                // The scale benchmarks run the release agent against the
+                // receive path and its peers (crate benches/).
+                "churn" | "peers" => ("flowexport-scale-bench", &[what.as_str()], true),
                 other => {
                     bail!(
                         "unknown benchmark {other:?}: available: xdp, kafka, collect, consumers, \
@@ -212,8 +195,7 @@ fn main() -> Result<()> {
             if what == "xdp" {
                 build_bench_ebpf()?;
             }
-            run(Command::new("cargo")
-                .current_dir(root())
+            run(cargo()
                 .args([
                     "run",
                     "--release",

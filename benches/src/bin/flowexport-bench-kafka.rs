@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use flowexport::codec::protobuf;
-use flowexport::record::{FlowRecord, FlowType, ETYPE_IPV4};
+use flowexport::record::FlowRecord;
 use flowexport::sink::kafka::{
     protobuf_message, KafkaConfig, KafkaFormat, KafkaSink, DEFAULT_BUFFER_BYTES,
     DEFAULT_BUFFER_RECORDS,
@@ -23,7 +23,7 @@ use flowexport::sink::Sink;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
-use flowexport_benches::util::send_waiting;
+use flowexport_benches::util::{base_flow, send_waiting};
 
 const ENCODE_ITERS: usize = 5_000_000;
 /// Below the sink's default buffer bound, so neither side drops anything.
@@ -33,22 +33,14 @@ const ROUNDS: usize = 2;
 fn records(n: usize) -> Vec<FlowRecord> {
     (0..n)
         .map(|i| FlowRecord {
-            flow_type: FlowType::Ebpf,
             time_received_ns: 1_763_800_000_000_000_000 + i as u64,
             sampler_address: Some("192.0.2.1".parse().unwrap()),
             time_flow_start_ns: 1_763_799_990_000_000_000 + i as u64 * 1000,
             time_flow_end_ns: 1_763_799_999_000_000_000 + i as u64 * 1000,
             bytes: 1_000 + (i as u64 * 7919) % 1_000_000,
             packets: 1 + (i as u64 * 31) % 1000,
-            src_addr: std::net::Ipv4Addr::from(0x0a00_0000 + i as u32).into(),
-            dst_addr: std::net::Ipv4Addr::from(0xc0a8_0000 + (i as u32 * 13) % 65536).into(),
-            etype: ETYPE_IPV4,
-            proto: if i % 4 == 0 { 6 } else { 17 },
-            src_port: (1024 + i % 60000) as u16,
-            dst_port: [53, 80, 443, 123][i % 4],
-            in_if: 2,
             tcp_flags: if i % 4 == 0 { 0x1b } else { 0 },
-            ..FlowRecord::default()
+            ..base_flow(i)
         })
         .collect()
 }
