@@ -18,7 +18,7 @@
 //!   times more per byte in small writes.
 
 use std::collections::VecDeque;
-use std::io::Write;
+use std::io::{IoSlice, Write};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -193,7 +193,6 @@ const LINGER: Duration = Duration::from_millis(5);
 /// one buffer, then releases their bytes.
 fn write_loop(s: &Shared, out: &mut dyn Write) {
     let mut taken: Vec<(Vec<u8>, u64)> = Vec::new();
-    let mut joined: Vec<u8> = Vec::new();
     // A queue smaller than two writes' worth would hold senders back.
     let min_write = MIN_WRITE.min(s.limit / 2).max(1);
     loop {
@@ -226,14 +225,12 @@ fn write_loop(s: &Shared, out: &mut dyn Write) {
             }
             taken.extend(q.batches.drain(..));
         }
-        joined.clear();
         let (mut bytes, mut records) = (0, 0);
         for (b, n) in &taken {
-            joined.extend_from_slice(b);
             bytes += b.len();
             records += n;
         }
-        let result = out.write_all(&joined).and_then(|_| out.flush());
+        let result = write_batches(out, &taken).and_then(|()| out.flush());
         let mut q = s.queue.lock().expect("stdout queue");
         if let Err(e) = result {
             log::error!("{records} records not written to stdout: {e}");
@@ -249,6 +246,22 @@ fn write_loop(s: &Shared, out: &mut dyn Write) {
         }
         s.room.notify_all();
     }
+}
+
+/// Writes the batches in order with as few `writev` calls as the writer
+/// takes (no copy into one buffer first).
+fn write_batches(out: &mut dyn Write, batches: &[(Vec<u8>, u64)]) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = batches.iter().map(|(b, _)| IoSlice::new(b)).collect();
+    let mut left = &mut slices[..];
+    while !left.is_empty() {
+        match out.write_vectored(left) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut left, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 impl Sink for QueuedJsonLines {
@@ -347,6 +360,36 @@ mod tests {
         assert_eq!(v["src_addr"], "2001:db8::1");
         assert_eq!(v["tcp_flags"], 0x18);
         assert!(text.ends_with('\n'));
+    }
+
+    /// Takes at most 5 bytes per call (a pipe that is nearly full).
+    struct Trickle(Vec<u8>);
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(5);
+            self.0.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn batches_are_written_whole_and_in_order_through_short_writes() {
+        let batches: Vec<(Vec<u8>, u64)> = (0..20u8)
+            .map(|i| (vec![b'a' + i; usize::from(i) * 3 + 1], 1))
+            .collect();
+        let mut out = Trickle(Vec::new());
+        write_batches(&mut out, &batches).unwrap();
+        assert_eq!(
+            out.0,
+            batches
+                .iter()
+                .flat_map(|(b, _)| b.clone())
+                .collect::<Vec<u8>>()
+        );
     }
 
     /// A writer that accepts nothing until its gate opens (a reader of
