@@ -237,6 +237,29 @@ fn stat_add(index: u32, n: u64) {
     }
 }
 
+/// Adds to a packets/bytes pair of `STATS` counters laid out as ingress
+/// packets (`base`), ingress bytes, egress packets, egress bytes.
+#[inline(always)]
+fn stat_add_pair(base: u32, direction: u8, packets: u64, bytes: u64) {
+    let i = if direction == DIR_INGRESS {
+        base
+    } else {
+        base + 2
+    };
+    stat_add(i, packets);
+    stat_add(i + 1, bytes);
+}
+
+// The pairs `stat_add_pair` is used with have that layout.
+const _: () = {
+    assert!(STAT_TABLE_BYTES_INGRESS == STAT_TABLE_PACKETS_INGRESS + 1);
+    assert!(STAT_TABLE_PACKETS_EGRESS == STAT_TABLE_PACKETS_INGRESS + 2);
+    assert!(STAT_TABLE_BYTES_EGRESS == STAT_TABLE_PACKETS_INGRESS + 3);
+    assert!(STAT_OVERFLOW_BYTES_INGRESS == STAT_OVERFLOW_PACKETS_INGRESS + 1);
+    assert!(STAT_OVERFLOW_PACKETS_EGRESS == STAT_OVERFLOW_PACKETS_INGRESS + 2);
+    assert!(STAT_OVERFLOW_BYTES_EGRESS == STAT_OVERFLOW_PACKETS_INGRESS + 3);
+};
+
 /// The key as 12 words (48 bytes, 4-aligned, no implicit padding).
 #[inline(always)]
 fn words(k: &FlowKey) -> &[u32; 12] {
@@ -666,13 +689,7 @@ fn account(key: &FlowKey, packets: u64, bytes: u64, tcp_flags: u8) {
     match table_slot(key) {
         Ok(t) => {
             table_add(t, gen, packets, bytes, now_ms, tcp_flags);
-            if key.direction == DIR_INGRESS {
-                stat_add(STAT_TABLE_PACKETS_INGRESS, packets);
-                stat_add(STAT_TABLE_BYTES_INGRESS, bytes);
-            } else {
-                stat_add(STAT_TABLE_PACKETS_EGRESS, packets);
-                stat_add(STAT_TABLE_BYTES_EGRESS, bytes);
-            }
+            stat_add_pair(STAT_TABLE_PACKETS_INGRESS, key.direction, packets, bytes);
         }
         Err(miss) => fallback(key, packets, bytes, now_ns, tcp_flags, miss),
     }
@@ -705,13 +722,7 @@ fn fallback(key: &FlowKey, packets: u64, bytes: u64, now_ns: u64, tcp_flags: u8,
         slot.submit(0);
         return;
     }
-    if key.direction == DIR_INGRESS {
-        stat_add(STAT_OVERFLOW_PACKETS_INGRESS, packets);
-        stat_add(STAT_OVERFLOW_BYTES_INGRESS, bytes);
-    } else {
-        stat_add(STAT_OVERFLOW_PACKETS_EGRESS, packets);
-        stat_add(STAT_OVERFLOW_BYTES_EGRESS, bytes);
-    }
+    stat_add_pair(STAT_OVERFLOW_PACKETS_INGRESS, key.direction, packets, bytes);
 }
 
 #[inline(always)]

@@ -89,17 +89,6 @@ fn sampling_options_from_our_exporter_give_the_rate() {
             );
         }
     }
-    let t = RecordTimes {
-        sampling_size: Some(1),
-        sampling_population: Some(64),
-        ..Default::default()
-    };
-    assert_eq!(t.sampling_rate(), Some(64));
-    let t = RecordTimes {
-        sampling_probability: Some(0.01),
-        ..Default::default()
-    };
-    assert_eq!(t.sampling_rate(), Some(100));
 }
 
 #[test]
@@ -204,11 +193,18 @@ fn layer2_segment_ids_of_decapsulated_flows() {
     }
 }
 
-#[test]
-fn data_before_template_is_held_then_decoded() {
+/// Two IPFIX packets of one record each from our exporter: the first with
+/// the template, the second without.
+fn template_then_data() -> (Vec<u8>, Vec<u8>) {
     let mut s = ExportStream::new(ExportProtocol::Ipfix, 7, 1400, 60_000, 100, 0).unwrap();
     let first = s.encode(&[sample(1, false)], 1_763_800_000_000).remove(0);
     let second = s.encode(&[sample(2, false)], 1_763_800_000_000).remove(0);
+    (first, second)
+}
+
+#[test]
+fn data_before_template_is_held_then_decoded() {
+    let (first, second) = template_then_data();
     let mut d = NetflowDecoder::default();
     let mut out = Vec::new();
     // The second packet has no template: held.
@@ -235,9 +231,7 @@ fn data_before_template_is_held_then_decoded() {
 
 #[test]
 fn templates_are_per_exporter_and_domain() {
-    let mut s = ExportStream::new(ExportProtocol::Ipfix, 7, 1400, 60_000, 100, 0).unwrap();
-    let first = s.encode(&[sample(1, false)], 1_763_800_000_000).remove(0);
-    let second = s.encode(&[sample(2, false)], 1_763_800_000_000).remove(0);
+    let (first, second) = template_then_data();
     let mut d = NetflowDecoder::default();
     let mut out = Vec::new();
     d.decode(exporter(), &first, NOW, &mut out).unwrap();
@@ -411,32 +405,31 @@ fn extreme_time_and_sampling_fields_saturate() {
 }
 
 #[test]
-fn packet_interval_and_space_give_the_sampling_rate() {
-    // softflowd -s 4 (IPFIX): interval 1, space 3.
-    let t = RecordTimes {
-        packet_interval: Some(1),
-        packet_space: Some(3),
-        ..RecordTimes::default()
+fn each_sampling_field_gives_the_rate() {
+    let rate = |set: fn(&mut RecordTimes)| {
+        let mut t = RecordTimes::default();
+        set(&mut t);
+        t.sampling_rate()
     };
-    assert_eq!(t.sampling_rate(), Some(4));
-    let t = RecordTimes {
-        packet_interval: Some(2),
-        packet_space: Some(6),
-        ..RecordTimes::default()
-    };
-    assert_eq!(t.sampling_rate(), Some(4));
+    // softflowd -s 4 (IPFIX): packet interval 1, space 3; and 2 in 8.
+    assert_eq!(
+        rate(|t| (t.packet_interval, t.packet_space) = (Some(1), Some(3))),
+        Some(4)
+    );
+    assert_eq!(
+        rate(|t| (t.packet_interval, t.packet_space) = (Some(2), Some(6))),
+        Some(4)
+    );
     // 305 alone is the rate (goflow2's reading); 34 as before.
-    let t = RecordTimes {
-        packet_interval: Some(100),
-        ..RecordTimes::default()
-    };
-    assert_eq!(t.sampling_rate(), Some(100));
-    let t = RecordTimes {
-        sampling: Some(512),
-        ..RecordTimes::default()
-    };
-    assert_eq!(t.sampling_rate(), Some(512));
-    assert_eq!(RecordTimes::default().sampling_rate(), None);
+    assert_eq!(rate(|t| t.packet_interval = Some(100)), Some(100));
+    assert_eq!(rate(|t| t.sampling = Some(512)), Some(512));
+    // Selector size and population (309, 310); probability (311).
+    assert_eq!(
+        rate(|t| (t.sampling_size, t.sampling_population) = (Some(1), Some(64))),
+        Some(64)
+    );
+    assert_eq!(rate(|t| t.sampling_probability = Some(0.01)), Some(100));
+    assert_eq!(rate(|_| ()), None);
 }
 
 #[test]
