@@ -95,21 +95,24 @@ impl Line<'_> {
             self.put(&[b'0' + v as u8]);
             return;
         }
+        // Right to left into a scratch array, then one copy: every byte
+        // `len` moves past is written (what `with_line` relies on).
+        let mut text = [0u8; 20];
         let n = decimal_len(v);
-        let mut end = self.len + n;
-        self.len = end;
+        let mut end = 20;
         while v >= 100 {
             let pair = (v % 100) as usize * 2;
             v /= 100;
-            self.put_at(end - 2, &DIGIT_PAIRS[pair..pair + 2]);
+            text[end - 2..end].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
             end -= 2;
         }
         if v >= 10 {
             let pair = v as usize * 2;
-            self.put_at(end - 2, &DIGIT_PAIRS[pair..pair + 2]);
+            text[end - 2..end].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
         } else {
-            self.put_at(end - 1, &[b'0' + v as u8]);
+            text[end - 1] = b'0' + v as u8;
         }
+        self.put_slice(&text[20 - n..]);
     }
 
     fn addr(&mut self, a: IpAddr) {
