@@ -23,6 +23,7 @@
 //!
 //! ARCHITECTURE.md in the repository says where a new source, codec, sink
 //! or command plugs in.
+
 /// `FromStr` for a setting that takes one of a few keywords (`--capture`,
 /// `--xdp-mode`, ...): each keyword, with its aliases after `|`, names a
 /// variant; anything else is refused with the keywords to use instead.
@@ -65,3 +66,25 @@ pub mod record;
 pub(crate) mod runtime;
 pub mod sink;
 pub(crate) mod timeconv;
+
+#[cfg(test)]
+mod tests {
+    use crate::capture::loader::{Capture, XdpModeChoice};
+
+    #[test]
+    fn keywords_parse_with_aliases_and_refuse_the_rest() {
+        assert_eq!("drv".parse(), Ok(XdpModeChoice::Native));
+        assert_eq!("generic".parse(), Ok(XdpModeChoice::Skb));
+        assert_eq!("afxdp".parse(), Ok(Capture::Afxdp));
+        assert_eq!(
+            "XDP".parse::<Capture>(),
+            Err("unknown capture \"XDP\": use xdp, tc or afxdp".to_string())
+        );
+        assert_eq!(
+            "x".parse::<XdpModeChoice>(),
+            Err("unknown XDP mode \"x\": use native, skb or auto".to_string())
+        );
+        assert_eq!(super::one_of(&["a"]), "a");
+        assert_eq!(super::one_of(&["a", "b"]), "a or b");
+    }
+}

@@ -43,11 +43,11 @@ impl From<Truncated> for SflowError {
 trait Xdr<'a> {
     /// An XDR opaque of `n` bytes, padded to a multiple of 4.
     fn opaque(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], SflowError>;
+    /// An address with its type: 1 IPv4, 2 IPv6.
     fn address(&mut self) -> Result<IpAddr, SflowError>;
 }
 
 impl<'a> Xdr<'a> for Reader<'a> {
-    /// An XDR opaque of `n` bytes, padded to a multiple of 4.
     fn opaque(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], SflowError> {
         let s = self.take(n, what)?;
         self.take((4 - n % 4) % 4, what)?;
