@@ -115,7 +115,7 @@ impl ClockMap {
 
     /// Clears `bit` of the activity flags; returns whether it was set, i.e.
     /// whether a packet came since the last call for this bit.
-    pub fn take_activity(&self, bit: u32) -> bool {
+    pub(crate) fn take_activity(&self, bit: u32) -> bool {
         self.active().fetch_and(!bit, Ordering::SeqCst) & bit != 0
     }
 

@@ -243,7 +243,7 @@ impl KernelStats {
     fn by_dir(&self, dir: u8, ingress: u32, egress: u32) -> u64 {
         self.get(if dir == DIR_INGRESS { ingress } else { egress })
     }
-    pub fn non_ip(&self, dir: u8) -> u64 {
+    pub(crate) fn non_ip(&self, dir: u8) -> u64 {
         self.by_dir(dir, STAT_NON_IP_INGRESS, STAT_NON_IP_EGRESS)
     }
     pub fn malformed(&self, dir: u8) -> u64 {
@@ -258,7 +258,7 @@ impl KernelStats {
         self.get(STAT_FALLBACK_PACKETS)
     }
     /// Of those, packets whose insert lock stayed busy.
-    pub fn fallback_contended(&self) -> u64 {
+    pub(crate) fn fallback_contended(&self) -> u64 {
         self.get(STAT_FALLBACK_CONTENDED)
     }
     fn overflow(&self, dir: u8) -> (u64, u64) {
@@ -285,9 +285,6 @@ impl KernelStats {
             self.by_dir(dir, STAT_TABLE_PACKETS_INGRESS, STAT_TABLE_PACKETS_EGRESS),
             self.by_dir(dir, STAT_TABLE_BYTES_INGRESS, STAT_TABLE_BYTES_EGRESS),
         )
-    }
-    pub fn overflow_packets(&self) -> u64 {
-        self.overflow(DIR_INGRESS).0 + self.overflow(DIR_EGRESS).0
     }
 }
 
@@ -382,7 +379,7 @@ impl TableDrain {
 
     /// Marks every region for a visit at the next drain (adopting a table
     /// whose flows this drain has not seen).
-    pub fn visit_all(&mut self) {
+    pub(crate) fn visit_all(&mut self) {
         for r in 0..self.due_at.len() as u32 {
             self.regions.insert(r);
             self.due_at[r as usize] = 0;
@@ -391,7 +388,7 @@ impl TableDrain {
     }
 
     /// Sets the drain epoch in effect (after this drain's flip).
-    pub fn set_epoch(&mut self, epoch: u32) {
+    pub(crate) fn set_epoch(&mut self, epoch: u32) {
         self.epoch = epoch;
     }
 
@@ -403,7 +400,7 @@ impl TableDrain {
     /// flip): then the entry is dropped (the counts are still in the table)
     /// and returned for deletion. Every other entry is an export whose
     /// second step is due, and makes the next drain run.
-    pub fn adopt_pending(&mut self, entries: Vec<(u32, PendingExport)>) -> Vec<u32> {
+    pub(crate) fn adopt_pending(&mut self, entries: Vec<(u32, PendingExport)>) -> Vec<u32> {
         let mut stale = Vec::new();
         for (i, e) in entries {
             if i >= self.table.slots() {
@@ -501,7 +498,7 @@ impl TableDrain {
 
     /// Regions the programs marked in `DIRTY` (swapped to 0): they join the
     /// set of regions holding flows and are visited at this drain.
-    pub fn absorb_dirty(&mut self, dirty: &[AtomicU64]) {
+    pub(crate) fn absorb_dirty(&mut self, dirty: &[AtomicU64]) {
         for r in self.regions.absorb(dirty) {
             self.due_at[r as usize] = 0;
         }
@@ -509,7 +506,7 @@ impl TableDrain {
 
     /// Marks the region of slot `idx` for a visit at this drain (a cached
     /// flow saw FIN or RST).
-    pub fn visit_soon(&mut self, idx: u32) {
+    pub(crate) fn visit_soon(&mut self, idx: u32) {
         let r = idx >> TABLE_REGION_SHIFT;
         if (r as usize) < self.due_at.len() {
             self.regions.insert(r);
@@ -519,7 +516,7 @@ impl TableDrain {
 
     /// Whether a drain may be skipped when no packet came since the last
     /// one: no export in progress and no timeout due by `now_ns`.
-    pub fn idle_until(&self, now_ns: u64) -> bool {
+    pub(crate) fn idle_until(&self, now_ns: u64) -> bool {
         self.pending.is_empty() && now_ns < self.next_deadline_ns
     }
 
@@ -1011,7 +1008,7 @@ impl KernelTables {
 
     /// Stops keeping the programs' clock word and sets it to 0, so that the
     /// programs read the kernel clock while no agent runs.
-    pub fn rest_clock(&mut self) {
+    pub(crate) fn rest_clock(&mut self) {
         self.clock.stop();
     }
 
@@ -1024,7 +1021,7 @@ impl KernelTables {
     }
 
     /// The table's capacity in flows (`--max-flows`).
-    pub fn capacity(&self) -> u32 {
+    pub(crate) fn capacity(&self) -> u32 {
         self.capacity
     }
 
@@ -1044,7 +1041,7 @@ impl KernelTables {
     }
 
     /// Waits until no program run that started before this call is running.
-    pub fn wait_grace_period(&self) -> Result<(), DrainError> {
+    pub(crate) fn wait_grace_period(&self) -> Result<(), DrainError> {
         self.grace.wait().map_err(DrainError::GracePeriod)
     }
 
@@ -1144,7 +1141,7 @@ impl KernelTables {
     /// pinned maps for the next agent, but what already left the kernel for
     /// this agent's memory (fallback ring events and overflow counts read,
     /// in `agg`) is exported now, whatever its timeouts.
-    pub fn hand_over(
+    pub(crate) fn hand_over(
         &mut self,
         agg: &mut FlowAggregator,
         t: Timeouts,

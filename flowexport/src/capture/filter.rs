@@ -78,7 +78,7 @@ impl Rule {
 
     /// Parses a `[[filter]]` table of the config file: the same keys, as
     /// strings (ports and protocol numbers may be integers).
-    pub fn from_table(table: &BTreeMap<String, toml::Value>) -> Result<Rule, FilterError> {
+    pub(crate) fn from_table(table: &BTreeMap<String, toml::Value>) -> Result<Rule, FilterError> {
         let mut pairs = Vec::new();
         for (k, v) in table {
             let v = match v {
@@ -247,7 +247,7 @@ impl KernelFilter {
     /// Entries of the kernel's port table (`FILTER_PORTS`): one per port
     /// when a rule names a port (65,536 x 12 bytes = 768 KiB), else the one
     /// entry an array map needs.
-    pub fn port_table_entries(&self) -> u32 {
+    pub(crate) fn port_table_entries(&self) -> u32 {
         if self.ports.is_empty() {
             1
         } else {
@@ -256,7 +256,7 @@ impl KernelFilter {
     }
 
     /// The port table's kernel memory, in bytes.
-    pub fn port_table_bytes(&self) -> u64 {
+    pub(crate) fn port_table_bytes(&self) -> u64 {
         u64::from(self.port_table_entries()) * size_of::<FilterMasks>() as u64
     }
 }

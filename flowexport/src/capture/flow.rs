@@ -22,7 +22,7 @@ pub struct FlowCounters {
 
 impl FlowCounters {
     /// Adds `other` into `self`: counts add, times widen, flags OR.
-    pub fn merge(&mut self, other: &FlowCounters) {
+    pub(crate) fn merge(&mut self, other: &FlowCounters) {
         if self.packets == 0 {
             *self = *other;
             return;

@@ -420,7 +420,7 @@ impl Programs {
     /// Detaches and unpins the pinned links of interfaces and hooks not in
     /// use now (an interface no longer asked for; a hook of the other
     /// `--capture`). Returns what it detached, for the log.
-    pub fn detach_unused_pins(&mut self) -> Vec<String> {
+    pub(crate) fn detach_unused_pins(&mut self) -> Vec<String> {
         let Some(dir) = &self.pins else {
             return Vec::new();
         };
@@ -592,7 +592,7 @@ impl Programs {
     /// Detaches every program from every interface (and removes the link
     /// pins). Packets already inside a program still finish; wait for a
     /// grace period before the final drain.
-    pub fn detach_all(&mut self) {
+    pub(crate) fn detach_all(&mut self) {
         for a in std::mem::take(&mut self.attached) {
             self.detach(a, true);
         }
@@ -612,7 +612,7 @@ impl Programs {
     }
 
     /// The interfaces with programs attached.
-    pub fn attached_ifaces(&self) -> Vec<&str> {
+    pub(crate) fn attached_ifaces(&self) -> Vec<&str> {
         let mut v: Vec<&str> = self.attached.iter().map(Attachment::iface).collect();
         v.dedup();
         v
@@ -657,7 +657,7 @@ impl Programs {
     /// Leaves the pinned links attached (the programs keep counting into
     /// the pinned maps for the next agent); detaches the rest. Returns how
     /// many stay.
-    pub fn leave_attached(&mut self) -> usize {
+    pub(crate) fn leave_attached(&mut self) -> usize {
         let mut kept = 0;
         for a in std::mem::take(&mut self.attached) {
             match a {

@@ -64,18 +64,18 @@ pub fn slots_for(max_flows: u32) -> u32 {
 }
 
 /// Kernel memory of a table of `slots` slots, in bytes.
-pub fn table_bytes(slots: u32) -> u64 {
+pub(crate) fn table_bytes(slots: u32) -> u64 {
     u64::from(slots) * size_of::<TableSlot>() as u64
 }
 
 /// 64-bit words of the `DIRTY` bitmap for a table of `slots` slots.
-pub fn dirty_words(slots: u32) -> u32 {
+pub(crate) fn dirty_words(slots: u32) -> u32 {
     (slots >> TABLE_REGION_SHIFT).div_ceil(64).max(1)
 }
 
 /// The full CLOCK_MONOTONIC millisecond value of a 32-bit one, given the
 /// current time: the nearest value (within ±24 days) with those low bits.
-pub fn restore_ms(stored: u32, now_ms: u64) -> u64 {
+pub(crate) fn restore_ms(stored: u32, now_ms: u64) -> u64 {
     let delta = (now_ms as u32).wrapping_sub(stored) as i32;
     now_ms.wrapping_sub(delta as i64 as u64)
 }
@@ -116,7 +116,7 @@ pub struct GenPeek {
 
 impl FlowTable {
     /// The table behind a mapping of the `TABLE` map of `slots` slots.
-    pub fn from_map(map: SharedMap, slots: u32) -> FlowTable {
+    pub(crate) fn from_map(map: SharedMap, slots: u32) -> FlowTable {
         assert!(slots.is_power_of_two());
         assert!(map.len() >= table_bytes(slots) as usize);
         FlowTable {
@@ -220,7 +220,7 @@ impl FlowTable {
     /// One generation's counters as they are now. Exact for a quiescent
     /// generation; for the current one, a snapshot the programs may be
     /// adding to (good for decisions, not for counting).
-    pub fn peek(&self, i: u32, gen: u32) -> GenPeek {
+    pub(crate) fn peek(&self, i: u32, gen: u32) -> GenPeek {
         GenPeek {
             packets: self.packets(i, gen).load(Ordering::Relaxed),
             first_ms: self.first_ms(i, gen).load(Ordering::Relaxed),
@@ -309,7 +309,7 @@ impl FlowTable {
 
     /// VALID -> RETIRING (programs stop finding the flow here). False if the
     /// slot is not VALID.
-    pub fn retire(&self, i: u32) -> bool {
+    pub(crate) fn retire(&self, i: u32) -> bool {
         let w = self.word(i);
         let mut cur = w.load(Ordering::Acquire);
         loop {
@@ -433,7 +433,7 @@ impl FlowTable {
 }
 
 /// Two keys name the same flow (the pad bytes are not part of it).
-pub fn same_key(a: &FlowKey, b: &FlowKey) -> bool {
+pub(crate) fn same_key(a: &FlowKey, b: &FlowKey) -> bool {
     let (mut a, mut b) = (*a, *b);
     a._pad = [0; 3];
     b._pad = [0; 3];
@@ -456,7 +456,7 @@ impl Regions {
 
     /// Adds the regions set in `dirty` (the programs' bitmap, swapped to
     /// 0) and returns them.
-    pub fn absorb(&mut self, dirty: &[AtomicU64]) -> Vec<u32> {
+    pub(crate) fn absorb(&mut self, dirty: &[AtomicU64]) -> Vec<u32> {
         let mut marked = Vec::new();
         for (w, (b, d)) in self.bits.iter_mut().zip(dirty).enumerate() {
             if d.load(Ordering::Relaxed) != 0 {

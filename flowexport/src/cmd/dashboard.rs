@@ -33,7 +33,7 @@ pub enum DashStart {
 }
 
 /// `host:port` or `:port` (all addresses), as flow-exporter listens.
-pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+pub(crate) fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     let full = if s.starts_with(':') {
         format!("0.0.0.0{s}")
     } else {

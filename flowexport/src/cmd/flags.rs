@@ -167,7 +167,7 @@ pub mod de {
     }
 
     /// `ADDR:PORT`.
-    pub fn socket_addr<'de, D: Deserializer<'de>>(
+    pub(crate) fn socket_addr<'de, D: Deserializer<'de>>(
         d: D,
     ) -> Result<Option<std::net::SocketAddr>, D::Error> {
         let s = String::deserialize(d)?;
@@ -178,7 +178,7 @@ pub mod de {
 }
 
 /// Parses "15s", "500ms", "2m", "1h" or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
         .find(|c: char| !c.is_ascii_digit() && c != '.')

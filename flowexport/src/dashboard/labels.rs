@@ -4,7 +4,7 @@
 use crate::record::FlowSummary;
 
 /// Protocol label values: a fixed set.
-pub fn proto_label(p: Option<u8>) -> &'static str {
+pub(crate) fn proto_label(p: Option<u8>) -> &'static str {
     match p {
         None => "unknown",
         Some(1) => "icmp",
@@ -24,7 +24,7 @@ pub fn proto_label(p: Option<u8>) -> &'static str {
 }
 
 /// Well-known application ports (IANA service names): the `app` label.
-pub const APPS: &[(u16, &str)] = &[
+pub(crate) const APPS: &[(u16, &str)] = &[
     (20, "ftp-data"),
     (21, "ftp"),
     (22, "ssh"),
@@ -63,14 +63,14 @@ pub const APPS: &[(u16, &str)] = &[
     (9092, "kafka"),
 ];
 
-pub const APP_OTHER: u8 = 254;
-pub const APP_NONE: u8 = 255;
+pub(crate) const APP_OTHER: u8 = 254;
+pub(crate) const APP_NONE: u8 = 255;
 
 /// The application of a flow, as an index into [`APPS`]: of its two ports
 /// that are in the table, the lower (the server side is usually the
 /// well-known one); [`APP_OTHER`] when neither is; [`APP_NONE`] for
 /// protocols without ports.
-pub fn app_index(f: &FlowSummary) -> u8 {
+pub(crate) fn app_index(f: &FlowSummary) -> u8 {
     if !matches!(f.proto, Some(6 | 17 | 132) | None) {
         return APP_NONE;
     }
@@ -82,7 +82,7 @@ pub fn app_index(f: &FlowSummary) -> u8 {
     }
 }
 
-pub fn app_name(i: u8) -> &'static str {
+pub(crate) fn app_name(i: u8) -> &'static str {
     match i {
         APP_OTHER => "other",
         APP_NONE => "none",
@@ -90,7 +90,7 @@ pub fn app_name(i: u8) -> &'static str {
     }
 }
 
-pub fn direction_label(d: Option<u8>) -> &'static str {
+pub(crate) fn direction_label(d: Option<u8>) -> &'static str {
     match d {
         Some(0) => "ingress",
         Some(1) => "egress",
@@ -98,7 +98,7 @@ pub fn direction_label(d: Option<u8>) -> &'static str {
     }
 }
 
-pub fn ip_version_label(v: Option<u8>) -> &'static str {
+pub(crate) fn ip_version_label(v: Option<u8>) -> &'static str {
     match v {
         Some(4) => "4",
         Some(6) => "6",

@@ -164,11 +164,11 @@ impl Enricher {
         Ok(Enricher { customers, asn })
     }
 
-    pub fn customer_prefixes(&self) -> usize {
+    pub(crate) fn customer_prefixes(&self) -> usize {
         self.customers.len()
     }
 
-    pub fn asn_prefixes(&self) -> usize {
+    pub(crate) fn asn_prefixes(&self) -> usize {
         self.asn.as_ref().map_or(0, AsnDb::size)
     }
 

@@ -58,7 +58,7 @@ pub struct KafkaConfig {
 }
 
 /// Parses `key=value` (as `-X` takes it).
-pub fn parse_property(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_property(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
         _ => Err(format!(
@@ -70,7 +70,7 @@ pub fn parse_property(s: &str) -> Result<(String, String), String> {
 /// The message key: the two addresses in ascending order, so both directions
 /// of a conversation hash to the same partition (and so keep their order
 /// relative to each other). 8 bytes for IPv4, 32 for IPv6.
-pub fn message_key(r: &FlowRecord, out: &mut Vec<u8>) {
+pub(crate) fn message_key(r: &FlowRecord, out: &mut Vec<u8>) {
     fn push(a: &IpAddr, out: &mut Vec<u8>) {
         match a {
             IpAddr::V4(v4) => out.extend_from_slice(&v4.octets()),

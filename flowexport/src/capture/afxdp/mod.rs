@@ -408,7 +408,7 @@ impl AfXdp {
     }
 
     /// Frames the kernel program found no socket for (all interfaces).
-    pub fn missed(programs: &Programs) -> u64 {
+    pub(crate) fn missed(programs: &Programs) -> u64 {
         let Some(map) = programs.ebpf.map(MAP_XSK_MISSED) else {
             return 0;
         };

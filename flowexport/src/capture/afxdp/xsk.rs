@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// Bytes per UMEM frame: a page, the kernel's default chunk. Frames longer
 /// than this (jumbo frames) are dropped by the kernel and counted in
 /// `rx_dropped`.
-pub const FRAME_SIZE: u32 = 4096;
+pub(crate) const FRAME_SIZE: u32 = 4096;
 /// Completion ring entries: the kernel requires one to bind, even for a
 /// socket that never transmits.
 const COMPLETION_ENTRIES: u32 = 64;
@@ -369,7 +369,7 @@ impl Xsk {
 
     /// A second descriptor of the socket, for reading its statistics from
     /// another thread.
-    pub fn stats_handle(&self) -> io::Result<OwnedFd> {
+    pub(crate) fn stats_handle(&self) -> io::Result<OwnedFd> {
         self.fd.try_clone()
     }
 

@@ -521,7 +521,7 @@ impl AgentArgs {
 
 /// The host's first non-loopback, non-link-local address: IPv4 first, then
 /// global IPv6. None if the host has none.
-pub fn host_address() -> Option<IpAddr> {
+pub(crate) fn host_address() -> Option<IpAddr> {
     let mut found: Vec<IpAddr> = Vec::new();
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list we free below.
