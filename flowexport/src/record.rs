@@ -170,15 +170,17 @@ impl TunnelType {
         }
     }
 
+    pub const ALL: [TunnelType; 5] = [
+        TunnelType::Vxlan,
+        TunnelType::Geneve,
+        TunnelType::Gre,
+        TunnelType::Erspan,
+        TunnelType::Ipip,
+    ];
+
+    /// The tunnel `as_str` names `s`.
     pub fn from_name(s: &str) -> Option<TunnelType> {
-        Some(match s {
-            "vxlan" => TunnelType::Vxlan,
-            "geneve" => TunnelType::Geneve,
-            "gre" => TunnelType::Gre,
-            "erspan" => TunnelType::Erspan,
-            "ipip" => TunnelType::Ipip,
-            _ => return None,
-        })
+        TunnelType::ALL.into_iter().find(|t| t.as_str() == s)
     }
 }
 
@@ -384,6 +386,19 @@ pub fn ip_version(etype: u16, src: IpAddr) -> u8 {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn tunnel_names_read_back() {
+        for t in TunnelType::ALL {
+            assert_eq!(TunnelType::from_name(t.as_str()), Some(t));
+            // The same name as serde's (JSON records).
+            assert_eq!(
+                serde_json::to_string(&t).unwrap(),
+                format!("\"{}\"", t.as_str())
+            );
+        }
+        assert_eq!(TunnelType::from_name("VXLAN"), None);
+    }
 
     /// A record with every field set (IPv6, a tunnel, AS names), for the
     /// codecs' and sinks' tests.

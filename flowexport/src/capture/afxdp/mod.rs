@@ -103,7 +103,7 @@ impl AggregateKey for XskKey {
     }
 
     fn normalized(mut self) -> Self {
-        self.flow._pad = [0; 3];
+        self.flow = self.flow.normalized();
         self
     }
 }

@@ -24,7 +24,8 @@
 use std::net::IpAddr;
 
 use super::ie;
-use crate::record::{FlowRecord, TunnelType, ETYPE_IPV6};
+use super::layer2_segment_id;
+use crate::record::{FlowRecord, ETYPE_IPV6};
 
 /// Which export protocol a stream speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,19 +151,6 @@ pub struct ExportStream {
     sampling: u32,
     /// IPFIX records carry layer2SegmentId (decapsulated flows' tunnel).
     segment_ids: bool,
-}
-
-/// A decapsulated flow's layer2SegmentId (RFC 7133): VXLAN and GENEVE VNIs
-/// as type 0x01 (VXLAN; GENEVE's VNI has the same form), GRE keys as 0x02
-/// (NVGRE's); 0 for flows without a segment (no tunnel, ERSPAN, IP-in-IP).
-pub fn layer2_segment_id(r: &FlowRecord) -> u64 {
-    match r.tunnel_type {
-        Some(TunnelType::Vxlan | TunnelType::Geneve) => {
-            1 << 56 | u64::from(r.tunnel_id & 0xff_ffff)
-        }
-        Some(TunnelType::Gre) => 2 << 56 | u64::from(r.tunnel_id),
-        _ => 0,
-    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -74,14 +74,7 @@ pub(super) fn apply(r: &mut FlowRecord, t: &mut RecordTimes, id: u16, v: &[u8]) 
         ie::POST_DESTINATION_MAC_ADDRESS if r.dst_mac == 0 => r.dst_mac = mac(v),
         ie::VLAN_ID | ie::DOT1Q_VLAN_ID => r.vlan_id = n() as u16 & 0x0fff,
         // RFC 7133: the encapsulation in the top octet.
-        ie::LAYER2_SEGMENT_ID => {
-            let v = n();
-            (r.tunnel_type, r.tunnel_id) = match v >> 56 {
-                1 => (Some(TunnelType::Vxlan), (v & 0xff_ffff) as u32),
-                2 => (Some(TunnelType::Gre), v as u32),
-                _ => (None, 0),
-            };
-        }
+        ie::LAYER2_SEGMENT_ID => (r.tunnel_type, r.tunnel_id) = segment_tunnel(n()),
         ie::FLOW_DIRECTION => r.flow_direction = n() as u8,
         ie::IP_VERSION => {
             r.etype = match n() {
@@ -214,8 +207,8 @@ impl NetflowDecoder {
         // One end of the flow from the most precise field the record has:
         // ns, ms, uptime, then a delta back from the export time.
         let wall_ns =
-            |ns: Option<u64>, ms_: Option<u64>, uptime: Option<u64>, delta_us: Option<u64>| {
-                ns.or(ms_.map(ms))
+            |ns: Option<u64>, millis: Option<u64>, uptime: Option<u64>, delta_us: Option<u64>| {
+                ns.or(millis.map(ms))
                     .or(uptime.and_then(from_uptime).map(ms))
                     .or(delta_us.map(|d| export_us.saturating_sub(d).saturating_mul(1000)))
             };

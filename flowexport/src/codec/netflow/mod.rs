@@ -116,6 +116,30 @@ struct Template {
     min_len: usize,
 }
 
+/// A decapsulated flow's layer2SegmentId (RFC 7133; the exporter writes
+/// it): VXLAN and GENEVE VNIs as type 0x01 (VXLAN; GENEVE's VNI has the
+/// same form), GRE keys as 0x02 (NVGRE's); 0 for flows without a segment
+/// (no tunnel, ERSPAN, IP-in-IP).
+pub(crate) fn layer2_segment_id(r: &FlowRecord) -> u64 {
+    match r.tunnel_type {
+        Some(TunnelType::Vxlan | TunnelType::Geneve) => {
+            1 << 56 | u64::from(r.tunnel_id & 0xff_ffff)
+        }
+        Some(TunnelType::Gre) => 2 << 56 | u64::from(r.tunnel_id),
+        _ => 0,
+    }
+}
+
+/// What a layer2SegmentId says (the decoder reads it): the encapsulation
+/// in the top octet, the id below.
+fn segment_tunnel(v: u64) -> (Option<TunnelType>, u32) {
+    match v >> 56 {
+        1 => (Some(TunnelType::Vxlan), (v & 0xff_ffff) as u32),
+        2 => (Some(TunnelType::Gre), v as u32),
+        _ => (None, 0),
+    }
+}
+
 /// What the version decoders return.
 type Result<T, E = NetflowError> = std::result::Result<T, E>;
 
