@@ -451,6 +451,15 @@ pub const PROG_BENCH_PASS: &str = "flowexport_bench_pass";
 /// the parser plus the clock and generation reads.
 pub const PROG_BENCH_PARSE: &str = "flowexport_bench_parse";
 pub const PROG_BENCH_PARSE_CLOCK: &str = "flowexport_bench_parse_clock";
+/// The miss-path program of `cargo xtask bench xdp`: the ingress program's
+/// flow update for a different flow on every run of one
+/// BPF_PROG_TEST_RUN call, and its map (next flow, flow count).
+pub const PROG_BENCH_ROTATE: &str = "flowexport_bench_rotate";
+pub const MAP_BENCH_ROTATE: &str = "BENCH_ROTATE";
+/// Flows per source address in `cargo xtask bench xdp`: the i-th flow has
+/// source port 1024 + i % `BENCH_PORTS` and its source address's last byte
+/// raised by i / `BENCH_PORTS`.
+pub const BENCH_PORTS: u32 = 60_000;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -1040,6 +1040,50 @@ pub(crate) fn flowexport_bench_parse_clock(ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// `flowexport_bench_rotate`'s state: [the next run's flow, the flow
+/// count N], which the benchmark sets before each call.
+#[cfg(feature = "bench")]
+#[map]
+static BENCH_ROTATE: Array<u32> = Array::with_max_entries(2, 0);
+
+/// The miss path for `cargo xtask bench xdp` as a NAPI batch of distinct
+/// flows meets it: run i of a BPF_PROG_TEST_RUN call counts the
+/// benchmark's flow i mod N (its source port and address written over the
+/// parsed key of flow 0's frame, as `frame(i)` in the benchmark carries
+/// them) through the ingress program's own `admit` and `account`. One call
+/// with repeat N visits every flow once with no syscall between packets (a
+/// call per packet also measures the caches and TLB the syscall evicts).
+/// Bound: flows up to 256 x `BENCH_PORTS` (the address byte may not carry);
+/// the benchmark checks every flow's count afterwards.
+#[cfg(feature = "bench")]
+#[xdp]
+pub(crate) fn flowexport_bench_rotate(ctx: XdpContext) -> u32 {
+    let (mut key, ip_len) = bench_parse(&ctx);
+    let (Some(next), Some(n)) = (BENCH_ROTATE.get_ptr_mut(0), BENCH_ROTATE.get(1)) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: a u32 of an array map; BPF_PROG_TEST_RUN runs the repeats
+    // one after another on one CPU, and userspace writes it between calls.
+    let i = unsafe {
+        let i = *next;
+        *next = if i + 1 >= *n { 0 } else { i + 1 };
+        i
+    };
+    let hi = (i / flowexport_common::BENCH_PORTS) as u8;
+    key.src_port = key
+        .src_port
+        .wrapping_add((i % flowexport_common::BENCH_PORTS) as u16);
+    if key.ip_version == 6 {
+        key.src_addr[15] = key.src_addr[15].wrapping_add(hi);
+    } else {
+        key.src_addr[3] = key.src_addr[3].wrapping_add(hi);
+    }
+    if admit(&key, 1) {
+        account(&key, 1, ip_len, 0);
+    }
+    xdp_action::XDP_PASS
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
