@@ -17,7 +17,8 @@ use crate::record::FlowRecord;
 
 /// Longest object without AS names: the keys and punctuation (~420 bytes),
 /// 27 integers of at most 20 digits, three addresses of at most 45
-/// characters, the longest type name.
+/// characters, the longest type name (~1,110 bytes in all), and the 20
+/// bytes an integer's copy may write past its digits.
 const MAX_FIXED: usize = 1280;
 
 /// One record's bytes, written straight into the output's spare capacity
@@ -95,10 +96,13 @@ impl Line<'_> {
             self.put(&[b'0' + v as u8]);
             return;
         }
-        // Right to left into a scratch array, then one copy: every byte
+        // Right to left into a scratch array, then one copy of a constant
+        // 20 bytes (inlined moves; a copy of the digits' own length would be
+        // a `memcpy` call per integer): the digits, then bytes past them that
+        // `len` does not move past and the next write overwrites. Every byte
         // `len` moves past is written (what `with_line` relies on). Eight
         // digits at a time in 32-bit arithmetic (timestamps have 19).
-        let mut text = [0u8; 20];
+        let mut text = [0u8; 40];
         let n = decimal_len(v);
         let mut end = 20;
         let mut v = v;
@@ -121,7 +125,11 @@ impl Line<'_> {
         } else {
             text[end - 1] = b'0' + v as u8;
         }
-        self.put_slice(&text[20 - n..]);
+        let copy = text[20 - n..]
+            .first_chunk::<20>()
+            .expect("n <= 20: 20 bytes from 20 - n fit in 40");
+        self.put_at(self.len, copy);
+        self.len += n;
     }
 
     fn addr(&mut self, a: IpAddr) {
@@ -172,7 +180,7 @@ fn with_line(out: &mut Vec<u8>, write: impl FnOnce(&mut Line<'_>)) {
 /// `v` (< 10^8) as exactly eight digits ending at `text[end]`: two
 /// independent halves of four, two pairs each.
 #[inline(always)]
-fn eight_digits(text: &mut [u8; 20], end: usize, v: u32) {
+fn eight_digits(text: &mut [u8; 40], end: usize, v: u32) {
     let (high, low) = (v / 10_000, v % 10_000);
     for (at, four) in [(end - 8, high), (end - 4, low)] {
         let (a, b) = ((four / 100) as usize * 2, (four % 100) as usize * 2);
