@@ -139,6 +139,16 @@ impl NetflowDecoder {
         // Every template has a field and every field takes at least one
         // byte, so each pass consumes input: the loop ends.
         debug_assert!(t.min_len > 0);
+        // What options records told about this exporter and domain, looked
+        // up once per set (a set holds options records or data records, and
+        // only options records change these).
+        let known = Known {
+            sys_init_ms: self.sys_init_ms.get(&(h.exporter, h.domain)).copied(),
+            sampling: self
+                .sampling
+                .get(&(h.exporter, h.version, h.domain))
+                .copied(),
+        };
         let mut r = Reader::new(body);
         while r.left() >= t.min_len.max(1) {
             let mut rec = FlowRecord {
@@ -180,57 +190,55 @@ impl NetflowDecoder {
                 }
                 continue;
             }
-            self.finish(h, &mut rec, &times);
+            finish(h, known, &mut rec, &times);
             out.push(rec);
         }
         Ok(())
     }
+}
 
-    /// Resolves times, sampling, address family and ICMP for one record.
-    pub(super) fn finish(&self, h: &Header, rec: &mut FlowRecord, t: &RecordTimes) {
-        // Saturating: times are 64-bit wire values; nonsense stays nonsense
-        // but never overflows.
-        let ms = |v: u64| v.saturating_mul(1_000_000);
-        let init = t
-            .sys_init_ms
-            .or_else(|| self.sys_init_ms.get(&(h.exporter, h.domain)).copied());
-        // v9: relative to the header's sysUptime; IPFIX (flowStartSysUpTime):
-        // ms since systemInitTimeMilliseconds.
-        let from_uptime = |u: u64| -> Option<u64> {
-            if h.version == 9 {
-                Some(uptime_to_wall_ms(h.export_ms, h.uptime_ms, u as u32))
-            } else {
-                init.map(|b| sysuptime_to_wall_ms(h.export_ms, b, u))
-            }
-        };
-        let export_us = h.export_ms.saturating_mul(1000);
-        // One end of the flow from the most precise field the record has:
-        // ns, ms, uptime, then a delta back from the export time.
-        let wall_ns =
-            |ns: Option<u64>, millis: Option<u64>, uptime: Option<u64>, delta_us: Option<u64>| {
-                ns.or(millis.map(ms))
-                    .or(uptime.and_then(from_uptime).map(ms))
-                    .or(delta_us.map(|d| export_us.saturating_sub(d).saturating_mul(1000)))
-            };
-        rec.time_flow_start_ns = wall_ns(t.start_ns, t.start_ms, t.start_uptime, t.start_delta_us)
-            .unwrap_or(ms(h.export_ms));
-        rec.time_flow_end_ns = wall_ns(t.end_ns, t.end_ms, t.end_uptime, t.end_delta_us)
-            .unwrap_or(rec.time_flow_start_ns);
-        rec.sampling_rate = t
-            .sampling_rate()
-            .or_else(|| {
-                self.sampling
-                    .get(&(h.exporter, h.version, h.domain))
-                    .copied()
-            })
-            .unwrap_or(0);
-        if rec.etype == 0 {
-            rec.etype = if rec.src_addr.is_ipv6() {
-                ETYPE_IPV6
-            } else {
-                ETYPE_IPV4
-            };
+/// An exporter's (and domain's) values from earlier options records.
+#[derive(Clone, Copy)]
+struct Known {
+    sys_init_ms: Option<u64>,
+    sampling: Option<u64>,
+}
+
+/// Resolves times, sampling, address family and ICMP for one record.
+fn finish(h: &Header, known: Known, rec: &mut FlowRecord, t: &RecordTimes) {
+    // Saturating: times are 64-bit wire values; nonsense stays nonsense
+    // but never overflows.
+    let ms = |v: u64| v.saturating_mul(1_000_000);
+    let init = t.sys_init_ms.or(known.sys_init_ms);
+    // v9: relative to the header's sysUptime; IPFIX (flowStartSysUpTime):
+    // ms since systemInitTimeMilliseconds.
+    let from_uptime = |u: u64| -> Option<u64> {
+        if h.version == 9 {
+            Some(uptime_to_wall_ms(h.export_ms, h.uptime_ms, u as u32))
+        } else {
+            init.map(|b| sysuptime_to_wall_ms(h.export_ms, b, u))
         }
-        icmp_from_port(rec, t.icmp_explicit);
+    };
+    let export_us = h.export_ms.saturating_mul(1000);
+    // One end of the flow from the most precise field the record has:
+    // ns, ms, uptime, then a delta back from the export time.
+    let wall_ns =
+        |ns: Option<u64>, millis: Option<u64>, uptime: Option<u64>, delta_us: Option<u64>| {
+            ns.or(millis.map(ms))
+                .or(uptime.and_then(from_uptime).map(ms))
+                .or(delta_us.map(|d| export_us.saturating_sub(d).saturating_mul(1000)))
+        };
+    rec.time_flow_start_ns = wall_ns(t.start_ns, t.start_ms, t.start_uptime, t.start_delta_us)
+        .unwrap_or(ms(h.export_ms));
+    rec.time_flow_end_ns =
+        wall_ns(t.end_ns, t.end_ms, t.end_uptime, t.end_delta_us).unwrap_or(rec.time_flow_start_ns);
+    rec.sampling_rate = t.sampling_rate().or(known.sampling).unwrap_or(0);
+    if rec.etype == 0 {
+        rec.etype = if rec.src_addr.is_ipv6() {
+            ETYPE_IPV6
+        } else {
+            ETYPE_IPV4
+        };
     }
+    icmp_from_port(rec, t.icmp_explicit);
 }
