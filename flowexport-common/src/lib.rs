@@ -25,7 +25,12 @@ pub const DIR_EGRESS: u8 = 1;
 /// * `_pad` is always zero in a packet's key. In a [`TableSlot`]'s copy, the
 ///   last word (`proto` and `_pad`) is the slot's control word (see
 ///   [`slot_word`]).
-#[repr(C)]
+///
+/// 8-aligned (the layout is the same as with `#[repr(C)]` alone: 48 bytes,
+/// every field at its offset): the kernel programs read a key as six u64
+/// words ([`FlowKey::words64`]), which BPF loads only when the address is
+/// known to be aligned; an unaligned read is split into 48 byte loads.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
     pub src_addr: [u8; 16],
@@ -39,6 +44,20 @@ pub struct FlowKey {
     pub proto: u8,
     pub _pad: [u8; 3],
 }
+
+impl FlowKey {
+    /// The key as six u64 words (aligned loads: see the type's docs).
+    #[inline(always)]
+    pub fn words64(&self) -> &[u64; 6] {
+        // SAFETY: FlowKey is #[repr(C, align(8))], 48 bytes of plain
+        // integers with no implicit padding: six aligned u64 words.
+        unsafe { &*(self as *const FlowKey as *const [u64; 6]) }
+    }
+}
+
+const _: () = assert!(
+    size_of::<FlowKey>() == 48 && align_of::<FlowKey>() == 8
+);
 
 /// Per-CPU counters of one flow in one flow-cache slot.
 #[repr(C)]
@@ -192,9 +211,7 @@ pub const DEFAULT_MAX_FLOWS: u32 = 1 << 20;
 /// The home slot is the low bits; the insert lock the bits from 40.
 #[inline(always)]
 pub fn table_hash(k: &FlowKey) -> u64 {
-    // SAFETY: FlowKey is #[repr(C)], 48 bytes, all plain integers; read as
-    // six unaligned u64 words.
-    let w = unsafe { core::ptr::read_unaligned(k as *const FlowKey as *const [u64; 6]) };
+    let w = k.words64();
     // Word 5: vlan_id, direction, ip_version, proto (bytes 40..45); the
     // control-word bytes 45..48 are masked out.
     let h = w[0]

@@ -706,7 +706,7 @@ fn fallback(key: &FlowKey, packets: u64, bytes: u64, now_ns: u64, tcp_flags: u8,
     if let Some(mut slot) = FALLBACK.reserve::<FallbackEvent>(0) {
         // One packet (or GSO super-packet) per event: first = last seen.
         let ev = slot.as_mut_ptr() as *mut u64;
-        let kw = words64(key);
+        let kw = key.words64();
         // SAFETY: the reserved record is a FallbackEvent (80 bytes, 8-aligned
         // in the ring): the key's six words, then packets, bytes, the time
         // and the flags word (flags byte and zero padding).
@@ -747,12 +747,6 @@ fn empty_key(ifindex: u32, direction: u8) -> FlowKey {
     k
 }
 
-/// The key as six u64 words.
-#[inline(always)]
-fn words64(k: &FlowKey) -> [u64; 6] {
-    // SAFETY: FlowKey is #[repr(C)], 48 bytes, plain integers.
-    unsafe { core::ptr::read_unaligned(k as *const FlowKey as *const [u64; 6]) }
-}
 
 /// A cache slot's first counters (`FlowValue::first`), stored field by field
 /// so that the zero padding costs one word store, not a memset call.
