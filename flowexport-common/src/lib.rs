@@ -55,9 +55,7 @@ impl FlowKey {
     }
 }
 
-const _: () = assert!(
-    size_of::<FlowKey>() == 48 && align_of::<FlowKey>() == 8
-);
+const _: () = assert!(size_of::<FlowKey>() == 48 && align_of::<FlowKey>() == 8);
 
 /// Per-CPU counters of one flow in one flow-cache slot.
 #[repr(C)]

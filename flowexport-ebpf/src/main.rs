@@ -76,6 +76,13 @@ const TABLE_MIN_ENTRIES: u32 = flowexport_common::TABLE_MIN_SLOTS;
 #[no_mangle]
 static TABLE_MASK: u32 = 0;
 
+#[inline(always)]
+fn table_mask() -> u32 {
+    // SAFETY: a plain read of a read-only global; volatile so the compiler
+    // does not fold the default (the loader sets the real value).
+    unsafe { core::ptr::read_volatile(&TABLE_MASK) }
+}
+
 /// Insert locks (`TABLE_LOCKS` words, 16 KiB, not per CPU): 0 free, 1 held.
 /// Only the insert of a new flow takes one; see `table_insert`.
 #[map]
@@ -260,58 +267,26 @@ const _: () = {
     assert!(STAT_OVERFLOW_BYTES_EGRESS == STAT_OVERFLOW_PACKETS_INGRESS + 3);
 };
 
-/// The key as 12 words (48 bytes, 4-aligned, no implicit padding).
+/// Whether two keys' first 44 bytes are equal: all but the last word
+/// (`proto` and the pad bytes; in a table slot, the control word, which
+/// the caller compares). Five u64 words and a half, aligned loads.
 #[inline(always)]
-fn words(k: &FlowKey) -> &[u32; 12] {
-    // SAFETY: FlowKey is #[repr(C)], 48 bytes, align 4, all plain integers.
-    unsafe { &*(k as *const FlowKey as *const [u32; 12]) }
-}
-
-/// Cache index of a key: each of its 12 words times its own odd constant,
-/// summed, then mixed once. The 12 products do not depend on each other,
-/// so the CPU overlaps them (a chained hash would wait for each multiply);
-/// written out, with no loop for the verifier to bound.
-#[inline(always)]
-fn cache_hash(k: &FlowKey) -> u32 {
-    let w = words(k);
-    let h = w[0]
-        .wrapping_mul(0x9e37_79b1)
-        .wrapping_add(w[1].wrapping_mul(0x85eb_ca77))
-        .wrapping_add(w[2].wrapping_mul(0xc2b2_ae3d))
-        .wrapping_add(w[3].wrapping_mul(0x27d4_eb2f))
-        .wrapping_add(w[4].wrapping_mul(0x1656_67b1))
-        .wrapping_add(w[5].wrapping_mul(0xd3a2_646d))
-        .wrapping_add(w[6].wrapping_mul(0xfd70_46c5))
-        .wrapping_add(w[7].wrapping_mul(0xb55a_4f09))
-        .wrapping_add(w[8].wrapping_mul(0x7feb_352d))
-        .wrapping_add(w[9].wrapping_mul(0x846c_a68b))
-        .wrapping_add(w[10].wrapping_mul(0x2c1b_3c6d))
-        .wrapping_add(w[11].wrapping_mul(0x297a_2d39));
-    h ^ (h >> 15)
-}
-
-/// Whether the first 11 words of two keys are equal (the 12th is `proto`
-/// plus the pad bytes, compared by the caller where they differ in use).
-#[inline(always)]
-fn same_words11(a: &[u32; 12], b: &[u32; 12]) -> bool {
+fn same_first44(a: &FlowKey, b: &FlowKey) -> bool {
+    let (a, b) = (a.words64(), b.words64());
     (a[0] ^ b[0])
         | (a[1] ^ b[1])
         | (a[2] ^ b[2])
         | (a[3] ^ b[3])
         | (a[4] ^ b[4])
-        | (a[5] ^ b[5])
-        | (a[6] ^ b[6])
-        | (a[7] ^ b[7])
-        | (a[8] ^ b[8])
-        | (a[9] ^ b[9])
-        | (a[10] ^ b[10])
+        | ((a[5] ^ b[5]) & 0xffff_ffff)
         == 0
 }
 
+/// Whether two keys are equal: six word comparisons (`==` on the arrays
+/// would be a `bcmp`, which the BPF backend lowers to a byte loop).
 #[inline(always)]
 fn same_key(a: &FlowKey, b: &FlowKey) -> bool {
-    let (a, b) = (words(a), words(b));
-    same_words11(a, b) && a[11] == b[11]
+    same_first44(a, b) && (a.words64()[5] >> 32) == (b.words64()[5] >> 32)
 }
 
 /// This packet's time: CLOCK_MONOTONIC in ns and in ms (truncated to 32
@@ -364,14 +339,15 @@ fn slot_word_ptr(s: *mut TableSlot) -> *mut u32 {
     unsafe { (s as *mut u32).add(SLOT_WORD_INDEX) }
 }
 
-/// Whether slot `s`, whose control word is `w`, holds the flow `kw`.
+/// Whether slot `s`, whose control word is `w`, holds the flow `key` (a
+/// packet's key: its pad bytes are zero).
 #[inline(always)]
-fn holds(s: *mut TableSlot, w: u32, kw: &[u32; 12]) -> bool {
+fn holds(s: *mut TableSlot, w: u32, key: &FlowKey) -> bool {
     // SAFETY: a slot of the table; its key words do not change while it is
     // VALID (checked first).
     slot_state(w) == SLOT_VALID
-        && (w & 0xff) == kw[11]
-        && same_words11(unsafe { &*(s as *const [u32; 12]) }, kw)
+        && (w & 0xff) == key.proto as u32
+        && same_first44(unsafe { &(*s).key }, key)
 }
 
 // The table's look-up and insert are global BPF functions (`#[no_mangle]
@@ -397,20 +373,18 @@ fn holds(s: *mut TableSlot, w: u32, kw: &[u32; 12]) -> bool {
 /// reads of the lock, `TABLE_MAX_PROBES` slots per probe; a program never
 /// waits on userspace (which never takes these locks).
 ///
+/// `h` is `table_hash(key)`, which the caller has computed for the cache.
+///
 /// # Safety
 /// `key` is null or points at a readable `FlowKey`.
 #[no_mangle]
 #[inline(never)]
-pub unsafe extern "C" fn flowexport_table_slot(key: *const FlowKey) -> i64 {
-    if key.is_null() {
+pub unsafe extern "C" fn flowexport_table_slot(key: *const FlowKey, h: u64) -> i64 {
+    // SAFETY: null or the caller's readable key (the function's contract).
+    let Some(key) = (unsafe { key.as_ref() }) else {
         return FULL;
-    }
-    // SAFETY: the caller's key (checked non-null).
-    let key = unsafe { &*key };
-    let h = table_hash(key);
-    // SAFETY: a read-only global the loader sets; volatile so the compiler
-    // does not fold the default.
-    let mask = unsafe { core::ptr::read_volatile(&TABLE_MASK) };
+    };
+    let mask = table_mask();
     let home = (h as u32) & mask;
     // SAFETY: `key` is the caller's valid key.
     let found = unsafe { flowexport_table_find(key, home) };
@@ -442,13 +416,11 @@ pub unsafe extern "C" fn flowexport_table_slot(key: *const FlowKey) -> i64 {
 #[no_mangle]
 #[inline(never)]
 pub unsafe extern "C" fn flowexport_table_find(key: *const FlowKey, home: u32) -> i64 {
-    if key.is_null() {
+    // SAFETY: null or the caller's readable key (the function's contract).
+    let Some(key) = (unsafe { key.as_ref() }) else {
         return NOT_FOUND;
-    }
-    // SAFETY: the caller's key (checked non-null).
-    let kw = words(unsafe { &*key });
-    // SAFETY: as in flowexport_table_slot.
-    let mask = unsafe { core::ptr::read_volatile(&TABLE_MASK) };
+    };
+    let mask = table_mask();
     for i in 0..TABLE_MAX_PROBES {
         let idx = (home + i) & mask;
         let Some(s) = TABLE.get_ptr_mut(idx) else {
@@ -460,7 +432,7 @@ pub unsafe extern "C" fn flowexport_table_find(key: *const FlowKey, home: u32) -
         if slot_state(w) == SLOT_EMPTY {
             break;
         }
-        if holds(s, w, kw) {
+        if holds(s, w, key) {
             return idx as i64;
         }
     }
@@ -500,14 +472,11 @@ pub extern "C" fn flowexport_table_lock(lock_idx: u32) -> i64 {
 #[no_mangle]
 #[inline(never)]
 pub unsafe extern "C" fn flowexport_table_claim(key: *const FlowKey, home: u32) -> i64 {
-    if key.is_null() {
+    // SAFETY: null or the caller's readable key (the function's contract).
+    let Some(key) = (unsafe { key.as_ref() }) else {
         return FULL;
-    }
-    // SAFETY: the caller's key (checked non-null).
-    let key = unsafe { &*key };
-    let kw = words(key);
-    // SAFETY: as in flowexport_table_slot.
-    let mask = unsafe { core::ptr::read_volatile(&TABLE_MASK) };
+    };
+    let mask = table_mask();
     let mut free = mask.wrapping_add(1); // none yet
     let mut free_word = 0u32;
     for i in 0..TABLE_MAX_PROBES {
@@ -517,7 +486,7 @@ pub unsafe extern "C" fn flowexport_table_claim(key: *const FlowKey, home: u32) 
         };
         // SAFETY: as in flowexport_table_find.
         let w = unsafe { core::ptr::read_volatile(slot_word_ptr(s)) };
-        if holds(s, w, kw) {
+        if holds(s, w, key) {
             return idx as i64;
         }
         let state = slot_state(w);
@@ -549,10 +518,14 @@ pub unsafe extern "C" fn flowexport_table_claim(key: *const FlowKey, home: u32) 
         if !won {
             return RACED;
         }
-        let sw = s as *mut u32;
-        for (j, w) in kw.iter().enumerate().take(SLOT_WORD_INDEX) {
+        // The key's first 44 bytes: five u64 words and the u32 before
+        // the control word (the slot is 8-aligned, as its key).
+        let kw = key.words64();
+        let sw = s as *mut u64;
+        for (j, w) in kw.iter().enumerate().take(5) {
             core::ptr::write_volatile(sw.add(j), *w);
         }
+        core::ptr::write_volatile((s as *mut u32).add(SLOT_WORD_INDEX - 1), kw[5] as u32);
         atomic_xchg::<u32, { AtomicOrdering::SeqCst }>(word, slot_word(key.proto, SLOT_VALID));
     }
     mark_dirty(free);
@@ -578,9 +551,9 @@ fn mark_dirty(idx: u32) {
 
 /// The table slot of `key`, or why there is none.
 #[inline(always)]
-fn table_slot(key: &FlowKey) -> Result<u32, Miss> {
+fn table_slot(key: &FlowKey, h: u64) -> Result<u32, Miss> {
     // SAFETY: a valid key.
-    match unsafe { flowexport_table_slot(key) } {
+    match unsafe { flowexport_table_slot(key, h) } {
         i if i >= 0 => Ok(i as u32),
         FULL => Err(Miss::Full),
         _ => Err(Miss::Contended),
@@ -639,6 +612,10 @@ fn account(key: &FlowKey, packets: u64, bytes: u64, tcp_flags: u8) {
         None => 0,
     };
     let gen = epoch & 1;
+    // One hash for both levels: its high half indexes the cache, its low
+    // bits the table (so flows that share a cache slot are not also
+    // neighbours in the table).
+    let h = table_hash(key);
     // SAFETY: a plain read of a read-only global; volatile so the compiler
     // does not fold the default: the loader sets the real value, and the
     // verifier sees it as a constant (the branch and mask below fold).
@@ -647,7 +624,7 @@ fn account(key: &FlowKey, packets: u64, bytes: u64, tcp_flags: u8) {
         // slots is a power of two (the loader checks); the index lands in
         // this generation's half. An index past max_entries only makes the
         // look-up fail (then the table path below counts the packet).
-        let idx = gen * slots + (cache_hash(key) & (slots - 1));
+        let idx = gen * slots + ((h >> 32) as u32 & (slots - 1));
         if let Some(s) = CACHE.get_ptr_mut(idx) {
             // SAFETY: this CPU's slot; programs do not nest on one CPU.
             unsafe {
@@ -663,7 +640,7 @@ fn account(key: &FlowKey, packets: u64, bytes: u64, tcp_flags: u8) {
                     // A free slot (or one of an epoch already drained): this
                     // flow owns it until the next drain, once it has its
                     // table slot, where the drain folds these counts.
-                    match table_slot(key) {
+                    match table_slot(key, h) {
                         Ok(t) => {
                             // Seen now, so the drain does not retire the
                             // flow as idle while its counts sit here.
@@ -686,7 +663,7 @@ fn account(key: &FlowKey, packets: u64, bytes: u64, tcp_flags: u8) {
             }
         }
     }
-    match table_slot(key) {
+    match table_slot(key, h) {
         Ok(t) => {
             table_add(t, gen, packets, bytes, now_ms, tcp_flags);
             stat_add_pair(STAT_TABLE_PACKETS_INGRESS, key.direction, packets, bytes);
@@ -747,7 +724,6 @@ fn empty_key(ifindex: u32, direction: u8) -> FlowKey {
     k
 }
 
-
 /// A cache slot's first counters (`FlowValue::first`), stored field by field
 /// so that the zero padding costs one word store, not a memset call.
 #[inline(always)]
@@ -804,11 +780,10 @@ fn admit(key: &FlowKey, packets: u64) -> bool {
 #[no_mangle]
 #[inline(never)]
 pub unsafe extern "C" fn flowexport_filter(key: *const FlowKey) -> i64 {
-    if key.is_null() {
+    // SAFETY: null or the caller's readable key (the function's contract).
+    let Some(key) = (unsafe { key.as_ref() }) else {
         return 1;
-    }
-    // SAFETY: the caller's key (checked non-null).
-    let key = unsafe { &*key };
+    };
     // SAFETY: plain reads of a read-only global (volatile: see
     // CACHE_SLOTS); the indices are a u8 and a bit, inside the arrays.
     let f = |field: &u32| unsafe { core::ptr::read_volatile(field) };
