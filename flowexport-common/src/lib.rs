@@ -206,7 +206,8 @@ pub const DEFAULT_MAX_FLOWS: u32 = 1 << 20;
 /// constant, summed, then MurmurHash3's 64-bit finalizer. The products are
 /// independent (the CPU overlaps them); the finalizer spreads keys that
 /// differ only in a few high bits (sequential addresses) over every bit.
-/// The home slot is the low bits; the insert lock the bits from 40.
+/// The home slot is the low bits; the insert lock the bits from 40; the
+/// kernel's per-CPU cache index the bits from 32 (one hash per packet).
 #[inline(always)]
 pub fn table_hash(k: &FlowKey) -> u64 {
     let w = k.words64();
