@@ -327,16 +327,7 @@ fn selection(args: &Args, family: Family) -> Result<[f64; 5]> {
         bail!("{filtered} packets were filtered: the rules match the benchmark's frame");
     }
     // Sampling must have kept about 1 in 100 (within 5 standard deviations).
-    let mut kept = 0u64;
-    let t = Timeouts {
-        idle_ns: u64::MAX,
-        active_ns: u64::MAX,
-    };
-    loaded[2]
-        .1
-        .drain(&mut FlowAggregator::default(), t, true, &mut |_, c| {
-            kept += c.packets;
-        })?;
+    let kept: u64 = final_drain(&mut loaded[2].1)?.values().sum();
     let sent = f64::from(args.rounds) * f64::from(args.repeat);
     let (want, sd) = (sent / 100.0, (sent * 0.01 * 0.99).sqrt());
     if (kept as f64 - want).abs() > 5.0 * sd {
@@ -407,16 +398,8 @@ fn measure(args: &Args, family: Family, n: u32) -> Result<Row> {
     }
     // What the agent's final drain exports: every flow once, the hot flow
     // with every packet sent.
-    let mut got: HashMap<FlowKey, u64> = HashMap::new();
     let started = Instant::now();
-    let mut agg = FlowAggregator::default();
-    let t = Timeouts {
-        idle_ns: u64::MAX,
-        active_ns: u64::MAX,
-    };
-    tables.drain(&mut agg, t, true, &mut |k, c| {
-        *got.entry(*k).or_default() += c.packets;
-    })?;
+    let got = final_drain(&mut tables)?;
     let drain_ms = started.elapsed().as_secs_f64() * 1e3;
     eprintln!(
         "{}: {n} flows: final drain {drain_ms:.1} ms",
@@ -474,14 +457,7 @@ fn one_call(args: &Args, family: Family, n: u32) -> Result<(f64, f64)> {
     }
     // Every flow counted once per call: the program rotated through
     // exactly the benchmark's flows.
-    let mut got: HashMap<FlowKey, u64> = HashMap::new();
-    let t = Timeouts {
-        idle_ns: u64::MAX,
-        active_ns: u64::MAX,
-    };
-    tables.drain(&mut FlowAggregator::default(), t, true, &mut |k, c| {
-        *got.entry(*k).or_default() += c.packets;
-    })?;
+    let got = final_drain(&mut tables)?;
     let want = 1 + u64::from(args.rounds) * u64::from(laps);
     for i in 0..n {
         let c = got.get(&key(family, i)).copied().unwrap_or(0);
@@ -496,6 +472,19 @@ fn one_call(args: &Args, family: Family, n: u32) -> Result<(f64, f64)> {
         );
     }
     Ok((new, rotating))
+}
+
+/// What the agent's final drain exports: every flow's packets, by key.
+fn final_drain(tables: &mut KernelTables) -> Result<HashMap<FlowKey, u64>> {
+    let mut got: HashMap<FlowKey, u64> = HashMap::new();
+    let t = Timeouts {
+        idle_ns: u64::MAX,
+        active_ns: u64::MAX,
+    };
+    tables.drain(&mut FlowAggregator::default(), t, true, &mut |k, c| {
+        *got.entry(*k).or_default() += c.packets;
+    })?;
+    Ok(got)
 }
 
 fn fam_name(f: Family) -> &'static str {

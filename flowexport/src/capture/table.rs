@@ -53,6 +53,7 @@ use flowexport_common::{
 };
 
 use super::bpf_sys::SharedMap;
+use crate::capture::drain::AggregateKey;
 use crate::capture::flow::FlowCounters;
 
 /// Slots in the table for a capacity of `max_flows` concurrent flows: twice
@@ -212,9 +213,8 @@ impl FlowTable {
         // be 48 byte loads).
         let w = unsafe { std::ptr::read(self.slot(i) as *const [u64; 6]) };
         // SAFETY: FlowKey is 48 bytes of plain integers, any bit pattern.
-        let mut k: FlowKey = unsafe { std::mem::transmute(w) };
-        k._pad = [0; 3];
-        k
+        let k: FlowKey = unsafe { std::mem::transmute(w) };
+        k.normalized()
     }
 
     /// One generation's counters as they are now. Exact for a quiescent
@@ -434,10 +434,7 @@ impl FlowTable {
 
 /// Two keys name the same flow (the pad bytes are not part of it).
 pub(crate) fn same_key(a: &FlowKey, b: &FlowKey) -> bool {
-    let (mut a, mut b) = (*a, *b);
-    a._pad = [0; 3];
-    b._pad = [0; 3];
-    a == b
+    a.normalized() == b.normalized()
 }
 
 /// The set of table regions (2^`TABLE_REGION_SHIFT` slots each) that may
