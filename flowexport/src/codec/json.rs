@@ -6,8 +6,8 @@
 //! test holds the two together over a corpus. Written by hand because it is
 //! the hot path of every JSON output (the agent's stdout, `collect` printing
 //! millions of flows per second, `--kafka-format json`): a record is built
-//! in a stack buffer from constant-length keys, integers two digits at a
-//! time, IPv4 addresses without `core::fmt`. `cargo xtask bench collect`
+//! in place from constant-length keys, integers up to eight digits at a
+//! time (built in a register), IPv4 addresses without `core::fmt`. `cargo xtask bench collect`
 //! prints its rate beside serde_json's.
 
 use std::mem::MaybeUninit;
@@ -17,24 +17,19 @@ use crate::record::FlowRecord;
 
 /// Longest object without AS names: the keys and punctuation (~420 bytes),
 /// 27 integers of at most 20 digits, three addresses of at most 45
-/// characters, the longest type name (~1,110 bytes in all), and the 20
-/// bytes an integer's copy may write past its digits.
+/// characters, the longest type name (~1,110 bytes in all), and the 7
+/// bytes an integer's last 8-byte store may write past its digits.
 const MAX_FIXED: usize = 1280;
 
 /// One record's bytes, written straight into the output's spare capacity
 /// (reserved for [`MAX_FIXED`] bytes up front: nothing is zeroed or copied
 /// twice). Every write is a bounds-checked sub-slice of that capacity; keys
 /// are copies of a constant length (inlined moves, not `memcpy` calls),
-/// integers are written two digits at a time.
+/// integers are written up to eight digits at a time.
 struct Line<'a> {
     spare: &'a mut [MaybeUninit<u8>],
     len: usize,
 }
-
-/// "00".."99".
-const DIGIT_PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
-2021222324252627282930313233343536373839404142434445464748495051525354555657585960\
-616263646566676869707172737475767778798081828384858687888990919293949596979899";
 
 /// Each octet's decimal text followed by a dot, padded to 4 bytes, and the
 /// text's length without the dot: an IPv4 address is four 4-byte copies.
@@ -96,39 +91,33 @@ impl Line<'_> {
             self.put(&[b'0' + v as u8]);
             return;
         }
-        // Right to left into a scratch array, then one copy of a constant
-        // 20 bytes (inlined moves; a copy of the digits' own length would be
-        // a `memcpy` call per integer): the digits, then bytes past them that
-        // `len` does not move past and the next write overwrites. Every byte
-        // `len` moves past is written (what `with_line` relies on). Eight
-        // digits at a time in 32-bit arithmetic (timestamps have 19).
-        let mut text = [0u8; 40];
+        // In parts of at most eight digits, each built in a register and
+        // stored with one 8-byte write (digits built byte by byte in memory
+        // and then copied would stall the copy's load on the stores).
+        const E8: u64 = 100_000_000;
         let n = decimal_len(v);
-        let mut end = 20;
-        let mut v = v;
-        while v >= 100_000_000 {
-            let low = (v % 100_000_000) as u32;
-            v /= 100_000_000;
-            eight_digits(&mut text, end, low);
-            end -= 8;
-        }
-        let mut v = v as u32;
-        while v >= 100 {
-            let pair = (v % 100) as usize * 2;
-            v /= 100;
-            text[end - 2..end].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
-            end -= 2;
-        }
-        if v >= 10 {
-            let pair = v as usize * 2;
-            text[end - 2..end].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+        if n <= 8 {
+            self.digit_part(v as u32, n);
+        } else if n <= 16 {
+            self.digit_part((v / E8) as u32, n - 8);
+            self.digit_part((v % E8) as u32, 8);
         } else {
-            text[end - 1] = b'0' + v as u8;
+            // Timestamps in ns have 19 digits.
+            let (top, rest) = (v / (E8 * E8), v % (E8 * E8));
+            self.digit_part(top as u32, n - 16);
+            self.digit_part((rest / E8) as u32, 8);
+            self.digit_part((rest % E8) as u32, 8);
         }
-        let copy = text[20 - n..]
-            .first_chunk::<20>()
-            .expect("n <= 20: 20 bytes from 20 - n fit in 40");
-        self.put_at(self.len, copy);
+    }
+
+    /// `v` (< 10^n) as exactly `n` (1..=8) digits: one 8-byte store, of
+    /// which `len` moves past the first `n` (the next write overwrites the
+    /// rest; every byte `len` moves past is written, what `with_line`
+    /// relies on).
+    #[inline(always)]
+    fn digit_part(&mut self, v: u32, n: usize) {
+        let text = eight_digits(v) >> (8 * (8 - n));
+        self.put_at(self.len, &text.to_le_bytes());
         self.len += n;
     }
 
@@ -177,16 +166,22 @@ fn with_line(out: &mut Vec<u8>, write: impl FnOnce(&mut Line<'_>)) {
     unsafe { out.set_len(out.len() + n) };
 }
 
-/// `v` (< 10^8) as exactly eight digits ending at `text[end]`: two
-/// independent halves of four, two pairs each.
+/// `v` (< 10^8) as eight ASCII digits in a u64, the first digit in the
+/// lowest byte (little-endian memory order), leading zeros included. SWAR:
+/// both halves of four digits in 32-bit lanes, split into pairs in 16-bit
+/// lanes, then into digits in bytes; each division is a multiplication
+/// by a reciprocal that is exact for the lane's range (x / 100 as
+/// x * 10486 >> 20 for x < 10^4; x / 10 as x * 103 >> 10 for x < 100),
+/// and no lane's product reaches the next lane.
 #[inline(always)]
-fn eight_digits(text: &mut [u8; 40], end: usize, v: u32) {
-    let (high, low) = (v / 10_000, v % 10_000);
-    for (at, four) in [(end - 8, high), (end - 4, low)] {
-        let (a, b) = ((four / 100) as usize * 2, (four % 100) as usize * 2);
-        text[at..at + 2].copy_from_slice(&DIGIT_PAIRS[a..a + 2]);
-        text[at + 2..at + 4].copy_from_slice(&DIGIT_PAIRS[b..b + 2]);
-    }
+fn eight_digits(v: u32) -> u64 {
+    let v = u64::from(v);
+    let halves = (v / 10_000) | ((v % 10_000) << 32);
+    let high_pairs = ((halves * 10_486) >> 20) & 0x0000_007f_0000_007f;
+    let pairs = ((halves - 100 * high_pairs) << 16) | high_pairs;
+    let tens = ((pairs * 103) >> 10) & 0x000f_000f_000f_000f;
+    let digits = ((pairs - 10 * tens) << 8) | tens;
+    digits | 0x3030_3030_3030_3030
 }
 
 /// Decimal digits of `v` (>= 10), without a loop: from its bit length,
@@ -485,6 +480,20 @@ mod tests {
             }
             p = next;
         }
+    }
+
+    #[test]
+    fn eight_digit_parts() {
+        let check = |v: u32| {
+            assert_eq!(
+                eight_digits(v).to_le_bytes(),
+                *format!("{v:08}").as_bytes(),
+                "{v}"
+            );
+        };
+        (0..20_000).for_each(check);
+        (0..100_000_000).step_by(9_973).for_each(check);
+        (99_990_000..100_000_000).for_each(check);
     }
 
     #[test]
