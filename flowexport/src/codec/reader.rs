@@ -7,6 +7,7 @@
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Truncated(pub(crate) &'static str);
 
+#[derive(Clone, Copy)]
 pub(crate) struct Reader<'a> {
     b: &'a [u8],
     off: usize,

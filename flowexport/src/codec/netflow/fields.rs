@@ -1,13 +1,26 @@
-//! Data records: information elements applied to a [`FlowRecord`], then
-//! the times, sampling and ICMP fix-ups every record gets.
+//! Data records: the information elements a template's records hold, read
+//! into a [`FlowRecord`] through the template's [`Layout`] (decided once per
+//! template), then the times, sampling and ICMP fix-ups every record gets.
 
 use super::*;
 
 /// Unsigned big-endian integer of 1..=8 bytes (reduced-size encoding);
 /// longer values keep their low 8 bytes.
 pub(super) fn uint(b: &[u8]) -> u64 {
-    let b = if b.len() > 8 { &b[b.len() - 8..] } else { b };
-    b.iter().fold(0u64, |acc, x| (acc << 8) | *x as u64)
+    // The usual lengths as one load each; the rest (reduced-size 3, 5, 6,
+    // 7 bytes) byte by byte.
+    match *b {
+        [x] => x.into(),
+        [a, b] => u16::from_be_bytes([a, b]).into(),
+        [a, b, c, d] => u32::from_be_bytes([a, b, c, d]).into(),
+        _ => {
+            if let Ok(w) = <[u8; 8]>::try_from(b) {
+                return u64::from_be_bytes(w);
+            }
+            let b = if b.len() > 8 { &b[b.len() - 8..] } else { b };
+            b.iter().fold(0u64, |acc, x| (acc << 8) | u64::from(*x))
+        }
+    }
 }
 
 pub(super) fn mac(b: &[u8]) -> u64 {
@@ -22,92 +35,334 @@ pub(super) fn v6(b: &[u8]) -> Option<IpAddr> {
     let a: [u8; 16] = b.try_into().ok()?;
     Some(IpAddr::V6(Ipv6Addr::from(a)))
 }
-/// Applies one IANA information element to a record.
-pub(super) fn apply(r: &mut FlowRecord, t: &mut RecordTimes, id: u16, v: &[u8]) {
-    let n = || uint(v);
-    match id {
-        ie::OCTET_DELTA_COUNT => {
-            r.bytes = n();
-            t.octets_delta = true;
+/// What a record takes from a template field: one slot per record member
+/// (or decoding time) the decoder sets. Element ids that set the same
+/// member the same way share a slot (IPv4 and IPv6 addresses, VLAN ids,
+/// the ICMP elements of both families); within a slot the template's last
+/// such field counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub(super) enum Slot {
+    BytesDelta,
+    BytesTotal,
+    PacketsDelta,
+    PacketsTotal,
+    Proto,
+    Tos,
+    TcpFlags,
+    SrcPort,
+    DstPort,
+    SrcAddr,
+    DstAddr,
+    InIf,
+    OutIf,
+    SrcAs,
+    DstAs,
+    IcmpTypeCode,
+    IcmpType,
+    IcmpCode,
+    SrcMac,
+    DstMac,
+    PostDstMac,
+    Vlan,
+    Segment,
+    Direction,
+    IpVersion,
+    Sampling,
+    PacketInterval,
+    PacketSpace,
+    SamplingSize,
+    SamplingPopulation,
+    SamplingProbability,
+    StartUptime,
+    EndUptime,
+    /// flowStartSeconds or flowStartMilliseconds (the field's id tells).
+    StartMs,
+    EndMs,
+    /// flowStartMicroseconds or flowStartNanoseconds (NTP format).
+    StartNtp,
+    EndNtp,
+    StartDeltaUs,
+    EndDeltaUs,
+    SysInit,
+}
+
+const SLOTS: usize = Slot::SysInit as usize + 1;
+
+impl Slot {
+    /// The slot of an IANA element (`pen` 0), if the decoder uses it;
+    /// enterprise elements are skipped.
+    pub(super) fn of(id: u16, pen: u32) -> Option<Slot> {
+        if pen != 0 {
+            return None;
         }
-        ie::PACKET_DELTA_COUNT => {
-            r.packets = n();
-            t.packets_delta = true;
-        }
-        ie::OCTET_TOTAL_COUNT if !t.octets_delta => r.bytes = n(),
-        ie::PACKET_TOTAL_COUNT if !t.packets_delta => r.packets = n(),
-        ie::PROTOCOL_IDENTIFIER => r.proto = n() as u8,
-        ie::IP_CLASS_OF_SERVICE => r.ip_tos = n() as u8,
-        ie::TCP_CONTROL_BITS => r.tcp_flags = n() as u8,
-        ie::SOURCE_TRANSPORT_PORT => r.src_port = n() as u16,
-        ie::DESTINATION_TRANSPORT_PORT => r.dst_port = n() as u16,
-        ie::SOURCE_IPV4_ADDRESS | ie::SOURCE_IPV6_ADDRESS => {
-            if let Some(a) = v4(v).or_else(|| v6(v)) {
-                r.src_addr = a;
-            }
-        }
-        ie::DESTINATION_IPV4_ADDRESS | ie::DESTINATION_IPV6_ADDRESS => {
-            if let Some(a) = v4(v).or_else(|| v6(v)) {
-                r.dst_addr = a;
-            }
-        }
-        ie::INGRESS_INTERFACE => r.in_if = n() as u32,
-        ie::EGRESS_INTERFACE => r.out_if = n() as u32,
-        ie::BGP_SOURCE_AS_NUMBER => r.src_as = n() as u32,
-        ie::BGP_DESTINATION_AS_NUMBER => r.dst_as = n() as u32,
-        ie::ICMP_TYPE_CODE_IPV4 | ie::ICMP_TYPE_CODE_IPV6 => {
-            let x = n();
-            r.icmp_type = (x >> 8) as u8;
-            r.icmp_code = x as u8;
-            t.icmp_explicit = true;
-        }
-        ie::ICMP_TYPE_IPV4 | ie::ICMP_TYPE_IPV6 => {
-            r.icmp_type = n() as u8;
-            t.icmp_explicit = true;
-        }
-        ie::ICMP_CODE_IPV4 | ie::ICMP_CODE_IPV6 => {
-            r.icmp_code = n() as u8;
-            t.icmp_explicit = true;
-        }
-        ie::SOURCE_MAC_ADDRESS => r.src_mac = mac(v),
-        ie::DESTINATION_MAC_ADDRESS => r.dst_mac = mac(v),
-        ie::POST_DESTINATION_MAC_ADDRESS if r.dst_mac == 0 => r.dst_mac = mac(v),
-        ie::VLAN_ID | ie::DOT1Q_VLAN_ID => r.vlan_id = n() as u16 & 0x0fff,
-        // RFC 7133: the encapsulation in the top octet.
-        ie::LAYER2_SEGMENT_ID => (r.tunnel_type, r.tunnel_id) = segment_tunnel(n()),
-        ie::FLOW_DIRECTION => r.flow_direction = n() as u8,
-        ie::IP_VERSION => {
-            r.etype = match n() {
-                6 => ETYPE_IPV6,
-                _ => ETYPE_IPV4,
-            }
-        }
-        ie::SAMPLING_INTERVAL | ie::SAMPLER_RANDOM_INTERVAL => t.sampling = Some(n()),
-        ie::SAMPLING_PACKET_INTERVAL => t.packet_interval = Some(n()),
-        ie::SAMPLING_PACKET_SPACE => t.packet_space = Some(n()),
-        ie::SAMPLING_SIZE => t.sampling_size = Some(n()),
-        ie::SAMPLING_POPULATION => t.sampling_population = Some(n()),
-        ie::SAMPLING_PROBABILITY if v.len() == 8 => {
-            t.sampling_probability = Some(f64::from_bits(n()));
-        }
-        ie::FLOW_END_SYS_UP_TIME => t.end_uptime = Some(n()),
-        ie::FLOW_START_SYS_UP_TIME => t.start_uptime = Some(n()),
-        ie::FLOW_START_SECONDS => t.start_ms = Some(n().saturating_mul(1000)),
-        ie::FLOW_END_SECONDS => t.end_ms = Some(n().saturating_mul(1000)),
-        ie::FLOW_START_MILLISECONDS => t.start_ms = Some(n()),
-        ie::FLOW_END_MILLISECONDS => t.end_ms = Some(n()),
-        ie::FLOW_START_MICROSECONDS | ie::FLOW_START_NANOSECONDS => {
-            t.start_ns = Some(ntp_to_unix_ns(n()));
-        }
-        ie::FLOW_END_MICROSECONDS | ie::FLOW_END_NANOSECONDS => {
-            t.end_ns = Some(ntp_to_unix_ns(n()));
-        }
-        ie::FLOW_START_DELTA_MICROSECONDS => t.start_delta_us = Some(n()),
-        ie::FLOW_END_DELTA_MICROSECONDS => t.end_delta_us = Some(n()),
-        ie::SYSTEM_INIT_TIME_MILLISECONDS => t.sys_init_ms = Some(n()),
-        _ => {}
+        Some(match id {
+            ie::OCTET_DELTA_COUNT => Slot::BytesDelta,
+            ie::OCTET_TOTAL_COUNT => Slot::BytesTotal,
+            ie::PACKET_DELTA_COUNT => Slot::PacketsDelta,
+            ie::PACKET_TOTAL_COUNT => Slot::PacketsTotal,
+            ie::PROTOCOL_IDENTIFIER => Slot::Proto,
+            ie::IP_CLASS_OF_SERVICE => Slot::Tos,
+            ie::TCP_CONTROL_BITS => Slot::TcpFlags,
+            ie::SOURCE_TRANSPORT_PORT => Slot::SrcPort,
+            ie::DESTINATION_TRANSPORT_PORT => Slot::DstPort,
+            ie::SOURCE_IPV4_ADDRESS | ie::SOURCE_IPV6_ADDRESS => Slot::SrcAddr,
+            ie::DESTINATION_IPV4_ADDRESS | ie::DESTINATION_IPV6_ADDRESS => Slot::DstAddr,
+            ie::INGRESS_INTERFACE => Slot::InIf,
+            ie::EGRESS_INTERFACE => Slot::OutIf,
+            ie::BGP_SOURCE_AS_NUMBER => Slot::SrcAs,
+            ie::BGP_DESTINATION_AS_NUMBER => Slot::DstAs,
+            ie::ICMP_TYPE_CODE_IPV4 | ie::ICMP_TYPE_CODE_IPV6 => Slot::IcmpTypeCode,
+            ie::ICMP_TYPE_IPV4 | ie::ICMP_TYPE_IPV6 => Slot::IcmpType,
+            ie::ICMP_CODE_IPV4 | ie::ICMP_CODE_IPV6 => Slot::IcmpCode,
+            ie::SOURCE_MAC_ADDRESS => Slot::SrcMac,
+            ie::DESTINATION_MAC_ADDRESS => Slot::DstMac,
+            ie::POST_DESTINATION_MAC_ADDRESS => Slot::PostDstMac,
+            ie::VLAN_ID | ie::DOT1Q_VLAN_ID => Slot::Vlan,
+            ie::LAYER2_SEGMENT_ID => Slot::Segment,
+            ie::FLOW_DIRECTION => Slot::Direction,
+            ie::IP_VERSION => Slot::IpVersion,
+            ie::SAMPLING_INTERVAL | ie::SAMPLER_RANDOM_INTERVAL => Slot::Sampling,
+            ie::SAMPLING_PACKET_INTERVAL => Slot::PacketInterval,
+            ie::SAMPLING_PACKET_SPACE => Slot::PacketSpace,
+            ie::SAMPLING_SIZE => Slot::SamplingSize,
+            ie::SAMPLING_POPULATION => Slot::SamplingPopulation,
+            ie::SAMPLING_PROBABILITY => Slot::SamplingProbability,
+            ie::FLOW_START_SYS_UP_TIME => Slot::StartUptime,
+            ie::FLOW_END_SYS_UP_TIME => Slot::EndUptime,
+            ie::FLOW_START_SECONDS | ie::FLOW_START_MILLISECONDS => Slot::StartMs,
+            ie::FLOW_END_SECONDS | ie::FLOW_END_MILLISECONDS => Slot::EndMs,
+            ie::FLOW_START_MICROSECONDS | ie::FLOW_START_NANOSECONDS => Slot::StartNtp,
+            ie::FLOW_END_MICROSECONDS | ie::FLOW_END_NANOSECONDS => Slot::EndNtp,
+            ie::FLOW_START_DELTA_MICROSECONDS => Slot::StartDeltaUs,
+            ie::FLOW_END_DELTA_MICROSECONDS => Slot::EndDeltaUs,
+            ie::SYSTEM_INIT_TIME_MILLISECONDS => Slot::SysInit,
+            _ => return None,
+        })
     }
 }
+
+/// Where a slot's field lies in one record: its offset (`ABSENT` when the
+/// template has no such field), length and element id.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Place {
+    off: u32,
+    len: u16,
+    id: u16,
+}
+
+const ABSENT: u32 = u32::MAX;
+
+/// Every slot's [`Place`] in one record.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Places([Place; SLOTS]);
+
+impl Default for Places {
+    fn default() -> Self {
+        Places(
+            [Place {
+                off: ABSENT,
+                len: 0,
+                id: 0,
+            }; SLOTS],
+        )
+    }
+}
+
+impl Places {
+    /// Notes a field at `off`: the last field of a slot counts.
+    fn set(&mut self, slot: Option<Slot>, off: usize, len: usize, id: u16) {
+        if let Some(s) = slot {
+            self.0[s as usize] = Place {
+                // Records are parts of one datagram (< 64 KiB).
+                off: off as u32,
+                len: len as u16,
+                id,
+            };
+        }
+    }
+}
+
+/// How records of one template are read, decided when the template is
+/// learned: each field's slot, and for a template without variable-length
+/// fields (the usual kind) the record's length and every slot's place. A
+/// record is then one pass over the slots, without a dispatch on each
+/// field's element id (a data-dependent jump per field, which cost more
+/// than reading the fields).
+#[derive(Debug)]
+pub(super) struct Layout {
+    slots: Vec<Option<Slot>>,
+    fixed: Option<(usize, Places)>,
+}
+
+impl Layout {
+    pub(super) fn new(fields: &[Field]) -> Layout {
+        let slots: Vec<Option<Slot>> = fields.iter().map(|f| Slot::of(f.id, f.pen)).collect();
+        let fixed = (!fields.iter().any(|f| f.len == VARLEN)).then(|| {
+            let mut places = Places::default();
+            let mut off = 0;
+            for (f, slot) in fields.iter().zip(&slots) {
+                places.set(*slot, off, f.len.into(), f.id);
+                off += usize::from(f.len);
+            }
+            (off, places)
+        });
+        Layout { slots, fixed }
+    }
+
+    /// The next record's bytes and its places (`scratch` holds them for a
+    /// template with variable-length fields).
+    pub(super) fn next<'a, 'p>(
+        &'p self,
+        fields: &[Field],
+        r: &mut Reader<'a>,
+        scratch: &'p mut Places,
+    ) -> Result<(&'a [u8], &'p Places)> {
+        if let Some((len, places)) = &self.fixed {
+            return Ok((r.take(*len, "data record")?, places));
+        }
+        // Variable-length fields: the places of this record.
+        let start = *r;
+        let places = scratch;
+        *places = Places::default();
+        let mut off = 0;
+        for (f, slot) in fields.iter().zip(&self.slots) {
+            let (prefix, len) = if f.len == VARLEN {
+                let l = r.u8("variable-length field")?;
+                if l == 255 {
+                    (3, usize::from(r.u16("variable-length field")?))
+                } else {
+                    (1, usize::from(l))
+                }
+            } else {
+                (0, usize::from(f.len))
+            };
+            r.take(len, "data record")?;
+            places.set(*slot, off + prefix, len, f.id);
+            off += prefix + len;
+        }
+        let mut whole = start;
+        Ok((whole.take(off, "data record")?, places))
+    }
+}
+
+/// Reads one record's fields into `r` and `t`.
+pub(super) fn read(rec: &[u8], at: &Places, r: &mut FlowRecord, t: &mut RecordTimes) {
+    let field = |s: Slot| -> Option<(&[u8], u16)> {
+        let p = at.0[s as usize];
+        if p.off == ABSENT {
+            return None;
+        }
+        let off = p.off as usize;
+        Some((rec.get(off..off + usize::from(p.len))?, p.id))
+    };
+    let bytes = |s: Slot| field(s).map(|(v, _)| v);
+    let n = |s: Slot| bytes(s).map(uint);
+    // Delta counts over total counts, whatever their order.
+    if let Some(v) = n(Slot::BytesDelta).or_else(|| n(Slot::BytesTotal)) {
+        r.bytes = v;
+    }
+    if let Some(v) = n(Slot::PacketsDelta).or_else(|| n(Slot::PacketsTotal)) {
+        r.packets = v;
+    }
+    if let Some(v) = n(Slot::Proto) {
+        r.proto = v as u8;
+    }
+    if let Some(v) = n(Slot::Tos) {
+        r.ip_tos = v as u8;
+    }
+    if let Some(v) = n(Slot::TcpFlags) {
+        r.tcp_flags = v as u8;
+    }
+    if let Some(v) = n(Slot::SrcPort) {
+        r.src_port = v as u16;
+    }
+    if let Some(v) = n(Slot::DstPort) {
+        r.dst_port = v as u16;
+    }
+    if let Some(a) = bytes(Slot::SrcAddr).and_then(|v| v4(v).or_else(|| v6(v))) {
+        r.src_addr = a;
+    }
+    if let Some(a) = bytes(Slot::DstAddr).and_then(|v| v4(v).or_else(|| v6(v))) {
+        r.dst_addr = a;
+    }
+    if let Some(v) = n(Slot::InIf) {
+        r.in_if = v as u32;
+    }
+    if let Some(v) = n(Slot::OutIf) {
+        r.out_if = v as u32;
+    }
+    if let Some(v) = n(Slot::SrcAs) {
+        r.src_as = v as u32;
+    }
+    if let Some(v) = n(Slot::DstAs) {
+        r.dst_as = v as u32;
+    }
+    // icmpTypeCode, then separate type and code elements over it.
+    if let Some(v) = n(Slot::IcmpTypeCode) {
+        r.icmp_type = (v >> 8) as u8;
+        r.icmp_code = v as u8;
+        t.icmp_explicit = true;
+    }
+    if let Some(v) = n(Slot::IcmpType) {
+        r.icmp_type = v as u8;
+        t.icmp_explicit = true;
+    }
+    if let Some(v) = n(Slot::IcmpCode) {
+        r.icmp_code = v as u8;
+        t.icmp_explicit = true;
+    }
+    if let Some(v) = bytes(Slot::SrcMac) {
+        r.src_mac = mac(v);
+    }
+    if let Some(v) = bytes(Slot::DstMac) {
+        r.dst_mac = mac(v);
+    }
+    // The post-NAT destination MAC where the record has no other.
+    if let Some(v) = bytes(Slot::PostDstMac).filter(|_| r.dst_mac == 0) {
+        r.dst_mac = mac(v);
+    }
+    if let Some(v) = n(Slot::Vlan) {
+        r.vlan_id = v as u16 & 0x0fff;
+    }
+    // RFC 7133: the encapsulation in the top octet.
+    if let Some(v) = n(Slot::Segment) {
+        (r.tunnel_type, r.tunnel_id) = segment_tunnel(v);
+    }
+    if let Some(v) = n(Slot::Direction) {
+        r.flow_direction = v as u8;
+    }
+    if let Some(v) = n(Slot::IpVersion) {
+        r.etype = if v == 6 { ETYPE_IPV6 } else { ETYPE_IPV4 };
+    }
+    t.sampling = n(Slot::Sampling);
+    t.packet_interval = n(Slot::PacketInterval);
+    t.packet_space = n(Slot::PacketSpace);
+    t.sampling_size = n(Slot::SamplingSize);
+    t.sampling_population = n(Slot::SamplingPopulation);
+    t.sampling_probability = bytes(Slot::SamplingProbability)
+        .filter(|v| v.len() == 8)
+        .map(|v| f64::from_bits(uint(v)));
+    t.start_uptime = n(Slot::StartUptime);
+    t.end_uptime = n(Slot::EndUptime);
+    let ms = |s: Slot, seconds: u16| {
+        field(s).map(|(v, id)| {
+            if id == seconds {
+                uint(v).saturating_mul(1000)
+            } else {
+                uint(v)
+            }
+        })
+    };
+    t.start_ms = ms(Slot::StartMs, ie::FLOW_START_SECONDS);
+    t.end_ms = ms(Slot::EndMs, ie::FLOW_END_SECONDS);
+    t.start_ns = n(Slot::StartNtp).map(ntp_to_unix_ns);
+    t.end_ns = n(Slot::EndNtp).map(ntp_to_unix_ns);
+    t.start_delta_us = n(Slot::StartDeltaUs);
+    t.end_delta_us = n(Slot::EndDeltaUs);
+    t.sys_init_ms = n(Slot::SysInit);
+}
+
 /// ICMP flows: NetFlow exporters often put `type << 8 | code` in the
 /// destination port. Records carry ICMP in icmp_type/icmp_code, ports 0, as
 /// the agent's records do.
@@ -150,6 +405,7 @@ impl NetflowDecoder {
                 .copied(),
         };
         let mut r = Reader::new(body);
+        let mut scratch = Places::default();
         while r.left() >= t.min_len.max(1) {
             let mut rec = FlowRecord {
                 flow_type: if h.version == 9 {
@@ -164,22 +420,8 @@ impl NetflowDecoder {
                 ..FlowRecord::default()
             };
             let mut times = RecordTimes::default();
-            for f in &t.fields {
-                let len = if f.len == VARLEN {
-                    let l = r.u8("variable-length field")? as usize;
-                    if l == 255 {
-                        r.u16("variable-length field")? as usize
-                    } else {
-                        l
-                    }
-                } else {
-                    f.len as usize
-                };
-                let v = r.take(len, "data record")?;
-                if f.pen == 0 {
-                    apply(&mut rec, &mut times, f.id, v);
-                }
-            }
+            let (bytes, places) = t.layout.next(&t.fields, &mut r, &mut scratch)?;
+            read(bytes, places, &mut rec, &mut times);
             if t.options {
                 self.counters.options_records += 1;
                 if let Some(s) = times.sampling_rate() {

@@ -114,6 +114,8 @@ struct Template {
     options: bool,
     /// Smallest record: fixed lengths plus one byte per variable field.
     min_len: usize,
+    /// Where records of this template hold what the decoder reads.
+    layout: fields::Layout,
 }
 
 /// A decapsulated flow's layer2SegmentId (RFC 7133; the exporter writes
@@ -279,8 +281,6 @@ struct RecordTimes {
     end_delta_us: Option<u64>,
     sys_init_ms: Option<u64>,
     icmp_explicit: bool,
-    octets_delta: bool,
-    packets_delta: bool,
     sampling: Option<u64>,
     /// samplingPacketInterval (305) and samplingPacketSpace (306): sample
     /// `interval` consecutive packets, skip `space` (RFC 5477).

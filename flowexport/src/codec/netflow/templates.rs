@@ -22,6 +22,7 @@ impl NetflowDecoder {
         self.templates.insert(
             key,
             Arc::new(Template {
+                layout: fields::Layout::new(&fields),
                 fields,
                 options,
                 min_len,

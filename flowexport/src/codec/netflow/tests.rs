@@ -329,6 +329,62 @@ fn ipfix_options_sampling_varlen_enterprise_and_withdrawal() {
     assert_eq!(d.templates_known(), 0);
 }
 
+/// Which field counts where several set the same member: delta counts over
+/// total counts in either order, the last of a repeated element, the
+/// post-NAT destination MAC only where the record has none, enterprise
+/// elements never; the same with a variable-length field in the template
+/// (the record's places found per record rather than once).
+#[test]
+fn fields_that_set_the_same_member() {
+    // (id, length) of each field; the enterprise field's number follows it.
+    let specs = [
+        (ie::OCTET_DELTA_COUNT, 4),
+        (ie::OCTET_TOTAL_COUNT, 4),
+        (ie::PACKET_TOTAL_COUNT, 4),
+        (ie::PACKET_DELTA_COUNT, 4),
+        (ie::SOURCE_TRANSPORT_PORT, 2),
+        (ie::SOURCE_TRANSPORT_PORT, 2),
+        (0x8000 | ie::DESTINATION_TRANSPORT_PORT, 2),
+        (ie::DESTINATION_MAC_ADDRESS, 6),
+        (ie::POST_DESTINATION_MAC_ADDRESS, 6),
+    ];
+    let t = |id: u32, extra: &[u32]| {
+        let mut t = be(&[id, specs.len() as u32 + extra.len() as u32 / 2], &[2, 2]);
+        for (id, len) in specs {
+            t.extend(be(&[id.into(), len], &[2, 2]));
+            if id & 0x8000 != 0 {
+                t.extend(be(&[9], &[4]));
+            }
+        }
+        t.extend(be(extra, &[2, 2]));
+        set(2, &t)
+    };
+    let mut rec = be(&[100, 999, 50, 5, 1, 2, 3], &[4, 4, 4, 4, 2, 2, 2]);
+    rec.extend([0; 6]);
+    rec.extend([2, 0, 0, 0, 0, 7]);
+    let mut varlen_rec = rec.clone();
+    varlen_rec.extend([3, b'a', b'b', b'c']);
+    let mut d = NetflowDecoder::default();
+    let mut out = Vec::new();
+    let msg = ipfix_msg(
+        1,
+        &[
+            t(400, &[]),
+            t(401, &[96, 0xffff]), // applicationName, variable length
+            set(400, &rec),
+            set(401, &varlen_rec),
+        ],
+    );
+    d.decode(exporter(), &msg, NOW, &mut out).unwrap();
+    assert_eq!(out.len(), 2);
+    for f in &out {
+        assert_eq!((f.bytes, f.packets), (100, 5), "delta counts win");
+        assert_eq!(f.src_port, 2, "the last of a repeated element");
+        assert_eq!(f.dst_port, 0, "an enterprise element is not IANA's");
+        assert_eq!(f.dst_mac, 0x0200_0000_0007, "post-NAT MAC where none");
+    }
+}
+
 #[test]
 fn uptime_relative_times_survive_the_32_bit_wrap() {
     let export = 1_763_800_000_000u64;
