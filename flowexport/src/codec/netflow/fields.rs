@@ -35,111 +35,79 @@ pub(super) fn v6(b: &[u8]) -> Option<IpAddr> {
     let a: [u8; 16] = b.try_into().ok()?;
     Some(IpAddr::V6(Ipv6Addr::from(a)))
 }
-/// What a record takes from a template field: one slot per record member
-/// (or decoding time) the decoder sets. Element ids that set the same
-/// member the same way share a slot (IPv4 and IPv6 addresses, VLAN ids,
-/// the ICMP elements of both families); within a slot the template's last
-/// such field counts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub(super) enum Slot {
-    BytesDelta,
-    BytesTotal,
-    PacketsDelta,
-    PacketsTotal,
-    Proto,
-    Tos,
-    TcpFlags,
-    SrcPort,
-    DstPort,
-    SrcAddr,
-    DstAddr,
-    InIf,
-    OutIf,
-    SrcAs,
-    DstAs,
-    IcmpTypeCode,
-    IcmpType,
-    IcmpCode,
-    SrcMac,
-    DstMac,
-    PostDstMac,
-    Vlan,
-    Segment,
-    Direction,
-    IpVersion,
-    Sampling,
-    PacketInterval,
-    PacketSpace,
-    SamplingSize,
-    SamplingPopulation,
-    SamplingProbability,
-    StartUptime,
-    EndUptime,
-    /// flowStartSeconds or flowStartMilliseconds (the field's id tells).
-    StartMs,
-    EndMs,
-    /// flowStartMicroseconds or flowStartNanoseconds (NTP format).
-    StartNtp,
-    EndNtp,
-    StartDeltaUs,
-    EndDeltaUs,
-    SysInit,
+/// Declares [`Slot`] and the IANA elements of each slot, in one table.
+macro_rules! slots {
+    ($($(#[$doc:meta])* $slot:ident: $($id:ident)|+;)*) => {
+        /// What a record takes from a template field: one slot per record
+        /// member (or decoding time) the decoder sets. Element ids that set
+        /// the same member the same way share a slot (IPv4 and IPv6
+        /// addresses, VLAN ids, the ICMP elements of both families); within
+        /// a slot the template's last such field counts.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[repr(u8)]
+        pub(super) enum Slot {
+            $($(#[$doc])* $slot,)*
+        }
+
+        /// How many slots there are.
+        const SLOTS: usize = [$(Slot::$slot),*].len();
+
+        impl Slot {
+            /// The slot of an IANA element (`pen` 0), if the decoder uses
+            /// it; enterprise elements are skipped.
+            pub(super) fn of(id: u16, pen: u32) -> Option<Slot> {
+                match id {
+                    $($(ie::$id)|+ if pen == 0 => Some(Slot::$slot),)*
+                    _ => None,
+                }
+            }
+        }
+    };
 }
 
-const SLOTS: usize = Slot::SysInit as usize + 1;
-
-impl Slot {
-    /// The slot of an IANA element (`pen` 0), if the decoder uses it;
-    /// enterprise elements are skipped.
-    pub(super) fn of(id: u16, pen: u32) -> Option<Slot> {
-        if pen != 0 {
-            return None;
-        }
-        Some(match id {
-            ie::OCTET_DELTA_COUNT => Slot::BytesDelta,
-            ie::OCTET_TOTAL_COUNT => Slot::BytesTotal,
-            ie::PACKET_DELTA_COUNT => Slot::PacketsDelta,
-            ie::PACKET_TOTAL_COUNT => Slot::PacketsTotal,
-            ie::PROTOCOL_IDENTIFIER => Slot::Proto,
-            ie::IP_CLASS_OF_SERVICE => Slot::Tos,
-            ie::TCP_CONTROL_BITS => Slot::TcpFlags,
-            ie::SOURCE_TRANSPORT_PORT => Slot::SrcPort,
-            ie::DESTINATION_TRANSPORT_PORT => Slot::DstPort,
-            ie::SOURCE_IPV4_ADDRESS | ie::SOURCE_IPV6_ADDRESS => Slot::SrcAddr,
-            ie::DESTINATION_IPV4_ADDRESS | ie::DESTINATION_IPV6_ADDRESS => Slot::DstAddr,
-            ie::INGRESS_INTERFACE => Slot::InIf,
-            ie::EGRESS_INTERFACE => Slot::OutIf,
-            ie::BGP_SOURCE_AS_NUMBER => Slot::SrcAs,
-            ie::BGP_DESTINATION_AS_NUMBER => Slot::DstAs,
-            ie::ICMP_TYPE_CODE_IPV4 | ie::ICMP_TYPE_CODE_IPV6 => Slot::IcmpTypeCode,
-            ie::ICMP_TYPE_IPV4 | ie::ICMP_TYPE_IPV6 => Slot::IcmpType,
-            ie::ICMP_CODE_IPV4 | ie::ICMP_CODE_IPV6 => Slot::IcmpCode,
-            ie::SOURCE_MAC_ADDRESS => Slot::SrcMac,
-            ie::DESTINATION_MAC_ADDRESS => Slot::DstMac,
-            ie::POST_DESTINATION_MAC_ADDRESS => Slot::PostDstMac,
-            ie::VLAN_ID | ie::DOT1Q_VLAN_ID => Slot::Vlan,
-            ie::LAYER2_SEGMENT_ID => Slot::Segment,
-            ie::FLOW_DIRECTION => Slot::Direction,
-            ie::IP_VERSION => Slot::IpVersion,
-            ie::SAMPLING_INTERVAL | ie::SAMPLER_RANDOM_INTERVAL => Slot::Sampling,
-            ie::SAMPLING_PACKET_INTERVAL => Slot::PacketInterval,
-            ie::SAMPLING_PACKET_SPACE => Slot::PacketSpace,
-            ie::SAMPLING_SIZE => Slot::SamplingSize,
-            ie::SAMPLING_POPULATION => Slot::SamplingPopulation,
-            ie::SAMPLING_PROBABILITY => Slot::SamplingProbability,
-            ie::FLOW_START_SYS_UP_TIME => Slot::StartUptime,
-            ie::FLOW_END_SYS_UP_TIME => Slot::EndUptime,
-            ie::FLOW_START_SECONDS | ie::FLOW_START_MILLISECONDS => Slot::StartMs,
-            ie::FLOW_END_SECONDS | ie::FLOW_END_MILLISECONDS => Slot::EndMs,
-            ie::FLOW_START_MICROSECONDS | ie::FLOW_START_NANOSECONDS => Slot::StartNtp,
-            ie::FLOW_END_MICROSECONDS | ie::FLOW_END_NANOSECONDS => Slot::EndNtp,
-            ie::FLOW_START_DELTA_MICROSECONDS => Slot::StartDeltaUs,
-            ie::FLOW_END_DELTA_MICROSECONDS => Slot::EndDeltaUs,
-            ie::SYSTEM_INIT_TIME_MILLISECONDS => Slot::SysInit,
-            _ => return None,
-        })
-    }
+slots! {
+    BytesDelta: OCTET_DELTA_COUNT;
+    BytesTotal: OCTET_TOTAL_COUNT;
+    PacketsDelta: PACKET_DELTA_COUNT;
+    PacketsTotal: PACKET_TOTAL_COUNT;
+    Proto: PROTOCOL_IDENTIFIER;
+    Tos: IP_CLASS_OF_SERVICE;
+    TcpFlags: TCP_CONTROL_BITS;
+    SrcPort: SOURCE_TRANSPORT_PORT;
+    DstPort: DESTINATION_TRANSPORT_PORT;
+    SrcAddr: SOURCE_IPV4_ADDRESS | SOURCE_IPV6_ADDRESS;
+    DstAddr: DESTINATION_IPV4_ADDRESS | DESTINATION_IPV6_ADDRESS;
+    InIf: INGRESS_INTERFACE;
+    OutIf: EGRESS_INTERFACE;
+    SrcAs: BGP_SOURCE_AS_NUMBER;
+    DstAs: BGP_DESTINATION_AS_NUMBER;
+    IcmpTypeCode: ICMP_TYPE_CODE_IPV4 | ICMP_TYPE_CODE_IPV6;
+    IcmpType: ICMP_TYPE_IPV4 | ICMP_TYPE_IPV6;
+    IcmpCode: ICMP_CODE_IPV4 | ICMP_CODE_IPV6;
+    SrcMac: SOURCE_MAC_ADDRESS;
+    DstMac: DESTINATION_MAC_ADDRESS;
+    PostDstMac: POST_DESTINATION_MAC_ADDRESS;
+    Vlan: VLAN_ID | DOT1Q_VLAN_ID;
+    Segment: LAYER2_SEGMENT_ID;
+    Direction: FLOW_DIRECTION;
+    IpVersion: IP_VERSION;
+    Sampling: SAMPLING_INTERVAL | SAMPLER_RANDOM_INTERVAL;
+    PacketInterval: SAMPLING_PACKET_INTERVAL;
+    PacketSpace: SAMPLING_PACKET_SPACE;
+    SamplingSize: SAMPLING_SIZE;
+    SamplingPopulation: SAMPLING_POPULATION;
+    SamplingProbability: SAMPLING_PROBABILITY;
+    StartUptime: FLOW_START_SYS_UP_TIME;
+    EndUptime: FLOW_END_SYS_UP_TIME;
+    /// flowStartSeconds or flowStartMilliseconds (the field's id tells).
+    StartMs: FLOW_START_SECONDS | FLOW_START_MILLISECONDS;
+    EndMs: FLOW_END_SECONDS | FLOW_END_MILLISECONDS;
+    /// flowStartMicroseconds or flowStartNanoseconds (NTP format).
+    StartNtp: FLOW_START_MICROSECONDS | FLOW_START_NANOSECONDS;
+    EndNtp: FLOW_END_MICROSECONDS | FLOW_END_NANOSECONDS;
+    StartDeltaUs: FLOW_START_DELTA_MICROSECONDS;
+    EndDeltaUs: FLOW_END_DELTA_MICROSECONDS;
+    SysInit: SYSTEM_INIT_TIME_MILLISECONDS;
 }
 
 /// Where a slot's field lies in one record: its offset (`ABSENT` when the
@@ -265,38 +233,31 @@ pub(super) fn read(rec: &[u8], at: &Places, r: &mut FlowRecord, t: &mut RecordTi
     if let Some(v) = n(Slot::PacketsDelta).or_else(|| n(Slot::PacketsTotal)) {
         r.packets = v;
     }
-    if let Some(v) = n(Slot::Proto) {
-        r.proto = v as u8;
+    // Plain integers: slot => member, truncated to the member's width.
+    macro_rules! ints {
+        ($($slot:ident => $member:ident as $t:ty),* $(,)?) => {
+            $(if let Some(v) = n(Slot::$slot) {
+                r.$member = v as $t;
+            })*
+        };
     }
-    if let Some(v) = n(Slot::Tos) {
-        r.ip_tos = v as u8;
-    }
-    if let Some(v) = n(Slot::TcpFlags) {
-        r.tcp_flags = v as u8;
-    }
-    if let Some(v) = n(Slot::SrcPort) {
-        r.src_port = v as u16;
-    }
-    if let Some(v) = n(Slot::DstPort) {
-        r.dst_port = v as u16;
+    ints! {
+        Proto => proto as u8,
+        Tos => ip_tos as u8,
+        TcpFlags => tcp_flags as u8,
+        SrcPort => src_port as u16,
+        DstPort => dst_port as u16,
+        InIf => in_if as u32,
+        OutIf => out_if as u32,
+        SrcAs => src_as as u32,
+        DstAs => dst_as as u32,
+        Direction => flow_direction as u8,
     }
     if let Some(a) = bytes(Slot::SrcAddr).and_then(|v| v4(v).or_else(|| v6(v))) {
         r.src_addr = a;
     }
     if let Some(a) = bytes(Slot::DstAddr).and_then(|v| v4(v).or_else(|| v6(v))) {
         r.dst_addr = a;
-    }
-    if let Some(v) = n(Slot::InIf) {
-        r.in_if = v as u32;
-    }
-    if let Some(v) = n(Slot::OutIf) {
-        r.out_if = v as u32;
-    }
-    if let Some(v) = n(Slot::SrcAs) {
-        r.src_as = v as u32;
-    }
-    if let Some(v) = n(Slot::DstAs) {
-        r.dst_as = v as u32;
     }
     // icmpTypeCode, then separate type and code elements over it.
     if let Some(v) = n(Slot::IcmpTypeCode) {
@@ -328,9 +289,6 @@ pub(super) fn read(rec: &[u8], at: &Places, r: &mut FlowRecord, t: &mut RecordTi
     // RFC 7133: the encapsulation in the top octet.
     if let Some(v) = n(Slot::Segment) {
         (r.tunnel_type, r.tunnel_id) = segment_tunnel(v);
-    }
-    if let Some(v) = n(Slot::Direction) {
-        r.flow_direction = v as u8;
     }
     if let Some(v) = n(Slot::IpVersion) {
         r.etype = if v == 6 { ETYPE_IPV6 } else { ETYPE_IPV4 };

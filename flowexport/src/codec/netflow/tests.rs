@@ -336,21 +336,23 @@ fn ipfix_options_sampling_varlen_enterprise_and_withdrawal() {
 /// (the record's places found per record rather than once).
 #[test]
 fn fields_that_set_the_same_member() {
-    // (id, length) of each field; the enterprise field's number follows it.
-    let specs = [
-        (ie::OCTET_DELTA_COUNT, 4),
-        (ie::OCTET_TOTAL_COUNT, 4),
-        (ie::PACKET_TOTAL_COUNT, 4),
-        (ie::PACKET_DELTA_COUNT, 4),
-        (ie::SOURCE_TRANSPORT_PORT, 2),
-        (ie::SOURCE_TRANSPORT_PORT, 2),
-        (0x8000 | ie::DESTINATION_TRANSPORT_PORT, 2),
-        (ie::DESTINATION_MAC_ADDRESS, 6),
-        (ie::POST_DESTINATION_MAC_ADDRESS, 6),
+    // The template's fields and their lengths; the enterprise field (top
+    // bit set) is followed by its enterprise number.
+    let ids = [
+        ie::OCTET_DELTA_COUNT,
+        ie::OCTET_TOTAL_COUNT,
+        ie::PACKET_TOTAL_COUNT,
+        ie::PACKET_DELTA_COUNT,
+        ie::SOURCE_TRANSPORT_PORT,
+        ie::SOURCE_TRANSPORT_PORT,
+        0x8000 | ie::DESTINATION_TRANSPORT_PORT,
+        ie::DESTINATION_MAC_ADDRESS,
+        ie::POST_DESTINATION_MAC_ADDRESS,
     ];
+    let lens = [4, 4, 4, 4, 2, 2, 2, 6, 6];
     let t = |id: u32, extra: &[u32]| {
-        let mut t = be(&[id, specs.len() as u32 + extra.len() as u32 / 2], &[2, 2]);
-        for (id, len) in specs {
+        let mut t = be(&[id, ids.len() as u32 + extra.len() as u32 / 2], &[2, 2]);
+        for (id, len) in ids.into_iter().zip(lens) {
             t.extend(be(&[id.into(), len], &[2, 2]));
             if id & 0x8000 != 0 {
                 t.extend(be(&[9], &[4]));
