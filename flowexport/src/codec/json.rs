@@ -7,8 +7,8 @@
 //! the hot path of every JSON output (the agent's stdout, `collect` printing
 //! millions of flows per second, `--kafka-format json`): a record is built
 //! in place from constant-length keys, integers up to eight digits at a
-//! time (built in a register), IPv4 addresses without `core::fmt`. `cargo xtask bench collect`
-//! prints its rate beside serde_json's.
+//! time (built in a register), IPv4 addresses without `core::fmt`.
+//! `cargo xtask bench collect` prints its rate beside serde_json's.
 
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, Ipv4Addr};
@@ -92,8 +92,8 @@ impl Line<'_> {
             return;
         }
         // In parts of at most eight digits, each built in a register and
-        // stored with one 8-byte write (digits built byte by byte in memory
-        // and then copied would stall the copy's load on the stores).
+        // stored with one 8-byte write (no digit table, no scratch array
+        // to copy out of).
         const E8: u64 = 100_000_000;
         let n = decimal_len(v);
         if n <= 8 {
