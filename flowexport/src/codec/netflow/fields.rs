@@ -7,20 +7,8 @@ use super::*;
 /// Unsigned big-endian integer of 1..=8 bytes (reduced-size encoding);
 /// longer values keep their low 8 bytes.
 pub(super) fn uint(b: &[u8]) -> u64 {
-    // The usual lengths as one load each; the rest (reduced-size 3, 5, 6,
-    // 7 bytes) byte by byte.
-    match *b {
-        [x] => x.into(),
-        [a, b] => u16::from_be_bytes([a, b]).into(),
-        [a, b, c, d] => u32::from_be_bytes([a, b, c, d]).into(),
-        _ => {
-            if let Ok(w) = <[u8; 8]>::try_from(b) {
-                return u64::from_be_bytes(w);
-            }
-            let b = if b.len() > 8 { &b[b.len() - 8..] } else { b };
-            b.iter().fold(0u64, |acc, x| (acc << 8) | u64::from(*x))
-        }
-    }
+    let b = if b.len() > 8 { &b[b.len() - 8..] } else { b };
+    b.iter().fold(0u64, |acc, x| (acc << 8) | *x as u64)
 }
 
 pub(super) fn mac(b: &[u8]) -> u64 {
@@ -152,37 +140,39 @@ impl Places {
 }
 
 /// How records of one template are read, decided when the template is
-/// learned: each field's slot, and for a template without variable-length
-/// fields (the usual kind) the record's length and every slot's place. A
-/// record is then one pass over the slots, without a dispatch on each
-/// field's element id (a data-dependent jump per field, which cost more
-/// than reading the fields).
+/// learned: the template's fields, each with its slot, and for a template
+/// without variable-length fields (the usual kind) the record's length and
+/// every slot's place. A record is then one pass over the slots, without a
+/// dispatch on each field's element id (a data-dependent jump per field,
+/// which cost more than reading the fields).
 #[derive(Debug)]
 pub(super) struct Layout {
-    slots: Vec<Option<Slot>>,
+    fields: Vec<(Field, Option<Slot>)>,
     fixed: Option<(usize, Places)>,
 }
 
 impl Layout {
-    pub(super) fn new(fields: &[Field]) -> Layout {
-        let slots: Vec<Option<Slot>> = fields.iter().map(|f| Slot::of(f.id, f.pen)).collect();
-        let fixed = (!fields.iter().any(|f| f.len == VARLEN)).then(|| {
+    pub(super) fn new(fields: Vec<Field>) -> Layout {
+        let fields: Vec<(Field, Option<Slot>)> = fields
+            .into_iter()
+            .map(|f| (f, Slot::of(f.id, f.pen)))
+            .collect();
+        let fixed = (!fields.iter().any(|(f, _)| f.len == VARLEN)).then(|| {
             let mut places = Places::default();
             let mut off = 0;
-            for (f, slot) in fields.iter().zip(&slots) {
+            for (f, slot) in &fields {
                 places.set(*slot, off, f.len.into(), f.id);
                 off += usize::from(f.len);
             }
             (off, places)
         });
-        Layout { slots, fixed }
+        Layout { fields, fixed }
     }
 
     /// The next record's bytes and its places (`scratch` holds them for a
     /// template with variable-length fields).
     pub(super) fn next<'a, 'p>(
         &'p self,
-        fields: &[Field],
         r: &mut Reader<'a>,
         scratch: &'p mut Places,
     ) -> Result<(&'a [u8], &'p Places)> {
@@ -194,7 +184,7 @@ impl Layout {
         let places = scratch;
         *places = Places::default();
         let mut off = 0;
-        for (f, slot) in fields.iter().zip(&self.slots) {
+        for (f, slot) in &self.fields {
             let (prefix, len) = if f.len == VARLEN {
                 let l = r.u8("variable-length field")?;
                 if l == 255 {
@@ -378,7 +368,7 @@ impl NetflowDecoder {
                 ..FlowRecord::default()
             };
             let mut times = RecordTimes::default();
-            let (bytes, places) = t.layout.next(&t.fields, &mut r, &mut scratch)?;
+            let (bytes, places) = t.layout.next(&mut r, &mut scratch)?;
             read(bytes, places, &mut rec, &mut times);
             if t.options {
                 self.counters.options_records += 1;

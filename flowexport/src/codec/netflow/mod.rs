@@ -109,12 +109,12 @@ impl Field {
 
 #[derive(Debug)]
 struct Template {
-    fields: Vec<Field>,
     /// Options templates carry exporter settings (sampling), not flows.
     options: bool,
     /// Smallest record: fixed lengths plus one byte per variable field.
     min_len: usize,
-    /// Where records of this template hold what the decoder reads.
+    /// The fields, and where records of this template hold what the
+    /// decoder reads.
     layout: fields::Layout,
 }
 

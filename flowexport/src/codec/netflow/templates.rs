@@ -22,8 +22,7 @@ impl NetflowDecoder {
         self.templates.insert(
             key,
             Arc::new(Template {
-                layout: fields::Layout::new(&fields),
-                fields,
+                layout: fields::Layout::new(fields),
                 options,
                 min_len,
             }),
