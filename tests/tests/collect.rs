@@ -17,7 +17,10 @@
 //!
 //! sFlow v5 comes from a real agent too: pmacctd's sfprobe plugin, sampling
 //! every packet, sends straight to the collector's sFlow port; each sample
-//! is one packet, so the per-flow sums must equal the traffic sent.
+//! is one packet, so the per-flow sums must equal the traffic sent. sfprobe
+//! flushes its last, partly filled datagram only when a packet arrives in a
+//! later second (and drops it on SIGINT), so filler frames follow the
+//! traffic until the collector has every sample.
 //!
 //! Two runs publish to a real broker instead of stdout (Tansu in the test's
 //! namespace): protobuf FlowMessages and JSON, read back by a consumer and
@@ -236,7 +239,8 @@ fn traffic(ipv6: bool) -> (Frames, Flows) {
     (frames, want)
 }
 
-/// Filler traffic (fprobe only): its own flow, excluded from the comparison.
+/// Filler traffic (fprobe, sfprobe): its own flow, excluded from the
+/// comparison.
 const FILLER_SRC: &str = "10.60.255.1";
 const FILLER_FRAMES: usize = 4000;
 
@@ -386,10 +390,41 @@ fn run_to(exporter: Exporter, output: Output) {
         Exporter::Fprobe | Exporter::Pmacctd(_) | Exporter::PmacctdSflow => {
             let mut exp = exporter.start_live(&l.b, &l.b_dev, p_export, &dir);
             send_all(&l, &frames);
-            if matches!(exporter, Exporter::Fprobe) {
-                let filler = eth4(FILLER_SRC, "10.60.255.2", &L4::udp(9, 9, 10));
+            let filler = |n: u64| {
+                let frame = eth4(FILLER_SRC, "10.60.255.2", &L4::udp(9, 9, 10));
                 let key = (FILLER_SRC.into(), "10.60.255.2".into(), 17, 9, 9);
-                send_all(&l, &vec![(filler, FILLER_FRAMES as u64, key)]);
+                send_all(&l, &vec![(frame, n, key)]);
+            };
+            match exporter {
+                Exporter::Fprobe => filler(FILLER_FRAMES as u64),
+                Exporter::PmacctdSflow => {
+                    // sfprobe sends a datagram when it is full and flushes
+                    // the rest only on a tick, which runs when captured
+                    // packets wake it in a later second than its last tick
+                    // (and it drops what it holds on SIGINT). So after the
+                    // traffic, one filler frame every 1.1 s until the
+                    // collector has every sample: datagrams keep their
+                    // order, so once all but the newest filler are in,
+                    // every sample of the traffic is.
+                    let want: u64 = frames.iter().map(|(_, n, _)| n).sum();
+                    let mut fillers = 0;
+                    let all_in = wait_until(Duration::from_secs(20), || {
+                        if collector_flows(&collector, metrics_port) + 1 >= want + fillers.max(1) {
+                            return true;
+                        }
+                        filler(1);
+                        fillers += 1;
+                        std::thread::sleep(Duration::from_millis(1100));
+                        false
+                    });
+                    assert!(
+                        all_in,
+                        "sfprobe exported {} samples after {fillers} filler frames, {} expected",
+                        collector_flows(&collector, metrics_port),
+                        want + fillers - 1,
+                    );
+                }
+                _ => {}
             }
             std::thread::sleep(Duration::from_millis(500));
             // Both expire and export every flow they hold when stopped:
