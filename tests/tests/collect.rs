@@ -670,6 +670,14 @@ fn stalled_stdout_reader_loses_and_duplicates_nothing() {
     std::thread::sleep(Duration::from_millis(300));
     let waiting = gauge("flowexport_stdout_records_waiting");
     assert!(waiting > 20_000, "{waiting} records waiting");
+    // Not a datagram dropped at the socket, and the collector says so.
+    let drops = format!("flowexport_collector_socket_drops_total{{listen=\"127.0.0.1:{port}\"}}");
+    assert_eq!(
+        fetch_metrics(&ns, metrics_port)
+            .ok()
+            .and_then(|m| metric(&m, &drops)),
+        Some(0.0)
+    );
 
     // The reader resumes.
     let reader = std::thread::spawn(move || {

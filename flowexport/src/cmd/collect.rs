@@ -22,11 +22,14 @@ use crate::cmd::flags::{parse_duration, KafkaArgs};
 use crate::codec::netflow::NetflowDecoder;
 use crate::codec::sflow;
 use crate::rate_limited_log::RateLimitedLog;
-use crate::record::FlowRecord;
+use crate::record::{FlowRecord, FlowType};
 use crate::sink::kafka::KafkaSink;
 use crate::sink::stdout::QueuedJsonLines;
 use crate::sink::{Fanout, Sink};
 use crate::timeconv::wall_ns;
+
+mod udp;
+use udp::{receive_buffer, reuseport_socket, Datagrams, SocketDrops, RECEIVE_BUFFER};
 
 #[derive(Args, Debug, Clone)]
 pub struct CollectArgs {
@@ -68,6 +71,7 @@ pub struct CollectMetrics {
     pub templates: IntGauge,
     pub pending_expired: IntCounter,
     pub sflow_counter_samples: IntCounter,
+    pub socket_drops: SocketDrops,
     pub sink_errors: IntCounterVec,
 }
 
@@ -108,6 +112,7 @@ impl CollectMetrics {
                 "flowexport_collector_sflow_counter_samples_total",
                 "sFlow counter samples received (counted, not exported).",
             ),
+            socket_drops: SocketDrops::new(&r),
             sink_errors: vec(
                 "flowexport_sink_errors_total",
                 "Batches a sink failed to deliver, by sink.",
@@ -127,73 +132,6 @@ enum Protocol {
     Sflow,
 }
 
-fn reuseport_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
-    use std::os::fd::FromRawFd;
-    let domain = if addr.is_ipv6() {
-        libc::AF_INET6
-    } else {
-        libc::AF_INET
-    };
-    // SAFETY: plain socket/setsockopt/bind calls; the fd is owned by the
-    // returned UdpSocket.
-    unsafe {
-        let fd = libc::socket(domain, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let sock = UdpSocket::from_raw_fd(fd);
-        let one: libc::c_int = 1;
-        for opt in [libc::SO_REUSEPORT, libc::SO_REUSEADDR] {
-            if libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                &one as *const _ as *const libc::c_void,
-                size_of::<libc::c_int>() as u32,
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-        let rcvbuf: libc::c_int = 8 << 20;
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            &rcvbuf as *const _ as *const libc::c_void,
-            size_of::<libc::c_int>() as u32,
-        );
-        let (sa, len) = sockaddr(addr);
-        if libc::bind(fd, &sa as *const _ as *const libc::sockaddr, len) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(sock)
-    }
-}
-
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: zeroed sockaddr_storage is valid; we fill the family's fields.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    match addr {
-        SocketAddr::V4(a) => {
-            // SAFETY: sockaddr_storage is large enough for sockaddr_in.
-            let sin = unsafe { &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in) };
-            sin.sin_family = libc::AF_INET as u16;
-            sin.sin_port = a.port().to_be();
-            sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
-            (ss, size_of::<libc::sockaddr_in>() as u32)
-        }
-        SocketAddr::V6(a) => {
-            // SAFETY: sockaddr_storage is large enough for sockaddr_in6.
-            let sin6 = unsafe { &mut *(&mut ss as *mut _ as *mut libc::sockaddr_in6) };
-            sin6.sin6_family = libc::AF_INET6 as u16;
-            sin6.sin6_port = a.port().to_be();
-            sin6.sin6_addr.s6_addr = a.ip().octets();
-            (ss, size_of::<libc::sockaddr_in6>() as u32)
-        }
-    }
-}
-
 struct Worker {
     socket: UdpSocket,
     protocol: Protocol,
@@ -208,18 +146,21 @@ struct Worker {
     expired_reported: u64,
     /// Per-exporter packet counters, looked up once per exporter.
     packet_counters: HashMap<IpAddr, IntCounter>,
+    /// Flow counters by record type, looked up once per type.
+    flow_counters: Vec<(FlowType, IntCounter)>,
 }
 
 impl Worker {
     fn run(mut self) {
-        let mut buf = vec![0u8; 65_536];
+        let mut datagrams = Datagrams::new();
         let mut flows: Vec<FlowRecord> = Vec::with_capacity(64);
         while !self.stop.load(Ordering::Relaxed) {
-            let (n, from) = match self.socket.recv_from(&mut buf) {
-                Ok(x) => x,
+            match datagrams.recv(&self.socket) {
+                Ok(_) => {}
                 Err(e)
                     if e.kind() == std::io::ErrorKind::WouldBlock
-                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                        || e.kind() == std::io::ErrorKind::TimedOut
+                        || e.kind() == std::io::ErrorKind::Interrupted =>
                 {
                     continue;
                 }
@@ -228,53 +169,71 @@ impl Worker {
                     std::thread::sleep(Duration::from_millis(100));
                     continue;
                 }
-            };
-            let exporter = from.ip().to_canonical();
-            let metrics = &self.metrics;
-            self.packet_counters
-                .entry(exporter)
-                .or_insert_with(|| metrics.packets.with_label_values(&[&exporter.to_string()]))
-                .inc();
+            }
+            // The flows of all the datagrams go to the sinks as one batch.
             flows.clear();
-            let now = wall_ns();
-            let result = match self.protocol {
-                Protocol::Netflow => self
-                    .netflow
-                    .decode(exporter, &buf[..n], now, &mut flows)
-                    .map_err(|e| (e.reason(), e.to_string())),
-                Protocol::Sflow => sflow::decode(exporter, &buf[..n], now, &mut flows)
-                    .map(|counters| self.metrics.sflow_counter_samples.inc_by(counters))
-                    .map_err(|e| (e.reason(), e.to_string())),
-            };
-            if let Err((reason, msg)) = result {
-                self.metrics
-                    .errors
-                    .with_label_values(&[&exporter.to_string(), reason])
-                    .inc();
-                self.errors.warn_for((exporter, reason), || {
-                    format!("malformed packet from {exporter} ({reason}): {msg}")
-                });
+            for (from, datagram) in datagrams.iter() {
+                if let Some(exporter) = from {
+                    self.decode(exporter.to_canonical(), datagram, &mut flows);
+                }
             }
-            if self.protocol == Protocol::Netflow {
-                let known = self.netflow.templates_known() as i64;
-                self.metrics.templates.add(known - self.templates_reported);
-                self.templates_reported = known;
-                let expired = self.netflow.counters.pending_expired;
-                self.metrics
-                    .pending_expired
-                    .inc_by(expired - self.expired_reported);
-                self.expired_reported = expired;
+            if !flows.is_empty() {
+                self.sinks.send(&flows);
             }
-            if flows.is_empty() {
-                continue;
-            }
-            // One datagram carries one record type.
-            self.metrics
-                .flows
-                .with_label_values(&[flows[0].flow_type.as_str()])
-                .inc_by(flows.len() as u64);
-            self.sinks.send(&flows);
         }
+    }
+
+    /// Decodes one datagram from `exporter`, appending its flows to `flows`.
+    fn decode(&mut self, exporter: IpAddr, datagram: &[u8], flows: &mut Vec<FlowRecord>) {
+        let before = flows.len();
+        let metrics = &self.metrics;
+        self.packet_counters
+            .entry(exporter)
+            .or_insert_with(|| metrics.packets.with_label_values(&[&exporter.to_string()]))
+            .inc();
+        let now = wall_ns();
+        let result = match self.protocol {
+            Protocol::Netflow => self
+                .netflow
+                .decode(exporter, datagram, now, flows)
+                .map_err(|e| (e.reason(), e.to_string())),
+            Protocol::Sflow => sflow::decode(exporter, datagram, now, flows)
+                .map(|counters| self.metrics.sflow_counter_samples.inc_by(counters))
+                .map_err(|e| (e.reason(), e.to_string())),
+        };
+        if let Err((reason, msg)) = result {
+            self.metrics
+                .errors
+                .with_label_values(&[&exporter.to_string(), reason])
+                .inc();
+            self.errors.warn_for((exporter, reason), || {
+                format!("malformed packet from {exporter} ({reason}): {msg}")
+            });
+        }
+        if self.protocol == Protocol::Netflow {
+            let known = self.netflow.templates_known() as i64;
+            self.metrics.templates.add(known - self.templates_reported);
+            self.templates_reported = known;
+            let expired = self.netflow.counters.pending_expired;
+            self.metrics
+                .pending_expired
+                .inc_by(expired - self.expired_reported);
+            self.expired_reported = expired;
+        }
+        // One datagram carries one record type.
+        let Some(first) = flows.get(before) else {
+            return;
+        };
+        let ty = first.flow_type;
+        let counter = match self.flow_counters.iter().find(|(t, _)| *t == ty) {
+            Some((_, c)) => c,
+            None => {
+                let c = metrics.flows.with_label_values(&[ty.as_str()]);
+                self.flow_counters.push((ty, c));
+                &self.flow_counters[self.flow_counters.len() - 1].1
+            }
+        };
+        counter.inc_by((flows.len() - before) as u64);
     }
 }
 
@@ -343,6 +302,24 @@ pub fn run(args: CollectArgs) -> Result<()> {
             let socket = reuseport_socket(addr)
                 .with_context(|| format!("cannot listen on udp {addr} (in use? permission?)"))?;
             socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+            metrics
+                .socket_drops
+                .watch(addr, &socket)
+                .context("duplicating a socket's descriptor for its drop count")?;
+            if i == 0 {
+                let got = receive_buffer(&socket).context("reading SO_RCVBUF")?;
+                if got < RECEIVE_BUFFER {
+                    log::warn!(
+                        "udp {addr}: receive buffers of {} KiB, not the {} MiB asked for \
+                         (net.core.rmem_max caps them without CAP_NET_ADMIN): a worker's \
+                         stall of more than a few ms drops datagrams (counted in \
+                         flowexport_collector_socket_drops_total); raise the cap with \
+                         `sysctl -w net.core.rmem_max={RECEIVE_BUFFER}`",
+                        got >> 10,
+                        RECEIVE_BUFFER >> 20
+                    );
+                }
+            }
             let w = Worker {
                 socket,
                 protocol,
@@ -363,6 +340,7 @@ pub fn run(args: CollectArgs) -> Result<()> {
                 templates_reported: 0,
                 expired_reported: 0,
                 packet_counters: HashMap::new(),
+                flow_counters: Vec::new(),
             };
             running.threads.push(
                 std::thread::Builder::new()
