@@ -26,45 +26,65 @@ pub(super) fn reuseport_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
     } else {
         libc::AF_INET
     };
-    // SAFETY: plain socket/setsockopt/bind calls; the fd is owned by the
-    // returned UdpSocket.
-    unsafe {
-        let fd = libc::socket(domain, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let sock = UdpSocket::from_raw_fd(fd);
-        let one: libc::c_int = 1;
-        for opt in [libc::SO_REUSEPORT, libc::SO_REUSEADDR] {
-            if libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                &one as *const _ as *const libc::c_void,
-                size_of::<libc::c_int>() as u32,
-            ) != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        let rcvbuf = RECEIVE_BUFFER as libc::c_int;
-        for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
-            if libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                &rcvbuf as *const _ as *const libc::c_void,
-                size_of::<libc::c_int>() as u32,
-            ) == 0
-            {
-                break;
-            }
-        }
-        let (sa, len) = sockaddr(addr);
-        if libc::bind(fd, &sa as *const _ as *const libc::sockaddr, len) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(sock)
+    // SAFETY: socket() has no preconditions.
+    let fd = unsafe { libc::socket(domain, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new socket that nothing else owns.
+    let sock = unsafe { UdpSocket::from_raw_fd(fd) };
+    set_option(&sock, libc::SO_REUSEPORT, 1)?;
+    set_option(&sock, libc::SO_REUSEADDR, 1)?;
+    let rcvbuf = RECEIVE_BUFFER as libc::c_int;
+    if set_option(&sock, libc::SO_RCVBUFFORCE, rcvbuf).is_err() {
+        set_option(&sock, libc::SO_RCVBUF, rcvbuf)?;
+    }
+    let (sa, len) = sockaddr(addr);
+    // SAFETY: `sa` holds a socket address of `len` bytes.
+    if unsafe { libc::bind(fd, (&sa as *const libc::sockaddr_storage).cast(), len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(sock)
+}
+
+/// Sets the SOL_SOCKET option `opt` of `socket` to `value`.
+fn set_option(socket: &UdpSocket, opt: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: setsockopt reads one c_int from `value`.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Reads the SOL_SOCKET option `opt` of `socket` into `value`; returns the
+/// bytes the kernel wrote.
+fn get_option<T: Copy>(socket: &UdpSocket, opt: libc::c_int, value: &mut T) -> io::Result<usize> {
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `value` (plain
+    // integers here) and sets `len` to what it wrote.
+    let r = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (value as *mut T).cast(),
+            &mut len,
+        )
+    };
+    if r == 0 {
+        Ok(len as usize)
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -72,20 +92,7 @@ pub(super) fn reuseport_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
 /// doubles the request for its bookkeeping and reports the doubled value).
 pub(super) fn receive_buffer(socket: &UdpSocket) -> io::Result<usize> {
     let mut value: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: SO_RCVBUF writes one c_int into `value`.
-    let r = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    get_option(socket, libc::SO_RCVBUF, &mut value)?;
     Ok(value as usize / 2)
 }
 
@@ -137,22 +144,8 @@ fn sender(ss: &libc::sockaddr_storage) -> Option<IpAddr> {
 fn socket_drops(socket: &UdpSocket) -> io::Result<u32> {
     // SK_MEMINFO_VARS is 9 since Linux 4.x; room for more.
     let mut info = [0u32; 16];
-    let mut len = size_of_val(&info) as libc::socklen_t;
-    // SAFETY: SO_MEMINFO writes at most `len` bytes into `info` and sets
-    // `len` to what it wrote.
-    let r = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_MEMINFO,
-            info.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if (len as usize) <= libc::SK_MEMINFO_DROPS as usize * 4 {
+    let len = get_option(socket, libc::SO_MEMINFO, &mut info)?;
+    if len <= libc::SK_MEMINFO_DROPS as usize * 4 {
         return Err(io::Error::other("SO_MEMINFO has no drop count"));
     }
     Ok(info[libc::SK_MEMINFO_DROPS as usize])
@@ -375,18 +368,7 @@ mod tests {
         rx.set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
         let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let rcvbuf: libc::c_int = 64 << 10;
-        // SAFETY: setsockopt reads one c_int from `rcvbuf`.
-        let r = unsafe {
-            libc::setsockopt(
-                rx.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&rcvbuf as *const libc::c_int).cast(),
-                size_of::<libc::c_int>() as u32,
-            )
-        };
-        assert_eq!(r, 0);
+        set_option(&rx, libc::SO_RCVBUF, 64 << 10).unwrap();
         assert_eq!(socket_drops(&rx).unwrap(), 0);
         // Far more than a 64 KiB receive buffer (the kernel makes it 128)
         // holds.
