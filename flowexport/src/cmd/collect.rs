@@ -311,10 +311,10 @@ pub fn run(args: CollectArgs) -> Result<()> {
                 if got < RECEIVE_BUFFER {
                     log::warn!(
                         "udp {addr}: receive buffers of {} KiB, not the {} MiB asked for \
-                         (net.core.rmem_max caps them without CAP_NET_ADMIN): a worker's \
-                         stall of more than a few ms drops datagrams (counted in \
-                         flowexport_collector_socket_drops_total); raise the cap with \
-                         `sysctl -w net.core.rmem_max={RECEIVE_BUFFER}`",
+                         (net.core.rmem_max caps them without CAP_NET_ADMIN): they hold \
+                         fewer datagrams while a worker is busy, and what does not fit is \
+                         dropped (counted in flowexport_collector_socket_drops_total); \
+                         raise the cap with `sysctl -w net.core.rmem_max={RECEIVE_BUFFER}`",
                         got >> 10,
                         RECEIVE_BUFFER >> 20
                     );
