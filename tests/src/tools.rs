@@ -111,6 +111,21 @@ pub fn udp_recv_queue(ns: &Netns, port: u16) -> Option<u64> {
     out.lines().next()?.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Datagrams the kernel dropped at the UDP socket bound to `port` in `ns`
+/// (`ss -m`'s `d`; None: no such socket).
+pub fn udp_drops(ns: &Netns, port: u16) -> Option<u64> {
+    let out = ns
+        .exec(&["ss", "-Huanm", &format!("sport = :{port}")])
+        .ok()?;
+    let skmem = out.split("skmem:(").nth(1)?;
+    let inner = skmem.split(')').next()?;
+    inner
+        .split(',')
+        .find_map(|f| f.strip_prefix('d'))?
+        .parse()
+        .ok()
+}
+
 /// nfcapd writing into `dir`, listening on 127.0.0.1:`port` in `ns`; with
 /// `repeat_to`, it also repeats every packet it receives, unchanged, to that
 /// 127.0.0.1 port (nfcapd's `-R`), so a second collector sees the same stream.

@@ -571,92 +571,130 @@ collect_tests! {
     pmacctd_sfprobe_sflow5: Exporter::PmacctdSflow;
 }
 
+/// `flowexport collect` on 127.0.0.1:`port` in `ns`, one worker, its
+/// stdout a pipe the test reads (or not); killed when dropped.
+struct PipedCollector {
+    child: std::process::Child,
+    ns: Netns,
+    port: u16,
+    metrics_port: u16,
+}
+
+impl PipedCollector {
+    fn start() -> (PipedCollector, std::process::ChildStdout) {
+        let ns = Netns::new().unwrap();
+        ns.exec(&["ip", "link", "set", "lo", "up"]).unwrap();
+        let port = free_tcp_port(&ns);
+        let metrics_port = free_tcp_port(&ns);
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(flowexport_bin())
+            .args(["collect", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--workers", "1", "--metrics-addr"])
+            .arg(format!("127.0.0.1:{metrics_port}"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let c = PipedCollector {
+            child,
+            ns,
+            port,
+            metrics_port,
+        };
+        assert!(wait_until(Duration::from_secs(20), || fetch_metrics(
+            &c.ns,
+            c.metrics_port
+        )
+        .is_ok()));
+        (c, stdout)
+    }
+
+    /// A metric's value (None: not exposed).
+    fn metric(&self, name: &str) -> Option<f64> {
+        fetch_metrics(&self.ns, self.metrics_port)
+            .ok()
+            .and_then(|m| metric(&m, name))
+    }
+
+    /// `flowexport_collector_socket_drops_total` of the listen address.
+    fn socket_drops(&self) -> Option<f64> {
+        self.metric(&format!(
+            "flowexport_collector_socket_drops_total{{listen=\"127.0.0.1:{}\"}}",
+            self.port
+        ))
+    }
+
+    /// Sends NetFlow v9 datagrams of 30 flows each, `n` flows in all, each
+    /// flow with its own byte count (1,000,000 + its index), in bursts of 20
+    /// datagrams `pause` apart.
+    fn send_flows(&self, n: u64, pause: Duration) {
+        use flowexport::codec::netflow::encode::{ExportProtocol, ExportStream};
+        use flowexport::record::{FlowRecord, FlowType, ETYPE_IPV4};
+        let mut stream = ExportStream::new(
+            ExportProtocol::NetflowV9,
+            1,
+            9000,
+            60_000,
+            20,
+            1_763_799_000_000,
+        )
+        .unwrap();
+        let mut datagrams: Vec<Vec<u8>> = Vec::new();
+        for first in (0..n).step_by(30) {
+            let flows: Vec<FlowRecord> = (first..n.min(first + 30))
+                .map(|i| FlowRecord {
+                    flow_type: FlowType::Ebpf,
+                    time_flow_start_ns: 1_763_799_990_000_000_000,
+                    time_flow_end_ns: 1_763_799_999_000_000_000,
+                    bytes: 1_000_000 + i,
+                    packets: 1,
+                    src_addr: std::net::Ipv4Addr::from(0x0a3c_0000 + i as u32).into(),
+                    dst_addr: "10.61.0.1".parse().unwrap(),
+                    etype: ETYPE_IPV4,
+                    proto: 17,
+                    src_port: 1024,
+                    dst_port: 53,
+                    ..FlowRecord::default()
+                })
+                .collect();
+            datagrams.extend(stream.encode(&flows, 1_763_800_000_000));
+        }
+        let port = self.port;
+        self.ns
+            .run(move || {
+                let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                for (i, d) in datagrams.iter().enumerate() {
+                    s.send_to(d, ("127.0.0.1", port)).unwrap();
+                    if i % 20 == 19 {
+                        std::thread::sleep(pause);
+                    }
+                }
+            })
+            .unwrap();
+    }
+}
+
+impl Drop for PipedCollector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A reader of the collector's stdout that stalls: decoding goes on (every
 /// flow counted, no socket drop), the records wait in the stdout queue
 /// (`flowexport_stdout_records_waiting`), and once the reader resumes every
 /// record arrives exactly once.
 #[test]
 fn stalled_stdout_reader_loses_and_duplicates_nothing() {
-    use flowexport::codec::netflow::encode::{ExportProtocol, ExportStream};
-    use flowexport::record::{FlowRecord, FlowType, ETYPE_IPV4};
     use std::io::Read;
 
-    let ns = Netns::new().unwrap();
-    ns.exec(&["ip", "link", "set", "lo", "up"]).unwrap();
-    let port = free_tcp_port(&ns);
-    let metrics_port = free_tcp_port(&ns);
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &ns.name])
-        .arg(flowexport_bin())
-        .args(["collect", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--workers", "1", "--metrics-addr"])
-        .arg(format!("127.0.0.1:{metrics_port}"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut stdout = child.stdout.take().unwrap();
-    let child = Kill(child);
-    let gauge = |name: &str| -> u64 {
-        fetch_metrics(&ns, metrics_port)
-            .ok()
-            .and_then(|m| metric(&m, name))
-            .unwrap_or(0.0) as u64
-    };
-    assert!(wait_until(Duration::from_secs(20), || fetch_metrics(
-        &ns,
-        metrics_port
-    )
-    .is_ok()));
-
-    // 30,000 flows (about 13 MB of JSON, far more than a pipe holds), each
-    // with its own byte count, in 1,000 NetFlow v9 datagrams.
-    let flows: Vec<FlowRecord> = (0..30_000u64)
-        .map(|i| FlowRecord {
-            flow_type: FlowType::Ebpf,
-            time_flow_start_ns: 1_763_799_990_000_000_000,
-            time_flow_end_ns: 1_763_799_999_000_000_000,
-            bytes: 1_000_000 + i,
-            packets: 1,
-            src_addr: std::net::Ipv4Addr::from(0x0a3c_0000 + i as u32).into(),
-            dst_addr: "10.61.0.1".parse().unwrap(),
-            etype: ETYPE_IPV4,
-            proto: 17,
-            src_port: 1024,
-            dst_port: 53,
-            ..FlowRecord::default()
-        })
-        .collect();
-    let mut stream = ExportStream::new(
-        ExportProtocol::NetflowV9,
-        1,
-        9000,
-        60_000,
-        20,
-        1_763_799_000_000,
-    )
-    .unwrap();
-    let datagrams: Vec<Vec<u8>> = flows
-        .chunks(30)
-        .flat_map(|c| stream.encode(c, 1_763_800_000_000))
-        .collect();
-    ns.run(move || {
-        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        for (i, d) in datagrams.iter().enumerate() {
-            s.send_to(d, ("127.0.0.1", port)).unwrap();
-            if i % 20 == 19 {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        }
-    })
-    .unwrap();
+    let (c, mut stdout) = PipedCollector::start();
+    let gauge = |name: &str| c.metric(name).unwrap_or(0.0) as u64;
+    // 30,000 flows (about 13 MB of JSON, far more than a pipe holds).
+    c.send_flows(30_000, Duration::from_millis(2));
 
     // Nobody reads stdout: every flow is decoded all the same, and what
     // the pipe cannot take waits in the queue.
@@ -671,13 +709,8 @@ fn stalled_stdout_reader_loses_and_duplicates_nothing() {
     let waiting = gauge("flowexport_stdout_records_waiting");
     assert!(waiting > 20_000, "{waiting} records waiting");
     // Not a datagram dropped at the socket, and the collector says so.
-    let drops = format!("flowexport_collector_socket_drops_total{{listen=\"127.0.0.1:{port}\"}}");
-    assert_eq!(
-        fetch_metrics(&ns, metrics_port)
-            .ok()
-            .and_then(|m| metric(&m, &drops)),
-        Some(0.0)
-    );
+    assert_eq!(c.socket_drops(), Some(0.0));
+    assert_eq!(udp_drops(&c.ns, c.port), Some(0));
 
     // The reader resumes.
     let reader = std::thread::spawn(move || {
@@ -689,7 +722,7 @@ fn stalled_stdout_reader_loses_and_duplicates_nothing() {
         "flowexport_stdout_records_waiting"
     ) == 0));
     // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(c.child.id() as i32, libc::SIGTERM) };
     let all = reader.join().unwrap();
     let mut bytes: Vec<u64> = String::from_utf8(all)
         .unwrap()
@@ -702,4 +735,33 @@ fn stalled_stdout_reader_loses_and_duplicates_nothing() {
         .collect();
     bytes.sort_unstable();
     assert_eq!(bytes, (1_000_000..1_030_000).collect::<Vec<u64>>());
+}
+
+/// A reader that never reads: the stdout queue fills (16 MiB), the worker
+/// waits for room, its socket's buffer fills and the kernel drops
+/// datagrams. `flowexport_collector_socket_drops_total` is the kernel's
+/// count for the socket (what `ss` shows), read while the worker is still
+/// blocked.
+#[test]
+fn socket_drops_are_the_kernels_count() {
+    let (c, _stdout) = PipedCollector::start();
+    // 600,000 flows in 20,000 datagrams of ~1.4 KB: the queue takes ~1,200
+    // datagrams' records, an 8 MiB socket buffer ~7,000 datagrams.
+    c.send_flows(600_000, Duration::ZERO);
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let kernel = udp_drops(&c.ns, c.port);
+            kernel > Some(0) && c.socket_drops() == kernel.map(|d| d as f64)
+        }),
+        "metric {:?}, kernel {:?}",
+        c.socket_drops(),
+        udp_drops(&c.ns, c.port)
+    );
+    // Scraped again: the same count, not added twice.
+    assert_eq!(c.socket_drops(), udp_drops(&c.ns, c.port).map(|d| d as f64));
+    // The worker is still waiting for room in the queue, and the time it
+    // has waited shows (counted every 100 ms while it waits).
+    assert!(wait_until(Duration::from_secs(5), || c
+        .metric("flowexport_stdout_blocked_seconds_total")
+        > Some(0.0)));
 }

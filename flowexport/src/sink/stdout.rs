@@ -308,13 +308,20 @@ impl Sink for QueuedJsonLines {
             )));
         }
         if q.bytes > 0 && q.bytes + buf.len() > s.limit {
-            let started = Instant::now();
             q.hurry = true;
             s.work.notify_one();
+            // Counted as it passes (every 100 ms at most), so that a reader
+            // that never resumes shows too.
+            let mut since = Instant::now();
             while q.bytes > 0 && q.bytes + buf.len() > s.limit {
-                q = s.room.wait(q).expect("stdout queue");
+                q = s
+                    .room
+                    .wait_timeout(q, Duration::from_millis(100))
+                    .expect("stdout queue")
+                    .0;
+                s.blocked.inc_by(since.elapsed().as_secs_f64());
+                since = Instant::now();
             }
-            s.blocked.inc_by(started.elapsed().as_secs_f64());
         }
         q.bytes += buf.len();
         s.waiting.add(records.len() as i64);
@@ -459,6 +466,8 @@ mod tests {
         let waiting = metric("flowexport_stdout_records_waiting");
         assert!(waiting > 0.0 && waiting < 2000.0, "{waiting}");
         assert!(!sender.is_finished());
+        // The time blocked shows while the sender still waits.
+        assert!(metric("flowexport_stdout_blocked_seconds_total") > 0.0);
         // It resumes: every record arrives once, in order.
         {
             let (m, c) = &*out.0;
