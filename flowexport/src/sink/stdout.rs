@@ -467,7 +467,13 @@ mod tests {
         assert!(waiting > 0.0 && waiting < 2000.0, "{waiting}");
         assert!(!sender.is_finished());
         // The time blocked shows while the sender still waits.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while metric("flowexport_stdout_blocked_seconds_total") == 0.0 && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert!(metric("flowexport_stdout_blocked_seconds_total") > 0.0);
+        assert!(!sender.is_finished());
         // It resumes: every record arrives once, in order.
         {
             let (m, c) = &*out.0;
