@@ -463,6 +463,12 @@ pub const PROG_INGRESS_TC: &str = "flowexport_ingress_tc";
 pub const PROG_XSK: &str = "flowexport_xsk";
 /// An XDP program that only returns XDP_PASS: the baseline of `cargo xtask bench xdp`.
 pub const PROG_BENCH_PASS: &str = "flowexport_bench_pass";
+/// A TC program that only returns TC_ACT_UNSPEC: the baseline of the TC
+/// (egress, `--capture tc`) table of `cargo xtask bench xdp`.
+pub const PROG_BENCH_TC_PASS: &str = "flowexport_bench_tc_pass";
+/// The egress program with every header read through bpf_skb_load_bytes:
+/// the comparison in the TC table of `cargo xtask bench xdp`.
+pub const PROG_BENCH_TC_HELPER: &str = "flowexport_bench_tc_helper";
 /// Cost-breakdown programs of `cargo xtask bench xdp`: the parser alone, and
 /// the parser plus the clock and generation reads.
 pub const PROG_BENCH_PARSE: &str = "flowexport_bench_parse";

@@ -1,5 +1,6 @@
 //! The packet parser, one for every capture path: the kernel programs (XDP
-//! with direct packet access, TC with `bpf_skb_load_bytes`) and userspace
+//! with direct packet access; TC the same on the skb's linear data, with
+//! `bpf_skb_load_bytes` for a header beyond it) and userspace
 //! (AF_XDP frames) read packets with exactly the same rules, because they
 //! run this code. It is written for the BPF verifier: bounded loops, one
 //! bounds check per header read, no indexing past what was loaded.

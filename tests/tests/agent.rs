@@ -241,6 +241,45 @@ fn fragments_and_extension_headers(capture: &[&str]) {
     );
 }
 
+/// Frames of a page or more leave AF_PACKET with only their Ethernet header
+/// in the skb's head (the rest in paged data), so the TC programs find the
+/// IP and L4 headers beyond the linear part and read them with
+/// bpf_skb_load_bytes (all other packets: straight from the linear data).
+/// Both directions, IPv4 and IPv6, counted exactly. Jumbo MTU on both ends;
+/// TC capture only: XDP on a veth refuses an MTU this large.
+#[test]
+fn jumbo_frames_with_headers_in_paged_data_tc_capture() {
+    let l = Link::new().unwrap();
+    for (ns, dev) in [(&l.a, &l.a_dev), (&l.b, &l.b_dev)] {
+        ns.exec(&["ip", "link", "set", dev, "mtu", "9000"]).unwrap();
+    }
+    let ifb = l.b.ifindex(&l.b_dev).unwrap();
+    let agent = Agent::start(&l.b, &agent_args(&[&l.b_dev], &["--capture", "tc"])).unwrap();
+    let (a4, b4, a6, b6) = ("10.5.0.1", "10.5.0.2", "2001:db8:5::1", "2001:db8:5::2");
+    // 8,000 bytes of payload: frames of 8,042 and 8,074 bytes.
+    send_one(&l.a, &l.a_dev, eth4(a4, b4, &L4::udp(1111, 2222, 8000)), 7);
+    let tcp6 = L4::tcp(3333, 4444, TCP_ACK | TCP_PSH, 8000);
+    send_one(&l.a, &l.a_dev, eth6(a6, b6, &tcp6), 5);
+    send_one(&l.b, &l.b_dev, eth4(b4, a4, &L4::udp(2222, 1111, 8000)), 3);
+    let out = agent.stop_ok();
+    let flow = |dir, src: &str, dst: &str, proto, sp, dp| {
+        FlowId::new(dir, ifb, src, dst, proto, sp, dp, 0)
+    };
+    assert_flows(
+        &totals(&out.records),
+        &[
+            (flow(0, a4, b4, 17, 1111, 2222), 7, 7 * 8028, 0),
+            (
+                flow(0, a6, b6, 6, 3333, 4444),
+                5,
+                5 * 8060,
+                (TCP_ACK | TCP_PSH) as u64,
+            ),
+            (flow(1, b4, a4, 17, 2222, 1111), 3, 3 * 8028, 0),
+        ],
+    );
+}
+
 #[test]
 fn exact_under_concurrent_load_with_active_timeout() {
     let l = Link::new().unwrap();

@@ -35,6 +35,11 @@
 //! checks that no packet went to the fallback path and that the hot flow's
 //! packet count equals what was sent, so the numbers are for the path the
 //! agent really takes.
+//!
+//! * **TC**: the same hot frame through the egress program (TC; the
+//!   `--capture tc` ingress program is the same code), through a copy of it
+//!   that reads every header with bpf_skb_load_bytes (as it did before it
+//!   read the skb's linear data directly), and through an empty TC program.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -42,15 +47,16 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use aya::programs::{TestRun, TestRunOptions, Xdp};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use clap::Parser;
 use flowexport::capture::drain::{FlowAggregator, KernelTables, Start, Timeouts};
 use flowexport::capture::filter::{compile, KernelFilter, Rule};
 use flowexport::capture::loader::{Capture, LoadOptions, Programs};
 use flowexport::capture::table::slots_for;
 use flowexport_common::{
-    FlowKey, BENCH_PORTS, DEFAULT_CACHE_SLOTS, DIR_INGRESS, MAP_BENCH_ROTATE, PROG_BENCH_PARSE,
-    PROG_BENCH_PARSE_CLOCK, PROG_BENCH_PASS, PROG_BENCH_ROTATE, PROG_INGRESS,
+    FlowKey, BENCH_PORTS, DEFAULT_CACHE_SLOTS, DIR_EGRESS, DIR_INGRESS, MAP_BENCH_ROTATE,
+    PROG_BENCH_PARSE, PROG_BENCH_PARSE_CLOCK, PROG_BENCH_PASS, PROG_BENCH_ROTATE,
+    PROG_BENCH_TC_HELPER, PROG_BENCH_TC_PASS, PROG_EGRESS, PROG_INGRESS,
 };
 
 #[derive(Parser)]
@@ -161,6 +167,15 @@ fn key(family: Family, i: u32) -> FlowKey {
 }
 
 fn run(prog: &Xdp, data: &[u8], repeat: u32) -> Result<f64> {
+    test_run(prog, data, repeat, 2, "XDP_PASS")
+}
+
+/// One BPF_PROG_TEST_RUN call of `prog` on `data`, `repeat` times: the mean
+/// ns per run, after checking the program returned `want` (`name`).
+fn test_run<P>(prog: &P, data: &[u8], repeat: u32, want: u32, name: &str) -> Result<f64>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
+{
     let r = prog
         .test_run(TestRunOptions {
             data_in: Some(data),
@@ -168,9 +183,9 @@ fn run(prog: &Xdp, data: &[u8], repeat: u32) -> Result<f64> {
             ..TestRunOptions::default()
         })
         .context("BPF_PROG_TEST_RUN failed (needs root and CAP_BPF)")?;
-    if r.return_value != 2 {
+    if r.return_value != want {
         bail!(
-            "program returned {} instead of XDP_PASS (2)",
+            "program returned {} instead of {name} ({want})",
             r.return_value
         );
     }
@@ -225,6 +240,14 @@ fn load(
         PROG_BENCH_ROTATE,
     ] {
         let p: &mut Xdp = cap
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("the eBPF object lacks {name}; rebuild it"))?
+            .try_into()?;
+        p.load()?;
+    }
+    for name in [PROG_BENCH_TC_PASS, PROG_BENCH_TC_HELPER] {
+        let p: &mut SchedClassifier = cap
             .ebpf
             .program_mut(name)
             .with_context(|| format!("the eBPF object lacks {name}; rebuild it"))?
@@ -340,6 +363,53 @@ fn selection(args: &Args, family: Family) -> Result<[f64; 5]> {
         "{}: --sampling 100 kept {kept} of {sent} packets",
         fam_name(family)
     );
+    Ok(best)
+}
+
+/// TC_ACT_UNSPEC (-1) as BPF_PROG_TEST_RUN reports it.
+const TC_ACT_UNSPEC: u32 = u32::MAX;
+
+/// The TC programs' hot path (the egress program; `--capture tc` ingress
+/// is the same code), one flow's frame repeated: (egress, the same with
+/// every header read through bpf_skb_load_bytes, empty TC program) ns per
+/// packet, best of `--rounds`, interleaved. Both counting programs count
+/// into the one flow, which the drain must then hold with every packet.
+fn tc(args: &Args, family: Family) -> Result<[f64; 3]> {
+    let (cap, mut tables) = load(args, 1024, 1, KernelFilter::default())?;
+    let prog =
+        |name| -> Result<&SchedClassifier> { Ok(cap.ebpf.program(name).unwrap().try_into()?) };
+    let progs = [
+        prog(PROG_EGRESS)?,
+        prog(PROG_BENCH_TC_HELPER)?,
+        prog(PROG_BENCH_TC_PASS)?,
+    ];
+    let frame = frame(family, 0);
+    let mut best = [f64::MAX; 3];
+    for _ in 0..args.rounds {
+        for (b, p) in best.iter_mut().zip(progs) {
+            ticking(&tables)?;
+            *b = b.min(test_run(
+                p,
+                &frame,
+                args.repeat,
+                TC_ACT_UNSPEC,
+                "TC_ACT_UNSPEC",
+            )?);
+        }
+    }
+    let got = final_drain(&mut tables)?;
+    let want = 2 * u64::from(args.rounds) * u64::from(args.repeat);
+    let k = FlowKey {
+        direction: DIR_EGRESS,
+        ..key(family, 0)
+    };
+    let counted = got.get(&k).copied().unwrap_or(0);
+    if counted != want || got.len() != 1 {
+        bail!(
+            "TC: the flow counted {counted} packets in {} flows, expected {want} in 1",
+            got.len()
+        );
+    }
     Ok(best)
 }
 
@@ -504,7 +574,10 @@ fn main() -> Result<()> {
     }
     let mut rows = Vec::new();
     let mut selections = Vec::new();
+    let mut tcs = Vec::new();
     for family in [Family::V4, Family::V6] {
+        eprintln!("{}: TC programs", fam_name(family));
+        tcs.push((fam_name(family), tc(&args, family)?));
         for &n in &args.flows {
             let mut row = measure(&args, family, n)?;
             if n > 1 {
@@ -603,6 +676,23 @@ fn main() -> Result<()> {
             rules - plain,
             no_cidr - plain,
             sampled - plain
+        );
+    }
+    println!();
+    println!(
+        "TC programs, hot path (ns/pkt, one flow, same frame and repeat, best of {}): the \
+         egress program (`--capture tc` ingress is the same code), headers read straight from \
+         the skb's linear data; the same with every header read through bpf_skb_load_bytes; \
+         an empty TC program; added = minus the empty program",
+        args.rounds
+    );
+    println!("| family | empty | egress | added | all through bpf_skb_load_bytes | added |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (fam, [direct, helper, empty]) in &tcs {
+        println!(
+            "| {fam} | {empty:.1} | {direct:.1} | {:+.1} | {helper:.1} | {:+.1} |",
+            direct - empty,
+            helper - empty
         );
     }
     Ok(())
