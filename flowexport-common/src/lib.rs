@@ -455,7 +455,10 @@ pub const MAP_XSK_MISSED: &str = "XSK_MISSED";
 pub const XSK_MAX_IFACES: u32 = 16;
 pub const XSK_MAX_QUEUES: u32 = 64;
 pub const XSK_MAX_SOCKETS: u32 = XSK_MAX_IFACES * XSK_MAX_QUEUES;
+/// The XDP ingress program (multi-buffer aware: Linux 5.18+).
 pub const PROG_INGRESS: &str = "flowexport_ingress";
+/// The same program for kernels without multi-buffer XDP.
+pub const PROG_INGRESS_LINEAR: &str = "flowexport_ingress_linear";
 pub const PROG_EGRESS: &str = "flowexport_egress";
 /// The TC program that counts ingress with `--capture tc`.
 pub const PROG_INGRESS_TC: &str = "flowexport_ingress_tc";

@@ -34,7 +34,7 @@
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_xdp_load_bytes},
     macros::{classifier, map, xdp},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf, XskMap},
     programs::{TcContext, XdpContext},
@@ -210,16 +210,35 @@ static FILTER_V6: LpmTrie<[u8; 16], FilterMasks> =
 #[map]
 static FILTER_PORTS: Array<FilterMasks> = Array::with_max_entries(1, 0);
 
-/// XDP: direct packet access, bounds-checked against data_end.
-struct XdpPacket<'a>(&'a XdpContext);
+/// XDP: direct packet access, bounds-checked against data_end (the end of
+/// the first buffer). `FRAGS`: the program takes multi-buffer frames
+/// (jumbo frames on drivers that split them; Linux 5.18+), and a header
+/// beyond the first buffer is read with bpf_xdp_load_bytes. Without it the
+/// helper is not in the program at all, so kernels before 5.18 load it.
+struct XdpPacket<'a, const FRAGS: bool>(&'a XdpContext);
 
-impl Packet for XdpPacket<'_> {
+impl<const FRAGS: bool> Packet for XdpPacket<'_, FRAGS> {
     #[inline(always)]
     fn load<T: Bytes>(&self, off: usize) -> Option<T> {
         let start = self.0.data();
         let end = self.0.data_end();
         if start + off + size_of::<T>() > end {
-            return None;
+            if !FRAGS {
+                return None;
+            }
+            let mut v = core::mem::MaybeUninit::<T>::uninit();
+            // SAFETY: the helper writes at most size_of::<T>() bytes into
+            // `v`, and all of them when it returns 0; T is a byte array
+            // (any bit pattern is valid).
+            return unsafe {
+                (bpf_xdp_load_bytes(
+                    self.0.ctx,
+                    off as u32,
+                    v.as_mut_ptr().cast(),
+                    size_of::<T>() as u32,
+                ) == 0)
+                    .then(|| v.assume_init())
+            };
         }
         // SAFETY: the range [start+off, start+off+size) lies inside the packet.
         Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
@@ -850,14 +869,30 @@ pub unsafe extern "C" fn flowexport_filter(key: *const FlowKey) -> i64 {
     (m & m.wrapping_neg() & f(&FILTER.accept) != 0) as i64
 }
 
-#[xdp]
+/// The ingress program: multi-buffer aware (`xdp.frags`), so that it
+/// attaches in native mode where the MTU needs more than one buffer per
+/// frame (veth and many drivers refuse a single-buffer program there).
+#[xdp(frags)]
 pub(crate) fn flowexport_ingress(ctx: XdpContext) -> u32 {
+    ingress::<true>(&ctx)
+}
+
+/// The same for kernels without multi-buffer XDP (before 5.18), which
+/// refuse `flowexport_ingress`: the loader falls back to this one.
+#[xdp]
+pub(crate) fn flowexport_ingress_linear(ctx: XdpContext) -> u32 {
+    ingress::<false>(&ctx)
+}
+
+#[inline(always)]
+fn ingress<const FRAGS: bool>(ctx: &XdpContext) -> u32 {
     // SAFETY: ctx.ctx points at the kernel's xdp_md for this packet.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
     let mut key = empty_key(ifindex, DIR_INGRESS);
     let mut ip_len = 0u64;
     let mut flags = 0u8;
-    match parse(&XdpPacket(&ctx), &mut key, &mut ip_len, &mut flags, false) {
+    let packet = XdpPacket::<FRAGS>(ctx);
+    match parse(&packet, &mut key, &mut ip_len, &mut flags, false) {
         Parsed::Flow { .. } => {
             if admit(&key, 1) {
                 account(&key, 1, ip_len, flags);
@@ -1011,7 +1046,13 @@ fn bench_parse(ctx: &XdpContext) -> (FlowKey, u64) {
     let mut key = empty_key(ifindex, DIR_INGRESS);
     let mut ip_len = 0u64;
     let mut flags = 0u8;
-    let _ = parse(&XdpPacket(ctx), &mut key, &mut ip_len, &mut flags, false);
+    let _ = parse(
+        &XdpPacket::<false>(ctx),
+        &mut key,
+        &mut ip_len,
+        &mut flags,
+        false,
+    );
     (key, ip_len)
 }
 

@@ -17,7 +17,8 @@ use aya::{Ebpf, EbpfError, EbpfLoader};
 use flowexport_common::{
     FilterMasks, GLOBAL_CACHE_SLOTS, GLOBAL_FILTER, GLOBAL_MIRROR, GLOBAL_SAMPLING,
     GLOBAL_TABLE_MASK, MAPS, MAP_CACHE, MAP_DIRTY, MAP_FALLBACK, MAP_FILTER_PORTS, MAP_FILTER_V4,
-    MAP_FILTER_V6, MAP_PENDING, MAP_TABLE, PROG_EGRESS, PROG_INGRESS, PROG_INGRESS_TC, PROG_XSK,
+    MAP_FILTER_V6, MAP_PENDING, MAP_TABLE, PROG_EGRESS, PROG_INGRESS, PROG_INGRESS_LINEAR,
+    PROG_INGRESS_TC, PROG_XSK,
 };
 
 use super::filter::KernelFilter;
@@ -147,8 +148,12 @@ enum Attachment {
         link: FdLink,
         pin: Option<PathBuf>,
     },
-    /// XDP attached by netlink (kernels without XDP links).
-    Xdp { iface: String, id: XdpLinkId },
+    /// XDP program `prog` attached by netlink (kernels without XDP links).
+    Xdp {
+        iface: String,
+        prog: &'static str,
+        id: XdpLinkId,
+    },
     /// A TC filter by netlink (kernels before 6.6: no TCX).
     Tc {
         iface: String,
@@ -175,6 +180,9 @@ pub struct Programs {
     mirror: bool,
     pins: Option<PathBuf>,
     attached: Vec<Attachment>,
+    /// The XDP ingress program loaded: PROG_INGRESS, or on a kernel
+    /// without multi-buffer XDP, PROG_INGRESS_LINEAR.
+    xdp_ingress: &'static str,
 }
 
 /// A hook's name in link pins.
@@ -295,20 +303,34 @@ impl Programs {
                     .map_err(|e| map_load_error(e.into()))?;
             }
         }
+        let load_xdp = |ebpf: &mut Ebpf, name: &'static str| -> Result<(), CaptureError> {
+            let xdp: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or(CaptureError::MissingPart(name))?
+                .try_into()
+                .map_err(|_| CaptureError::MissingPart(name))?;
+            xdp.load().map_err(|e| map_load_error(e.into()))
+        };
+        let mut xdp_ingress = PROG_INGRESS;
         match opts.capture {
-            Capture::Xdp | Capture::Afxdp => {
-                let name = if opts.capture == Capture::Xdp {
-                    PROG_INGRESS
-                } else {
-                    PROG_XSK
-                };
-                let xdp: &mut Xdp = ebpf
-                    .program_mut(name)
-                    .ok_or(CaptureError::MissingPart(name))?
-                    .try_into()
-                    .map_err(|_| CaptureError::MissingPart(name))?;
-                xdp.load().map_err(|e| map_load_error(e.into()))?;
+            Capture::Xdp => {
+                if let Err(e) = load_xdp(&mut ebpf, PROG_INGRESS) {
+                    // A kernel before 5.18 refuses a multi-buffer program;
+                    // the single-buffer copy is the same code otherwise.
+                    // Any other cause fails the copy too: then the first
+                    // error is the one to report.
+                    if load_xdp(&mut ebpf, PROG_INGRESS_LINEAR).is_err() {
+                        return Err(e);
+                    }
+                    log::info!(
+                        "this kernel has no multi-buffer XDP (Linux 5.18+): on an interface \
+                         whose MTU needs it, XDP attaches in skb mode only (--capture tc \
+                         counts such frames as cheaply as others)"
+                    );
+                    xdp_ingress = PROG_INGRESS_LINEAR;
+                }
             }
+            Capture::Afxdp => load_xdp(&mut ebpf, PROG_XSK)?,
             Capture::Tc => classifier(&mut ebpf, PROG_INGRESS_TC)?
                 .load()
                 .map_err(|e| map_load_error(e.into()))?,
@@ -324,6 +346,7 @@ impl Programs {
             mirror: opts.mirror,
             pins: opts.pins.map(|p| p.path().to_path_buf()),
             attached: Vec::new(),
+            xdp_ingress,
         })
     }
 
@@ -338,13 +361,11 @@ impl Programs {
         ifindex(iface)?;
         let ingress = match self.capture {
             Capture::Xdp => {
-                if self.adopt(iface, HOOK_XDP, PROG_INGRESS)? {
+                let prog = self.xdp_ingress;
+                if self.adopt(iface, HOOK_XDP, prog)? {
                     "XDP ingress (adopted link)".to_string()
                 } else {
-                    format!(
-                        "XDP ingress ({} mode)",
-                        self.attach_xdp(iface, PROG_INGRESS, mode)?
-                    )
+                    format!("XDP ingress ({} mode)", self.attach_xdp(iface, prog, mode)?)
                 }
             }
             Capture::Afxdp => {
@@ -540,10 +561,16 @@ impl Programs {
                     CaptureError::XdpAttach {
                         iface: iface.to_string(),
                         mode: name,
-                        hint: if name == "native" {
-                            " (the driver may lack native XDP; try --xdp-mode skb or auto)"
-                        } else {
+                        hint: if name != "native" {
                             ""
+                        } else if program_io_error(&e)
+                            .and_then(io::Error::raw_os_error)
+                            .is_some_and(|c| c == libc::ERANGE)
+                        {
+                            " (the interface's MTU is larger than this driver's XDP takes; \
+                             try --capture tc, or --xdp-mode skb or auto)"
+                        } else {
+                            " (the driver may lack native XDP; try --xdp-mode skb or auto)"
                         },
                         source: Box::new(e),
                     }
@@ -582,6 +609,7 @@ impl Programs {
                 let id = attempt(xdp, mode, used)?;
                 self.attached.push(Attachment::Xdp {
                     iface: iface.to_string(),
+                    prog,
                     id,
                 });
             }
@@ -633,12 +661,8 @@ impl Programs {
                     report("", &iface, &e);
                 }
             }
-            Attachment::Xdp { iface, id } => {
-                if let Some(Ok(xdp)) = self
-                    .ebpf
-                    .program_mut(PROG_INGRESS)
-                    .map(<&mut Xdp>::try_from)
-                {
+            Attachment::Xdp { iface, prog, id } => {
+                if let Some(Ok(xdp)) = self.ebpf.program_mut(prog).map(<&mut Xdp>::try_from) {
                     if let Err(e) = xdp.detach(id) {
                         report("XDP ", &iface, &e);
                     }
