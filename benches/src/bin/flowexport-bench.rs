@@ -47,7 +47,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
+use aya::programs::{Program, SchedClassifier, TestRun, TestRunOptions, Xdp};
 use clap::Parser;
 use flowexport::capture::drain::{FlowAggregator, KernelTables, Start, Timeouts};
 use flowexport::capture::filter::{compile, KernelFilter, Rule};
@@ -238,21 +238,18 @@ fn load(
         PROG_BENCH_PARSE,
         PROG_BENCH_PARSE_CLOCK,
         PROG_BENCH_ROTATE,
+        PROG_BENCH_TC_PASS,
+        PROG_BENCH_TC_HELPER,
     ] {
-        let p: &mut Xdp = cap
+        match cap
             .ebpf
             .program_mut(name)
             .with_context(|| format!("the eBPF object lacks {name}; rebuild it"))?
-            .try_into()?;
-        p.load()?;
-    }
-    for name in [PROG_BENCH_TC_PASS, PROG_BENCH_TC_HELPER] {
-        let p: &mut SchedClassifier = cap
-            .ebpf
-            .program_mut(name)
-            .with_context(|| format!("the eBPF object lacks {name}; rebuild it"))?
-            .try_into()?;
-        p.load()?;
+        {
+            Program::Xdp(p) => p.load()?,
+            Program::SchedClassifier(p) => p.load()?,
+            _ => bail!("{name} is neither an XDP nor a TC program"),
+        }
     }
     let tables = KernelTables::new(
         &mut cap.ebpf,
