@@ -464,6 +464,8 @@ pub const PROG_EGRESS: &str = "flowexport_egress";
 pub const PROG_INGRESS_TC: &str = "flowexport_ingress_tc";
 /// The XDP program of `--capture afxdp`: every frame to its queue's socket.
 pub const PROG_XSK: &str = "flowexport_xsk";
+/// The same program for kernels without multi-buffer XDP.
+pub const PROG_XSK_LINEAR: &str = "flowexport_xsk_linear";
 /// An XDP program that only returns XDP_PASS: the baseline of `cargo xtask bench xdp`.
 pub const PROG_BENCH_PASS: &str = "flowexport_bench_pass";
 /// A TC program that only returns TC_ACT_UNSPEC: the baseline of the TC

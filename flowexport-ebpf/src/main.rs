@@ -918,8 +918,21 @@ fn mirror() -> bool {
 /// `--capture afxdp`: hands every frame to the AF_XDP socket of its RX
 /// queue, where userspace parses and counts it; a frame with no socket
 /// (its queue is not served) is dropped and counted in XSK_MISSED.
-#[xdp]
+/// Multi-buffer aware, as the ingress program (jumbo frames reach sockets
+/// bound with XDP_USE_SG in pieces).
+#[xdp(frags)]
 pub(crate) fn flowexport_xsk(ctx: XdpContext) -> u32 {
+    xsk(&ctx)
+}
+
+/// The same for kernels without multi-buffer XDP (before 5.18).
+#[xdp]
+pub(crate) fn flowexport_xsk_linear(ctx: XdpContext) -> u32 {
+    xsk(&ctx)
+}
+
+#[inline(always)]
+fn xsk(ctx: &XdpContext) -> u32 {
     // SAFETY: ctx.ctx points at the kernel's xdp_md for this packet.
     let (ifindex, queue) = unsafe { ((*ctx.ctx).ingress_ifindex, (*ctx.ctx).rx_queue_index) };
     // SAFETY: a look-up of a plain u32 value.

@@ -171,6 +171,62 @@ fn xdp_mirror_counts_and_drops_the_copies() {
     assert!(log.contains("mirror (copies dropped, no egress)"), "{log}");
 }
 
+/// Jumbo frames on a mirror port with a 9,000-byte MTU: the XDP program is
+/// multi-buffer aware (native XDP on a veth takes it at this MTU) and the
+/// socket is bound with XDP_USE_SG, so each frame arrives in several UMEM
+/// frames and is counted once, exactly, from its first; none is dropped.
+#[test]
+fn afxdp_counts_jumbo_frames_exactly() {
+    let l = Link::new().unwrap();
+    for (ns, dev) in [(&l.a, &l.a_dev), (&l.b, &l.b_dev)] {
+        ns.exec(&["ip", "link", "set", dev, "mtu", "9000"]).unwrap();
+    }
+    let ifb = l.b.ifindex(&l.b_dev).unwrap();
+    let agent = Agent::start(&l.b, &afxdp_args(&l.b_dev, &["--xdp-mode", "native"])).unwrap();
+    let (a4, b4, a6, b6) = ("10.7.0.1", "10.7.0.2", "2001:db8:7::1", "2001:db8:7::2");
+    // 8,000 bytes of payload: frames of 8,042 and 8,074 bytes (three UMEM
+    // frames each); a small frame between them.
+    send_one(&l.a, &l.a_dev, eth4(a4, b4, &L4::udp(1111, 2222, 8000)), 7);
+    send_one(&l.a, &l.a_dev, eth4(a4, b4, &L4::udp(1111, 2223, 10)), 2);
+    let tcp6 = L4::tcp(3333, 4444, TCP_ACK | TCP_PSH, 8000);
+    send_one(&l.a, &l.a_dev, eth6(a6, b6, &tcp6), 5);
+    let (seen, m) = agent.wait_metrics(9590, Duration::from_secs(10), |m| {
+        metric(m, "flowexport_packets_total{direction=\"ingress\"}") == Some(14.0)
+    });
+    assert!(seen, "not every frame counted:\n{m}");
+    let dropped = format!(
+        "flowexport_afxdp_dropped_packets_total{{iface=\"{}\",queue=\"0\",reason=\"rx_dropped\"}}",
+        l.b_dev
+    );
+    assert_eq!(metric(&m, &dropped).unwrap_or(0.0), 0.0, "{m}");
+    // The later pieces of a frame are not parsed as frames of their own.
+    for other in ["non_ip", "malformed"] {
+        let name = format!("flowexport_{other}_packets_total{{direction=\"ingress\"}}");
+        assert_eq!(metric(&m, &name).unwrap_or(0.0), 0.0, "{m}");
+    }
+    let out = agent.stop_ok();
+    assert!(
+        out.stderr.contains("longer frames in several"),
+        "{}",
+        out.stderr
+    );
+    let flow =
+        |src: &str, dst: &str, proto, sp, dp| FlowId::new(0, ifb, src, dst, proto, sp, dp, 0);
+    assert_flows(
+        &totals(&out.records),
+        &[
+            (flow(a4, b4, 17, 1111, 2222), 7, 7 * 8028, 0),
+            (flow(a4, b4, 17, 1111, 2223), 2, 2 * 38, 0),
+            (
+                flow(a6, b6, 6, 3333, 4444),
+                5,
+                5 * 8060,
+                (TCP_ACK | TCP_PSH) as u64,
+            ),
+        ],
+    );
+}
+
 /// A burst into a deliberately tiny ring: every frame is either exported or
 /// counted as dropped by its reason.
 #[test]

@@ -18,7 +18,7 @@ use flowexport_common::{
     FilterMasks, GLOBAL_CACHE_SLOTS, GLOBAL_FILTER, GLOBAL_MIRROR, GLOBAL_SAMPLING,
     GLOBAL_TABLE_MASK, MAPS, MAP_CACHE, MAP_DIRTY, MAP_FALLBACK, MAP_FILTER_PORTS, MAP_FILTER_V4,
     MAP_FILTER_V6, MAP_PENDING, MAP_TABLE, PROG_EGRESS, PROG_INGRESS, PROG_INGRESS_LINEAR,
-    PROG_INGRESS_TC, PROG_XSK,
+    PROG_INGRESS_TC, PROG_XSK, PROG_XSK_LINEAR,
 };
 
 use super::filter::KernelFilter;
@@ -180,8 +180,8 @@ pub struct Programs {
     mirror: bool,
     pins: Option<PathBuf>,
     attached: Vec<Attachment>,
-    /// The XDP ingress program loaded: PROG_INGRESS, or on a kernel
-    /// without multi-buffer XDP, PROG_INGRESS_LINEAR.
+    /// The XDP program loaded: PROG_INGRESS (PROG_XSK with AF_XDP), or on
+    /// a kernel without multi-buffer XDP, its single-buffer copy.
     xdp_ingress: &'static str,
 }
 
@@ -313,13 +313,19 @@ impl Programs {
         };
         let mut xdp_ingress = PROG_INGRESS;
         match opts.capture {
-            Capture::Xdp => {
-                if let Err(e) = load_xdp(&mut ebpf, PROG_INGRESS) {
+            Capture::Xdp | Capture::Afxdp => {
+                let (prog, linear) = if opts.capture == Capture::Xdp {
+                    (PROG_INGRESS, PROG_INGRESS_LINEAR)
+                } else {
+                    (PROG_XSK, PROG_XSK_LINEAR)
+                };
+                xdp_ingress = prog;
+                if let Err(e) = load_xdp(&mut ebpf, prog) {
                     // A kernel before 5.18 refuses a multi-buffer program;
                     // the single-buffer copy is the same code otherwise.
                     // Any other cause fails the copy too: then the first
                     // error is the one to report.
-                    if load_xdp(&mut ebpf, PROG_INGRESS_LINEAR).is_err() {
+                    if load_xdp(&mut ebpf, linear).is_err() {
                         return Err(e);
                     }
                     log::info!(
@@ -327,10 +333,9 @@ impl Programs {
                          whose MTU needs it, XDP attaches in skb mode only (--capture tc \
                          counts such frames as cheaply as others)"
                     );
-                    xdp_ingress = PROG_INGRESS_LINEAR;
+                    xdp_ingress = linear;
                 }
             }
-            Capture::Afxdp => load_xdp(&mut ebpf, PROG_XSK)?,
             Capture::Tc => classifier(&mut ebpf, PROG_INGRESS_TC)?
                 .load()
                 .map_err(|e| map_load_error(e.into()))?,
@@ -371,7 +376,7 @@ impl Programs {
             Capture::Afxdp => {
                 return Ok(format!(
                     "XDP to AF_XDP sockets ({} mode)",
-                    self.attach_xdp(iface, PROG_XSK, mode)?
+                    self.attach_xdp(iface, self.xdp_ingress, mode)?
                 ));
             }
             Capture::Tc => {

@@ -366,10 +366,16 @@ impl AfXdp {
                 hint: "",
             })?;
             log::info!(
-                "AF_XDP socket on {iface} queue {queue}: {} mode, {} frames of {} bytes",
+                "AF_XDP socket on {iface} queue {queue}: {} mode, {} frames of {} bytes, {}",
                 if xsk.zero_copy { "zero-copy" } else { "copy" },
                 settings.frames,
-                xsk::FRAME_SIZE
+                xsk::FRAME_SIZE,
+                if xsk.multi_buffer {
+                    "longer frames in several"
+                } else {
+                    "longer frames dropped (counted in rx_dropped; multi-buffer AF_XDP needs \
+                     Linux 6.6+)"
+                }
             );
             sockets.push(Socket {
                 iface: iface.clone(),

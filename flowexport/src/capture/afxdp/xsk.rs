@@ -16,9 +16,10 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-/// Bytes per UMEM frame: a page, the kernel's default chunk. Frames longer
-/// than this (jumbo frames) are dropped by the kernel and counted in
-/// `rx_dropped`.
+/// Bytes per UMEM frame: a page, the kernel's default chunk. A longer frame
+/// (a jumbo frame) arrives in several, linked by `XDP_PKT_CONTD` (multi-buffer
+/// AF_XDP, `XDP_USE_SG`: Linux 6.6+); on a kernel without it the kernel
+/// drops such frames and counts them in `rx_dropped`.
 pub(crate) const FRAME_SIZE: u32 = 4096;
 /// Completion ring entries: the kernel requires one to bind, even for a
 /// socket that never transmits.
@@ -147,6 +148,12 @@ pub struct Xsk {
     rx: Ring<libc::xdp_desc>,
     /// Whether the driver runs it in zero-copy mode.
     pub zero_copy: bool,
+    /// Whether frames longer than [`FRAME_SIZE`] come in pieces (bound with
+    /// `XDP_USE_SG`) rather than being dropped.
+    pub multi_buffer: bool,
+    /// The last frame taken off the RX ring had `XDP_PKT_CONTD`: the next
+    /// one continues its packet.
+    in_packet: bool,
 }
 
 // SAFETY: the raw pointers point into mappings the Xsk owns; it is used by
@@ -282,23 +289,34 @@ impl Xsk {
         }
         fill.producer()
             .store(start.wrapping_add(frames), Ordering::Release);
-        let sxdp = libc::sockaddr_xdp {
-            sxdp_family: libc::AF_XDP as u16,
-            sxdp_flags: bind_flags,
-            sxdp_ifindex: ifindex,
-            sxdp_queue_id: queue,
-            sxdp_shared_umem_fd: 0,
+        let bind = |flags: u16| {
+            let sxdp = libc::sockaddr_xdp {
+                sxdp_family: libc::AF_XDP as u16,
+                sxdp_flags: flags,
+                sxdp_ifindex: ifindex,
+                sxdp_queue_id: queue,
+                sxdp_shared_umem_fd: 0,
+            };
+            // SAFETY: sxdp is a valid sockaddr_xdp of the size passed.
+            let r = unsafe {
+                libc::bind(
+                    raw,
+                    std::ptr::from_ref(&sxdp).cast(),
+                    size_of::<libc::sockaddr_xdp>() as libc::socklen_t,
+                )
+            };
+            if r == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
         };
-        // SAFETY: sxdp is a valid sockaddr_xdp of the size passed.
-        let r = unsafe {
-            libc::bind(
-                raw,
-                std::ptr::from_ref(&sxdp).cast(),
-                size_of::<libc::sockaddr_xdp>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
+        // Multi-buffer where the kernel (6.6+) and, for zero-copy, the
+        // driver have it; a refused bind changes nothing, so bind again
+        // without it.
+        let multi_buffer = bind(bind_flags | libc::XDP_USE_SG).is_ok();
+        if !multi_buffer {
+            bind(bind_flags)?;
         }
         Ok(Xsk {
             fd,
@@ -307,6 +325,8 @@ impl Xsk {
             _completion: completion,
             rx,
             zero_copy: bind_flags & libc::XDP_ZEROCOPY != 0,
+            multi_buffer,
+            in_packet: false,
         })
     }
 
@@ -331,8 +351,10 @@ impl Xsk {
         Ok(())
     }
 
-    /// Hands every frame the RX ring holds now to `f` and gives the frames
-    /// back to the kernel. Returns how many there were.
+    /// Hands every packet the RX ring holds now to `f` (of a multi-buffer
+    /// packet, its first frame: the headers, and the IP lengths the counts
+    /// are taken from) and gives the frames back to the kernel. Returns how
+    /// many frames there were.
     pub fn receive(&mut self, mut f: impl FnMut(&[u8])) -> usize {
         let cons = self.rx.consumer().load(Ordering::Relaxed);
         let prod = self.rx.producer().load(Ordering::Acquire);
@@ -347,7 +369,10 @@ impl Xsk {
             let desc = unsafe { std::ptr::read(self.rx.entry(cons.wrapping_add(i))) };
             let len = desc.len as usize;
             let off = desc.addr as usize;
-            if off + len <= self.umem.len {
+            // A later frame of a packet (it may continue in a later call).
+            let first = !self.in_packet;
+            self.in_packet = desc.options & libc::XDP_PKT_CONTD != 0;
+            if first && off + len <= self.umem.len {
                 // SAFETY: inside the UMEM; the kernel wrote this frame and
                 // does not touch it until we return it below.
                 let frame = unsafe { std::slice::from_raw_parts(self.umem.ptr.add(off), len) };
