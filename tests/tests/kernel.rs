@@ -1,0 +1,78 @@
+//! The kernel programs run in process with BPF_PROG_TEST_RUN (no interface,
+//! no agent): frame layouts that veth pairs cannot produce.
+//!
+//! Needs root (CI runs as root).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use flowexport::capture::drain::{FlowAggregator, KernelTables, Start, Timeouts};
+use flowexport::capture::filter::KernelFilter;
+use flowexport::capture::loader::{Capture, LoadOptions, Programs};
+use flowexport::capture::table::slots_for;
+use flowexport_common::{FlowKey, DEFAULT_CACHE_SLOTS, PROG_INGRESS};
+use flowexport_tests::frames::*;
+
+/// A multi-buffer frame whose first buffer holds only its Ethernet header
+/// (BPF_PROG_TEST_RUN puts the rest in fragments when the context's
+/// `data_end` says so): the XDP program reads the IP and UDP headers with
+/// bpf_xdp_load_bytes and counts the flow as for any other frame.
+#[test]
+fn xdp_reads_headers_beyond_the_first_buffer() {
+    let mut cap = Programs::load(&LoadOptions {
+        pins: None,
+        max_flows: 1024,
+        fallback_ring_bytes: 1 << 16,
+        cache_slots: DEFAULT_CACHE_SLOTS,
+        object: None,
+        capture: Capture::Xdp,
+        sampling: 1,
+        filter: KernelFilter::default(),
+        mirror: false,
+    })
+    .unwrap();
+    let mut tables = KernelTables::new(
+        &mut cap.ebpf,
+        1024,
+        slots_for(1024),
+        DEFAULT_CACHE_SLOTS,
+        1 << 16,
+        Duration::from_millis(1),
+        Start::Fresh,
+    )
+    .unwrap();
+    let frame = eth4("10.8.0.1", "10.8.0.2", &L4::udp(5555, 6666, 100));
+    // xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+    // egress_ifindex.
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&14u32.to_ne_bytes());
+    let prog: &Xdp = cap.ebpf.program(PROG_INGRESS).unwrap().try_into().unwrap();
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(&frame),
+            ctx_in: Some(&ctx),
+            repeat: 3,
+            ..TestRunOptions::default()
+        })
+        .unwrap();
+    assert_eq!(r.return_value, 2, "XDP_PASS");
+    let mut got: HashMap<FlowKey, (u64, u64)> = HashMap::new();
+    let t = Timeouts {
+        idle_ns: u64::MAX,
+        active_ns: u64::MAX,
+    };
+    tables
+        .drain(&mut FlowAggregator::default(), t, true, &mut |k, c| {
+            let e = got.entry(*k).or_default();
+            e.0 += c.packets;
+            e.1 += c.bytes;
+        })
+        .unwrap();
+    let flows: Vec<_> = got.iter().collect();
+    assert_eq!(flows.len(), 1, "{flows:?}");
+    let (k, &(packets, bytes)) = flows[0];
+    assert_eq!((k.proto, k.src_port, k.dst_port), (17, 5555, 6666), "{k:?}");
+    assert_eq!(&k.src_addr[..4], &[10, 8, 0, 1]);
+    assert_eq!((packets, bytes), (3, 3 * 128));
+}
