@@ -21,7 +21,9 @@ pub(crate) struct PeersArgs {
     #[arg(long, value_delimiter = ',', default_value = "50000,0")]
     rates: Vec<u64>,
     /// Exporters, comma-separated (receive-only is always measured):
-    /// flowexport (XDP ingress), flowexport-tc (`--capture tc`), softflowd,
+    /// flowexport (XDP ingress), flowexport-tc (`--capture tc`),
+    /// flowexport-mirror (`--mirror`: XDP counts and drops, as on a SPAN
+    /// port), flowexport-afxdp (`--capture afxdp --mirror`), softflowd,
     /// fprobe, pmacctd.
     #[arg(
         long,
@@ -46,11 +48,27 @@ fn kind(name: &str, agent_args: &[String]) -> Result<Kind> {
             a.extend_from_slice(agent_args);
             Kind::Agent(a)
         }
+        // A mirror port: the copies are counted and dropped, in the XDP
+        // program or after AF_XDP hands them to the agent's workers.
+        "flowexport-mirror" | "flowexport-afxdp" => {
+            let mut a = if name == "flowexport-mirror" {
+                vec!["--mirror".to_string()]
+            } else {
+                ["--capture", "afxdp", "--mirror"]
+                    .map(String::from)
+                    .to_vec()
+            };
+            a.extend_from_slice(agent_args);
+            Kind::Agent(a)
+        }
         "softflowd" => Kind::Softflowd,
         "fprobe" => Kind::Fprobe,
         "pmacctd" => Kind::Pmacctd,
         other => {
-            anyhow::bail!("unknown exporter {other:?}: use flowexport, softflowd, fprobe, pmacctd")
+            anyhow::bail!(
+                "unknown exporter {other:?}: use flowexport, flowexport-tc, flowexport-mirror, \
+                 flowexport-afxdp, softflowd, fprobe, pmacctd"
+            )
         }
     })
 }

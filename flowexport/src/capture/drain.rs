@@ -161,6 +161,14 @@ impl<K: AggregateKey> FlowAggregator<K> {
         self.flows.is_empty()
     }
 
+    /// Takes every flow out, leaving the aggregator empty: an export of
+    /// all of them (at exit) that builds its records in batches without
+    /// holding whatever guards the aggregator, and without a second copy
+    /// of the table.
+    pub fn take_all(&mut self) -> impl Iterator<Item = (K, FlowCounters)> {
+        std::mem::take(&mut self.flows).into_iter()
+    }
+
     /// Adds counters to a flow. The key's pad bytes are not part of the flow.
     pub fn add(&mut self, key: K, c: &FlowCounters) {
         self.flows.entry(key.normalized()).or_default().merge(c);

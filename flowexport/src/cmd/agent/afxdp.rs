@@ -12,9 +12,9 @@ use prometheus::{IntCounter, IntCounterVec};
 use super::config::AgentConfig;
 use super::EXPORT_BATCH;
 use crate::capture::afxdp::xsk::XskStats;
-use crate::capture::afxdp::AfXdp;
+use crate::capture::afxdp::{AfXdp, XskKey};
 use crate::capture::drain::Timeouts;
-use crate::capture::flow::{to_record, RecordContext};
+use crate::capture::flow::{to_record, FlowCounters, RecordContext};
 use crate::capture::loader::{Capture, LoadOptions, Programs};
 use crate::metrics::AgentMetrics;
 use crate::record::FlowRecord;
@@ -56,28 +56,47 @@ fn export(
         time_received_ns: wall_ns(),
     };
     let now = crate::timeconv::monotonic_ns();
-    // Taken out under the lock, sent without it: the workers go on counting.
-    let mut due: Vec<FlowRecord> = Vec::new();
-    let active = {
+    // Taken out under the lock, turned into records and sent without it (the
+    // workers go on counting), in batches of EXPORT_BATCH records: at exit
+    // the whole table at once (nothing is copied), otherwise the due flows'
+    // keys and counters (128 bytes each; a million flows that fall idle
+    // together are 128 MB, not a million records).
+    let mut due: Vec<(XskKey, FlowCounters)> = Vec::new();
+    let (all, active) = {
         let mut flows = capture.flows.lock().expect("flow table lock");
-        flows.expire(now, timeouts, force, &mut |k, c| {
-            let mut r = to_record(&k.flow, c, &ctx);
-            if let Some(t) = k.tunnel {
-                r.tunnel_type = Some(t.kind);
-                r.tunnel_id = t.id;
-                r.outer_src_addr = Some(t.outer_src);
-                r.outer_dst_addr = Some(t.outer_dst);
-            }
-            due.push(r);
-        });
-        flows.len()
+        if force {
+            (Some(flows.take_all()), 0)
+        } else {
+            flows.expire(now, timeouts, false, &mut |k, c| due.push((*k, *c)));
+            (None, flows.len())
+        }
     };
-    for batch in due.chunks(EXPORT_BATCH) {
+    let mut batch: Vec<FlowRecord> = Vec::with_capacity(EXPORT_BATCH);
+    let mut exported = 0;
+    let mut flush = |batch: &mut Vec<FlowRecord>| {
         sinks.send(batch);
         metrics.flows_exported.inc_by(batch.len() as u64);
+        exported += batch.len();
+        batch.clear();
+    };
+    for (k, c) in all.into_iter().flatten().chain(due) {
+        let mut r = to_record(&k.flow, &c, &ctx);
+        if let Some(t) = k.tunnel {
+            r.tunnel_type = Some(t.kind);
+            r.tunnel_id = t.id;
+            r.outer_src_addr = Some(t.outer_src);
+            r.outer_dst_addr = Some(t.outer_dst);
+        }
+        batch.push(r);
+        if batch.len() == EXPORT_BATCH {
+            flush(&mut batch);
+        }
+    }
+    if !batch.is_empty() {
+        flush(&mut batch);
     }
     metrics.flows_active.set(active as i64);
-    due.len()
+    exported
 }
 
 fn update_metrics(
