@@ -16,6 +16,15 @@ fn afxdp_args<'a>(dev: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     [&["--iface", dev, "--capture", "afxdp", "--mirror"], extra].concat()
 }
 
+/// `flowexport_afxdp_dropped_packets_total` of queue 0 of `dev` for
+/// `reason` (0 when absent).
+fn afxdp_dropped(m: &str, dev: &str, reason: &str) -> f64 {
+    let name = format!(
+        "flowexport_afxdp_dropped_packets_total{{iface=\"{dev}\",queue=\"0\",reason=\"{reason}\"}}"
+    );
+    metric(m, &name).unwrap_or(0.0)
+}
+
 /// The frames of the kernel paths' integration cases (UDP, TCP and ICMP
 /// over IPv4 and IPv6, one and two VLAN tags, IPv4 fragments, IPv6
 /// extension headers, a protocol without ports, non-IP), sent into a
@@ -150,11 +159,7 @@ fn afxdp_mirror_counts_every_case_exactly() {
             metric(m, "flowexport_non_ip_packets_total{direction=\"ingress\"}") == Some(7.0)
         });
         assert!(seen, "non-IP frames not counted:\n{m}");
-        let dropped = format!(
-            "flowexport_afxdp_dropped_packets_total{{iface=\"{}\",queue=\"0\",reason=\"rx_dropped\"}}",
-            l.b_dev
-        );
-        assert_eq!(metric(&m, &dropped).unwrap_or(0.0), 0.0, "{m}");
+        assert_eq!(afxdp_dropped(&m, &l.b_dev, "rx_dropped"), 0.0, "{m}");
     });
     assert!(log.contains("copy mode"), "{log}");
 }
@@ -194,11 +199,7 @@ fn afxdp_counts_jumbo_frames_exactly() {
         metric(m, "flowexport_packets_total{direction=\"ingress\"}") == Some(14.0)
     });
     assert!(seen, "not every frame counted:\n{m}");
-    let dropped = format!(
-        "flowexport_afxdp_dropped_packets_total{{iface=\"{}\",queue=\"0\",reason=\"rx_dropped\"}}",
-        l.b_dev
-    );
-    assert_eq!(metric(&m, &dropped).unwrap_or(0.0), 0.0, "{m}");
+    assert_eq!(afxdp_dropped(&m, &l.b_dev, "rx_dropped"), 0.0, "{m}");
     // The later pieces of a frame are not parsed as frames of their own.
     for other in ["non_ip", "malformed"] {
         let name = format!("flowexport_{other}_packets_total{{direction=\"ingress\"}}");
@@ -243,16 +244,7 @@ fn afxdp_tiny_ring_accounts_for_every_frame() {
         let counted = metric(m, "flowexport_packets_total{direction=\"ingress\"}").unwrap_or(0.0);
         let dropped: f64 = ["rx_dropped", "rx_ring_full", "rx_invalid_descs"]
             .iter()
-            .map(|r| {
-                metric(
-                    m,
-                    &format!(
-                        "flowexport_afxdp_dropped_packets_total{{iface=\"{}\",queue=\"0\",reason=\"{r}\"}}",
-                        l.b_dev
-                    ),
-                )
-                .unwrap_or(0.0)
-            })
+            .map(|r| afxdp_dropped(m, &l.b_dev, r))
             .sum();
         let no_socket = metric(m, "flowexport_afxdp_no_socket_packets_total").unwrap_or(0.0);
         counted + dropped + no_socket == 20_000.0
