@@ -329,9 +329,10 @@ impl Programs {
                         return Err(e);
                     }
                     log::info!(
-                        "this kernel has no multi-buffer XDP (Linux 5.18+): on an interface \
-                         whose MTU needs it, XDP attaches in skb mode only (--capture tc \
-                         counts such frames as cheaply as others)"
+                        "this kernel has no multi-buffer XDP (Linux 5.18+): loaded {linear}; \
+                         native XDP refuses it on an interface whose MTU needs more than one \
+                         buffer per frame (--xdp-mode auto then falls back to skb mode; \
+                         --capture tc has no such limit)"
                     );
                     xdp_ingress = linear;
                 }
