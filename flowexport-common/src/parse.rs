@@ -42,34 +42,33 @@ pub const MAX_VLAN_TAGS: usize = 2;
 /// value where the walk stopped and no ports.
 pub const MAX_IPV6_EXT_HDRS: usize = 6;
 
-/// Reads a value at a byte offset of the packet, or None past its end.
+/// Reads a header at a byte offset of the packet, or None past its end.
 ///
 /// Each header is read as one byte array with one bounds check: besides being
 /// cheaper, this keeps LLVM from turning a 1-byte check `p + 1 > end` into
 /// `p >= end`, a form the verifier does not learn a packet range from.
 pub trait Packet {
-    /// `size_of::<T>()` bytes at `off`, or None when they are not all there.
-    fn load<T: Bytes>(&self, off: usize) -> Option<T>;
+    /// The `N` bytes at `off`, or None when they are not all there.
+    fn load<const N: usize>(&self, off: usize) -> Option<Hdr<N>>;
 }
 
-/// What [`Packet::load`] reads: byte arrays, valid for any bit pattern.
-pub trait Bytes: Copy {}
-
-impl<const N: usize> Bytes for [u8; N] {}
+/// `N` bytes of a header, 8-aligned: the kernel programs fill it from the
+/// packet with 8-byte loads (the BPF backend would otherwise read a header
+/// at an unknown alignment one byte at a time: an IPv6 address took
+/// sixteen loads, shifts and ors), and the parser's fields (addresses at
+/// offsets 8, 12, 16 and 24 of an IP header) are then aligned words of it.
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+pub struct Hdr<const N: usize>(pub [u8; N]);
 
 /// A frame in memory (userspace: an AF_XDP frame, a test's bytes).
 pub struct Frame<'a>(pub &'a [u8]);
 
 impl Packet for Frame<'_> {
     #[inline(always)]
-    fn load<T: Bytes>(&self, off: usize) -> Option<T> {
-        let end = off.checked_add(size_of::<T>())?;
-        if end > self.0.len() {
-            return None;
-        }
-        // SAFETY: [off, end) lies inside the slice; T is a byte array (any
-        // bit pattern is valid), read unaligned.
-        Some(unsafe { core::ptr::read_unaligned(self.0.as_ptr().add(off).cast::<T>()) })
+    fn load<const N: usize>(&self, off: usize) -> Option<Hdr<N>> {
+        let bytes = self.0.get(off..off.checked_add(N)?)?;
+        Some(Hdr(bytes.try_into().ok()?))
     }
 }
 
@@ -100,24 +99,24 @@ pub fn parse<P: Packet>(
     tcp_flags: &mut u8,
     mut vlan_seen: bool,
 ) -> Parsed {
-    let Some(eth) = p.load::<[u8; ETH_HDR_LEN]>(0) else {
+    let Some(eth) = p.load::<ETH_HDR_LEN>(0) else {
         return Parsed::NonIp;
     };
-    let mut etype = be16(&eth, 12);
+    let mut etype = be16(&eth.0, 12);
     let mut off = ETH_HDR_LEN;
     for _ in 0..MAX_VLAN_TAGS {
         if etype != ETH_P_8021Q && etype != ETH_P_8021AD && etype != ETH_P_QINQ1 {
             break;
         }
-        let Some(tag) = p.load::<[u8; 4]>(off) else {
+        let Some(tag) = p.load::<4>(off) else {
             return Parsed::Malformed;
         };
         // The key keeps the outermost tag: the one on this link.
         if !vlan_seen {
-            key.vlan_id = be16(&tag, 0) & 0x0fff;
+            key.vlan_id = be16(&tag.0, 0) & 0x0fff;
             vlan_seen = true;
         }
-        etype = be16(&tag, 2);
+        etype = be16(&tag.0, 2);
         off += 4;
     }
     let l3_off = off;
@@ -126,36 +125,36 @@ pub fn parse<P: Packet>(
     let proto;
     match etype {
         ETH_P_IP => {
-            let Some(h) = p.load::<[u8; 20]>(off) else {
+            let Some(h) = p.load::<20>(off) else {
                 return Parsed::Malformed;
             };
-            let ihl = ((h[0] & 0x0f) as usize) * 4;
-            if h[0] >> 4 != 4 || ihl < 20 {
+            let ihl = ((h.0[0] & 0x0f) as usize) * 4;
+            if h.0[0] >> 4 != 4 || ihl < 20 {
                 return Parsed::Malformed;
             }
             key.ip_version = 4;
-            key.src_addr[..4].copy_from_slice(&h[12..16]);
-            key.dst_addr[..4].copy_from_slice(&h[16..20]);
-            *ip_len = be16(&h, 2) as u64;
+            key.src_addr[..4].copy_from_slice(&h.0[12..16]);
+            key.dst_addr[..4].copy_from_slice(&h.0[16..20]);
+            *ip_len = be16(&h.0, 2) as u64;
             // Only the first fragment (offset 0) carries the L4 header.
-            if be16(&h, 6) & 0x1fff != 0 {
+            if be16(&h.0, 6) & 0x1fff != 0 {
                 has_ports = false;
             }
-            proto = h[9];
+            proto = h.0[9];
             l4_off = off + ihl;
         }
         ETH_P_IPV6 => {
-            let Some(h) = p.load::<[u8; 40]>(off) else {
+            let Some(h) = p.load::<40>(off) else {
                 return Parsed::Malformed;
             };
-            if h[0] >> 4 != 6 {
+            if h.0[0] >> 4 != 6 {
                 return Parsed::Malformed;
             }
             key.ip_version = 6;
-            key.src_addr.copy_from_slice(&h[8..24]);
-            key.dst_addr.copy_from_slice(&h[24..40]);
-            *ip_len = be16(&h, 4) as u64 + 40;
-            let mut next = h[6];
+            key.src_addr.copy_from_slice(&h.0[8..24]);
+            key.dst_addr.copy_from_slice(&h.0[24..40]);
+            *ip_len = be16(&h.0, 4) as u64 + 40;
+            let mut next = h.0[6];
             l4_off = off + 40;
             for _ in 0..MAX_IPV6_EXT_HDRS {
                 let hdr_len = match next {
@@ -163,7 +162,7 @@ pub fn parse<P: Packet>(
                     | IPPROTO_FRAGMENT => 0,
                     _ => break,
                 };
-                let Some(x) = p.load::<[u8; 4]>(l4_off) else {
+                let Some(x) = p.load::<4>(l4_off) else {
                     has_ports = false;
                     break;
                 };
@@ -171,17 +170,17 @@ pub fn parse<P: Packet>(
                     + match next {
                         // Fixed 8 bytes; a non-zero offset means no L4 header.
                         IPPROTO_FRAGMENT => {
-                            if be16(&x, 2) & 0xfff8 != 0 {
+                            if be16(&x.0, 2) & 0xfff8 != 0 {
                                 has_ports = false;
                             }
                             8
                         }
                         // AH counts 4-byte units minus 2.
-                        IPPROTO_AH => (x[1] as usize + 2) * 4,
+                        IPPROTO_AH => (x.0[1] as usize + 2) * 4,
                         // The others count 8-byte units after the first 8.
-                        _ => (x[1] as usize + 1) * 8,
+                        _ => (x.0[1] as usize + 1) * 8,
                     };
-                next = x[0];
+                next = x.0[0];
                 l4_off += hdr_len;
             }
             proto = next;
@@ -193,23 +192,23 @@ pub fn parse<P: Packet>(
     if has_ports {
         match proto {
             IPPROTO_TCP => {
-                if let Some(t) = p.load::<[u8; 14]>(l4_off) {
-                    key.src_port = be16(&t, 0);
-                    key.dst_port = be16(&t, 2);
-                    *tcp_flags = t[13];
-                    l4_hdr_end = l4_off + ((t[12] >> 4) as usize) * 4;
+                if let Some(t) = p.load::<14>(l4_off) {
+                    key.src_port = be16(&t.0, 0);
+                    key.dst_port = be16(&t.0, 2);
+                    *tcp_flags = t.0[13];
+                    l4_hdr_end = l4_off + ((t.0[12] >> 4) as usize) * 4;
                 }
             }
             IPPROTO_UDP | IPPROTO_UDPLITE | IPPROTO_SCTP => {
-                if let Some(u) = p.load::<[u8; 4]>(l4_off) {
-                    key.src_port = be16(&u, 0);
-                    key.dst_port = be16(&u, 2);
+                if let Some(u) = p.load::<4>(l4_off) {
+                    key.src_port = be16(&u.0, 0);
+                    key.dst_port = be16(&u.0, 2);
                     l4_hdr_end = l4_off + 8;
                 }
             }
             IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-                if let Some(i) = p.load::<[u8; 2]>(l4_off) {
-                    key.dst_port = be16(&i, 0);
+                if let Some(i) = p.load::<2>(l4_off) {
+                    key.dst_port = be16(&i.0, 0);
                 }
             }
             _ => {}

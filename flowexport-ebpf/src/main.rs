@@ -30,19 +30,21 @@
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
+#![feature(asm_experimental_arch)]
 #![allow(internal_features)]
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_xdp_load_bytes},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_xdp_load_bytes},
     macros::{classifier, map, xdp},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf, XskMap},
     programs::{TcContext, XdpContext},
 };
+use core::arch::asm;
 use core::intrinsics::{atomic_cxchg, atomic_or, atomic_xadd, atomic_xchg, AtomicOrdering};
-use core::mem::size_of;
+use core::mem::MaybeUninit;
 use flowexport_common::parse::{
-    parse, Bytes, Packet, Parsed, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE,
+    parse, Hdr, Packet, Parsed, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE,
 };
 use flowexport_common::{
     slot_state, slot_word, table_hash, CacheSlot, ClockWord, FallbackEvent, FilterMasks, FilterSet,
@@ -219,29 +221,72 @@ struct XdpPacket<'a, const FRAGS: bool>(&'a XdpContext);
 
 impl<const FRAGS: bool> Packet for XdpPacket<'_, FRAGS> {
     #[inline(always)]
-    fn load<T: Bytes>(&self, off: usize) -> Option<T> {
+    fn load<const N: usize>(&self, off: usize) -> Option<Hdr<N>> {
         let start = self.0.data();
         let end = self.0.data_end();
-        if start + off + size_of::<T>() > end {
+        if start + off + N > end {
             if !FRAGS {
                 return None;
             }
-            let mut v = core::mem::MaybeUninit::<T>::uninit();
-            // SAFETY: the helper writes at most size_of::<T>() bytes into
-            // `v`, and all of them when it returns 0; T is a byte array
-            // (any bit pattern is valid).
+            let mut v = MaybeUninit::<Hdr<N>>::uninit();
+            // SAFETY: the helper writes at most N bytes into `v`, and all of
+            // them when it returns 0; any bit pattern is a valid Hdr.
             return unsafe {
-                (bpf_xdp_load_bytes(
-                    self.0.ctx,
-                    off as u32,
-                    v.as_mut_ptr().cast(),
-                    size_of::<T>() as u32,
-                ) == 0)
+                (bpf_xdp_load_bytes(self.0.ctx, off as u32, v.as_mut_ptr().cast(), N as u32) == 0)
                     .then(|| v.assume_init())
             };
         }
-        // SAFETY: the range [start+off, start+off+size) lies inside the packet.
-        Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
+        // SAFETY: the range [start+off, start+off+N) lies inside the packet.
+        Some(unsafe { packet_read(start + off) })
+    }
+}
+
+/// The N bytes at `addr` of packet memory, read with the widest loads that
+/// fit (8, then 4, 2, 1 bytes) into an 8-aligned `Hdr`. The loads are
+/// written in BPF assembly: LLVM's BPF backend splits every load it cannot
+/// prove aligned into single bytes (and a packet header's alignment is
+/// unknown), while the kernel allows misaligned packet loads on the
+/// architectures the agent runs on (x86-64, arm64: not with
+/// BPF_F_STRICT_ALIGNMENT). The verifier checks each load against the
+/// caller's bounds check, as any other packet access.
+///
+/// # Safety
+/// `[addr, addr + N)` lies inside the packet (bounds-checked by the caller).
+#[inline(always)]
+unsafe fn packet_read<const N: usize>(addr: usize) -> Hdr<N> {
+    let mut v = MaybeUninit::<Hdr<N>>::uninit();
+    let dst = v.as_mut_ptr().cast::<u8>();
+    let mut i = 0;
+    // SAFETY: every load lies in the caller's range; every store lies in
+    // `v` (N bytes) at an offset aligned for its width (`v` is 8-aligned
+    // and i advances by 8 before the narrower tail); all N bytes are
+    // written, and any bit pattern is a valid Hdr.
+    unsafe {
+        while i + 8 <= N {
+            let w: u64;
+            asm!("{w} = *(u64 *)({p} + 0)", w = out(reg) w, p = in(reg) addr + i,
+                 options(pure, readonly, nostack, preserves_flags));
+            dst.add(i).cast::<u64>().write(w);
+            i += 8;
+        }
+        if i + 4 <= N {
+            let w: u64;
+            asm!("{w} = *(u32 *)({p} + 0)", w = out(reg) w, p = in(reg) addr + i,
+                 options(pure, readonly, nostack, preserves_flags));
+            dst.add(i).cast::<u32>().write(w as u32);
+            i += 4;
+        }
+        if i + 2 <= N {
+            let w: u64;
+            asm!("{w} = *(u16 *)({p} + 0)", w = out(reg) w, p = in(reg) addr + i,
+                 options(pure, readonly, nostack, preserves_flags));
+            dst.add(i).cast::<u16>().write(w as u16);
+            i += 2;
+        }
+        if i < N {
+            dst.add(i).write(*((addr + i) as *const u8));
+        }
+        v.assume_init()
     }
 }
 
@@ -254,15 +299,33 @@ struct SkbPacket<'a>(&'a TcContext);
 
 impl Packet for SkbPacket<'_> {
     #[inline(always)]
-    fn load<T: Bytes>(&self, off: usize) -> Option<T> {
+    fn load<const N: usize>(&self, off: usize) -> Option<Hdr<N>> {
         let start = self.0.data();
         let end = self.0.data_end();
-        if start + off + size_of::<T>() > end {
-            return self.0.load::<T>(off).ok();
+        if start + off + N > end {
+            return skb_load_bytes(self.0, off);
         }
-        // SAFETY: the range [start+off, start+off+size) lies inside the
+        // SAFETY: the range [start+off, start+off+N) lies inside the
         // skb's linear data.
-        Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
+        Some(unsafe { packet_read(start + off) })
+    }
+}
+
+/// The N bytes at `off` of the skb through bpf_skb_load_bytes, into an
+/// 8-aligned `Hdr` on the stack.
+#[inline(always)]
+fn skb_load_bytes<const N: usize>(ctx: &TcContext, off: usize) -> Option<Hdr<N>> {
+    let mut v = MaybeUninit::<Hdr<N>>::uninit();
+    // SAFETY: the helper writes at most N bytes into `v`, and all of them
+    // when it returns 0; any bit pattern is a valid Hdr.
+    unsafe {
+        (bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            off as u32,
+            v.as_mut_ptr().cast(),
+            N as u32,
+        ) == 0)
+            .then(|| v.assume_init())
     }
 }
 
@@ -738,7 +801,7 @@ fn empty_key(ifindex: u32, direction: u8) -> FlowKey {
     // zeroing of the whole key (whose address escapes to the table
     // functions) into odd-sized memsets, which the BPF backend turns into
     // calls of a byte-by-byte memset loop.
-    let mut k = core::mem::MaybeUninit::<FlowKey>::uninit();
+    let mut k = MaybeUninit::<FlowKey>::uninit();
     let w = k.as_mut_ptr() as *mut u64;
     // SAFETY: six u64 stores cover the 48-byte, 8-aligned-enough key (a
     // stack slot; u64 stores need no alignment in BPF beyond the verifier's
@@ -1042,8 +1105,8 @@ pub(crate) fn flowexport_bench_tc_helper(ctx: TcContext) -> i32 {
     struct Helper<'a>(&'a TcContext);
     impl Packet for Helper<'_> {
         #[inline(always)]
-        fn load<T: Bytes>(&self, off: usize) -> Option<T> {
-            self.0.load::<T>(off).ok()
+        fn load<const N: usize>(&self, off: usize) -> Option<Hdr<N>> {
+            skb_load_bytes(self.0, off)
         }
     }
     tc_count_from(&ctx, &Helper(&ctx), DIR_EGRESS);
