@@ -16,7 +16,6 @@
 pub mod decap;
 pub mod xsk;
 
-use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,7 +31,7 @@ use xsk::{Xsk, XskStats};
 
 use decap::{decap, Tunnel};
 
-use super::drain::{AggregateKey, FlowAggregator};
+use super::drain::{AggregateKey, FlowAggregator, FlowMap};
 use super::flow::FlowCounters;
 use super::loader::{ifindex, CaptureError, Programs};
 
@@ -467,7 +466,7 @@ impl Worker {
                 self.queue
             ),
         }
-        let mut local: HashMap<XskKey, FlowCounters> = HashMap::new();
+        let mut local: FlowMap<XskKey, FlowCounters> = FlowMap::default();
         let mut scratch = Vec::new();
         loop {
             let stopping = self.stop.load(Ordering::Relaxed);
