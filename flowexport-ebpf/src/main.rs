@@ -254,6 +254,15 @@ impl<const FRAGS: bool> Packet for XdpPacket<'_, FRAGS> {
 /// `[addr, addr + N)` lies inside the packet (bounds-checked by the caller).
 #[inline(always)]
 unsafe fn packet_read<const N: usize>(addr: usize) -> Hdr<N> {
+    /// One load of the given width (`u64`, `u32`, `u16`) from packet memory.
+    macro_rules! load {
+        ($width:literal, $at:expr) => {{
+            let w: u64;
+            asm!(concat!("{w} = *(", $width, " *)({p} + 0)"), w = out(reg) w, p = in(reg) $at,
+                 options(pure, readonly, nostack, preserves_flags));
+            w
+        }};
+    }
     let mut v = MaybeUninit::<Hdr<N>>::uninit();
     let dst = v.as_mut_ptr().cast::<u8>();
     let mut i = 0;
@@ -263,24 +272,19 @@ unsafe fn packet_read<const N: usize>(addr: usize) -> Hdr<N> {
     // written, and any bit pattern is a valid Hdr.
     unsafe {
         while i + 8 <= N {
-            let w: u64;
-            asm!("{w} = *(u64 *)({p} + 0)", w = out(reg) w, p = in(reg) addr + i,
-                 options(pure, readonly, nostack, preserves_flags));
-            dst.add(i).cast::<u64>().write(w);
+            dst.add(i).cast::<u64>().write(load!("u64", addr + i));
             i += 8;
         }
         if i + 4 <= N {
-            let w: u64;
-            asm!("{w} = *(u32 *)({p} + 0)", w = out(reg) w, p = in(reg) addr + i,
-                 options(pure, readonly, nostack, preserves_flags));
-            dst.add(i).cast::<u32>().write(w as u32);
+            dst.add(i)
+                .cast::<u32>()
+                .write(load!("u32", addr + i) as u32);
             i += 4;
         }
         if i + 2 <= N {
-            let w: u64;
-            asm!("{w} = *(u16 *)({p} + 0)", w = out(reg) w, p = in(reg) addr + i,
-                 options(pure, readonly, nostack, preserves_flags));
-            dst.add(i).cast::<u16>().write(w as u16);
+            dst.add(i)
+                .cast::<u16>()
+                .write(load!("u16", addr + i) as u16);
             i += 2;
         }
         if i < N {
