@@ -611,36 +611,20 @@ mod tests {
             last_seen_ns: t,
             tcp_flags: 0,
         };
+        let xk = |port: u16, tunnel: Option<Tunnel>| XskKey {
+            flow: key(port),
+            tunnel,
+        };
         let mut f = XskFlows::default();
-        f.add(
-            XskKey {
-                flow: key(1),
-                tunnel: None,
-            },
-            &at(10, 1),
-        );
-        f.add(
-            XskKey {
-                flow: key(1),
-                tunnel: None,
-            },
-            &at(20, 2),
-        );
         // The same 5-tuple inside a tunnel is another flow.
-        f.add(
-            XskKey {
-                flow: key(1),
-                tunnel: Some(tunnel),
-            },
-            &at(20, 5),
-        );
-        f.add(
-            XskKey {
-                flow: key(2),
-                tunnel: None,
-            },
-            &at(5_000, 1),
-        );
+        for (k, c) in [
+            (xk(1, None), at(10, 1)),
+            (xk(1, None), at(20, 2)),
+            (xk(1, Some(tunnel)), at(20, 5)),
+            (xk(2, None), at(5_000, 1)),
+        ] {
+            f.add(k, &c);
+        }
         assert_eq!(f.len(), 3);
         let t = Timeouts {
             idle_ns: 1_000,
@@ -650,32 +634,14 @@ mod tests {
         let mut due = Vec::new();
         assert_eq!(f.expire(1_500, t, false, &mut |k, c| due.push((*k, *c))), 2);
         due.sort_by_key(|(k, _)| k.tunnel.is_some());
-        assert_eq!(
-            due[0].0,
-            XskKey {
-                flow: key(1),
-                tunnel: None
-            }
-        );
+        assert_eq!(due[0].0, xk(1, None));
         assert_eq!((due[0].1.packets, due[0].1.first_seen_ns), (3, 10));
-        assert_eq!(
-            due[1].0,
-            XskKey {
-                flow: key(1),
-                tunnel: Some(tunnel)
-            }
-        );
+        assert_eq!(due[1].0, xk(1, Some(tunnel)));
         assert_eq!(due[1].1.packets, 5);
         assert_eq!(f.len(), 1);
         let all: Vec<_> = f.take_all().collect();
         assert_eq!(all.len(), 1);
-        assert_eq!(
-            all[0].0,
-            XskKey {
-                flow: key(2),
-                tunnel: None
-            }
-        );
+        assert_eq!(all[0].0, xk(2, None));
         assert!(f.is_empty());
     }
 
