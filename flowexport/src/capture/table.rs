@@ -42,7 +42,7 @@
 //!   before it, never after it.
 //!
 //! Times in the slot are CLOCK_MONOTONIC milliseconds truncated to 32 bits;
-//! [`restore_ms`] gives back the full value.
+//! `restore_ms` gives back the full value.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -106,7 +106,7 @@ pub struct FlowTable {
 // quiescent generation, by the one drain thread that owns the FlowTable).
 unsafe impl Send for FlowTable {}
 
-/// What [`FlowTable::peek`] reads of one generation, without clearing it.
+/// What `FlowTable::peek` reads of one generation, without clearing it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GenPeek {
     pub packets: u64,
@@ -231,7 +231,7 @@ impl FlowTable {
 
     /// Reads one generation's counters, which no program may be writing
     /// (the drain's old generation, or any after the programs are
-    /// detached). Times come back in ns (see [`restore_ms`]).
+    /// detached). Times come back in ns (see `restore_ms`).
     pub fn read(&self, i: u32, gen: u32, now_ms: u64) -> FlowCounters {
         // Plain loads: nobody else writes these counters now (the grace
         // period the caller waited for is a full barrier).

@@ -145,7 +145,7 @@ pub mod de {
     use serde::de::Error;
     use serde::{Deserialize, Deserializer};
 
-    /// `"15s"`, `"500ms"`, ... as [`super::parse_duration`] reads them.
+    /// `"15s"`, `"500ms"`, ... as `parse_duration` reads them.
     pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         let s = String::deserialize(d)?;
         super::parse_duration(&s)

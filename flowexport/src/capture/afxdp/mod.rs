@@ -7,7 +7,7 @@
 //! table every capture path shares ([`FlowAggregator`]), which the agent
 //! drains on the same idle and active timeouts into the same records.
 //! With `--decap inner` (the default), a frame carrying a tunnel (VXLAN,
-//! GENEVE, GRE, ERSPAN, IP-in-IP, see [`decap`]) counts as its inner flow,
+//! GENEVE, GRE, ERSPAN, IP-in-IP, see [`mod@decap`]) counts as its inner flow,
 //! keyed and recorded with the tunnel.
 //!
 //! Nothing is dropped silently: frames no socket took (`XSK_MISSED`) and

@@ -148,7 +148,7 @@ pub struct Xsk {
     rx: Ring<libc::xdp_desc>,
     /// Whether the driver runs it in zero-copy mode.
     pub zero_copy: bool,
-    /// Whether frames longer than [`FRAME_SIZE`] come in pieces (bound with
+    /// Whether frames longer than `FRAME_SIZE` come in pieces (bound with
     /// `XDP_USE_SG`) rather than being dropped.
     pub multi_buffer: bool,
     /// The last frame taken off the RX ring had `XDP_PKT_CONTD`: the next
