@@ -330,11 +330,26 @@ impl Xsk {
         })
     }
 
-    /// Waits up to `timeout_ms` until the RX ring holds frames.
-    pub fn wait(&self, timeout_ms: i32) -> io::Result<()> {
+    /// Waits up to `timeout_ms` until the RX ring holds frames: first by
+    /// watching the ring for up to `spin` (no system call, and no wake-up
+    /// for the kernel to send), then in poll(2). Returns whether frames came
+    /// without poll.
+    pub fn wait(&self, spin: std::time::Duration, timeout_ms: i32) -> io::Result<bool> {
         let cons = self.rx.consumer().load(Ordering::Relaxed);
-        if self.rx.producer().load(Ordering::Acquire) != cons {
-            return Ok(());
+        let ready = || self.rx.producer().load(Ordering::Acquire) != cons;
+        if ready() {
+            return Ok(true);
+        }
+        if !spin.is_zero() {
+            let until = std::time::Instant::now() + spin;
+            while std::time::Instant::now() < until {
+                for _ in 0..16 {
+                    if ready() {
+                        return Ok(true);
+                    }
+                    std::hint::spin_loop();
+                }
+            }
         }
         let mut pfd = libc::pollfd {
             fd: self.fd.as_raw_fd(),
@@ -348,7 +363,7 @@ impl Xsk {
                 return Err(e);
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Hands every packet the RX ring holds now to `f` (of a multi-buffer
