@@ -35,6 +35,7 @@
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    cty::{c_long, c_void},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_xdp_load_bytes},
     macros::{classifier, map, xdp},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf, XskMap},
@@ -228,13 +229,10 @@ impl<const FRAGS: bool> Packet for XdpPacket<'_, FRAGS> {
             if !FRAGS {
                 return None;
             }
-            let mut v = MaybeUninit::<Hdr<N>>::uninit();
-            // SAFETY: the helper writes at most N bytes into `v`, and all of
-            // them when it returns 0; any bit pattern is a valid Hdr.
-            return unsafe {
-                (bpf_xdp_load_bytes(self.0.ctx, off as u32, v.as_mut_ptr().cast(), N as u32) == 0)
-                    .then(|| v.assume_init())
-            };
+            // SAFETY: the helper writes at most `len` bytes to `dst`.
+            return helper_read(|dst, len| unsafe {
+                bpf_xdp_load_bytes(self.0.ctx, off as u32, dst, len)
+            });
         }
         // SAFETY: the range [start+off, start+off+N) lies inside the packet.
         Some(unsafe { packet_read(start + off) })
@@ -315,22 +313,22 @@ impl Packet for SkbPacket<'_> {
     }
 }
 
-/// The N bytes at `off` of the skb through bpf_skb_load_bytes, into an
-/// 8-aligned `Hdr` on the stack.
+/// The N bytes at `off` of the skb through bpf_skb_load_bytes.
 #[inline(always)]
 fn skb_load_bytes<const N: usize>(ctx: &TcContext, off: usize) -> Option<Hdr<N>> {
+    // SAFETY: the helper writes at most `len` bytes to `dst`.
+    helper_read(|dst, len| unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), off as u32, dst, len) })
+}
+
+/// N header bytes a load helper copies (`copy(dst, len)`: bpf_skb_load_bytes
+/// or bpf_xdp_load_bytes, which writes at most `len` bytes to `dst` and
+/// all of them when it returns 0) into an 8-aligned `Hdr` on the stack.
+#[inline(always)]
+fn helper_read<const N: usize>(copy: impl FnOnce(*mut c_void, u32) -> c_long) -> Option<Hdr<N>> {
     let mut v = MaybeUninit::<Hdr<N>>::uninit();
-    // SAFETY: the helper writes at most N bytes into `v`, and all of them
-    // when it returns 0; any bit pattern is a valid Hdr.
-    unsafe {
-        (bpf_skb_load_bytes(
-            ctx.skb.skb.cast(),
-            off as u32,
-            v.as_mut_ptr().cast(),
-            N as u32,
-        ) == 0)
-            .then(|| v.assume_init())
-    }
+    // SAFETY: on 0 the helper wrote all N bytes of `v`; any bit pattern is a
+    // valid Hdr.
+    (copy(v.as_mut_ptr().cast(), N as u32) == 0).then(|| unsafe { v.assume_init() })
 }
 
 #[inline(always)]
