@@ -737,15 +737,15 @@ fn stalled_stdout_reader_loses_and_duplicates_nothing() {
     assert_eq!(bytes, (1_000_000..1_030_000).collect::<Vec<u64>>());
 }
 
-/// A reader that never reads: the stdout queue fills (16 MiB), the worker
-/// waits for room, its socket's buffer fills and the kernel drops
+/// A reader that never reads: the stdout queue fills (32,768 records), the
+/// worker waits for room, its socket's buffer fills and the kernel drops
 /// datagrams. `flowexport_collector_socket_drops_total` is the kernel's
 /// count for the socket (what `ss` shows), read while the worker is still
 /// blocked.
 #[test]
 fn socket_drops_are_the_kernels_count() {
     let (c, _stdout) = PipedCollector::start();
-    // 600,000 flows in 20,000 datagrams of ~1.4 KB: the queue takes ~1,200
+    // 600,000 flows in 20,000 datagrams of ~1.4 KB: the queue takes ~1,100
     // datagrams' records, an 8 MiB socket buffer ~7,000 datagrams.
     c.send_flows(600_000, Duration::ZERO);
     assert!(

@@ -268,8 +268,8 @@ pub fn run(args: CollectArgs) -> Result<()> {
     let kafka = kafka
         .map(|k| KafkaSink::new(k, &metrics.registry))
         .transpose()?;
-    // Formatted in the workers, written by a thread of its own: a slow
-    // reader of stdout shows in the queue's metrics.
+    // Formatted and written by a thread of its own, fed by the workers: a
+    // slow reader of stdout shows in the queue's metrics.
     let stdout = if stdout {
         Some(
             QueuedJsonLines::stdout(&metrics.registry)

@@ -6,9 +6,12 @@
 //!   uses it: a drain clears the kernel's counts only after their records
 //!   were written (nothing lost to a `kill -9`), and its drain thread is
 //!   not on the packet path.
-//! - [`QueuedJsonLines`] formats in the caller's thread and hands the bytes
-//!   to a writer thread through a queue bounded in bytes, so that a decoder
-//!   (`collect`) does not wait for each write. A slow reader of stdout shows
+//! - [`QueuedJsonLines`] hands the caller's records to a writer thread
+//!   through a queue bounded in records, so that a decoder (`collect`) does
+//!   not wait for each write. The writer formats them, which takes that
+//!   work off the decoding thread; while the writer is behind (over 1024
+//!   records queued), senders format their own batches, so that formatting
+//!   scales with the workers. A slow reader of stdout shows
 //!   in two metrics, `flowexport_stdout_records_waiting` and
 //!   `flowexport_stdout_blocked_seconds_total` (time senders waited for room
 //!   in a full queue), instead of as silent drops at the collector's
@@ -75,21 +78,45 @@ impl<W: Write + Send> Sink for JsonLinesSink<W> {
     }
 }
 
-/// Bytes the queue of [`QueuedJsonLines`] holds before senders wait:
-/// ~35,000 records, a few milliseconds of a writer's time.
-pub const QUEUE_BYTES: usize = 16 << 20;
+/// Records the queue of [`QueuedJsonLines`] holds before senders wait: a
+/// few milliseconds of the writer's time, ~10 MiB.
+pub const QUEUE_RECORDS: usize = 32 << 10;
+
+/// Records a sender sees queued (not yet taken by the writer) before it
+/// formats its batch itself: the writer is then several writes behind, and
+/// formatting on every sender's thread keeps up where one writer could not.
+const BEHIND: usize = 1024;
+
+/// A sender's batch: its records, which the writer formats, or (while the
+/// writer is behind) the lines the sender formatted itself, and how many.
+enum Batch {
+    Records(Vec<FlowRecord>),
+    Lines(Vec<u8>, usize),
+}
+
+impl Batch {
+    fn records(&self) -> usize {
+        match self {
+            Batch::Records(r) => r.len(),
+            Batch::Lines(_, n) => *n,
+        }
+    }
+}
 
 struct Queue {
-    /// Formatted batches and their record counts, oldest first.
-    batches: VecDeque<(Vec<u8>, u64)>,
-    /// Bytes queued or being written (released after the write).
-    bytes: usize,
-    /// Emptied buffers for senders to reuse.
-    spare: Vec<Vec<u8>>,
+    /// Batches, oldest first.
+    batches: VecDeque<Batch>,
+    /// Records queued, or taken by the writer and not yet written.
+    records: usize,
+    /// Records in `batches` (not taken by the writer yet).
+    queued: usize,
+    /// Emptied batches for senders to reuse.
+    spare: Vec<Vec<FlowRecord>>,
+    spare_lines: Vec<Vec<u8>>,
     /// The writer's last error, reported to the next sender.
     error: Option<std::io::Error>,
     closed: bool,
-    /// The writer sleeps until this many bytes are queued: a sender that
+    /// The writer sleeps until `queued` reaches this: a sender that
     /// brings the queue to it wakes the writer. `usize::MAX` while the
     /// writer is busy (it takes new batches with its next round, without a
     /// wake-up call).
@@ -113,22 +140,22 @@ struct Shared {
 /// JSON lines through a writer thread (see the module docs). The value
 /// [`QueuedJsonLines::new`] returns owns the thread (dropping it writes what
 /// is queued and ends it); [`QueuedJsonLines::handle`]s share its queue, so
-/// that several threads format and queue without a lock around the sink.
+/// that several threads queue without a lock around the sink.
 pub struct QueuedJsonLines {
     shared: Arc<Shared>,
     writer: Option<std::thread::JoinHandle<()>>,
-    /// This sender's formatting buffer, reused for every batch: it stays in
-    /// the CPU's caches, while a queued buffer is usually cold memory.
+    /// This sender's formatting buffer (while the writer is behind), reused
+    /// for every batch: it stays in the CPU's caches.
     scratch: Vec<u8>,
 }
 
 impl QueuedJsonLines {
     /// Writes to stdout; registers the queue's metrics in `registry`.
     pub fn stdout(registry: &Registry) -> std::io::Result<QueuedJsonLines> {
-        QueuedJsonLines::new(std::io::stdout(), QUEUE_BYTES, registry)
+        QueuedJsonLines::new(std::io::stdout(), QUEUE_RECORDS, registry)
     }
 
-    /// Writes to `out` with a queue of `limit` bytes.
+    /// Writes to `out` with a queue of `limit` records.
     pub fn new<W: Write + Send + 'static>(
         mut out: W,
         limit: usize,
@@ -137,7 +164,7 @@ impl QueuedJsonLines {
         let waiting = crate::metrics::gauge(
             registry,
             "flowexport_stdout_records_waiting",
-            "Records formatted for stdout and not yet written (a slow reader of stdout).",
+            "Records queued for stdout and not yet written (a slow reader of stdout).",
         );
         let blocked = crate::metrics::float_counter(
             registry,
@@ -147,8 +174,10 @@ impl QueuedJsonLines {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
                 batches: VecDeque::new(),
-                bytes: 0,
+                records: 0,
+                queued: 0,
                 spare: Vec::new(),
+                spare_lines: Vec::new(),
                 error: None,
                 closed: false,
                 writer_wants: usize::MAX,
@@ -156,7 +185,7 @@ impl QueuedJsonLines {
             }),
             work: Condvar::new(),
             room: Condvar::new(),
-            limit,
+            limit: limit.max(1),
             waiting,
             blocked,
         });
@@ -189,74 +218,132 @@ impl QueuedJsonLines {
 /// in 32-256 KiB writes).
 const MIN_WRITE: usize = 64 << 10;
 
-/// How long the writer waits for the queue to reach [`MIN_WRITE`] once a
-/// batch is there: the most a record is held back for it (at low rates).
+/// How long the writer holds formatted lines back to fill [`MIN_WRITE`]:
+/// the most a record waits for it (at low rates).
 const LINGER: Duration = Duration::from_millis(5);
 
-/// The writer thread: waits for a batch, then (up to [`LINGER`]) for
-/// [`MIN_WRITE`] bytes, takes every queued batch at once, writes them as
-/// one buffer, then releases their bytes.
+/// Bytes of a JSON line, at the least (for the writer's wake-up rule: a
+/// line of flowexport's records takes 400-600).
+const LINE_BYTES_MIN: usize = 400;
+
+/// The writer thread: takes every queued batch at once and formats it into
+/// its own buffer; writes the buffer once it holds [`MIN_WRITE`] bytes, when
+/// [`LINGER`] has passed since its oldest line, or when someone waits; then
+/// releases the written records' room in the queue.
+///
+/// The lines are formatted here, not by the senders, which takes that work
+/// off the decoding threads: one `collect` worker took 2M flows/s into a
+/// file without a socket drop in 5 of 6 runs, against 3 of 6 when it
+/// formatted its own (`cargo xtask bench collect`, BENCHMARKS.md).
 fn write_loop(s: &Shared, out: &mut dyn Write) {
-    let mut taken: Vec<(Vec<u8>, u64)> = Vec::new();
-    // A queue smaller than two writes' worth would hold senders back.
-    let min_write = MIN_WRITE.min(s.limit / 2).max(1);
+    let mut taken: Vec<Batch> = Vec::new();
+    let mut buf: Vec<u8> = Vec::with_capacity(2 * MIN_WRITE);
+    // Records formatted into `buf`, and when the oldest of them was.
+    let mut pending = 0usize;
+    let mut since: Option<Instant> = None;
     loop {
+        let write_now;
         {
             let mut q = s.queue.lock().expect("stdout queue");
-            let mut deadline: Option<Instant> = None;
-            while !q.closed {
-                if q.batches.is_empty() {
-                    q.hurry = false;
-                    q.writer_wants = 1;
-                    q = s.work.wait(q).expect("stdout queue");
-                    continue;
+            // Return the batches formatted last round for senders to reuse.
+            for b in taken.drain(..) {
+                match b {
+                    Batch::Records(mut r) if q.spare.len() < 64 => {
+                        r.clear();
+                        q.spare.push(r);
+                    }
+                    Batch::Lines(mut l, _) if q.spare_lines.len() < 64 => {
+                        l.clear();
+                        q.spare_lines.push(l);
+                    }
+                    _ => {}
                 }
-                // The writer has nothing in flight: `bytes` is what is queued.
-                if q.bytes >= min_write || q.hurry {
+            }
+            loop {
+                if !q.batches.is_empty() || q.closed || q.hurry {
                     break;
                 }
-                let now = Instant::now();
-                let until = *deadline.get_or_insert(now + LINGER);
-                if now >= until {
-                    break;
+                match since {
+                    None => {
+                        q.writer_wants = 1;
+                        q = s.work.wait(q).expect("stdout queue");
+                    }
+                    Some(t) => {
+                        let until = t + LINGER;
+                        let now = Instant::now();
+                        if now >= until {
+                            break;
+                        }
+                        // Woken by the batch that should fill the write,
+                        // not by every batch.
+                        q.writer_wants = MIN_WRITE.saturating_sub(buf.len()) / LINE_BYTES_MIN + 1;
+                        q = s.work.wait_timeout(q, until - now).expect("stdout queue").0;
+                    }
                 }
-                q.writer_wants = min_write;
-                q = s.work.wait_timeout(q, until - now).expect("stdout queue").0;
             }
             q.writer_wants = usize::MAX;
+            taken.extend(q.batches.drain(..));
+            q.queued = 0;
+            let lingered = since.is_some_and(|t| t.elapsed() >= LINGER);
+            write_now = q.hurry || q.closed || lingered;
             q.hurry = false;
-            if q.batches.is_empty() {
+            if taken.is_empty() && pending == 0 && q.closed {
                 return; // closed, and everything written
             }
-            taken.extend(q.batches.drain(..));
         }
-        let (mut bytes, mut records) = (0, 0);
-        for (b, n) in &taken {
-            bytes += b.len();
-            records += n;
-        }
-        let result = write_batches(out, &taken).and_then(|()| out.flush());
-        let mut q = s.queue.lock().expect("stdout queue");
-        if let Err(e) = result {
-            log::error!("{records} records not written to stdout: {e}");
-            q.error = Some(e);
-        }
-        q.bytes -= bytes;
-        s.waiting.sub(records as i64);
-        for (mut b, _) in taken.drain(..) {
-            if q.spare.len() < 64 {
-                b.clear();
-                q.spare.push(b);
+        for b in &taken {
+            match b {
+                Batch::Records(r) => {
+                    json::write_lines(&mut buf, r);
+                    pending += r.len();
+                    if buf.len() >= MIN_WRITE {
+                        write_out(s, out, &[&buf], pending);
+                        buf.clear();
+                        pending = 0;
+                    }
+                }
+                // A sender's own lines (a batch or more long): written as
+                // they are, after the lines before them.
+                Batch::Lines(l, n) => {
+                    write_out(s, out, &[&buf, l], pending + n);
+                    buf.clear();
+                    pending = 0;
+                }
             }
         }
-        s.room.notify_all();
+        // What is left waits for more lines, unless its time is up, someone
+        // waits, or it holds half the queue's room (senders soon would).
+        if pending > 0 && (write_now || pending * 2 >= s.limit) {
+            write_out(s, out, &[&buf], pending);
+            buf.clear();
+            pending = 0;
+        }
+        since = match since {
+            _ if pending == 0 => None,
+            None => Some(Instant::now()),
+            t => t,
+        };
     }
 }
 
-/// Writes the batches in order with as few `writev` calls as the writer
+/// Writes `parts` (the lines of `records` records) in order, then releases
+/// their room in the queue.
+fn write_out(s: &Shared, out: &mut dyn Write, parts: &[&[u8]], records: usize) {
+    let result = write_parts(out, parts).and_then(|()| out.flush());
+    let mut q = s.queue.lock().expect("stdout queue");
+    if let Err(e) = result {
+        log::error!("{records} records not written to stdout: {e}");
+        q.error = Some(e);
+    }
+    q.records -= records;
+    s.waiting.sub(records as i64);
+    s.room.notify_all();
+}
+
+/// Writes the parts in order with as few `writev` calls as the writer
 /// takes (no copy into one buffer first).
-fn write_batches(out: &mut dyn Write, batches: &[(Vec<u8>, u64)]) -> std::io::Result<()> {
-    let mut slices: Vec<IoSlice<'_>> = batches.iter().map(|(b, _)| IoSlice::new(b)).collect();
+fn write_parts(out: &mut dyn Write, parts: &[&[u8]]) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
     let mut left = &mut slices[..];
     while !left.is_empty() {
         match out.write_vectored(left) {
@@ -278,27 +365,34 @@ impl Sink for QueuedJsonLines {
         if records.is_empty() {
             return Ok(());
         }
-        // Formatted in the warm scratch buffer, then moved into the queued
-        // one with one large copy (which fills cold cache lines without
-        // reading them first; formatting straight into a cold buffer was
-        // slower: measured with `cargo xtask bench collect`).
-        self.scratch.clear();
-        json::write_lines(&mut self.scratch, records);
+        // The records are copied into a queued batch for the writer thread
+        // to format (see `write_loop`); while it is behind, formatted here.
         let s = &*self.shared;
-        let mut buf = s
-            .queue
-            .lock()
-            .expect("stdout queue")
-            .spare
-            .pop()
-            .unwrap_or_default();
-        buf.extend_from_slice(&self.scratch);
+        let mut batch = {
+            let mut q = s.queue.lock().expect("stdout queue");
+            if q.queued >= BEHIND {
+                Batch::Lines(q.spare_lines.pop().unwrap_or_default(), records.len())
+            } else {
+                Batch::Records(q.spare.pop().unwrap_or_default())
+            }
+        };
+        match &mut batch {
+            Batch::Records(r) => r.extend_from_slice(records),
+            Batch::Lines(l, _) => {
+                // Formatted in the warm scratch buffer, then moved into the
+                // queued one with one large copy (formatting straight into a
+                // cold buffer was slower: measured with `cargo xtask bench
+                // collect`).
+                self.scratch.clear();
+                json::write_lines(&mut self.scratch, records);
+                l.extend_from_slice(&self.scratch);
+            }
+        }
+        let n = batch.records();
         let mut q = s.queue.lock().expect("stdout queue");
         if let Some(e) = q.error.take() {
             // stdout failed (the writer logged how many records that write
             // lost): this batch is refused too, and the caller counts it.
-            buf.clear();
-            q.spare.push(buf);
             return Err(io_error(e));
         }
         if q.closed {
@@ -307,13 +401,13 @@ impl Sink for QueuedJsonLines {
                 "the stdout writer has stopped",
             )));
         }
-        if q.bytes > 0 && q.bytes + buf.len() > s.limit {
+        if q.records > 0 && q.records + n > s.limit {
             q.hurry = true;
             s.work.notify_one();
             // Counted as it passes (every 100 ms at most), so that a reader
             // that never resumes shows too.
             let mut since = Instant::now();
-            while q.bytes > 0 && q.bytes + buf.len() > s.limit {
+            while q.records > 0 && q.records + n > s.limit {
                 q = s
                     .room
                     .wait_timeout(q, Duration::from_millis(100))
@@ -323,10 +417,11 @@ impl Sink for QueuedJsonLines {
                 since = Instant::now();
             }
         }
-        q.bytes += buf.len();
-        s.waiting.add(records.len() as i64);
-        q.batches.push_back((buf, records.len() as u64));
-        if q.bytes >= q.writer_wants {
+        q.records += n;
+        q.queued += n;
+        s.waiting.add(n as i64);
+        q.batches.push_back(batch);
+        if q.queued >= q.writer_wants {
             q.writer_wants = usize::MAX;
             s.work.notify_one();
         }
@@ -337,11 +432,11 @@ impl Sink for QueuedJsonLines {
     fn flush(&mut self) -> Result<(), SinkError> {
         let s = &*self.shared;
         let mut q = s.queue.lock().expect("stdout queue");
-        if q.bytes > 0 {
+        if q.records > 0 {
             q.hurry = true;
             s.work.notify_one();
         }
-        while q.bytes > 0 {
+        while q.records > 0 {
             q = s.room.wait(q).expect("stdout queue");
         }
         match q.error.take() {
@@ -380,13 +475,15 @@ mod tests {
         assert!(text.ends_with('\n'));
     }
 
-    /// Takes at most 5 bytes per call (a pipe that is nearly full).
-    struct Trickle(Vec<u8>);
+    /// Takes at most 5 bytes per call (a pipe that is nearly full); shared,
+    /// so the test reads what the writer thread wrote.
+    #[derive(Clone, Default)]
+    struct Trickle(Arc<Mutex<Vec<u8>>>);
 
     impl Write for Trickle {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
             let n = buf.len().min(5);
-            self.0.extend_from_slice(&buf[..n]);
+            self.0.lock().unwrap().extend_from_slice(&buf[..n]);
             Ok(n)
         }
         fn flush(&mut self) -> std::io::Result<()> {
@@ -394,20 +491,50 @@ mod tests {
         }
     }
 
+    fn record(i: u64) -> FlowRecord {
+        FlowRecord {
+            packets: i,
+            bytes: i * 1500,
+            src_addr: "10.0.0.1".parse().unwrap(),
+            dst_addr: "2001:db8::2".parse().unwrap(),
+            ..FlowRecord::default()
+        }
+    }
+
     #[test]
-    fn batches_are_written_whole_and_in_order_through_short_writes() {
-        let batches: Vec<(Vec<u8>, u64)> = (0..20u8)
-            .map(|i| (vec![b'a' + i; usize::from(i) * 3 + 1], 1))
-            .collect();
-        let mut out = Trickle(Vec::new());
-        write_batches(&mut out, &batches).unwrap();
-        assert_eq!(
-            out.0,
-            batches
-                .iter()
-                .flat_map(|(b, _)| b.clone())
-                .collect::<Vec<u8>>()
-        );
+    fn queued_records_come_out_as_the_same_lines_in_order_through_short_writes() {
+        let out = Trickle::default();
+        // A queue of 64 records: the writer writes before it has 64 KiB.
+        let mut sink = QueuedJsonLines::new(out.clone(), 64, &Registry::new()).unwrap();
+        let mut all = Vec::new();
+        let mut n = 0;
+        for size in (1..40).chain([64, 1, 200]) {
+            let batch: Vec<FlowRecord> = (n..n + size).map(record).collect();
+            n += size;
+            sink.send(&batch).unwrap();
+            all.extend(batch);
+        }
+        sink.flush().unwrap();
+        let mut want = Vec::new();
+        json::write_lines(&mut want, &all);
+        assert_eq!(*out.0.lock().unwrap(), want);
+        drop(sink);
+        assert_eq!(*out.0.lock().unwrap(), want);
+    }
+
+    #[test]
+    fn a_lone_record_is_written_without_a_flush() {
+        let out = Trickle::default();
+        let mut sink = QueuedJsonLines::new(out.clone(), QUEUE_RECORDS, &Registry::new()).unwrap();
+        sink.send(&[record(7)]).unwrap();
+        // Held back at most LINGER (5 ms) for more lines to come.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while out.0.lock().unwrap().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut want = Vec::new();
+        json::write_lines(&mut want, &[record(7)]);
+        assert_eq!(*out.0.lock().unwrap(), want);
     }
 
     /// A writer that accepts nothing until its gate opens (a reader of
@@ -434,10 +561,36 @@ mod tests {
     }
 
     #[test]
+    fn senders_format_their_own_lines_while_the_writer_is_behind_and_order_holds() {
+        let out = Gated::default();
+        let mut sink = QueuedJsonLines::new(out.clone(), QUEUE_RECORDS, &Registry::new()).unwrap();
+        let mut all = Vec::new();
+        // The reader stalls: the writer blocks in its first write (after a
+        // batch or two), and the rest queues up past BEHIND.
+        for i in 0..40u64 {
+            let batch: Vec<FlowRecord> = (i * 100..i * 100 + 100).map(record).collect();
+            sink.send(&batch).unwrap();
+            all.extend(batch);
+        }
+        // The sender formatted some batches itself.
+        assert!(sink.scratch.capacity() > 0);
+        {
+            let (m, c) = &*out.0;
+            m.lock().unwrap().0 = true;
+            c.notify_all();
+        }
+        sink.flush().unwrap();
+        drop(sink);
+        let mut want = Vec::new();
+        json::write_lines(&mut want, &all);
+        assert!(out.0 .0.lock().unwrap().1 == want);
+    }
+
+    #[test]
     fn a_stalled_reader_blocks_the_sender_and_loses_nothing() {
         let out = Gated::default();
         let registry = Registry::new();
-        let mut sink = QueuedJsonLines::new(out.clone(), 8 << 10, &registry).unwrap();
+        let mut sink = QueuedJsonLines::new(out.clone(), 20, &registry).unwrap();
         let batch = |i: u32| -> Vec<FlowRecord> {
             (0..10)
                 .map(|j| FlowRecord {
@@ -455,7 +608,7 @@ mod tests {
             sink.flush().unwrap();
             sink
         });
-        // The reader stalls: the queue fills up (8 KiB) and the sender waits.
+        // The reader stalls: the queue fills up (20 records) and the sender waits.
         std::thread::sleep(Duration::from_millis(300));
         let metric = |name: &str| {
             crate::metrics::render_registry(&registry)
