@@ -39,6 +39,11 @@ impl RateLimitedLog {
 }
 
 impl<K: Hash + Eq> RateLimitedLog<K> {
+    /// An error, limited per `key`.
+    pub(crate) fn error_for(&self, key: K, msg: impl FnOnce() -> String) {
+        self.emit(key, log::Level::Error, "errors", msg);
+    }
+
     /// A warning, limited per `key`.
     pub(crate) fn warn_for(&self, key: K, msg: impl FnOnce() -> String) {
         self.emit(key, log::Level::Warn, "messages", msg);

@@ -21,6 +21,8 @@ pub(crate) struct CommandRuntime {
     /// Set on SIGHUP (when asked for; else SIGHUP keeps its default action).
     pub reload: Arc<AtomicBool>,
     stopped: Arc<Notify>,
+    /// What the log says when stopping ("shutting down").
+    stopping: &'static str,
 }
 
 impl CommandRuntime {
@@ -35,9 +37,20 @@ impl CommandRuntime {
         }
     }
 
-    /// Blocks until SIGINT or SIGTERM.
+    /// Blocks until SIGINT or SIGTERM (or a `stopper` call).
     pub(crate) fn wait_for_stop(&self) {
         self.runtime.block_on(self.stopped());
+    }
+
+    /// Stops the command as SIGTERM does, from any thread (for example when
+    /// its output has gone away), logging "{why}: {stopping}".
+    pub(crate) fn stopper(&self, why: &'static str) -> impl FnOnce() + Send + 'static {
+        let (stop, stopped, stopping) = (self.stop.clone(), self.stopped.clone(), self.stopping);
+        move || {
+            log::info!("{why}: {stopping}");
+            stop.store(true, Ordering::Relaxed);
+            stopped.notify_waiters();
+        }
     }
 }
 
@@ -100,5 +113,6 @@ pub(crate) fn start(
         stop,
         reload,
         stopped,
+        stopping,
     })
 }

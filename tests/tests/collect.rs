@@ -765,3 +765,23 @@ fn socket_drops_are_the_kernels_count() {
         .metric("flowexport_stdout_blocked_seconds_total")
         > Some(0.0)));
 }
+
+/// A reader of stdout that goes away (`flowexport collect | head`): the
+/// collector stops as on SIGTERM and exits with an error, as a pipeline's
+/// writer does, instead of decoding on for nobody and logging each lost
+/// write.
+#[test]
+fn a_reader_that_goes_away_stops_the_collector() {
+    let (mut c, stdout) = PipedCollector::start();
+    drop(stdout);
+    c.send_flows(3_000, Duration::from_millis(2));
+    let mut status = None;
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            status = c.child.try_wait().unwrap();
+            status.is_some()
+        }),
+        "the collector still runs with nobody reading its stdout"
+    );
+    assert_eq!(status.unwrap().code(), Some(1), "{status:?}");
+}

@@ -364,8 +364,14 @@ pub fn run(args: CollectArgs) -> Result<()> {
         "flowexport collector running (metrics on http://{}/metrics)",
         args.metrics_addr
     );
+    // A reader of stdout that went away (`collect | head`) ends the
+    // collector as SIGTERM would: the convention of a pipeline's writer.
+    if let Some(s) = &stdout {
+        s.on_broken_pipe(runtime.stopper("stdout has no reader any more"));
+    }
     runtime.wait_for_stop();
     drop(running);
+    let broken = stdout.as_ref().is_some_and(QueuedJsonLines::broken_pipe);
     // The workers' handles are gone; flush the sinks they shared.
     let mut last: Vec<Box<dyn Sink>> = Vec::new();
     if let Some(k) = kafka {
@@ -378,5 +384,8 @@ pub fn run(args: CollectArgs) -> Result<()> {
     last.flush();
     drop(last);
     runtime.runtime.shutdown_background();
+    if broken {
+        bail!("stopped: stdout was closed by its reader (broken pipe)");
+    }
     Ok(())
 }

@@ -4,6 +4,7 @@ pub mod ipfix;
 pub mod kafka;
 pub mod stdout;
 
+use crate::rate_limited_log::RateLimitedLog;
 use crate::record::FlowRecord;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,18 +30,24 @@ pub trait Sink: Send {
 
 /// Every configured sink behind one call: a batch goes to each sink; a
 /// failing sink is counted (`flowexport_sink_errors_total{sink}`) and
-/// logged, and the others still get the batch. Owned by one thread (the
+/// logged (a line per sink every 10 s at most, with the count of those held
+/// back), and the others still get the batch. Owned by one thread (the
 /// agent's drain, or one collector worker with its own sink handles): no
 /// lock on the way.
 pub struct Fanout {
     sinks: Vec<Box<dyn Sink>>,
     errors: prometheus::IntCounterVec,
+    log: RateLimitedLog<&'static str>,
 }
 
 impl Fanout {
     /// `errors` is the `flowexport_sink_errors_total` counter, by `sink`.
     pub fn new(sinks: Vec<Box<dyn Sink>>, errors: prometheus::IntCounterVec) -> Fanout {
-        Fanout { sinks, errors }
+        Fanout {
+            sinks,
+            errors,
+            log: RateLimitedLog::default(),
+        }
     }
 
     /// Hands `records` to every sink.
@@ -48,7 +55,9 @@ impl Fanout {
         for sink in &mut self.sinks {
             if let Err(e) = sink.send(records) {
                 self.errors.with_label_values(&[sink.name()]).inc();
-                log::error!("{} records not delivered: {e}", records.len());
+                self.log.error_for(sink.name(), || {
+                    format!("{} records not delivered: {e}", records.len())
+                });
             }
         }
     }

@@ -22,6 +22,7 @@
 
 use std::collections::VecDeque;
 use std::io::{IoSlice, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,7 @@ use prometheus::{Counter, IntGauge, Registry};
 
 use super::{Sink, SinkError};
 use crate::codec::json;
+use crate::rate_limited_log::RateLimitedLog;
 use crate::record::FlowRecord;
 
 /// Writes JSON lines to any writer (stdout in the agent), one write per batch.
@@ -135,6 +137,10 @@ struct Shared {
     limit: usize,
     waiting: IntGauge,
     blocked: Counter,
+    /// stdout's reader went away (EPIPE): nothing is written any more.
+    broken: AtomicBool,
+    /// Called once when `broken` is set (see `on_broken_pipe`).
+    on_broken: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 /// JSON lines through a writer thread (see the module docs). The value
@@ -188,6 +194,8 @@ impl QueuedJsonLines {
             limit: limit.max(1),
             waiting,
             blocked,
+            broken: AtomicBool::new(false),
+            on_broken: Mutex::new(None),
         });
         let s = shared.clone();
         let writer = std::thread::Builder::new()
@@ -202,6 +210,24 @@ impl QueuedJsonLines {
 }
 
 impl QueuedJsonLines {
+    /// Calls `f` once stdout's reader has gone away (a write failed with
+    /// EPIPE; at once if that already happened). Records queued from then on
+    /// are dropped, and every sender's next `send` fails.
+    pub fn on_broken_pipe(&self, f: impl FnOnce() + Send + 'static) {
+        let mut slot = self.shared.on_broken.lock().expect("stdout hook");
+        if self.broken_pipe() {
+            drop(slot);
+            f();
+        } else {
+            *slot = Some(Box::new(f));
+        }
+    }
+
+    /// Whether stdout's reader has gone away (see `on_broken_pipe`).
+    pub fn broken_pipe(&self) -> bool {
+        self.shared.broken.load(Ordering::SeqCst)
+    }
+
     /// Another sender into the same queue and writer thread.
     pub fn handle(&self) -> QueuedJsonLines {
         QueuedJsonLines {
@@ -241,6 +267,8 @@ fn write_loop(s: &Shared, out: &mut dyn Write) {
     // Records formatted into `buf`, and when the oldest of them was.
     let mut pending = 0usize;
     let mut since: Option<Instant> = None;
+    let log = RateLimitedLog::new();
+    let mut out = Output { out, log: &log };
     loop {
         let write_now;
         {
@@ -297,7 +325,7 @@ fn write_loop(s: &Shared, out: &mut dyn Write) {
                     json::write_lines(&mut buf, r);
                     pending += r.len();
                     if buf.len() >= MIN_WRITE {
-                        write_out(s, out, &[&buf], pending);
+                        out.write(s, &[&buf], pending);
                         buf.clear();
                         pending = 0;
                     }
@@ -305,7 +333,7 @@ fn write_loop(s: &Shared, out: &mut dyn Write) {
                 // A sender's own lines (a batch or more long): written as
                 // they are, after the lines before them.
                 Batch::Lines(l, n) => {
-                    write_out(s, out, &[&buf, l], pending + n);
+                    out.write(s, &[&buf, l], pending + n);
                     buf.clear();
                     pending = 0;
                 }
@@ -314,7 +342,7 @@ fn write_loop(s: &Shared, out: &mut dyn Write) {
         // What is left waits for more lines, unless its time is up, someone
         // waits, or it holds half the queue's room (senders soon would).
         if pending > 0 && (write_now || pending * 2 >= s.limit) {
-            write_out(s, out, &[&buf], pending);
+            out.write(s, &[&buf], pending);
             buf.clear();
             pending = 0;
         }
@@ -326,18 +354,48 @@ fn write_loop(s: &Shared, out: &mut dyn Write) {
     }
 }
 
-/// Writes `parts` (the lines of `records` records) in order, then releases
-/// their room in the queue.
-fn write_out(s: &Shared, out: &mut dyn Write, parts: &[&[u8]], records: usize) {
-    let result = write_parts(out, parts).and_then(|()| out.flush());
-    let mut q = s.queue.lock().expect("stdout queue");
-    if let Err(e) = result {
-        log::error!("{records} records not written to stdout: {e}");
-        q.error = Some(e);
+/// The writer thread's output and its error log.
+struct Output<'a> {
+    out: &'a mut dyn Write,
+    log: &'a RateLimitedLog,
+}
+
+impl Output<'_> {
+    /// Writes `parts` (the lines of `records` records) in order, then
+    /// releases their room in the queue. Once stdout's reader has gone away
+    /// (EPIPE), drops them instead: the hook set by `on_broken_pipe` runs,
+    /// and every sender's next `send` fails.
+    fn write(&mut self, s: &Shared, parts: &[&[u8]], records: usize) {
+        let result = if s.broken.load(Ordering::SeqCst) {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        } else {
+            write_parts(self.out, parts).and_then(|()| self.out.flush())
+        };
+        if let Err(e) = &result {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                if !s.broken.swap(true, Ordering::SeqCst) {
+                    log::warn!(
+                        "stdout was closed by its reader (broken pipe): {records} records \
+                         not written, and none will be from now on"
+                    );
+                    let hook = s.on_broken.lock().expect("stdout hook").take();
+                    if let Some(f) = hook {
+                        f();
+                    }
+                }
+            } else {
+                self.log
+                    .error(|| format!("{records} records not written to stdout: {e}"));
+            }
+        }
+        let mut q = s.queue.lock().expect("stdout queue");
+        if let Err(e) = result {
+            q.error = Some(e);
+        }
+        q.records -= records;
+        s.waiting.sub(records as i64);
+        s.room.notify_all();
     }
-    q.records -= records;
-    s.waiting.sub(records as i64);
-    s.room.notify_all();
 }
 
 /// Writes the parts in order with as few `writev` calls as the writer
@@ -584,6 +642,58 @@ mod tests {
         let mut want = Vec::new();
         json::write_lines(&mut want, &all);
         assert!(out.0 .0.lock().unwrap().1 == want);
+    }
+
+    /// A pipe whose reader has gone away.
+    struct Closed;
+
+    impl Write for Closed {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_reader_that_went_away_calls_the_hook_once_and_sends_fail() {
+        let registry = Registry::new();
+        let mut sink = QueuedJsonLines::new(Closed, QUEUE_RECORDS, &registry).unwrap();
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c = calls.clone();
+        sink.on_broken_pipe(move || {
+            c.fetch_add(1, Ordering::SeqCst);
+        });
+        sink.send(&[record(1), record(2)]).unwrap();
+        // flush waits for the write, which fails.
+        assert!(sink.flush().is_err());
+        assert!(sink.broken_pipe());
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // Later batches are dropped: sends fail (the caller counts them),
+        // nothing waits, the hook is not called again.
+        for i in 0..100 {
+            let _ = sink.send(&[record(i)]);
+        }
+        assert!(sink.flush().is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // A hook set afterwards runs at once.
+        let c = calls.clone();
+        sink.on_broken_pipe(move || {
+            c.fetch_add(1, Ordering::SeqCst);
+        });
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        let waiting = crate::metrics::render_registry(&registry)
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("flowexport_stdout_records_waiting")?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap();
+        assert_eq!(waiting, 0.0);
+        drop(sink);
     }
 
     #[test]
