@@ -739,3 +739,73 @@ fn auto_mode_falls_back_to_skb_where_native_is_missing() {
         )],
     );
 }
+
+/// A reader of the agent's stdout that goes away (`flowexport agent … |
+/// head`): the agent stops as on SIGTERM (its programs detached) and exits
+/// with an error, as a pipeline's writer does, instead of draining on for
+/// nobody.
+#[test]
+fn a_reader_that_goes_away_stops_the_agent() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    /// Killed on drop, also when an assertion fails.
+    struct Running(std::process::Child);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    let l = Link::new().unwrap();
+    let mut args = agent_args(&[&l.b_dev], &timeouts("1s", "1s", "100ms"));
+    args.extend_from_slice(&["--pin-dir", "none"]);
+    let mut agent = Running(
+        Command::new("ip")
+            .args(["netns", "exec", &l.b.name])
+            .arg(flowexport_bin())
+            .arg("agent")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = agent.0.stdout.take().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || fetch_metrics(&l.b, 9590)
+            .is_ok()),
+        "the agent did not start"
+    );
+    let frame = eth_ipv4(ipv4(
+        v4("10.1.0.1"),
+        v4("10.1.0.2"),
+        &L4::udp(40000, 53, 100),
+    ));
+    send_one(&l.a, &l.a_dev, frame.clone(), 3);
+    // The reader takes the first record, then goes away.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(line.contains("\"packets\":3"), "{line}");
+    // More traffic: the next export meets the closed pipe.
+    send_one(&l.a, &l.a_dev, frame, 2);
+    let mut status = None;
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            status = agent.0.try_wait().unwrap();
+            status.is_some()
+        }),
+        "the agent still runs with nobody reading its stdout"
+    );
+    assert_eq!(status.unwrap().code(), Some(1), "{status:?}");
+    // Stopped as on SIGTERM: the programs are detached.
+    let link = l.b.exec(&["ip", "link", "show", "dev", &l.b_dev]).unwrap();
+    assert!(!link.contains("xdp"), "{link}");
+}

@@ -24,7 +24,7 @@ use crate::codec::sflow;
 use crate::rate_limited_log::RateLimitedLog;
 use crate::record::{FlowRecord, FlowType};
 use crate::sink::kafka::KafkaSink;
-use crate::sink::stdout::QueuedJsonLines;
+use crate::sink::stdout::{OnBrokenPipe, QueuedJsonLines};
 use crate::sink::{Fanout, Sink};
 use crate::timeconv::wall_ns;
 
@@ -270,9 +270,10 @@ pub fn run(args: CollectArgs) -> Result<()> {
         .transpose()?;
     // Formatted and written by a thread of its own, fed by the workers: a
     // slow reader of stdout shows in the queue's metrics.
+    let stdout_closed = OnBrokenPipe::default();
     let stdout = if stdout {
         Some(
-            QueuedJsonLines::stdout(&metrics.registry)
+            QueuedJsonLines::stdout(&metrics.registry, stdout_closed.clone())
                 .context("starting the stdout writer thread")?,
         )
     } else {
@@ -366,12 +367,9 @@ pub fn run(args: CollectArgs) -> Result<()> {
     );
     // A reader of stdout that went away (`collect | head`) ends the
     // collector as SIGTERM would: the convention of a pipeline's writer.
-    if let Some(s) = &stdout {
-        s.on_broken_pipe(runtime.stopper("stdout has no reader any more"));
-    }
+    stdout_closed.set(runtime.stopper("stdout has no reader any more"));
     runtime.wait_for_stop();
     drop(running);
-    let broken = stdout.as_ref().is_some_and(QueuedJsonLines::broken_pipe);
     // The workers' handles are gone; flush the sinks they shared.
     let mut last: Vec<Box<dyn Sink>> = Vec::new();
     if let Some(k) = kafka {
@@ -384,8 +382,5 @@ pub fn run(args: CollectArgs) -> Result<()> {
     last.flush();
     drop(last);
     runtime.runtime.shutdown_background();
-    if broken {
-        bail!("stopped: stdout was closed by its reader (broken pipe)");
-    }
-    Ok(())
+    Ok(stdout_closed.result()?)
 }

@@ -22,7 +22,6 @@
 
 use std::collections::VecDeque;
 use std::io::{IoSlice, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,24 +32,89 @@ use crate::codec::json;
 use crate::rate_limited_log::RateLimitedLog;
 use crate::record::FlowRecord;
 
+/// What a stdout sink does once its reader has gone away (a write failed
+/// with EPIPE: `flowexport … | head`): it writes nothing more, every `send`
+/// fails, and a hook runs once. The hook can be set after the sink was
+/// built (the commands start their runtime later), and runs at once if the
+/// reader is already gone.
+#[derive(Clone, Default)]
+pub struct OnBrokenPipe(Arc<Mutex<BrokenPipeState>>);
+
+#[derive(Default)]
+struct BrokenPipeState {
+    broken: bool,
+    hook: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl OnBrokenPipe {
+    /// Runs `f` once the reader has gone away.
+    pub fn set(&self, f: impl FnOnce() + Send + 'static) {
+        let mut st = self.0.lock().expect("broken pipe state");
+        if st.broken {
+            drop(st);
+            f();
+        } else {
+            st.hook = Some(Box::new(f));
+        }
+    }
+
+    /// Whether the reader has gone away.
+    pub fn broken(&self) -> bool {
+        self.0.lock().expect("broken pipe state").broken
+    }
+
+    /// A command's outcome once it has stopped: an error if it stopped
+    /// because the reader went away (a pipeline's writer exits non-zero).
+    pub fn result(&self) -> std::io::Result<()> {
+        if self.broken() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "stopped: stdout was closed by its reader (broken pipe)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Records that the reader has gone away; logs it and runs the hook the
+    /// first time.
+    fn fire(&self, records: usize) {
+        let mut st = self.0.lock().expect("broken pipe state");
+        if std::mem::replace(&mut st.broken, true) {
+            return;
+        }
+        let hook = st.hook.take();
+        drop(st);
+        log::warn!(
+            "stdout was closed by its reader (broken pipe): {records} records not written, \
+             and none will be from now on"
+        );
+        if let Some(f) = hook {
+            f();
+        }
+    }
+}
+
 /// Writes JSON lines to any writer (stdout in the agent), one write per batch.
 pub struct JsonLinesSink<W: Write + Send> {
     out: W,
     line: Vec<u8>,
+    closed: OnBrokenPipe,
 }
 
 impl<W: Write + Send> JsonLinesSink<W> {
-    pub fn new(out: W) -> Self {
+    /// `closed`: what to do when the reader goes away.
+    pub fn new(out: W, closed: OnBrokenPipe) -> Self {
         JsonLinesSink {
             out,
             line: Vec::with_capacity(64 * 1024),
+            closed,
         }
     }
 }
 
 impl JsonLinesSink<std::io::Stdout> {
-    pub fn stdout() -> Self {
-        Self::new(std::io::stdout())
+    pub fn stdout(closed: OnBrokenPipe) -> Self {
+        Self::new(std::io::stdout(), closed)
     }
 }
 
@@ -67,12 +131,23 @@ impl<W: Write + Send> Sink for JsonLinesSink<W> {
     }
 
     fn send(&mut self, records: &[FlowRecord]) -> Result<(), SinkError> {
+        if self.closed.broken() {
+            return Err(io_error(std::io::ErrorKind::BrokenPipe.into()));
+        }
         self.line.clear();
         json::write_lines(&mut self.line, records);
         // One write per batch keeps lines whole even if stdout is a pipe
         // shared with nobody else; flush so a reader sees records promptly.
-        self.out.write_all(&self.line).map_err(io_error)?;
-        self.out.flush().map_err(io_error)
+        let result = self
+            .out
+            .write_all(&self.line)
+            .and_then(|()| self.out.flush());
+        if let Err(e) = &result {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                self.closed.fire(records.len());
+            }
+        }
+        result.map_err(io_error)
     }
 
     fn flush(&mut self) -> Result<(), SinkError> {
@@ -137,10 +212,8 @@ struct Shared {
     limit: usize,
     waiting: IntGauge,
     blocked: Counter,
-    /// stdout's reader went away (EPIPE): nothing is written any more.
-    broken: AtomicBool,
-    /// Called once when `broken` is set (see `on_broken_pipe`).
-    on_broken: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// What happens once stdout's reader has gone away.
+    closed: OnBrokenPipe,
 }
 
 /// JSON lines through a writer thread (see the module docs). The value
@@ -157,8 +230,10 @@ pub struct QueuedJsonLines {
 
 impl QueuedJsonLines {
     /// Writes to stdout; registers the queue's metrics in `registry`.
-    pub fn stdout(registry: &Registry) -> std::io::Result<QueuedJsonLines> {
-        QueuedJsonLines::new(std::io::stdout(), QUEUE_RECORDS, registry)
+    /// `closed`: what to do when the reader goes away (records queued from
+    /// then on are dropped).
+    pub fn stdout(registry: &Registry, closed: OnBrokenPipe) -> std::io::Result<QueuedJsonLines> {
+        QueuedJsonLines::new(std::io::stdout(), QUEUE_RECORDS, registry, closed)
     }
 
     /// Writes to `out` with a queue of `limit` records.
@@ -166,6 +241,7 @@ impl QueuedJsonLines {
         mut out: W,
         limit: usize,
         registry: &Registry,
+        closed: OnBrokenPipe,
     ) -> std::io::Result<QueuedJsonLines> {
         let waiting = crate::metrics::gauge(
             registry,
@@ -194,8 +270,7 @@ impl QueuedJsonLines {
             limit: limit.max(1),
             waiting,
             blocked,
-            broken: AtomicBool::new(false),
-            on_broken: Mutex::new(None),
+            closed,
         });
         let s = shared.clone();
         let writer = std::thread::Builder::new()
@@ -210,24 +285,6 @@ impl QueuedJsonLines {
 }
 
 impl QueuedJsonLines {
-    /// Calls `f` once stdout's reader has gone away (a write failed with
-    /// EPIPE; at once if that already happened). Records queued from then on
-    /// are dropped, and every sender's next `send` fails.
-    pub fn on_broken_pipe(&self, f: impl FnOnce() + Send + 'static) {
-        let mut slot = self.shared.on_broken.lock().expect("stdout hook");
-        if self.broken_pipe() {
-            drop(slot);
-            f();
-        } else {
-            *slot = Some(Box::new(f));
-        }
-    }
-
-    /// Whether stdout's reader has gone away (see `on_broken_pipe`).
-    pub fn broken_pipe(&self) -> bool {
-        self.shared.broken.load(Ordering::SeqCst)
-    }
-
     /// Another sender into the same queue and writer thread.
     pub fn handle(&self) -> QueuedJsonLines {
         QueuedJsonLines {
@@ -363,26 +420,17 @@ struct Output<'a> {
 impl Output<'_> {
     /// Writes `parts` (the lines of `records` records) in order, then
     /// releases their room in the queue. Once stdout's reader has gone away
-    /// (EPIPE), drops them instead: the hook set by `on_broken_pipe` runs,
+    /// (EPIPE), drops them instead: the `OnBrokenPipe` hook runs,
     /// and every sender's next `send` fails.
     fn write(&mut self, s: &Shared, parts: &[&[u8]], records: usize) {
-        let result = if s.broken.load(Ordering::SeqCst) {
+        let result = if s.closed.broken() {
             Err(std::io::ErrorKind::BrokenPipe.into())
         } else {
             write_parts(self.out, parts).and_then(|()| self.out.flush())
         };
         if let Err(e) = &result {
             if e.kind() == std::io::ErrorKind::BrokenPipe {
-                if !s.broken.swap(true, Ordering::SeqCst) {
-                    log::warn!(
-                        "stdout was closed by its reader (broken pipe): {records} records \
-                         not written, and none will be from now on"
-                    );
-                    let hook = s.on_broken.lock().expect("stdout hook").take();
-                    if let Some(f) = hook {
-                        f();
-                    }
-                }
+                s.closed.fire(records);
             } else {
                 self.log
                     .error(|| format!("{records} records not written to stdout: {e}"));
@@ -522,7 +570,7 @@ mod tests {
     #[test]
     fn writes_one_line_per_record() {
         let rec = crate::record::tests::sample();
-        let mut sink = JsonLinesSink::new(Vec::new());
+        let mut sink = JsonLinesSink::new(Vec::new(), OnBrokenPipe::default());
         sink.send(&[rec.clone(), rec]).unwrap();
         let text = String::from_utf8(sink.out).unwrap();
         let lines: Vec<_> = text.lines().collect();
@@ -563,7 +611,9 @@ mod tests {
     fn queued_records_come_out_as_the_same_lines_in_order_through_short_writes() {
         let out = Trickle::default();
         // A queue of 64 records: the writer writes before it has 64 KiB.
-        let mut sink = QueuedJsonLines::new(out.clone(), 64, &Registry::new()).unwrap();
+        let mut sink =
+            QueuedJsonLines::new(out.clone(), 64, &Registry::new(), OnBrokenPipe::default())
+                .unwrap();
         let mut all = Vec::new();
         let mut n = 0;
         for size in (1..40).chain([64, 1, 200]) {
@@ -583,7 +633,13 @@ mod tests {
     #[test]
     fn a_lone_record_is_written_without_a_flush() {
         let out = Trickle::default();
-        let mut sink = QueuedJsonLines::new(out.clone(), QUEUE_RECORDS, &Registry::new()).unwrap();
+        let mut sink = QueuedJsonLines::new(
+            out.clone(),
+            QUEUE_RECORDS,
+            &Registry::new(),
+            OnBrokenPipe::default(),
+        )
+        .unwrap();
         sink.send(&[record(7)]).unwrap();
         // Held back at most LINGER (5 ms) for more lines to come.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -621,7 +677,13 @@ mod tests {
     #[test]
     fn senders_format_their_own_lines_while_the_writer_is_behind_and_order_holds() {
         let out = Gated::default();
-        let mut sink = QueuedJsonLines::new(out.clone(), QUEUE_RECORDS, &Registry::new()).unwrap();
+        let mut sink = QueuedJsonLines::new(
+            out.clone(),
+            QUEUE_RECORDS,
+            &Registry::new(),
+            OnBrokenPipe::default(),
+        )
+        .unwrap();
         let mut all = Vec::new();
         // The reader stalls: the writer blocks in its first write (after a
         // batch or two), and the rest queues up past BEHIND.
@@ -658,17 +720,20 @@ mod tests {
 
     #[test]
     fn a_reader_that_went_away_calls_the_hook_once_and_sends_fail() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
         let registry = Registry::new();
-        let mut sink = QueuedJsonLines::new(Closed, QUEUE_RECORDS, &registry).unwrap();
-        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let closed = OnBrokenPipe::default();
+        let mut sink =
+            QueuedJsonLines::new(Closed, QUEUE_RECORDS, &registry, closed.clone()).unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
         let c = calls.clone();
-        sink.on_broken_pipe(move || {
+        closed.set(move || {
             c.fetch_add(1, Ordering::SeqCst);
         });
         sink.send(&[record(1), record(2)]).unwrap();
         // flush waits for the write, which fails.
         assert!(sink.flush().is_err());
-        assert!(sink.broken_pipe());
+        assert!(closed.broken());
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         // Later batches are dropped: sends fail (the caller counts them),
         // nothing waits, the hook is not called again.
@@ -679,7 +744,7 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         // A hook set afterwards runs at once.
         let c = calls.clone();
-        sink.on_broken_pipe(move || {
+        closed.set(move || {
             c.fetch_add(1, Ordering::SeqCst);
         });
         assert_eq!(calls.load(Ordering::SeqCst), 2);
@@ -697,10 +762,27 @@ mod tests {
     }
 
     #[test]
+    fn the_agents_sink_stops_writing_once_the_reader_went_away() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let closed = OnBrokenPipe::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        closed.set(move || {
+            c.fetch_add(1, Ordering::SeqCst);
+        });
+        let mut sink = JsonLinesSink::new(Closed, closed.clone());
+        assert!(sink.send(&[record(1)]).is_err());
+        assert!(sink.send(&[record(2)]).is_err());
+        assert!(closed.broken());
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
     fn a_stalled_reader_blocks_the_sender_and_loses_nothing() {
         let out = Gated::default();
         let registry = Registry::new();
-        let mut sink = QueuedJsonLines::new(out.clone(), 20, &registry).unwrap();
+        let mut sink =
+            QueuedJsonLines::new(out.clone(), 20, &registry, OnBrokenPipe::default()).unwrap();
         let batch = |i: u32| -> Vec<FlowRecord> {
             (0..10)
                 .map(|j| FlowRecord {

@@ -18,6 +18,7 @@ use crate::capture::flow::{to_record, FlowCounters, RecordContext};
 use crate::capture::loader::{Capture, LoadOptions, Programs};
 use crate::metrics::AgentMetrics;
 use crate::record::FlowRecord;
+use crate::sink::stdout::OnBrokenPipe;
 use crate::sink::Fanout;
 use crate::timeconv::{wall_ns, ClockOffset};
 
@@ -153,7 +154,12 @@ fn update_metrics(
 }
 
 /// Runs the AF_XDP agent until SIGINT/SIGTERM.
-pub(super) fn run(cfg: AgentConfig, metrics: AgentMetrics, mut sinks: Fanout) -> Result<()> {
+pub(super) fn run(
+    cfg: AgentConfig,
+    metrics: AgentMetrics,
+    mut sinks: Fanout,
+    stdout_closed: &OnBrokenPipe,
+) -> Result<()> {
     debug_assert_eq!(cfg.capture, Capture::Afxdp);
     super::raise_memlock();
     // The flow table of the kernel paths is not used: the smallest one.
@@ -207,6 +213,7 @@ pub(super) fn run(cfg: AgentConfig, metrics: AgentMetrics, mut sinks: Fanout) ->
     };
     let runtime =
         crate::runtime::start(cfg.metrics_addr, &metrics.registry, false, "shutting down")?;
+    stdout_closed.set(runtime.stopper("stdout has no reader any more"));
     log::info!(
         "flowexport agent running on {} with AF_XDP ({} sockets; metrics on http://{}/metrics)",
         cfg.ifaces.join(","),
@@ -242,5 +249,5 @@ pub(super) fn run(cfg: AgentConfig, metrics: AgentMetrics, mut sinks: Fanout) ->
     sinks.flush();
     log::info!("detached; final drain exported {n} flows");
     runtime.runtime.shutdown_background();
-    Ok(())
+    Ok(stdout_closed.result()?)
 }

@@ -24,7 +24,7 @@ use crate::metrics::AgentMetrics;
 use crate::record::FlowRecord;
 use crate::sink::ipfix::IpfixSink;
 use crate::sink::kafka::KafkaSink;
-use crate::sink::stdout::JsonLinesSink;
+use crate::sink::stdout::{JsonLinesSink, OnBrokenPipe};
 use crate::sink::{Fanout, Sink};
 use crate::timeconv::{wall_ns, ClockOffset};
 use config::AgentConfig;
@@ -379,7 +379,11 @@ enum Cycle {
 
 /// The sinks the configuration asks for. Fails on bad sink settings (for
 /// example an unknown `-X` property) before anything is attached.
-fn build_sinks(cfg: &AgentConfig, metrics: &AgentMetrics) -> Result<Fanout> {
+fn build_sinks(
+    cfg: &AgentConfig,
+    metrics: &AgentMetrics,
+    stdout_closed: &OnBrokenPipe,
+) -> Result<Fanout> {
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     if let Some(k) = &cfg.kafka {
         sinks.push(Box::new(KafkaSink::new(k.clone(), &metrics.registry)?));
@@ -395,7 +399,7 @@ fn build_sinks(cfg: &AgentConfig, metrics: &AgentMetrics) -> Result<Fanout> {
         }
     }
     if cfg.stdout {
-        sinks.push(Box::new(JsonLinesSink::stdout()));
+        sinks.push(Box::new(JsonLinesSink::stdout(stdout_closed.clone())));
     }
     Ok(Fanout::new(sinks, metrics.sink_errors.clone()))
 }
@@ -414,9 +418,12 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
         }
     }
     let metrics = AgentMetrics::new();
-    let sinks = build_sinks(&cfg, &metrics)?;
+    // A reader of stdout that goes away (`flowexport agent … | head`) stops
+    // the agent as SIGTERM would, as a pipeline's writer does.
+    let stdout_closed = OnBrokenPipe::default();
+    let sinks = build_sinks(&cfg, &metrics, &stdout_closed)?;
     if cfg.capture == Capture::Afxdp && !cfg.detach {
-        return afxdp::run(cfg, metrics, sinks);
+        return afxdp::run(cfg, metrics, sinks, &stdout_closed);
     }
     raise_memlock();
     // Name a missing capability before touching the pin directory.
@@ -659,6 +666,7 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
             Err(_) => Err(anyhow::anyhow!("drain thread panicked")),
         };
     };
+    stdout_closed.set(runtime.stopper("stdout has no reader any more"));
     log::info!(
         "flowexport agent running on {} (metrics on http://{}/metrics)",
         cfg.ifaces.join(","),
@@ -684,5 +692,6 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
         }
     });
     runtime.runtime.shutdown_background();
-    result
+    result?;
+    Ok(stdout_closed.result()?)
 }
