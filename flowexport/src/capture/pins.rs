@@ -40,7 +40,9 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 pub enum PinError {
     #[error(
         "--pin-dir {0}: not on a BPF filesystem; mount one (`mount -t bpf bpf /sys/fs/bpf`, \
-         which scripts/setup.sh does) or choose a directory on one"
+         which scripts/setup.sh does; `ip netns exec` and containers see a /sys without it), \
+         choose a directory on one, or pin nothing (`--pin-dir none`: the counts then end \
+         with the agent)"
     )]
     NotBpfFs(PathBuf),
     #[error("--pin-dir {path}: {source}")]
@@ -95,6 +97,19 @@ pub struct PinDir {
     _lock: File,
 }
 
+/// The type of the filesystem `path` is on (`statfs`'s `f_type`).
+fn fs_type(path: &Path) -> io::Result<i64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: an all-zero statfs is valid; statfs fills it.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a statfs to fill.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64)
+}
+
 fn io_err(path: &Path) -> impl Fn(io::Error) -> PinError + '_ {
     move |source| PinError::Io {
         path: path.to_path_buf(),
@@ -106,6 +121,17 @@ impl PinDir {
     /// Creates (if needed) and locks `path`, which must be on a BPF
     /// filesystem.
     pub fn open(path: &Path) -> Result<PinDir, PinError> {
+        // Where the directory would be created must be a BPF filesystem
+        // already: else creating it fails with a puzzling error (ENOENT on
+        // sysfs, where /sys/fs/bpf is only a mount point) or leaves a stray
+        // directory behind.
+        let existing = path
+            .ancestors()
+            .find(|p| p.exists())
+            .unwrap_or(Path::new("/"));
+        if fs_type(existing).map_err(io_err(path))? != BPF_FS_MAGIC {
+            return Err(PinError::NotBpfFs(path.to_path_buf()));
+        }
         std::fs::create_dir_all(path).map_err(io_err(path))?;
         let dir = File::open(path).map_err(io_err(path))?;
         // SAFETY: an all-zero statfs is valid; fstatfs fills it.
@@ -245,5 +271,16 @@ mod tests {
             flowexport_common::LAYOUT_VERSION,
             "update NEW_LAYOUT in deploy/debian/preinst"
         );
+    }
+
+    /// A directory that is not on a BPF filesystem (here, the temporary
+    /// directory's) is refused with the way out, before anything is created.
+    #[test]
+    fn a_directory_off_bpffs_is_refused_before_it_is_created() {
+        let dir = std::env::temp_dir().join(format!("fe-pins-{}", std::process::id()));
+        let e = super::PinDir::open(&dir.join("pins")).err().unwrap();
+        assert!(matches!(e, super::PinError::NotBpfFs(_)), "{e}");
+        assert!(e.to_string().contains("--pin-dir none"), "{e}");
+        assert!(!dir.exists());
     }
 }
