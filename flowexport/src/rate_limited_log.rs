@@ -14,21 +14,27 @@ const INTERVAL: Duration = Duration::from_secs(10);
 pub(crate) struct RateLimitedLog<K = ()> {
     /// Per key: when its last line was logged, and the lines held back since.
     last: Mutex<HashMap<K, (Instant, u64)>>,
+    /// The lines' log target.
+    target: &'static str,
 }
 
 impl<K> Default for RateLimitedLog<K> {
     fn default() -> Self {
+        RateLimitedLog::with_target("flowexport")
+    }
+}
+
+impl<K> RateLimitedLog<K> {
+    /// Lines with the log target `target` (what `RUST_LOG` filters on).
+    pub(crate) fn with_target(target: &'static str) -> Self {
         RateLimitedLog {
             last: Mutex::new(HashMap::new()),
+            target,
         }
     }
 }
 
 impl RateLimitedLog {
-    pub(crate) fn new() -> Self {
-        Self::default()
-    }
-
     pub(crate) fn error(&self, msg: impl FnOnce() -> String) {
         self.emit((), log::Level::Error, "errors", msg);
     }
@@ -39,6 +45,22 @@ impl RateLimitedLog {
 }
 
 impl<K: Hash + Eq> RateLimitedLog<K> {
+    /// Lines of `key` held back since its last line (None: none logged yet).
+    #[cfg(test)]
+    pub(crate) fn held(&self, key: &K) -> Option<u64> {
+        self.last.lock().expect("log lock").get(key).map(|e| e.1)
+    }
+
+    /// A line at `level`, limited per `key`.
+    pub(crate) fn log_for(&self, key: K, level: log::Level, msg: impl FnOnce() -> String) {
+        let what = if level == log::Level::Error {
+            "errors"
+        } else {
+            "messages"
+        };
+        self.emit(key, level, what, msg);
+    }
+
     /// An error, limited per `key`.
     pub(crate) fn error_for(&self, key: K, msg: impl FnOnce() -> String) {
         self.emit(key, log::Level::Error, "errors", msg);
@@ -69,12 +91,13 @@ impl<K: Hash + Eq> RateLimitedLog<K> {
         drop(last);
         if held > 0 {
             log::log!(
+                target: self.target,
                 level,
                 "{} ({held} similar {what} in the last 10s not shown)",
                 msg()
             );
         } else {
-            log::log!(level, "{}", msg());
+            log::log!(target: self.target, level, "{}", msg());
         }
     }
 }
@@ -85,7 +108,7 @@ mod tests {
 
     #[test]
     fn rate_limited_log_holds_back_and_counts() {
-        let log = RateLimitedLog::new();
+        let log = RateLimitedLog::default();
         let held = |log: &RateLimitedLog| log.last.lock().unwrap()[&()].1;
         let line = || "x".to_string();
         log.warn(line);

@@ -281,7 +281,7 @@ pub fn run(args: CollectArgs) -> Result<()> {
     };
     let stop = Arc::new(AtomicBool::new(false));
     // Malformed input: at most one line per exporter and reason per 10 s.
-    let errors = Arc::new(RateLimitedLog::default());
+    let errors = Arc::new(RateLimitedLog::with_target(module_path!()));
     let wait_ns = args
         .template_wait
         .unwrap_or(Duration::from_secs(60))

@@ -215,7 +215,7 @@ pub fn run(args: DashboardArgs) -> Result<()> {
         args.topic,
         args.metrics_addr
     );
-    let decode_log = RateLimitedLog::new();
+    let decode_log = RateLimitedLog::with_target(module_path!());
     while !stop.load(Ordering::Relaxed) {
         let Some(m) = crate::kafka::group::next_message(&consumer, Duration::from_millis(200))
         else {

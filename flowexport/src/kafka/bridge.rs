@@ -24,9 +24,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use prometheus::{IntCounter, Registry};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 
+use crate::kafka::client::KafkaLogs;
 use crate::kafka::group::{default_assignment, next_message, GroupContext, GroupMetrics};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
@@ -191,7 +191,7 @@ pub(crate) struct Bridge {
     args: BridgeArgs,
     consumer: BaseConsumer<GroupContext>,
     producer: ThreadedProducer<Deliveries<SlotAccounting>>,
-    admin: AdminClient<DefaultClientContext>,
+    admin: AdminClient<KafkaLogs>,
     metrics: BridgeMetrics,
     /// Output topics known to exist (created when missing, once each).
     topics: HashSet<String>,
@@ -261,9 +261,10 @@ impl Bridge {
                 outstanding: [AtomicU64::new(0), AtomicU64::new(0)],
             }))
             .context("invalid Kafka producer configuration (check -X properties)")?;
-        let admin: AdminClient<DefaultClientContext> = client(&[])
-            .create()
-            .context("invalid Kafka admin configuration (check -X properties)")?;
+        let admin: AdminClient<KafkaLogs> =
+            client(&[])
+                .create_with_context(KafkaLogs::default())
+                .context("invalid Kafka admin configuration (check -X properties)")?;
         Ok(Bridge {
             args,
             consumer,
@@ -276,7 +277,7 @@ impl Bridge {
             decoder: protobuf::Decoder::default(),
             payload: Vec::with_capacity(512),
             key: Vec::with_capacity(40),
-            decode_log: RateLimitedLog::new(),
+            decode_log: RateLimitedLog::with_target(module_path!()),
             slot: 0,
             pending: None,
         })

@@ -4,9 +4,14 @@
 //! defaults for that client, the operator's `-X` properties (which win over
 //! the defaults), then the settings the client's guarantees rest on (which
 //! `-X` cannot change: e.g. the bridge commits offsets itself, after
-//! delivery).
+//! delivery); and how every client logs librdkafka's lines and errors
+//! ([`KafkaLogs`]).
 
-use rdkafka::config::ClientConfig;
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::error::KafkaError;
+
+use crate::rate_limited_log::RateLimitedLog;
 
 /// The configuration of one client, in that order.
 pub(crate) fn client_config(
@@ -29,9 +34,88 @@ pub(crate) fn client_config(
     cc
 }
 
+/// librdkafka's log lines (by facility) and global errors (by error code),
+/// each kind at most once per 10 s with the count of those held back: while
+/// a broker is unreachable, librdkafka repeats them several times a second
+/// (about 500,000 lines a day). Lines below warning pass as they come. The
+/// client context of every Kafka client here (or its own context's
+/// `ClientContext` methods) logs through one; target `librdkafka`.
+pub(crate) struct KafkaLogs {
+    lines: RateLimitedLog<String>,
+    errors: RateLimitedLog<Option<i32>>,
+}
+
+impl Default for KafkaLogs {
+    fn default() -> Self {
+        KafkaLogs {
+            lines: RateLimitedLog::with_target("librdkafka"),
+            errors: RateLimitedLog::with_target("librdkafka"),
+        }
+    }
+}
+
+impl ClientContext for KafkaLogs {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        let level = match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => log::Level::Error,
+            RDKafkaLogLevel::Warning => log::Level::Warn,
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => log::Level::Info,
+            RDKafkaLogLevel::Debug => log::Level::Debug,
+        };
+        if level > log::Level::Warn {
+            log::log!(target: "librdkafka", level, "librdkafka: {fac} {log_message}");
+            return;
+        }
+        self.lines.log_for(fac.to_string(), level, || {
+            format!("librdkafka: {fac} {log_message}")
+        });
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let code = error.rdkafka_error_code().map(|c| c as i32);
+        self.errors.log_for(code, log::Level::Error, || {
+            format!("librdkafka: {error}: {reason}")
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn librdkafka_repeats_are_held_back_by_kind() {
+        use rdkafka::error::RDKafkaErrorCode;
+        let logs = KafkaLogs::default();
+        let down = || KafkaError::Global(RDKafkaErrorCode::AllBrokersDown);
+        for _ in 0..5 {
+            logs.error(down(), "1/1 brokers are down");
+        }
+        logs.error(
+            KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure),
+            "refused",
+        );
+        let code = |c: RDKafkaErrorCode| Some(c as i32);
+        assert_eq!(
+            logs.errors.held(&code(RDKafkaErrorCode::AllBrokersDown)),
+            Some(4)
+        );
+        assert_eq!(
+            logs.errors
+                .held(&code(RDKafkaErrorCode::BrokerTransportFailure)),
+            Some(0)
+        );
+        for _ in 0..3 {
+            logs.log(RDKafkaLogLevel::Error, "FAIL", "connect refused");
+        }
+        // Below warning: not limited (nor kept).
+        logs.log(RDKafkaLogLevel::Info, "CONF", "x");
+        assert_eq!(logs.lines.held(&"FAIL".to_string()), Some(2));
+        assert_eq!(logs.lines.held(&"CONF".to_string()), None);
+    }
 
     #[test]
     fn properties_win_over_defaults_not_over_fixed_settings() {

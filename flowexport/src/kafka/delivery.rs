@@ -7,11 +7,13 @@
 
 use std::sync::Mutex;
 
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
 use rdkafka::producer::{DeliveryResult, ProducerContext};
 use rdkafka::ClientContext;
 
+use crate::kafka::client::KafkaLogs;
 use crate::rate_limited_log::RateLimitedLog;
 
 /// A record to produce again.
@@ -41,6 +43,7 @@ pub(crate) struct Deliveries<A> {
     pub(crate) accounting: A,
     retry: Mutex<Vec<Retry>>,
     log: RateLimitedLog,
+    kafka_logs: KafkaLogs,
 }
 
 impl<A> Deliveries<A> {
@@ -48,7 +51,8 @@ impl<A> Deliveries<A> {
         Deliveries {
             accounting,
             retry: Mutex::new(Vec::new()),
-            log: RateLimitedLog::new(),
+            log: RateLimitedLog::with_target(module_path!()),
+            kafka_logs: KafkaLogs::default(),
         }
     }
 
@@ -73,7 +77,15 @@ impl<A> Deliveries<A> {
     }
 }
 
-impl<A: Accounting> ClientContext for Deliveries<A> {}
+impl<A: Accounting> ClientContext for Deliveries<A> {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.kafka_logs.log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.kafka_logs.error(error, reason);
+    }
+}
 
 impl<A: Accounting> ProducerContext for Deliveries<A> {
     type DeliveryOpaque = usize;

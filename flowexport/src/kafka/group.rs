@@ -15,9 +15,12 @@ use std::time::Duration;
 
 use prometheus::{IntCounter, IntGauge, Registry};
 use rdkafka::client::ClientContext;
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
+
+use crate::kafka::client::KafkaLogs;
 
 /// The assignor group members use unless `-X` names another.
 pub(crate) const DEFAULT_ASSIGNMENT_STRATEGY: &str = "cooperative-sticky";
@@ -63,15 +66,27 @@ impl GroupMetrics {
 /// change of assignment.
 pub(crate) struct GroupContext {
     metrics: GroupMetrics,
+    kafka_logs: KafkaLogs,
 }
 
 impl GroupContext {
     pub(crate) fn new(metrics: GroupMetrics) -> GroupContext {
-        GroupContext { metrics }
+        GroupContext {
+            metrics,
+            kafka_logs: KafkaLogs::default(),
+        }
     }
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.kafka_logs.log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.kafka_logs.error(error, reason);
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

@@ -231,7 +231,7 @@ impl KafkaSink {
             encoder: protobuf::Encoder::default(),
             payload: Vec::with_capacity(512),
             key: Vec::with_capacity(32),
-            drop_log: Arc::new(RateLimitedLog::new()),
+            drop_log: Arc::new(RateLimitedLog::with_target(module_path!())),
         };
         sink.check_reachable();
         Ok(sink)
@@ -259,7 +259,7 @@ impl KafkaSink {
             .fetch_metadata(Some(topic), Duration::from_secs(5))
         {
             Err(e) => log::warn!(
-                "cannot reach Kafka brokers {} ({e}); the agent keeps running and buffers up to \
+                "cannot reach Kafka brokers {} ({e}); flowexport keeps running and buffers up to \
                  {} records / {} bytes for topic {topic} until they answer",
                 self.cfg.brokers,
                 self.cfg.buffer_records,

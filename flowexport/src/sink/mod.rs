@@ -46,7 +46,7 @@ impl Fanout {
         Fanout {
             sinks,
             errors,
-            log: RateLimitedLog::default(),
+            log: RateLimitedLog::with_target("flowexport::sink"),
         }
     }
 

@@ -324,7 +324,7 @@ fn write_loop(s: &Shared, out: &mut dyn Write) {
     // Records formatted into `buf`, and when the oldest of them was.
     let mut pending = 0usize;
     let mut since: Option<Instant> = None;
-    let log = RateLimitedLog::new();
+    let log = RateLimitedLog::with_target(module_path!());
     let mut out = Output { out, log: &log };
     loop {
         let write_now;
