@@ -607,13 +607,16 @@ mod tests {
         }
     }
 
+    /// A queued sink writing to `out` with a queue of `limit` records.
+    fn queued(out: impl Write + Send + 'static, limit: usize) -> QueuedJsonLines {
+        QueuedJsonLines::new(out, limit, &Registry::new(), OnBrokenPipe::default()).unwrap()
+    }
+
     #[test]
     fn queued_records_come_out_as_the_same_lines_in_order_through_short_writes() {
         let out = Trickle::default();
         // A queue of 64 records: the writer writes before it has 64 KiB.
-        let mut sink =
-            QueuedJsonLines::new(out.clone(), 64, &Registry::new(), OnBrokenPipe::default())
-                .unwrap();
+        let mut sink = queued(out.clone(), 64);
         let mut all = Vec::new();
         let mut n = 0;
         for size in (1..40).chain([64, 1, 200]) {
@@ -633,13 +636,7 @@ mod tests {
     #[test]
     fn a_lone_record_is_written_without_a_flush() {
         let out = Trickle::default();
-        let mut sink = QueuedJsonLines::new(
-            out.clone(),
-            QUEUE_RECORDS,
-            &Registry::new(),
-            OnBrokenPipe::default(),
-        )
-        .unwrap();
+        let mut sink = queued(out.clone(), QUEUE_RECORDS);
         sink.send(&[record(7)]).unwrap();
         // Held back at most LINGER (5 ms) for more lines to come.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -677,13 +674,7 @@ mod tests {
     #[test]
     fn senders_format_their_own_lines_while_the_writer_is_behind_and_order_holds() {
         let out = Gated::default();
-        let mut sink = QueuedJsonLines::new(
-            out.clone(),
-            QUEUE_RECORDS,
-            &Registry::new(),
-            OnBrokenPipe::default(),
-        )
-        .unwrap();
+        let mut sink = queued(out.clone(), QUEUE_RECORDS);
         let mut all = Vec::new();
         // The reader stalls: the writer blocks in its first write (after a
         // batch or two), and the rest queues up past BEHIND.
