@@ -142,13 +142,39 @@ pub mod de {
     use std::str::FromStr;
     use std::time::Duration;
 
-    use serde::de::Error;
+    use serde::de::{Error, Visitor};
     use serde::{Deserialize, Deserializer};
 
-    /// `"15s"`, `"500ms"`, ... as `parse_duration` reads them.
+    /// A value as its flag's text: a string, or a number written as one
+    /// (`idle-timeout = 15` is `--idle-timeout 15`, `afxdp-queues = 0` is
+    /// `--afxdp-queues 0`).
+    fn text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        struct Text;
+        impl Visitor<'_> for Text {
+            type Value = String;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or a number")
+            }
+            fn visit_str<E: Error>(self, v: &str) -> Result<String, E> {
+                Ok(v.to_string())
+            }
+            fn visit_i64<E: Error>(self, v: i64) -> Result<String, E> {
+                Ok(v.to_string())
+            }
+            fn visit_u64<E: Error>(self, v: u64) -> Result<String, E> {
+                Ok(v.to_string())
+            }
+            fn visit_f64<E: Error>(self, v: f64) -> Result<String, E> {
+                Ok(v.to_string())
+            }
+        }
+        d.deserialize_any(Text)
+    }
+
+    /// `"15s"`, `"500ms"`, ... as `parse_duration` reads them; a bare
+    /// number is seconds, as on the command line.
     pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        let s = String::deserialize(d)?;
-        super::parse_duration(&s)
+        super::parse_duration(&text(d)?)
             .map(Some)
             .map_err(D::Error::custom)
     }
@@ -160,10 +186,7 @@ pub mod de {
         T: FromStr,
         T::Err: Display,
     {
-        String::deserialize(d)?
-            .parse()
-            .map(Some)
-            .map_err(D::Error::custom)
+        text(d)?.parse().map(Some).map_err(D::Error::custom)
     }
 
     /// `ADDR:PORT`.

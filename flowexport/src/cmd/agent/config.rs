@@ -635,6 +635,26 @@ mod tests {
         a.config = Some(p.clone());
         let err = format!("{:#}", a.resolve().unwrap_err());
         assert!(err.contains("unknown field"), "{err}");
+
+        // Numbers where the flag takes text: as on the command line (a bare
+        // duration is seconds).
+        std::fs::write(
+            &p,
+            "iface = [\"a\"]\nidle-timeout = 5\nactive-timeout = 1.5\ncapture = \"afxdp\"\n\
+             mirror = true\nafxdp-queues = 0\n",
+        )
+        .unwrap();
+        let mut a = args(&[]);
+        a.config = Some(p.clone());
+        let c = a.resolve().unwrap();
+        assert_eq!(c.idle_timeout, Duration::from_secs(5));
+        assert_eq!(c.active_timeout, Duration::from_millis(1500));
+        assert_eq!(c.afxdp.queues, Queues::List(vec![0]));
+        std::fs::write(&p, "iface = [\"a\"]\nidle-timeout = true\n").unwrap();
+        let mut a = args(&[]);
+        a.config = Some(p.clone());
+        let err = format!("{:#}", a.resolve().unwrap_err());
+        assert!(err.contains("expected a string or a number"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
