@@ -127,6 +127,13 @@ impl PinDir {
         // directory behind.
         let existing = path
             .ancestors()
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                }
+            })
             .find(|p| p.exists())
             .unwrap_or(Path::new("/"));
         if fs_type(existing).map_err(io_err(path))? != BPF_FS_MAGIC {
