@@ -156,7 +156,7 @@ impl<W: Write + Send> Sink for JsonLinesSink<W> {
 }
 
 /// Records the queue of [`QueuedJsonLines`] holds before senders wait: a
-/// few milliseconds of the writer's time, ~10 MiB.
+/// few milliseconds of the writer's time; 8 MiB of 256-byte `FlowRecord`s.
 pub const QUEUE_RECORDS: usize = 32 << 10;
 
 /// Records a sender sees queued (not yet taken by the writer) before it
