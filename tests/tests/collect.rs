@@ -785,3 +785,49 @@ fn a_reader_that_goes_away_stops_the_collector() {
     );
     assert_eq!(status.unwrap().code(), Some(1), "{status:?}");
 }
+
+/// A second collector on a port one already serves is refused (with
+/// SO_REUSEPORT, the two would otherwise split the datagrams between them
+/// silently), and so is an address given twice.
+#[test]
+fn a_port_in_use_or_given_twice_is_refused() {
+    let (c, _stdout) = PipedCollector::start();
+    // Bounded: one that is wrongly accepted runs until `timeout` ends it.
+    let run = |args: &[String]| {
+        Command::new("timeout")
+            .args(["10", "ip", "netns", "exec", &c.ns.name])
+            .arg(flowexport_bin())
+            .arg("collect")
+            .args(args)
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .output()
+            .unwrap()
+    };
+    let port = c.port;
+    for (args, says) in [
+        (
+            vec!["--listen".to_string(), format!("127.0.0.1:{port}")],
+            "another program holds the port",
+        ),
+        (
+            vec!["--listen".to_string(), format!("0.0.0.0:{port}")],
+            "another program holds the port",
+        ),
+        (
+            vec![
+                "--listen".to_string(),
+                "127.0.0.1:9".to_string(),
+                "--sflow-listen".to_string(),
+                "127.0.0.1:9".to_string(),
+            ],
+            "is given twice",
+        ),
+    ] {
+        let out = run(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+    // The first collector still has its port to itself.
+    assert_eq!(c.socket_drops(), Some(0.0));
+}

@@ -262,6 +262,32 @@ pub fn run(args: CollectArgs) -> Result<()> {
     if workers == 0 || workers > 256 {
         bail!("--workers must be between 1 and 256");
     }
+    let mut addrs: Vec<SocketAddr> = args.listen.clone();
+    addrs.extend(&args.sflow_listen);
+    for (i, a) in addrs.iter().enumerate() {
+        if a.port() == 0 {
+            bail!("udp {a}: give a port (port 0 would give each worker a port of its own)");
+        }
+        if addrs[..i].contains(a) {
+            bail!(
+                "udp {a} is given twice (--listen, --sflow-listen): an address takes one protocol, \
+                 once"
+            );
+        }
+        // Before any of our own sockets exist (0.0.0.0:P and [::]:P may
+        // both be given).
+        udp::ensure_free(*a).map_err(|e| {
+            let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+                format!(
+                    " (another program holds the port: `ss -ulpn 'sport = :{}'` shows which)",
+                    a.port()
+                )
+            } else {
+                String::new()
+            };
+            anyhow::anyhow!("cannot listen on udp {a}: {e}{hint}")
+        })?;
+    }
     let metrics = CollectMetrics::new();
     let kafka = args.kafka.resolve()?;
     let stdout = !args.discard && (args.stdout || kafka.is_none());

@@ -49,6 +49,15 @@ pub(super) fn reuseport_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
     Ok(sock)
 }
 
+/// Fails if another socket holds `addr` (or the wildcard address on its
+/// port): the workers' SO_REUSEPORT sockets would otherwise share the port
+/// with it (another collector started by mistake, run by the same user),
+/// and each would silently get part of the datagrams. A plain bind, without
+/// SO_REUSEPORT or SO_REUSEADDR, conflicts with any of them.
+pub(super) fn ensure_free(addr: SocketAddr) -> io::Result<()> {
+    UdpSocket::bind(addr).map(drop)
+}
+
 /// Sets the SOL_SOCKET option `opt` of `socket` to `value`.
 fn set_option(socket: &UdpSocket, opt: libc::c_int, value: libc::c_int) -> io::Result<()> {
     // SAFETY: setsockopt reads one c_int from `value`.
