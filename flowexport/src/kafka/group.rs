@@ -21,6 +21,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
 
 use crate::kafka::client::KafkaLogs;
+use crate::rate_limited_log::RateLimitedLog;
 
 /// The assignor group members use unless `-X` names another.
 pub(crate) const DEFAULT_ASSIGNMENT_STRATEGY: &str = "cooperative-sticky";
@@ -67,6 +68,9 @@ impl GroupMetrics {
 pub(crate) struct GroupContext {
     metrics: GroupMetrics,
     kafka_logs: KafkaLogs,
+    /// `next_message`'s errors, by error code: while the brokers are
+    /// down, every poll returns one (about 20 a second).
+    poll_errors: RateLimitedLog<Option<i32>>,
 }
 
 impl GroupContext {
@@ -74,6 +78,7 @@ impl GroupContext {
         GroupContext {
             metrics,
             kafka_logs: KafkaLogs::default(),
+            poll_errors: RateLimitedLog::with_target(module_path!()),
         }
     }
 }
@@ -106,15 +111,20 @@ impl ConsumerContext for GroupContext {
 }
 
 /// The next message within `timeout`; a consumer error (the broker gone,
-/// a rebalance in progress) is logged and counts as no message.
-pub(crate) fn next_message<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
+/// a rebalance in progress) is logged (once per 10 s per error code) and
+/// counts as no message.
+pub(crate) fn next_message(
+    consumer: &BaseConsumer<GroupContext>,
     timeout: Duration,
 ) -> Option<BorrowedMessage<'_>> {
     match consumer.poll(timeout)? {
         Ok(m) => Some(m),
         Err(e) => {
-            log::warn!("Kafka consumer: {e}");
+            let code = e.rdkafka_error_code().map(|c| c as i32);
+            consumer
+                .context()
+                .poll_errors
+                .log_for(code, log::Level::Warn, || format!("Kafka consumer: {e}"));
             None
         }
     }
