@@ -234,7 +234,8 @@ layered! {
 #[derive(Args, Deserialize, Debug, Default, Clone)]
 #[serde(default, rename_all = "kebab-case")]
 pub struct KafkaArgs {
-    /// Kafka bootstrap brokers; enables the Kafka sink.
+    /// Kafka bootstrap brokers; enables the Kafka sink (the other Kafka
+    /// settings without it are an error).
     #[arg(long, value_name = "HOST:PORT[,HOST:PORT]")]
     pub kafka_brokers: Option<String>,
     /// Topic to write flows to. [default: flows]
@@ -277,6 +278,29 @@ impl KafkaArgs {
     /// Defaults and validation; None when no brokers are configured.
     pub fn resolve(self) -> Result<Option<KafkaConfig>> {
         let Some(brokers) = self.kafka_brokers else {
+            // A Kafka setting without brokers would be ignored: records
+            // would go elsewhere (stdout) while the operator expects Kafka.
+            let given = [
+                ("--kafka-topic", self.kafka_topic.is_some()),
+                ("--kafka-format", self.kafka_format.is_some()),
+                ("--kafka-length-prefix", self.kafka_length_prefix),
+                (
+                    "-X",
+                    !self.kafka_property.is_empty() || !self.kafka_properties.is_empty(),
+                ),
+                (
+                    "--kafka-buffer-records",
+                    self.kafka_buffer_records.is_some(),
+                ),
+                ("--kafka-buffer-bytes", self.kafka_buffer_bytes.is_some()),
+                ("--kafka-flush-timeout", self.kafka_flush_timeout.is_some()),
+            ];
+            if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
+                bail!(
+                    "{flag} is set but --kafka-brokers is not, so nothing would go to Kafka: \
+                     give --kafka-brokers HOST:PORT[,HOST:PORT], or leave the Kafka settings out"
+                );
+            }
             return Ok(None);
         };
         if brokers.trim().is_empty() {

@@ -808,6 +808,18 @@ mod tests {
         a.kafka.kafka_brokers = Some("k:1".into());
         a.stdout = true;
         assert!(a.resolve().unwrap().stdout);
+
+        // A Kafka setting without brokers is an error, not ignored.
+        let mut a = args(&["eth0"]);
+        a.kafka.kafka_topic = Some("t1".into());
+        let err = format!("{:#}", a.resolve().unwrap_err());
+        assert!(
+            err.contains("--kafka-topic is set but --kafka-brokers is not"),
+            "{err}"
+        );
+        let mut a = args(&["eth0"]);
+        a.kafka.kafka_property = vec![("linger.ms".into(), "5".into())];
+        assert!(format!("{:#}", a.resolve().unwrap_err()).contains("-X is set"));
     }
 
     #[test]
