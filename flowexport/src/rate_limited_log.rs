@@ -36,11 +36,11 @@ impl<K> RateLimitedLog<K> {
 
 impl RateLimitedLog {
     pub(crate) fn error(&self, msg: impl FnOnce() -> String) {
-        self.emit((), log::Level::Error, "errors", msg);
+        self.log_for((), log::Level::Error, msg);
     }
 
     pub(crate) fn warn(&self, msg: impl FnOnce() -> String) {
-        self.emit((), log::Level::Warn, "messages", msg);
+        self.log_for((), log::Level::Warn, msg);
     }
 }
 
@@ -51,27 +51,18 @@ impl<K: Hash + Eq> RateLimitedLog<K> {
         self.last.lock().expect("log lock").get(key).map(|e| e.1)
     }
 
-    /// A line at `level`, limited per `key`.
-    pub(crate) fn log_for(&self, key: K, level: log::Level, msg: impl FnOnce() -> String) {
-        let what = if level == log::Level::Error {
-            "errors"
-        } else {
-            "messages"
-        };
-        self.emit(key, level, what, msg);
-    }
-
     /// An error, limited per `key`.
     pub(crate) fn error_for(&self, key: K, msg: impl FnOnce() -> String) {
-        self.emit(key, log::Level::Error, "errors", msg);
+        self.log_for(key, log::Level::Error, msg);
     }
 
     /// A warning, limited per `key`.
     pub(crate) fn warn_for(&self, key: K, msg: impl FnOnce() -> String) {
-        self.emit(key, log::Level::Warn, "messages", msg);
+        self.log_for(key, log::Level::Warn, msg);
     }
 
-    fn emit(&self, key: K, level: log::Level, what: &str, msg: impl FnOnce() -> String) {
+    /// A line at `level`, limited per `key`.
+    pub(crate) fn log_for(&self, key: K, level: log::Level, msg: impl FnOnce() -> String) {
         let mut last = self.last.lock().expect("log lock");
         let now = Instant::now();
         let held = match last.get_mut(&key) {
@@ -90,6 +81,11 @@ impl<K: Hash + Eq> RateLimitedLog<K> {
         };
         drop(last);
         if held > 0 {
+            let what = if level == log::Level::Error {
+                "errors"
+            } else {
+                "messages"
+            };
             log::log!(
                 target: self.target,
                 level,
