@@ -34,8 +34,8 @@ pub(crate) fn client_config(
     cc
 }
 
-/// librdkafka's log lines (by facility) and global errors (by error code),
-/// each kind at most once per 10 s with the count of those held back: while
+/// librdkafka's log lines (by facility), global errors and consumers' poll
+/// errors (by error code), each kind at most once per 10 s with the count of those held back: while
 /// a broker is unreachable, librdkafka repeats them several times a second
 /// (about 500,000 lines a day). Lines below warning pass as they come. The
 /// client context of every Kafka client here (or its own context's
@@ -43,6 +43,9 @@ pub(crate) fn client_config(
 pub(crate) struct KafkaLogs {
     lines: RateLimitedLog<String>,
     errors: RateLimitedLog<Option<i32>>,
+    /// A consumer's poll errors: while the brokers are down, every poll
+    /// returns one (about 20 a second).
+    poll_errors: RateLimitedLog<Option<i32>>,
 }
 
 impl Default for KafkaLogs {
@@ -50,7 +53,23 @@ impl Default for KafkaLogs {
         KafkaLogs {
             lines: RateLimitedLog::with_target("librdkafka"),
             errors: RateLimitedLog::with_target("librdkafka"),
+            poll_errors: RateLimitedLog::with_target("flowexport::kafka::group"),
         }
+    }
+}
+
+/// The key errors are limited by: their librdkafka error code.
+fn error_kind(e: &KafkaError) -> Option<i32> {
+    e.rdkafka_error_code().map(|c| c as i32)
+}
+
+impl KafkaLogs {
+    /// An error a consumer's poll returned (a warning, limited by kind).
+    pub(crate) fn poll_error(&self, e: &KafkaError) {
+        self.poll_errors
+            .log_for(error_kind(e), log::Level::Warn, || {
+                format!("Kafka consumer: {e}")
+            });
     }
 }
 
@@ -75,10 +94,10 @@ impl ClientContext for KafkaLogs {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        let code = error.rdkafka_error_code().map(|c| c as i32);
-        self.errors.log_for(code, log::Level::Error, || {
-            format!("librdkafka: {error}: {reason}")
-        });
+        self.errors
+            .log_for(error_kind(&error), log::Level::Error, || {
+                format!("librdkafka: {error}: {reason}")
+            });
     }
 }
 

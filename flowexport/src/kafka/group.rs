@@ -21,7 +21,6 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
 
 use crate::kafka::client::KafkaLogs;
-use crate::rate_limited_log::RateLimitedLog;
 
 /// The assignor group members use unless `-X` names another.
 pub(crate) const DEFAULT_ASSIGNMENT_STRATEGY: &str = "cooperative-sticky";
@@ -68,9 +67,6 @@ impl GroupMetrics {
 pub(crate) struct GroupContext {
     metrics: GroupMetrics,
     kafka_logs: KafkaLogs,
-    /// `next_message`'s errors, by error code: while the brokers are
-    /// down, every poll returns one (about 20 a second).
-    poll_errors: RateLimitedLog<Option<i32>>,
 }
 
 impl GroupContext {
@@ -78,7 +74,6 @@ impl GroupContext {
         GroupContext {
             metrics,
             kafka_logs: KafkaLogs::default(),
-            poll_errors: RateLimitedLog::with_target(module_path!()),
         }
     }
 }
@@ -120,11 +115,7 @@ pub(crate) fn next_message(
     match consumer.poll(timeout)? {
         Ok(m) => Some(m),
         Err(e) => {
-            let code = e.rdkafka_error_code().map(|c| c as i32);
-            consumer
-                .context()
-                .poll_errors
-                .log_for(code, log::Level::Warn, || format!("Kafka consumer: {e}"));
+            consumer.context().kafka_logs.poll_error(&e);
             None
         }
     }
