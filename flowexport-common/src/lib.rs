@@ -483,6 +483,9 @@ pub const PROG_BENCH_PARSE_CLOCK: &str = "flowexport_bench_parse_clock";
 /// BPF_PROG_TEST_RUN call, and its map (next flow, flow count).
 pub const PROG_BENCH_ROTATE: &str = "flowexport_bench_rotate";
 pub const MAP_BENCH_ROTATE: &str = "BENCH_ROTATE";
+/// The miss path through the fallback ring instead of the table, an
+/// experiment of `flowexport-bench xdp --ring` (the bench feature).
+pub const PROG_BENCH_RING: &str = "flowexport_bench_ring";
 /// Flows per source address in `cargo xtask bench xdp`: the i-th flow has
 /// source port 1024 + i % `BENCH_PORTS` and its source address's last byte
 /// raised by i / `BENCH_PORTS`.

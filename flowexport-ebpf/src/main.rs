@@ -1181,9 +1181,23 @@ static BENCH_ROTATE: Array<u32> = Array::with_max_entries(2, 0);
 #[cfg(feature = "bench")]
 #[xdp]
 pub(crate) fn flowexport_bench_rotate(ctx: XdpContext) -> u32 {
-    let (mut key, ip_len) = bench_parse(&ctx);
-    let (Some(next), Some(n)) = (BENCH_ROTATE.get_ptr_mut(0), BENCH_ROTATE.get(1)) else {
+    let Some((key, ip_len)) = bench_rotate_key(&ctx) else {
         return xdp_action::XDP_ABORTED;
+    };
+    if admit(&key, 1) {
+        account(&key, 1, ip_len, 0);
+    }
+    xdp_action::XDP_PASS
+}
+
+/// The key of run i of a `BENCH_ROTATE` call: flow 0's frame parsed, its
+/// source port and address moved to flow i mod N (see above).
+#[cfg(feature = "bench")]
+#[inline(always)]
+fn bench_rotate_key(ctx: &XdpContext) -> Option<(FlowKey, u64)> {
+    let (mut key, ip_len) = bench_parse(ctx);
+    let (Some(next), Some(n)) = (BENCH_ROTATE.get_ptr_mut(0), BENCH_ROTATE.get(1)) else {
+        return None;
     };
     // SAFETY: a u32 of an array map; BPF_PROG_TEST_RUN runs the repeats
     // one after another on one CPU, and userspace writes it between calls.
@@ -1201,9 +1215,46 @@ pub(crate) fn flowexport_bench_rotate(ctx: XdpContext) -> u32 {
     } else {
         key.src_addr[3] = key.src_addr[3].wrapping_add(hi);
     }
-    if admit(&key, 1) {
-        account(&key, 1, ip_len, 0);
+    Some((key, ip_len))
+}
+
+/// An experiment, not a path the agent takes (`flowexport-bench xdp
+/// --ring`): the miss path if misses went to userspace through a ring
+/// instead of into the shared table. The same rotating keys as
+/// `flowexport_bench_rotate`; each packet reads the clock, the epoch and
+/// its per-CPU cache slot as `account` does, and, the slot not being its
+/// own, goes through the real `fallback` (ring record of the key and
+/// counts) instead of `table_slot`. What userspace would then pay to
+/// aggregate the events is not in the figure.
+#[cfg(feature = "bench")]
+#[xdp]
+pub(crate) fn flowexport_bench_ring(ctx: XdpContext) -> u32 {
+    let Some((key, ip_len)) = bench_rotate_key(&ctx) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let (now_ns, _) = now();
+    let epoch = match CONTROL.get(CONTROL_EPOCH) {
+        Some(e) => *e,
+        None => 0,
+    };
+    let h = table_hash(&key);
+    // SAFETY: a plain read of a read-only global (see CACHE_SLOTS).
+    let slots = unsafe { core::ptr::read_volatile(&CACHE_SLOTS) };
+    if slots != 0 {
+        let idx = (epoch & 1) * slots + ((h >> 32) as u32 & (slots - 1));
+        if let Some(s) = CACHE.get_ptr_mut(idx) {
+            // SAFETY: this CPU's slot; programs do not nest on one CPU.
+            unsafe {
+                if (*s).epoch == epoch && (*s).value.packets != 0 && same_key(&(*s).key, &key) {
+                    (*s).value.packets += 1;
+                    (*s).value.bytes += ip_len;
+                    (*s).value.last_seen_ns = now_ns;
+                    return xdp_action::XDP_PASS;
+                }
+            }
+        }
     }
+    fallback(&key, 1, ip_len, now_ns, 0, Miss::Full);
     xdp_action::XDP_PASS
 }
 

@@ -30,6 +30,11 @@
 //!   round the N flows until it has sent `--repeat` packets (best of
 //!   `--rounds`). Compared with the empty program's hot figure. Every
 //!   flow's count is checked afterwards.
+//! * **--ring** (an experiment): the rotating call again through
+//!   `flowexport_bench_ring`, which sends each packet that misses its cache
+//!   slot to the fallback ring instead of the table, beside the agent's
+//!   drain of those records (ns per record): what the miss path would cost
+//!   the receiving CPU, and userspace, if misses went to userspace.
 //!
 //! The table is filled by the real program (the "new" pass), then the run
 //! checks that no packet went to the fallback path and that the hot flow's
@@ -55,7 +60,7 @@ use flowexport::capture::loader::{Capture, LoadOptions, Programs};
 use flowexport::capture::table::slots_for;
 use flowexport_common::{
     FlowKey, BENCH_PORTS, DEFAULT_CACHE_SLOTS, DIR_EGRESS, DIR_INGRESS, MAP_BENCH_ROTATE,
-    PROG_BENCH_PARSE, PROG_BENCH_PARSE_CLOCK, PROG_BENCH_PASS, PROG_BENCH_ROTATE,
+    PROG_BENCH_PARSE, PROG_BENCH_PARSE_CLOCK, PROG_BENCH_PASS, PROG_BENCH_RING, PROG_BENCH_ROTATE,
     PROG_BENCH_TC_HELPER, PROG_BENCH_TC_PASS, PROG_EGRESS, PROG_INGRESS,
 };
 
@@ -84,6 +89,11 @@ struct Args {
         "/../target/ebpf-bench/bpfel-unknown-none/release/flowexport"
     ))]
     bpf_object: std::path::PathBuf,
+    /// Also measure the rotating miss path through the fallback ring
+    /// instead of the table (`flowexport_bench_ring`, an experiment: the
+    /// agent never takes this path for a flow the table has room for).
+    #[arg(long)]
+    ring: bool,
 }
 
 const FRAME_LEN: usize = 64;
@@ -212,6 +222,9 @@ struct Row {
     rotating: Option<(f64, f64)>,
     /// (new, rotating) ns per packet in one call of repeat N.
     one_call: Option<(f64, f64)>,
+    /// `--ring`: rotating ns per packet through the ring, in one call, and
+    /// the drain's ns per ring event.
+    ring: Option<(f64, f64)>,
 }
 
 /// The programs and the agent's drain state and clock word, as the agent
@@ -222,10 +235,21 @@ fn load(
     sampling: u32,
     filter: KernelFilter,
 ) -> Result<(Programs, KernelTables)> {
+    load_with_ring(args, max_flows, sampling, filter, 1 << 16)
+}
+
+/// `load` with a fallback ring of `ring_bytes`.
+fn load_with_ring(
+    args: &Args,
+    max_flows: u32,
+    sampling: u32,
+    filter: KernelFilter,
+    ring_bytes: u32,
+) -> Result<(Programs, KernelTables)> {
     let mut cap = Programs::load(&LoadOptions {
         pins: None,
         max_flows,
-        fallback_ring_bytes: 1 << 16,
+        fallback_ring_bytes: ring_bytes,
         cache_slots: args.cache_slots,
         object: Some(args.bpf_object.clone()),
         capture: Capture::Xdp,
@@ -238,6 +262,7 @@ fn load(
         PROG_BENCH_PARSE,
         PROG_BENCH_PARSE_CLOCK,
         PROG_BENCH_ROTATE,
+        PROG_BENCH_RING,
         PROG_BENCH_TC_PASS,
         PROG_BENCH_TC_HELPER,
     ] {
@@ -256,7 +281,7 @@ fn load(
         max_flows,
         slots_for(max_flows),
         args.cache_slots,
-        1 << 16,
+        ring_bytes,
         Duration::from_millis(1),
         Start::Fresh,
     )?;
@@ -490,6 +515,7 @@ fn measure(args: &Args, family: Family, n: u32) -> Result<Row> {
         new: (n > 1).then_some((new, new_empty)),
         rotating,
         one_call: None,
+        ring: None,
     })
 }
 
@@ -500,13 +526,7 @@ fn one_call(args: &Args, family: Family, n: u32) -> Result<(f64, f64)> {
         bail!("at most {} flows", 256 * BENCH_PORTS);
     }
     let (mut cap, mut tables) = load(args, n.max(1024), 1, KernelFilter::default())?;
-    let mut state: aya::maps::Array<_, u32> = cap
-        .ebpf
-        .map_mut(MAP_BENCH_ROTATE)
-        .with_context(|| format!("the eBPF object lacks {MAP_BENCH_ROTATE}; rebuild it"))?
-        .try_into()?;
-    state.set(0, 0, 0)?;
-    state.set(1, n, 0)?;
+    start_rotation(&mut cap, n)?;
     let rotate: &Xdp = cap.ebpf.program(PROG_BENCH_ROTATE).unwrap().try_into()?;
     let frame = frame(family, 0);
     ticking(&tables)?;
@@ -525,32 +545,127 @@ fn one_call(args: &Args, family: Family, n: u32) -> Result<(f64, f64)> {
     // Every flow counted once per call: the program rotated through
     // exactly the benchmark's flows.
     let got = final_drain(&mut tables)?;
-    let want = 1 + u64::from(args.rounds) * u64::from(laps);
+    check_each(
+        &got,
+        family,
+        n,
+        1 + u64::from(args.rounds) * u64::from(laps),
+        "in one call",
+    )?;
+    Ok((new, rotating))
+}
+
+/// That the drain exported exactly the benchmark's first `n` flows of
+/// `family`, each with `want` packets (`what`: the measurement, for the
+/// error).
+fn check_each(
+    got: &HashMap<FlowKey, u64>,
+    family: Family,
+    n: u32,
+    want: u64,
+    what: &str,
+) -> Result<()> {
     for i in 0..n {
         let c = got.get(&key(family, i)).copied().unwrap_or(0);
         if c != want {
-            bail!("in one call: flow {i} counted {c} packets, expected {want}");
+            bail!("{what}: flow {i} counted {c} packets, expected {want}");
         }
     }
     if got.len() != n as usize {
         bail!(
-            "in one call: the drain exported {} flows, expected {n}",
+            "{what}: the drain exported {} flows, expected {n}",
             got.len()
         );
     }
-    Ok((new, rotating))
+    Ok(())
 }
+
+/// `--ring`: the rotating miss path of `one_call`, but through
+/// `flowexport_bench_ring` (the fallback ring instead of the table): best
+/// of `--rounds` calls of at least `--repeat` packets, ns per packet. The
+/// ring holds one call's events; the agent's drain empties it after each
+/// call (best of the rounds, ns per event: reading the ring, aggregating
+/// by key, exporting every flow), and every flow's count is checked at
+/// the end. Returns (ns per packet, drain ns per event).
+fn ring_call(args: &Args, family: Family, n: u32) -> Result<(f64, f64)> {
+    if n > 256 * BENCH_PORTS {
+        bail!("at most {} flows", 256 * BENCH_PORTS);
+    }
+    let laps = args.repeat.div_ceil(n);
+    let per_call = n
+        .checked_mul(laps)
+        .context("--repeat times the flows is too large")?;
+    // An event is 80 bytes and the ring's 8-byte header.
+    let ring_bytes = u32::try_from((u64::from(per_call) * 88).next_power_of_two())
+        .context("one call's events do not fit a ring: lower --repeat")?;
+    let (mut cap, mut tables) = load_with_ring(
+        args,
+        1024,
+        1,
+        KernelFilter::default(),
+        ring_bytes.max(1 << 16),
+    )?;
+    start_rotation(&mut cap, n)?;
+    let ring: &Xdp = cap.ebpf.program(PROG_BENCH_RING).unwrap().try_into()?;
+    let frame = frame(family, 0);
+    let mut best = f64::MAX;
+    let mut drain = f64::MAX;
+    let mut got: HashMap<FlowKey, u64> = HashMap::new();
+    for _ in 0..args.rounds {
+        ticking(&tables)?;
+        best = best.min(run(ring, &frame, per_call)?);
+        // The drain's records land in a vector sized beforehand, so that
+        // the time is the drain's, not this benchmark's own map.
+        let mut flows: Vec<(FlowKey, u64)> = Vec::with_capacity(n as usize + 1);
+        let t = Instant::now();
+        tables.drain(
+            &mut FlowAggregator::default(),
+            FOREVER,
+            true,
+            &mut |k, c| {
+                flows.push((*k, c.packets));
+            },
+        )?;
+        drain = drain.min(t.elapsed().as_nanos() as f64 / f64::from(per_call));
+        for (k, c) in flows {
+            *got.entry(k).or_default() += c;
+        }
+    }
+    let want = u64::from(args.rounds) * u64::from(laps);
+    check_each(&got, family, n, want, "through the ring")?;
+    Ok((best, drain))
+}
+
+/// Sets `BENCH_ROTATE` so that the next call's runs start at flow 0 and
+/// go round `n` flows.
+fn start_rotation(cap: &mut Programs, n: u32) -> Result<()> {
+    let mut state: aya::maps::Array<_, u32> = cap
+        .ebpf
+        .map_mut(MAP_BENCH_ROTATE)
+        .with_context(|| format!("the eBPF object lacks {MAP_BENCH_ROTATE}; rebuild it"))?
+        .try_into()?;
+    state.set(0, 0, 0)?;
+    state.set(1, n, 0)?;
+    Ok(())
+}
+
+/// No timeouts: a final drain exports every flow.
+const FOREVER: Timeouts = Timeouts {
+    idle_ns: u64::MAX,
+    active_ns: u64::MAX,
+};
 
 /// What the agent's final drain exports: every flow's packets, by key.
 fn final_drain(tables: &mut KernelTables) -> Result<HashMap<FlowKey, u64>> {
     let mut got: HashMap<FlowKey, u64> = HashMap::new();
-    let t = Timeouts {
-        idle_ns: u64::MAX,
-        active_ns: u64::MAX,
-    };
-    tables.drain(&mut FlowAggregator::default(), t, true, &mut |k, c| {
-        *got.entry(*k).or_default() += c.packets;
-    })?;
+    tables.drain(
+        &mut FlowAggregator::default(),
+        FOREVER,
+        true,
+        &mut |k, c| {
+            *got.entry(*k).or_default() += c.packets;
+        },
+    )?;
     Ok(got)
 }
 
@@ -580,6 +695,10 @@ fn main() -> Result<()> {
             if n > 1 {
                 eprintln!("{}: {n} flows: in one call", fam_name(family));
                 row.one_call = Some(one_call(&args, family, n)?);
+                if args.ring {
+                    eprintln!("{}: {n} flows: through the ring", fam_name(family));
+                    row.ring = Some(ring_call(&args, family, n)?);
+                }
             }
             rows.push(row);
         }
@@ -630,6 +749,32 @@ fn main() -> Result<()> {
                 new - r.hot_empty,
                 rot - r.hot_empty
             );
+        }
+    }
+    if args.ring {
+        println!();
+        println!(
+            "Experiment (--ring): the rotating miss path in one call as above, through the \
+             table (the agent's path) and through the fallback ring instead (clock, epoch, \
+             hash and cache slot as the agent reads them, then a ring record); added = minus the \
+             empty program (hot); userspace: the agent's drain of one call's records (read the \
+             ring, aggregate by key, export every flow), ns per record, best of the rounds"
+        );
+        println!(
+            "| family | flows | empty | table ns/pkt | added | ring ns/pkt | added | userspace ns/record |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+        for r in &rows {
+            if let (Some((_, table)), Some((ring, drain))) = (r.one_call, r.ring) {
+                println!(
+                    "| {} | {} | {:.1} | {table:.1} | {:+.1} | {ring:.1} | {:+.1} | {drain:.1} |",
+                    r.family,
+                    r.flows,
+                    r.hot_empty,
+                    table - r.hot_empty,
+                    ring - r.hot_empty
+                );
+            }
         }
     }
     println!();
