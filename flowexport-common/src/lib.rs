@@ -486,6 +486,13 @@ pub const MAP_BENCH_ROTATE: &str = "BENCH_ROTATE";
 /// The miss path through the fallback ring instead of the table, an
 /// experiment of `flowexport-bench xdp --ring` (the bench feature).
 pub const PROG_BENCH_RING: &str = "flowexport_bench_ring";
+/// Its other half: records handed back to the table from userspace, a
+/// batch of `BENCH_REPLAY_BATCH` per BPF_PROG_TEST_RUN call: as many
+/// 80-byte `FallbackEvent`s as a linear XDP test-run buffer holds (a 4 KiB
+/// page less the 256-byte XDP headroom and the 320-byte skb_shared_info:
+/// 3,520 bytes).
+pub const PROG_BENCH_REPLAY: &str = "flowexport_bench_replay";
+pub const BENCH_REPLAY_BATCH: usize = 44;
 /// Flows per source address in `cargo xtask bench xdp`: the i-th flow has
 /// source port 1024 + i % `BENCH_PORTS` and its source address's last byte
 /// raised by i / `BENCH_PORTS`.

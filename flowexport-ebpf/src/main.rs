@@ -1258,6 +1258,49 @@ pub(crate) fn flowexport_bench_ring(ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// The other half of the ring experiment (`flowexport-bench xdp --ring`):
+/// userspace hands records that went through a ring back to the kernel's
+/// table, a batch per BPF_PROG_TEST_RUN call, so that their counts live in
+/// the table as the agent's do (pinned, drained exactly) while the random
+/// access to the flow's slot is paid on the caller's CPU instead of the
+/// receiving one. The frame is up to `BENCH_REPLAY_BATCH` `FallbackEvent`s back
+/// to back; each is counted with the ingress program's own `table_slot`
+/// and `table_add` in the generation of the current epoch (a program run
+/// like any other: the drain's grace period covers it), or through the
+/// fallback ring when the table has no room.
+#[cfg(feature = "bench")]
+#[xdp]
+pub(crate) fn flowexport_bench_replay(ctx: XdpContext) -> u32 {
+    let packet = XdpPacket::<false>(&ctx);
+    let gen = match CONTROL.get(CONTROL_EPOCH) {
+        Some(e) => *e & 1,
+        None => 0,
+    };
+    // Bounded for the verifier by the batch size.
+    for i in 0..flowexport_common::BENCH_REPLAY_BATCH {
+        let Some(h) = packet.load::<80>(i * 80) else {
+            break;
+        };
+        // SAFETY: Hdr<80> and FallbackEvent are both 80 bytes of plain
+        // integers, 8-aligned, and any bit pattern is a valid event.
+        let ev: FallbackEvent = unsafe { core::mem::transmute::<Hdr<80>, FallbackEvent>(h) };
+        let ms = (ev.ts_ns / 1_000_000) as u32;
+        match table_slot(&ev.key, table_hash(&ev.key)) {
+            Ok(t) => {
+                table_add(t, gen, ev.packets, ev.bytes, ms, ev.tcp_flags);
+                stat_add_pair(
+                    STAT_TABLE_PACKETS_INGRESS,
+                    ev.key.direction,
+                    ev.packets,
+                    ev.bytes,
+                );
+            }
+            Err(miss) => fallback(&ev.key, ev.packets, ev.bytes, ev.ts_ns, ev.tcp_flags, miss),
+        }
+    }
+    xdp_action::XDP_PASS
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -32,9 +32,15 @@
 //!   flow's count is checked afterwards.
 //! * **--ring** (an experiment): the rotating call again through
 //!   `flowexport_bench_ring`, which sends each packet that misses its cache
-//!   slot to the fallback ring instead of the table, beside the agent's
-//!   drain of those records (ns per record): what the miss path would cost
-//!   the receiving CPU, and userspace, if misses went to userspace.
+//!   slot to the fallback ring instead of the table; then what userspace
+//!   would pay per record: the agent's drain of those records into its own
+//!   memory, and handing them back to the table through
+//!   `flowexport_bench_replay` (a batch per BPF_PROG_TEST_RUN call). What
+//!   the miss path would cost the receiving CPU, and another one, if
+//!   misses left the receiving CPU through a ring.
+//! * **memory floor**: this host's cost of one random access over the
+//!   largest table measured (a pointer chase, 4 KiB and 2 MiB pages), the
+//!   floor under any miss that reads a slot of that table.
 //!
 //! The table is filled by the real program (the "new" pass), then the run
 //! checks that no packet went to the fallback path and that the hot flow's
@@ -59,9 +65,10 @@ use flowexport::capture::filter::{compile, KernelFilter, Rule};
 use flowexport::capture::loader::{Capture, LoadOptions, Programs};
 use flowexport::capture::table::slots_for;
 use flowexport_common::{
-    FlowKey, BENCH_PORTS, DEFAULT_CACHE_SLOTS, DIR_EGRESS, DIR_INGRESS, MAP_BENCH_ROTATE,
-    PROG_BENCH_PARSE, PROG_BENCH_PARSE_CLOCK, PROG_BENCH_PASS, PROG_BENCH_RING, PROG_BENCH_ROTATE,
-    PROG_BENCH_TC_HELPER, PROG_BENCH_TC_PASS, PROG_EGRESS, PROG_INGRESS,
+    FallbackEvent, FlowKey, TableSlot, BENCH_PORTS, BENCH_REPLAY_BATCH, DEFAULT_CACHE_SLOTS,
+    DIR_EGRESS, DIR_INGRESS, MAP_BENCH_ROTATE, PROG_BENCH_PARSE, PROG_BENCH_PARSE_CLOCK,
+    PROG_BENCH_PASS, PROG_BENCH_REPLAY, PROG_BENCH_RING, PROG_BENCH_ROTATE, PROG_BENCH_TC_HELPER,
+    PROG_BENCH_TC_PASS, PROG_EGRESS, PROG_INGRESS,
 };
 
 #[derive(Parser)]
@@ -225,6 +232,8 @@ struct Row {
     /// `--ring`: rotating ns per packet through the ring, in one call, and
     /// the drain's ns per ring event.
     ring: Option<(f64, f64)>,
+    /// `--ring`: (new, rotating) ns per record replayed into the table.
+    replay: Option<(f64, f64)>,
 }
 
 /// The programs and the agent's drain state and clock word, as the agent
@@ -263,6 +272,7 @@ fn load_with_ring(
         PROG_BENCH_PARSE_CLOCK,
         PROG_BENCH_ROTATE,
         PROG_BENCH_RING,
+        PROG_BENCH_REPLAY,
         PROG_BENCH_TC_PASS,
         PROG_BENCH_TC_HELPER,
     ] {
@@ -516,6 +526,7 @@ fn measure(args: &Args, family: Family, n: u32) -> Result<Row> {
         rotating,
         one_call: None,
         ring: None,
+        replay: None,
     })
 }
 
@@ -539,20 +550,27 @@ fn one_call(args: &Args, family: Family, n: u32) -> Result<(f64, f64)> {
         ticking(&tables)?;
         rotating = rotating.min(run(rotate, &frame, n.saturating_mul(laps))?);
     }
-    if tables.stats()?.fallback_packets() != 0 {
-        bail!("packets went to the fallback path: the table was too small");
-    }
     // Every flow counted once per call: the program rotated through
     // exactly the benchmark's flows.
-    let got = final_drain(&mut tables)?;
-    check_each(
-        &got,
-        family,
-        n,
-        1 + u64::from(args.rounds) * u64::from(laps),
-        "in one call",
-    )?;
+    let want = 1 + u64::from(args.rounds) * u64::from(laps);
+    check_table(&mut tables, family, n, want, "in one call")?;
     Ok((new, rotating))
+}
+
+/// That no packet took the fallback path (the table was large enough) and
+/// that the final drain exports exactly the benchmark's first `n` flows,
+/// each with `want` packets.
+fn check_table(
+    tables: &mut KernelTables,
+    family: Family,
+    n: u32,
+    want: u64,
+    what: &str,
+) -> Result<()> {
+    if tables.stats()?.fallback_packets() != 0 {
+        bail!("{what}: packets went to the fallback path: the table was too small");
+    }
+    check_each(&final_drain(tables)?, family, n, want, what)
 }
 
 /// That the drain exported exactly the benchmark's first `n` flows of
@@ -636,6 +654,66 @@ fn ring_call(args: &Args, family: Family, n: u32) -> Result<(f64, f64)> {
     Ok((best, drain))
 }
 
+/// `--ring`, the userspace half: the benchmark's N flows as ring records
+/// handed back to a fresh table of the same size through
+/// `flowexport_bench_replay`, `BENCH_REPLAY_BATCH` records per
+/// BPF_PROG_TEST_RUN call: every flow once (the inserts), then laps over
+/// the N flows of at least `--repeat` records (updates, best of
+/// `--rounds`). Wall-clock ns per record on the calling CPU, the syscalls
+/// included: (new, rotating). Every flow's count is checked afterwards.
+fn replay_call(args: &Args, family: Family, n: u32) -> Result<(f64, f64)> {
+    let (cap, mut tables) = load(args, n.max(1024), 1, KernelFilter::default())?;
+    let replay: &Xdp = cap
+        .ebpf
+        .program(PROG_BENCH_REPLAY)
+        .with_context(|| format!("the eBPF object lacks {PROG_BENCH_REPLAY}; rebuild it"))?
+        .try_into()?;
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a timespec to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let ts_ns = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+    let records: Vec<FallbackEvent> = (0..n)
+        .map(|i| FallbackEvent {
+            key: key(family, i),
+            packets: 1,
+            bytes: FRAME_LEN as u64 - 14,
+            ts_ns,
+            ..FallbackEvent::default()
+        })
+        .collect();
+    let pass = || -> Result<()> {
+        for batch in records.chunks(BENCH_REPLAY_BATCH) {
+            // SAFETY: FallbackEvent is #[repr(C)] integers with explicit
+            // padding fields (no implicit padding): its bytes are defined.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(batch.as_ptr().cast::<u8>(), size_of_val(batch))
+            };
+            run(replay, bytes, 1)?;
+        }
+        Ok(())
+    };
+    ticking(&tables)?;
+    let t = Instant::now();
+    pass()?;
+    let new = t.elapsed().as_nanos() as f64 / f64::from(n);
+    let laps = args.repeat.div_ceil(n);
+    let mut rotating = f64::MAX;
+    for _ in 0..args.rounds {
+        ticking(&tables)?;
+        let t = Instant::now();
+        for _ in 0..laps {
+            pass()?;
+        }
+        rotating = rotating.min(t.elapsed().as_nanos() as f64 / (f64::from(n) * f64::from(laps)));
+    }
+    let want = 1 + u64::from(args.rounds) * u64::from(laps);
+    check_table(&mut tables, family, n, want, "replayed")?;
+    Ok((new, rotating))
+}
+
 /// Sets `BENCH_ROTATE` so that the next call's runs start at flow 0 and
 /// go round `n` flows.
 fn start_rotation(cap: &mut Programs, n: u32) -> Result<()> {
@@ -647,6 +725,70 @@ fn start_rotation(cap: &mut Programs, n: u32) -> Result<()> {
     state.set(0, 0, 0)?;
     state.set(1, n, 0)?;
     Ok(())
+}
+
+/// This host's cost of one random memory access over `bytes`, the size of
+/// a table: a pointer chase through 64-byte lines in one random cycle
+/// (each load's address is the previous load's value, as a packet's slot
+/// is unknown until its hash), on 4 KiB pages as BPF maps have them
+/// (vmalloc) or on 2 MiB pages (`huge`). ns per access, best of `rounds`.
+fn memory_floor(bytes: usize, huge: bool, rounds: u32) -> Result<f64> {
+    const STEPS: u32 = 1_000_000;
+    let lines = bytes / 64;
+    if lines < 2 {
+        bail!("{bytes} bytes is too small for a pointer chase");
+    }
+    // SAFETY: a new anonymous private mapping; nothing else refers to it.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        bail!("mmap of {bytes} bytes: {}", std::io::Error::last_os_error());
+    }
+    let advice = if huge {
+        libc::MADV_HUGEPAGE
+    } else {
+        libc::MADV_NOHUGEPAGE
+    };
+    // SAFETY: the mapping above, whole. The advice is only a hint: where
+    // the kernel has no transparent huge pages, both figures are 4 KiB's.
+    unsafe { libc::madvise(p, bytes, advice) };
+    // SAFETY: the mapping is `bytes` long, readable, writable and zeroed,
+    // and lives until the munmap below; this slice is its only user.
+    let mem = unsafe { std::slice::from_raw_parts_mut(p.cast::<u64>(), bytes / 8) };
+    // Sattolo's shuffle: a permutation that is a single cycle, so the
+    // chase visits every line before it repeats.
+    let mut next: Vec<u32> = (0..lines as u32).collect();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for i in (1..lines).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        next.swap(i, (x % i as u64) as usize);
+    }
+    for (line, n) in next.iter().enumerate() {
+        mem[line * 8] = u64::from(*n);
+    }
+    let mut best = f64::MAX;
+    let mut at = 0usize;
+    for _ in 0..rounds {
+        let t = Instant::now();
+        for _ in 0..STEPS {
+            at = mem[at * 8] as usize;
+        }
+        best = best.min(t.elapsed().as_nanos() as f64 / f64::from(STEPS));
+    }
+    std::hint::black_box(at);
+    // SAFETY: the mapping above; `mem` is not used after this.
+    unsafe { libc::munmap(p, bytes) };
+    Ok(best)
 }
 
 /// No timeouts: a final drain exports every flow.
@@ -698,6 +840,8 @@ fn main() -> Result<()> {
                 if args.ring {
                     eprintln!("{}: {n} flows: through the ring", fam_name(family));
                     row.ring = Some(ring_call(&args, family, n)?);
+                    eprintln!("{}: {n} flows: replayed into the table", fam_name(family));
+                    row.replay = Some(replay_call(&args, family, n)?);
                 }
             }
             rows.push(row);
@@ -705,6 +849,14 @@ fn main() -> Result<()> {
         eprintln!("{}: filter rules and sampling", fam_name(family));
         selections.push((fam_name(family), selection(&args, family)?));
     }
+    // The largest table measured: the memory a miss at that size reaches.
+    let largest = args.flows.iter().copied().max().unwrap_or(1);
+    let table_bytes = slots_for(largest) as usize * size_of::<TableSlot>();
+    eprintln!("memory floor over {} MiB", table_bytes >> 20);
+    let floor = [
+        memory_floor(table_bytes, false, args.rounds)?,
+        memory_floor(table_bytes, true, args.rounds)?,
+    ];
     println!(
         "XDP ingress vs empty XDP_PASS, BPF_PROG_TEST_RUN, {FRAME_LEN}-byte UDP frames; \
          hot: repeat {} (best of {}); new/rotating: one call per flow",
@@ -757,17 +909,23 @@ fn main() -> Result<()> {
             "Experiment (--ring): the rotating miss path in one call as above, through the \
              table (the agent's path) and through the fallback ring instead (clock, epoch, \
              hash and cache slot as the agent reads them, then a ring record); added = minus the \
-             empty program (hot); userspace: the agent's drain of one call's records (read the \
-             ring, aggregate by key, export every flow), ns per record, best of the rounds"
+             empty program (hot). Userspace's share, ns per record on its own CPU: aggregated in \
+             its memory (the agent's drain of one call's records: read the ring, aggregate by \
+             key, export every flow; best of the rounds), or replayed into the table \
+             ({BENCH_REPLAY_BATCH} records per BPF_PROG_TEST_RUN call, syscalls included; new \
+             flows, then rotating)"
         );
         println!(
-            "| family | flows | empty | table ns/pkt | added | ring ns/pkt | added | userspace ns/record |"
+            "| family | flows | empty | table ns/pkt | added | ring ns/pkt | added | aggregated ns/record | replayed: new | replayed: rotating |"
         );
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in &rows {
-            if let (Some((_, table)), Some((ring, drain))) = (r.one_call, r.ring) {
+            if let (Some((_, table)), Some((ring, drain)), Some((new, rot))) =
+                (r.one_call, r.ring, r.replay)
+            {
                 println!(
-                    "| {} | {} | {:.1} | {table:.1} | {:+.1} | {ring:.1} | {:+.1} | {drain:.1} |",
+                    "| {} | {} | {:.1} | {table:.1} | {:+.1} | {ring:.1} | {:+.1} | {drain:.1} | \
+                     {new:.1} | {rot:.1} |",
                     r.family,
                     r.flows,
                     r.hot_empty,
@@ -777,6 +935,17 @@ fn main() -> Result<()> {
             }
         }
     }
+    println!();
+    println!(
+        "This host's memory floor: one random access over the table of {largest} flows ({} \
+         MiB), a pointer chase through 64-byte lines, best of {}: {:.1} ns on 4 KiB pages (as \
+         BPF maps have them), {:.1} ns on 2 MiB pages. A miss at that size reads its table slot \
+         at such an address.",
+        table_bytes >> 20,
+        args.rounds,
+        floor[0],
+        floor[1]
+    );
     println!();
     println!(
         "Hot-path breakdown (ns/pkt, same frame and repeat): empty program; + parser; \
