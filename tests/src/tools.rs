@@ -114,6 +114,13 @@ pub fn udp_recv_queue(ns: &Netns, port: u16) -> Option<u64> {
 /// Datagrams the kernel dropped at the UDP socket bound to `port` in `ns`
 /// (`ss -m`'s `d`; None: no such socket).
 pub fn udp_drops(ns: &Netns, port: u16) -> Option<u64> {
+    udp_skmem(ns, port, "d")
+}
+
+/// A field of `ss -m`'s socket memory for the first UDP socket on `port`
+/// in `ns`, by its name (`d`: drops, `rb`: the receive buffer's limit, the
+/// kernel's double of SO_RCVBUF).
+pub fn udp_skmem(ns: &Netns, port: u16, field: &str) -> Option<u64> {
     let out = ns
         .exec(&["ss", "-Huanm", &format!("sport = :{port}")])
         .ok()?;
@@ -121,9 +128,7 @@ pub fn udp_drops(ns: &Netns, port: u16) -> Option<u64> {
     let inner = skmem.split(')').next()?;
     inner
         .split(',')
-        .find_map(|f| f.strip_prefix('d'))?
-        .parse()
-        .ok()
+        .find_map(|f| f.strip_prefix(field)?.parse().ok())
 }
 
 /// nfcapd writing into `dir`, listening on 127.0.0.1:`port` in `ns`; with

@@ -582,6 +582,12 @@ struct PipedCollector {
 
 impl PipedCollector {
     fn start() -> (PipedCollector, std::process::ChildStdout) {
+        Self::start_with(&[])
+    }
+
+    /// A collector with `extra` flags besides its listen address, one
+    /// worker and its metrics address.
+    fn start_with(extra: &[&str]) -> (PipedCollector, std::process::ChildStdout) {
         let ns = Netns::new().unwrap();
         ns.exec(&["ip", "link", "set", "lo", "up"]).unwrap();
         let port = free_tcp_port(&ns);
@@ -592,6 +598,7 @@ impl PipedCollector {
             .args(["collect", "--listen", &format!("127.0.0.1:{port}")])
             .args(["--workers", "1", "--metrics-addr"])
             .arg(format!("127.0.0.1:{metrics_port}"))
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -830,4 +837,35 @@ fn a_port_in_use_or_given_twice_is_refused() {
     }
     // The first collector still has its port to itself.
     assert_eq!(c.socket_drops(), Some(0.0));
+}
+
+/// `--receive-buffer`: each socket gets the buffer asked for (forced, as
+/// root), and a size out of range is refused before anything listens.
+#[test]
+fn the_receive_buffer_is_what_the_flag_asks() {
+    let (c, _stdout) = PipedCollector::start();
+    // The default: 8 MiB, which the kernel doubles for its accounting.
+    assert_eq!(udp_skmem(&c.ns, c.port, "rb"), Some(2 * (8 << 20)));
+    let (c, _stdout) = PipedCollector::start_with(&["--receive-buffer", "262144"]);
+    assert_eq!(udp_skmem(&c.ns, c.port, "rb"), Some(2 * 262_144));
+    for (value, says) in [
+        ("1000", "1000 bytes is outside 65536..=1073741824"),
+        ("32M", "is not a number of bytes"),
+    ] {
+        let out = Command::new("timeout")
+            .args(["10", "ip", "netns", "exec", &c.ns.name])
+            .arg(flowexport_bin())
+            .args([
+                "collect",
+                "--listen",
+                "127.0.0.1:9",
+                "--receive-buffer",
+                value,
+            ])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{value}: {stderr}");
+        assert!(stderr.contains(says), "{value}: {stderr}");
+    }
 }

@@ -10,18 +10,37 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 
-/// The receive buffer asked for each socket. The kernel accounts twice
-/// this against the datagrams' memory (~2.3 KiB for a 1,400-byte export
-/// packet): ~7,000 export packets, about 100 ms of a worker's stall at 2M
-/// flows/s (67,000 datagrams of 30 flows a second).
+/// The receive buffer asked for each socket unless `--receive-buffer` says
+/// otherwise. The kernel accounts twice this against the datagrams' memory
+/// (~2.3 KiB for a 1,400-byte export packet): ~7,000 export packets, about
+/// 100 ms of a worker's stall at 2M flows/s (67,000 datagrams of 30 flows a
+/// second). Memory is taken only while datagrams wait.
 pub(super) const RECEIVE_BUFFER: usize = 8 << 20;
+
+/// `--receive-buffer`'s range: from what one worker's batch of 16 export
+/// packets needs, to 1 GiB (SO_RCVBUF is an int that the kernel doubles).
+pub(super) const RECEIVE_BUFFER_MIN: usize = 64 << 10;
+pub(super) const RECEIVE_BUFFER_MAX: usize = 1 << 30;
+
+/// `--receive-buffer BYTES`: a number of bytes in [`RECEIVE_BUFFER_MIN`,
+/// `RECEIVE_BUFFER_MAX`].
+pub(super) fn parse_receive_buffer(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of bytes (e.g. 33554432 for 32 MiB)"))?;
+    if !(RECEIVE_BUFFER_MIN..=RECEIVE_BUFFER_MAX).contains(&n) {
+        return Err(format!(
+            "{n} bytes is outside {RECEIVE_BUFFER_MIN}..={RECEIVE_BUFFER_MAX} (64 KiB to 1 GiB)"
+        ));
+    }
+    Ok(n)
+}
 
 /// A UDP socket on `addr` that other sockets may share (SO_REUSEPORT: the
 /// kernel spreads datagrams over them by the sender's address and port),
-/// with a receive buffer of [`RECEIVE_BUFFER`] bytes: forced with
-/// CAP_NET_ADMIN, else as much as net.core.rmem_max allows (see
-/// [`receive_buffer`]).
-pub(super) fn reuseport_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
+/// with a receive buffer of `rcvbuf` bytes: forced with CAP_NET_ADMIN, else
+/// as much as net.core.rmem_max allows (see [`receive_buffer`]).
+pub(super) fn reuseport_socket(addr: SocketAddr, rcvbuf: usize) -> io::Result<UdpSocket> {
     use std::os::fd::FromRawFd;
     let domain = if addr.is_ipv6() {
         libc::AF_INET6
@@ -37,7 +56,8 @@ pub(super) fn reuseport_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
     let sock = unsafe { UdpSocket::from_raw_fd(fd) };
     set_option(&sock, libc::SO_REUSEPORT, 1)?;
     set_option(&sock, libc::SO_REUSEADDR, 1)?;
-    let rcvbuf = RECEIVE_BUFFER as libc::c_int;
+    // At most RECEIVE_BUFFER_MAX (the flag's parser): fits an int.
+    let rcvbuf = rcvbuf.min(RECEIVE_BUFFER_MAX) as libc::c_int;
     if set_option(&sock, libc::SO_RCVBUFFORCE, rcvbuf).is_err() {
         set_option(&sock, libc::SO_RCVBUF, rcvbuf)?;
     }
@@ -323,7 +343,7 @@ mod tests {
     #[test]
     fn takes_queued_datagrams_in_order_with_their_senders() {
         for local in ["127.0.0.1:0", "[::1]:0"] {
-            let rx = match reuseport_socket(local.parse().unwrap()) {
+            let rx = match reuseport_socket(local.parse().unwrap(), RECEIVE_BUFFER) {
                 Ok(rx) => rx,
                 Err(_) if local.starts_with('[') => continue, // no IPv6 on this host
                 Err(e) => panic!("{local}: {e}"),
@@ -361,18 +381,36 @@ mod tests {
 
     #[test]
     fn receive_buffer_as_asked_or_as_rmem_max_allows() {
-        let s = reuseport_socket("127.0.0.1:0".parse().unwrap()).unwrap();
         let max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
             .unwrap()
             .trim()
             .parse()
             .unwrap();
-        // All of it with CAP_NET_ADMIN (SO_RCVBUFFORCE), else what
-        // rmem_max allows.
-        let got = receive_buffer(&s).unwrap();
-        assert!(
-            got == RECEIVE_BUFFER || got == RECEIVE_BUFFER.min(max),
-            "{got} bytes (rmem_max {max})"
+        for asked in [RECEIVE_BUFFER, RECEIVE_BUFFER_MIN, 3 << 20] {
+            let s = reuseport_socket("127.0.0.1:0".parse().unwrap(), asked).unwrap();
+            // All of it with CAP_NET_ADMIN (SO_RCVBUFFORCE), else what
+            // rmem_max allows.
+            let got = receive_buffer(&s).unwrap();
+            assert!(
+                got == asked || got == asked.min(max),
+                "asked {asked}: {got} bytes (rmem_max {max})"
+            );
+        }
+    }
+
+    #[test]
+    fn receive_buffer_flag_is_bytes_in_range() {
+        assert_eq!(parse_receive_buffer("33554432"), Ok(32 << 20));
+        assert_eq!(parse_receive_buffer("65536"), Ok(RECEIVE_BUFFER_MIN));
+        assert_eq!(parse_receive_buffer("1073741824"), Ok(RECEIVE_BUFFER_MAX));
+        assert_eq!(
+            parse_receive_buffer("65535").unwrap_err(),
+            "65535 bytes is outside 65536..=1073741824 (64 KiB to 1 GiB)"
+        );
+        assert!(parse_receive_buffer("1073741825").is_err());
+        assert_eq!(
+            parse_receive_buffer("32M").unwrap_err(),
+            "\"32M\" is not a number of bytes (e.g. 33554432 for 32 MiB)"
         );
     }
 
