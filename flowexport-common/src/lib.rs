@@ -274,8 +274,9 @@ pub const CONTROL_LEN: u32 = 16;
 /// change a previous agent's maps could not be read with.
 /// 1: the first pinned layout; 2: `CONTROL` grew to 16 words
 /// (`CONTROL_OVERFLOW_READ`); 3: `STATS` grew to 16 counters (filtered
-/// packets).
-pub const LAYOUT_VERSION: u32 = 3;
+/// packets); 4: `MISSES` and `REPLAYED` (packets that miss their cache slot
+/// are counted in the table by the agent).
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// An export in progress, kept in the `PENDING` map (userspace only) so that
 /// it survives the agent: the counts its first step took out of the table,
@@ -426,6 +427,20 @@ pub const MAP_FALLBACK: &str = "FALLBACK";
 pub const MAP_CACHE: &str = "CACHE";
 pub const MAP_CLOCK: &str = "CLOCK";
 pub const MAP_PENDING: &str = "PENDING";
+/// Packets that missed their cache slot, for the agent to count in the
+/// table (a ring buffer of `MISS_RING_BYTES`), and the ring position after
+/// the last record it counted.
+pub const MAP_MISSES: &str = "MISSES";
+pub const MAP_REPLAYED: &str = "REPLAYED";
+pub const MISS_RING_BYTES: u32 = 16 << 20;
+/// The program that counts `MISSES` records in the table, run by the agent
+/// with BPF_PROG_TEST_RUN (never attached); a batch is its frame: the ring
+/// position after it (8 bytes), then up to `REPLAY_BATCH` 80-byte
+/// `FallbackEvent`s, as many as a linear XDP test-run frame holds (3,520
+/// bytes: a 4 KiB page less the 256-byte XDP headroom and the 320-byte
+/// skb_shared_info).
+pub const PROG_REPLAY: &str = "flowexport_replay";
+pub const REPLAY_BATCH: usize = 43;
 /// Filter look-up tables (not pinned: each agent loads its own rules).
 pub const MAP_FILTER_V4: &str = "FILTER_V4";
 pub const MAP_FILTER_V6: &str = "FILTER_V6";
@@ -433,7 +448,7 @@ pub const MAP_FILTER_PORTS: &str = "FILTER_PORTS";
 /// Prefixes per filter trie: three CIDRs per rule.
 pub const FILTER_TRIE_ENTRIES: u32 = 3 * FILTER_MAX_RULES as u32;
 /// Every map of the object, as pinned under `--pin-dir`.
-pub const MAPS: [&str; 9] = [
+pub const MAPS: [&str; 11] = [
     MAP_TABLE,
     MAP_LOCKS,
     MAP_DIRTY,
@@ -443,6 +458,8 @@ pub const MAPS: [&str; 9] = [
     MAP_CACHE,
     MAP_CLOCK,
     MAP_PENDING,
+    MAP_MISSES,
+    MAP_REPLAYED,
 ];
 /// AF_XDP (`--capture afxdp`): the sockets by slot, each interface's first
 /// slot, and the frames no socket took (not pinned: the sockets live and
@@ -483,16 +500,9 @@ pub const PROG_BENCH_PARSE_CLOCK: &str = "flowexport_bench_parse_clock";
 /// BPF_PROG_TEST_RUN call, and its map (next flow, flow count).
 pub const PROG_BENCH_ROTATE: &str = "flowexport_bench_rotate";
 pub const MAP_BENCH_ROTATE: &str = "BENCH_ROTATE";
-/// The miss path through the fallback ring instead of the table, an
-/// experiment of `flowexport-bench xdp --ring` (the bench feature).
-pub const PROG_BENCH_RING: &str = "flowexport_bench_ring";
-/// Its other half: records handed back to the table from userspace, a
-/// batch of `BENCH_REPLAY_BATCH` per BPF_PROG_TEST_RUN call: as many
-/// 80-byte `FallbackEvent`s as a linear XDP test-run buffer holds (a 4 KiB
-/// page less the 256-byte XDP headroom and the 320-byte skb_shared_info:
-/// 3,520 bytes).
-pub const PROG_BENCH_REPLAY: &str = "flowexport_bench_replay";
-pub const BENCH_REPLAY_BATCH: usize = 44;
+/// The same with the table path instead of the `MISSES` ring, for
+/// `flowexport-bench xdp --ring`'s comparison (the bench feature).
+pub const PROG_BENCH_TABLE: &str = "flowexport_bench_table";
 /// Flows per source address in `cargo xtask bench xdp`: the i-th flow has
 /// source port 1024 + i % `BENCH_PORTS` and its source address's last byte
 /// raised by i / `BENCH_PORTS`.

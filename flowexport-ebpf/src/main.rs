@@ -50,14 +50,14 @@ use flowexport_common::parse::{
 use flowexport_common::{
     slot_state, slot_word, table_hash, CacheSlot, ClockWord, FallbackEvent, FilterMasks, FilterSet,
     FlowKey, FlowValue, PendingExport, TableSlot, CLOCK_ACTIVE_ALL, CONTROL_EPOCH, CONTROL_LEN,
-    DIR_EGRESS, DIR_INGRESS, FILTER_TRIE_ENTRIES, SLOT_BUSY, SLOT_EMPTY, SLOT_TOMB, SLOT_VALID,
-    SLOT_WORD_INDEX, STAT_FALLBACK_CONTENDED, STAT_FALLBACK_PACKETS, STAT_FILTERED_EGRESS,
-    STAT_FILTERED_INGRESS, STAT_LEN, STAT_MALFORMED_EGRESS, STAT_MALFORMED_INGRESS,
-    STAT_NON_IP_EGRESS, STAT_NON_IP_INGRESS, STAT_OVERFLOW_BYTES_EGRESS,
-    STAT_OVERFLOW_BYTES_INGRESS, STAT_OVERFLOW_PACKETS_EGRESS, STAT_OVERFLOW_PACKETS_INGRESS,
-    STAT_TABLE_BYTES_EGRESS, STAT_TABLE_BYTES_INGRESS, STAT_TABLE_PACKETS_EGRESS,
-    STAT_TABLE_PACKETS_INGRESS, TABLE_LOCKS, TABLE_LOCK_SPINS, TABLE_MAX_PROBES,
-    TABLE_REGION_SHIFT, XSK_MAX_IFACES, XSK_MAX_QUEUES, XSK_MAX_SOCKETS,
+    DIR_EGRESS, DIR_INGRESS, FILTER_TRIE_ENTRIES, MISS_RING_BYTES, REPLAY_BATCH, SLOT_BUSY,
+    SLOT_EMPTY, SLOT_TOMB, SLOT_VALID, SLOT_WORD_INDEX, STAT_FALLBACK_CONTENDED,
+    STAT_FALLBACK_PACKETS, STAT_FILTERED_EGRESS, STAT_FILTERED_INGRESS, STAT_LEN,
+    STAT_MALFORMED_EGRESS, STAT_MALFORMED_INGRESS, STAT_NON_IP_EGRESS, STAT_NON_IP_INGRESS,
+    STAT_OVERFLOW_BYTES_EGRESS, STAT_OVERFLOW_BYTES_INGRESS, STAT_OVERFLOW_PACKETS_EGRESS,
+    STAT_OVERFLOW_PACKETS_INGRESS, STAT_TABLE_BYTES_EGRESS, STAT_TABLE_BYTES_INGRESS,
+    STAT_TABLE_PACKETS_EGRESS, STAT_TABLE_PACKETS_INGRESS, TABLE_LOCKS, TABLE_LOCK_SPINS,
+    TABLE_MAX_PROBES, TABLE_REGION_SHIFT, XSK_MAX_IFACES, XSK_MAX_QUEUES, XSK_MAX_SOCKETS,
 };
 
 /// The flow table: one 96-byte `TableSlot` per slot, shared by all CPUs.
@@ -156,6 +156,25 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_LEN, 0);
 /// per-direction overflow counters of `STATS`, so totals stay exact.
 #[map]
 static FALLBACK: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// Packets whose per-CPU cache slot another flow owns (see `account`): one
+/// record per packet with its full key, for the agent's drain thread to
+/// count in the table from its own CPU (`flowexport_replay`). A ring record
+/// costs the receiving CPU ~50 ns; the table slot's random access, ~300 ns
+/// at 1M flows on a VM (`cargo xtask bench xdp -- --ring`), is then paid
+/// on another CPU. While the ring is full (no agent running, or one that
+/// falls behind) the programs count such packets in the table themselves.
+/// 16 MiB: ~190k records of 88 bytes, ~0.2 s of misses at 1M packets/s
+/// (the agent replays every 10 ms), whatever the CPU count.
+#[map]
+static MISSES: RingBuf = RingBuf::with_byte_size(MISS_RING_BYTES, 0);
+
+/// `MISSES`' position after the last record `flowexport_replay` counted:
+/// an agent killed between a replay and moving the ring's consumer position
+/// on leaves it here, and the next agent starts from it (no record counted
+/// twice, none lost).
+#[map]
+static REPLAYED: Array<u64> = Array::with_max_entries(1, 0);
 
 /// 1-in-N sampling (`--sampling`), set by the loader; 0 or 1: every packet.
 /// Read-only: with 1, the verifier sees a constant and drops the branch.
@@ -697,10 +716,12 @@ const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
 
 /// Counts one packet (or one GSO super-packet of `packets` segments) in its
-/// flow: in the cache when the flow owns (or can take) its slot, else in
-/// the table, else through the fallback ring.
+/// flow: in the cache when the flow owns (or can take) its slot, else (with
+/// `RING`, as the agent's programs run it) as a `MISSES` record for the
+/// agent to count, else in the table, else through the fallback ring.
+/// Without `RING` (a benchmark's comparison) a miss goes to the table.
 #[inline(always)]
-fn account(key: &FlowKey, packets: u64, bytes: u64, tcp_flags: u8) {
+fn account<const RING: bool>(key: &FlowKey, packets: u64, bytes: u64, tcp_flags: u8) {
     let (now_ns, now_ms) = now();
     let epoch = match CONTROL.get(CONTROL_EPOCH) {
         Some(e) => *e,
@@ -754,7 +775,12 @@ fn account(key: &FlowKey, packets: u64, bytes: u64, tcp_flags: u8) {
                     }
                     return;
                 }
-                // Another flow owns the slot this epoch: count in the table.
+                // Another flow owns the slot this epoch: the agent counts
+                // the packet in the table (see MISSES), or, while the ring
+                // is full, this program does.
+                if RING && to_miss_ring(key, packets, bytes, now_ns, tcp_flags) {
+                    return;
+                }
             }
         }
     }
@@ -767,6 +793,59 @@ fn account(key: &FlowKey, packets: u64, bytes: u64, tcp_flags: u8) {
     }
 }
 
+/// `BPF_RB_NO_WAKEUP`: the agent polls `MISSES` on its own schedule, so a
+/// record needs no wake-up (which would cost an irq_work).
+const RB_NO_WAKEUP: u64 = 1;
+
+/// A `FallbackEvent` record of the packet in `ring`: false when the ring is
+/// full.
+#[inline(always)]
+fn ring_record(
+    ring: &RingBuf,
+    key: &FlowKey,
+    packets: u64,
+    bytes: u64,
+    now_ns: u64,
+    tcp_flags: u8,
+    flags: u64,
+) -> bool {
+    let Some(mut slot) = ring.reserve::<FallbackEvent>(0) else {
+        return false;
+    };
+    // One packet (or GSO super-packet) per record: first = last seen.
+    let ev = slot.as_mut_ptr() as *mut u64;
+    let kw = key.words64();
+    // SAFETY: the reserved record is a FallbackEvent (80 bytes, 8-aligned
+    // in the ring): the key's six words, then packets, bytes, the time and
+    // the flags word (flags byte and zero padding).
+    unsafe {
+        for (i, w) in kw.iter().enumerate() {
+            core::ptr::write_volatile(ev.add(i), *w);
+        }
+        core::ptr::write_volatile(ev.add(6), packets);
+        core::ptr::write_volatile(ev.add(7), bytes);
+        core::ptr::write_volatile(ev.add(8), now_ns);
+        core::ptr::write_volatile(ev.add(9), tcp_flags as u64);
+    }
+    slot.submit(flags);
+    true
+}
+
+/// A packet that missed its cache slot, to `MISSES` (false: the ring is
+/// full; count it in the table).
+#[inline(always)]
+fn to_miss_ring(key: &FlowKey, packets: u64, bytes: u64, now_ns: u64, tcp_flags: u8) -> bool {
+    ring_record(
+        &MISSES,
+        key,
+        packets,
+        bytes,
+        now_ns,
+        tcp_flags,
+        RB_NO_WAKEUP,
+    )
+}
+
 /// A packet without a table slot: to the fallback ring with its key; when
 /// that is full too, to the overflow counters.
 #[inline(always)]
@@ -775,23 +854,7 @@ fn fallback(key: &FlowKey, packets: u64, bytes: u64, now_ns: u64, tcp_flags: u8,
     if let Miss::Contended = miss {
         stat_add(STAT_FALLBACK_CONTENDED, packets);
     }
-    if let Some(mut slot) = FALLBACK.reserve::<FallbackEvent>(0) {
-        // One packet (or GSO super-packet) per event: first = last seen.
-        let ev = slot.as_mut_ptr() as *mut u64;
-        let kw = key.words64();
-        // SAFETY: the reserved record is a FallbackEvent (80 bytes, 8-aligned
-        // in the ring): the key's six words, then packets, bytes, the time
-        // and the flags word (flags byte and zero padding).
-        unsafe {
-            for (i, w) in kw.iter().enumerate() {
-                core::ptr::write_volatile(ev.add(i), *w);
-            }
-            core::ptr::write_volatile(ev.add(6), packets);
-            core::ptr::write_volatile(ev.add(7), bytes);
-            core::ptr::write_volatile(ev.add(8), now_ns);
-            core::ptr::write_volatile(ev.add(9), tcp_flags as u64);
-        }
-        slot.submit(0);
+    if ring_record(&FALLBACK, key, packets, bytes, now_ns, tcp_flags, 0) {
         return;
     }
     stat_add_pair(STAT_OVERFLOW_PACKETS_INGRESS, key.direction, packets, bytes);
@@ -960,7 +1023,7 @@ fn ingress<const FRAGS: bool>(ctx: &XdpContext) -> u32 {
     match parse(&packet, &mut key, &mut ip_len, &mut flags, false) {
         Parsed::Flow { .. } => {
             if admit(&key, 1) {
-                account(&key, 1, ip_len, flags);
+                account::<true>(&key, 1, ip_len, flags);
             }
         }
         Parsed::NonIp => stat_add(STAT_NON_IP_INGRESS, 1),
@@ -1051,9 +1114,9 @@ fn tc_count_from(ctx: &TcContext, packet: &impl Packet, dir: u8) {
                 // IP and L4 headers.
                 let hdrs = (l4_hdr_end - l3_off) as u64;
                 let total = (skb_len as u64).saturating_sub(l3_off as u64);
-                account(&key, segs, total + (segs - 1) * hdrs, flags);
+                account::<true>(&key, segs, total + (segs - 1) * hdrs, flags);
             } else {
-                account(&key, 1, ip_len, flags);
+                account::<true>(&key, 1, ip_len, flags);
             }
         }
         Parsed::NonIp if dir == DIR_EGRESS => stat_add(STAT_NON_IP_EGRESS, 1),
@@ -1082,6 +1145,56 @@ pub(crate) fn flowexport_ingress_tc(ctx: TcContext) -> i32 {
     } else {
         TC_ACT_UNSPEC
     }
+}
+
+/// Counts `MISSES` records in the table: the agent's drain thread runs it
+/// with BPF_PROG_TEST_RUN on its own CPU (never attached), a batch of
+/// records as the frame: the ring position after the batch (8 bytes), then
+/// up to `REPLAY_BATCH` `FallbackEvent`s. Each is counted as the ingress
+/// path counts a packet in the table (`table_slot`, `table_add` at the
+/// record's time, in the generation of the current epoch: a program run
+/// like any other, so a drain's grace period covers it), or through the
+/// fallback ring when the table has no room. Last, the position goes to
+/// `REPLAYED`: a run completes even if the agent is killed during the
+/// call, so the counts and the position change together.
+#[xdp]
+pub(crate) fn flowexport_replay(ctx: XdpContext) -> u32 {
+    let packet = XdpPacket::<false>(&ctx);
+    let Some(end) = packet.load::<8>(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let gen = match CONTROL.get(CONTROL_EPOCH) {
+        Some(e) => *e & 1,
+        None => 0,
+    };
+    // Bounded for the verifier by the batch size.
+    for i in 0..REPLAY_BATCH {
+        let Some(h) = packet.load::<80>(8 + i * 80) else {
+            break;
+        };
+        // SAFETY: Hdr<80> and FallbackEvent are both 80 bytes of plain
+        // integers, 8-aligned, and any bit pattern is a valid event.
+        let ev: FallbackEvent = unsafe { core::mem::transmute::<Hdr<80>, FallbackEvent>(h) };
+        let ms = (ev.ts_ns / 1_000_000) as u32;
+        match table_slot(&ev.key, table_hash(&ev.key)) {
+            Ok(t) => {
+                table_add(t, gen, ev.packets, ev.bytes, ms, ev.tcp_flags);
+                stat_add_pair(
+                    STAT_TABLE_PACKETS_INGRESS,
+                    ev.key.direction,
+                    ev.packets,
+                    ev.bytes,
+                );
+            }
+            Err(miss) => fallback(&ev.key, ev.packets, ev.bytes, ev.ts_ns, ev.tcp_flags, miss),
+        }
+    }
+    if let Some(r) = REPLAYED.get_ptr_mut(0) {
+        // SAFETY: the one value of an array map; only this program writes
+        // it, and the agent runs it from one thread.
+        unsafe { core::ptr::write_volatile(r, u64::from_ne_bytes(end.0)) };
+    }
+    xdp_action::XDP_PASS
 }
 
 /// Baseline for `cargo xtask bench xdp`: the cheapest possible XDP program.
@@ -1185,7 +1298,7 @@ pub(crate) fn flowexport_bench_rotate(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_ABORTED;
     };
     if admit(&key, 1) {
-        account(&key, 1, ip_len, 0);
+        account::<true>(&key, 1, ip_len, 0);
     }
     xdp_action::XDP_PASS
 }
@@ -1218,85 +1331,18 @@ fn bench_rotate_key(ctx: &XdpContext) -> Option<(FlowKey, u64)> {
     Some((key, ip_len))
 }
 
-/// An experiment, not a path the agent takes (`flowexport-bench xdp
-/// --ring`): the miss path if misses went to userspace through a ring
-/// instead of into the shared table. The same rotating keys as
-/// `flowexport_bench_rotate`; each packet reads the clock, the epoch and
-/// its per-CPU cache slot as `account` does, and, the slot not being its
-/// own, goes through the real `fallback` (ring record of the key and
-/// counts) instead of `table_slot`. What userspace would then pay to
-/// aggregate the events is not in the figure.
+/// `flowexport_bench_rotate` with the table path instead of the `MISSES`
+/// ring (`account::<false>`): a packet that misses its cache slot is
+/// counted in the table on this CPU, as before the ring. For `cargo xtask
+/// bench xdp -- --ring`, which compares the two.
 #[cfg(feature = "bench")]
 #[xdp]
-pub(crate) fn flowexport_bench_ring(ctx: XdpContext) -> u32 {
+pub(crate) fn flowexport_bench_table(ctx: XdpContext) -> u32 {
     let Some((key, ip_len)) = bench_rotate_key(&ctx) else {
         return xdp_action::XDP_ABORTED;
     };
-    let (now_ns, _) = now();
-    let epoch = match CONTROL.get(CONTROL_EPOCH) {
-        Some(e) => *e,
-        None => 0,
-    };
-    let h = table_hash(&key);
-    // SAFETY: a plain read of a read-only global (see CACHE_SLOTS).
-    let slots = unsafe { core::ptr::read_volatile(&CACHE_SLOTS) };
-    if slots != 0 {
-        let idx = (epoch & 1) * slots + ((h >> 32) as u32 & (slots - 1));
-        if let Some(s) = CACHE.get_ptr_mut(idx) {
-            // SAFETY: this CPU's slot; programs do not nest on one CPU.
-            unsafe {
-                if (*s).epoch == epoch && (*s).value.packets != 0 && same_key(&(*s).key, &key) {
-                    (*s).value.packets += 1;
-                    (*s).value.bytes += ip_len;
-                    (*s).value.last_seen_ns = now_ns;
-                    return xdp_action::XDP_PASS;
-                }
-            }
-        }
-    }
-    fallback(&key, 1, ip_len, now_ns, 0, Miss::Full);
-    xdp_action::XDP_PASS
-}
-
-/// The other half of the ring experiment (`flowexport-bench xdp --ring`):
-/// userspace hands records that went through a ring back to the kernel's
-/// table, a batch per BPF_PROG_TEST_RUN call, so that their counts live in
-/// the table as the agent's do (pinned, drained exactly) while the random
-/// access to the flow's slot is paid on the caller's CPU instead of the
-/// receiving one. The frame is up to `BENCH_REPLAY_BATCH` `FallbackEvent`s back
-/// to back; each is counted with the ingress program's own `table_slot`
-/// and `table_add` in the generation of the current epoch (a program run
-/// like any other: the drain's grace period covers it), or through the
-/// fallback ring when the table has no room.
-#[cfg(feature = "bench")]
-#[xdp]
-pub(crate) fn flowexport_bench_replay(ctx: XdpContext) -> u32 {
-    let packet = XdpPacket::<false>(&ctx);
-    let gen = match CONTROL.get(CONTROL_EPOCH) {
-        Some(e) => *e & 1,
-        None => 0,
-    };
-    // Bounded for the verifier by the batch size.
-    for i in 0..flowexport_common::BENCH_REPLAY_BATCH {
-        let Some(h) = packet.load::<80>(i * 80) else {
-            break;
-        };
-        // SAFETY: Hdr<80> and FallbackEvent are both 80 bytes of plain
-        // integers, 8-aligned, and any bit pattern is a valid event.
-        let ev: FallbackEvent = unsafe { core::mem::transmute::<Hdr<80>, FallbackEvent>(h) };
-        let ms = (ev.ts_ns / 1_000_000) as u32;
-        match table_slot(&ev.key, table_hash(&ev.key)) {
-            Ok(t) => {
-                table_add(t, gen, ev.packets, ev.bytes, ms, ev.tcp_flags);
-                stat_add_pair(
-                    STAT_TABLE_PACKETS_INGRESS,
-                    ev.key.direction,
-                    ev.packets,
-                    ev.bytes,
-                );
-            }
-            Err(miss) => fallback(&ev.key, ev.packets, ev.bytes, ev.ts_ns, ev.tcp_flags, miss),
-        }
+    if admit(&key, 1) {
+        account::<false>(&key, 1, ip_len, 0);
     }
     xdp_action::XDP_PASS
 }

@@ -32,6 +32,7 @@ pub(crate) struct AgentMetrics {
     pub flows_retired: IntCounter,
     pub fallback_packets: IntCounter,
     pub fallback_contended: IntCounter,
+    pub replayed_records: IntCounter,
     pub overflow_packets: IntCounter,
     pub non_ip_packets: IntCounterVec,
     pub malformed_packets: IntCounterVec,
@@ -155,7 +156,8 @@ impl AgentMetrics {
                 "flowexport_kernel_memory_bytes",
                 "Kernel memory of the agent's eBPF maps, by map (table: the shared flow table, \
                  grows with --max-flows; cache: the per-CPU flow cache, grows with --cache-slots \
-                 and the CPU count; ring: --fallback-ring-bytes; other: locks, stats, control).",
+                 and the CPU count; ring: --fallback-ring-bytes; misses: the ring of packets \
+                 that missed their cache slot, 16 MiB; other: locks, stats, control).",
                 &["map"],
             ),
             flows_active: gauge(
@@ -174,6 +176,13 @@ impl AgentMetrics {
                 &r,
                 "flowexport_table_insert_contended_packets_total",
                 "Of the fallback packets, those whose flow's insert lock stayed busy.",
+            ),
+            replayed_records: counter(
+                &r,
+                "flowexport_replayed_records_total",
+                "Packets that missed their per-CPU cache slot (another flow held it), counted in \
+                 the kernel flow table by the agent's drain thread instead of by the receiving \
+                 CPU (the MISSES ring).",
             ),
             overflow_packets: counter(
                 &r,

@@ -18,26 +18,28 @@
 //! * **new**: the first packet of each of the N flows (one call per frame,
 //!   repeat 1): the insert path.
 //! * **rotating**: one more packet of each of the N flows, in order, one call
-//!   per frame: every lookup lands on a different bucket, so the table's
-//!   cache misses show. Single runs include the kernel's timer reads, so
-//!   compare them only with the empty program measured the same way.
-//! * **in one call** (new and rotating again, on a fresh table): one call
+//!   per frame: every packet misses the per-CPU cache (another flow holds
+//!   its slot) and becomes a `MISSES` record, which the benchmark counts in
+//!   the table every 100,000 packets as the agent's drain thread does
+//!   (untimed: another CPU's work). Single runs include the kernel's timer
+//!   reads, so compare them only with the empty program measured the same
+//!   way.
+//! * **in one call** (new and rotating again, on a fresh table): calls
 //!   with repeat N through `flowexport_bench_rotate`, which counts flow
 //!   i mod N on run i with the ingress program's own flow update: the
 //!   packets of N distinct flows back to back, as a NAPI batch brings them,
 //!   with no syscall between them (a call per packet also pays for the
-//!   caches and TLB entries the syscall evicts). The rotating call goes
-//!   round the N flows until it has sent `--repeat` packets (best of
-//!   `--rounds`). Compared with the empty program's hot figure. Every
-//!   flow's count is checked afterwards.
-//! * **--ring** (an experiment): the rotating call again through
-//!   `flowexport_bench_ring`, which sends each packet that misses its cache
-//!   slot to the fallback ring instead of the table; then what userspace
-//!   would pay per record: the agent's drain of those records into its own
-//!   memory, and handing them back to the table through
-//!   `flowexport_bench_replay` (a batch per BPF_PROG_TEST_RUN call). What
-//!   the miss path would cost the receiving CPU, and another one, if
-//!   misses left the receiving CPU through a ring.
+//!   caches and TLB entries the syscall evicts); at most 100,000 runs per
+//!   call, the ring counted between calls. The rotating calls go round the
+//!   N flows until they have sent `--repeat` packets (best of `--rounds`).
+//!   Compared with the empty program's hot figure. Every flow's count is
+//!   checked afterwards.
+//! * **--ring**: the same in one call with the table path instead
+//!   (`flowexport_bench_table`: a missed packet counted in the table on the
+//!   receiving CPU, as before the `MISSES` ring), and what the drain thread
+//!   pays per record to count the ring's records in the table through
+//!   `flowexport_replay` (a batch per BPF_PROG_TEST_RUN call, syscalls
+//!   included): both sides of the ring.
 //! * **memory floor**: this host's cost of one random access over the
 //!   largest table measured (a pointer chase, 4 KiB and 2 MiB pages), the
 //!   floor under any miss that reads a slot of that table.
@@ -65,10 +67,10 @@ use flowexport::capture::filter::{compile, KernelFilter, Rule};
 use flowexport::capture::loader::{Capture, LoadOptions, Programs};
 use flowexport::capture::table::slots_for;
 use flowexport_common::{
-    FallbackEvent, FlowKey, TableSlot, BENCH_PORTS, BENCH_REPLAY_BATCH, DEFAULT_CACHE_SLOTS,
-    DIR_EGRESS, DIR_INGRESS, MAP_BENCH_ROTATE, PROG_BENCH_PARSE, PROG_BENCH_PARSE_CLOCK,
-    PROG_BENCH_PASS, PROG_BENCH_REPLAY, PROG_BENCH_RING, PROG_BENCH_ROTATE, PROG_BENCH_TC_HELPER,
-    PROG_BENCH_TC_PASS, PROG_EGRESS, PROG_INGRESS,
+    FallbackEvent, FlowKey, TableSlot, BENCH_PORTS, DEFAULT_CACHE_SLOTS, DIR_EGRESS, DIR_INGRESS,
+    MAP_BENCH_ROTATE, PROG_BENCH_PARSE, PROG_BENCH_PARSE_CLOCK, PROG_BENCH_PASS, PROG_BENCH_ROTATE,
+    PROG_BENCH_TABLE, PROG_BENCH_TC_HELPER, PROG_BENCH_TC_PASS, PROG_EGRESS, PROG_INGRESS,
+    PROG_REPLAY, REPLAY_BATCH,
 };
 
 #[derive(Parser)]
@@ -96,9 +98,9 @@ struct Args {
         "/../target/ebpf-bench/bpfel-unknown-none/release/flowexport"
     ))]
     bpf_object: std::path::PathBuf,
-    /// Also measure the rotating miss path through the fallback ring
-    /// instead of the table (`flowexport_bench_ring`, an experiment: the
-    /// agent never takes this path for a flow the table has room for).
+    /// Also measure the miss path with the table path instead of the
+    /// MISSES ring (`flowexport_bench_table`, as before the ring), and what
+    /// counting the ring's records costs the agent's drain thread.
     #[arg(long)]
     ring: bool,
 }
@@ -210,12 +212,35 @@ where
 }
 
 /// Mean ns per frame over one call per frame.
-fn run_each(prog: &Xdp, frames: &[Vec<u8>]) -> Result<f64> {
+fn run_each(prog: &Xdp, frames: &[Vec<u8>], tables: &mut KernelTables) -> Result<f64> {
     let mut total = 0.0;
-    for f in frames {
+    for (i, f) in frames.iter().enumerate() {
         total += run(prog, f, 1)?;
+        if (i + 1) % REPLAY_EVERY as usize == 0 {
+            tables.replay_misses()?;
+        }
     }
+    tables.replay_misses()?;
     Ok(total / frames.len() as f64)
+}
+
+/// Packets between two (untimed) counts of the `MISSES` ring, as the agent
+/// counts it every 10 ms: fewer than the ring holds (~190k records), so the
+/// programs take the agent's path throughout, not the full ring's.
+const REPLAY_EVERY: u32 = 100_000;
+
+/// `repeat` runs of `prog` on `frame` in calls of at most `REPLAY_EVERY`,
+/// the `MISSES` ring counted between them (untimed): mean ns per run.
+fn run_chunked(prog: &Xdp, frame: &[u8], repeat: u32, tables: &mut KernelTables) -> Result<f64> {
+    let mut left = repeat;
+    let mut total = 0.0;
+    while left > 0 {
+        let n = left.min(REPLAY_EVERY);
+        total += run(prog, frame, n)? * f64::from(n);
+        tables.replay_misses()?;
+        left -= n;
+    }
+    Ok(total / f64::from(repeat))
 }
 
 struct Row {
@@ -229,9 +254,9 @@ struct Row {
     rotating: Option<(f64, f64)>,
     /// (new, rotating) ns per packet in one call of repeat N.
     one_call: Option<(f64, f64)>,
-    /// `--ring`: rotating ns per packet through the ring, in one call, and
-    /// the drain's ns per ring event.
-    ring: Option<(f64, f64)>,
+    /// `--ring`: (new, rotating) ns per packet in one call with the table
+    /// path instead of the ring.
+    table: Option<(f64, f64)>,
     /// `--ring`: (new, rotating) ns per record replayed into the table.
     replay: Option<(f64, f64)>,
 }
@@ -244,21 +269,10 @@ fn load(
     sampling: u32,
     filter: KernelFilter,
 ) -> Result<(Programs, KernelTables)> {
-    load_with_ring(args, max_flows, sampling, filter, 1 << 16)
-}
-
-/// `load` with a fallback ring of `ring_bytes`.
-fn load_with_ring(
-    args: &Args,
-    max_flows: u32,
-    sampling: u32,
-    filter: KernelFilter,
-    ring_bytes: u32,
-) -> Result<(Programs, KernelTables)> {
     let mut cap = Programs::load(&LoadOptions {
         pins: None,
         max_flows,
-        fallback_ring_bytes: ring_bytes,
+        fallback_ring_bytes: 1 << 16,
         cache_slots: args.cache_slots,
         object: Some(args.bpf_object.clone()),
         capture: Capture::Xdp,
@@ -271,8 +285,7 @@ fn load_with_ring(
         PROG_BENCH_PARSE,
         PROG_BENCH_PARSE_CLOCK,
         PROG_BENCH_ROTATE,
-        PROG_BENCH_RING,
-        PROG_BENCH_REPLAY,
+        PROG_BENCH_TABLE,
         PROG_BENCH_TC_PASS,
         PROG_BENCH_TC_HELPER,
     ] {
@@ -291,7 +304,7 @@ fn load_with_ring(
         max_flows,
         slots_for(max_flows),
         args.cache_slots,
-        ring_bytes,
+        1 << 16,
         Duration::from_millis(1),
         Start::Fresh,
     )?;
@@ -461,12 +474,12 @@ fn measure(args: &Args, family: Family, n: u32) -> Result<Row> {
     eprintln!("{}: {n} flows: filling the table", fam_name(family));
     let frames: Vec<Vec<u8>> = (0..n).map(|i| frame(family, i)).collect();
     ticking(&tables)?;
-    let new = run_each(ingress, &frames)?;
-    let new_empty = run_each(pass, &frames)?;
+    let new = run_each(ingress, &frames, &mut tables)?;
+    let new_empty = run_each(pass, &frames, &mut tables)?;
     let rotating = if n > 1 {
         ticking(&tables)?;
-        let r = run_each(ingress, &frames)?;
-        let e = run_each(pass, &frames)?;
+        let r = run_each(ingress, &frames, &mut tables)?;
+        let e = run_each(pass, &frames, &mut tables)?;
         Some((r, e))
     } else {
         None
@@ -525,35 +538,42 @@ fn measure(args: &Args, family: Family, n: u32) -> Result<Row> {
         new: (n > 1).then_some((new, new_empty)),
         rotating,
         one_call: None,
-        ring: None,
+        table: None,
         replay: None,
     })
 }
 
 /// New and rotating flows in one call each (see the module docs), on a
-/// fresh table of the same size: (new, rotating) ns per packet.
-fn one_call(args: &Args, family: Family, n: u32) -> Result<(f64, f64)> {
+/// fresh table of the same size, through `prog` (`flowexport_bench_rotate`:
+/// the agent's path; `flowexport_bench_table`: the table path): (new,
+/// rotating) ns per packet.
+fn one_call(args: &Args, family: Family, n: u32, prog: &str) -> Result<(f64, f64)> {
     if n > 256 * BENCH_PORTS {
         bail!("at most {} flows", 256 * BENCH_PORTS);
     }
     let (mut cap, mut tables) = load(args, n.max(1024), 1, KernelFilter::default())?;
     start_rotation(&mut cap, n)?;
-    let rotate: &Xdp = cap.ebpf.program(PROG_BENCH_ROTATE).unwrap().try_into()?;
+    let rotate: &Xdp = cap.ebpf.program(prog).unwrap().try_into()?;
     let frame = frame(family, 0);
     ticking(&tables)?;
-    let new = run(rotate, &frame, n)?;
+    let new = run_chunked(rotate, &frame, n, &mut tables)?;
     // Rotating: every flow `laps` times, at least `--repeat` packets in
     // all, so the call's fixed cost (tens of microseconds) is spread thin.
     let laps = args.repeat.div_ceil(n);
     let mut rotating = f64::MAX;
     for _ in 0..args.rounds {
         ticking(&tables)?;
-        rotating = rotating.min(run(rotate, &frame, n.saturating_mul(laps))?);
+        rotating = rotating.min(run_chunked(
+            rotate,
+            &frame,
+            n.saturating_mul(laps),
+            &mut tables,
+        )?);
     }
     // Every flow counted once per call: the program rotated through
     // exactly the benchmark's flows.
     let want = 1 + u64::from(args.rounds) * u64::from(laps);
-    check_table(&mut tables, family, n, want, "in one call")?;
+    check_table(&mut tables, family, n, want, prog)?;
     Ok((new, rotating))
 }
 
@@ -598,76 +618,16 @@ fn check_each(
     Ok(())
 }
 
-/// `--ring`: the rotating miss path of `one_call`, but through
-/// `flowexport_bench_ring` (the fallback ring instead of the table): best
-/// of `--rounds` calls of at least `--repeat` packets, ns per packet. The
-/// ring holds one call's events; the agent's drain empties it after each
-/// call (best of the rounds, ns per event: reading the ring, aggregating
-/// by key, exporting every flow), and every flow's count is checked at
-/// the end. Returns (ns per packet, drain ns per event).
-fn ring_call(args: &Args, family: Family, n: u32) -> Result<(f64, f64)> {
-    if n > 256 * BENCH_PORTS {
-        bail!("at most {} flows", 256 * BENCH_PORTS);
-    }
-    let laps = args.repeat.div_ceil(n);
-    let per_call = n
-        .checked_mul(laps)
-        .context("--repeat times the flows is too large")?;
-    // An event is 80 bytes and the ring's 8-byte header.
-    let ring_bytes = u32::try_from((u64::from(per_call) * 88).next_power_of_two())
-        .context("one call's events do not fit a ring: lower --repeat")?;
-    let (mut cap, mut tables) = load_with_ring(
-        args,
-        1024,
-        1,
-        KernelFilter::default(),
-        ring_bytes.max(1 << 16),
-    )?;
-    start_rotation(&mut cap, n)?;
-    let ring: &Xdp = cap.ebpf.program(PROG_BENCH_RING).unwrap().try_into()?;
-    let frame = frame(family, 0);
-    let mut best = f64::MAX;
-    let mut drain = f64::MAX;
-    let mut got: HashMap<FlowKey, u64> = HashMap::new();
-    for _ in 0..args.rounds {
-        ticking(&tables)?;
-        best = best.min(run(ring, &frame, per_call)?);
-        // The drain's records land in a vector sized beforehand, so that
-        // the time is the drain's, not this benchmark's own map.
-        let mut flows: Vec<(FlowKey, u64)> = Vec::with_capacity(n as usize + 1);
-        let t = Instant::now();
-        tables.drain(
-            &mut FlowAggregator::default(),
-            FOREVER,
-            true,
-            &mut |k, c| {
-                flows.push((*k, c.packets));
-            },
-        )?;
-        drain = drain.min(t.elapsed().as_nanos() as f64 / f64::from(per_call));
-        for (k, c) in flows {
-            *got.entry(k).or_default() += c;
-        }
-    }
-    let want = u64::from(args.rounds) * u64::from(laps);
-    check_each(&got, family, n, want, "through the ring")?;
-    Ok((best, drain))
-}
-
 /// `--ring`, the userspace half: the benchmark's N flows as ring records
 /// handed back to a fresh table of the same size through
-/// `flowexport_bench_replay`, `BENCH_REPLAY_BATCH` records per
+/// the agent's `flowexport_replay`, `REPLAY_BATCH` records per
 /// BPF_PROG_TEST_RUN call: every flow once (the inserts), then laps over
 /// the N flows of at least `--repeat` records (updates, best of
 /// `--rounds`). Wall-clock ns per record on the calling CPU, the syscalls
 /// included: (new, rotating). Every flow's count is checked afterwards.
 fn replay_call(args: &Args, family: Family, n: u32) -> Result<(f64, f64)> {
     let (cap, mut tables) = load(args, n.max(1024), 1, KernelFilter::default())?;
-    let replay: &Xdp = cap
-        .ebpf
-        .program(PROG_BENCH_REPLAY)
-        .with_context(|| format!("the eBPF object lacks {PROG_BENCH_REPLAY}; rebuild it"))?
-        .try_into()?;
+    let replay: &Xdp = cap.ebpf.program(PROG_REPLAY).unwrap().try_into()?;
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -684,14 +644,18 @@ fn replay_call(args: &Args, family: Family, n: u32) -> Result<(f64, f64)> {
             ..FallbackEvent::default()
         })
         .collect();
-    let pass = || -> Result<()> {
-        for batch in records.chunks(BENCH_REPLAY_BATCH) {
+    let mut frame = Vec::with_capacity(8 + REPLAY_BATCH * size_of::<FallbackEvent>());
+    let mut pass = || -> Result<()> {
+        for batch in records.chunks(REPLAY_BATCH) {
+            // The ring position the program stores in REPLAYED: none here.
+            frame.clear();
+            frame.extend_from_slice(&0u64.to_ne_bytes());
             // SAFETY: FallbackEvent is #[repr(C)] integers with explicit
             // padding fields (no implicit padding): its bytes are defined.
-            let bytes = unsafe {
+            frame.extend_from_slice(unsafe {
                 std::slice::from_raw_parts(batch.as_ptr().cast::<u8>(), size_of_val(batch))
-            };
-            run(replay, bytes, 1)?;
+            });
+            run(replay, &frame, 1)?;
         }
         Ok(())
     };
@@ -836,10 +800,10 @@ fn main() -> Result<()> {
             let mut row = measure(&args, family, n)?;
             if n > 1 {
                 eprintln!("{}: {n} flows: in one call", fam_name(family));
-                row.one_call = Some(one_call(&args, family, n)?);
+                row.one_call = Some(one_call(&args, family, n, PROG_BENCH_ROTATE)?);
                 if args.ring {
-                    eprintln!("{}: {n} flows: through the ring", fam_name(family));
-                    row.ring = Some(ring_call(&args, family, n)?);
+                    eprintln!("{}: {n} flows: the table path", fam_name(family));
+                    row.table = Some(one_call(&args, family, n, PROG_BENCH_TABLE)?);
                     eprintln!("{}: {n} flows: replayed into the table", fam_name(family));
                     row.replay = Some(replay_call(&args, family, n)?);
                 }
@@ -906,31 +870,31 @@ fn main() -> Result<()> {
     if args.ring {
         println!();
         println!(
-            "Experiment (--ring): the rotating miss path in one call as above, through the \
-             table (the agent's path) and through the fallback ring instead (clock, epoch, \
-             hash and cache slot as the agent reads them, then a ring record); added = minus the \
-             empty program (hot). Userspace's share, ns per record on its own CPU: aggregated in \
-             its memory (the agent's drain of one call's records: read the ring, aggregate by \
-             key, export every flow; best of the rounds), or replayed into the table \
-             ({BENCH_REPLAY_BATCH} records per BPF_PROG_TEST_RUN call, syscalls included; new \
-             flows, then rotating)"
+            "--ring: the miss path in one call as above (the agent's: a packet that misses its \
+             cache slot becomes a MISSES record), beside the table path (the packet counted in \
+             the table on the receiving CPU, as before the ring), on the receiving CPU; added = \
+             minus the empty program (hot). Then what the agent's drain thread pays per record \
+             on its own CPU to count the records in the table ({REPLAY_BATCH} records per \
+             BPF_PROG_TEST_RUN call of flowexport_replay, syscalls included)"
         );
         println!(
-            "| family | flows | empty | table ns/pkt | added | ring ns/pkt | added | aggregated ns/record | replayed: new | replayed: rotating |"
+            "| family | flows | empty | agent: new | added | agent: rotating | added | table path: new | added | table path: rotating | added | replayed: new | replayed: rotating |"
         );
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in &rows {
-            if let (Some((_, table)), Some((ring, drain)), Some((new, rot))) =
-                (r.one_call, r.ring, r.replay)
+            if let (Some((new, rot)), Some((t_new, t_rot)), Some((r_new, r_rot))) =
+                (r.one_call, r.table, r.replay)
             {
+                let e = r.hot_empty;
                 println!(
-                    "| {} | {} | {:.1} | {table:.1} | {:+.1} | {ring:.1} | {:+.1} | {drain:.1} | \
-                     {new:.1} | {rot:.1} |",
+                    "| {} | {} | {e:.1} | {new:.1} | {:+.1} | {rot:.1} | {:+.1} | {t_new:.1} | \
+                     {:+.1} | {t_rot:.1} | {:+.1} | {r_new:.1} | {r_rot:.1} |",
                     r.family,
                     r.flows,
-                    r.hot_empty,
-                    table - r.hot_empty,
-                    ring - r.hot_empty
+                    new - e,
+                    rot - e,
+                    t_new - e,
+                    t_rot - e
                 );
             }
         }

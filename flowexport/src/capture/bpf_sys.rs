@@ -294,3 +294,44 @@ impl Drop for SharedMap {
         unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
     }
 }
+
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+
+/// `union bpf_attr` for BPF_PROG_TEST_RUN (the `test` member).
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+    _rest: [u64; 8],
+}
+
+/// Runs `prog` once on `data` as its packet (BPF_PROG_TEST_RUN, on this
+/// CPU, under the same RCU protection as a packet's run): its return value.
+/// The run completes once begun, whatever happens to this thread.
+pub(crate) fn prog_test_run(prog: BorrowedFd<'_>, data: &[u8]) -> io::Result<u32> {
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: u32::try_from(data.len())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+        data_in: data.as_ptr() as u64,
+        repeat: 1,
+        ..Default::default()
+    };
+    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    Ok(attr.retval)
+}

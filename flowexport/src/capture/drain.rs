@@ -42,6 +42,15 @@
 //!    ring full too), which go into a userspace [`FlowAggregator`] with the
 //!    same timeouts.
 //!
+//! Packets that miss their cache slot because another flow holds it (nearly
+//! all of them at a million flows) are not counted in the table by the
+//! receiving CPU: they wait in the `MISSES` ring, and the drain thread
+//! counts them in the table itself, every 10 ms while they come and at the
+//! start of every drain, in the generation current at that moment
+//! ([`super::replay`]). A record is counted once, in one generation, so the
+//! scheme above holds for it; while the ring is full the programs count in
+//! the table directly.
+//!
 //! A drain with nothing to do is skipped: no packet since the last one (the
 //! programs set a flag word), no export in progress and no timeout due.
 //!
@@ -59,17 +68,19 @@ use flowexport_common::{
     CacheSlot, FallbackEvent, FlowKey, PendingExport, CLOCK_ACTIVE_DRAIN, CONTROL_CACHE_SLOTS,
     CONTROL_EPOCH, CONTROL_FOLDED, CONTROL_LAYOUT, CONTROL_OVERFLOW_READ, CONTROL_OWNER_PID,
     CONTROL_RING_BYTES, CONTROL_SLOTS, DIR_EGRESS, DIR_INGRESS, LAYOUT_VERSION, MAP_CACHE,
-    MAP_CLOCK, MAP_CONTROL, MAP_DIRTY, MAP_FALLBACK, MAP_PENDING, MAP_STATS, MAP_TABLE, SLOT_BUSY,
-    SLOT_RETIRING, SLOT_VALID, STAT_FALLBACK_CONTENDED, STAT_FALLBACK_PACKETS,
-    STAT_FILTERED_EGRESS, STAT_FILTERED_INGRESS, STAT_LEN, STAT_MALFORMED_EGRESS,
-    STAT_MALFORMED_INGRESS, STAT_NON_IP_EGRESS, STAT_NON_IP_INGRESS, STAT_OVERFLOW_BYTES_EGRESS,
-    STAT_OVERFLOW_BYTES_INGRESS, STAT_OVERFLOW_PACKETS_EGRESS, STAT_OVERFLOW_PACKETS_INGRESS,
-    STAT_TABLE_BYTES_EGRESS, STAT_TABLE_BYTES_INGRESS, STAT_TABLE_PACKETS_EGRESS,
-    STAT_TABLE_PACKETS_INGRESS, TABLE_REGION_SHIFT,
+    MAP_CLOCK, MAP_CONTROL, MAP_DIRTY, MAP_FALLBACK, MAP_MISSES, MAP_PENDING, MAP_REPLAYED,
+    MAP_STATS, MAP_TABLE, MISS_RING_BYTES, PROG_REPLAY, SLOT_BUSY, SLOT_RETIRING, SLOT_VALID,
+    STAT_FALLBACK_CONTENDED, STAT_FALLBACK_PACKETS, STAT_FILTERED_EGRESS, STAT_FILTERED_INGRESS,
+    STAT_LEN, STAT_MALFORMED_EGRESS, STAT_MALFORMED_INGRESS, STAT_NON_IP_EGRESS,
+    STAT_NON_IP_INGRESS, STAT_OVERFLOW_BYTES_EGRESS, STAT_OVERFLOW_BYTES_INGRESS,
+    STAT_OVERFLOW_PACKETS_EGRESS, STAT_OVERFLOW_PACKETS_INGRESS, STAT_TABLE_BYTES_EGRESS,
+    STAT_TABLE_BYTES_INGRESS, STAT_TABLE_PACKETS_EGRESS, STAT_TABLE_PACKETS_INGRESS,
+    TABLE_REGION_SHIFT,
 };
 
 use super::bpf_sys::{lookup_batch, GracePeriod, SharedMap};
 use super::clock::{ClockMap, ClockTicker};
+use super::replay::{MissRing, Replay};
 use super::table::{dirty_words, restore_ms, table_bytes, FlowTable, Regions};
 use crate::capture::flow::FlowCounters;
 use crate::timeconv::monotonic_ns;
@@ -100,6 +111,8 @@ pub enum DrainError {
     Clock(std::io::Error),
     #[error("keeping exports in progress in the PENDING map: {0}")]
     Pending(String),
+    #[error("counting missed packets from the MISSES ring (BPF_PROG_TEST_RUN): {0}")]
+    Replay(std::io::Error),
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DrainError {
@@ -221,6 +234,8 @@ pub struct DrainReport {
     pub cache_entries: usize,
     /// Fallback ring events read.
     pub fallback_events: u64,
+    /// `MISSES` records counted in the table at the start of this drain.
+    pub replayed: u64,
     /// Packets/bytes counted since the last drain, by direction (index
     /// DIR_INGRESS / DIR_EGRESS).
     pub packets: [u64; 2],
@@ -811,6 +826,9 @@ pub struct KernelTables {
     pending: PendingMap,
     /// An epoch whose cache half the last agent did not fold.
     unfolded: Option<u32>,
+    /// The packets that missed their cache slot, counted from this thread
+    /// (None: the object's replay program is not loaded, as with AF_XDP).
+    replay: Option<Replay>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -955,6 +973,19 @@ impl KernelTables {
                 stale.len()
             );
         }
+        let replay = match ebpf.program(PROG_REPLAY).map(|p| p.fd()) {
+            Some(Ok(fd)) => {
+                let prog = fd.try_clone().map_err(DrainError::Replay)?;
+                let Some(aya::maps::Map::RingBuf(ring)) = ebpf.take_map(MAP_MISSES) else {
+                    return Err(DrainError::MissingMap(MAP_MISSES));
+                };
+                let replayed: Array<MapData, u64> = take(ebpf, MAP_REPLAYED)?;
+                let replayed = replayed.get(&0, 0).map_err(map_err(MAP_REPLAYED))?;
+                let ring = MissRing::new(ring, MISS_RING_BYTES).map_err(DrainError::Replay)?;
+                Some(Replay::new(ring, prog, replayed))
+            }
+            _ => None,
+        };
         let mut tables = KernelTables {
             table,
             dirty,
@@ -972,6 +1003,7 @@ impl KernelTables {
             last_stats: KernelStats::default(),
             pending,
             unfolded,
+            replay,
         };
         if start == Start::Adopted {
             // What earlier agents counted is theirs: continue from the
@@ -1093,7 +1125,12 @@ impl KernelTables {
         final_drain: bool,
         out: &mut Export,
     ) -> Result<DrainReport, DrainError> {
-        let mut report = DrainReport::default();
+        // The packets that missed their cache slot, counted now in the
+        // generation this drain is about to read.
+        let mut report = DrainReport {
+            replayed: self.replay_misses()?,
+            ..DrainReport::default()
+        };
         if let Some(e) = self.unfolded.take() {
             // Left unfolded by an agent killed between its flip and its
             // fold (see `new`). Before this drain's flip, that half and its
@@ -1119,6 +1156,11 @@ impl KernelTables {
             self.table.set_epoch(self.epoch);
         }
         self.wait_grace_period()?;
+        if final_drain {
+            // The programs are detached and none still runs: the last
+            // packets that missed their cache slot are in the ring now.
+            report.replayed += self.replay_misses()?;
+        }
         // The epoch whose counters are now quiescent (a final drain reads
         // the current one: nothing was advanced).
         let old_epoch = if final_drain {
@@ -1150,6 +1192,21 @@ impl KernelTables {
         self.read_fallback(agg, now, &mut report)?;
         report.exported += agg.expire(now, t, final_drain, out);
         Ok(report)
+    }
+
+    /// Counts the packets waiting in the `MISSES` ring in the table (see
+    /// [`super::replay`]): how many. The agent calls it between drains
+    /// while traffic flows; every drain calls it first.
+    pub fn replay_misses(&mut self) -> Result<u64, DrainError> {
+        match &mut self.replay {
+            Some(r) => r.run().map_err(DrainError::Replay),
+            None => Ok(0),
+        }
+    }
+
+    /// Whether packets wait in the `MISSES` ring.
+    pub fn misses_pending(&self) -> bool {
+        self.replay.as_ref().is_some_and(Replay::pending)
     }
 
     /// The `--keep-attached` exit: the programs keep counting into the

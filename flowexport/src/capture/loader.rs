@@ -18,7 +18,7 @@ use flowexport_common::{
     FilterMasks, GLOBAL_CACHE_SLOTS, GLOBAL_FILTER, GLOBAL_MIRROR, GLOBAL_SAMPLING,
     GLOBAL_TABLE_MASK, MAPS, MAP_CACHE, MAP_DIRTY, MAP_FALLBACK, MAP_FILTER_PORTS, MAP_FILTER_V4,
     MAP_FILTER_V6, MAP_PENDING, MAP_TABLE, PROG_EGRESS, PROG_INGRESS, PROG_INGRESS_LINEAR,
-    PROG_INGRESS_TC, PROG_XSK, PROG_XSK_LINEAR,
+    PROG_INGRESS_TC, PROG_REPLAY, PROG_XSK, PROG_XSK_LINEAR,
 };
 
 use super::filter::KernelFilter;
@@ -345,6 +345,8 @@ impl Programs {
             classifier(&mut ebpf, PROG_EGRESS)?
                 .load()
                 .map_err(|e| map_load_error(e.into()))?;
+            // Never attached: the drain thread runs it (capture::replay).
+            load_xdp(&mut ebpf, PROG_REPLAY)?;
         }
         Ok(Programs {
             ebpf,

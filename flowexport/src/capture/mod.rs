@@ -13,4 +13,5 @@ pub(crate) mod interfaces;
 pub mod loader;
 pub(crate) mod pins;
 pub(crate) mod privileges;
+pub(crate) mod replay;
 pub mod table;

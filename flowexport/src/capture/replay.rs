@@ -1,0 +1,254 @@
+//! Counting, from the drain thread's CPU, the packets that missed their
+//! per-CPU cache slot.
+//!
+//! At a million flows nearly every packet misses the programs' per-CPU cache
+//! (another flow owns its slot), and counting it in the shared table means
+//! one random access into a table of hundreds of MiB: ~300 ns on the
+//! receiving CPU (`cargo xtask bench xdp -- --ring` measures it beside this
+//! path). The programs instead append such a packet to the `MISSES` ring
+//! (~50 ns), and the drain thread hands the records back to the kernel a
+//! batch at a time, through `flowexport_replay` run with BPF_PROG_TEST_RUN:
+//! the same table code counts them, in the kernel's table, from this CPU.
+//! While the ring is full the programs count in the table themselves, so
+//! nothing depends on the agent keeping up.
+//!
+//! Exactly once, also across a killed agent: the ring's consumer position
+//! moves past a batch only after its replay call returned, and the replay
+//! program itself stores the position after the batch in `REPLAYED` in the
+//! same run that counts it. A new agent starts from the later of the two
+//! (see [`Replay::new`]), so a batch counted just before a kill is not
+//! counted again, and one not counted is still in the ring.
+//!
+//! The counts land in the table's current generation, at the records'
+//! own times; the drain replays everything waiting before it flips the
+//! epoch, so a drain sees all but the last microseconds' misses (those
+//! are counted at the next one).
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use aya::maps::MapData;
+use aya::programs::ProgramFd;
+use flowexport_common::{FallbackEvent, REPLAY_BATCH};
+
+use super::bpf_sys::prog_test_run;
+
+/// `BPF_RINGBUF_BUSY_BIT`, `BPF_RINGBUF_DISCARD_BIT` and the record header's
+/// size (include/uapi/linux/bpf.h).
+const BUSY_BIT: u32 = 1 << 31;
+const DISCARD_BIT: u32 = 1 << 30;
+const HEADER: u64 = 8;
+/// XDP_PASS, what `flowexport_replay` returns when it counted its batch.
+const XDP_PASS: u32 = 2;
+
+/// A BPF ring buffer read by position: records are copied out, and the
+/// consumer position moves only when [`MissRing::commit`] says so (aya's
+/// `RingBuf` moves it as each record is dropped).
+pub(crate) struct MissRing {
+    /// The consumer page (read-write).
+    consumer: *mut u8,
+    /// The producer page, then the data pages twice (read-only): a record
+    /// that wraps round the end reads on into the second copy.
+    producer: *const u8,
+    producer_len: usize,
+    page: usize,
+    mask: u64,
+    _map: MapData,
+}
+
+// SAFETY: the mappings are shared memory that the kernel writes; every read
+// and write of the positions and headers goes through atomics, and the
+// owner (the drain thread) is the only consumer.
+unsafe impl Send for MissRing {}
+
+impl MissRing {
+    /// Maps the ring buffer `map` of `bytes` (a power of two, a multiple of
+    /// the page size).
+    pub(crate) fn new(map: MapData, bytes: u32) -> io::Result<MissRing> {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let fd = map.fd().as_fd().as_raw_fd();
+        // SAFETY: mapping a ring buffer map's consumer page, shared; checked
+        // before use.
+        let consumer = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if consumer == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let producer_len = page + 2 * bytes as usize;
+        // SAFETY: as above, the producer page and the data pages twice
+        // (the kernel allows them read-only).
+        let producer = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                producer_len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                fd,
+                page as libc::off_t,
+            )
+        };
+        if producer == libc::MAP_FAILED {
+            let e = io::Error::last_os_error();
+            // SAFETY: the mapping made above.
+            unsafe { libc::munmap(consumer, page) };
+            return Err(e);
+        }
+        Ok(MissRing {
+            consumer: consumer.cast(),
+            producer: producer.cast(),
+            producer_len,
+            page,
+            mask: u64::from(bytes) - 1,
+            _map: map,
+        })
+    }
+
+    fn consumer_word(&self) -> &AtomicU64 {
+        // SAFETY: the consumer page starts with the kernel's consumer
+        // position, an aligned unsigned long (64-bit here).
+        unsafe { &*self.consumer.cast::<AtomicU64>() }
+    }
+
+    /// Where the next record to read starts.
+    pub(crate) fn consumer_pos(&self) -> u64 {
+        self.consumer_word().load(Ordering::Acquire)
+    }
+
+    /// Where the programs write next (records before it are written or
+    /// being written).
+    pub(crate) fn producer_pos(&self) -> u64 {
+        // SAFETY: the producer page starts with the kernel's producer
+        // position; the kernel stores it with release semantics.
+        unsafe { &*self.producer.cast::<AtomicU64>() }.load(Ordering::Acquire)
+    }
+
+    /// Marks everything before `pos` read: the programs may write there
+    /// again.
+    pub(crate) fn commit(&self, pos: u64) {
+        // Release: the records were read before their room is given back.
+        self.consumer_word().store(pos, Ordering::Release);
+    }
+
+    /// Copies the records from `from` on, at most `max` of them, onto the
+    /// end of `out` (`FallbackEvent`s, 80 bytes each), stopping at one
+    /// still being written. Returns the position after the last record
+    /// taken (discarded records and ones of another size are passed over),
+    /// and how many were copied.
+    pub(crate) fn read(&self, from: u64, max: usize, out: &mut Vec<u8>) -> (u64, usize) {
+        let end = self.producer_pos();
+        let mut pos = from;
+        let mut n = 0;
+        while pos != end && n < max {
+            let off = self.page + (pos & self.mask) as usize;
+            // SAFETY: `off` lies in the first copy of the data pages and a
+            // record (header and data, at most the ring's size) in the two
+            // copies: inside the mapping. The header is 8-aligned.
+            let header = unsafe { &*self.producer.add(off).cast::<AtomicU32>() };
+            // Acquire pairs with the kernel's commit (an xchg) of the record.
+            let h = header.load(Ordering::Acquire);
+            if h & BUSY_BIT != 0 {
+                break;
+            }
+            let len = (h & !(BUSY_BIT | DISCARD_BIT)) as usize;
+            if h & DISCARD_BIT == 0 && len == size_of::<FallbackEvent>() {
+                let data = off + HEADER as usize;
+                debug_assert!(data + len <= self.producer_len);
+                // SAFETY: the record's data, inside the mapping (above),
+                // committed (not busy).
+                out.extend_from_slice(unsafe {
+                    std::slice::from_raw_parts(self.producer.add(data), len)
+                });
+                n += 1;
+            }
+            pos += (HEADER + len as u64).next_multiple_of(8);
+        }
+        (pos, n)
+    }
+}
+
+impl Drop for MissRing {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what new() mapped; nothing refers to it
+        // any more.
+        unsafe {
+            libc::munmap(self.consumer.cast(), self.page);
+            libc::munmap(self.producer as *mut libc::c_void, self.producer_len);
+        }
+    }
+}
+
+/// The `MISSES` ring and the program that counts its records.
+pub(crate) struct Replay {
+    ring: MissRing,
+    prog: ProgramFd,
+    /// One call's frame: the position after the batch, then its records.
+    frame: Vec<u8>,
+}
+
+impl Replay {
+    /// `ring` of an object whose `flowexport_replay` is `prog`; `replayed`
+    /// is `REPLAYED`'s value (the position after the last batch counted,
+    /// kept by the maps across agents): reading starts at the later of it
+    /// and the ring's own consumer position.
+    pub(crate) fn new(ring: MissRing, prog: ProgramFd, replayed: u64) -> Replay {
+        let pos = ring.consumer_pos();
+        // Positions only grow; one within the ring's reach of the producer
+        // is a batch counted by an agent killed before it moved the
+        // consumer position on.
+        if replayed > pos && replayed <= ring.producer_pos() {
+            log::info!(
+                "missed-packet ring: {} bytes of records counted by the last agent are passed \
+                 over",
+                replayed - pos
+            );
+            ring.commit(replayed);
+        }
+        Replay {
+            ring,
+            prog,
+            frame: Vec::with_capacity(8 + REPLAY_BATCH * size_of::<FallbackEvent>()),
+        }
+    }
+
+    /// Whether records are waiting.
+    pub(crate) fn pending(&self) -> bool {
+        self.ring.consumer_pos() != self.ring.producer_pos()
+    }
+
+    /// Counts every record waiting, a batch per call of the program:
+    /// returns how many.
+    pub(crate) fn run(&mut self) -> io::Result<u64> {
+        let mut total = 0;
+        loop {
+            let from = self.ring.consumer_pos();
+            self.frame.clear();
+            self.frame.extend_from_slice(&[0; 8]);
+            let (end, n) = self.ring.read(from, REPLAY_BATCH, &mut self.frame);
+            if end == from {
+                return Ok(total);
+            }
+            if n > 0 {
+                self.frame[..8].copy_from_slice(&end.to_ne_bytes());
+                let rc = prog_test_run(self.prog.as_fd(), &self.frame)?;
+                if rc != XDP_PASS {
+                    return Err(io::Error::other(format!(
+                        "flowexport_replay returned {rc} instead of XDP_PASS on a batch of {n} \
+                         records"
+                    )));
+                }
+            }
+            self.ring.commit(end);
+            total += n as u64;
+        }
+    }
+}
