@@ -14,17 +14,15 @@ use flowexport::capture::table::slots_for;
 use flowexport_common::{FlowKey, DEFAULT_CACHE_SLOTS, PROG_INGRESS};
 use flowexport_tests::frames::*;
 
-/// A multi-buffer frame whose first buffer holds only its Ethernet header
-/// (BPF_PROG_TEST_RUN puts the rest in fragments when the context's
-/// `data_end` says so): the XDP program reads the IP and UDP headers with
-/// bpf_xdp_load_bytes and counts the flow as for any other frame.
-#[test]
-fn xdp_reads_headers_beyond_the_first_buffer() {
+/// The XDP programs loaded, unpinned and not attached, with `cache_slots`
+/// per generation and a table for `max_flows`, and the agent's drain
+/// state over them.
+fn load(max_flows: u32, cache_slots: u32) -> (Programs, KernelTables) {
     let mut cap = Programs::load(&LoadOptions {
         pins: None,
-        max_flows: 1024,
+        max_flows,
         fallback_ring_bytes: 1 << 16,
-        cache_slots: DEFAULT_CACHE_SLOTS,
+        cache_slots,
         object: None,
         capture: Capture::Xdp,
         sampling: 1,
@@ -32,16 +30,26 @@ fn xdp_reads_headers_beyond_the_first_buffer() {
         mirror: false,
     })
     .unwrap();
-    let mut tables = KernelTables::new(
+    let tables = KernelTables::new(
         &mut cap.ebpf,
-        1024,
-        slots_for(1024),
-        DEFAULT_CACHE_SLOTS,
+        max_flows,
+        slots_for(max_flows),
+        cache_slots,
         1 << 16,
         Duration::from_millis(1),
         Start::Fresh,
     )
     .unwrap();
+    (cap, tables)
+}
+
+/// A multi-buffer frame whose first buffer holds only its Ethernet header
+/// (BPF_PROG_TEST_RUN puts the rest in fragments when the context's
+/// `data_end` says so): the XDP program reads the IP and UDP headers with
+/// bpf_xdp_load_bytes and counts the flow as for any other frame.
+#[test]
+fn xdp_reads_headers_beyond_the_first_buffer() {
+    let (cap, mut tables) = load(1024, DEFAULT_CACHE_SLOTS);
     let frame = eth4("10.8.0.1", "10.8.0.2", &L4::udp(5555, 6666, 100));
     // xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
     // egress_ifindex.
@@ -95,28 +103,7 @@ fn packets_that_miss_the_cache_are_counted_from_the_ring() {
             0
         );
     }
-    let mut cap = Programs::load(&LoadOptions {
-        pins: None,
-        max_flows: 4096,
-        fallback_ring_bytes: 1 << 16,
-        cache_slots: 1,
-        object: None,
-        capture: Capture::Xdp,
-        sampling: 1,
-        filter: KernelFilter::default(),
-        mirror: false,
-    })
-    .unwrap();
-    let mut tables = KernelTables::new(
-        &mut cap.ebpf,
-        4096,
-        slots_for(4096),
-        1,
-        1 << 16,
-        Duration::from_millis(1),
-        Start::Fresh,
-    )
-    .unwrap();
+    let (cap, mut tables) = load(4096, 1);
     let prog: &Xdp = cap.ebpf.program(PROG_INGRESS).unwrap().try_into().unwrap();
     const FLOWS: u16 = 1000;
     let send = |repeat: u32| {

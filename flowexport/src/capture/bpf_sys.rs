@@ -223,6 +223,32 @@ pub(crate) fn delete_batch<K: Copy>(map: BorrowedFd<'_>, keys: &[K]) -> io::Resu
     Ok(())
 }
 
+/// Maps `len` bytes of a map's fd from `offset`, shared (what the kernel
+/// allows a map: a BPF_F_MMAPABLE array's values, a ring buffer's pages).
+pub(crate) fn map_shared(
+    fd: BorrowedFd<'_>,
+    len: usize,
+    prot: libc::c_int,
+    offset: usize,
+) -> io::Result<*mut u8> {
+    // SAFETY: mmap of a map's fd with a fresh address; the result is
+    // checked before use.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            prot,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            offset as libc::off_t,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(p.cast())
+}
+
 /// A BPF_F_MMAPABLE array map mapped into this process, shared with the
 /// programs: what either side stores, the other sees. Unmapped on drop
 /// (the map itself lives as long as its fd, held here).
@@ -245,26 +271,8 @@ impl SharedMap {
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
         let len = len.div_ceil(page) * page;
-        // SAFETY: mapping a BPF_F_MMAPABLE array map's fd, shared; the
-        // result is checked before use.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(SharedMap {
-            addr: p as *mut u8,
-            len,
-            map,
-        })
+        let addr = map_shared(map.fd().as_fd(), len, libc::PROT_READ | libc::PROT_WRITE, 0)?;
+        Ok(SharedMap { addr, len, map })
     }
 
     /// The start of the mapping (page-aligned).

@@ -111,7 +111,10 @@ pub enum DrainError {
     Clock(std::io::Error),
     #[error("keeping exports in progress in the PENDING map: {0}")]
     Pending(String),
-    #[error("counting missed packets from the MISSES ring (BPF_PROG_TEST_RUN): {0}")]
+    #[error(
+        "counting the packets that missed the flow cache (MISSES ring) with BPF_PROG_TEST_RUN, \
+         which needs CAP_BPF: {0}"
+    )]
     Replay(std::io::Error),
 }
 
@@ -982,7 +985,7 @@ impl KernelTables {
                 let replayed: Array<MapData, u64> = take(ebpf, MAP_REPLAYED)?;
                 let replayed = replayed.get(&0, 0).map_err(map_err(MAP_REPLAYED))?;
                 let ring = MissRing::new(ring, MISS_RING_BYTES).map_err(DrainError::Replay)?;
-                Some(Replay::new(ring, prog, replayed))
+                Some(Replay::new(ring, prog, replayed).map_err(DrainError::Replay)?)
             }
             _ => None,
         };

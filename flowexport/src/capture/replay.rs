@@ -25,14 +25,14 @@
 //! are counted at the next one).
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use aya::maps::MapData;
 use aya::programs::ProgramFd;
 use flowexport_common::{FallbackEvent, REPLAY_BATCH};
 
-use super::bpf_sys::prog_test_run;
+use super::bpf_sys::{map_shared, prog_test_run};
 
 /// `BPF_RINGBUF_BUSY_BIT`, `BPF_RINGBUF_DISCARD_BIT` and the record header's
 /// size (include/uapi/linux/bpf.h).
@@ -68,44 +68,22 @@ impl MissRing {
     pub(crate) fn new(map: MapData, bytes: u32) -> io::Result<MissRing> {
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        let fd = map.fd().as_fd().as_raw_fd();
-        // SAFETY: mapping a ring buffer map's consumer page, shared; checked
-        // before use.
-        let consumer = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                page,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if consumer == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        let fd = map.fd().as_fd();
+        // The consumer page, read-write; then the producer page and the data
+        // pages twice, read-only (all the kernel allows).
+        let consumer = map_shared(fd, page, libc::PROT_READ | libc::PROT_WRITE, 0)?;
         let producer_len = page + 2 * bytes as usize;
-        // SAFETY: as above, the producer page and the data pages twice
-        // (the kernel allows them read-only).
-        let producer = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                producer_len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                fd,
-                page as libc::off_t,
-            )
+        let producer = match map_shared(fd, producer_len, libc::PROT_READ, page) {
+            Ok(p) => p,
+            Err(e) => {
+                // SAFETY: the mapping made above.
+                unsafe { libc::munmap(consumer.cast(), page) };
+                return Err(e);
+            }
         };
-        if producer == libc::MAP_FAILED {
-            let e = io::Error::last_os_error();
-            // SAFETY: the mapping made above.
-            unsafe { libc::munmap(consumer, page) };
-            return Err(e);
-        }
         Ok(MissRing {
-            consumer: consumer.cast(),
-            producer: producer.cast(),
+            consumer,
+            producer,
             producer_len,
             page,
             mask: u64::from(bytes) - 1,
@@ -199,8 +177,10 @@ impl Replay {
     /// `ring` of an object whose `flowexport_replay` is `prog`; `replayed`
     /// is `REPLAYED`'s value (the position after the last batch counted,
     /// kept by the maps across agents): reading starts at the later of it
-    /// and the ring's own consumer position.
-    pub(crate) fn new(ring: MissRing, prog: ProgramFd, replayed: u64) -> Replay {
+    /// and the ring's own consumer position. Runs the program once on no
+    /// record, so that a kernel that refuses the call fails the start, not
+    /// a drain.
+    pub(crate) fn new(ring: MissRing, prog: ProgramFd, replayed: u64) -> io::Result<Replay> {
         let pos = ring.consumer_pos();
         // Positions only grow; one within the ring's reach of the producer
         // is a batch counted by an agent killed before it moved the
@@ -213,11 +193,22 @@ impl Replay {
             );
             ring.commit(replayed);
         }
-        Replay {
+        // The smallest frame XDP takes (an Ethernet header's 14 bytes):
+        // the position, and no record. The program stores the position,
+        // which is where reading starts anyway.
+        let mut probe = ring.consumer_pos().to_ne_bytes().to_vec();
+        probe.resize(14, 0);
+        let rc = prog_test_run(prog.as_fd(), &probe)?;
+        if rc != XDP_PASS {
+            return Err(io::Error::other(format!(
+                "flowexport_replay returned {rc} instead of XDP_PASS on an empty batch"
+            )));
+        }
+        Ok(Replay {
             ring,
             prog,
             frame: Vec::with_capacity(8 + REPLAY_BATCH * size_of::<FallbackEvent>()),
-        }
+        })
     }
 
     /// Whether records are waiting.
