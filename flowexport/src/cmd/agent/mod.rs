@@ -61,10 +61,11 @@ const TABLE_FULL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs
 const REPLAY_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// The longest the drain thread waits between looks at the `MISSES` ring
-/// while none come (the wait doubles from `REPLAY_EVERY` up to this, or up
-/// to the drain interval if that is shorter): a burst finds it within
-/// 100 ms, before the ring fills at 1.9M misses a second, for ten cheap
-/// wake-ups a second at rest.
+/// while traffic flows but no misses come (the wait doubles from
+/// `REPLAY_EVERY` up to this): a burst of new flows is found within 100 ms,
+/// before the ring fills at 1.9M misses a second. Without traffic (the
+/// clock word at rest) it waits for the next drain: an idle agent wakes no
+/// more often than before.
 const REPLAY_IDLE_MAX: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// What the drain thread is told between drains.
@@ -657,8 +658,10 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
                     Err(mpsc::RecvTimeoutError::Timeout) => {
                         replay_wait = if drainer.replay()? > 0 {
                             REPLAY_EVERY
-                        } else {
+                        } else if drainer.tables.clock().ticking() {
                             (replay_wait * 2).min(REPLAY_IDLE_MAX)
+                        } else {
+                            interval
                         };
                     }
                 }
