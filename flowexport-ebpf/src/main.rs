@@ -784,6 +784,22 @@ fn account<const RING: bool>(key: &FlowKey, packets: u64, bytes: u64, tcp_flags:
             }
         }
     }
+    count_in_table(key, h, gen, packets, bytes, (now_ns, now_ms), tcp_flags);
+}
+
+/// Counts a packet (or `packets` segments) of `key`, whose table hash is
+/// `h`, in generation `gen` of its table slot at `now` (ns, and ms as the
+/// slot keeps it); without a slot, through the fallback ring.
+#[inline(always)]
+fn count_in_table(
+    key: &FlowKey,
+    h: u64,
+    gen: u32,
+    packets: u64,
+    bytes: u64,
+    (now_ns, now_ms): (u64, u32),
+    tcp_flags: u8,
+) {
     match table_slot(key, h) {
         Ok(t) => {
             table_add(t, gen, packets, bytes, now_ms, tcp_flags);
@@ -1175,19 +1191,16 @@ pub(crate) fn flowexport_replay(ctx: XdpContext) -> u32 {
         // SAFETY: Hdr<80> and FallbackEvent are both 80 bytes of plain
         // integers, 8-aligned, and any bit pattern is a valid event.
         let ev: FallbackEvent = unsafe { core::mem::transmute::<Hdr<80>, FallbackEvent>(h) };
-        let ms = (ev.ts_ns / 1_000_000) as u32;
-        match table_slot(&ev.key, table_hash(&ev.key)) {
-            Ok(t) => {
-                table_add(t, gen, ev.packets, ev.bytes, ms, ev.tcp_flags);
-                stat_add_pair(
-                    STAT_TABLE_PACKETS_INGRESS,
-                    ev.key.direction,
-                    ev.packets,
-                    ev.bytes,
-                );
-            }
-            Err(miss) => fallback(&ev.key, ev.packets, ev.bytes, ev.ts_ns, ev.tcp_flags, miss),
-        }
+        let now = (ev.ts_ns, (ev.ts_ns / 1_000_000) as u32);
+        count_in_table(
+            &ev.key,
+            table_hash(&ev.key),
+            gen,
+            ev.packets,
+            ev.bytes,
+            now,
+            ev.tcp_flags,
+        );
     }
     if let Some(r) = REPLAYED.get_ptr_mut(0) {
         // SAFETY: the one value of an array map; only this program writes
@@ -1294,11 +1307,18 @@ static BENCH_ROTATE: Array<u32> = Array::with_max_entries(2, 0);
 #[cfg(feature = "bench")]
 #[xdp]
 pub(crate) fn flowexport_bench_rotate(ctx: XdpContext) -> u32 {
-    let Some((key, ip_len)) = bench_rotate_key(&ctx) else {
+    bench_rotate_count::<true>(&ctx)
+}
+
+/// Counts run i's flow (see `bench_rotate_key`) with `account::<RING>`.
+#[cfg(feature = "bench")]
+#[inline(always)]
+fn bench_rotate_count<const RING: bool>(ctx: &XdpContext) -> u32 {
+    let Some((key, ip_len)) = bench_rotate_key(ctx) else {
         return xdp_action::XDP_ABORTED;
     };
     if admit(&key, 1) {
-        account::<true>(&key, 1, ip_len, 0);
+        account::<RING>(&key, 1, ip_len, 0);
     }
     xdp_action::XDP_PASS
 }
@@ -1338,13 +1358,7 @@ fn bench_rotate_key(ctx: &XdpContext) -> Option<(FlowKey, u64)> {
 #[cfg(feature = "bench")]
 #[xdp]
 pub(crate) fn flowexport_bench_table(ctx: XdpContext) -> u32 {
-    let Some((key, ip_len)) = bench_rotate_key(&ctx) else {
-        return xdp_action::XDP_ABORTED;
-    };
-    if admit(&key, 1) {
-        account::<false>(&key, 1, ip_len, 0);
-    }
-    xdp_action::XDP_PASS
+    bench_rotate_count::<false>(&ctx)
 }
 
 #[cfg(not(test))]

@@ -65,9 +65,9 @@ use clap::Parser;
 use flowexport::capture::drain::{FlowAggregator, KernelTables, Start, Timeouts};
 use flowexport::capture::filter::{compile, KernelFilter, Rule};
 use flowexport::capture::loader::{Capture, LoadOptions, Programs};
-use flowexport::capture::table::slots_for;
+use flowexport::capture::table::{slots_for, table_bytes};
 use flowexport_common::{
-    FallbackEvent, FlowKey, TableSlot, BENCH_PORTS, DEFAULT_CACHE_SLOTS, DIR_EGRESS, DIR_INGRESS,
+    FallbackEvent, FlowKey, BENCH_PORTS, DEFAULT_CACHE_SLOTS, DIR_EGRESS, DIR_INGRESS,
     MAP_BENCH_ROTATE, PROG_BENCH_PARSE, PROG_BENCH_PARSE_CLOCK, PROG_BENCH_PASS, PROG_BENCH_ROTATE,
     PROG_BENCH_TABLE, PROG_BENCH_TC_HELPER, PROG_BENCH_TC_PASS, PROG_EGRESS, PROG_INGRESS,
     PROG_REPLAY, REPLAY_BATCH,
@@ -815,11 +815,11 @@ fn main() -> Result<()> {
     }
     // The largest table measured: the memory a miss at that size reaches.
     let largest = args.flows.iter().copied().max().unwrap_or(1);
-    let table_bytes = slots_for(largest) as usize * size_of::<TableSlot>();
-    eprintln!("memory floor over {} MiB", table_bytes >> 20);
+    let largest_bytes = table_bytes(slots_for(largest)) as usize;
+    eprintln!("memory floor over {} MiB", largest_bytes >> 20);
     let floor = [
-        memory_floor(table_bytes, false, args.rounds)?,
-        memory_floor(table_bytes, true, args.rounds)?,
+        memory_floor(largest_bytes, false, args.rounds)?,
+        memory_floor(largest_bytes, true, args.rounds)?,
     ];
     println!(
         "XDP ingress vs empty XDP_PASS, BPF_PROG_TEST_RUN, {FRAME_LEN}-byte UDP frames; \
@@ -905,7 +905,7 @@ fn main() -> Result<()> {
          MiB), a pointer chase through 64-byte lines, best of {}: {:.1} ns on 4 KiB pages (as \
          BPF maps have them), {:.1} ns on 2 MiB pages. A miss at that size reads its table slot \
          at such an address.",
-        table_bytes >> 20,
+        largest_bytes >> 20,
         args.rounds,
         floor[0],
         floor[1]

@@ -198,12 +198,7 @@ impl Replay {
         // which is where reading starts anyway.
         let mut probe = ring.consumer_pos().to_ne_bytes().to_vec();
         probe.resize(14, 0);
-        let rc = prog_test_run(prog.as_fd(), &probe)?;
-        if rc != XDP_PASS {
-            return Err(io::Error::other(format!(
-                "flowexport_replay returned {rc} instead of XDP_PASS on an empty batch"
-            )));
-        }
+        replay(&prog, &probe, 0)?;
         Ok(Replay {
             ring,
             prog,
@@ -230,16 +225,20 @@ impl Replay {
             }
             if n > 0 {
                 self.frame[..8].copy_from_slice(&end.to_ne_bytes());
-                let rc = prog_test_run(self.prog.as_fd(), &self.frame)?;
-                if rc != XDP_PASS {
-                    return Err(io::Error::other(format!(
-                        "flowexport_replay returned {rc} instead of XDP_PASS on a batch of {n} \
-                         records"
-                    )));
-                }
+                replay(&self.prog, &self.frame, n)?;
             }
             self.ring.commit(end);
             total += n as u64;
         }
+    }
+}
+
+/// One call of `flowexport_replay` on `frame` (a batch of `n` records).
+fn replay(prog: &ProgramFd, frame: &[u8], n: usize) -> io::Result<()> {
+    match prog_test_run(prog.as_fd(), frame)? {
+        XDP_PASS => Ok(()),
+        rc => Err(io::Error::other(format!(
+            "flowexport_replay returned {rc} instead of XDP_PASS on a batch of {n} records"
+        ))),
     }
 }

@@ -65,7 +65,7 @@ pub fn slots_for(max_flows: u32) -> u32 {
 }
 
 /// Kernel memory of a table of `slots` slots, in bytes.
-pub(crate) fn table_bytes(slots: u32) -> u64 {
+pub fn table_bytes(slots: u32) -> u64 {
     u64::from(slots) * size_of::<TableSlot>() as u64
 }
 
