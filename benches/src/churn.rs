@@ -60,9 +60,9 @@ pub(crate) fn run(a: &ChurnArgs) -> Result<()> {
 
     println!(
         "Churn: N distinct flows cycling at the veth's full rate (trafgen, 64-byte UDP frames), \
-         agent {} in native XDP mode; {} run(s) per point, ranges over the runs",
+         agent {}; {} run(s) per point, ranges over the runs",
         if a.agent_args.is_empty() {
-            "with its defaults".to_string()
+            "with its defaults (--capture auto: TC ingress on veth)".to_string()
         } else {
             a.agent_args.join(" ")
         },

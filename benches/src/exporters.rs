@@ -9,6 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode};
+use aya::Ebpf;
 use flowexport_tests::{tools, wait_until, Netns};
 
 /// Which exporter.
@@ -16,6 +18,10 @@ use flowexport_tests::{tools, wait_until, Netns};
 pub(crate) enum Kind {
     /// Nothing attached: the receive path alone.
     ReceiveOnly,
+    /// An empty program on the ingress hook the agent uses (XDP_PASS in
+    /// native XDP, or TC_ACT_UNSPEC through TCX), nothing else: what the
+    /// hook itself costs the receive path, the floor of any program there.
+    EmptyProgram(Hook),
     /// `flowexport agent` with these extra flags.
     Agent(Vec<String>),
     Softflowd,
@@ -23,10 +29,26 @@ pub(crate) enum Kind {
     Pmacctd,
 }
 
+/// An ingress hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Hook {
+    /// Native (driver) XDP.
+    Xdp,
+    /// TC ingress (TCX).
+    Tc,
+}
+
 impl Kind {
+    /// Whether this is a baseline of the receive path (nothing exports).
+    pub(crate) fn is_baseline(&self) -> bool {
+        matches!(self, Kind::ReceiveOnly | Kind::EmptyProgram(_))
+    }
+
     pub(crate) fn name(&self) -> String {
         match self {
             Kind::ReceiveOnly => "receive-only".into(),
+            Kind::EmptyProgram(Hook::Xdp) => "empty XDP program".into(),
+            Kind::EmptyProgram(Hook::Tc) => "empty TC program".into(),
             Kind::Agent(a) if a.is_empty() => "flowexport".into(),
             Kind::Agent(a) => format!("flowexport {}", a.join(" ")),
             Kind::Softflowd => "softflowd".into(),
@@ -58,6 +80,57 @@ pub(crate) struct Running {
     pid: Option<u32>,
     pub dir: PathBuf,
     ns: String,
+    /// [`Kind::EmptyProgram`]: the loaded object, whose link keeps the
+    /// program attached until it is dropped.
+    empty: Option<Ebpf>,
+}
+
+/// The kernel object with the benchmark programs, which `cargo xtask bench
+/// peers` builds: $FLOWEXPORT_BENCH_BPF, else target/ebpf-bench/.
+fn bench_object() -> PathBuf {
+    std::env::var_os("FLOWEXPORT_BENCH_BPF").map_or_else(
+        || {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/ebpf-bench/bpfel-unknown-none/release/flowexport")
+        },
+        PathBuf::from,
+    )
+}
+
+/// Loads the benchmark object's empty program for `hook` and attaches it
+/// to `dev` in `ns` (native XDP, or TC ingress).
+fn attach_empty(ns: &Netns, dev: &str, hook: Hook) -> Result<Ebpf> {
+    let path = bench_object();
+    let dev = dev.to_string();
+    ns.run(move || -> Result<Ebpf> {
+        let mut ebpf = Ebpf::load_file(&path).with_context(|| {
+            format!(
+                "loading {} (`cargo xtask bench peers` builds it)",
+                path.display()
+            )
+        })?;
+        match hook {
+            Hook::Xdp => {
+                let p: &mut Xdp = ebpf
+                    .program_mut("flowexport_bench_pass")
+                    .context("no flowexport_bench_pass in the benchmark object")?
+                    .try_into()?;
+                p.load()?;
+                p.attach(&dev, XdpMode::Driver)
+                    .with_context(|| format!("attaching an empty XDP program to {dev}"))?;
+            }
+            Hook::Tc => {
+                let p: &mut SchedClassifier = ebpf
+                    .program_mut("flowexport_bench_tc_pass")
+                    .context("no flowexport_bench_tc_pass in the benchmark object")?
+                    .try_into()?;
+                p.load()?;
+                p.attach(&dev, TcAttachType::Ingress)
+                    .with_context(|| format!("attaching an empty TC program to {dev}"))?;
+            }
+        }
+        Ok(ebpf)
+    })?
 }
 
 /// The agent binary: $FLOWEXPORT_BIN, else target/release/flowexport.
@@ -90,6 +163,7 @@ impl Running {
             pid: None,
             dir: dir.to_path_buf(),
             ns: ns.name.clone(),
+            empty: None,
         };
         let target = match out {
             Output::Nfcapd(p) => format!("127.0.0.1:{p}"),
@@ -99,6 +173,10 @@ impl Running {
         cmd.args(["netns", "exec", &ns.name]);
         match &kind {
             Kind::ReceiveOnly => return Ok(r),
+            Kind::EmptyProgram(hook) => {
+                r.empty = Some(attach_empty(ns, dev, *hook)?);
+                return Ok(r);
+            }
             Kind::Agent(extra) => {
                 cmd.arg("env")
                     .arg("RUST_LOG=info,flowexport::drain=debug")
@@ -107,10 +185,6 @@ impl Running {
                     // `ip netns exec` hides /sys/fs/bpf; nothing needs to
                     // outlive a benchmark run.
                     .args(["--pin-dir", "none"]);
-                // Native XDP unless ingress is counted with TC.
-                if !extra.iter().any(|a| a == "--capture") {
-                    cmd.args(["--xdp-mode", "native"]);
-                }
                 cmd.args(["--sampler-address", "192.0.2.10"]).args(extra);
                 if let Output::Nfcapd(_) = out {
                     cmd.args(["--netflow9", &target]);
@@ -193,6 +267,8 @@ impl Running {
     /// Stops the exporter so that it exports every flow it holds, waits for
     /// it (up to 5 minutes) and returns its resource usage.
     pub(crate) fn stop(&mut self) -> Result<Usage> {
+        // Detaches an empty program.
+        self.empty = None;
         let Some(pid) = self.pid.take() else {
             return Ok(Usage::default());
         };

@@ -8,7 +8,7 @@
 use anyhow::Result;
 use clap::Args;
 
-use crate::exporters::Kind;
+use crate::exporters::{Hook, Kind};
 use crate::procstat::range;
 use crate::run::{self, Outcome};
 
@@ -21,14 +21,16 @@ pub(crate) struct PeersArgs {
     #[arg(long, value_delimiter = ',', default_value = "50000,0")]
     rates: Vec<u64>,
     /// Exporters, comma-separated (receive-only is always measured):
-    /// flowexport (XDP ingress), flowexport-tc (`--capture tc`),
-    /// flowexport-mirror (`--mirror`: XDP counts and drops, as on a SPAN
-    /// port), flowexport-afxdp (`--capture afxdp --mirror`), softflowd,
-    /// fprobe, pmacctd.
+    /// flowexport (the defaults: `--capture auto`, TC ingress on veth),
+    /// flowexport-xdp (`--xdp-mode native`: XDP ingress), flowexport-tc
+    /// (`--capture tc`), flowexport-mirror (`--mirror`: XDP counts and drops, as on a SPAN
+    /// port), flowexport-afxdp (`--capture afxdp --mirror`), xdp-empty and
+    /// tc-empty (an empty program on the agent's ingress hook, nothing
+    /// else: the floor of any program there), softflowd, fprobe, pmacctd.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "flowexport,flowexport-tc,softflowd,fprobe,pmacctd"
+        default_value = "flowexport,flowexport-xdp,xdp-empty,tc-empty,softflowd,fprobe,pmacctd"
     )]
     exporters: Vec<String>,
     /// Runs of each point; exporters alternate within a repetition.
@@ -40,34 +42,32 @@ pub(crate) struct PeersArgs {
 }
 
 fn kind(name: &str, agent_args: &[String]) -> Result<Kind> {
+    // The agent with `lead` before the extra flags.
+    let agent = |lead: &[&str]| {
+        let mut a: Vec<String> = lead.iter().map(ToString::to_string).collect();
+        a.extend_from_slice(agent_args);
+        Kind::Agent(a)
+    };
     Ok(match name {
-        "flowexport" => Kind::Agent(agent_args.to_vec()),
-        // Ingress counted by the TC program instead of XDP.
-        "flowexport-tc" => {
-            let mut a = vec!["--capture".to_string(), "tc".to_string()];
-            a.extend_from_slice(agent_args);
-            Kind::Agent(a)
-        }
+        // The defaults: `--capture auto`, which is TC on veth.
+        "flowexport" => agent(&[]),
+        // Ingress counted by XDP in native mode, or by the TC program.
+        "flowexport-xdp" => agent(&["--xdp-mode", "native"]),
+        "flowexport-tc" => agent(&["--capture", "tc"]),
         // A mirror port: the copies are counted and dropped, in the XDP
         // program or after AF_XDP hands them to the agent's workers.
-        "flowexport-mirror" | "flowexport-afxdp" => {
-            let mut a = if name == "flowexport-mirror" {
-                vec!["--mirror".to_string()]
-            } else {
-                ["--capture", "afxdp", "--mirror"]
-                    .map(String::from)
-                    .to_vec()
-            };
-            a.extend_from_slice(agent_args);
-            Kind::Agent(a)
-        }
+        "flowexport-mirror" => agent(&["--mirror", "--xdp-mode", "native"]),
+        "flowexport-afxdp" => agent(&["--capture", "afxdp", "--mirror"]),
+        "xdp-empty" => Kind::EmptyProgram(Hook::Xdp),
+        "tc-empty" => Kind::EmptyProgram(Hook::Tc),
         "softflowd" => Kind::Softflowd,
         "fprobe" => Kind::Fprobe,
         "pmacctd" => Kind::Pmacctd,
         other => {
             anyhow::bail!(
-                "unknown exporter {other:?}: use flowexport, flowexport-tc, flowexport-mirror, \
-                 flowexport-afxdp, softflowd, fprobe, pmacctd"
+                "unknown exporter {other:?}: use flowexport, flowexport-xdp, flowexport-tc, \
+                 flowexport-mirror, flowexport-afxdp, xdp-empty, tc-empty, softflowd, fprobe, \
+                 pmacctd"
             )
         }
     })
@@ -142,22 +142,24 @@ pub(crate) fn run(a: &PeersArgs) -> Result<()> {
                 let pps: Vec<f64> = os.iter().map(Outcome::pps).collect();
                 let ratio: Vec<f64> = pps.iter().zip(&rx).map(|(p, r)| p / r).collect();
                 let is_rx = *kind == Kind::ReceiveOnly;
+                // Baselines export nothing: only their rate and softirq.
+                let base = kind.is_baseline();
                 println!(
                     "| {n} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     kind.name(),
                     f(pps, 0),
                     if is_rx { "1".into() } else { f(ratio, 2) },
-                    if is_rx {
+                    if base {
                         "–".into()
                     } else {
                         f(os.iter().map(Outcome::accuracy).collect(), 4)
                     },
-                    if is_rx {
+                    if base {
                         "–".into()
                     } else {
                         f(os.iter().map(|o| o.flows_exact as f64).collect(), 0)
                     },
-                    if is_rx {
+                    if base {
                         "–".into()
                     } else {
                         format!(
@@ -167,7 +169,7 @@ pub(crate) fn run(a: &PeersArgs) -> Result<()> {
                         )
                     },
                     f(os.iter().map(Outcome::softirq_per_mpkt).collect(), 3),
-                    if is_rx {
+                    if base {
                         "–".into()
                     } else {
                         f(
@@ -177,7 +179,7 @@ pub(crate) fn run(a: &PeersArgs) -> Result<()> {
                             0,
                         )
                     },
-                    if is_rx {
+                    if base {
                         "–".into()
                     } else {
                         f(os.iter().map(|o| o.rcvbuf_drops as f64).collect(), 0)

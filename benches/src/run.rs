@@ -105,7 +105,7 @@ fn run_in(
     use_nfcapd: bool,
 ) -> Result<Outcome> {
     let is_agent = matches!(kind, Kind::Agent(_));
-    let netflow = *kind != Kind::ReceiveOnly && (use_nfcapd || !is_agent);
+    let netflow = !kind.is_baseline() && (use_nfcapd || !is_agent);
     let port = 9995;
     let collector = if netflow {
         Some(exporters::nfcapd(&link.b, &dir.join("nfcapd"), port)?)
@@ -163,7 +163,7 @@ fn run_in(
             .filter(|l| l.starts_with("flowexport_kernel_memory_bytes{"))
             .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
             .sum::<f64>() as u64;
-    } else if *kind != Kind::ReceiveOnly {
+    } else if !kind.is_baseline() {
         // pcap readers work behind the receive path: let them catch up
         // (their CPU time stops growing).
         let pid = exp.pid().context("no pid")?;

@@ -78,7 +78,7 @@ mod tests {
         assert_eq!("afxdp".parse(), Ok(Capture::Afxdp));
         assert_eq!(
             "XDP".parse::<Capture>(),
-            Err("unknown capture \"XDP\": use xdp, tc or afxdp".to_string())
+            Err("unknown capture \"XDP\": use auto, xdp, tc or afxdp".to_string())
         );
         assert_eq!(
             "x".parse::<XdpModeChoice>(),

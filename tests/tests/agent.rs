@@ -438,7 +438,14 @@ fn start_up_errors_are_clear() {
     let first = Agent::start(&l.b, &agent_args(&[&l.b_dev], &[])).unwrap();
     Agent::refused(
         &l.b,
-        &["--iface", &l.b_dev, "--metrics-addr", "127.0.0.1:9591"],
+        &[
+            "--iface",
+            &l.b_dev,
+            "--capture",
+            "xdp",
+            "--metrics-addr",
+            "127.0.0.1:9591",
+        ],
         &["already has an XDP program attached"],
     );
     send_one(
@@ -738,6 +745,67 @@ fn auto_mode_falls_back_to_skb_where_native_is_missing() {
             0,
         )],
     );
+}
+
+/// The default `--capture auto` counts ingress with TC on a veth (whose
+/// native XDP would copy every packet first) and on a driver without native
+/// XDP (a bridge), with a log line that says why; nothing on the XDP hook.
+#[test]
+fn default_capture_is_tc_on_veth_and_where_native_xdp_is_missing() {
+    let l = Link::new().unwrap();
+    let agent = Agent::start(
+        &l.b,
+        &["--iface", &l.b_dev, "--sampler-address", "192.0.2.10"],
+    )
+    .unwrap();
+    assert!(
+        agent.stderr().contains(&format!(
+            "attached to {}: TC ingress (--capture auto: veth, whose native XDP copies",
+            l.b_dev
+        )),
+        "{}",
+        agent.stderr()
+    );
+    let link = l.b.exec(&["ip", "link", "show", "dev", &l.b_dev]).unwrap();
+    assert!(!link.contains("xdp"), "{link}");
+    send_one(
+        &l.a,
+        &l.a_dev,
+        eth4("10.12.0.1", "10.12.0.2", &L4::udp(21, 22, 100)),
+        9,
+    );
+    let out = agent.stop_ok();
+    let ifb = l.b.ifindex(&l.b_dev).unwrap();
+    // The link's own IPv6 neighbour discovery is counted too, but is not
+    // this test's traffic.
+    let mut got = totals(&out.records);
+    got.retain(|id, _| id.src.starts_with("10.12."));
+    assert_flows(
+        &got,
+        &[(
+            FlowId::new(0, ifb, "10.12.0.1", "10.12.0.2", 17, 21, 22, 0),
+            9,
+            9 * 128,
+            0,
+        )],
+    );
+
+    let ns = Netns::new().unwrap();
+    let dev = unique("fed");
+    ns.exec(&["ip", "link", "add", &dev, "type", "bridge"])
+        .unwrap();
+    ns.exec(&["ip", "link", "set", &dev, "up"]).unwrap();
+    let agent = Agent::start(&ns, &["--iface", &dev]).unwrap();
+    assert!(
+        agent.stderr().contains(&format!(
+            "attached to {dev}: TC ingress (--capture auto: no native XDP in driver bridge"
+        )),
+        "{}",
+        agent.stderr()
+    );
+    let link = ns.exec(&["ip", "link", "show", "dev", &dev]).unwrap();
+    assert!(!link.contains("xdp"), "{link}");
+    agent.stop_ok();
 }
 
 /// A reader of the agent's stdout that goes away (`flowexport agent … |

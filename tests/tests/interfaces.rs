@@ -41,7 +41,14 @@ fn glob_attaches_to_interfaces_that_appear_and_forgets_those_that_go() {
     veth(&a, "peer5", &b, "watch5");
     let holder = Agent::start(
         &b,
-        &["--iface", "watch5", "--metrics-addr", "127.0.0.1:9591"],
+        &[
+            "--iface",
+            "watch5",
+            "--capture",
+            "xdp",
+            "--metrics-addr",
+            "127.0.0.1:9591",
+        ],
     )
     .unwrap();
     let agent = Agent::start(

@@ -192,7 +192,8 @@ fn main() -> Result<()> {
             if needs_flowexport {
                 build_release_agent()?;
             }
-            if what == "xdp" {
+            // bench xdp's programs; bench peers' empty-program baselines.
+            if what == "xdp" || what == "peers" {
                 build_bench_ebpf()?;
             }
             run(cargo()

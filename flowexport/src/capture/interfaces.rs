@@ -302,6 +302,50 @@ impl LinkMonitor {
     }
 }
 
+/// The interface's driver as ethtool names it (`ethtool -i`: "veth",
+/// "virtio_net", "mlx5_core"...), or None if it does not say (no such
+/// interface, or a device without ethtool operations).
+pub(crate) fn driver(iface: &str) -> Option<String> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    /// struct ethtool_drvinfo (linux/ethtool.h): the command, then the
+    /// strings; the kernel writes all 196 bytes.
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 160],
+    }
+    if iface.len() >= libc::IFNAMSIZ || iface.contains('\0') {
+        return None;
+    }
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        rest: [0; 160],
+    };
+    // SAFETY: an all-zero ifreq is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(iface.bytes()) {
+        *d = s as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = (&raw mut info).cast();
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a socket we own from here on.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: SIOCETHTOOL with a NUL-terminated name and ifr_data pointing
+    // at a live ethtool_drvinfo, which the kernel fills.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), SIOCETHTOOL as _, &mut req) } != 0 {
+        return None;
+    }
+    let name = info.driver.split(|b| *b == 0).next().unwrap_or_default();
+    (!name.is_empty()).then(|| String::from_utf8_lossy(name).into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -413,5 +457,19 @@ mod tests {
             links.iter().any(|l| l.name == "lo" && l.loopback),
             "{links:?}"
         );
+    }
+
+    /// `--capture auto`'s choice by driver: TC on veth, XDP first anywhere
+    /// else (a driver without native XDP then refuses it, and TC follows);
+    /// no driver for a name that is no interface.
+    #[test]
+    fn auto_capture_by_driver() {
+        use crate::capture::loader::auto_hook;
+        assert!(auto_hook(Some("veth")).unwrap_err().contains("veth"));
+        for other in [Some("virtio_net"), Some("mlx5_core"), Some("bridge"), None] {
+            assert_eq!(auto_hook(other), Ok(()), "{other:?}");
+        }
+        assert_eq!(driver("no-such-if0"), None);
+        assert_eq!(driver("a-name-longer-than-ifnamsiz"), None);
     }
 }

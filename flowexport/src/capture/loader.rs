@@ -49,7 +49,12 @@ from_keywords!(XdpModeChoice, "XDP mode", {
 /// Where ingress packets are counted (`--capture`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Capture {
-    /// An XDP program (`--xdp-mode` says how it attaches); the default.
+    /// The cheaper hook of each interface (the default): native XDP where
+    /// the driver runs it on its own receive buffers, TC where native XDP
+    /// would copy every packet first (veth), where the driver has no native
+    /// XDP, or where another program holds the XDP hook. See [`auto_hook`].
+    Auto,
+    /// An XDP program (`--xdp-mode` says how it attaches).
     Xdp,
     /// A TC (TCX) program, like egress: cheaper than XDP where the driver
     /// has to build an XDP buffer for it (veth) or has no native XDP, and
@@ -60,7 +65,28 @@ pub enum Capture {
     Afxdp,
 }
 
-from_keywords!(Capture, "capture", { "xdp" => Xdp, "tc" => Tc, "afxdp" => Afxdp });
+from_keywords!(Capture, "capture", {
+    "auto" => Auto,
+    "xdp" => Xdp,
+    "tc" => Tc,
+    "afxdp" => Afxdp,
+});
+
+/// `--capture auto`'s first choice for an interface whose driver is
+/// `driver` (ETHTOOL_GDRVINFO; None if it does not say): native XDP, or TC
+/// with the reason. Native XDP is the cheapest hook where the driver runs
+/// the program on its own receive buffer, before any skb exists. veth has
+/// none: its native XDP turns each skb into an XDP buffer first (a copy
+/// for the usual non-linear skb of a local sender) and builds a new skb
+/// after XDP_PASS; measured on a veth pair with trafgen, an empty XDP
+/// program delivers 0.63-0.68 of the receive-only rate, an empty TC
+/// program 0.80-0.89 (`cargo xtask bench peers`, BENCHMARKS.md).
+pub(crate) fn auto_hook(driver: Option<&str>) -> Result<(), &'static str> {
+    match driver {
+        Some("veth") => Err("veth, whose native XDP copies every packet into an XDP buffer"),
+        _ => Ok(()),
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -183,6 +209,11 @@ pub struct Programs {
     /// The XDP program loaded: PROG_INGRESS (PROG_XSK with AF_XDP), or on
     /// a kernel without multi-buffer XDP, its single-buffer copy.
     xdp_ingress: &'static str,
+}
+
+/// What `--capture auto` attaches to an interface: the TC ingress program.
+fn tc_ingress_auto(reason: &str) -> String {
+    format!("TC ingress (--capture auto: {reason}; --capture xdp forces XDP)")
 }
 
 /// A hook's name in link pins.
@@ -312,12 +343,19 @@ impl Programs {
             xdp.load().map_err(|e| map_load_error(e.into()))
         };
         let mut xdp_ingress = PROG_INGRESS;
+        // Auto loads both ingress programs and picks one per interface.
+        if matches!(opts.capture, Capture::Auto | Capture::Tc) {
+            classifier(&mut ebpf, PROG_INGRESS_TC)?
+                .load()
+                .map_err(|e| map_load_error(e.into()))?;
+        }
         match opts.capture {
-            Capture::Xdp | Capture::Afxdp => {
-                let (prog, linear) = if opts.capture == Capture::Xdp {
-                    (PROG_INGRESS, PROG_INGRESS_LINEAR)
-                } else {
+            Capture::Tc => {}
+            Capture::Auto | Capture::Xdp | Capture::Afxdp => {
+                let (prog, linear) = if opts.capture == Capture::Afxdp {
                     (PROG_XSK, PROG_XSK_LINEAR)
+                } else {
+                    (PROG_INGRESS, PROG_INGRESS_LINEAR)
                 };
                 xdp_ingress = prog;
                 if let Err(e) = load_xdp(&mut ebpf, prog) {
@@ -337,9 +375,6 @@ impl Programs {
                     xdp_ingress = linear;
                 }
             }
-            Capture::Tc => classifier(&mut ebpf, PROG_INGRESS_TC)?
-                .load()
-                .map_err(|e| map_load_error(e.into()))?,
         }
         if opts.capture != Capture::Afxdp {
             classifier(&mut ebpf, PROG_EGRESS)?
@@ -358,16 +393,21 @@ impl Programs {
         })
     }
 
-    /// Attaches the ingress program (XDP in `mode`, or TC) and the TC egress
-    /// program to `iface`. Returns how ingress is counted, for the log.
+    /// Attaches the ingress program (XDP in `mode`, or TC; with
+    /// `--capture auto` the hook [`auto_hook`] picks for the interface's
+    /// driver) and the TC egress program to `iface`. Returns how ingress is
+    /// counted, for the log.
     ///
     /// With a pin directory, a link pinned there for the same interface and
     /// hook (left by an earlier agent) is adopted: the program behind it is
     /// replaced by ours in one step, so no packet goes uncounted. New links
-    /// are pinned.
+    /// are pinned. With `--capture auto` an interface keeps the ingress hook
+    /// a pinned link has (switching hooks under traffic would count packets
+    /// twice while both are attached).
     pub fn attach(&mut self, iface: &str, mode: XdpModeChoice) -> Result<String, CaptureError> {
         ifindex(iface)?;
         let ingress = match self.capture {
+            Capture::Auto => self.attach_auto(iface)?,
             Capture::Xdp => {
                 let prog = self.xdp_ingress;
                 if self.adopt(iface, HOOK_XDP, prog)? {
@@ -397,6 +437,37 @@ impl Programs {
             self.attach_tc(iface, PROG_EGRESS, TcAttachType::Egress)?;
         }
         Ok(format!("{ingress}, TC egress"))
+    }
+
+    /// `--capture auto`'s ingress: an adopted link's hook, else native XDP
+    /// where [`auto_hook`] allows it and the driver takes it, else TC.
+    fn attach_auto(&mut self, iface: &str) -> Result<String, CaptureError> {
+        let xdp = self.xdp_ingress;
+        if self.adopt(iface, HOOK_XDP, xdp)? {
+            return Ok("XDP ingress (adopted link)".to_string());
+        }
+        if self.adopt(iface, HOOK_TC_INGRESS, PROG_INGRESS_TC)? {
+            return Ok("TC ingress (adopted link)".to_string());
+        }
+        let driver = super::interfaces::driver(iface);
+        let ingress = match auto_hook(driver.as_deref()) {
+            Err(reason) => tc_ingress_auto(reason),
+            Ok(()) => match self.attach_xdp(iface, xdp, XdpModeChoice::Native) {
+                Ok(_) => return Ok("XDP ingress (native mode)".to_string()),
+                Err(CaptureError::XdpBusy(_)) => {
+                    tc_ingress_auto("another program holds the XDP hook")
+                }
+                Err(e) => {
+                    log::debug!("{e}");
+                    tc_ingress_auto(&format!(
+                        "no native XDP in driver {}",
+                        driver.as_deref().unwrap_or("(unknown)")
+                    ))
+                }
+            },
+        };
+        self.attach_tc(iface, PROG_INGRESS_TC, TcAttachType::Ingress)?;
+        Ok(ingress)
     }
 
     /// Takes over the link pinned for (`iface`, `hook`), if there is one,

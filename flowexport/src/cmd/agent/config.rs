@@ -62,13 +62,15 @@ pub struct AgentArgs {
     /// repeatable).
     #[arg(long = "exclude-iface", value_name = "GLOB")]
     pub exclude_iface: Vec<String>,
-    /// Where ingress is counted: xdp (an XDP program; see --xdp-mode), tc
-    /// (a TC program, as egress is: cheaper where the driver has to build
-    /// an XDP buffer for it, e.g. veth, and it leaves XDP to others), or
-    /// afxdp (AF_XDP sockets: every frame of the interface goes to the
-    /// agent, which parses and counts it; for a dedicated mirror port, needs
-    /// --mirror). [default: xdp]
-    #[arg(long, value_name = "xdp|tc|afxdp")]
+    /// Where ingress is counted: auto (per interface: native XDP where the
+    /// driver runs it on its own buffers, TC on veth, whose native XDP
+    /// copies every packet first, on drivers without native XDP, and where
+    /// another program holds the XDP hook), xdp (an XDP program; see
+    /// --xdp-mode), tc (a TC program, as egress is; it leaves XDP to
+    /// others), or afxdp (AF_XDP sockets: every frame of the interface goes
+    /// to the agent, which parses and counts it; for a dedicated mirror
+    /// port, needs --mirror). [default: auto; xdp when --xdp-mode is given]
+    #[arg(long, value_name = "auto|xdp|tc|afxdp")]
     #[serde(deserialize_with = "de::parsed")]
     pub capture: Option<Capture>,
     /// The interface carries copies of someone else's traffic (a SPAN or
@@ -104,7 +106,9 @@ pub struct AgentArgs {
     #[serde(deserialize_with = "de::parsed")]
     pub decap: Option<Decap>,
     /// XDP attach mode: native (driver), skb (generic), or auto = native,
-    /// falling back to skb with a log line. [default: auto]
+    /// falling back to skb with a log line. Given without --capture, it
+    /// means --capture xdp; --capture auto takes only auto (its own choice:
+    /// native XDP where it pays, TC elsewhere). [default: auto]
     #[arg(long, value_name = "MODE")]
     #[serde(deserialize_with = "de::parsed")]
     pub xdp_mode: Option<XdpModeChoice>,
@@ -319,7 +323,7 @@ fn check_afxdp(a: &AgentArgs, s: &AfxdpSettings) -> Result<()> {
             "--capture afxdp takes every packet of the interface away from the host: the frames \
              go to the agent's AF_XDP sockets, not to the network stack. It is for a dedicated \
              mirror/SPAN port or TAP: add --mirror to say the interface carries copies, or count \
-             this host's own traffic with --capture xdp (the default) or tc"
+             this host's own traffic with --capture auto (the default), xdp or tc"
         );
     }
     if a.iface.iter().any(|i| i.contains(['*', '?', '['])) {
@@ -327,7 +331,7 @@ fn check_afxdp(a: &AgentArgs, s: &AfxdpSettings) -> Result<()> {
     }
     if !a.filter.is_empty() || a.sampling.is_some_and(|n| n > 1) {
         bail!(
-            "--filter and --sampling run in the kernel programs of --capture xdp and tc; \
+            "--filter and --sampling run in the kernel programs of --capture auto, xdp and tc; \
              --capture afxdp counts every frame (drop them)"
         );
     }
@@ -362,7 +366,12 @@ impl AgentArgs {
     /// Merges flags over the config file over the defaults, and validates.
     pub fn resolve(self) -> Result<AgentConfig> {
         let a = self.layered()?;
-        let capture = a.capture.unwrap_or(Capture::Xdp);
+        // --xdp-mode alone asks for XDP.
+        let capture = a.capture.unwrap_or(if a.xdp_mode.is_some() {
+            Capture::Xdp
+        } else {
+            Capture::Auto
+        });
         let afxdp = AfxdpSettings {
             queues: a.afxdp_queues.clone().unwrap_or(Queues::All),
             zero_copy: a.afxdp_zero_copy.unwrap_or(ZeroCopy::Auto),
@@ -388,6 +397,12 @@ impl AgentArgs {
         }
         if capture == Capture::Tc && a.xdp_mode.is_some() {
             bail!("--xdp-mode applies to --capture xdp; with --capture tc, drop it");
+        }
+        if capture == Capture::Auto && a.xdp_mode.is_some_and(|m| m != XdpModeChoice::Auto) {
+            bail!(
+                "--xdp-mode native or skb asks for XDP on every interface: add --capture xdp \
+                 (--capture auto attaches XDP in native mode where it pays, TC elsewhere)"
+            );
         }
         let xdp_mode = a.xdp_mode.unwrap_or(XdpModeChoice::Auto);
         let idle_timeout = a.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT);
@@ -597,7 +612,7 @@ mod tests {
         let c = args(&["eth0"]).resolve().unwrap();
         assert_eq!(c.ifaces, vec!["eth0"]);
         assert_eq!(c.xdp_mode, XdpModeChoice::Auto);
-        assert_eq!(c.capture, Capture::Xdp);
+        assert_eq!(c.capture, Capture::Auto);
         assert_eq!(c.idle_timeout, Duration::from_secs(15));
         assert_eq!(c.active_timeout, Duration::from_secs(60));
         assert_eq!(c.drain_interval, Duration::from_secs(1));
@@ -627,6 +642,7 @@ mod tests {
         assert_eq!(c.idle_timeout, Duration::from_secs(5));
         assert_eq!(c.max_flows, 256, "flag wins over file");
         assert_eq!(c.xdp_mode, XdpModeChoice::Skb);
+        assert_eq!(c.capture, Capture::Xdp, "an XDP mode alone asks for XDP");
         assert_eq!(c.metrics_addr.port(), 9999);
         assert_eq!(c.sampler_address, Some("192.0.2.7".parse().unwrap()));
 
@@ -724,6 +740,12 @@ mod tests {
         assert_eq!(a.clone().resolve().unwrap().capture, Capture::Tc);
         a.xdp_mode = Some(XdpModeChoice::Native);
         assert!(format!("{:#}", a.resolve().unwrap_err()).contains("--xdp-mode applies"));
+        let mut a = args(&["eth0"]);
+        a.capture = Some(Capture::Auto);
+        a.xdp_mode = Some(XdpModeChoice::Skb);
+        assert!(format!("{:#}", a.clone().resolve().unwrap_err()).contains("add --capture xdp"));
+        a.xdp_mode = Some(XdpModeChoice::Auto);
+        assert_eq!(a.resolve().unwrap().capture, Capture::Auto);
         for bad in [0, (1 << 30) + 1] {
             let mut a = args(&["eth0"]);
             a.max_flows = Some(bad);
