@@ -109,26 +109,27 @@ fn attach_empty(ns: &Netns, dev: &str, hook: Hook) -> Result<Ebpf> {
                 path.display()
             )
         })?;
-        match hook {
+        let name = match hook {
+            Hook::Xdp => "flowexport_bench_pass",
+            Hook::Tc => "flowexport_bench_tc_pass",
+        };
+        let prog = ebpf
+            .program_mut(name)
+            .with_context(|| format!("no {name} in the benchmark object"))?;
+        // Each kind's link id is dropped: the Ebpf object owns the link.
+        let attached = match hook {
             Hook::Xdp => {
-                let p: &mut Xdp = ebpf
-                    .program_mut("flowexport_bench_pass")
-                    .context("no flowexport_bench_pass in the benchmark object")?
-                    .try_into()?;
+                let p: &mut Xdp = prog.try_into()?;
                 p.load()?;
-                p.attach(&dev, XdpMode::Driver)
-                    .with_context(|| format!("attaching an empty XDP program to {dev}"))?;
+                p.attach(&dev, XdpMode::Driver).map(drop)
             }
             Hook::Tc => {
-                let p: &mut SchedClassifier = ebpf
-                    .program_mut("flowexport_bench_tc_pass")
-                    .context("no flowexport_bench_tc_pass in the benchmark object")?
-                    .try_into()?;
+                let p: &mut SchedClassifier = prog.try_into()?;
                 p.load()?;
-                p.attach(&dev, TcAttachType::Ingress)
-                    .with_context(|| format!("attaching an empty TC program to {dev}"))?;
+                p.attach(&dev, TcAttachType::Ingress).map(drop)
             }
-        }
+        };
+        attached.with_context(|| format!("attaching {name} to {dev}"))?;
         Ok(ebpf)
     })?
 }

@@ -138,6 +138,32 @@ fn restart_with_keep_attached_counts_every_packet() {
     assert!(pinned(&pins.0).is_empty(), "{:?}", pinned(&pins.0));
 }
 
+/// `--capture auto` keeps the ingress hook a pinned link has (XDP here,
+/// where auto alone would pick TC on a veth), so a restart that changes the
+/// capture to auto neither loses nor double-counts a packet; a TC link is
+/// kept the same way.
+#[test]
+fn capture_auto_keeps_the_hook_of_a_pinned_link() {
+    let l = Link::new().unwrap();
+    let pins = Pins::new();
+    let mut records = Vec::new();
+    for (hook, first_capture) in [("XDP", "xdp"), ("TC", "tc")] {
+        let first = agent(&l, &pins, &["--capture", first_capture, "--keep-attached"]);
+        assert_eq!(send(&l, 20, 3), 60);
+        records.extend(first.stop_ok().records);
+        // Counted by the pinned programs while no agent runs.
+        assert_eq!(send(&l, 20, 2), 40);
+        let second = agent(&l, &pins, &["--capture", "auto"]);
+        let adopted = format!("attached to {}: {hook} ingress (adopted link)", l.b_dev);
+        assert!(second.stderr().contains(&adopted), "{}", second.stderr());
+        assert_eq!(send(&l, 20, 1), 20);
+        records.extend(second.stop_ok().records);
+        assert!(pinned(&pins.0).is_empty(), "{:?}", pinned(&pins.0));
+        assert_no_xdp(&l.b, &l.b_dev);
+    }
+    assert_every_flow_has(&records, 12);
+}
+
 #[test]
 fn kill_9_loses_nothing() {
     let l = Link::new().unwrap();
