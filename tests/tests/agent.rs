@@ -760,7 +760,7 @@ fn default_capture_is_tc_on_veth_and_where_native_xdp_is_missing() {
     .unwrap();
     assert!(
         agent.stderr().contains(&format!(
-            "attached to {}: TC ingress (--capture auto: veth, whose native XDP copies",
+            "attached to {}: TC ingress (--capture auto: veth, whose native XDP copies nearly",
             l.b_dev
         )),
         "{}",

@@ -76,14 +76,16 @@ from_keywords!(Capture, "capture", {
 /// `driver` (ETHTOOL_GDRVINFO; None if it does not say): native XDP, or TC
 /// with the reason. Native XDP is the cheapest hook where the driver runs
 /// the program on its own receive buffer, before any skb exists. veth has
-/// none: its native XDP turns each skb into an XDP buffer first (a copy
-/// for the usual non-linear skb of a local sender) and builds a new skb
-/// after XDP_PASS; measured on a veth pair with trafgen, an empty XDP
-/// program delivers 0.63-0.68 of the receive-only rate, an empty TC
-/// program 0.80-0.89 (`cargo xtask bench peers`, BENCHMARKS.md).
+/// none: its native XDP turns each skb into an XDP buffer first (a copy,
+/// unless the skb is linear, unshared and has 256 bytes of headroom, which
+/// a local sender's rarely has) and builds a new skb after XDP_PASS.
+/// Measured on a veth pair with trafgen, an empty XDP program nearly
+/// doubles the receive path's softirq CPU per packet (1.02-1.30 us against
+/// 0.54-0.72), an empty TC program takes 0.60-0.74 (`cargo xtask bench
+/// peers`, BENCHMARKS.md).
 pub(crate) fn auto_hook(driver: Option<&str>) -> Result<(), &'static str> {
     match driver {
-        Some("veth") => Err("veth, whose native XDP copies every packet into an XDP buffer"),
+        Some("veth") => Err("veth, whose native XDP copies nearly every packet first"),
         _ => Ok(()),
     }
 }
@@ -453,7 +455,12 @@ impl Programs {
         let ingress = match auto_hook(driver.as_deref()) {
             Err(reason) => tc_ingress_auto(reason),
             Ok(()) => match self.attach_xdp(iface, xdp, XdpModeChoice::Native) {
-                Ok(_) => return Ok("XDP ingress (native mode)".to_string()),
+                Ok(_) => {
+                    return Ok(format!(
+                        "XDP ingress (native mode; --capture auto, driver {})",
+                        driver.as_deref().unwrap_or("(unknown)")
+                    ))
+                }
                 Err(CaptureError::XdpBusy(_)) => {
                     tc_ingress_auto("another program holds the XDP hook")
                 }

@@ -64,7 +64,7 @@ pub struct AgentArgs {
     pub exclude_iface: Vec<String>,
     /// Where ingress is counted: auto (per interface: native XDP where the
     /// driver runs it on its own buffers, TC on veth, whose native XDP
-    /// copies every packet first, on drivers without native XDP, and where
+    /// copies nearly every packet first, on drivers without native XDP, and where
     /// another program holds the XDP hook), xdp (an XDP program; see
     /// --xdp-mode), tc (a TC program, as egress is; it leaves XDP to
     /// others), or afxdp (AF_XDP sockets: every frame of the interface goes
