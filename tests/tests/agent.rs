@@ -798,7 +798,7 @@ fn default_capture_is_tc_on_veth_and_where_native_xdp_is_missing() {
     let agent = Agent::start(&ns, &["--iface", &dev]).unwrap();
     assert!(
         agent.stderr().contains(&format!(
-            "attached to {dev}: TC ingress (--capture auto: no native XDP in driver bridge"
+            "attached to {dev}: TC ingress (--capture auto: native XDP refused by driver bridge"
         )),
         "{}",
         agent.stderr()

@@ -465,9 +465,10 @@ impl Programs {
                     tc_ingress_auto("another program holds the XDP hook")
                 }
                 Err(e) => {
+                    // No native XDP in the driver, or not at this MTU.
                     log::debug!("{e}");
                     tc_ingress_auto(&format!(
-                        "no native XDP in driver {}",
+                        "native XDP refused by driver {}",
                         driver.as_deref().unwrap_or("(unknown)")
                     ))
                 }
