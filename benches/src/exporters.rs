@@ -85,30 +85,14 @@ pub(crate) struct Running {
     empty: Option<Ebpf>,
 }
 
-/// The kernel object with the benchmark programs, which `cargo xtask bench
-/// peers` builds: $FLOWEXPORT_BENCH_BPF, else target/ebpf-bench/.
-fn bench_object() -> PathBuf {
-    std::env::var_os("FLOWEXPORT_BENCH_BPF").map_or_else(
-        || {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/ebpf-bench/bpfel-unknown-none/release/flowexport")
-        },
-        PathBuf::from,
-    )
-}
-
 /// Loads the benchmark object's empty program for `hook` and attaches it
 /// to `dev` in `ns` (native XDP, or TC ingress).
 fn attach_empty(ns: &Netns, dev: &str, hook: Hook) -> Result<Ebpf> {
-    let path = bench_object();
+    let path = flowexport_benches::BENCH_OBJECT;
     let dev = dev.to_string();
     ns.run(move || -> Result<Ebpf> {
-        let mut ebpf = Ebpf::load_file(&path).with_context(|| {
-            format!(
-                "loading {} (`cargo xtask bench peers` builds it)",
-                path.display()
-            )
-        })?;
+        let mut ebpf = Ebpf::load_file(path)
+            .with_context(|| format!("loading {path} (`cargo xtask bench peers` builds it)"))?;
         let name = match hook {
             Hook::Xdp => "flowexport_bench_pass",
             Hook::Tc => "flowexport_bench_tc_pass",

@@ -413,9 +413,9 @@ struct Now {
 
 impl Now {
     /// The time in ms, truncated to 32 bits: the clock word's, or computed
-    /// from `ns` only where a path needs it (a 64-bit division, which would
-    /// cost the cache-hit path ~10% of its time while the clock rests).
-    /// (A word whose ms truncates to 0 gives the same 0 by division.)
+    /// from `ns` only where a path needs it (a 64-bit division, which the
+    /// cache-hit path would otherwise pay on every packet while the clock
+    /// rests). A word whose ms truncates to 0 gives the same 0 by division.
     #[inline(always)]
     fn ms(self) -> u32 {
         if self.word_ms != 0 {
@@ -750,7 +750,6 @@ const TCP_RST: u8 = 0x04;
 #[inline(always)]
 fn account<const RING: bool>(key: &FlowKey, packets: u64, bytes: u64, tcp_flags: u8) {
     let now = now();
-    let now_ns = now.ns;
     let epoch = match CONTROL.get(CONTROL_EPOCH) {
         Some(e) => *e,
         None => 0,
@@ -776,7 +775,7 @@ fn account<const RING: bool>(key: &FlowKey, packets: u64, bytes: u64, tcp_flags:
                 if live && same_key(&(*s).key, key) {
                     (*s).value.packets += packets;
                     (*s).value.bytes += bytes;
-                    (*s).value.last_seen_ns = now_ns;
+                    (*s).value.last_seen_ns = now.ns;
                     (*s).value.tcp_flags |= tcp_flags;
                     return;
                 }
@@ -797,16 +796,16 @@ fn account<const RING: bool>(key: &FlowKey, packets: u64, bytes: u64, tcp_flags:
                             (*s).key = *key;
                             (*s).epoch = epoch;
                             (*s).table_idx = t;
-                            write_first(&mut (*s).value, packets, bytes, now_ns, tcp_flags);
+                            write_first(&mut (*s).value, packets, bytes, now.ns, tcp_flags);
                         }
-                        Err(miss) => fallback(key, packets, bytes, now_ns, tcp_flags, miss),
+                        Err(miss) => fallback(key, packets, bytes, now.ns, tcp_flags, miss),
                     }
                     return;
                 }
                 // Another flow owns the slot this epoch: the agent counts
                 // the packet in the table (see MISSES), or, while the ring
                 // is full, this program does.
-                if RING && to_miss_ring(key, packets, bytes, now_ns, tcp_flags) {
+                if RING && to_miss_ring(key, packets, bytes, now.ns, tcp_flags) {
                     return;
                 }
             }

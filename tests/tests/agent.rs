@@ -748,7 +748,7 @@ fn auto_mode_falls_back_to_skb_where_native_is_missing() {
 }
 
 /// The default `--capture auto` counts ingress with TC on a veth (whose
-/// native XDP would copy every packet first) and on a driver without native
+/// native XDP would copy nearly every packet first) and on a driver without native
 /// XDP (a bridge), with a log line that says why; nothing on the XDP hook.
 #[test]
 fn default_capture_is_tc_on_veth_and_where_native_xdp_is_missing() {

@@ -93,10 +93,7 @@ struct Args {
     cache_slots: u32,
     /// The kernel object built with the benchmark programs (`cargo xtask
     /// bench xdp` builds it; the production object has none of them).
-    #[arg(long, default_value = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../target/ebpf-bench/bpfel-unknown-none/release/flowexport"
-    ))]
+    #[arg(long, default_value = flowexport_benches::BENCH_OBJECT)]
     bpf_object: std::path::PathBuf,
     /// Also measure the miss path with the table path instead of the
     /// MISSES ring (`flowexport_bench_table`, as before the ring), and what
