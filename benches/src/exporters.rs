@@ -118,14 +118,6 @@ fn attach_empty(ns: &Netns, dev: &str, hook: Hook) -> Result<Ebpf> {
     })?
 }
 
-/// The agent binary: $FLOWEXPORT_BIN, else target/release/flowexport.
-pub(crate) fn agent_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("FLOWEXPORT_BIN") {
-        return PathBuf::from(p);
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/flowexport")
-}
-
 fn wait_file_contains(path: &Path, what: &str, timeout: Duration) -> bool {
     wait_until(timeout, || {
         std::fs::read_to_string(path).is_ok_and(|s| s.contains(what))
@@ -165,7 +157,7 @@ impl Running {
             Kind::Agent(extra) => {
                 cmd.arg("env")
                     .arg("RUST_LOG=info,flowexport::drain=debug")
-                    .arg(agent_bin())
+                    .arg(flowexport_benches::util::flowexport_bin()?)
                     .args(["agent", "--iface", dev])
                     // `ip netns exec` hides /sys/fs/bpf; nothing needs to
                     // outlive a benchmark run.

@@ -38,16 +38,20 @@ where
     send_retrying(p, rec, Duration::from_millis(1));
 }
 
-/// The release `flowexport` binary beside this benchmark's (`cargo xtask
-/// bench` builds it first).
+/// The `flowexport` binary the benchmarks run: $FLOWEXPORT_BIN (to measure
+/// another build), else the release binary beside this benchmark's (`cargo
+/// xtask bench` builds both).
 pub fn flowexport_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("FLOWEXPORT_BIN") {
+        return Ok(PathBuf::from(p));
+    }
     let bin = std::env::current_exe()?
         .parent()
         .context("exe dir")?
         .join("flowexport");
     if !bin.is_file() {
         bail!(
-            "{} missing: cargo build --release --bin flowexport",
+            "{} missing: cargo build --release --bin flowexport, or set FLOWEXPORT_BIN",
             bin.display()
         );
     }
