@@ -338,11 +338,12 @@ pub struct TableDrain {
     /// Per region: slots in use at the last visit, and their total.
     live_in: Vec<u8>,
     live: usize,
-    /// Exports in progress: the slot's first taken generation. Looked up
-    /// for every live slot a drain visits (up to millions per drain), so
-    /// hashed with foldhash: std's SipHash took ~9% of the drain thread at
-    /// 1M flows (`perf record` on the agent, 50k packets/s).
-    pending: FlowMap<u32, FlowCounters>,
+    /// Exports in progress, by table slot: the slot's first taken
+    /// generation. Looked up for every live slot a drain visits (up to
+    /// millions per drain), so hashed with foldhash, as is `finished_set`:
+    /// std's SipHash took ~9% of the drain thread at 1M flows (`perf
+    /// record` on the agent, 50k packets/s).
+    pending: HashMap<u32, FlowCounters, foldhash::fast::RandomState>,
     /// The earliest time a flow not yet due can become due.
     next_deadline_ns: u64,
     /// The drain epoch now (after the flip), recorded with new exports.
@@ -402,7 +403,7 @@ impl TableDrain {
             due_at: vec![u64::MAX; n],
             live_in: vec![0; n],
             live: 0,
-            pending: FlowMap::default(),
+            pending: HashMap::default(),
             next_deadline_ns: u64::MAX,
             epoch: 0,
             started: Vec::new(),
