@@ -452,13 +452,13 @@ impl Programs {
             return Ok("TC ingress (adopted link)".to_string());
         }
         let driver = super::interfaces::driver(iface);
+        let driver_name = driver.as_deref().unwrap_or("(unknown)");
         let ingress = match auto_hook(driver.as_deref()) {
             Err(reason) => tc_ingress_auto(reason),
             Ok(()) => match self.attach_xdp(iface, xdp, XdpModeChoice::Native) {
                 Ok(_) => {
                     return Ok(format!(
-                        "XDP ingress (native mode; --capture auto, driver {})",
-                        driver.as_deref().unwrap_or("(unknown)")
+                        "XDP ingress (native mode; --capture auto, driver {driver_name})"
                     ))
                 }
                 Err(CaptureError::XdpBusy(_)) => {
@@ -467,10 +467,7 @@ impl Programs {
                 Err(e) => {
                     // No native XDP in the driver, or not at this MTU.
                     log::debug!("{e}");
-                    tc_ingress_auto(&format!(
-                        "native XDP refused by driver {}",
-                        driver.as_deref().unwrap_or("(unknown)")
-                    ))
+                    tc_ingress_auto(&format!("native XDP refused by driver {driver_name}"))
                 }
             },
         };
