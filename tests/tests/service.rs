@@ -210,6 +210,66 @@ fn kill_9_loses_nothing() {
     assert!(pinned(&pins.0).is_empty());
 }
 
+/// Slots of the pinned `TABLE` in state `state`, and the entries of the
+/// pinned `PENDING` map (exports in progress).
+fn pinned_slots_and_pending(dir: &Path, state: u32) -> (usize, usize) {
+    use aya::maps::{Array, HashMap, Map, MapData};
+    use flowexport_common::{PendingExport, TableSlot};
+    let table = MapData::from_pin(dir.join("TABLE")).unwrap();
+    let table: Array<_, TableSlot> = Array::try_from(Map::Array(table)).unwrap();
+    // The control word's second byte (the key's first pad byte) is the
+    // slot's state.
+    let slots = table
+        .iter()
+        .filter(|s| s.as_ref().is_ok_and(|s| u32::from(s.key._pad[0]) == state))
+        .count();
+    let pending = MapData::from_pin(dir.join("PENDING")).unwrap();
+    let pending: HashMap<_, u32, PendingExport> = HashMap::try_from(Map::HashMap(pending)).unwrap();
+    (slots, pending.keys().count())
+}
+
+/// An idle flow's slot is retired at one drain and read whole at the next.
+/// An agent killed in between has taken nothing from it and stored nothing
+/// in `PENDING`: the retired slots hold every count, and the next agent
+/// exports each flow once, exactly.
+#[test]
+fn kill_9_between_retiring_idle_flows_and_reading_them_loses_nothing() {
+    let l = Link::new().unwrap();
+    let pins = Pins::new();
+    // Drains 2 s apart: a flow idle for 2 s is retired at one drain and
+    // read 2 s later, at the next.
+    let mut args = timeouts("60s", "2s", "2s").to_vec();
+    args.extend(["--max-flows", "1024"]);
+    let mut first = agent(&l, &pins, &args);
+    let sent = send(&l, 20, 5);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let (retiring, pending) = loop {
+        let (retiring, pending) =
+            pinned_slots_and_pending(&pins.0, flowexport_common::SLOT_RETIRING);
+        if retiring == 20 || std::time::Instant::now() > deadline {
+            break (retiring, pending);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    first.kill9();
+    let killed = first.stop().unwrap().records;
+    assert_eq!(
+        retiring, 20,
+        "the 20 idle flows' slots were not seen retired"
+    );
+    assert_eq!(pending, 0, "idle exports keep nothing in PENDING");
+    let early = per_flow(&killed);
+    assert!(early.is_empty(), "exported before the kill: {early:?}");
+    let second = agent(&l, &pins, &args);
+    let out = second.stop_ok();
+    assert_eq!(sent, 20 * 5);
+    assert_every_flow_has(&out.records, 5);
+    // Each in one record, as without the kill.
+    let got = per_flow(&out.records);
+    assert!(got.values().all(|&(_, largest)| largest == 5), "{got:?}");
+    assert!(pinned(&pins.0).is_empty());
+}
+
 #[test]
 fn one_agent_per_pin_dir_and_foreign_layouts_are_refused() {
     let l = Link::new().unwrap();

@@ -32,11 +32,15 @@
 //!    to the sinks, then commits (stores the first steps' counts in the
 //!    pinned `PENDING` map and clears what it read), so that an agent
 //!    killed in between leaves every count in the kernel for the next one
-//!    (see [`TableDrain::commit`]). Every packet is in exactly one export: those counted
-//!    before this drain in the old generation, those counted before the
-//!    next drain in the other, and anything later starts the next slice. An
-//!    idle flow's slot is retired at step 1 (programs pass over it from
-//!    then on) and freed after step 2;
+//!    (see [`TableDrain::commit`]). Every packet is in exactly one export:
+//!    those counted before this drain in the old generation, those counted
+//!    before the next drain in the other, and anything later starts the
+//!    next slice. An idle flow takes one step, at the next drain: its slot
+//!    is retired now (programs pass over it from then on; a new packet of
+//!    the flow takes a new slot), and once the next drain's grace period
+//!    has passed nothing writes either generation, so that drain reads the
+//!    slot whole and frees it. Until then the slot keeps every count, so an
+//!    idle export stores nothing in `PENDING`;
 //! 6. reads the fallback ring buffer (packets that found no table slot,
 //!    each with its key) and the overflow counters (packets that found the
 //!    ring full too), which go into a userspace [`FlowAggregator`] with the
@@ -595,8 +599,10 @@ impl TableDrain {
             self.finished_set.insert(i);
             match self.table.state(i) {
                 SLOT_RETIRING => {
-                    // Retired at the last drain: no program writes it any
-                    // more. Its last counts, then free it.
+                    // Retired with an export in progress (kept in `PENDING`
+                    // by an agent of an earlier version, which took the old
+                    // generation first): no program writes it any more.
+                    // Its last counts, then free it.
                     c.merge(&self.read_out(i, 0, now_ms));
                     c.merge(&self.read_out(i, 1, now_ms));
                     self.emit(i, &c, out, &mut r);
@@ -716,9 +722,9 @@ impl TableDrain {
                     due = now_ns;
                 }
                 SLOT_RETIRING if !self.pending.contains_key(&i) => {
-                    // Only a slot retired by an earlier agent that died
-                    // before it stored the export (or at the final drain):
-                    // no program writes it, read it whole.
+                    // Retired at an earlier drain (by this agent or the
+                    // one before): after this drain's grace period no
+                    // program writes it; read it whole and free it.
                     let mut c = self.read_out(i, 0, now_ms);
                     c.merge(&self.read_out(i, 1, now_ms));
                     self.emit(i, &c, out, r);
@@ -765,8 +771,9 @@ impl TableDrain {
     }
 
     /// Whether slot `i` (VALID, no export in progress) is due; if so, starts
-    /// its export (and retires it if idle) and returns None, else returns
-    /// when it can become due.
+    /// its export and returns None, or retires it if idle and returns now
+    /// (its region is read again at the next drain), else returns when it
+    /// can become due.
     fn check(&mut self, i: u32, old_gen: u32, now_ms: u64, t: Timeouts) -> Option<u64> {
         let now_ns = now_ms * 1_000_000;
         let old = self.table.peek(i, old_gen);
@@ -774,13 +781,15 @@ impl TableDrain {
         let at = |ms: u32| restore_ms(ms, now_ms) * 1_000_000;
         let last = self.last_seen(i, now_ms);
         if now_ns.saturating_sub(last) >= t.idle_ns {
-            // Idle: programs pass over the slot from now on; what they
-            // counted before that (in the current generation, even a packet
-            // that arrives as we decide) is read at the next drain.
-            if self.table.retire(i) {
-                self.start_export(i, old_gen, now_ms);
-            }
-            return None;
+            // Idle: programs pass over the slot from now on. Nothing is
+            // taken now: after the next drain's grace period no program
+            // writes either generation, and that drain reads the slot
+            // whole and frees it (`visit`). Until then the retired slot
+            // itself keeps every count, so an agent that dies in between
+            // leaves nothing to store in `PENDING`: the next one reads the
+            // slot whole in the same way.
+            self.table.retire(i);
+            return Some(now_ns);
         }
         let idle_due = last.saturating_add(t.idle_ns);
         if old.packets == 0 && cur.packets == 0 {
@@ -1552,6 +1561,10 @@ mod tests {
         // generation and is read at the next drain, with the rest.
         s.drain(1_110);
         assert_eq!(s.d.table().state(i), SLOT_RETIRING);
+        // Nothing taken yet, so nothing kept for a next agent: the retired
+        // slot holds every count until the next drain reads it whole.
+        assert!(s.store.0.is_empty() && s.d.pending.is_empty());
+        assert_eq!(s.d.table().peek(i, s.gen ^ 1).packets, 2);
         s.d.table().add(i, s.gen, 1, 100, 1_111, 0);
         let r = s.drain(1_200);
         assert_eq!((r.live, r.exported, r.retired), (0, 1, 1));
@@ -1687,7 +1700,11 @@ mod tests {
 
     #[test]
     fn adopt_pending_tells_started_from_unfinished_exports() {
-        let mut s = Sim::new(T);
+        // Not idle within the test: the FIN starts an export in progress.
+        let mut s = Sim::new(Timeouts {
+            idle_ns: 15_000 * MS,
+            active_ns: 60_000 * MS,
+        });
         let i = s.packet(6, 100, 0x11);
         // The drain reads the FIN flow's old generation (export started)...
         s.scan_only(101);
