@@ -35,12 +35,14 @@
 //!    (see [`TableDrain::commit`]). Every packet is in exactly one export:
 //!    those counted before this drain in the old generation, those counted
 //!    before the next drain in the other, and anything later starts the
-//!    next slice. An idle flow takes one step, at the next drain: its slot
-//!    is retired now (programs pass over it from then on; a new packet of
-//!    the flow takes a new slot), and once the next drain's grace period
-//!    has passed nothing writes either generation, so that drain reads the
-//!    slot whole and frees it. Until then the slot keeps every count, so an
-//!    idle export stores nothing in `PENDING`;
+//!    next slice. Only an active timeout needs the two steps: a flow that
+//!    ends (idle, or a TCP connection that saw FIN or RST) takes one, at
+//!    the next drain. Its slot is retired now (programs pass over it from
+//!    then on; a new packet of the flow takes a new slot), and once the
+//!    next drain's grace period has passed nothing writes either
+//!    generation, so that drain reads the slot whole and frees it. Until
+//!    then the slot keeps every count, so such an export stores nothing in
+//!    `PENDING`;
 //! 6. reads the fallback ring buffer (packets that found no table slot,
 //!    each with its key) and the overflow counters (packets that found the
 //!    ring full too), which go into a userspace [`FlowAggregator`] with the
@@ -770,10 +772,10 @@ impl TableDrain {
             .unwrap_or(now_ms * 1_000_000)
     }
 
-    /// Whether slot `i` (VALID, no export in progress) is due; if so, starts
-    /// its export and returns None, or retires it if idle and returns now
-    /// (its region is read again at the next drain), else returns when it
-    /// can become due.
+    /// Whether slot `i` (VALID, no export in progress) is due. An active
+    /// timeout starts its two-step export and returns None; an idle flow or
+    /// an ended TCP connection is retired and returns now (its region is
+    /// read again at the next drain); else returns when it can become due.
     fn check(&mut self, i: u32, old_gen: u32, now_ms: u64, t: Timeouts) -> Option<u64> {
         let now_ns = now_ms * 1_000_000;
         let old = self.table.peek(i, old_gen);
@@ -781,15 +783,7 @@ impl TableDrain {
         let at = |ms: u32| restore_ms(ms, now_ms) * 1_000_000;
         let last = self.last_seen(i, now_ms);
         if now_ns.saturating_sub(last) >= t.idle_ns {
-            // Idle: programs pass over the slot from now on. Nothing is
-            // taken now: after the next drain's grace period no program
-            // writes either generation, and that drain reads the slot
-            // whole and frees it (`visit`). Until then the retired slot
-            // itself keeps every count, so an agent that dies in between
-            // leaves nothing to store in `PENDING`: the next one reads the
-            // slot whole in the same way.
-            self.table.retire(i);
-            return Some(now_ns);
+            return Some(self.retire(i, now_ns));
         }
         let idle_due = last.saturating_add(t.idle_ns);
         if old.packets == 0 && cur.packets == 0 {
@@ -809,11 +803,30 @@ impl TableDrain {
         }
         let tcp_end = (old.tcp_flags | cur.tcp_flags) & (TCP_FIN | TCP_RST) != 0
             && self.table.key(i).proto == IPPROTO_TCP;
-        if now_ns.saturating_sub(start) >= t.active_ns || tcp_end {
+        if tcp_end {
+            // The connection ended: its flow is over, as an idle one is (a
+            // later segment of the same 5-tuple, such as the ACK of the
+            // other side's FIN, takes a new slot and record).
+            return Some(self.retire(i, now_ns));
+        }
+        if now_ns.saturating_sub(start) >= t.active_ns {
             self.start_export(i, old_gen, now_ms);
             return None;
         }
         Some(idle_due.min(start.saturating_add(t.active_ns)))
+    }
+
+    /// Ends slot `i`'s flow (idle, or a TCP connection that ended):
+    /// programs pass over the slot from now on. Nothing is taken now: after
+    /// the next drain's grace period no program writes either generation,
+    /// and that drain reads the slot whole and frees it (`visit`). Until
+    /// then the retired slot itself keeps every count, so an agent that
+    /// dies in between leaves nothing to store in `PENDING`: the next one
+    /// reads the slot whole in the same way. Returns when the slot is due
+    /// again: now (at the next drain).
+    fn retire(&mut self, i: u32, now_ns: u64) -> u64 {
+        self.table.retire(i);
+        now_ns
     }
 }
 
@@ -1610,13 +1623,22 @@ mod tests {
     fn tcp_fin_exports_at_the_next_drains() {
         let mut s = Sim::new(T);
         s.packet(9, 100, 0x02);
-        s.packet(9, 101, 0x11);
-        s.drain(102); // FIN seen: first step
+        let i = s.packet(9, 101, 0x11);
+        s.drain(102); // FIN seen: the slot is retired, nothing taken
         assert!(s.out.is_empty());
+        assert_eq!(s.d.table().state(i), SLOT_RETIRING);
+        assert!(s.store.0.is_empty() && s.d.pending.is_empty());
+        // A segment after that (the ACK of the other side's FIN) starts a
+        // flow of its own.
+        let j = s.packet(9, 102, 0x10);
+        assert_ne!(i, j);
         s.drain(103);
         assert_eq!(s.out.len(), 1);
         assert_eq!(s.out[0].1.tcp_flags, 0x13);
         assert_eq!(s.out[0].1.packets, 2);
+        s.final_drain(104);
+        assert_eq!(s.exported(9).len(), 2);
+        assert_eq!((s.out[1].1.packets, s.out[1].1.tcp_flags), (1, 0x10));
     }
 
     #[test]
@@ -1700,13 +1722,13 @@ mod tests {
 
     #[test]
     fn adopt_pending_tells_started_from_unfinished_exports() {
-        // Not idle within the test: the FIN starts an export in progress.
+        // An active timeout of 1 ms: the next drain starts an export.
         let mut s = Sim::new(Timeouts {
             idle_ns: 15_000 * MS,
-            active_ns: 60_000 * MS,
+            active_ns: MS,
         });
-        let i = s.packet(6, 100, 0x11);
-        // The drain reads the FIN flow's old generation (export started)...
+        let i = s.packet(6, 100, 0);
+        // The drain reads the flow's old generation (export started)...
         s.scan_only(101);
         let e = s.d.started[0].1;
         // ...and dies before its commit: the store is empty, the table
