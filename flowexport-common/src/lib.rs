@@ -425,6 +425,9 @@ pub const MAP_CONTROL: &str = "CONTROL";
 pub const MAP_STATS: &str = "STATS";
 pub const MAP_FALLBACK: &str = "FALLBACK";
 pub const MAP_CACHE: &str = "CACHE";
+/// One tag per `CACHE` slot and CPU (not pinned: a hint, see the kernel
+/// object's `CACHE_TAGS`).
+pub const MAP_CACHE_TAGS: &str = "CACHE_TAGS";
 pub const MAP_CLOCK: &str = "CLOCK";
 pub const MAP_PENDING: &str = "PENDING";
 /// Packets that missed their cache slot, for the agent to count in the

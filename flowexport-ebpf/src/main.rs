@@ -36,7 +36,10 @@
 use aya_ebpf::{
     bindings::{xdp_action, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, TC_ACT_SHOT, TC_ACT_UNSPEC},
     cty::{c_long, c_void},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_xdp_load_bytes},
+    helpers::{
+        bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_skb_load_bytes,
+        bpf_xdp_load_bytes,
+    },
     macros::{classifier, map, xdp},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf, XskMap},
     programs::{TcContext, XdpContext},
@@ -133,6 +136,34 @@ static CACHE_SLOTS: u32 = 0;
 
 #[map]
 static CACHE: PerCpuArray<CacheSlot> = PerCpuArray::with_max_entries(2 * 2048, 0);
+
+/// A 4-byte tag per `CACHE` slot and CPU, written when a flow takes the
+/// slot: the epoch and 16 bits of the flow's hash ([`cache_tag`]). Entry
+/// `cpu * CACHE_SLOTS + i` holds the tags of slot `i` of both halves
+/// (generation 0 in its low 32 bits): array values take 8 bytes each, so
+/// one entry per slot pair keeps the array dense. At high flow counts
+/// nearly every packet finds its cache slot held by another flow; the tag
+/// says so from an array small enough to stay in the CPU's caches, where
+/// reading the 96-byte slot itself (384 KiB per CPU, at random) misses
+/// them. Only a hint: a tag that does not say "another flow's, this epoch"
+/// sends the packet to the slot's full check, and every answer it gives is
+/// one the full check could give, so it is not pinned (a new agent starts
+/// with zero tags).
+///
+/// Sizing: the loader sets max_entries to CPUs x `--cache-slots` (possible
+/// CPUs): 16 KiB per CPU at the default (32 KiB on 2 CPUs, 256 KiB on 16,
+/// 1 MiB on 64). A plain array (one inlined load), not a per-CPU one (a
+/// pointer table to read first).
+#[map]
+static CACHE_TAGS: Array<u64> = Array::with_max_entries(1, 0);
+
+/// The tag of a cache slot a flow with table hash `h` takes in `epoch`: a
+/// set top bit (zeroed memory is never a tag), 15 bits of the epoch, and
+/// 16 bits of the hash other than the cache index's.
+#[inline(always)]
+fn cache_tag(epoch: u32, h: u64) -> u32 {
+    0x8000_0000 | (epoch & 0x7fff) << 16 | (h >> 48) as u32
+}
 
 /// Exports in progress (slot index -> `PendingExport`): written and read
 /// only by userspace, which keeps them here, pinned with the rest, so that
@@ -767,8 +798,28 @@ fn account<const RING: bool>(key: &FlowKey, packets: u64, bytes: u64, tcp_flags:
         // slots is a power of two (the loader checks); the index lands in
         // this generation's half. An index past max_entries only makes the
         // look-up fail (then the table path below counts the packet).
-        let idx = gen * slots + ((h >> 32) as u32 & (slots - 1));
-        if let Some(s) = CACHE.get_ptr_mut(idx) {
+        let home = (h >> 32) as u32 & (slots - 1);
+        let idx = gen * slots + home;
+        let tag = cache_tag(epoch, h);
+        // SAFETY: a helper without arguments.
+        let cpu = unsafe { bpf_get_smp_processor_id() };
+        // This generation's half of the entry (shifts, not a pointer into
+        // it: the verifier refuses arithmetic on a pointer not yet checked
+        // for null, which LLVM would hoist).
+        let shift = 32 * (gen & 1);
+        let tags = CACHE_TAGS.get_ptr_mut(cpu.wrapping_mul(slots).wrapping_add(home));
+        let taken = tags.is_some_and(|t| {
+            // SAFETY: this CPU's tags; programs do not nest on one CPU.
+            let seen = (unsafe { *t } >> shift) as u32;
+            seen != tag && seen >> 16 == tag >> 16
+        });
+        if taken {
+            // Another flow took the slot this epoch (its tag says so): the
+            // slot itself is not read.
+            if RING && to_miss_ring(key, packets, bytes, now.ns, tcp_flags) {
+                return;
+            }
+        } else if let Some(s) = CACHE.get_ptr_mut(idx) {
             // SAFETY: this CPU's slot; programs do not nest on one CPU.
             unsafe {
                 let live = (*s).epoch == epoch && (*s).value.packets != 0;
@@ -796,6 +847,9 @@ fn account<const RING: bool>(key: &FlowKey, packets: u64, bytes: u64, tcp_flags:
                             (*s).key = *key;
                             (*s).epoch = epoch;
                             (*s).table_idx = t;
+                            if let Some(t) = tags {
+                                *t = *t & !(0xffff_ffff << shift) | u64::from(tag) << shift;
+                            }
                             write_first(&mut (*s).value, packets, bytes, now.ns, tcp_flags);
                         }
                         Err(miss) => fallback(key, packets, bytes, now.ns, tcp_flags, miss),

@@ -16,9 +16,9 @@ use aya::Pod;
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use flowexport_common::{
     FilterMasks, GLOBAL_CACHE_SLOTS, GLOBAL_FILTER, GLOBAL_MIRROR, GLOBAL_SAMPLING,
-    GLOBAL_TABLE_MASK, MAPS, MAP_CACHE, MAP_DIRTY, MAP_FALLBACK, MAP_FILTER_PORTS, MAP_FILTER_V4,
-    MAP_FILTER_V6, MAP_PENDING, MAP_TABLE, PROG_EGRESS, PROG_INGRESS, PROG_INGRESS_LINEAR,
-    PROG_INGRESS_TC, PROG_REPLAY, PROG_XSK, PROG_XSK_LINEAR,
+    GLOBAL_TABLE_MASK, MAPS, MAP_CACHE, MAP_CACHE_TAGS, MAP_DIRTY, MAP_FALLBACK, MAP_FILTER_PORTS,
+    MAP_FILTER_V4, MAP_FILTER_V6, MAP_PENDING, MAP_TABLE, PROG_EGRESS, PROG_INGRESS,
+    PROG_INGRESS_LINEAR, PROG_INGRESS_TC, PROG_REPLAY, PROG_XSK, PROG_XSK_LINEAR,
 };
 
 use super::filter::KernelFilter;
@@ -285,6 +285,8 @@ impl Programs {
         };
         let slots = slots_for(opts.max_flows);
         let mask = slots - 1;
+        // Possible CPUs: `CACHE_TAGS` has a row of tags for each.
+        let cpus = aya::util::nr_cpus().map_or(1, |n| n as u32);
         let mut loader = EbpfLoader::new();
         if let Some(pins) = opts.pins {
             // Maps pinned there are reused (their counts go on); the others
@@ -302,6 +304,7 @@ impl Programs {
             // Two halves (one per generation); an array needs one entry
             // even when the cache is off.
             .map_max_entries(MAP_CACHE, (2 * opts.cache_slots).max(1))
+            .map_max_entries(MAP_CACHE_TAGS, (cpus * opts.cache_slots).max(1))
             .override_global(GLOBAL_CACHE_SLOTS, &opts.cache_slots, true)
             .override_global(GLOBAL_SAMPLING, &opts.sampling, true)
             .override_global(GLOBAL_FILTER, &opts.filter.set, true)

@@ -139,7 +139,8 @@ pub struct AgentArgs {
     pub fallback_ring_bytes: Option<u32>,
     /// Per-CPU flow cache in front of the flow table: slots per generation
     /// (a power of two up to 65536; 0 turns the cache off). Costs 2 x N x
-    /// 96 bytes per CPU (384 KiB per CPU at the default). [default: 2048]
+    /// 100 bytes per CPU (400 KiB per CPU at the default: 96-byte slots and
+    /// their 4-byte tags). [default: 2048]
     #[arg(long, value_name = "N")]
     pub cache_slots: Option<u32>,
     /// Count 1 in N packets, chosen at random in the kernel before the

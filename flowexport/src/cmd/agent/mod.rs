@@ -570,9 +570,10 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
     for (map, bytes) in [
         ("table", crate::capture::table::table_bytes(slots)),
         (
+            // The slots and their 4-byte tags (CACHE_TAGS), per CPU.
             "cache",
             2 * u64::from(cfg.cache_slots.max(1))
-                * size_of::<flowexport_common::CacheSlot>() as u64
+                * (size_of::<flowexport_common::CacheSlot>() + size_of::<u32>()) as u64
                 * cpus,
         ),
         ("ring", u64::from(cfg.fallback_ring_bytes)),
