@@ -214,14 +214,15 @@ fn kill_9_loses_nothing() {
 /// pinned `PENDING` map (exports in progress).
 fn pinned_slots_and_pending(dir: &Path, state: u32) -> (usize, usize) {
     use aya::maps::{Array, HashMap, Map, MapData};
-    use flowexport_common::{PendingExport, TableSlot};
+    use flowexport_common::{slot_state, PendingExport, TableSlot, SLOT_WORD_INDEX};
     let table = MapData::from_pin(dir.join("TABLE")).unwrap();
     let table: Array<_, TableSlot> = Array::try_from(Map::Array(table)).unwrap();
-    // The control word's second byte (the key's first pad byte) is the
-    // slot's state.
+    // The control word: the key's u32 number SLOT_WORD_INDEX, the high half
+    // of a u64 on this little-endian host.
+    let word = |s: &TableSlot| (s.key.words64()[SLOT_WORD_INDEX / 2] >> 32) as u32;
     let slots = table
         .iter()
-        .filter(|s| s.as_ref().is_ok_and(|s| u32::from(s.key._pad[0]) == state))
+        .filter(|s| s.as_ref().is_ok_and(|s| slot_state(word(s)) == state))
         .count();
     let pending = MapData::from_pin(dir.join("PENDING")).unwrap();
     let pending: HashMap<_, u32, PendingExport> = HashMap::try_from(Map::HashMap(pending)).unwrap();
