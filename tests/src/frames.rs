@@ -148,6 +148,23 @@ pub fn ipv4_raw(
     h
 }
 
+/// `frame` (an untagged Ethernet frame of an IPv4 packet without options)
+/// with its IP header checksum filled in, so that the receiving stack
+/// accepts the packet (the other builders leave it 0: only the agent reads
+/// their frames).
+pub fn with_ipv4_checksum(mut frame: Vec<u8>) -> Vec<u8> {
+    let h = &mut frame[14..34];
+    h[10..12].fill(0);
+    let sum = h
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum::<u32>();
+    let folded = (sum & 0xffff) + (sum >> 16);
+    let folded = (folded & 0xffff) + (folded >> 16);
+    h[10..12].copy_from_slice(&(!(folded as u16)).to_be_bytes());
+    frame
+}
+
 pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, l4: &L4) -> Vec<u8> {
     ipv4_raw(src, dst, l4.proto(), &l4.bytes(), 0, false)
 }

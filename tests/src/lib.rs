@@ -114,7 +114,6 @@ impl Netns {
         }))
     }
 
-    /// A counter from /proc/net/snmp in this namespace, e.g. ("Tcp", "OutSegs").
     /// A counter from this namespace's /proc/net/snmp (`Tcp`, `Ip`, ...).
     pub fn snmp(&self, group: &str, field: &str) -> Result<u64> {
         self.proc_counter("/proc/net/snmp", group, field)

@@ -282,6 +282,56 @@ fn jumbo_frames(capture: &[&str]) {
     );
 }
 
+// "Neither program ever changes or drops a packet" (README): datagrams
+// whose headers lie in paged data (jumbo frames from AF_PACKET, as above)
+// reach a UDP socket in the receiving namespace whole, from the right
+// source, through either ingress program, and the agent counts them
+// exactly.
+in_each_capture!(paged_datagrams_delivered: paged_datagrams_reach_the_socket_whole, paged_datagrams_reach_the_socket_whole_tc_capture);
+
+fn paged_datagrams_delivered(capture: &[&str]) {
+    let l = Link::new().unwrap();
+    for (ns, dev) in [(&l.a, &l.a_dev), (&l.b, &l.b_dev)] {
+        ns.exec(&["ip", "link", "set", dev, "mtu", "9000"]).unwrap();
+    }
+    // The frames' destination MAC (see `ethernet`) and address are b's.
+    let (b, dev) = (&l.b, l.b_dev.as_str());
+    b.exec(&["ip", "link", "set", dev, "address", "02:00:00:00:00:bb"])
+        .unwrap();
+    b.exec(&["ip", "addr", "add", "10.5.0.2/24", "dev", dev])
+        .unwrap();
+    let sock = b
+        .run(|| std::net::UdpSocket::bind("10.5.0.2:2222"))
+        .unwrap()
+        .unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let ifb = b.ifindex(dev).unwrap();
+    let agent = Agent::start(b, &agent_args(&[dev], capture)).unwrap();
+    let frame = eth4("10.5.0.1", "10.5.0.2", &L4::udp(1111, 2222, 8000));
+    send_one(&l.a, &l.a_dev, with_ipv4_checksum(frame), 7);
+    let mut buf = vec![0u8; 9000];
+    for i in 0..7 {
+        let (n, from) = sock
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("datagram {i} of 7 did not reach the socket: {e}"));
+        assert_eq!((n, from), (8000, "10.5.0.1:1111".parse().unwrap()));
+        assert!(
+            buf[..n].iter().all(|&x| x == 0x55),
+            "payload of datagram {i}"
+        );
+    }
+    let out = agent.stop_ok();
+    assert_flows(
+        &totals(&out.records),
+        &[(
+            FlowId::new(0, ifb, "10.5.0.1", "10.5.0.2", 17, 1111, 2222, 0),
+            7,
+            7 * 8028,
+            0,
+        )],
+    );
+}
+
 #[test]
 fn exact_under_concurrent_load_with_active_timeout() {
     let l = Link::new().unwrap();
