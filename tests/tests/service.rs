@@ -235,28 +235,35 @@ fn pinned_slots_and_pending(dir: &Path, state: u32) -> (usize, usize) {
 /// exports each flow once, exactly.
 #[test]
 fn kill_9_between_retiring_idle_flows_and_reading_them_loses_nothing() {
+    use flowexport_common::{SLOT_RETIRING, SLOT_VALID};
     let l = Link::new().unwrap();
     let pins = Pins::new();
-    // Drains 2 s apart: a flow idle for 2 s is retired at one drain and
-    // read 2 s later, at the next.
-    let mut args = timeouts("60s", "2s", "2s").to_vec();
+    // Idle after 2 s, drains 1.5 s apart. The flows are sent just after the
+    // agent's drain clock starts, so the drain that finds them idle (3 s
+    // after it, 1 s past their idle deadline) is far from the moment they
+    // turn idle: all 20 are retired at the same drain and read 1.5 s later,
+    // at the next. (With drains 2 s apart, that deadline fell on a drain,
+    // which retired some flows and left the others to the next one.)
+    let mut args = timeouts("60s", "2s", "1500ms").to_vec();
     args.extend(["--max-flows", "1024"]);
     let mut first = agent(&l, &pins, &args);
     let sent = send(&l, 20, 5);
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    // Kill at the first sight of a retired slot: before the next drain.
     let (retiring, pending) = loop {
-        let (retiring, pending) =
-            pinned_slots_and_pending(&pins.0, flowexport_common::SLOT_RETIRING);
-        if retiring == 20 || std::time::Instant::now() > deadline {
+        let (retiring, pending) = pinned_slots_and_pending(&pins.0, SLOT_RETIRING);
+        if retiring > 0 || std::time::Instant::now() > deadline {
             break (retiring, pending);
         }
         std::thread::sleep(Duration::from_millis(20));
     };
     first.kill9();
     let killed = first.stop().unwrap().records;
+    let (live, _) = pinned_slots_and_pending(&pins.0, SLOT_VALID);
+    eprintln!("killed with {retiring} slots retired, {live} live");
     assert_eq!(
         retiring, 20,
-        "the 20 idle flows' slots were not seen retired"
+        "the 20 idle flows' slots were not seen retired at one drain ({live} live)"
     );
     assert_eq!(pending, 0, "idle exports keep nothing in PENDING");
     let early = per_flow(&killed);
