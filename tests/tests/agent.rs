@@ -360,7 +360,7 @@ fn exact_under_concurrent_load_with_active_timeout() {
     let total: u64 = got.values().map(|t| t.packets).sum();
     assert_eq!(total, sent);
     // The traffic really was split by drains and active timeouts.
-    assert!(drains >= 20.0, "only {drains} drains during the load");
+    assert!(drains >= 10.0, "only {drains} drains during the load");
     assert!(
         slices >= 64 * 3,
         "only {slices} records: active timeout not exercised"

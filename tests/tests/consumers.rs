@@ -195,7 +195,13 @@ fn enrich_then_split_per_customer_exact() {
     let (customers, asn) = (files.path("customers.csv"), files.path("asn.csv"));
     let enrich = Agent::start_enrich(&ns, &brokers, &customers, &asn).unwrap();
     wait_count(&broker, "enriched", 600, &enrich);
-    let m = enrich.metrics(9592).unwrap();
+    // The counters are updated as messages are read and acknowledged:
+    // waited for, then exact.
+    let (ok, m) = enrich.wait_metrics(9592, Duration::from_secs(30), |m| {
+        metric(m, "flowexport_bridge_consumed_total") >= Some(603.0)
+            && metric(m, "flowexport_bridge_delivered_total") >= Some(600.0)
+    });
+    assert!(ok, "{m}\n{}", enrich.stderr());
     assert_metric(&m, "flowexport_bridge_consumed_total", 603.0);
     assert_metric(&m, "flowexport_bridge_undecodable_total", 3.0);
     assert_metric(&m, "flowexport_bridge_delivered_total", 600.0);
@@ -583,11 +589,21 @@ fn enrich_group_survives_the_death_of_a_member() {
         )
         .unwrap_or(0.0)
     };
+    let (go, gate) = std::sync::mpsc::channel::<()>();
+    let gate = std::sync::Mutex::new(gate);
     std::thread::scope(|s| {
         // The input arrives over several seconds, so that both members
-        // are reading when one dies.
+        // are reading when one dies: a third of it, then (at the first
+        // signal) the next half once the group has split, then the last two
+        // chunks after the kill, so that each member has new input to read
+        // however long the group took to form. Should an assertion fail,
+        // the sender is dropped and the producer runs to its end.
+        let go = go;
         let producer = s.spawn(|| {
             for c in 0..CHUNKS {
+                if c == CHUNKS / 3 || c == CHUNKS - 2 {
+                    let _ = gate.lock().unwrap().recv();
+                }
                 let lo = (c * N / CHUNKS) as usize;
                 let hi = ((c + 1) * N / CHUNKS) as usize;
                 broker.produce("gin", messages(&flows[lo..hi])).unwrap();
@@ -603,9 +619,18 @@ fn enrich_group_survives_the_death_of_a_member() {
         let mut b = member("9612");
         // Cooperative-sticky: the first member hands over two partitions,
         // keeps reading the other two.
+        let split = || owned(&a, 9611) == 2.0 && owned(&b, 9612) == 2.0;
         assert!(
-            wait_until(Duration::from_secs(60), || owned(&a, 9611) == 2.0
-                && owned(&b, 9612) == 2.0
+            wait_until(Duration::from_secs(60), split),
+            "the group did not split the partitions: a {} b {}\n{}\n{}",
+            owned(&a, 9611),
+            owned(&b, 9612),
+            a.stderr(),
+            b.stderr()
+        );
+        go.send(()).unwrap();
+        assert!(
+            wait_until(Duration::from_secs(60), || split()
                 && consumed(&b, 9612) > 0.0),
             "the group did not split the partitions: a {} b {}\n{}\n{}",
             owned(&a, 9611),
@@ -616,6 +641,7 @@ fn enrich_group_survives_the_death_of_a_member() {
         let a_before = consumed(&a, 9611);
         b.kill9();
         let killed_at = std::time::Instant::now();
+        go.send(()).unwrap();
         // The session timeout (6 s) removes the dead member; the survivor
         // gets its partitions.
         assert!(

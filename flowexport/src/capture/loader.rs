@@ -15,10 +15,11 @@ use aya::programs::{
 use aya::Pod;
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use flowexport_common::{
-    FilterMasks, GLOBAL_CACHE_SLOTS, GLOBAL_FILTER, GLOBAL_MIRROR, GLOBAL_SAMPLING,
+    CacheSlot, FilterMasks, GLOBAL_CACHE_SLOTS, GLOBAL_FILTER, GLOBAL_MIRROR, GLOBAL_SAMPLING,
     GLOBAL_TABLE_MASK, MAPS, MAP_CACHE, MAP_CACHE_TAGS, MAP_DIRTY, MAP_FALLBACK, MAP_FILTER_PORTS,
-    MAP_FILTER_V4, MAP_FILTER_V6, MAP_PENDING, MAP_TABLE, PROG_EGRESS, PROG_INGRESS,
-    PROG_INGRESS_LINEAR, PROG_INGRESS_TC, PROG_REPLAY, PROG_XSK, PROG_XSK_LINEAR,
+    MAP_FILTER_V4, MAP_FILTER_V6, MAP_PENDING, MAP_TABLE, MISS_RING_BYTES, PROG_EGRESS,
+    PROG_INGRESS, PROG_INGRESS_LINEAR, PROG_INGRESS_TC, PROG_REPLAY, PROG_XSK, PROG_XSK_LINEAR,
+    STAT_LEN, TABLE_LOCKS,
 };
 
 use super::filter::KernelFilter;
@@ -165,6 +166,39 @@ pub struct LoadOptions<'a> {
     /// `--mirror`: ingress programs drop what they counted, and no egress
     /// program is attached.
     pub mirror: bool,
+}
+
+impl LoadOptions<'_> {
+    /// Kernel memory of the maps [`Programs::load`] creates with these
+    /// options on a host with `cpus` possible CPUs, in bytes, by the
+    /// `map` label of `flowexport_kernel_memory_bytes` (the README's
+    /// Memory table). Not counted: `PENDING` (allocated as used: an entry
+    /// per export in progress) and the filter's CIDR tries (a few KiB).
+    pub fn kernel_memory(&self, cpus: u64) -> [(&'static str, u64); 6] {
+        let slots = slots_for(self.max_flows);
+        [
+            ("table", super::table::table_bytes(slots)),
+            (
+                // Two halves of slots (`CACHE`) and a 4-byte tag for each
+                // slot (`CACHE_TAGS`), per CPU.
+                "cache",
+                2 * u64::from(self.cache_slots.max(1))
+                    * (size_of::<CacheSlot>() + size_of::<u32>()) as u64
+                    * cpus,
+            ),
+            ("ring", u64::from(self.fallback_ring_bytes)),
+            ("misses", u64::from(MISS_RING_BYTES)),
+            // The port table (one entry until a rule names a port).
+            ("filter", self.filter.port_table_bytes()),
+            (
+                // `TABLE_LOCKS`, the `DIRTY` bitmap, the per-CPU `STATS`.
+                "other",
+                4 * u64::from(TABLE_LOCKS)
+                    + 8 * u64::from(dirty_words(slots))
+                    + 8 * u64::from(STAT_LEN) * cpus,
+            ),
+        ]
+    }
 }
 
 /// One program attachment.
@@ -806,4 +840,40 @@ fn read_object(path: &Path) -> Result<Vec<u8>, CaptureError> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The README's Memory table: the defaults' kernel memory at 2, 16
+    /// and 64 CPUs, within the 256 MiB bound at 64.
+    #[test]
+    fn kernel_memory_at_the_defaults_is_the_readmes() {
+        let opts = LoadOptions {
+            pins: None,
+            max_flows: flowexport_common::DEFAULT_MAX_FLOWS,
+            fallback_ring_bytes: crate::cmd::agent::config::DEFAULT_FALLBACK_RING_BYTES,
+            cache_slots: flowexport_common::DEFAULT_CACHE_SLOTS,
+            object: None,
+            capture: Capture::Xdp,
+            sampling: 1,
+            filter: KernelFilter::default(),
+            mirror: false,
+        };
+        let mib = |b: u64| b as f64 / f64::from(1 << 20);
+        for (cpus, total, cache) in [(2, 209.8, 0.78), (16, 215.3, 6.25), (64, 234.0, 25.0)] {
+            let m = opts.kernel_memory(cpus);
+            let by = |name: &str| m.iter().find(|e| e.0 == name).unwrap().1;
+            assert_eq!(by("table"), 192 << 20);
+            assert_eq!(by("misses"), 16 << 20);
+            assert!(
+                (mib(by("cache")) - cache).abs() < 0.005,
+                "{cpus} CPUs: {m:?}"
+            );
+            let sum: u64 = m.iter().map(|e| e.1).sum();
+            assert!((mib(sum) - total).abs() < 0.05, "{cpus} CPUs: {}", mib(sum));
+            assert!(sum <= 256 << 20);
+        }
+    }
 }

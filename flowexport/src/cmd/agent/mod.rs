@@ -494,9 +494,7 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
         None => Start::Fresh,
     };
     let slots = crate::capture::table::slots_for(cfg.max_flows);
-    let filter = crate::capture::filter::compile(&cfg.filters)?;
-    let filter_bytes = filter.port_table_bytes();
-    let mut capture = Programs::load(&LoadOptions {
+    let load = LoadOptions {
         pins: pins.as_ref(),
         max_flows: cfg.max_flows,
         fallback_ring_bytes: cfg.fallback_ring_bytes,
@@ -504,9 +502,12 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
         object: cfg.bpf_object.clone(),
         capture: cfg.capture,
         sampling: cfg.sampling,
-        filter,
+        filter: crate::capture::filter::compile(&cfg.filters)?,
         mirror: cfg.mirror,
-    })?;
+    };
+    let cpus = aya::util::nr_cpus().map_or(1, |n| n as u64);
+    let kernel_memory = load.kernel_memory(cpus);
+    let mut capture = Programs::load(&load)?;
     let tables = KernelTables::new(
         &mut capture.ebpf,
         cfg.max_flows,
@@ -566,28 +567,7 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
 
     metrics.table_capacity.set(tables.capacity() as i64);
     metrics.table_slots.set(slots as i64);
-    let cpus = aya::util::nr_cpus().map_or(1, |n| n as u64);
-    for (map, bytes) in [
-        ("table", crate::capture::table::table_bytes(slots)),
-        (
-            // The slots and their 4-byte tags (CACHE_TAGS), per CPU.
-            "cache",
-            2 * u64::from(cfg.cache_slots.max(1))
-                * (size_of::<flowexport_common::CacheSlot>() + size_of::<u32>()) as u64
-                * cpus,
-        ),
-        ("ring", u64::from(cfg.fallback_ring_bytes)),
-        ("misses", u64::from(flowexport_common::MISS_RING_BYTES)),
-        // The port table; the tries' few KiB are allocated as used and
-        // not counted.
-        ("filter", filter_bytes),
-        (
-            "other",
-            4 * u64::from(flowexport_common::TABLE_LOCKS)
-                + 8 * u64::from(crate::capture::table::dirty_words(slots))
-                + 8 * u64::from(flowexport_common::STAT_LEN) * cpus,
-        ),
-    ] {
+    for (map, bytes) in kernel_memory {
         metrics
             .kernel_memory
             .with_label_values(&[map])
