@@ -444,6 +444,10 @@ pub const MISS_RING_BYTES: u32 = 16 << 20;
 /// skb_shared_info).
 pub const PROG_REPLAY: &str = "flowexport_replay";
 pub const REPLAY_BATCH: usize = 43;
+/// Where, in each record of a replayed frame, the program leaves the slot
+/// it claimed for a new flow, plus 1 (a `u32`; 0: none): the last four
+/// bytes of `FallbackEvent::_pad`, which the ring's records carry as 0.
+pub const REPLAY_CLAIM_OFFSET: usize = 76;
 /// Filter look-up tables (not pinned: each agent loads its own rules).
 pub const MAP_FILTER_V4: &str = "FILTER_V4";
 pub const MAP_FILTER_V6: &str = "FILTER_V6";

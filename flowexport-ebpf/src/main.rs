@@ -53,7 +53,7 @@ use flowexport_common::parse::{
 use flowexport_common::{
     slot_state, slot_word, table_hash, CacheSlot, ClockWord, FallbackEvent, FilterMasks, FilterSet,
     FlowKey, FlowValue, PendingExport, TableSlot, CLOCK_ACTIVE_ALL, CONTROL_EPOCH, CONTROL_LEN,
-    DIR_EGRESS, DIR_INGRESS, FILTER_TRIE_ENTRIES, MISS_RING_BYTES, REPLAY_BATCH, SLOT_BUSY,
+    DIR_EGRESS, DIR_INGRESS, FILTER_TRIE_ENTRIES, MISS_RING_BYTES, REPLAY_BATCH, REPLAY_CLAIM_OFFSET, SLOT_BUSY,
     SLOT_EMPTY, SLOT_TOMB, SLOT_VALID, SLOT_WORD_INDEX, STAT_FALLBACK_CONTENDED,
     STAT_FALLBACK_PACKETS, STAT_FILTERED_EGRESS, STAT_FILTERED_INGRESS, STAT_LEN,
     STAT_MALFORMED_EGRESS, STAT_MALFORMED_INGRESS, STAT_NON_IP_EGRESS, STAT_NON_IP_INGRESS,
@@ -502,6 +502,9 @@ const NOT_FOUND: i64 = -1;
 const FULL: i64 = -2;
 const RACED: i64 = -3;
 const LOCK_BUSY: i64 = -4;
+/// Set in a slot index returned by `flowexport_table_claim` (and so
+/// `flowexport_table_slot`) when the call claimed the slot for a new flow.
+const CLAIMED: i64 = 1 << 32;
 
 /// The slot's control word.
 #[inline(always)]
@@ -700,12 +703,13 @@ pub unsafe extern "C" fn flowexport_table_claim(key: *const FlowKey, home: u32) 
         core::ptr::write_volatile((s as *mut u32).add(SLOT_WORD_INDEX - 1), kw[5] as u32);
         atomic_xchg::<u32, { AtomicOrdering::SeqCst }>(word, slot_word(key.proto, SLOT_VALID));
     }
-    mark_dirty(free);
-    free as i64
+    // Who asked for the slot tells the agent about the new flow (see
+    // `table_slot`).
+    free as i64 | CLAIMED
 }
 
 /// Marks the region of slot `idx` in `DIRTY`: the next drain visits it (a
-/// new flow there, or a TCP FIN/RST to export soon).
+/// flow the programs put there, or a TCP FIN/RST to export soon).
 #[inline(always)]
 fn mark_dirty(idx: u32) {
     let region = idx >> TABLE_REGION_SHIFT;
@@ -721,12 +725,15 @@ fn mark_dirty(idx: u32) {
     }
 }
 
-/// The table slot of `key`, or why there is none.
+/// The table slot of `key`, and whether this call claimed it (a new flow),
+/// or why there is none. A caller that claimed a slot must tell the agent:
+/// the programs mark its region in `DIRTY`, the replay program returns it
+/// to the agent in its frame.
 #[inline(always)]
-fn table_slot(key: &FlowKey, h: u64) -> Result<u32, Miss> {
+fn table_slot(key: &FlowKey, h: u64) -> Result<(u32, bool), Miss> {
     // SAFETY: a valid key.
     match unsafe { flowexport_table_slot(key, h) } {
-        i if i >= 0 => Ok(i as u32),
+        i if i >= 0 => Ok((i as u32, i & CLAIMED != 0)),
         FULL => Err(Miss::Full),
         _ => Err(Miss::Contended),
     }
@@ -835,7 +842,10 @@ fn account<const RING: bool>(key: &FlowKey, packets: u64, bytes: u64, tcp_flags:
                     // flow owns it until the next drain, once it has its
                     // table slot, where the drain folds these counts.
                     match table_slot(key, h) {
-                        Ok(t) => {
+                        Ok((t, claimed)) => {
+                            if claimed {
+                                mark_dirty(t);
+                            }
                             // Seen now, so the drain does not retire the
                             // flow as idle while its counts sit here.
                             if let Some(ts) = TABLE.get_ptr_mut(t) {
@@ -865,12 +875,15 @@ fn account<const RING: bool>(key: &FlowKey, packets: u64, bytes: u64, tcp_flags:
             }
         }
     }
-    count_in_table(key, h, gen, packets, bytes, now, tcp_flags);
+    if let Some(claimed) = count_in_table(key, h, gen, packets, bytes, now, tcp_flags) {
+        mark_dirty(claimed);
+    }
 }
 
 /// Counts a packet (or `packets` segments) of `key`, whose table hash is
 /// `h`, in generation `gen` of its table slot at `now`; without a slot,
-/// through the fallback ring.
+/// through the fallback ring. Returns the slot if this call claimed it
+/// (see `table_slot`).
 #[inline(always)]
 fn count_in_table(
     key: &FlowKey,
@@ -880,13 +893,17 @@ fn count_in_table(
     bytes: u64,
     now: Now,
     tcp_flags: u8,
-) {
+) -> Option<u32> {
     match table_slot(key, h) {
-        Ok(t) => {
+        Ok((t, claimed)) => {
             table_add(t, gen, packets, bytes, now.ms(), tcp_flags);
             stat_add_pair(STAT_TABLE_PACKETS_INGRESS, key.direction, packets, bytes);
+            claimed.then_some(t)
         }
-        Err(miss) => fallback(key, packets, bytes, now.ns, tcp_flags, miss),
+        Err(miss) => {
+            fallback(key, packets, bytes, now.ns, tcp_flags, miss);
+            None
+        }
     }
 }
 
@@ -1251,7 +1268,9 @@ pub(crate) fn flowexport_ingress_tc(ctx: TcContext) -> i32 {
 /// path counts a packet in the table (`table_slot`, `table_add` at the
 /// record's time, in the generation of the current epoch: a program run
 /// like any other, so a drain's grace period covers it), or through the
-/// fallback ring when the table has no room. Last, the position goes to
+/// fallback ring when the table has no room. The slots of new flows go
+/// back to the agent in the frame (`REPLAY_CLAIM_OFFSET`), which keeps
+/// their deadlines (see the agent's `capture::drain`). Last, the position goes to
 /// `REPLAYED`: a run completes even if the agent is killed during the
 /// call, so the counts and the position change together.
 #[xdp]
@@ -1276,7 +1295,7 @@ pub(crate) fn flowexport_replay(ctx: XdpContext) -> u32 {
             ns: ev.ts_ns,
             word_ms: 0,
         };
-        count_in_table(
+        let claimed = count_in_table(
             &ev.key,
             table_hash(&ev.key),
             gen,
@@ -1285,6 +1304,17 @@ pub(crate) fn flowexport_replay(ctx: XdpContext) -> u32 {
             now,
             ev.tcp_flags,
         );
+        if let Some(t) = claimed {
+            // A new flow: its slot (+ 1) goes back to the agent in the
+            // record's last padding word (the frame is copied back), rather
+            // than as a `DIRTY` mark that makes the drain read the region.
+            let at = ctx.data() + 8 + i * 80 + REPLAY_CLAIM_OFFSET;
+            if at + 4 <= ctx.data_end() {
+                // SAFETY: 4 bytes inside the frame (checked above), 4-aligned
+                // in the 8-aligned record.
+                unsafe { core::ptr::write_volatile(at as *mut u32, t + 1) };
+            }
+        }
     }
     if let Some(r) = REPLAYED.get_ptr_mut(0) {
         // SAFETY: the one value of an array map; only this program writes

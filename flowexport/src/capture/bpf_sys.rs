@@ -329,14 +329,20 @@ struct TestRunAttr {
 }
 
 /// Runs `prog` once on `data` as its packet (BPF_PROG_TEST_RUN, on this
-/// CPU, under the same RCU protection as a packet's run): its return value.
-/// The run completes once begun, whatever happens to this thread.
-pub(crate) fn prog_test_run(prog: BorrowedFd<'_>, data: &[u8]) -> io::Result<u32> {
+/// CPU, under the same RCU protection as a packet's run): its return value;
+/// `data` then holds the packet as the program left it. The run completes
+/// once begun, whatever happens to this thread.
+pub(crate) fn prog_test_run(prog: BorrowedFd<'_>, data: &mut [u8]) -> io::Result<u32> {
+    let len =
+        u32::try_from(data.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let mut attr = TestRunAttr {
         prog_fd: prog.as_raw_fd() as u32,
-        data_size_in: u32::try_from(data.len())
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+        data_size_in: len,
         data_in: data.as_ptr() as u64,
+        // The kernel copies the frame in before the run and out after it:
+        // one buffer serves both.
+        data_size_out: len,
+        data_out: data.as_mut_ptr() as u64,
         repeat: 1,
         ..Default::default()
     };

@@ -18,13 +18,17 @@
 //!    any more;
 //! 3. folds the old epoch's cache slots (every CPU's copy, one batched
 //!    read) into the old generation of their table slots;
-//! 4. walks the table regions that hold flows (the programs mark new ones
-//!    in `DIRTY`) and, per flow, decides from the old generation (exact) and
-//!    the current one (a snapshot) whether it is due: idle for
+//! 4. looks at the flows that may be due: those whose time has come in a
+//!    timing wheel of slots (each at the earliest time it can be due), and
+//!    those in the table regions the programs marked in `DIRTY` (new flows
+//!    they put there, TCP FIN/RST), where it learns of new flows; the
+//!    replay program reports the new flows it puts in the table instead
+//!    (see [`TableDrain`]). Per flow, it decides from the old generation
+//!    (exact) and the current one (a snapshot) whether it is due: idle for
 //!    `--idle-timeout`, active for `--active-timeout` since the first packet
-//!    of its slice, or a TCP flow that saw FIN or RST. Flows that are not
-//!    due are left alone: their counts keep adding up in the kernel, so
-//!    userspace holds nothing per flow;
+//!    of its slice, or a TCP flow that saw FIN or RST. A flow that is not
+//!    due goes back in the wheel; its counts keep adding up in the kernel,
+//!    so userspace holds only its slot number and deadline bucket;
 //! 5. exports a due flow in two steps, because only one generation can be
 //!    read exactly at a time: it takes the old generation now and the other
 //!    one at the next drain, when that one is old, and exports the sum.
@@ -87,7 +91,7 @@ use flowexport_common::{
 use super::bpf_sys::{lookup_batch, GracePeriod, SharedMap};
 use super::clock::{ClockMap, ClockTicker};
 use super::replay::{MissRing, Replay};
-use super::table::{dirty_words, restore_ms, table_bytes, FlowTable, Regions};
+use super::table::{dirty_words, prefetch, restore_ms, table_bytes, FlowTable, Regions};
 use crate::capture::flow::FlowCounters;
 use crate::timeconv::monotonic_ns;
 
@@ -330,22 +334,36 @@ impl KernelStats {
 /// The table side of a drain (steps 4 and 5 of the module docs), apart
 /// from the kernel handles so that it can be tested on a table of our own.
 ///
-/// A drain visits only what may need it: the slots of exports in progress,
-/// the regions the programs marked (new flows, TCP FIN/RST), and the regions
-/// whose earliest deadline (idle or active timeout of one of their flows)
-/// has come. A region's deadline is a lower bound: packets since the last
-/// visit only push a flow's idle timeout later, and a visit recomputes it.
+/// A drain looks only at what may need it: the slots of exports in
+/// progress, the regions the programs marked (flows they put in the table,
+/// TCP FIN/RST), and the flows whose deadline has come. Every flow this
+/// drain knows of is in a timing wheel at the earliest time it can become
+/// due (idle or active timeout, a lower bound: packets since only push the
+/// idle timeout later, and a look recomputes it). A flow is learned of when
+/// its region is read, or from the replay program, which returns the slots
+/// it claimed for new flows with their first packet's time, so that at a
+/// million flows and tens of thousands of new ones a second, the drain
+/// reads a few slots per new flow instead of every region that got one.
 pub struct TableDrain {
     table: FlowTable,
-    /// Regions holding flows.
-    regions: Regions,
-    /// Per region: the earliest time one of its flows can become due.
-    due_at: Vec<u64>,
-    /// Per region: slots in use at the last visit, and their total.
-    live_in: Vec<u8>,
+    /// Regions to read at the next drain: marked in `DIRTY`, or by the
+    /// drain itself (a cached flow's FIN/RST, an adopted table).
+    marked: Regions,
+    /// Per slot: [`UNTRACKED`], the wheel bucket it waits in plus 1, or
+    /// [`IN_PROGRESS`] (taken from the wheel by the drain running).
+    sched: Vec<u32>,
+    /// The timing wheel: buckets of 2^`WHEEL_SHIFT` ns, each with the
+    /// earliest deadline put in it. A slot moved to another bucket leaves
+    /// a stale entry behind, passed over when its bucket comes (`sched`
+    /// no longer names it).
+    wheel: std::collections::BTreeMap<u32, WheelBucket>,
+    /// New flows the replay program put in the table (slot, first packet's
+    /// time), for the next scan to schedule.
+    claims: Vec<(u32, u64)>,
+    /// Slots tracked (in the table, known to this drain).
     live: usize,
     /// Exports in progress, by table slot: the slot's first taken
-    /// generation. Looked up for every live slot a drain visits (up to
+    /// generation. Looked up for every slot a drain looks at (up to
     /// millions per drain), so hashed with foldhash, as is `finished_set`:
     /// std's SipHash took ~9% of the drain thread at 1M flows (`perf
     /// record` on the agent, 50k packets/s).
@@ -365,6 +383,27 @@ pub struct TableDrain {
     /// The slots of `finished`: not checked again before the commit (a new
     /// export of one would be deleted with the old one's entry).
     finished_set: std::collections::HashSet<u32, foldhash::fast::RandomState>,
+}
+
+/// `TableDrain::sched` of a slot the drain does not know of.
+const UNTRACKED: u32 = 0;
+/// `TableDrain::sched` of a slot taken from the wheel by the running drain.
+const IN_PROGRESS: u32 = u32::MAX;
+/// Wheel buckets of 2^27 ns (134 ms): a drain takes the buckets whose
+/// earliest deadline has come, a few per drain at the default interval.
+const WHEEL_SHIFT: u32 = 27;
+
+/// How many slots ahead the drain's loops over slot numbers prefetch what
+/// they will read (see `table::prefetch`).
+const PREFETCH_AHEAD: usize = 16;
+
+/// Slots waiting in one wheel bucket.
+#[derive(Default)]
+struct WheelBucket {
+    /// The earliest deadline of the slots put here (a stale entry's
+    /// included: a lower bound).
+    first_ns: u64,
+    slots: Vec<u32>,
 }
 
 /// Where exports in progress are kept so that they outlive the agent: the
@@ -395,19 +434,21 @@ pub struct ScanReport {
     pub retired: usize,
     /// Regions (of 2^`TABLE_REGION_SHIFT` slots) read.
     pub regions_visited: usize,
-    /// Flows looked at: in the visited regions, and exports in progress.
+    /// Flows looked at: in the visited regions, from the wheel, and exports
+    /// in progress.
     pub examined: usize,
 }
 
 impl TableDrain {
     pub fn new(table: FlowTable) -> TableDrain {
-        let regions = Regions::new(table.slots());
-        let n = (table.slots() >> TABLE_REGION_SHIFT).max(1) as usize;
+        let marked = Regions::new(table.slots());
+        let slots = table.slots() as usize;
         TableDrain {
             table,
-            regions,
-            due_at: vec![u64::MAX; n],
-            live_in: vec![0; n],
+            marked,
+            sched: vec![UNTRACKED; slots],
+            wheel: std::collections::BTreeMap::new(),
+            claims: Vec::new(),
             live: 0,
             pending: HashMap::default(),
             next_deadline_ns: u64::MAX,
@@ -423,9 +464,8 @@ impl TableDrain {
     /// Marks every region for a visit at the next drain (adopting a table
     /// whose flows this drain has not seen).
     pub(crate) fn visit_all(&mut self) {
-        for r in 0..self.due_at.len() as u32 {
-            self.regions.insert(r);
-            self.due_at[r as usize] = 0;
+        for r in 0..(self.table.slots() >> TABLE_REGION_SHIFT).max(1) {
+            self.marked.insert(r);
         }
         self.next_deadline_ns = 0;
     }
@@ -500,8 +540,9 @@ impl TableDrain {
         for (i, gen) in self.to_clear.drain(..) {
             self.table.clear(i, gen);
         }
-        for i in self.to_free.drain(..) {
+        for i in std::mem::take(&mut self.to_free) {
             self.table.free(i);
+            self.untrack(i);
         }
         Ok(())
     }
@@ -539,28 +580,75 @@ impl TableDrain {
         &self.table
     }
 
-    /// Regions the programs marked in `DIRTY` (swapped to 0): they join the
-    /// set of regions holding flows and are visited at this drain.
+    /// Regions the programs marked in `DIRTY` (swapped to 0): read at this
+    /// drain.
     pub(crate) fn absorb_dirty(&mut self, dirty: &[AtomicU64]) {
-        for r in self.regions.absorb(dirty) {
-            self.due_at[r as usize] = 0;
-        }
+        self.marked.absorb(dirty);
     }
 
     /// Marks the region of slot `idx` for a visit at this drain (a cached
     /// flow saw FIN or RST).
     pub(crate) fn visit_soon(&mut self, idx: u32) {
-        let r = idx >> TABLE_REGION_SHIFT;
-        if (r as usize) < self.due_at.len() {
-            self.regions.insert(r);
-            self.due_at[r as usize] = 0;
+        if idx < self.table.slots() {
+            self.marked.insert(idx >> TABLE_REGION_SHIFT);
         }
+    }
+
+    /// Puts slot `i` in the wheel at `due_ns` (tracking it if it was not).
+    fn schedule(&mut self, i: u32, due_ns: u64) {
+        let b = (due_ns >> WHEEL_SHIFT).min(u64::from(IN_PROGRESS - 2)) as u32;
+        let s = &mut self.sched[i as usize];
+        if *s == UNTRACKED {
+            self.live += 1;
+        }
+        *s = b + 1;
+        let bucket = self.wheel.entry(b).or_insert_with(|| WheelBucket {
+            first_ns: u64::MAX,
+            slots: Vec::new(),
+        });
+        bucket.first_ns = bucket.first_ns.min(due_ns);
+        bucket.slots.push(i);
+    }
+
+    /// Slot `i` is free: no longer tracked.
+    fn untrack(&mut self, i: u32) {
+        let s = &mut self.sched[i as usize];
+        if *s != UNTRACKED {
+            *s = UNTRACKED;
+            self.live -= 1;
+        }
+    }
+
+    /// Takes the slots of the buckets whose earliest deadline has come out
+    /// of the wheel (now [`IN_PROGRESS`]).
+    fn take_due(&mut self, now_ns: u64) -> Vec<u32> {
+        let mut due = Vec::new();
+        while let Some(e) = self.wheel.first_entry() {
+            if e.get().first_ns > now_ns {
+                break;
+            }
+            let (b, bucket) = e.remove_entry();
+            for (k, &i) in bucket.slots.iter().enumerate() {
+                if let Some(&ahead) = bucket.slots.get(k + PREFETCH_AHEAD) {
+                    prefetch(self.sched.as_ptr().wrapping_add(ahead as usize));
+                }
+                let s = &mut self.sched[i as usize];
+                if *s == b + 1 {
+                    *s = IN_PROGRESS;
+                    due.push(i);
+                }
+            }
+        }
+        due
     }
 
     /// Whether a drain may be skipped when no packet came since the last
     /// one: no export in progress and no timeout due by `now_ns`.
     pub(crate) fn idle_until(&self, now_ns: u64) -> bool {
-        self.pending.is_empty() && now_ns < self.next_deadline_ns
+        self.pending.is_empty()
+            && self.claims.is_empty()
+            && self.marked.is_empty()
+            && now_ns < self.next_deadline_ns
     }
 
     /// Folds a cache slot's counters into its table slot's generation `gen`
@@ -592,6 +680,22 @@ impl TableDrain {
     ) -> ScanReport {
         let now_ms = now_ns / 1_000_000;
         let mut r = ScanReport::default();
+        // New flows from the replay program: none can be due before its
+        // first packet's time plus the shorter timeout (a FIN/RST marks
+        // its region).
+        let first_due = t.idle_ns.min(t.active_ns);
+        let claims = std::mem::take(&mut self.claims);
+        for (k, &(i, at_ns)) in claims.iter().enumerate() {
+            if let Some(&(ahead, _)) = claims.get(k + PREFETCH_AHEAD) {
+                prefetch(self.sched.as_ptr().wrapping_add(ahead as usize));
+            }
+            if i < self.table.slots() && self.sched[i as usize] == UNTRACKED {
+                self.schedule(i, at_ns.saturating_add(first_due));
+            }
+        }
+        // The vector back, for the next replays to fill.
+        self.claims = claims;
+        self.claims.clear();
         // Exports in progress, started at the last drain: their second step.
         let mut pending: Vec<(u32, FlowCounters)> = self.pending.drain().collect();
         pending.sort_unstable_by_key(|p| p.0);
@@ -609,7 +713,6 @@ impl TableDrain {
                     c.merge(&self.read_out(i, 1, now_ms));
                     self.emit(i, &c, out, &mut r);
                     self.to_free.push(i);
-                    self.forget(i);
                     r.retired += 1;
                 }
                 SLOT_VALID => {
@@ -623,12 +726,11 @@ impl TableDrain {
                     // Its next deadline: idle since its last packet, or a
                     // new slice's active timeout (which starts now at the
                     // earliest).
-                    let region = (i >> TABLE_REGION_SHIFT) as usize;
                     let due = self
                         .last_seen(i, now_ms)
                         .saturating_add(t.idle_ns)
                         .min(now_ns.saturating_add(t.active_ns));
-                    self.due_at[region] = self.due_at[region].min(due);
+                    self.schedule(i, due);
                 }
                 state => {
                     // Only this drain frees slots, and only RETIRING ones:
@@ -641,31 +743,41 @@ impl TableDrain {
                 }
             }
         }
-        // Regions to visit: all of them at the end, else the marked ones
-        // and those whose deadline has come.
-        let mut next = u64::MAX;
-        let mut visit = Vec::new();
-        for region in self.regions.iter() {
-            let due = self.due_at[region as usize];
-            if final_drain || due <= now_ns {
-                visit.push(region);
-            } else {
-                next = next.min(due);
-            }
+        // The flows whose time has come, taken from the wheel before
+        // anything else is scheduled: what this drain schedules waits for
+        // the next one.
+        let due = if final_drain {
+            Vec::new()
+        } else {
+            self.take_due(now_ns)
+        };
+        // The marked regions (all of them at the end).
+        if final_drain {
+            self.visit_all();
         }
-        for region in visit {
-            let due = self.visit(region, old_gen, now_ns, t, final_drain, out, &mut r);
+        let marked: Vec<u32> = self.marked.iter().collect();
+        self.marked.clear();
+        for region in marked {
+            self.visit(region, old_gen, now_ns, t, final_drain, out, &mut r);
             r.regions_visited += 1;
-            if self.live_in[region as usize] == 0 {
-                self.regions.remove(region);
-                self.due_at[region as usize] = u64::MAX;
-            } else {
-                self.due_at[region as usize] = due;
-                next = next.min(due);
-            }
         }
-        self.next_deadline_ns = if self.pending.is_empty() { next } else { 0 };
-        r.live = self.live;
+        for (k, &i) in due.iter().enumerate() {
+            if let Some(&ahead) = due.get(k + PREFETCH_AHEAD) {
+                self.table.prefetch(ahead);
+            }
+            self.look(i, old_gen, now_ns, t, out, &mut r);
+        }
+        self.next_deadline_ns = match self.wheel.first_key_value() {
+            _ if !self.pending.is_empty() => 0,
+            Some((_, b)) => b.first_ns,
+            None => u64::MAX,
+        };
+        // Less the slots freed at the commit.
+        let freeing = self.to_free.iter();
+        r.live = self.live
+            - freeing
+                .filter(|&&i| self.sched[i as usize] != UNTRACKED)
+                .count();
         r
     }
 
@@ -676,22 +788,19 @@ impl TableDrain {
         }
     }
 
-    /// A freed slot no longer counts as live in its region; a region left
-    /// without flows leaves the set.
-    fn forget(&mut self, i: u32) {
-        let region = (i >> TABLE_REGION_SHIFT) as usize;
-        if self.live_in[region] > 0 {
-            self.live_in[region] -= 1;
-            self.live -= 1;
-            if self.live_in[region] == 0 {
-                self.regions.remove(region as u32);
-                self.due_at[region] = u64::MAX;
-            }
-        }
+    /// Reads slot `i`'s both generations into a record, and frees it at
+    /// the commit: a RETIRING slot no program writes any more.
+    fn read_retired(&mut self, i: u32, now_ms: u64, out: &mut Export, r: &mut ScanReport) {
+        let mut c = self.read_out(i, 0, now_ms);
+        c.merge(&self.read_out(i, 1, now_ms));
+        self.emit(i, &c, out, r);
+        self.to_free.push(i);
+        r.retired += 1;
     }
 
-    /// Reads one region's slots: starts the exports that are due and
-    /// returns the region's next deadline.
+    /// Reads one region's slots: learns of the flows it did not know,
+    /// looks at the others (a FIN/RST may have marked it), and starts the
+    /// exports that are due.
     #[allow(clippy::too_many_arguments)]
     fn visit(
         &mut self,
@@ -702,60 +811,85 @@ impl TableDrain {
         final_drain: bool,
         out: &mut Export,
         r: &mut ScanReport,
-    ) -> u64 {
+    ) {
         let now_ms = now_ns / 1_000_000;
-        let mut due = u64::MAX;
-        let mut live = 0u8;
         let start = region << TABLE_REGION_SHIFT;
         for i in start..(start + (1 << TABLE_REGION_SHIFT)).min(self.table.slots()) {
-            if self.finished_set.contains(&i) {
-                // Exported at this drain (its counts are cleared, a retired
-                // slot freed, at the commit): looked at again next time.
-                if self.table.state(i) == SLOT_VALID {
-                    live += 1;
-                    due = due.min(now_ns);
-                }
+            let sched = self.sched[i as usize];
+            if sched == IN_PROGRESS || self.finished_set.contains(&i) {
+                // Taken from the wheel (looked at below), or exported at
+                // this drain (its counts are cleared, a retired slot freed,
+                // at the commit).
                 continue;
             }
             match self.table.state(i) {
-                SLOT_BUSY => {
-                    // Being filled: its region is marked, visited next time.
-                    live += 1;
-                    due = now_ns;
+                // Being filled: looked at next time.
+                SLOT_BUSY => self.schedule(i, now_ns),
+                SLOT_RETIRING if final_drain || sched == UNTRACKED => {
+                    // Retired at an earlier drain, by the agent before (the
+                    // ones this agent retires wait in the wheel): after
+                    // this drain's grace period no program writes it; read
+                    // it whole and free it.
+                    self.read_retired(i, now_ms, out, r);
                 }
-                SLOT_RETIRING if !self.pending.contains_key(&i) => {
-                    // Retired at an earlier drain (by this agent or the
-                    // one before): after this drain's grace period no
-                    // program writes it; read it whole and free it.
-                    let mut c = self.read_out(i, 0, now_ms);
-                    c.merge(&self.read_out(i, 1, now_ms));
-                    self.emit(i, &c, out, r);
-                    self.to_free.push(i);
-                    r.retired += 1;
-                }
-                SLOT_RETIRING => live += 1,
                 SLOT_VALID => {
-                    live += 1;
                     r.examined += 1;
                     if final_drain {
                         let mut c = self.read_out(i, 0, now_ms);
                         c.merge(&self.read_out(i, 1, now_ms));
                         self.emit(i, &c, out, r);
-                    } else if !self.pending.contains_key(&i) {
-                        // None: an export started; its second step is at the
-                        // next drain, which `pending` forces.
-                        if let Some(d) = self.check(i, old_gen, now_ms, t) {
-                            due = due.min(d);
-                        }
+                    } else if self.pending.contains_key(&i) {
+                        // Its export started at this drain; its wheel entry
+                        // stands for the second step.
+                    } else {
+                        self.check(i, old_gen, now_ns, t);
                     }
                 }
                 _ => {}
             }
         }
-        let before = self.live_in[region as usize];
-        self.live_in[region as usize] = live;
-        self.live = self.live + live as usize - before as usize;
-        due
+    }
+
+    /// Looks at slot `i`, taken from the wheel: reads a slot retired at an
+    /// earlier drain, else checks the flow (see `check`).
+    fn look(
+        &mut self,
+        i: u32,
+        old_gen: u32,
+        now_ns: u64,
+        t: Timeouts,
+        out: &mut Export,
+        r: &mut ScanReport,
+    ) {
+        if self.sched[i as usize] != IN_PROGRESS {
+            // A second entry of the slot in the buckets taken.
+            return;
+        }
+        if self.finished_set.contains(&i) {
+            // Exported at this drain: looked at again next time.
+            self.schedule(i, now_ns);
+            return;
+        }
+        match self.table.state(i) {
+            SLOT_VALID => {
+                r.examined += 1;
+                if self.pending.contains_key(&i) {
+                    self.schedule(i, now_ns);
+                } else {
+                    self.check(i, old_gen, now_ns, t);
+                }
+            }
+            // Retired at an earlier drain (this drain's wait in the wheel
+            // for the next): read whole, freed at the commit.
+            SLOT_RETIRING => self.read_retired(i, now_ns / 1_000_000, out, r),
+            SLOT_BUSY => self.schedule(i, now_ns),
+            _ => {
+                // Only this drain frees slots; a slot it tracks stays in
+                // use until then.
+                log::error!("table slot {i}, tracked, was found free");
+                self.untrack(i);
+            }
+        }
     }
 
     /// When slot `i`'s flow last saw a packet (ns), as far as the table
@@ -772,24 +906,32 @@ impl TableDrain {
             .unwrap_or(now_ms * 1_000_000)
     }
 
-    /// Whether slot `i` (VALID, no export in progress) is due. An active
-    /// timeout starts its two-step export and returns None; an idle flow or
-    /// an ended TCP connection is retired and returns now (its region is
-    /// read again at the next drain); else returns when it can become due.
-    fn check(&mut self, i: u32, old_gen: u32, now_ms: u64, t: Timeouts) -> Option<u64> {
+    /// Looks at slot `i` (VALID, no export in progress) and puts it back in
+    /// the wheel: an idle flow or an ended TCP connection is retired (read
+    /// whole at the next drain), an active timeout starts the flow's
+    /// two-step export (second step at the next drain), else the flow waits
+    /// for the time it can become due.
+    fn check(&mut self, i: u32, old_gen: u32, now_ns: u64, t: Timeouts) {
+        let now_ms = now_ns / 1_000_000;
+        let due = self.due(i, old_gen, now_ms, t);
+        self.schedule(i, due);
+    }
+
+    /// `check`'s decision: when slot `i` is to be looked at again.
+    fn due(&mut self, i: u32, old_gen: u32, now_ms: u64, t: Timeouts) -> u64 {
         let now_ns = now_ms * 1_000_000;
         let old = self.table.peek(i, old_gen);
         let cur = self.table.peek(i, old_gen ^ 1);
         let at = |ms: u32| restore_ms(ms, now_ms) * 1_000_000;
         let last = self.last_seen(i, now_ms);
         if now_ns.saturating_sub(last) >= t.idle_ns {
-            return Some(self.retire(i, now_ns));
+            return self.retire(i, now_ns);
         }
         let idle_due = last.saturating_add(t.idle_ns);
         if old.packets == 0 && cur.packets == 0 {
             // Nothing since its last export: the next slice starts with a
             // packet not yet seen, at least one active timeout from now.
-            return Some(idle_due.min(now_ns.saturating_add(t.active_ns)));
+            return idle_due.min(now_ns.saturating_add(t.active_ns));
         }
         // The slice's first packet: the older generation with packets. A
         // current generation that just got its first packet may not have
@@ -807,19 +949,19 @@ impl TableDrain {
             // The connection ended: its flow is over, as an idle one is (a
             // later segment of the same 5-tuple, such as the ACK of the
             // other side's FIN, takes a new slot and record).
-            return Some(self.retire(i, now_ns));
+            return self.retire(i, now_ns);
         }
         if now_ns.saturating_sub(start) >= t.active_ns {
             self.start_export(i, old_gen, now_ms);
-            return None;
+            return now_ns;
         }
-        Some(idle_due.min(start.saturating_add(t.active_ns)))
+        idle_due.min(start.saturating_add(t.active_ns))
     }
 
     /// Ends slot `i`'s flow (idle, or a TCP connection that ended):
     /// programs pass over the slot from now on. Nothing is taken now: after
     /// the next drain's grace period no program writes either generation,
-    /// and that drain reads the slot whole and frees it (`visit`). Until
+    /// and that drain reads the slot whole and frees it (`look`). Until
     /// then the retired slot itself keeps every count, so an agent that
     /// dies in between leaves nothing to store in `PENDING`: the next one
     /// reads the slot whole in the same way. Returns when the slot is due
@@ -1227,10 +1369,11 @@ impl KernelTables {
     /// [`super::replay`]): how many. The agent calls it between drains
     /// while traffic flows; every drain calls it first.
     pub fn replay_misses(&mut self) -> Result<u64, DrainError> {
-        match &mut self.replay {
-            Some(r) => r.run().map_err(DrainError::Replay),
-            None => Ok(0),
-        }
+        let Some(r) = &mut self.replay else {
+            return Ok(0);
+        };
+        // The slots it claimed go to the table's next scan.
+        r.run(&mut self.table.claims).map_err(DrainError::Replay)
     }
 
     /// Whether packets wait in the `MISSES` ring.
@@ -1506,6 +1649,19 @@ mod tests {
             }
             i
         }
+        /// A packet of UDP flow `sport` at `ms` counted by the replay
+        /// program: a new flow's slot is reported, not marked.
+        fn replayed(&mut self, sport: u16, ms: u32) -> u32 {
+            let k = key(17, sport);
+            let t = self.d.table();
+            let new = t.find(&k).is_none();
+            let i = t.insert(&k).unwrap();
+            t.add(i, self.gen, 1, 100, ms, 0);
+            if new {
+                self.d.claims.push((i, u64::from(ms) * MS));
+            }
+            i
+        }
         /// A drain without its commit (as when the agent dies after it).
         fn scan_only(&mut self, ms: u64) -> ScanReport {
             let old = self.gen;
@@ -1583,7 +1739,7 @@ mod tests {
         assert_eq!((r.live, r.exported, r.retired), (0, 1, 1));
         assert_eq!(s.exported(1), vec![(3, 1_000, 1_111)]);
         assert_ne!(s.d.table().state(i), SLOT_RETIRING);
-        assert!(s.d.regions.is_empty());
+        assert!(s.d.marked.is_empty() && s.d.live == 0);
         // The flow comes back: a new slot, a new record.
         s.packet(1, 2_000, 0);
         s.final_drain(2_001);
@@ -1741,6 +1897,77 @@ mod tests {
         s.drain(103);
         assert_eq!(s.total(6), 1);
         assert!(s.store.0.is_empty());
+    }
+
+    /// Flows the replay program reports wait in the wheel: no region is
+    /// read for them, each is looked at when it can be due, and exported
+    /// exactly on its timeout.
+    #[test]
+    fn replayed_flows_are_looked_at_only_when_due() {
+        let mut s = Sim::new(Timeouts {
+            idle_ns: 1_000 * MS,
+            active_ns: 5_000 * MS,
+        });
+        // 1,000 new flows over 1 s, a packet each; flow 0 then stays busy.
+        for f in 0..1_000u16 {
+            s.replayed(f, 10_000 + u32::from(f));
+        }
+        let r = s.drain(10_999);
+        assert_eq!((r.live, r.regions_visited, r.examined), (1_000, 0, 0));
+        for ms in (11_000..13_000).step_by(100) {
+            s.replayed(0, ms);
+        }
+        // At 11,500 ms, the flows of up to 10,500 ms are idle (each seen
+        // once, as due) and retired; the others are not looked at.
+        let r = s.drain(11_500);
+        assert_eq!((r.regions_visited, r.exported), (0, 0));
+        assert!((501..=550).contains(&r.examined), "{r:?}");
+        // Read whole and freed at the next drain, with those idle since.
+        let r = s.drain(12_000);
+        assert_eq!(r.regions_visited, 0);
+        assert_eq!(r.retired, 500);
+        let r = s.drain(12_600);
+        assert_eq!((r.retired, r.live), (499, 1));
+        for f in 1..1_000u16 {
+            assert_eq!(
+                s.exported(f),
+                vec![(1, 10_000 + u64::from(f), 10_000 + u64::from(f))]
+            );
+        }
+        // Flow 0: one slice, then idle.
+        let r = s.drain(14_000);
+        assert_eq!(r.live, 1);
+        s.drain(14_100);
+        assert_eq!(s.total(0), 21);
+        assert_eq!(s.d.live, 0);
+        assert!(s.d.idle_until(u64::MAX - 1));
+    }
+
+    /// An agent that dies after the replay program claimed slots (the
+    /// claims die with it): the next one finds the flows in its first
+    /// reading of every region, and nothing is lost.
+    #[test]
+    fn replayed_flows_outlive_a_killed_agent() {
+        let mut s = Sim::new(Timeouts {
+            idle_ns: 100 * MS,
+            active_ns: 1_000 * MS,
+        });
+        for f in 0..50u16 {
+            s.replayed(f, 1_000);
+        }
+        s.drain(1_010);
+        for f in 50..100u16 {
+            s.replayed(f, 1_020);
+        }
+        s.restart();
+        s.drain(1_030);
+        assert_eq!(s.d.live, 100);
+        s.drain(1_200);
+        s.drain(1_300);
+        for f in 0..100u16 {
+            assert_eq!(s.total(f), 1, "flow {f}");
+        }
+        assert_eq!(s.d.live, 0);
     }
 
     #[test]

@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use aya::maps::MapData;
 use aya::programs::ProgramFd;
-use flowexport_common::{FallbackEvent, REPLAY_BATCH};
+use flowexport_common::{FallbackEvent, REPLAY_BATCH, REPLAY_CLAIM_OFFSET};
 
 use super::bpf_sys::{map_shared, prog_test_run};
 
@@ -198,7 +198,7 @@ impl Replay {
         // which is where reading starts anyway.
         let mut probe = ring.consumer_pos().to_ne_bytes().to_vec();
         probe.resize(14, 0);
-        replay(&prog, &probe, 0)?;
+        replay(&prog, &mut probe, 0)?;
         Ok(Replay {
             ring,
             prog,
@@ -212,8 +212,9 @@ impl Replay {
     }
 
     /// Counts every record waiting, a batch per call of the program:
-    /// returns how many.
-    pub(crate) fn run(&mut self) -> io::Result<u64> {
+    /// returns how many. The slots the program claimed for new flows go to
+    /// `claims`, with the time of each one's first packet.
+    pub(crate) fn run(&mut self, claims: &mut Vec<(u32, u64)>) -> io::Result<u64> {
         let mut total = 0;
         loop {
             let from = self.ring.consumer_pos();
@@ -225,7 +226,12 @@ impl Replay {
             }
             if n > 0 {
                 self.frame[..8].copy_from_slice(&end.to_ne_bytes());
-                replay(&self.prog, &self.frame, n)?;
+                replay(&self.prog, &mut self.frame, n)?;
+                claims.extend(
+                    self.frame[8..]
+                        .chunks_exact(size_of::<FallbackEvent>())
+                        .filter_map(claim),
+                );
             }
             self.ring.commit(end);
             total += n as u64;
@@ -233,8 +239,23 @@ impl Replay {
     }
 }
 
-/// One call of `flowexport_replay` on `frame` (a batch of `n` records).
-fn replay(prog: &ProgramFd, frame: &[u8], n: usize) -> io::Result<()> {
+/// The slot a replayed record's flow claimed, if it did (the program
+/// leaves it at `REPLAY_CLAIM_OFFSET`, plus 1), with the record's time.
+fn claim(record: &[u8]) -> Option<(u32, u64)> {
+    let word = |at: usize, n: usize| {
+        record[at..at + n]
+            .iter()
+            .rev()
+            .fold(0u64, |v, &b| v << 8 | u64::from(b))
+    };
+    let slot = word(REPLAY_CLAIM_OFFSET, 4) as u32;
+    let ts = std::mem::offset_of!(FallbackEvent, ts_ns);
+    (slot != 0).then(|| (slot - 1, word(ts, 8)))
+}
+
+/// One call of `flowexport_replay` on `frame` (a batch of `n` records),
+/// which holds the frame as the program left it afterwards.
+fn replay(prog: &ProgramFd, frame: &mut [u8], n: usize) -> io::Result<()> {
     match prog_test_run(prog.as_fd(), frame)? {
         XDP_PASS => Ok(()),
         rc => Err(io::Error::other(format!(
