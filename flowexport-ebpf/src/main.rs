@@ -53,14 +53,15 @@ use flowexport_common::parse::{
 use flowexport_common::{
     slot_state, slot_word, table_hash, CacheSlot, ClockWord, FallbackEvent, FilterMasks, FilterSet,
     FlowKey, FlowValue, PendingExport, TableSlot, CLOCK_ACTIVE_ALL, CONTROL_EPOCH, CONTROL_LEN,
-    DIR_EGRESS, DIR_INGRESS, FILTER_TRIE_ENTRIES, MISS_RING_BYTES, REPLAY_BATCH, REPLAY_CLAIM_OFFSET, SLOT_BUSY,
-    SLOT_EMPTY, SLOT_TOMB, SLOT_VALID, SLOT_WORD_INDEX, STAT_FALLBACK_CONTENDED,
-    STAT_FALLBACK_PACKETS, STAT_FILTERED_EGRESS, STAT_FILTERED_INGRESS, STAT_LEN,
-    STAT_MALFORMED_EGRESS, STAT_MALFORMED_INGRESS, STAT_NON_IP_EGRESS, STAT_NON_IP_INGRESS,
-    STAT_OVERFLOW_BYTES_EGRESS, STAT_OVERFLOW_BYTES_INGRESS, STAT_OVERFLOW_PACKETS_EGRESS,
-    STAT_OVERFLOW_PACKETS_INGRESS, STAT_TABLE_BYTES_EGRESS, STAT_TABLE_BYTES_INGRESS,
-    STAT_TABLE_PACKETS_EGRESS, STAT_TABLE_PACKETS_INGRESS, TABLE_LOCKS, TABLE_LOCK_SPINS,
-    TABLE_MAX_PROBES, TABLE_REGION_SHIFT, XSK_MAX_IFACES, XSK_MAX_QUEUES, XSK_MAX_SOCKETS,
+    DIR_EGRESS, DIR_INGRESS, FILTER_TRIE_ENTRIES, MISS_RING_BYTES, REPLAY_BATCH,
+    REPLAY_CLAIM_OFFSET, SLOT_BUSY, SLOT_EMPTY, SLOT_TOMB, SLOT_VALID, SLOT_WORD_INDEX,
+    STAT_FALLBACK_CONTENDED, STAT_FALLBACK_PACKETS, STAT_FILTERED_EGRESS, STAT_FILTERED_INGRESS,
+    STAT_LEN, STAT_MALFORMED_EGRESS, STAT_MALFORMED_INGRESS, STAT_NON_IP_EGRESS,
+    STAT_NON_IP_INGRESS, STAT_OVERFLOW_BYTES_EGRESS, STAT_OVERFLOW_BYTES_INGRESS,
+    STAT_OVERFLOW_PACKETS_EGRESS, STAT_OVERFLOW_PACKETS_INGRESS, STAT_TABLE_BYTES_EGRESS,
+    STAT_TABLE_BYTES_INGRESS, STAT_TABLE_PACKETS_EGRESS, STAT_TABLE_PACKETS_INGRESS, TABLE_LOCKS,
+    TABLE_LOCK_SPINS, TABLE_MAX_PROBES, TABLE_REGION_SHIFT, XSK_MAX_IFACES, XSK_MAX_QUEUES,
+    XSK_MAX_SOCKETS,
 };
 
 /// The flow table: one 96-byte `TableSlot` per slot, shared by all CPUs.
@@ -1270,9 +1271,9 @@ pub(crate) fn flowexport_ingress_tc(ctx: TcContext) -> i32 {
 /// like any other, so a drain's grace period covers it), or through the
 /// fallback ring when the table has no room. The slots of new flows go
 /// back to the agent in the frame (`REPLAY_CLAIM_OFFSET`), which keeps
-/// their deadlines (see the agent's `capture::drain`). Last, the position goes to
-/// `REPLAYED`: a run completes even if the agent is killed during the
-/// call, so the counts and the position change together.
+/// their deadlines (see the agent's `capture::drain`). Last, the position
+/// goes to `REPLAYED`: a run completes even if the agent is killed during
+/// the call, so the counts and the position change together.
 #[xdp]
 pub(crate) fn flowexport_replay(ctx: XdpContext) -> u32 {
     let packet = XdpPacket::<false>(&ctx);
