@@ -194,8 +194,10 @@ pub const TABLE_LOCKS: u32 = 4096;
 /// well under a microsecond, without being preempted (XDP and TC run with
 /// bottom halves off); reads of a line another CPU holds cost ~1-2 ns.
 pub const TABLE_LOCK_SPINS: u32 = 256;
-/// Slots per bit of `DIRTY`: a program that fills a slot sets its region's
-/// bit, so a drain finds new flows without scanning the whole table.
+/// Slots per bit of `DIRTY`: an attached program that fills a slot sets its
+/// region's bit (as it does for a TCP FIN/RST), so a drain finds new flows
+/// without scanning the whole table. (The replay program returns the slots
+/// it fills instead: `REPLAY_CLAIM_OFFSET`.)
 pub const TABLE_REGION_SHIFT: u32 = 6;
 /// Default table capacity in concurrent flows (`--max-flows`); the table
 /// has twice as many slots, so probe runs stay short.

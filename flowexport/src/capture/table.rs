@@ -24,7 +24,9 @@
 //!   two CPUs inserting the same new flow serialize and the second finds the
 //!   first's slot; the first free slot (EMPTY or TOMB) of the run is claimed
 //!   with a compare-and-swap (inserts of other flows may race for it), the
-//!   key written, the slot published VALID, its region marked in `DIRTY`.
+//!   key written, the slot published VALID. The drain learns of the new
+//!   flow from whoever asked: an attached program marks its region in
+//!   `DIRTY`, the replay program returns the slot in its frame.
 //!   Userspace never inserts and never takes these locks, so a program never
 //!   waits on a process that may be descheduled.
 //! * **Counting** (programs): atomic adds into the current generation's
