@@ -242,15 +242,14 @@ impl Replay {
 /// The slot a replayed record's flow claimed, if it did (the program
 /// leaves it at `REPLAY_CLAIM_OFFSET`, plus 1), with the record's time.
 fn claim(record: &[u8]) -> Option<(u32, u64)> {
-    let word = |at: usize, n: usize| {
-        record[at..at + n]
-            .iter()
-            .rev()
-            .fold(0u64, |v, &b| v << 8 | u64::from(b))
-    };
-    let slot = word(REPLAY_CLAIM_OFFSET, 4) as u32;
+    let slot = record.get(REPLAY_CLAIM_OFFSET..REPLAY_CLAIM_OFFSET + 4)?;
     let ts = std::mem::offset_of!(FallbackEvent, ts_ns);
-    (slot != 0).then(|| (slot - 1, word(ts, 8)))
+    let ts = record.get(ts..ts + 8)?;
+    let slot = u32::from_ne_bytes(slot.try_into().ok()?);
+    Some((
+        slot.checked_sub(1)?,
+        u64::from_ne_bytes(ts.try_into().ok()?),
+    ))
 }
 
 /// One call of `flowexport_replay` on `frame` (a batch of `n` records),
@@ -261,5 +260,31 @@ fn replay(prog: &ProgramFd, frame: &mut [u8], n: usize) -> io::Result<()> {
         rc => Err(io::Error::other(format!(
             "flowexport_replay returned {rc} instead of XDP_PASS on a batch of {n} records"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record as the ring holds it, and as the program leaves it after
+    /// claiming slot 41 for its flow.
+    #[test]
+    fn claims_are_read_from_the_records_padding() {
+        let ev = FallbackEvent {
+            ts_ns: 1_234_567_890_123,
+            packets: 1,
+            bytes: 60,
+            ..FallbackEvent::default()
+        };
+        // SAFETY: FallbackEvent is 80 bytes of plain integers.
+        let mut record =
+            unsafe { std::slice::from_raw_parts((&ev as *const FallbackEvent).cast::<u8>(), 80) }
+                .to_vec();
+        assert_eq!(claim(&record), None);
+        record[REPLAY_CLAIM_OFFSET..REPLAY_CLAIM_OFFSET + 4].copy_from_slice(&42u32.to_ne_bytes());
+        assert_eq!(claim(&record), Some((41, 1_234_567_890_123)));
+        // A frame cut short claims nothing.
+        assert_eq!(claim(&record[..60]), None);
     }
 }
