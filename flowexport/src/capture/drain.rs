@@ -398,7 +398,6 @@ const WHEEL_SHIFT: u32 = 27;
 const PREFETCH_AHEAD: usize = 16;
 
 /// Slots waiting in one wheel bucket.
-#[derive(Default)]
 struct WheelBucket {
     /// The earliest deadline of the slots put here (a stale entry's
     /// included: a lower bound).
@@ -788,12 +787,17 @@ impl TableDrain {
         }
     }
 
-    /// Reads slot `i`'s both generations into a record, and frees it at
-    /// the commit: a RETIRING slot no program writes any more.
-    fn read_retired(&mut self, i: u32, now_ms: u64, out: &mut Export, r: &mut ScanReport) {
+    /// Reads slot `i`'s both generations into one record.
+    fn read_whole(&mut self, i: u32, now_ms: u64, out: &mut Export, r: &mut ScanReport) {
         let mut c = self.read_out(i, 0, now_ms);
         c.merge(&self.read_out(i, 1, now_ms));
         self.emit(i, &c, out, r);
+    }
+
+    /// Reads slot `i` whole, and frees it at the commit: a RETIRING slot no
+    /// program writes any more.
+    fn read_retired(&mut self, i: u32, now_ms: u64, out: &mut Export, r: &mut ScanReport) {
+        self.read_whole(i, now_ms, out, r);
         self.to_free.push(i);
         r.retired += 1;
     }
@@ -835,9 +839,7 @@ impl TableDrain {
                 SLOT_VALID => {
                     r.examined += 1;
                     if final_drain {
-                        let mut c = self.read_out(i, 0, now_ms);
-                        c.merge(&self.read_out(i, 1, now_ms));
-                        self.emit(i, &c, out, r);
+                        self.read_whole(i, now_ms, out, r);
                     } else if self.pending.contains_key(&i) {
                         // Its export started at this drain; its wheel entry
                         // stands for the second step.
@@ -1625,6 +1627,14 @@ mod tests {
     const MS: u64 = 1_000_000;
 
     impl Sim {
+        /// A drain with these idle and active timeouts (ms).
+        fn with_timeouts(idle_ms: u64, active_ms: u64) -> Sim {
+            Sim::new(Timeouts {
+                idle_ns: idle_ms * MS,
+                active_ns: active_ms * MS,
+            })
+        }
+
         fn new(t: Timeouts) -> Sim {
             Sim {
                 d: TableDrain::new(FlowTable::heap(1 << 12)),
@@ -1713,10 +1723,7 @@ mod tests {
 
     #[test]
     fn idle_flow_is_exported_in_two_steps_then_its_slot_freed() {
-        let mut s = Sim::new(Timeouts {
-            idle_ns: 100 * MS,
-            active_ns: 10_000 * MS,
-        });
+        let mut s = Sim::with_timeouts(100, 10_000);
         let i = s.packet(1, 1_000, 0);
         s.packet(1, 1_010, 0);
         let r = s.drain(1_020);
@@ -1748,10 +1755,7 @@ mod tests {
 
     #[test]
     fn active_slices_are_exact_deltas_across_generations() {
-        let mut s = Sim::new(Timeouts {
-            idle_ns: 10_000 * MS,
-            active_ns: 300 * MS,
-        });
+        let mut s = Sim::with_timeouts(10_000, 300);
         let mut sent = 0;
         // One packet every 10 ms for 2 s, a drain every 50 ms.
         for ms in (0..2_000u32).step_by(10) {
@@ -1799,10 +1803,7 @@ mod tests {
 
     #[test]
     fn nothing_due_means_the_next_drain_may_be_skipped() {
-        let mut s = Sim::new(Timeouts {
-            idle_ns: 100 * MS,
-            active_ns: 1_000 * MS,
-        });
+        let mut s = Sim::with_timeouts(100, 1_000);
         s.packet(1, 500, 0);
         assert_eq!(s.drain(510).regions_visited, 1);
         // Before its deadline, a drain reads no region at all.
@@ -1825,10 +1826,7 @@ mod tests {
     #[test]
     fn an_agent_killed_anywhere_loses_nothing() {
         for die_after_scan in [false, true] {
-            let mut s = Sim::new(Timeouts {
-                idle_ns: 100 * MS,
-                active_ns: 300 * MS,
-            });
+            let mut s = Sim::with_timeouts(100, 300);
             let mut sent = [0u64; 3];
             let mut ms = 1_000u32;
             // Three flows: steady (active exports), one going idle, one
@@ -1879,10 +1877,7 @@ mod tests {
     #[test]
     fn adopt_pending_tells_started_from_unfinished_exports() {
         // An active timeout of 1 ms: the next drain starts an export.
-        let mut s = Sim::new(Timeouts {
-            idle_ns: 15_000 * MS,
-            active_ns: MS,
-        });
+        let mut s = Sim::with_timeouts(15_000, 1);
         let i = s.packet(6, 100, 0);
         // The drain reads the flow's old generation (export started)...
         s.scan_only(101);
@@ -1904,10 +1899,7 @@ mod tests {
     /// exactly on its timeout.
     #[test]
     fn replayed_flows_are_looked_at_only_when_due() {
-        let mut s = Sim::new(Timeouts {
-            idle_ns: 1_000 * MS,
-            active_ns: 5_000 * MS,
-        });
+        let mut s = Sim::with_timeouts(1_000, 5_000);
         // 1,000 new flows over 1 s, a packet each; flow 0 then stays busy.
         for f in 0..1_000u16 {
             s.replayed(f, 10_000 + u32::from(f));
@@ -1948,10 +1940,7 @@ mod tests {
     /// reading of every region, and nothing is lost.
     #[test]
     fn replayed_flows_outlive_a_killed_agent() {
-        let mut s = Sim::new(Timeouts {
-            idle_ns: 100 * MS,
-            active_ns: 1_000 * MS,
-        });
+        let mut s = Sim::with_timeouts(100, 1_000);
         for f in 0..50u16 {
             s.replayed(f, 1_000);
         }

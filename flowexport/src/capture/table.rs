@@ -500,10 +500,6 @@ impl Regions {
         self.bits[(region / 64) as usize] |= 1 << (region % 64);
     }
 
-    pub fn remove(&mut self, region: u32) {
-        self.bits[(region / 64) as usize] &= !(1 << (region % 64));
-    }
-
     /// The regions in the set, in order.
     pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
         self.bits.iter().enumerate().flat_map(|(w, &bits)| {
@@ -511,10 +507,6 @@ impl Regions {
                 .filter(move |b| bits & (1 << b) != 0)
                 .map(move |b| (w * 64 + b) as u32)
         })
-    }
-
-    pub fn len(&self) -> usize {
-        self.bits.iter().map(|b| b.count_ones() as usize).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -699,9 +691,6 @@ mod tests {
         r.absorb(&dirty);
         assert_eq!(r.iter().collect::<Vec<_>>(), vec![0, 2, 7, 255]);
         assert!(dirty.iter().all(|d| d.load(Ordering::Relaxed) == 0));
-        r.remove(2);
-        assert_eq!(r.iter().collect::<Vec<_>>(), vec![0, 7, 255]);
-        assert_eq!(r.len(), 3);
         r.clear();
         assert!(r.is_empty());
     }
