@@ -236,6 +236,16 @@ impl FlowTable {
         slot_state(self.word(i).load(Ordering::Acquire))
     }
 
+    /// The slot's state and the TCP flags of both generations, from one
+    /// read of its control word.
+    pub(crate) fn state_and_flags(&self, i: u32) -> (u32, u8) {
+        let word = self.word(i).load(Ordering::Acquire);
+        (
+            slot_state(word),
+            slot_tcp_flags(word, 0) | slot_tcp_flags(word, 1),
+        )
+    }
+
     /// The flow key of a VALID or RETIRING slot (its control word cleared).
     pub fn key(&self, i: u32) -> FlowKey {
         // SAFETY: a slot of the table, 8-aligned; the key words of a
