@@ -18,10 +18,10 @@ use flowexport_tests::{tools, wait_until, Netns};
 pub(crate) enum Kind {
     /// Nothing attached: the receive path alone.
     ReceiveOnly,
-    /// An empty program on the ingress hook the agent uses (XDP_PASS in
-    /// native XDP, or TC_ACT_UNSPEC through TCX), nothing else: what the
-    /// hook itself costs the receive path, the floor of any program there.
-    EmptyProgram(Hook),
+    /// A benchmark program on an ingress hook the agent uses, nothing
+    /// else: what the hook itself, or a part of the agent's work there,
+    /// costs the receive path (a floor of any program doing that work).
+    Floor(Floor),
     /// `flowexport agent` with these extra flags.
     Agent(Vec<String>),
     Softflowd,
@@ -29,26 +29,50 @@ pub(crate) enum Kind {
     Pmacctd,
 }
 
-/// An ingress hook.
+/// A benchmark-object program for [`Kind::Floor`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Hook {
-    /// Native (driver) XDP.
-    Xdp,
-    /// TC ingress (TCX).
-    Tc,
+pub(crate) enum Floor {
+    /// XDP_PASS in native (driver) XDP: the hook alone.
+    XdpEmpty,
+    /// TC_ACT_UNSPEC through TCX ingress: the hook alone.
+    TcEmpty,
+    /// TC ingress parsing each packet's headers as the agent does.
+    TcParse,
+    /// `TcParse` plus the packet's time through bpf_ktime_get_ns().
+    TcParseClock,
+}
+
+impl Floor {
+    /// The program's name in the benchmark object.
+    fn program(self) -> &'static str {
+        match self {
+            Floor::XdpEmpty => "flowexport_bench_pass",
+            Floor::TcEmpty => "flowexport_bench_tc_pass",
+            Floor::TcParse => "flowexport_bench_tc_parse",
+            Floor::TcParseClock => "flowexport_bench_tc_parse_clock",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Floor::XdpEmpty => "empty XDP program",
+            Floor::TcEmpty => "empty TC program",
+            Floor::TcParse => "TC program: parse only",
+            Floor::TcParseClock => "TC program: parse + clock helper",
+        }
+    }
 }
 
 impl Kind {
     /// Whether this is a baseline of the receive path (nothing exports).
     pub(crate) fn is_baseline(&self) -> bool {
-        matches!(self, Kind::ReceiveOnly | Kind::EmptyProgram(_))
+        matches!(self, Kind::ReceiveOnly | Kind::Floor(_))
     }
 
     pub(crate) fn name(&self) -> String {
         match self {
             Kind::ReceiveOnly => "receive-only".into(),
-            Kind::EmptyProgram(Hook::Xdp) => "empty XDP program".into(),
-            Kind::EmptyProgram(Hook::Tc) => "empty TC program".into(),
+            Kind::Floor(f) => f.name().into(),
             Kind::Agent(a) if a.is_empty() => "flowexport".into(),
             Kind::Agent(a) => format!("flowexport {}", a.join(" ")),
             Kind::Softflowd => "softflowd".into(),
@@ -80,34 +104,31 @@ pub(crate) struct Running {
     pid: Option<u32>,
     pub dir: PathBuf,
     ns: String,
-    /// [`Kind::EmptyProgram`]: the loaded object, whose link keeps the
-    /// program attached until it is dropped.
-    empty: Option<Ebpf>,
+    /// [`Kind::Floor`]: the loaded object, whose link keeps the program
+    /// attached until it is dropped.
+    floor: Option<Ebpf>,
 }
 
-/// Loads the benchmark object's empty program for `hook` and attaches it
-/// to `dev` in `ns` (native XDP, or TC ingress).
-fn attach_empty(ns: &Netns, dev: &str, hook: Hook) -> Result<Ebpf> {
+/// Loads the benchmark object's program for `floor` and attaches it to
+/// `dev` in `ns` (native XDP, or TC ingress).
+fn attach_floor(ns: &Netns, dev: &str, floor: Floor) -> Result<Ebpf> {
     let path = flowexport_benches::BENCH_OBJECT;
     let dev = dev.to_string();
     ns.run(move || -> Result<Ebpf> {
         let mut ebpf = Ebpf::load_file(path)
             .with_context(|| format!("loading {path} (`cargo xtask bench peers` builds it)"))?;
-        let name = match hook {
-            Hook::Xdp => "flowexport_bench_pass",
-            Hook::Tc => "flowexport_bench_tc_pass",
-        };
+        let name = floor.program();
         let prog = ebpf
             .program_mut(name)
             .with_context(|| format!("no {name} in the benchmark object"))?;
         // Each kind's link id is dropped: the Ebpf object owns the link.
-        let attached = match hook {
-            Hook::Xdp => {
+        let attached = match floor {
+            Floor::XdpEmpty => {
                 let p: &mut Xdp = prog.try_into()?;
                 p.load()?;
                 p.attach(&dev, XdpMode::Driver).map(drop)
             }
-            Hook::Tc => {
+            Floor::TcEmpty | Floor::TcParse | Floor::TcParseClock => {
                 let p: &mut SchedClassifier = prog.try_into()?;
                 p.load()?;
                 p.attach(&dev, TcAttachType::Ingress).map(drop)
@@ -140,7 +161,7 @@ impl Running {
             pid: None,
             dir: dir.to_path_buf(),
             ns: ns.name.clone(),
-            empty: None,
+            floor: None,
         };
         let target = match out {
             Output::Nfcapd(p) => format!("127.0.0.1:{p}"),
@@ -150,8 +171,8 @@ impl Running {
         cmd.args(["netns", "exec", &ns.name]);
         match &kind {
             Kind::ReceiveOnly => return Ok(r),
-            Kind::EmptyProgram(hook) => {
-                r.empty = Some(attach_empty(ns, dev, *hook)?);
+            Kind::Floor(floor) => {
+                r.floor = Some(attach_floor(ns, dev, *floor)?);
                 return Ok(r);
             }
             Kind::Agent(extra) => {
@@ -244,8 +265,8 @@ impl Running {
     /// Stops the exporter so that it exports every flow it holds, waits for
     /// it (up to 5 minutes) and returns its resource usage.
     pub(crate) fn stop(&mut self) -> Result<Usage> {
-        // Detaches an empty program.
-        self.empty = None;
+        // Detaches a floor program.
+        self.floor = None;
         let Some(pid) = self.pid.take() else {
             return Ok(Usage::default());
         };

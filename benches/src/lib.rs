@@ -6,7 +6,7 @@ pub mod util;
 
 /// The kernel object built with the benchmark-only programs (feature
 /// `bench`), which `cargo xtask bench xdp|peers` builds: `bench xdp`'s
-/// programs and the empty programs of `bench peers`' baselines.
+/// programs and the floor programs of `bench peers`' baselines.
 pub const BENCH_OBJECT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../target/ebpf-bench/bpfel-unknown-none/release/flowexport"

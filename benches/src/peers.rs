@@ -8,7 +8,7 @@
 use anyhow::Result;
 use clap::Args;
 
-use crate::exporters::{Hook, Kind};
+use crate::exporters::{Floor, Kind};
 use crate::procstat::range;
 use crate::run::{self, Outcome};
 
@@ -26,7 +26,9 @@ pub(crate) struct PeersArgs {
     /// (`--capture tc`), flowexport-mirror (`--mirror`: XDP counts and drops, as on a SPAN
     /// port), flowexport-afxdp (`--capture afxdp --mirror`), xdp-empty and
     /// tc-empty (an empty program on the agent's ingress hook, nothing
-    /// else: the floor of any program there), softflowd, fprobe, pmacctd.
+    /// else: the floor of any program there), tc-parse (TC ingress that
+    /// only parses the headers, as the agent does), tc-parse-clock
+    /// (tc-parse plus the clock helper), softflowd, fprobe, pmacctd.
     #[arg(
         long,
         value_delimiter = ',',
@@ -58,16 +60,18 @@ fn kind(name: &str, agent_args: &[String]) -> Result<Kind> {
         // program or after AF_XDP hands them to the agent's workers.
         "flowexport-mirror" => agent(&["--mirror", "--xdp-mode", "native"]),
         "flowexport-afxdp" => agent(&["--capture", "afxdp", "--mirror"]),
-        "xdp-empty" => Kind::EmptyProgram(Hook::Xdp),
-        "tc-empty" => Kind::EmptyProgram(Hook::Tc),
+        "xdp-empty" => Kind::Floor(Floor::XdpEmpty),
+        "tc-empty" => Kind::Floor(Floor::TcEmpty),
+        "tc-parse" => Kind::Floor(Floor::TcParse),
+        "tc-parse-clock" => Kind::Floor(Floor::TcParseClock),
         "softflowd" => Kind::Softflowd,
         "fprobe" => Kind::Fprobe,
         "pmacctd" => Kind::Pmacctd,
         other => {
             anyhow::bail!(
                 "unknown exporter {other:?}: use flowexport, flowexport-xdp, flowexport-tc, \
-                 flowexport-mirror, flowexport-afxdp, xdp-empty, tc-empty, softflowd, fprobe, \
-                 pmacctd"
+                 flowexport-mirror, flowexport-afxdp, xdp-empty, tc-empty, tc-parse, \
+                 tc-parse-clock, softflowd, fprobe, pmacctd"
             )
         }
     })

@@ -1363,6 +1363,53 @@ pub(crate) fn flowexport_bench_tc_pass(_ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+/// A floor of `cargo xtask bench peers` (`tc-parse`): TC ingress that
+/// only parses each packet as the agent's TC programs do (direct reads of
+/// the linear part, bpf_skb_load_bytes beyond it), the key kept alive by
+/// the return value (TC_ACT_UNSPEC for every real frame). Against
+/// `flowexport_bench_tc_pass`: what reading the headers costs the receive
+/// path, which receive-only never does.
+#[cfg(feature = "bench")]
+#[classifier]
+pub(crate) fn flowexport_bench_tc_parse(ctx: TcContext) -> i32 {
+    let (key, ip_len) = bench_tc_parse(&ctx);
+    if key.src_port == 0 && ip_len == 1 {
+        return TC_ACT_SHOT;
+    }
+    TC_ACT_UNSPEC
+}
+
+/// `flowexport_bench_tc_parse` plus the packet's time (`now()`: with no
+/// agent ticking, the bpf_ktime_get_ns() helper) and the generation read
+/// (`tc-parse-clock`).
+#[cfg(feature = "bench")]
+#[classifier]
+pub(crate) fn flowexport_bench_tc_parse_clock(ctx: TcContext) -> i32 {
+    let (key, ip_len) = bench_tc_parse(&ctx);
+    let now_ns = now().ns;
+    let gen = match CONTROL.get(CONTROL_EPOCH) {
+        Some(g) => *g & 1,
+        None => 0,
+    };
+    if key.src_port == 0 && ip_len == now_ns && gen == 7 {
+        return TC_ACT_SHOT;
+    }
+    TC_ACT_UNSPEC
+}
+
+/// The TC ingress parse of this packet: its key and IP length.
+#[cfg(feature = "bench")]
+#[inline(always)]
+fn bench_tc_parse(ctx: &TcContext) -> (FlowKey, u64) {
+    // SAFETY: ctx.skb.skb points at the kernel's __sk_buff for this packet.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let mut key = empty_key(ifindex, DIR_INGRESS);
+    let mut ip_len = 0u64;
+    let mut flags = 0u8;
+    let _ = parse(&SkbPacket(ctx), &mut key, &mut ip_len, &mut flags, false);
+    (key, ip_len)
+}
+
 /// The egress program as it was before direct packet access: every header
 /// read through bpf_skb_load_bytes (the TC table's comparison).
 #[cfg(feature = "bench")]
