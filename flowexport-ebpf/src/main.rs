@@ -45,6 +45,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use core::arch::asm;
+use core::cell::{Cell, UnsafeCell};
 use core::intrinsics::{atomic_cxchg, atomic_or, atomic_xadd, atomic_xchg, AtomicOrdering};
 use core::mem::MaybeUninit;
 use flowexport_common::parse::{
@@ -348,19 +349,77 @@ unsafe fn packet_read<const N: usize>(addr: usize) -> Hdr<N> {
 /// skb), bpf_skb_load_bytes for what lies beyond it (paged data). The
 /// helper alone would cost a call per header read (three to five per
 /// packet); `cargo xtask bench xdp` measures both on the egress program.
-struct SkbPacket<'a>(&'a TcContext);
+///
+/// A packet socket's frames (trafgen's, and the skbs some drivers build
+/// from pages) carry only the Ethernet header in the linear part. There
+/// an IPv4 header is read together with the `SKB_L4_AHEAD` bytes after it
+/// in one call, kept in `ahead`, and the L4 read that follows a header
+/// without options comes from them: one helper call instead of two.
+struct SkbPacket<'a> {
+    ctx: &'a TcContext,
+    /// Where the L4 bytes in `ahead` start in the packet (0: `ahead`
+    /// holds nothing; an L4 header never starts at 0).
+    ahead_at: Cell<usize>,
+    /// An IPv4 header and the `SKB_L4_AHEAD` bytes after it.
+    ahead: UnsafeCell<MaybeUninit<Hdr<{ 20 + SKB_L4_AHEAD }>>>,
+}
+
+/// The L4 bytes `SkbPacket` reads with an IPv4 header beyond the linear
+/// part: the 14 a key uses (TCP's ports, data offset and flags), rounded
+/// up to whole words.
+const SKB_L4_AHEAD: usize = 16;
+
+impl<'a> SkbPacket<'a> {
+    #[inline(always)]
+    fn new(ctx: &'a TcContext) -> Self {
+        SkbPacket {
+            ctx,
+            ahead_at: Cell::new(0),
+            ahead: UnsafeCell::new(MaybeUninit::uninit()),
+        }
+    }
+}
 
 impl Packet for SkbPacket<'_> {
     #[inline(always)]
     fn load<const N: usize>(&self, off: usize) -> Option<Hdr<N>> {
-        let start = self.0.data();
-        let end = self.0.data_end();
-        if start + off + N > end {
-            return skb_load_bytes(self.0, off);
+        let start = self.ctx.data();
+        let end = self.ctx.data_end();
+        if start + off + N <= end {
+            // SAFETY: the range [start+off, start+off+N) lies inside the
+            // skb's linear data.
+            return Some(unsafe { packet_read(start + off) });
         }
-        // SAFETY: the range [start+off, start+off+N) lies inside the
-        // skb's linear data.
-        Some(unsafe { packet_read(start + off) })
+        let ahead = self.ahead.get().cast::<Hdr<{ 20 + SKB_L4_AHEAD }>>();
+        let at = self.ahead_at.get();
+        if N <= SKB_L4_AHEAD && at != 0 && off == at {
+            // The L4 bytes read with the IP header.
+            // SAFETY: `ahead_at` is set only once `ahead` holds all its
+            // bytes; [20, 20 + N) lies inside it (N <= SKB_L4_AHEAD).
+            let a = unsafe { &*ahead };
+            return a.0[20..20 + N].try_into().ok().map(Hdr);
+        }
+        if N == 20 {
+            // `parse`'s IPv4 header read: the L4 bytes come with it where
+            // the packet has them (else one read each, below).
+            // SAFETY: the helper writes at most the length given to
+            // `ahead`, which has room for it.
+            let r = unsafe {
+                bpf_skb_load_bytes(
+                    self.ctx.skb.skb.cast(),
+                    off as u32,
+                    ahead.cast(),
+                    (20 + SKB_L4_AHEAD) as u32,
+                )
+            };
+            if r == 0 {
+                self.ahead_at.set(off + 20);
+                // SAFETY: the helper filled `ahead`.
+                let a = unsafe { &*ahead };
+                return a.0[..N].try_into().ok().map(Hdr);
+            }
+        }
+        skb_load_bytes(self.ctx, off)
     }
 }
 
@@ -1198,7 +1257,7 @@ fn xsk(ctx: &XdpContext) -> u32 {
 /// ingress with `--capture tc`.
 #[inline(always)]
 fn tc_count(ctx: &TcContext, dir: u8) {
-    tc_count_from(ctx, &SkbPacket(ctx), dir);
+    tc_count_from(ctx, &SkbPacket::new(ctx), dir);
 }
 
 /// `tc_count`, reading the packet through `packet`.
@@ -1401,7 +1460,13 @@ fn bench_tc_parse(ctx: &TcContext) -> (FlowKey, u64) {
     let mut key = empty_key(ifindex, DIR_INGRESS);
     let mut ip_len = 0u64;
     let mut flags = 0u8;
-    let _ = parse(&SkbPacket(ctx), &mut key, &mut ip_len, &mut flags, false);
+    let _ = parse(
+        &SkbPacket::new(ctx),
+        &mut key,
+        &mut ip_len,
+        &mut flags,
+        false,
+    );
     (key, ip_len)
 }
 

@@ -247,7 +247,8 @@ fn fragments_and_extension_headers(capture: &[&str]) {
 // bpf_skb_load_bytes (other packets: straight from the linear data). The
 // XDP program is multi-buffer aware, so it attaches natively although the
 // MTU needs more than one buffer per frame (veth refuses a single-buffer
-// program then). Both directions, IPv4 and IPv6, counted exactly.
+// program then). Both directions, IPv4 and IPv6, UDP and TCP, counted
+// exactly.
 in_each_capture!(jumbo_frames: jumbo_frames_with_headers_in_paged_data, jumbo_frames_with_headers_in_paged_data_tc_capture);
 
 fn jumbo_frames(capture: &[&str]) {
@@ -262,6 +263,10 @@ fn jumbo_frames(capture: &[&str]) {
     send_one(&l.a, &l.a_dev, eth4(a4, b4, &L4::udp(1111, 2222, 8000)), 7);
     let tcp6 = L4::tcp(3333, 4444, TCP_ACK | TCP_PSH, 8000);
     send_one(&l.a, &l.a_dev, eth6(a6, b6, &tcp6), 5);
+    // The TC programs read an IPv4 header and the L4 bytes after it in one
+    // call: TCP's ports and flags come from there too.
+    let tcp4 = L4::tcp(5555, 6666, TCP_ACK | TCP_PSH, 8000);
+    send_one(&l.a, &l.a_dev, eth4(a4, b4, &tcp4), 2);
     send_one(&l.b, &l.b_dev, eth4(b4, a4, &L4::udp(2222, 1111, 8000)), 3);
     let out = agent.stop_ok();
     let flow = |dir, src: &str, dst: &str, proto, sp, dp| {
@@ -275,6 +280,12 @@ fn jumbo_frames(capture: &[&str]) {
                 flow(0, a6, b6, 6, 3333, 4444),
                 5,
                 5 * 8060,
+                (TCP_ACK | TCP_PSH) as u64,
+            ),
+            (
+                flow(0, a4, b4, 6, 5555, 6666),
+                2,
+                2 * 8040,
                 (TCP_ACK | TCP_PSH) as u64,
             ),
             (flow(1, b4, a4, 17, 2222, 1111), 3, 3 * 8028, 0),
