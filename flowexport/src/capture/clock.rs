@@ -46,10 +46,11 @@ pub(crate) const REST_POLL: Duration = Duration::from_millis(100);
 /// What the receiving CPU pays per packet for `bpf_ktime_get_ns()` instead
 /// of the clock word: ~75 ns of softirq, measured on the receive path
 /// (`cargo xtask bench peers` at full rate, 1 and 1M flows, the agent
-/// with the word against without it, three paired runs each: 0.75-0.88
-/// against 0.78-0.97 CPU-s of softirq per Mpkt, ~0.08 apart on average). A loop of BPF_PROG_TEST_RUN calls
-/// (`cargo xtask bench xdp`'s parse+clock breakdown) shows only ~27 ns:
-/// there the helper's code and data stay in the CPU's caches.
+/// with the word against without it, alternating, nine runs and six:
+/// 0.74-0.88 against 0.78-0.97 CPU-s of softirq per Mpkt, ~0.08 apart on
+/// average; BENCHMARKS.md). A loop of BPF_PROG_TEST_RUN calls (`cargo
+/// xtask bench xdp`'s parse+clock breakdown) shows only ~27 ns: there the
+/// helper's code and data stay in the CPU's caches.
 pub(crate) const HELPER_NS: f64 = 75.0;
 /// The cost of one tick assumed until the thread has measured its own.
 const DEFAULT_TICK_NS: f64 = 20_000.0;
