@@ -13,6 +13,9 @@
 use crate::FlowKey;
 
 pub const ETH_HDR_LEN: usize = 14;
+/// An IPv4 header without options: what [`parse`] reads first (the TC
+/// programs' reader recognises that read by its size; see `SkbPacket`).
+pub const IPV4_HDR_LEN: usize = 20;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86DD;
 pub const ETH_P_8021Q: u16 = 0x8100;
@@ -125,7 +128,7 @@ pub fn parse<P: Packet>(
     let proto;
     match etype {
         ETH_P_IP => {
-            let Some(h) = p.load::<20>(off) else {
+            let Some(h) = p.load::<IPV4_HDR_LEN>(off) else {
                 return Parsed::Malformed;
             };
             let ihl = ((h.0[0] & 0x0f) as usize) * 4;

@@ -50,6 +50,7 @@ use core::intrinsics::{atomic_cxchg, atomic_or, atomic_xadd, atomic_xchg, Atomic
 use core::mem::MaybeUninit;
 use flowexport_common::parse::{
     parse, Hdr, Packet, Parsed, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE,
+    IPV4_HDR_LEN,
 };
 use flowexport_common::{
     slot_state, slot_word, table_hash, CacheSlot, ClockWord, FallbackEvent, FilterMasks, FilterSet,
@@ -361,7 +362,7 @@ struct SkbPacket<'a> {
     /// holds nothing; an L4 header never starts at 0).
     ahead_at: Cell<usize>,
     /// An IPv4 header and the `SKB_L4_AHEAD` bytes after it.
-    ahead: UnsafeCell<MaybeUninit<Hdr<{ 20 + SKB_L4_AHEAD }>>>,
+    ahead: UnsafeCell<MaybeUninit<Hdr<{ IPV4_HDR_LEN + SKB_L4_AHEAD }>>>,
 }
 
 /// The L4 bytes `SkbPacket` reads with an IPv4 header beyond the linear
@@ -390,16 +391,19 @@ impl Packet for SkbPacket<'_> {
             // skb's linear data.
             return Some(unsafe { packet_read(start + off) });
         }
-        let ahead = self.ahead.get().cast::<Hdr<{ 20 + SKB_L4_AHEAD }>>();
+        let ahead = self
+            .ahead
+            .get()
+            .cast::<Hdr<{ IPV4_HDR_LEN + SKB_L4_AHEAD }>>();
         let at = self.ahead_at.get();
         if N <= SKB_L4_AHEAD && at != 0 && off == at {
             // The L4 bytes read with the IP header.
             // SAFETY: `ahead_at` is set only once `ahead` holds all its
-            // bytes; [20, 20 + N) lies inside it (N <= SKB_L4_AHEAD).
+            // bytes; the N after the header lie inside it (N <= SKB_L4_AHEAD).
             let a = unsafe { &*ahead };
-            return a.0[20..20 + N].try_into().ok().map(Hdr);
+            return a.0[IPV4_HDR_LEN..IPV4_HDR_LEN + N].try_into().ok().map(Hdr);
         }
-        if N == 20 {
+        if N == IPV4_HDR_LEN {
             // `parse`'s IPv4 header read: the L4 bytes come with it where
             // the packet has them (else one read each, below).
             // SAFETY: the helper writes at most the length given to
@@ -409,11 +413,11 @@ impl Packet for SkbPacket<'_> {
                     self.ctx.skb.skb.cast(),
                     off as u32,
                     ahead.cast(),
-                    (20 + SKB_L4_AHEAD) as u32,
+                    (IPV4_HDR_LEN + SKB_L4_AHEAD) as u32,
                 )
             };
             if r == 0 {
-                self.ahead_at.set(off + 20);
+                self.ahead_at.set(off + IPV4_HDR_LEN);
                 // SAFETY: the helper filled `ahead`.
                 let a = unsafe { &*ahead };
                 return a.0[..N].try_into().ok().map(Hdr);
@@ -1457,16 +1461,18 @@ pub(crate) fn flowexport_bench_tc_parse_clock(ctx: TcContext) -> i32 {
 fn bench_tc_parse(ctx: &TcContext) -> (FlowKey, u64) {
     // SAFETY: ctx.skb.skb points at the kernel's __sk_buff for this packet.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    bench_parse_from(&SkbPacket::new(ctx), ifindex)
+}
+
+/// The ingress parse of a packet read through `packet` on `ifindex`: its
+/// key and IP length (the benchmark programs' parse-only breakdowns).
+#[cfg(feature = "bench")]
+#[inline(always)]
+fn bench_parse_from(packet: &impl Packet, ifindex: u32) -> (FlowKey, u64) {
     let mut key = empty_key(ifindex, DIR_INGRESS);
     let mut ip_len = 0u64;
     let mut flags = 0u8;
-    let _ = parse(
-        &SkbPacket::new(ctx),
-        &mut key,
-        &mut ip_len,
-        &mut flags,
-        false,
-    );
+    let _ = parse(packet, &mut key, &mut ip_len, &mut flags, false);
     (key, ip_len)
 }
 
@@ -1492,17 +1498,7 @@ pub(crate) fn flowexport_bench_tc_helper(ctx: TcContext) -> i32 {
 fn bench_parse(ctx: &XdpContext) -> (FlowKey, u64) {
     // SAFETY: ctx.ctx points at the kernel's xdp_md for this packet.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    let mut key = empty_key(ifindex, DIR_INGRESS);
-    let mut ip_len = 0u64;
-    let mut flags = 0u8;
-    let _ = parse(
-        &XdpPacket::<false>(ctx),
-        &mut key,
-        &mut ip_len,
-        &mut flags,
-        false,
-    );
-    (key, ip_len)
+    bench_parse_from(&XdpPacket::<false>(ctx), ifindex)
 }
 
 /// Cost breakdown for `cargo xtask bench xdp`: the ingress parser alone, the
