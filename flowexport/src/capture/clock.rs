@@ -26,11 +26,14 @@
 //!   packet set it again during the next window, rests at once (without
 //!   waiting for the next drain's rate).
 //!
-//! A resting thread looks every [`REST_POLL`]: an idle host sees about ten
-//! wake-ups a second instead of a thousand.
+//! A resting thread sleeps until something can make ticks pay again: while
+//! the last rate the drain reported is high enough, it looks for packets
+//! every [`REST_POLL`]; below that (an idle host, or a low rate), it waits
+//! for the drain to report a rate that is ([`ClockMap::set_rate`] wakes it),
+//! and costs no wake-up at all.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -41,7 +44,8 @@ use crate::timeconv::monotonic_ns;
 
 /// After a window this long without a packet, the ticker rests.
 pub(crate) const REST_WINDOW: Duration = Duration::from_millis(100);
-/// How often a resting ticker looks for traffic.
+/// How often a resting ticker looks for traffic while the packet rate is
+/// high enough for ticks to pay.
 pub(crate) const REST_POLL: Duration = Duration::from_millis(100);
 /// What the receiving CPU pays per packet for `bpf_ktime_get_ns()` instead
 /// of the clock word: ~75 ns of softirq, measured on the receive path
@@ -61,6 +65,12 @@ pub struct ClockMap {
     word: *mut ClockWord,
     /// Packets per second (ingress + egress) at the last drain.
     rate: AtomicU64,
+    /// The lowest rate at which a resting ticker starts again, published by
+    /// the ticker thread (`u64::MAX` until it runs): [`ClockMap::set_rate`]
+    /// wakes the thread only for a rate above it.
+    start_rate: AtomicU64,
+    /// The ticker thread, once started: what `set_rate` and `wake` wake.
+    ticker: Mutex<Option<std::thread::Thread>>,
     _memory: Memory,
 }
 
@@ -84,6 +94,8 @@ impl ClockMap {
         ClockMap {
             word: map.as_ptr() as *mut ClockWord,
             rate: AtomicU64::new(0),
+            start_rate: AtomicU64::new(u64::MAX),
+            ticker: Mutex::new(None),
             _memory: Memory::Map(map),
         }
     }
@@ -95,6 +107,8 @@ impl ClockMap {
         ClockMap {
             word: &mut *b,
             rate: AtomicU64::new(0),
+            start_rate: AtomicU64::new(u64::MAX),
+            ticker: Mutex::new(None),
             _memory: Memory::Heap(b),
         }
     }
@@ -142,17 +156,27 @@ impl ClockMap {
 
     /// The packet rate (ingress + egress, per second) the drain measured:
     /// the ticker keeps the word only while it is high enough to pay for
-    /// the ticks.
+    /// the ticks. A rate that is wakes a resting ticker.
     pub fn set_rate(&self, packets_per_sec: u64) {
         self.rate.store(packets_per_sec, Ordering::Relaxed);
+        if packets_per_sec > self.start_rate.load(Ordering::Relaxed) && !self.ticking() {
+            self.unpark_ticker();
+        }
     }
 
-    /// Sets every activity flag, as a packet does: a resting ticker starts
-    /// again within [`REST_POLL`] (benchmarks use it to measure the
-    /// programs with the word kept, as under traffic).
+    /// Sets every activity flag, as a packet does, and wakes a resting
+    /// ticker: it starts again if the rate pays for ticks (benchmarks use it
+    /// to measure the programs with the word kept, as under traffic).
     pub fn wake(&self) {
         self.active()
             .fetch_or(flowexport_common::CLOCK_ACTIVE_ALL, Ordering::SeqCst);
+        self.unpark_ticker();
+    }
+
+    fn unpark_ticker(&self) {
+        if let Some(t) = &*self.ticker.lock().expect("clock ticker") {
+            t.unpark();
+        }
     }
 
     /// Whether the ticker is keeping the word (it is not 0).
@@ -178,6 +202,9 @@ impl ClockTicker {
         let thread = std::thread::Builder::new()
             .name("flowexport-clock".into())
             .spawn(move || run(&c, &s, period))?;
+        // A wake-up before this is not lost: the thread looks at the rate
+        // before it first rests.
+        *clock.ticker.lock().expect("clock ticker") = Some(thread.thread().clone());
         Ok(ClockTicker {
             stop,
             thread: Some(thread),
@@ -211,12 +238,21 @@ fn worth_ticking(rate: u64, tick_ns: f64, period: Duration, ticking: bool) -> bo
     saved > cost * if ticking { 0.8 } else { 1.25 }
 }
 
+/// The rate above which a resting ticker starts (`worth_ticking` with
+/// `ticking` false), rounded down: what [`ClockMap::set_rate`] compares.
+fn start_rate(tick_ns: f64, period: Duration) -> u64 {
+    (tick_ns * 1.25 / (HELPER_NS * period.as_secs_f64())) as u64
+}
+
 fn run(clock: &ClockMap, stop: &AtomicBool, period: Duration) {
     let mut ticking = true;
     let mut window = Instant::now();
     // The thread's CPU per tick, measured over every 1000 ticks.
     let mut tick_ns = DEFAULT_TICK_NS;
     let (mut ticks, mut cpu0) = (0u32, thread_cpu());
+    clock
+        .start_rate
+        .store(start_rate(tick_ns, period), Ordering::Relaxed);
     clock.take_activity(CLOCK_ACTIVE_TICKER);
     while !stop.load(Ordering::Relaxed) {
         if ticking {
@@ -227,6 +263,9 @@ fn run(clock: &ClockMap, stop: &AtomicBool, period: Duration) {
                 let cpu = thread_cpu();
                 tick_ns = (cpu - cpu0).as_nanos() as f64 / f64::from(ticks);
                 (ticks, cpu0) = (0, cpu);
+                clock
+                    .start_rate
+                    .store(start_rate(tick_ns, period), Ordering::Relaxed);
             }
             if window.elapsed() >= REST_WINDOW {
                 window = Instant::now();
@@ -238,7 +277,14 @@ fn run(clock: &ClockMap, stop: &AtomicBool, period: Duration) {
                 }
             }
         } else {
-            std::thread::park_timeout(REST_POLL);
+            if worth_ticking(clock.rate.load(Ordering::Relaxed), tick_ns, period, false) {
+                // Ticks would pay at this rate: look for packets.
+                std::thread::park_timeout(REST_POLL);
+            } else {
+                // They would not: sleep until a drain reports a rate at
+                // which they do (`set_rate`), `wake`, or `stop`.
+                std::thread::park();
+            }
             // The rate as it is now, after the wait.
             let rate = clock.rate.load(Ordering::Relaxed);
             if clock.take_activity(CLOCK_ACTIVE_TICKER)
@@ -335,7 +381,47 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
             assert!(!clock.ticking());
         }
+        // Resting at that rate, the thread does not wake at all (it used to
+        // look every REST_POLL), packets or not...
+        let switches = ticker_wakeups();
+        std::thread::sleep(REST_POLL * 4);
+        assert_eq!(ticker_wakeups(), switches);
+        // ... until a drain reports a rate at which ticks pay.
+        clock.set_rate(100_000_000);
+        assert!(wait(|| clock.ticking()));
         drop(ticker);
+        // Without any rate (an idle host) it rests without waking too.
+        let clock = Arc::new(ClockMap::heap());
+        let ticker = ClockTicker::start(clock.clone(), Duration::from_millis(1)).unwrap();
+        assert!(wait(|| !clock.ticking()));
+        let switches = ticker_wakeups();
+        std::thread::sleep(REST_POLL * 4);
+        assert_eq!(ticker_wakeups(), switches);
+        // `wake` (a benchmark's) starts it at a rate that pays.
+        clock.set_rate(100_000_000);
+        clock.wake();
+        assert!(wait(|| clock.ticking()));
+        drop(ticker);
+    }
+
+    /// Voluntary context switches of the clock threads of this process
+    /// (only the test above starts one in this test binary): each is a
+    /// wake-up from a sleep.
+    fn ticker_wakeups() -> u64 {
+        let mut n = 0;
+        for t in std::fs::read_dir("/proc/self/task").unwrap() {
+            let dir = t.unwrap().path();
+            if std::fs::read_to_string(dir.join("comm")).unwrap_or_default() != "flowexport-cloc\n"
+            {
+                continue;
+            }
+            let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+            n += status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .map_or(0, |v| v.trim().parse::<u64>().unwrap());
+        }
+        n
     }
 
     #[test]
