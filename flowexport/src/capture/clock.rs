@@ -394,6 +394,8 @@ mod tests {
         let clock = Arc::new(ClockMap::heap());
         let ticker = ClockTicker::start(clock.clone(), Duration::from_millis(1)).unwrap();
         assert!(wait(|| !clock.ticking()));
+        // (Its going to sleep, just after the word went to 0, is a switch.)
+        std::thread::sleep(Duration::from_millis(50));
         let switches = ticker_wakeups();
         std::thread::sleep(REST_POLL * 4);
         assert_eq!(ticker_wakeups(), switches);
