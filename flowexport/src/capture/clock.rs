@@ -228,20 +228,25 @@ fn thread_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-/// Whether ticks at `period` save more than they cost at `rate` packets/s,
-/// a tick costing `tick_ns` of CPU; `ticking` adds hysteresis (keep going
-/// down to 0.8 of the break-even, start only above 1.25 of it).
-fn worth_ticking(rate: u64, tick_ns: f64, period: Duration, ticking: bool) -> bool {
-    let ticks_per_sec = 1.0 / period.as_secs_f64();
-    let saved = rate as f64 * HELPER_NS;
-    let cost = ticks_per_sec * tick_ns;
-    saved > cost * if ticking { 0.8 } else { 1.25 }
+/// The packet rate above which ticks at `period`, each costing `tick_ns`
+/// of CPU, save more than they cost (`rate x HELPER_NS` against the ticks'
+/// CPU a second); `ticking` adds hysteresis (keep going down to 0.8 of the
+/// break-even, start only above 1.25 of it).
+fn pays_above(tick_ns: f64, period: Duration, ticking: bool) -> f64 {
+    let cost = tick_ns / period.as_secs_f64();
+    cost / HELPER_NS * if ticking { 0.8 } else { 1.25 }
 }
 
-/// The rate above which a resting ticker starts (`worth_ticking` with
-/// `ticking` false), rounded down: what [`ClockMap::set_rate`] compares.
+/// Whether ticks pay at `rate` packets/s (see [`pays_above`]).
+fn worth_ticking(rate: u64, tick_ns: f64, period: Duration, ticking: bool) -> bool {
+    rate as f64 > pays_above(tick_ns, period, ticking)
+}
+
+/// The rate above which a resting ticker starts, rounded down: what
+/// [`ClockMap::set_rate`] compares (an integer rate is above it exactly
+/// when it is above the unrounded one).
 fn start_rate(tick_ns: f64, period: Duration) -> u64 {
-    (tick_ns * 1.25 / (HELPER_NS * period.as_secs_f64())) as u64
+    pays_above(tick_ns, period, false) as u64
 }
 
 fn run(clock: &ClockMap, stop: &AtomicBool, period: Duration) {
