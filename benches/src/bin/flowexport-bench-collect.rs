@@ -8,13 +8,15 @@
 //!    JSON lines with flowexport's writer and with serde_json;
 //! 2. a stream of 3M flows (NetFlow v9) replayed over loopback UDP at fixed
 //!    offered rates to each receiver: `flowexport collect` with one worker
-//!    (`--discard`; JSON lines to a file; Kafka into a local Tansu, at one
+//!    (`--discard`; JSON lines to a file; JSON lines to /dev/null, the
+//!    formatting without the page cache; Kafka into a local Tansu, at one
 //!    lower rate: the broker is the limit there), nfcapd writing its files
 //!    and nfacctd's print plugin. Per receiver and rate: the share of flows
 //!    decoded (datagrams not dropped at its socket, from /proc/net/udp) and
 //!    flows per CPU-second of its processes (utime + stime), and the highest
-//!    rate without a socket drop. The JSON file's lines are counted against
-//!    the flows decoded.
+//!    rate without a socket drop; then flowexport's flows per CPU-second
+//!    against nfcapd's at each rate. The JSON file's lines are counted
+//!    against the flows decoded.
 
 use std::net::{IpAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -32,8 +34,22 @@ use flowexport_benches::util::{cpu_seconds, flows, stream, RECORDS_PER_PACKET};
 const PACKETS: usize = 10_000;
 /// Packets of the replayed stream: 3M flows.
 const REPLAY_PACKETS: usize = 100_000;
-/// Offered rates of the replay, flows/s.
-const RATES: [u64; 4] = [500_000, 1_000_000, 2_000_000, 3_000_000];
+/// Offered rates of the replay, flows/s (`--rates`).
+const RATES: &str = "500000,1000000,2000000,3000000";
+
+/// `cargo xtask bench collect -- [--rates R,R...] [--receivers NAME,...]`:
+/// by default every receiver at every rate, and the in-process and Kafka
+/// figures; naming receivers runs only those (to repeat a noisy point).
+#[derive(clap::Parser, Debug)]
+struct BenchArgs {
+    /// Offered rates of the replay, flows per second.
+    #[arg(long, value_delimiter = ',', default_value = RATES)]
+    rates: Vec<u64>,
+    /// Only these receivers: discard, file, null, nfcapd, nfacctd, kafka
+    /// (the in-process figures are then left out too).
+    #[arg(long, value_delimiter = ',', value_parser = ["discard", "file", "null", "nfcapd", "nfacctd", "kafka"])]
+    receivers: Vec<String>,
+}
 /// The Kafka run: 45k flows (under the sink's buffer) at 120k flows/s.
 const KAFKA_PACKETS: usize = 1_500;
 const KAFKA_RATE: u64 = 120_000;
@@ -251,10 +267,34 @@ fn nfcapd(dir: &Path, port: u16) -> Result<Proc> {
 }
 
 fn main() -> Result<()> {
+    let args = <BenchArgs as clap::Parser>::parse();
     let bin: PathBuf = flowexport_benches::util::flowexport_bin()?;
     let dir = std::env::temp_dir().join(format!("fe-bench-collect-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    let result = run(&args, &bin, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn run(args: &BenchArgs, bin: &Path, dir: &Path) -> Result<()> {
+    let wanted = |r: &str| args.receivers.is_empty() || args.receivers.iter().any(|w| w == r);
     println!("## Collector benchmark\n");
+    if args.receivers.is_empty() {
+        in_process()?;
+    }
+    let pkts = stream(ExportProtocol::NetflowV9, REPLAY_PACKETS)?;
+    let receivers = ["discard", "file", "null", "nfcapd", "nfacctd"];
+    if receivers.iter().any(|r| wanted(r)) {
+        replayed(&pkts, &args.rates, &wanted, bin, dir)?;
+    }
+    if wanted("kafka") {
+        kafka(&pkts, bin)?;
+    }
+    Ok(())
+}
+
+/// Decoding and formatting in this process, one core.
+fn in_process() -> Result<()> {
     println!("In process, one core ({PACKETS} packets x {RECORDS_PER_PACKET} records):\n");
     println!("| protocol | decode (flows/s) | JSON lines, flowexport's writer (records/s) | JSON lines, serde_json (records/s) | writer / serde_json |");
     println!("| --- | ---: | ---: | ---: | ---: |");
@@ -273,20 +313,30 @@ fn main() -> Result<()> {
             ours / serde
         );
     }
+    Ok(())
+}
 
+/// `pkts` replayed at each rate to each wanted receiver; the table, then
+/// the ratios against nfcapd.
+fn replayed(
+    pkts: &[Vec<u8>],
+    rates: &[u64],
+    wanted: &dyn Fn(&str) -> bool,
+    bin: &Path,
+    dir: &Path,
+) -> Result<()> {
     println!(
         "\nReplayed over loopback UDP: {} flows of NetFlow v9 ({REPLAY_PACKETS} packets) per \
          rate; per receiver: flows decoded (not dropped at its socket), flows per CPU-second.\n",
         REPLAY_PACKETS * RECORDS_PER_PACKET
     );
-    let pkts = stream(ExportProtocol::NetflowV9, REPLAY_PACKETS)?;
     let json_file = dir.join("collect.json");
     let mut header = "| receiver |".to_string();
-    for r in RATES {
-        header += &format!(" {}M flows/s offered |", r as f64 / 1e6);
+    for r in rates {
+        header += &format!(" {}M flows/s offered |", *r as f64 / 1e6);
     }
     println!("{header} highest rate without a socket drop |");
-    println!("| --- |{} --- |", " --- |".repeat(RATES.len()));
+    println!("| --- |{} --- |", " --- |".repeat(rates.len()));
     type Start<'a> = Box<dyn Fn(u16) -> Result<(Proc, Box<dyn Fn() -> Vec<u32>>)> + 'a>;
     let single = |p: Proc| -> (Proc, Box<dyn Fn() -> Vec<u32>>) {
         let id = p.0.id();
@@ -296,12 +346,13 @@ fn main() -> Result<()> {
         let id = p.0.id();
         (p, Box::new(move || pids_in_group(id)))
     };
-    let receivers: Vec<(&str, Start)> = vec![
+    let receivers: Vec<(&str, &str, Start)> = vec![
         (
+            "discard",
             "flowexport collect --discard",
             Box::new(|port| {
                 Ok(single(flowexport_collect(
-                    &bin,
+                    bin,
                     port,
                     &["--discard"],
                     Stdio::null(),
@@ -309,33 +360,44 @@ fn main() -> Result<()> {
             }),
         ),
         (
+            "file",
             "flowexport collect, JSON lines to a file",
             Box::new(|port| {
                 let f = std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(&json_file)?;
-                Ok(single(flowexport_collect(&bin, port, &[], f.into())?))
+                Ok(single(flowexport_collect(bin, port, &[], f.into())?))
             }),
         ),
         (
-            "nfcapd, binary files",
-            Box::new(|port| Ok(group(nfcapd(&dir, port)?))),
+            "null",
+            "flowexport collect, JSON lines to /dev/null",
+            Box::new(|port| Ok(single(flowexport_collect(bin, port, &[], Stdio::null())?))),
         ),
         (
+            "nfcapd",
+            "nfcapd, binary files",
+            Box::new(|port| Ok(group(nfcapd(dir, port)?))),
+        ),
+        (
+            "nfacctd",
             "nfacctd, print plugin (CSV)",
-            Box::new(|port| Ok(group(nfacctd(&dir, port)?))),
+            Box::new(|port| Ok(group(nfacctd(dir, port)?))),
         ),
     ];
-    for (name, start) in &receivers {
+    // Flows per CPU-second of each receiver at each rate, for the ratios.
+    let mut per_cpu_s: Vec<(&str, Vec<f64>)> = Vec::new();
+    for (_, name, start) in receivers.iter().filter(|(key, _, _)| wanted(key)) {
         let port = free_udp_port()?;
         let (_proc, pids) = start(port)?;
         wait_bound(port)?;
         let mut row = format!("| {name} |");
         let mut best = "none".to_string();
-        for rate in RATES {
+        let mut per_rate = Vec::new();
+        for &rate in rates {
             let _ = std::fs::File::create(&json_file);
-            let run = measure(&pkts, port, rate, &*pids)?;
+            let run = measure(pkts, port, rate, &*pids)?;
             let decoded = if run.decoded == 1.0 {
                 "100%".to_string()
             } else {
@@ -345,10 +407,11 @@ fn main() -> Result<()> {
                 " {decoded} decoded, {:.2}M flows/CPU-s |",
                 run.per_cpu_s / 1e6
             );
+            per_rate.push(run.per_cpu_s);
             if run.decoded == 1.0 {
                 best = format!("{}M flows/s", rate as f64 / 1e6);
             }
-            if name.contains("JSON") {
+            if name.ends_with("to a file") {
                 let lines = count_lines(&json_file)?;
                 if lines != run.flows {
                     eprintln!(
@@ -359,16 +422,21 @@ fn main() -> Result<()> {
             }
         }
         println!("{row} {best} |");
+        per_cpu_s.push((name, per_rate));
     }
     let _ = std::fs::remove_file(&json_file);
+    print_ratios(rates, &per_cpu_s);
+    Ok(())
+}
 
-    // Kafka: a shorter stream at a lower rate (the local broker is the limit).
+/// Kafka: a shorter stream at a lower rate (the local broker is the limit).
+fn kafka(pkts: &[Vec<u8>], bin: &Path) -> Result<()> {
     match flowexport_benches::tansu("input") {
         Ok(b) => {
             let port = free_udp_port()?;
             let brokers = b.addr();
             let p = flowexport_collect(
-                &bin,
+                bin,
                 port,
                 &["--kafka-brokers", &brokers, "--kafka-topic", "input"],
                 Stdio::null(),
@@ -386,8 +454,32 @@ fn main() -> Result<()> {
         }
         Err(e) => eprintln!("no Kafka run: {e:#}"),
     }
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Each of flowexport's receivers against nfcapd, flows per CPU-second at
+/// the same offered rate (issue 15's target: JSON lines to a file at 1.5x).
+/// `--discard` and JSON to /dev/null bound what any JSON writer to a file
+/// could reach: the decoding alone, and the decoding and the formatting
+/// without the page cache.
+fn print_ratios(rates: &[u64], runs: &[(&str, Vec<f64>)]) {
+    let Some((_, nfcapd)) = runs.iter().find(|(n, _)| n.starts_with("nfcapd")) else {
+        return;
+    };
+    println!("\nFlows per CPU-second against nfcapd's at the same offered rate:\n");
+    let mut header = "| receiver |".to_string();
+    for r in rates {
+        header += &format!(" {}M flows/s |", *r as f64 / 1e6);
+    }
+    println!("{header}");
+    println!("| --- |{}", " ---: |".repeat(rates.len()));
+    for (name, rates) in runs.iter().filter(|(n, _)| n.starts_with("flowexport")) {
+        let mut row = format!("| {name} / nfcapd |");
+        for (ours, theirs) in rates.iter().zip(nfcapd) {
+            row += &format!(" {:.2}x |", ours / theirs);
+        }
+        println!("{row}");
+    }
 }
 
 /// Lines in a file (the JSON output so far).

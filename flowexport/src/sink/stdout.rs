@@ -16,7 +16,7 @@
 //!   `flowexport_stdout_blocked_seconds_total` (time senders waited for room
 //!   in a full queue), instead of as silent drops at the collector's
 //!   sockets; nothing in the queue is dropped, and `flush` waits for it.
-//!   The writer writes in chunks of 64 KiB or more where the rate allows
+//!   The writer writes in chunks of 256 KiB or more where the rate allows
 //!   (waiting at most 5 ms for one to fill): the page cache costs several
 //!   times more per byte in small writes.
 
@@ -298,8 +298,11 @@ impl QueuedJsonLines {
 /// The writer writes at least this much at once when it can: smaller
 /// writes cost the page cache several times more per byte (measured here,
 /// ext4, 450-byte records: 0.4-0.6 us each in 4-16 KiB writes, 0.12-0.18 us
-/// in 32-256 KiB writes).
-const MIN_WRITE: usize = 64 << 10;
+/// in 32-256 KiB writes), and at low rates fewer, larger writes wake the
+/// writer less often (256 KiB against 64 KiB: collect's JSON lines to
+/// /dev/null got 2-16% more flows per CPU-second at 0.5-1M flows/s,
+/// BENCHMARKS.md).
+const MIN_WRITE: usize = 256 << 10;
 
 /// How long the writer holds formatted lines back to fill [`MIN_WRITE`]:
 /// the most a record waits for it (at low rates).
@@ -615,7 +618,7 @@ mod tests {
     #[test]
     fn queued_records_come_out_as_the_same_lines_in_order_through_short_writes() {
         let out = Trickle::default();
-        // A queue of 64 records: the writer writes before it has 64 KiB.
+        // A queue of 64 records: the writer writes before it has 256 KiB.
         let mut sink = queued(out.clone(), 64);
         let mut all = Vec::new();
         let mut n = 0;
