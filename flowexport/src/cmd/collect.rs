@@ -188,7 +188,8 @@ impl Worker {
                 }
             }
             if !flows.is_empty() {
-                self.sinks.send(&flows);
+                // Taken by the stdout queue, not copied (`Sink::take`).
+                self.sinks.send(&mut flows);
             }
         }
     }

@@ -22,6 +22,13 @@ pub trait Sink: Send {
     /// Delivers one batch. An error means the batch (or part of it) was not
     /// delivered; the caller counts and logs it.
     fn send(&mut self, records: &[FlowRecord]) -> Result<(), SinkError>;
+    /// Delivers one batch the caller is done with. A sink that keeps the
+    /// records (a queue) takes them instead of copying them, leaving an
+    /// empty vector in `records` (one of its own, to be reused). By
+    /// default the same as `send`.
+    fn take(&mut self, records: &mut Vec<FlowRecord>) -> Result<(), SinkError> {
+        self.send(records)
+    }
     /// Flushes anything buffered; called at shutdown.
     fn flush(&mut self) -> Result<(), SinkError> {
         Ok(())
@@ -50,16 +57,24 @@ impl Fanout {
         }
     }
 
-    /// Hands `records` to every sink.
-    pub fn send(&mut self, records: &[FlowRecord]) {
-        for sink in &mut self.sinks {
-            if let Err(e) = sink.send(records) {
+    /// Hands `records` to every sink and leaves `records` empty: the last
+    /// sink may take them ([`Sink::take`]), the others get them to copy.
+    pub fn send(&mut self, records: &mut Vec<FlowRecord>) {
+        let n = records.len();
+        let last = self.sinks.len().saturating_sub(1);
+        for (i, sink) in self.sinks.iter_mut().enumerate() {
+            let result = if i == last {
+                sink.take(records)
+            } else {
+                sink.send(records)
+            };
+            if let Err(e) = result {
                 self.errors.with_label_values(&[sink.name()]).inc();
-                self.log.error_for(sink.name(), || {
-                    format!("{} records not delivered: {e}", records.len())
-                });
+                self.log
+                    .error_for(sink.name(), || format!("{n} records not delivered: {e}"));
             }
         }
+        records.clear();
     }
 
     /// Flushes every sink (at shutdown); a failure is counted and logged.
@@ -70,5 +85,75 @@ impl Fanout {
                 log::error!("flushing {}: {e}", sink.name());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// The batches a [`Keep`] sink was given, and whether it took each.
+    type Given = Arc<Mutex<Vec<(Vec<FlowRecord>, bool)>>>;
+
+    /// A sink that keeps what it was given; it takes batches when `.1`.
+    struct Keep(Given, bool);
+
+    impl Sink for Keep {
+        fn name(&self) -> &'static str {
+            "keep"
+        }
+        fn send(&mut self, records: &[FlowRecord]) -> Result<(), SinkError> {
+            self.0.lock().unwrap().push((records.to_vec(), false));
+            Ok(())
+        }
+        fn take(&mut self, records: &mut Vec<FlowRecord>) -> Result<(), SinkError> {
+            if !self.1 {
+                return self.send(records);
+            }
+            self.0.lock().unwrap().push((std::mem::take(records), true));
+            Ok(())
+        }
+    }
+
+    fn record(i: u64) -> FlowRecord {
+        FlowRecord {
+            packets: i,
+            ..FlowRecord::default()
+        }
+    }
+
+    #[test]
+    fn every_sink_gets_the_batch_the_last_may_take_it_and_it_ends_empty() {
+        let first = Arc::new(Mutex::new(Vec::new()));
+        let last = Arc::new(Mutex::new(Vec::new()));
+        let errors =
+            prometheus::IntCounterVec::new(prometheus::Opts::new("errors", "errors"), &["sink"])
+                .unwrap();
+        let mut fanout = Fanout::new(
+            vec![
+                Box::new(Keep(first.clone(), true)),
+                Box::new(Keep(last.clone(), true)),
+            ],
+            errors,
+        );
+        let batch: Vec<FlowRecord> = (1..=3).map(record).collect();
+        let mut given = batch.clone();
+        fanout.send(&mut given);
+        assert!(given.is_empty());
+        // The first sink got a copy (send), the last took the batch.
+        assert_eq!(*first.lock().unwrap(), vec![(batch.clone(), false)]);
+        assert_eq!(*last.lock().unwrap(), vec![(batch.clone(), true)]);
+
+        // A last sink that only copies: the batch is still left empty.
+        let only = Arc::new(Mutex::new(Vec::new()));
+        let errors =
+            prometheus::IntCounterVec::new(prometheus::Opts::new("errors", "errors"), &["sink"])
+                .unwrap();
+        let mut fanout = Fanout::new(vec![Box::new(Keep(only.clone(), false))], errors);
+        let mut given = batch.clone();
+        fanout.send(&mut given);
+        assert!(given.is_empty());
+        assert_eq!(*only.lock().unwrap(), vec![(batch, false)]);
     }
 }

@@ -75,10 +75,10 @@ fn export(
     let mut batch: Vec<FlowRecord> = Vec::with_capacity(EXPORT_BATCH);
     let mut exported = 0;
     let mut flush = |batch: &mut Vec<FlowRecord>| {
+        let n = batch.len();
         sinks.send(batch);
-        metrics.flows_exported.inc_by(batch.len() as u64);
-        exported += batch.len();
-        batch.clear();
+        metrics.flows_exported.inc_by(n as u64);
+        exported += n;
     };
     for (k, c) in all.into_iter().flatten().chain(due) {
         let mut r = to_record(&k.flow, &c, &ctx);

@@ -331,10 +331,10 @@ impl Drainer {
             batch.push(to_record(k, c, &ctx));
             if batch.len() == EXPORT_BATCH {
                 let t = Instant::now();
+                let n = batch.len() as u64;
                 sinks.send(batch);
-                metrics.flows_exported.inc_by(batch.len() as u64);
+                metrics.flows_exported.inc_by(n);
                 in_sinks += t.elapsed();
-                batch.clear();
             }
         };
         let report = match kind {
@@ -344,10 +344,10 @@ impl Drainer {
         };
         if !batch.is_empty() {
             let t = Instant::now();
+            let n = batch.len() as u64;
             sinks.send(batch);
-            metrics.flows_exported.inc_by(batch.len() as u64);
+            metrics.flows_exported.inc_by(n);
             in_sinks += t.elapsed();
-            batch.clear();
         }
         // The records are out: now the kernel's copies of their counts may
         // go (an agent killed before this re-exports them, never loses
