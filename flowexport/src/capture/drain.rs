@@ -1504,9 +1504,10 @@ impl KernelTables {
         Ok(())
     }
 
-    /// Step 3: the old epoch's cache slots of every CPU, read in one batch,
-    /// into their table slots' old generation. A slot whose table slot is
-    /// gone (which the insert protocol rules out) is kept in `agg`.
+    /// Step 3: the old epoch's cache slots of every CPU, read in batches
+    /// of [`CACHE_READ_SLOTS`], into their table slots' old generation. A
+    /// slot whose table slot is gone (which the insert protocol rules out)
+    /// is kept in `agg`.
     fn fold_cache(
         &mut self,
         old_epoch: u32,
@@ -1518,44 +1519,58 @@ impl KernelTables {
         }
         let gen = old_epoch & 1;
         let value_len = size_of::<CacheSlot>().next_multiple_of(8);
-        let n = lookup_batch(
-            self.cache.fd().as_fd(),
-            gen * self.cache_slots,
-            self.cache_slots,
-            value_len * self.cpus,
-            &mut self.cache_buf,
-        )
-        .map_err(DrainError::CacheRead)?;
-        log::debug!("cache fold: epoch {old_epoch}: {n} keys read");
-        for chunk in self.cache_buf[..n as usize * value_len * self.cpus].chunks_exact(value_len) {
-            // SAFETY: the kernel wrote CacheSlot values (96 bytes each, a
-            // multiple of 8) into the buffer; read_unaligned copes with the
-            // Vec's alignment.
-            let s: CacheSlot =
-                unsafe { std::ptr::read_unaligned(chunk.as_ptr() as *const CacheSlot) };
-            if s.epoch != old_epoch || s.value.packets == 0 {
-                continue;
-            }
-            let c = FlowCounters {
-                packets: s.value.packets,
-                bytes: s.value.bytes,
-                first_seen_ns: s.value.first_seen_ns,
-                last_seen_ns: s.value.last_seen_ns,
-                tcp_flags: s.value.tcp_flags,
-            };
-            report.count(&s.key, &c);
-            report.cache_entries += 1;
-            if !self.table.fold(s.table_idx, gen, &c) {
-                log::warn!(
-                    "flow cache slot names table slot {} which holds no flow; kept in userspace",
-                    s.table_idx
-                );
-                agg.add(s.key, &c);
+        let mut read = 0;
+        for start in (0..self.cache_slots).step_by(CACHE_READ_SLOTS as usize) {
+            let count = CACHE_READ_SLOTS.min(self.cache_slots - start);
+            let n = lookup_batch(
+                self.cache.fd().as_fd(),
+                gen * self.cache_slots + start,
+                count,
+                value_len * self.cpus,
+                &mut self.cache_buf,
+            )
+            .map_err(DrainError::CacheRead)?;
+            read += n;
+            let values = &self.cache_buf[..n as usize * value_len * self.cpus];
+            for chunk in values.chunks_exact(value_len) {
+                // SAFETY: the kernel wrote CacheSlot values (96 bytes each,
+                // a multiple of 8) into the buffer; read_unaligned copes
+                // with the Vec's alignment.
+                let s: CacheSlot =
+                    unsafe { std::ptr::read_unaligned(chunk.as_ptr() as *const CacheSlot) };
+                if s.epoch != old_epoch || s.value.packets == 0 {
+                    continue;
+                }
+                let c = FlowCounters {
+                    packets: s.value.packets,
+                    bytes: s.value.bytes,
+                    first_seen_ns: s.value.first_seen_ns,
+                    last_seen_ns: s.value.last_seen_ns,
+                    tcp_flags: s.value.tcp_flags,
+                };
+                report.count(&s.key, &c);
+                report.cache_entries += 1;
+                if !self.table.fold(s.table_idx, gen, &c) {
+                    log::warn!(
+                        "flow cache slot names table slot {} which holds no flow; kept in \
+                         userspace",
+                        s.table_idx
+                    );
+                    agg.add(s.key, &c);
+                }
             }
         }
+        log::debug!("cache fold: epoch {old_epoch}: {read} keys read");
         Ok(())
     }
 }
+
+/// Cache slots (of every CPU) read per `BPF_MAP_LOOKUP_BATCH` call when
+/// the drain folds the cache: the buffer holds 256 x 96 bytes per possible
+/// CPU (48 KiB at 2 CPUs, 384 KiB at 16, 1.5 MiB at 64), where one call
+/// for all 2,048 default slots would need 12 MiB at 64 CPUs; 8 calls a
+/// drain at the default instead of one.
+const CACHE_READ_SLOTS: u32 = 256;
 
 #[cfg(test)]
 mod tests {
