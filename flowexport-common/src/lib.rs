@@ -386,8 +386,29 @@ pub struct FilterMasks {
     pub src: u32,
     pub dst: u32,
 }
-/// Default cache slots per half (per CPU: 2 x 2048 x 96 bytes = 384 KiB).
+/// Default cache slots per half up to 32 CPUs (per CPU: 2 x 2048 x 96
+/// bytes = 384 KiB, and 4-byte tags); with more CPUs the default shrinks so
+/// that all CPUs' caches stay within [`CACHE_BUDGET_BYTES`]
+/// (`default_cache_slots`).
 pub const DEFAULT_CACHE_SLOTS: u32 = 2048;
+
+/// What the default cache may cost, all CPUs together: 32 CPUs' worth of
+/// [`DEFAULT_CACHE_SLOTS`] (2 x 2048 slots of 100 bytes each), 12.5 MiB.
+pub const CACHE_BUDGET_BYTES: u64 = 32 * 2 * 2048 * 100;
+
+/// The default `--cache-slots` for `cpus` possible CPUs: 2048 up to 32
+/// CPUs, then the largest power of two that keeps every CPU's cache within
+/// [`CACHE_BUDGET_BYTES`] (1024 at 64 CPUs, 512 at 128), at least 128.
+/// Kernel memory then grows with flows, not with CPUs.
+pub const fn default_cache_slots(cpus: u32) -> u32 {
+    let cpus = if cpus == 0 { 1 } else { cpus as u64 };
+    let fit = CACHE_BUDGET_BYTES / (2 * 100 * cpus);
+    let mut slots = DEFAULT_CACHE_SLOTS;
+    while slots > 128 && slots as u64 > fit {
+        slots /= 2;
+    }
+    slots
+}
 
 /// Indices into the per-CPU `STATS` array. Counters only grow; userspace
 /// sums the CPUs and takes differences between reads.
@@ -559,6 +580,31 @@ mod tests {
         assert_eq!(offset_of!(FlowKey, proto), SLOT_WORD_OFFSET);
         assert_eq!(SLOT_WORD_OFFSET, SLOT_WORD_INDEX * 4);
         assert_eq!(offset_of!(TableSlot, packets), 64);
+    }
+
+    #[test]
+    fn the_default_cache_stays_within_its_budget_from_32_cpus_on() {
+        for (cpus, slots) in [
+            (0, 2048),
+            (1, 2048),
+            (2, 2048),
+            (16, 2048),
+            (32, 2048),
+            (33, 1024),
+            (64, 1024),
+            (65, 512),
+            (128, 512),
+            (256, 256),
+            (512, 128),
+            (4096, 128),
+        ] {
+            assert_eq!(default_cache_slots(cpus), slots, "{cpus} CPUs");
+        }
+        for cpus in 1..=1024u64 {
+            let slots = u64::from(default_cache_slots(cpus as u32));
+            assert!(slots.is_power_of_two());
+            assert!(slots == 128 || 2 * slots * 100 * cpus <= CACHE_BUDGET_BYTES);
+        }
     }
 
     #[test]

@@ -129,9 +129,11 @@ static CLOCK: Array<ClockWord> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 /// drain folds its counts.
 ///
 /// Sizing: the loader sets max_entries to 2 x `--cache-slots` (default
-/// 2048 per half: 384 KiB per CPU; 768 KiB on 2 CPUs, 6 MiB on 16, 24 MiB
-/// on 64). An array look-up is inlined by the verifier, unlike a hash
-/// look-up.
+/// 2048 per half up to 32 possible CPUs, 384 KiB per CPU: 768 KiB on 2
+/// CPUs, 6 MiB on 16; above 32 CPUs the default halves so that all CPUs
+/// together stay within 12.5 MiB with the tags: 1024 per half, 12 MiB on
+/// 64; `flowexport_common::default_cache_slots`). An array look-up is
+/// inlined by the verifier, unlike a hash look-up.
 /// Cache slots per half of `CACHE` (power of two; 0 = no cache), set by the
 /// loader (`--cache-slots`) before the programs are verified.
 #[no_mangle]
@@ -154,8 +156,8 @@ static CACHE: PerCpuArray<CacheSlot> = PerCpuArray::with_max_entries(2 * 2048, 0
 /// with zero tags).
 ///
 /// Sizing: the loader sets max_entries to CPUs x `--cache-slots` (possible
-/// CPUs): 16 KiB per CPU at the default (32 KiB on 2 CPUs, 256 KiB on 16,
-/// 1 MiB on 64). A plain array (one inlined load), not a per-CPU one (a
+/// CPUs): 16 KiB per CPU at 2048 slots (32 KiB on 2 CPUs, 256 KiB on 16;
+/// 512 KiB on 64, where the default is 1024). A plain array (one inlined load), not a per-CPU one (a
 /// pointer table to read first).
 #[map]
 static CACHE_TAGS: Array<u64> = Array::with_max_entries(1, 0);

@@ -301,6 +301,8 @@ fn one_agent_per_pin_dir_and_foreign_layouts_are_refused() {
     // Other sizes: refused (the counts stay pinned).
     let out = refused(&l, &pins, &["--max-flows", "4096"]);
     assert!(out.stderr.contains("cannot be resized"), "{}", out.stderr);
+    let out = refused(&l, &pins, &["--cache-slots", "64"]);
+    assert!(out.stderr.contains("cannot be resized"), "{}", out.stderr);
 
     // Another layout version (an upgrade that changed the maps): refused,
     // saying how to finish or discard them; nothing is touched.
@@ -336,6 +338,31 @@ fn set_layout_version(dir: &Path, v: u32) {
     let data = MapData::from_pin(dir.join("CONTROL")).unwrap();
     let mut a: Array<MapData, u32> = Array::try_from(Map::Array(data)).unwrap();
     a.set(1, v, 0).unwrap();
+}
+
+#[test]
+fn without_cache_slots_an_agent_keeps_the_pinned_cache_size() {
+    // The default depends on the CPU count (and a version may change it):
+    // a restart without the flag must not be refused over it.
+    let l = Link::new().unwrap();
+    let pins = Pins::new();
+    let first = agent(&l, &pins, &["--keep-attached", "--cache-slots", "64"]);
+    assert_eq!(send(&l, 20, 4), 80);
+    let mut records = first.stop_ok().records;
+    assert_eq!(send(&l, 20, 2), 40);
+    let second = agent(&l, &pins, &[]);
+    assert_eq!(send(&l, 20, 2), 40);
+    let out = second.stop_ok();
+    assert!(
+        out.stderr
+            .contains("--cache-slots not given: the pinned state's 64 cache slots are kept")
+            && out.stderr.contains("adopting the pinned state"),
+        "{}",
+        out.stderr
+    );
+    records.extend(out.records);
+    assert_every_flow_has(&records, 8);
+    assert!(pinned(&pins.0).is_empty(), "{:?}", pinned(&pins.0));
 }
 
 #[test]

@@ -850,19 +850,19 @@ mod tests {
     /// and 64 CPUs, within the 256 MiB bound at 64.
     #[test]
     fn kernel_memory_at_the_defaults_is_the_readmes() {
-        let opts = LoadOptions {
-            pins: None,
-            max_flows: flowexport_common::DEFAULT_MAX_FLOWS,
-            fallback_ring_bytes: crate::cmd::agent::config::DEFAULT_FALLBACK_RING_BYTES,
-            cache_slots: flowexport_common::DEFAULT_CACHE_SLOTS,
-            object: None,
-            capture: Capture::Xdp,
-            sampling: 1,
-            filter: KernelFilter::default(),
-            mirror: false,
-        };
         let mib = |b: u64| b as f64 / f64::from(1 << 20);
-        for (cpus, total, cache) in [(2, 209.8, 0.78), (16, 215.3, 6.25), (64, 234.0, 25.0)] {
+        for (cpus, total, cache) in [(2, 209.8, 0.78), (16, 215.3, 6.25), (64, 221.5, 12.5)] {
+            let opts = LoadOptions {
+                pins: None,
+                max_flows: flowexport_common::DEFAULT_MAX_FLOWS,
+                fallback_ring_bytes: crate::cmd::agent::config::DEFAULT_FALLBACK_RING_BYTES,
+                cache_slots: flowexport_common::default_cache_slots(cpus as u32),
+                object: None,
+                capture: Capture::Xdp,
+                sampling: 1,
+                filter: KernelFilter::default(),
+                mirror: false,
+            };
             let m = opts.kernel_memory(cpus);
             let by = |name: &str| m.iter().find(|e| e.0 == name).unwrap().1;
             assert_eq!(by("table"), 192 << 20);

@@ -33,6 +33,7 @@ use aya::programs::ProgramFd;
 use flowexport_common::{FallbackEvent, REPLAY_BATCH, REPLAY_CLAIM_OFFSET};
 
 use super::bpf_sys::{map_shared, prog_test_run};
+use super::drain::Claim;
 
 /// `BPF_RINGBUF_BUSY_BIT`, `BPF_RINGBUF_DISCARD_BIT` and the record header's
 /// size (include/uapi/linux/bpf.h).
@@ -214,7 +215,7 @@ impl Replay {
     /// Counts every record waiting, a batch per call of the program:
     /// returns how many. The slots the program claimed for new flows go to
     /// `claims`, with the time of each one's first packet.
-    pub(crate) fn run(&mut self, claims: &mut Vec<(u32, u64)>) -> io::Result<u64> {
+    pub(crate) fn run(&mut self, claims: &mut Vec<Claim>) -> io::Result<u64> {
         let mut total = 0;
         loop {
             let from = self.ring.consumer_pos();
@@ -240,16 +241,15 @@ impl Replay {
 }
 
 /// The slot a replayed record's flow claimed, if it did (the program
-/// leaves it at `REPLAY_CLAIM_OFFSET`, plus 1), with the record's time.
-fn claim(record: &[u8]) -> Option<(u32, u64)> {
+/// leaves it at `REPLAY_CLAIM_OFFSET`, plus 1), with the record's time in
+/// milliseconds, cut to 32 bits as the table keeps it.
+fn claim(record: &[u8]) -> Option<Claim> {
     let slot = record.get(REPLAY_CLAIM_OFFSET..REPLAY_CLAIM_OFFSET + 4)?;
     let ts = std::mem::offset_of!(FallbackEvent, ts_ns);
     let ts = record.get(ts..ts + 8)?;
     let slot = u32::from_ne_bytes(slot.try_into().ok()?);
-    Some((
-        slot.checked_sub(1)?,
-        u64::from_ne_bytes(ts.try_into().ok()?),
-    ))
+    let ns = u64::from_ne_bytes(ts.try_into().ok()?);
+    Some((slot.checked_sub(1)?, (ns / 1_000_000) as u32))
 }
 
 /// One call of `flowexport_replay` on `frame` (a batch of `n` records),
@@ -283,7 +283,7 @@ mod tests {
                 .to_vec();
         assert_eq!(claim(&record), None);
         record[REPLAY_CLAIM_OFFSET..REPLAY_CLAIM_OFFSET + 4].copy_from_slice(&42u32.to_ne_bytes());
-        assert_eq!(claim(&record), Some((41, 1_234_567_890_123)));
+        assert_eq!(claim(&record), Some((41, 1_234_567)));
         // A frame cut short claims nothing.
         assert_eq!(claim(&record[..60]), None);
     }

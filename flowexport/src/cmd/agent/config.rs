@@ -139,8 +139,10 @@ pub struct AgentArgs {
     pub fallback_ring_bytes: Option<u32>,
     /// Per-CPU flow cache in front of the flow table: slots per generation
     /// (a power of two up to 65536; 0 turns the cache off). Costs 2 x N x
-    /// 100 bytes per CPU (400 KiB per CPU at the default: 96-byte slots and
-    /// their 4-byte tags). [default: 2048]
+    /// 100 bytes per CPU (400 KiB per CPU at 2048: 96-byte slots and their
+    /// 4-byte tags). Not given: what a pinned state has, else the default.
+    /// [default: 2048 up to 32 possible CPUs, then halved to keep all CPUs'
+    /// caches within 12.5 MiB: 1024 at 64 CPUs, 512 at 128]
     #[arg(long, value_name = "N")]
     pub cache_slots: Option<u32>,
     /// Count 1 in N packets, chosen at random in the kernel before the
@@ -278,6 +280,9 @@ pub struct AgentConfig {
     pub fallback_ring_bytes: u32,
     /// `--cache-slots`: per-CPU cache slots per generation (0: no cache).
     pub cache_slots: u32,
+    /// Whether `--cache-slots` was given: if not, a pinned state's cache
+    /// size is adopted (the default depends on the CPU count).
+    pub cache_slots_given: bool,
     /// 1-in-N packet sampling (1: every packet).
     pub sampling: u32,
     /// `--filter` rules, in order.
@@ -436,9 +441,13 @@ impl AgentArgs {
                  the page size ({page})"
             );
         }
-        let cache_slots = a
-            .cache_slots
-            .unwrap_or(flowexport_common::DEFAULT_CACHE_SLOTS);
+        // Not given: the CPU-scaled default (possible CPUs: per-CPU maps
+        // are sized for them), or what a pinned state was made with.
+        let cache_slots_given = a.cache_slots.is_some();
+        let cache_slots = a.cache_slots.unwrap_or_else(|| {
+            let cpus = aya::util::nr_cpus().map_or(1, |n| n as u32);
+            flowexport_common::default_cache_slots(cpus)
+        });
         // Each drain copies the N slots of one half of every CPU, so N is
         // capped where that stays a few ms.
         if cache_slots != 0 && (!cache_slots.is_power_of_two() || cache_slots > 1 << 16) {
@@ -525,6 +534,7 @@ impl AgentArgs {
             max_flows,
             fallback_ring_bytes,
             cache_slots,
+            cache_slots_given,
             sampling,
             filters,
             clock_resolution,
@@ -777,13 +787,19 @@ mod tests {
         a.clock_resolution = Some(Duration::from_millis(10));
         let c = a.resolve().unwrap();
         assert_eq!(
-            (c.cache_slots, c.clock_resolution),
-            (0, Duration::from_millis(10))
+            (c.cache_slots, c.cache_slots_given, c.clock_resolution),
+            (0, true, Duration::from_millis(10))
         );
         let c = args(&["eth0"]).resolve().unwrap();
+        // 2048 up to 32 possible CPUs, less above (flowexport-common).
+        let cpus = aya::util::nr_cpus().unwrap() as u32;
         assert_eq!(
-            (c.cache_slots, c.clock_resolution),
-            (2048, Duration::from_millis(1))
+            (c.cache_slots, c.cache_slots_given, c.clock_resolution),
+            (
+                flowexport_common::default_cache_slots(cpus),
+                false,
+                Duration::from_millis(1)
+            )
         );
     }
 

@@ -478,12 +478,25 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
             Start::Adopted
         }
         Some(p) => {
-            let asked = Layout {
+            let mut asked = Layout {
                 version: flowexport_common::LAYOUT_VERSION,
                 slots: crate::capture::table::slots_for(cfg.max_flows),
                 cache_slots: cfg.cache_slots,
                 ring_bytes: cfg.fallback_ring_bytes,
             };
+            // The cache's default depends on the CPU count (and has
+            // changed between versions): without --cache-slots, a pinned
+            // state keeps the size it was made with.
+            if let Some(found) = p.layout()?.filter(|_| !cfg.cache_slots_given) {
+                if found.cache_slots != asked.cache_slots {
+                    log::info!(
+                        "--cache-slots not given: the pinned state's {} cache slots are kept",
+                        found.cache_slots
+                    );
+                    asked.cache_slots = found.cache_slots;
+                    cfg.cache_slots = found.cache_slots;
+                }
+            }
             if p.check(&asked)? {
                 log::info!("adopting the pinned state in {}", p.path().display());
                 Start::Adopted
