@@ -488,7 +488,8 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
             // changed between versions): without --cache-slots, a pinned
             // state keeps the size it was made with.
             if let Some(found) = p.layout()?.filter(|_| !cfg.cache_slots_given) {
-                if found.cache_slots != asked.cache_slots {
+                // (Another layout version is refused below, whatever it says.)
+                if found.version == asked.version && found.cache_slots != asked.cache_slots {
                     log::info!(
                         "--cache-slots not given: the pinned state's {} cache slots are kept",
                         found.cache_slots
