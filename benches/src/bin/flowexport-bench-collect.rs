@@ -50,6 +50,7 @@ struct BenchArgs {
     #[arg(long, value_delimiter = ',', value_parser = ["discard", "file", "null", "nfcapd", "nfacctd", "kafka"])]
     receivers: Vec<String>,
 }
+
 /// The Kafka run: 45k flows (under the sink's buffer) at 120k flows/s.
 const KAFKA_PACKETS: usize = 1_500;
 const KAFKA_RATE: u64 = 120_000;
