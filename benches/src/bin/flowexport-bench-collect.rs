@@ -45,10 +45,25 @@ struct BenchArgs {
     /// Offered rates of the replay, flows per second.
     #[arg(long, value_delimiter = ',', default_value = RATES)]
     rates: Vec<u64>,
-    /// Only these receivers: discard, file, null, nfcapd, nfacctd, kafka
-    /// (the in-process figures are then left out too).
-    #[arg(long, value_delimiter = ',', value_parser = ["discard", "file", "null", "nfcapd", "nfacctd", "kafka"])]
-    receivers: Vec<String>,
+    /// Only these receivers (the in-process figures are then left out
+    /// too).
+    #[arg(long, value_delimiter = ',', value_enum)]
+    receivers: Vec<Receiver>,
+}
+
+/// The receivers, as `--receivers` names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Receiver {
+    /// `flowexport collect --discard`.
+    Discard,
+    /// `flowexport collect`, JSON lines to a file.
+    File,
+    /// `flowexport collect`, JSON lines to /dev/null.
+    Null,
+    Nfcapd,
+    Nfacctd,
+    /// `flowexport collect` into Kafka (one lower rate).
+    Kafka,
 }
 
 /// The Kafka run: 45k flows (under the sink's buffer) at 120k flows/s.
@@ -278,17 +293,14 @@ fn main() -> Result<()> {
 }
 
 fn run(args: &BenchArgs, bin: &Path, dir: &Path) -> Result<()> {
-    let wanted = |r: &str| args.receivers.is_empty() || args.receivers.iter().any(|w| w == r);
+    let wanted = |r: Receiver| args.receivers.is_empty() || args.receivers.contains(&r);
     println!("## Collector benchmark\n");
     if args.receivers.is_empty() {
         in_process()?;
     }
     let pkts = stream(ExportProtocol::NetflowV9, REPLAY_PACKETS)?;
-    let receivers = ["discard", "file", "null", "nfcapd", "nfacctd"];
-    if receivers.iter().any(|r| wanted(r)) {
-        replayed(&pkts, &args.rates, &wanted, bin, dir)?;
-    }
-    if wanted("kafka") {
+    replayed(&pkts, &args.rates, &wanted, bin, dir)?;
+    if wanted(Receiver::Kafka) {
         kafka(&pkts, bin)?;
     }
     Ok(())
@@ -318,26 +330,15 @@ fn in_process() -> Result<()> {
 }
 
 /// `pkts` replayed at each rate to each wanted receiver; the table, then
-/// the ratios against nfcapd.
+/// the ratios against nfcapd (nothing when no replayed receiver is wanted).
 fn replayed(
     pkts: &[Vec<u8>],
     rates: &[u64],
-    wanted: &dyn Fn(&str) -> bool,
+    wanted: &dyn Fn(Receiver) -> bool,
     bin: &Path,
     dir: &Path,
 ) -> Result<()> {
-    println!(
-        "\nReplayed over loopback UDP: {} flows of NetFlow v9 ({REPLAY_PACKETS} packets) per \
-         rate; per receiver: flows decoded (not dropped at its socket), flows per CPU-second.\n",
-        REPLAY_PACKETS * RECORDS_PER_PACKET
-    );
     let json_file = dir.join("collect.json");
-    let mut header = "| receiver |".to_string();
-    for r in rates {
-        header += &format!(" {}M flows/s offered |", *r as f64 / 1e6);
-    }
-    println!("{header} highest rate without a socket drop |");
-    println!("| --- |{} --- |", " --- |".repeat(rates.len()));
     type Start<'a> = Box<dyn Fn(u16) -> Result<(Proc, Box<dyn Fn() -> Vec<u32>>)> + 'a>;
     let single = |p: Proc| -> (Proc, Box<dyn Fn() -> Vec<u32>>) {
         let id = p.0.id();
@@ -347,9 +348,9 @@ fn replayed(
         let id = p.0.id();
         (p, Box::new(move || pids_in_group(id)))
     };
-    let receivers: Vec<(&str, &str, Start)> = vec![
+    let receivers: Vec<(Receiver, &str, Start)> = vec![
         (
-            "discard",
+            Receiver::Discard,
             "flowexport collect --discard",
             Box::new(|port| {
                 Ok(single(flowexport_collect(
@@ -361,7 +362,7 @@ fn replayed(
             }),
         ),
         (
-            "file",
+            Receiver::File,
             "flowexport collect, JSON lines to a file",
             Box::new(|port| {
                 let f = std::fs::OpenOptions::new()
@@ -372,24 +373,39 @@ fn replayed(
             }),
         ),
         (
-            "null",
+            Receiver::Null,
             "flowexport collect, JSON lines to /dev/null",
             Box::new(|port| Ok(single(flowexport_collect(bin, port, &[], Stdio::null())?))),
         ),
         (
-            "nfcapd",
+            Receiver::Nfcapd,
             "nfcapd, binary files",
             Box::new(|port| Ok(group(nfcapd(dir, port)?))),
         ),
         (
-            "nfacctd",
+            Receiver::Nfacctd,
             "nfacctd, print plugin (CSV)",
             Box::new(|port| Ok(group(nfacctd(dir, port)?))),
         ),
     ];
+    let receivers: Vec<_> = receivers.into_iter().filter(|r| wanted(r.0)).collect();
+    if receivers.is_empty() {
+        return Ok(());
+    }
+    println!(
+        "\nReplayed over loopback UDP: {} flows of NetFlow v9 ({REPLAY_PACKETS} packets) per \
+         rate; per receiver: flows decoded (not dropped at its socket), flows per CPU-second.\n",
+        REPLAY_PACKETS * RECORDS_PER_PACKET
+    );
+    let mut header = "| receiver |".to_string();
+    for r in rates {
+        header += &format!(" {}M flows/s offered |", *r as f64 / 1e6);
+    }
+    println!("{header} highest rate without a socket drop |");
+    println!("| --- |{} --- |", " --- |".repeat(rates.len()));
     // Flows per CPU-second of each receiver at each rate, for the ratios.
-    let mut per_cpu_s: Vec<(&str, Vec<f64>)> = Vec::new();
-    for (_, name, start) in receivers.iter().filter(|(key, _, _)| wanted(key)) {
+    let mut per_cpu_s: Vec<(Receiver, &str, Vec<f64>)> = Vec::new();
+    for &(receiver, name, ref start) in &receivers {
         let port = free_udp_port()?;
         let (_proc, pids) = start(port)?;
         wait_bound(port)?;
@@ -412,7 +428,7 @@ fn replayed(
             if run.decoded == 1.0 {
                 best = format!("{}M flows/s", rate as f64 / 1e6);
             }
-            if name.ends_with("to a file") {
+            if receiver == Receiver::File {
                 let lines = count_lines(&json_file)?;
                 if lines != run.flows {
                     eprintln!(
@@ -423,7 +439,7 @@ fn replayed(
             }
         }
         println!("{row} {best} |");
-        per_cpu_s.push((name, per_rate));
+        per_cpu_s.push((receiver, name, per_rate));
     }
     let _ = std::fs::remove_file(&json_file);
     print_ratios(rates, &per_cpu_s);
@@ -463,8 +479,8 @@ fn kafka(pkts: &[Vec<u8>], bin: &Path) -> Result<()> {
 /// `--discard` and JSON to /dev/null bound what any JSON writer to a file
 /// could reach: the decoding alone, and the decoding and the formatting
 /// without the page cache.
-fn print_ratios(rates: &[u64], runs: &[(&str, Vec<f64>)]) {
-    let Some((_, nfcapd)) = runs.iter().find(|(n, _)| n.starts_with("nfcapd")) else {
+fn print_ratios(rates: &[u64], runs: &[(Receiver, &str, Vec<f64>)]) {
+    let Some((_, _, nfcapd)) = runs.iter().find(|r| r.0 == Receiver::Nfcapd) else {
         return;
     };
     println!("\nFlows per CPU-second against nfcapd's at the same offered rate:\n");
@@ -474,7 +490,8 @@ fn print_ratios(rates: &[u64], runs: &[(&str, Vec<f64>)]) {
     }
     println!("{header}");
     println!("| --- |{}", " ---: |".repeat(rates.len()));
-    for (name, rates) in runs.iter().filter(|(n, _)| n.starts_with("flowexport")) {
+    let ours = [Receiver::Discard, Receiver::File, Receiver::Null];
+    for (_, name, rates) in runs.iter().filter(|r| ours.contains(&r.0)) {
         let mut row = format!("| {name} / nfcapd |");
         for (ours, theirs) in rates.iter().zip(nfcapd) {
             row += &format!(" {:.2}x |", ours / theirs);
