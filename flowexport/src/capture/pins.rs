@@ -219,10 +219,11 @@ impl PinDir {
         }))
     }
 
-    /// Whether pinned maps of `layout` can be adopted by an agent that asks
-    /// for `asked`: Ok(true) adopt, Ok(false) nothing pinned, Err refuse.
-    pub fn check(&self, asked: &Layout) -> Result<bool, PinError> {
-        match self.layout()? {
+    /// Whether the pinned maps, of layout `found` (what [`PinDir::layout`]
+    /// read), can be adopted by an agent that asks for `asked`: Ok(true)
+    /// adopt, Ok(false) nothing pinned, Err refuse.
+    pub fn check(&self, found: Option<Layout>, asked: &Layout) -> Result<bool, PinError> {
+        match found {
             None => Ok(false),
             Some(l) if l.version != asked.version => Err(PinError::OtherLayout {
                 path: self.path.clone(),

@@ -466,10 +466,13 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
                 return Ok(());
             };
             // Adopt it whatever its sizes (the version must be ours).
-            p.check(&Layout {
-                version: flowexport_common::LAYOUT_VERSION,
-                ..found
-            })?;
+            p.check(
+                Some(found),
+                &Layout {
+                    version: flowexport_common::LAYOUT_VERSION,
+                    ..found
+                },
+            )?;
             cfg.max_flows = found.slots / 2;
             cfg.cache_slots = found.cache_slots;
             cfg.fallback_ring_bytes = found.ring_bytes;
@@ -484,10 +487,11 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
                 cache_slots: cfg.cache_slots,
                 ring_bytes: cfg.fallback_ring_bytes,
             };
+            let found = p.layout()?;
             // The cache's default depends on the CPU count (and has
             // changed between versions): without --cache-slots, a pinned
             // state keeps the size it was made with.
-            if let Some(found) = p.layout()?.filter(|_| !cfg.cache_slots_given) {
+            if let Some(found) = found.filter(|_| !cfg.cache_slots_given) {
                 // (Another layout version is refused below, whatever it says.)
                 if found.version == asked.version && found.cache_slots != asked.cache_slots {
                     log::info!(
@@ -498,7 +502,7 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
                     cfg.cache_slots = found.cache_slots;
                 }
             }
-            if p.check(&asked)? {
+            if p.check(found, &asked)? {
                 log::info!("adopting the pinned state in {}", p.path().display());
                 Start::Adopted
             } else {
