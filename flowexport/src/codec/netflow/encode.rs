@@ -447,39 +447,17 @@ impl ExportStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::{FlowType, ETYPE_IPV4};
+    use crate::codec::netflow::tests::sample;
 
-    fn rec(i: u32, v6: bool) -> FlowRecord {
+    /// The decoder tests' IPv4 record, as a TCP flow with flags.
+    fn tcp(i: u32) -> FlowRecord {
         FlowRecord {
-            flow_type: FlowType::Ebpf,
-            time_received_ns: 1_700_000_010_000_000_000,
-            sequence_num: 0,
-            sampling_rate: 0,
-            sampler_address: None,
-            time_flow_start_ns: 1_700_000_001_234_000_000,
-            time_flow_end_ns: 1_700_000_002_345_000_000,
-            bytes: 1000 + i as u64,
-            packets: 10 + i as u64,
-            src_addr: if v6 {
-                "2001:db8::1".parse().unwrap()
-            } else {
-                "10.0.0.1".parse().unwrap()
-            },
-            dst_addr: if v6 {
-                "2001:db8::2".parse().unwrap()
-            } else {
-                "10.0.0.2".parse().unwrap()
-            },
-            etype: if v6 { ETYPE_IPV6 } else { ETYPE_IPV4 },
             proto: 6,
             src_port: 1000 + i as u16,
-            dst_port: 80,
-            in_if: 3,
-            out_if: 0,
-            vlan_id: 7,
+            dst_port: 443,
+            icmp_type: 0,
             tcp_flags: 0x1b,
-            flow_direction: 0,
-            ..FlowRecord::default()
+            ..sample(i, false)
         }
     }
 
@@ -511,7 +489,7 @@ mod tests {
     #[test]
     fn ipfix_headers_sets_and_sequence() {
         let mut s = ExportStream::new(ExportProtocol::Ipfix, 42, 1400, 60_000, 20, 0).unwrap();
-        let recs: Vec<_> = (0..50).map(|i| rec(i, i % 5 == 0)).collect();
+        let recs: Vec<_> = (0..50).map(|i| sample(i, i % 5 == 0)).collect();
         let pkts = s.encode(&recs, 1_700_000_010_000);
         assert!(pkts.len() >= 2);
         let mut seq = 0;
@@ -547,33 +525,34 @@ mod tests {
     #[test]
     fn ipfix_record_bytes() {
         let mut s = ExportStream::new(ExportProtocol::Ipfix, 1, 1400, 60_000, 20, 0).unwrap();
-        let p = &s.encode(&[rec(0, false)], 1_700_000_010_000)[0];
+        let p = &s.encode(&[tcp(1)], 1_763_800_000_000)[0];
         let tmpl_len = be16(p, 18) as usize;
         let d = 16 + tmpl_len;
         assert_eq!(be16(p, d), TEMPLATE_ID_V4);
         let r = &p[d + 4..];
-        assert_eq!(&r[0..8], &[10, 0, 0, 1, 10, 0, 0, 2]);
-        assert_eq!((be16(r, 8), be16(r, 10), r[12]), (1000, 80, 6));
+        assert_eq!(&r[0..8], &[10, 1, 2, 3, 10, 4, 5, 6]);
+        assert_eq!((be16(r, 8), be16(r, 10), r[12]), (1001, 443, 6));
         assert_eq!(be16(r, 13), 0x1b);
-        assert_eq!(be16(r, 17), 7); // vlan
-        assert_eq!((be32(r, 19), be32(r, 23), r[27]), (3, 0, 0));
-        assert_eq!(u64::from_be_bytes(r[28..36].try_into().unwrap()), 1000);
-        assert_eq!(u64::from_be_bytes(r[36..44].try_into().unwrap()), 10);
+        assert_eq!(be16(r, 17), 12); // vlan
+        assert_eq!((be32(r, 19), be32(r, 23), r[27]), (4, 0, 0));
+        assert_eq!(u64::from_be_bytes(r[28..36].try_into().unwrap()), 10_001);
+        assert_eq!(u64::from_be_bytes(r[36..44].try_into().unwrap()), 11);
         assert_eq!(
             u64::from_be_bytes(r[44..52].try_into().unwrap()),
-            1_700_000_001_234
+            1_763_799_990_123
         );
         assert_eq!(
             u64::from_be_bytes(r[52..60].try_into().unwrap()),
-            1_700_000_002_345
+            1_763_799_995_456
         );
     }
 
     #[test]
     fn v9_counts_packets_and_uses_uptime() {
-        let boot = 1_700_000_000_000;
+        // The sample's flows start 1.123 s and end 6.456 s after boot.
+        let boot = 1_763_799_989_000;
         let mut s = ExportStream::new(ExportProtocol::NetflowV9, 9, 1400, 60_000, 3, boot).unwrap();
-        let recs: Vec<_> = (0..3).map(|i| rec(i, false)).collect();
+        let recs: Vec<_> = (0..3).map(tcp).collect();
         let mut templates = 0;
         for n in 0..8u32 {
             let pkts = s.encode(&recs, boot + 10_000 + 999);
@@ -597,8 +576,8 @@ mod tests {
         // FIRST_SWITCHED / LAST_SWITCHED of a lone record (51 bytes + 1 pad).
         let p = &s.encode(&recs[..1], boot + 10_000)[0];
         let r = &p[p.len() - 52..];
-        assert_eq!(be32(r, 43), 1_234);
-        assert_eq!(be32(r, 47), 2_345);
+        assert_eq!(be32(r, 43), 1_123);
+        assert_eq!(be32(r, 47), 6_456);
         assert_eq!(r[51], 0, "padding");
     }
 
@@ -606,9 +585,9 @@ mod tests {
     fn template_interval_and_small_packets() {
         let mut s = ExportStream::new(ExportProtocol::Ipfix, 1, 1400, 1_000, 1000, 0).unwrap();
         let has_templates = |p: &Vec<u8>| be16(p, 16) == 2;
-        assert!(has_templates(&s.encode(&[rec(0, false)], 5_000)[0]));
-        assert!(!has_templates(&s.encode(&[rec(0, false)], 5_999)[0]));
-        assert!(has_templates(&s.encode(&[rec(0, false)], 6_000)[0]));
+        assert!(has_templates(&s.encode(&[tcp(0)], 5_000)[0]));
+        assert!(!has_templates(&s.encode(&[tcp(0)], 5_999)[0]));
+        assert!(has_templates(&s.encode(&[tcp(0)], 6_000)[0]));
         assert!(s.encode(&[], 9_000).is_empty());
         assert!(matches!(
             ExportStream::new(ExportProtocol::Ipfix, 1, 100, 1, 1, 0),
@@ -621,7 +600,7 @@ mod tests {
             unreachable!()
         };
         let mut s = ExportStream::new(ExportProtocol::Ipfix, 1, min, 1, 1, 0).unwrap();
-        let recs: Vec<_> = (0..4).map(|i| rec(i, true)).collect();
+        let recs: Vec<_> = (0..4).map(|i| sample(i, true)).collect();
         let pkts = s.encode(&recs, 0);
         assert!(pkts.iter().all(|p| p.len() <= min));
         assert_eq!(pkts.len(), 4);

@@ -10,7 +10,9 @@ fn exporter() -> IpAddr {
     "192.0.2.99".parse().unwrap()
 }
 
-fn sample(i: u32, v6: bool) -> FlowRecord {
+/// A record of our exporter's kind: ICMP for every third `i`, UDP
+/// otherwise (the encoder's tests make it TCP).
+pub(super) fn sample(i: u32, v6: bool) -> FlowRecord {
     let icmp = i.is_multiple_of(3);
     FlowRecord {
         flow_type: FlowType::Ebpf,
