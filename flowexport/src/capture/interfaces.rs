@@ -1,13 +1,15 @@
 //! Which interfaces the agent watches: `--iface` names and shell-style
 //! globs, minus `--exclude-iface` globs, and the interfaces that come and
 //! go, from the kernel's netlink link notifications (RTM_NEWLINK /
-//! RTM_DELLINK on the RTMGRP_LINK group).
+//! RTM_DELLINK on the RTMGRP_LINK group); and the host's own address, the
+//! records' default `sampler_address`.
 //!
 //! The netlink messages are parsed by a pure function over bytes
 //! ([`parse_links`]); the sockets only move bytes.
 
 use std::ffi::CString;
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// `--iface` and `--exclude-iface`, split into plain names and globs.
@@ -344,6 +346,54 @@ pub(crate) fn driver(iface: &str) -> Option<String> {
     }
     let name = info.driver.split(|b| *b == 0).next().unwrap_or_default();
     (!name.is_empty()).then(|| String::from_utf8_lossy(name).into_owned())
+}
+
+/// The host's first non-loopback, non-link-local address: IPv4 first, then
+/// global IPv6. None if the host has none.
+pub(crate) fn host_address() -> Option<IpAddr> {
+    let mut found: Vec<IpAddr> = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return None;
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: cur walks the list returned by getifaddrs.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points at a sockaddr of the family it names.
+            unsafe {
+                match (*ifa.ifa_addr).sa_family as i32 {
+                    libc::AF_INET => {
+                        let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                        found.push(IpAddr::from(
+                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                        ));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                        found.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: head came from getifaddrs.
+    unsafe { libc::freeifaddrs(head) };
+    let usable = |a: &IpAddr| match a {
+        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified(),
+        IpAddr::V6(v6) => {
+            !v6.is_loopback() && !v6.is_unspecified() && (v6.segments()[0] & 0xffc0) != 0xfe80
+        }
+    };
+    found
+        .iter()
+        .find(|a| a.is_ipv4() && usable(a))
+        .or_else(|| found.iter().find(|a| usable(a)))
+        .copied()
 }
 
 #[cfg(test)]

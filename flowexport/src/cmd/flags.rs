@@ -2,17 +2,21 @@
 //! settings once, as one struct that carries both its flags (clap) and its
 //! config-file keys (serde, the flag names without `--`), and
 //! `layered!` gives it `over`: the command line over the file. Also the
-//! parsers more than one command shares (durations, `-X` properties) and
-//! the Kafka producer settings.
+//! value types whose config-file text is their flag's (durations and the
+//! keyword enums: no serde attribute on their fields), the parsers more
+//! than one command shares and the Kafka producer settings.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Deserialize;
 
+use crate::capture::afxdp::{Decap, Queues, ZeroCopy};
+use crate::capture::loader::{Capture, XdpModeChoice};
 use crate::sink::kafka::{
     parse_property, KafkaConfig, KafkaFormat, DEFAULT_BUFFER_BYTES, DEFAULT_BUFFER_RECORDS,
     DEFAULT_FLUSH_TIMEOUT, DEFAULT_TOPIC,
@@ -140,7 +144,6 @@ impl ConfigFile {
 pub mod de {
     use std::fmt::Display;
     use std::str::FromStr;
-    use std::time::Duration;
 
     use serde::de::{Error, Visitor};
     use serde::{Deserialize, Deserializer};
@@ -171,22 +174,15 @@ pub mod de {
         d.deserialize_any(Text)
     }
 
-    /// `"15s"`, `"500ms"`, ... as `parse_duration` reads them; a bare
-    /// number is seconds, as on the command line.
-    pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        super::parse_duration(&text(d)?)
-            .map(Some)
-            .map_err(D::Error::custom)
-    }
-
-    /// Any value whose flag is parsed with `FromStr`.
-    pub fn parsed<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+    /// Any value whose flag is parsed with `FromStr` (see
+    /// [`deserialize_from_str`](super::deserialize_from_str)).
+    pub(crate) fn parsed<'de, D, T>(d: D) -> Result<T, D::Error>
     where
         D: Deserializer<'de>,
         T: FromStr,
         T::Err: Display,
     {
-        text(d)?.parse().map(Some).map_err(D::Error::custom)
+        text(d)?.parse().map_err(D::Error::custom)
     }
 
     /// `ADDR:PORT`.
@@ -197,6 +193,49 @@ pub mod de {
         s.parse()
             .map(Some)
             .map_err(|_| D::Error::custom(format!("{s:?}: expected ADDR:PORT")))
+    }
+}
+
+/// Implements `Deserialize` for the value types of flags through their
+/// `FromStr`: a config-file key reads the same text as its flag (a TOML
+/// string, or a number written as one), with the same error, and a field
+/// of one of these types needs no serde attribute.
+macro_rules! deserialize_from_str {
+    ($($ty:ty),+ $(,)?) => {
+        $(impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                de::parsed(d)
+            }
+        })+
+    };
+}
+
+deserialize_from_str!(
+    Capture,
+    XdpModeChoice,
+    Queues,
+    ZeroCopy,
+    Decap,
+    KafkaFormat,
+    HumanDuration
+);
+
+/// A duration flag's value, as [`parse_duration`] reads it: "15s",
+/// "500ms", "2m", "1h" or a bare number of seconds, on the command line and
+/// in the config file alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_duration(s).map(HumanDuration)
+    }
+}
+
+impl From<HumanDuration> for Duration {
+    fn from(d: HumanDuration) -> Duration {
+        d.0
     }
 }
 
@@ -244,7 +283,6 @@ pub struct KafkaArgs {
     /// Message format: protobuf (goflow2 FlowMessage, proto/flow.proto) or
     /// json (the stdout JSON object). [default: protobuf]
     #[arg(long, value_name = "FORMAT")]
-    #[serde(deserialize_with = "de::parsed")]
     pub kafka_format: Option<KafkaFormat>,
     /// Prefix each protobuf message with its varint length (goflow2's
     /// fixed-length framing) for tools that expect it.
@@ -268,9 +306,8 @@ pub struct KafkaArgs {
     pub kafka_buffer_bytes: Option<u64>,
     /// How long shutdown waits for the broker to acknowledge what is
     /// buffered. [default: 10s]
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    #[serde(deserialize_with = "de::duration")]
-    pub kafka_flush_timeout: Option<Duration>,
+    #[arg(long, value_name = "DURATION")]
+    pub kafka_flush_timeout: Option<HumanDuration>,
 }
 }
 
@@ -326,7 +363,30 @@ impl KafkaArgs {
             properties,
             buffer_records,
             buffer_bytes,
-            flush_timeout: self.kafka_flush_timeout.unwrap_or(DEFAULT_FLUSH_TIMEOUT),
+            flush_timeout: self
+                .kafka_flush_timeout
+                .map_or(DEFAULT_FLUSH_TIMEOUT, Duration::from),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("15s").unwrap(), Duration::from_secs(15));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("10 parsecs").is_err());
+        assert!(parse_duration("fast").is_err());
+        assert_eq!(
+            "500ms".parse::<HumanDuration>(),
+            Ok(HumanDuration(Duration::from_millis(500)))
+        );
     }
 }

@@ -220,10 +220,7 @@ pub(super) fn run(
         capture.sockets.len(),
         cfg.metrics_addr
     );
-    let timeouts = Timeouts {
-        idle_ns: cfg.idle_timeout.as_nanos() as u64,
-        active_ns: cfg.active_timeout.as_nanos() as u64,
-    };
+    let timeouts = cfg.timeouts();
     let mut next = Instant::now() + cfg.drain_interval;
     while !runtime.stop.load(std::sync::atomic::Ordering::Relaxed) {
         std::thread::sleep(

@@ -14,9 +14,11 @@ use clap::Args;
 use serde::Deserialize;
 
 use crate::capture::afxdp::{Decap, Queues, Settings as AfxdpSettings, ZeroCopy, DEFAULT_FRAMES};
+use crate::capture::drain::Timeouts;
 use crate::capture::filter::Rule;
+use crate::capture::interfaces::is_glob;
 use crate::capture::loader::{Capture, XdpModeChoice};
-use crate::cmd::flags::{de, layered, parse_duration, ConfigFile, KafkaArgs, Layer};
+use crate::cmd::flags::{de, layered, ConfigFile, HumanDuration, KafkaArgs, Layer};
 use crate::sink::ipfix::{resolve, ExportSettings};
 use crate::sink::kafka::KafkaConfig;
 
@@ -71,7 +73,6 @@ pub struct AgentArgs {
     /// to the agent, which parses and counts it; for a dedicated mirror
     /// port, needs --mirror). [default: auto; xdp when --xdp-mode is given]
     #[arg(long, value_name = "auto|xdp|tc|afxdp")]
-    #[serde(deserialize_with = "de::parsed")]
     pub capture: Option<Capture>,
     /// The interface carries copies of someone else's traffic (a SPAN or
     /// mirror port, a TAP): the ingress program counts the copies and drops
@@ -82,13 +83,11 @@ pub struct AgentArgs {
     /// --capture afxdp: the RX queues served, all or a list; one AF_XDP
     /// socket and one thread each. [default: all]
     #[arg(long, value_name = "all|N[,N...]")]
-    #[serde(deserialize_with = "de::parsed")]
     pub afxdp_queues: Option<Queues>,
     /// --capture afxdp: zero-copy where the driver supports it, copy mode
     /// with a log line elsewhere (auto); zero-copy or fail (on); copy mode
     /// (off). [default: auto]
     #[arg(long, value_name = "auto|on|off")]
-    #[serde(deserialize_with = "de::parsed")]
     pub afxdp_zero_copy: Option<ZeroCopy>,
     /// --capture afxdp: UMEM frames per queue, a power of two from 64 to
     /// 262144, of 4 KiB each (the fill and RX rings get as many entries):
@@ -103,29 +102,24 @@ pub struct AgentArgs {
     /// one level), or the outer packets as the other capture modes do
     /// (none). [default: inner]
     #[arg(long, value_name = "none|inner")]
-    #[serde(deserialize_with = "de::parsed")]
     pub decap: Option<Decap>,
     /// XDP attach mode: native (driver), skb (generic), or auto = native,
     /// falling back to skb with a log line. Given without --capture, it
     /// means --capture xdp; --capture auto takes only auto (its own choice:
     /// native XDP where it pays, TC elsewhere). [default: auto]
     #[arg(long, value_name = "MODE")]
-    #[serde(deserialize_with = "de::parsed")]
     pub xdp_mode: Option<XdpModeChoice>,
     /// Export a flow once it has seen no packet for this long. [default: 15s]
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    #[serde(deserialize_with = "de::duration")]
-    pub idle_timeout: Option<Duration>,
+    #[arg(long, value_name = "DURATION")]
+    pub idle_timeout: Option<HumanDuration>,
     /// Export a long-lived flow every DURATION, with the counts since its
     /// last export. [default: 60s]
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    #[serde(deserialize_with = "de::duration")]
-    pub active_timeout: Option<Duration>,
+    #[arg(long, value_name = "DURATION")]
+    pub active_timeout: Option<HumanDuration>,
     /// How often the kernel table is drained (timeouts are checked then);
     /// at most the smaller timeout. [default: 1s]
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    #[serde(deserialize_with = "de::duration")]
-    pub drain_interval: Option<Duration>,
+    #[arg(long, value_name = "DURATION")]
+    pub drain_interval: Option<HumanDuration>,
     /// Kernel flow-table capacity: concurrent flows (from their first
     /// packet until their idle timeout). The table has 2 x N slots (rounded
     /// up to a power of two) of 96 bytes, shared by all CPUs: 192 MiB at
@@ -165,9 +159,8 @@ pub struct AgentArgs {
     pub filter: Vec<Rule>,
     /// Resolution of first/last-seen times: how often the agent advances
     /// the clock word the kernel programs read (100us..1s). [default: 1ms]
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    #[serde(deserialize_with = "de::duration")]
-    pub clock_resolution: Option<Duration>,
+    #[arg(long, value_name = "DURATION")]
+    pub clock_resolution: Option<HumanDuration>,
     /// Prometheus endpoint address (serves /metrics). [default: 127.0.0.1:9590]
     #[arg(long, value_name = "ADDR:PORT")]
     #[serde(deserialize_with = "de::socket_addr")]
@@ -216,9 +209,8 @@ pub struct AgentArgs {
     #[arg(long, value_name = "BYTES")]
     pub export_packet_size: Option<usize>,
     /// Resend IPFIX/NetFlow v9 templates at least this often. [default: 30s]
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    #[serde(deserialize_with = "de::duration")]
-    pub template_interval: Option<Duration>,
+    #[arg(long, value_name = "DURATION")]
+    pub template_interval: Option<HumanDuration>,
     /// ... and at least every N export packets. [default: 20]
     #[arg(long, value_name = "N")]
     pub template_packets: Option<u32>,
@@ -313,6 +305,16 @@ pub struct AgentConfig {
     pub export: ExportSettings,
 }
 
+impl AgentConfig {
+    /// The drain's timeouts.
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            idle_ns: self.idle_timeout.as_nanos() as u64,
+            active_ns: self.active_timeout.as_nanos() as u64,
+        }
+    }
+}
+
 fn parse_sampler(s: &str) -> Result<Option<IpAddr>> {
     if s.eq_ignore_ascii_case("none") || s.is_empty() {
         return Ok(None);
@@ -332,7 +334,7 @@ fn check_afxdp(a: &AgentArgs, s: &AfxdpSettings) -> Result<()> {
              this host's own traffic with --capture auto (the default), xdp or tc"
         );
     }
-    if a.iface.iter().any(|i| i.contains(['*', '?', '['])) {
+    if a.iface.iter().any(|i| is_glob(i)) {
         bail!("--capture afxdp takes interface names, not globs (no hotplug with AF_XDP yet)");
     }
     if !a.filter.is_empty() || a.sampling.is_some_and(|n| n > 1) {
@@ -411,11 +413,14 @@ impl AgentArgs {
             );
         }
         let xdp_mode = a.xdp_mode.unwrap_or(XdpModeChoice::Auto);
-        let idle_timeout = a.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT);
-        let active_timeout = a.active_timeout.unwrap_or(DEFAULT_ACTIVE_TIMEOUT);
-        let drain_interval = a
-            .drain_interval
-            .unwrap_or_else(|| DEFAULT_DRAIN_INTERVAL.min(idle_timeout).min(active_timeout));
+        let idle_timeout = a.idle_timeout.map_or(DEFAULT_IDLE_TIMEOUT, Duration::from);
+        let active_timeout = a
+            .active_timeout
+            .map_or(DEFAULT_ACTIVE_TIMEOUT, Duration::from);
+        let drain_interval = a.drain_interval.map_or_else(
+            || DEFAULT_DRAIN_INTERVAL.min(idle_timeout).min(active_timeout),
+            Duration::from,
+        );
         if idle_timeout.max(active_timeout) > MAX_TIMEOUT {
             bail!(
                 "--idle-timeout ({idle_timeout:?}) and --active-timeout ({active_timeout:?}) must \
@@ -460,7 +465,9 @@ impl AgentArgs {
         let filters = a.filter;
         // Too many rules is an error of the set: say so now, not at load.
         crate::capture::filter::compile(&filters)?;
-        let clock_resolution = a.clock_resolution.unwrap_or(Duration::from_millis(1));
+        let clock_resolution = a
+            .clock_resolution
+            .map_or(Duration::from_millis(1), Duration::from);
         if clock_resolution < Duration::from_micros(100)
             || clock_resolution > Duration::from_secs(1)
         {
@@ -471,7 +478,7 @@ impl AgentArgs {
             .unwrap_or_else(|| DEFAULT_METRICS_ADDR.parse().expect("valid default"));
         let sampler_address = match a.sampler_address {
             Some(s) => parse_sampler(&s)?,
-            None => host_address(),
+            None => crate::capture::interfaces::host_address(),
         };
         let kafka = a.kafka.resolve()?;
         let resolve_all = |list: Vec<String>| -> Result<Vec<SocketAddr>> {
@@ -484,7 +491,7 @@ impl AgentArgs {
             max_packet: a.export_packet_size.unwrap_or(DEFAULT_EXPORT_PACKET_SIZE),
             template_interval_ms: a
                 .template_interval
-                .unwrap_or(DEFAULT_TEMPLATE_INTERVAL)
+                .map_or(DEFAULT_TEMPLATE_INTERVAL, Duration::from)
                 .as_millis() as u64,
             template_packets: a
                 .template_packets
@@ -545,70 +552,10 @@ impl AgentArgs {
     }
 }
 
-/// The host's first non-loopback, non-link-local address: IPv4 first, then
-/// global IPv6. None if the host has none.
-pub(crate) fn host_address() -> Option<IpAddr> {
-    let mut found: Vec<IpAddr> = Vec::new();
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return None;
-    }
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: cur walks the list returned by getifaddrs.
-        let ifa = unsafe { &*cur };
-        if !ifa.ifa_addr.is_null() {
-            // SAFETY: ifa_addr points at a sockaddr of the family it names.
-            unsafe {
-                match (*ifa.ifa_addr).sa_family as i32 {
-                    libc::AF_INET => {
-                        let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                        found.push(IpAddr::from(
-                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
-                        ));
-                    }
-                    libc::AF_INET6 => {
-                        let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
-                        found.push(IpAddr::from(sin6.sin6_addr.s6_addr));
-                    }
-                    _ => {}
-                }
-            }
-        }
-        cur = ifa.ifa_next;
-    }
-    // SAFETY: head came from getifaddrs.
-    unsafe { libc::freeifaddrs(head) };
-    let usable = |a: &IpAddr| match a {
-        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified(),
-        IpAddr::V6(v6) => {
-            !v6.is_loopback() && !v6.is_unspecified() && (v6.segments()[0] & 0xffc0) != 0xfe80
-        }
-    };
-    found
-        .iter()
-        .find(|a| a.is_ipv4() && usable(a))
-        .or_else(|| found.iter().find(|a| usable(a)))
-        .copied()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::sink::kafka::{KafkaFormat, DEFAULT_BUFFER_RECORDS};
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("15s").unwrap(), Duration::from_secs(15));
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
-        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("10 parsecs").is_err());
-        assert!(parse_duration("fast").is_err());
-    }
 
     fn args(iface: &[&str]) -> AgentArgs {
         AgentArgs {
@@ -741,7 +688,7 @@ mod tests {
     #[test]
     fn rejects_bad_values() {
         let mut a = args(&["eth0"]);
-        a.drain_interval = Some(Duration::from_secs(30));
+        a.drain_interval = Some(HumanDuration(Duration::from_secs(30)));
         assert!(format!("{:#}", a.resolve().unwrap_err()).contains("--drain-interval"));
         let mut a = args(&["eth0"]);
         a.fallback_ring_bytes = Some(5000);
@@ -763,7 +710,7 @@ mod tests {
             assert!(format!("{:#}", a.resolve().unwrap_err()).contains("--max-flows"));
         }
         let mut a = args(&["eth0"]);
-        a.active_timeout = Some(Duration::from_secs(25 * 3600));
+        a.active_timeout = Some(HumanDuration(Duration::from_secs(25 * 3600)));
         assert!(format!("{:#}", a.resolve().unwrap_err()).contains("24h"));
         assert!(args(&[]).resolve().is_err());
         let mut a = args(&["eth0"]);
@@ -779,12 +726,12 @@ mod tests {
         }
         for bad in [Duration::from_micros(50), Duration::from_secs(2)] {
             let mut a = args(&["eth0"]);
-            a.clock_resolution = Some(bad);
+            a.clock_resolution = Some(HumanDuration(bad));
             assert!(format!("{:#}", a.resolve().unwrap_err()).contains("--clock-resolution"));
         }
         let mut a = args(&["eth0"]);
         a.cache_slots = Some(0);
-        a.clock_resolution = Some(Duration::from_millis(10));
+        a.clock_resolution = Some(HumanDuration(Duration::from_millis(10)));
         let c = a.resolve().unwrap();
         assert_eq!(
             (c.cache_slots, c.cache_slots_given, c.clock_resolution),
@@ -864,7 +811,7 @@ mod tests {
     #[test]
     fn short_timeouts_shrink_default_drain_interval() {
         let mut a = args(&["eth0"]);
-        a.active_timeout = Some(Duration::from_millis(300));
+        a.active_timeout = Some(HumanDuration(Duration::from_millis(300)));
         let c = a.resolve().unwrap();
         assert_eq!(c.drain_interval, Duration::from_millis(300));
     }

@@ -609,10 +609,7 @@ pub fn run(mut cfg: AgentConfig) -> Result<()> {
     let mut drainer = Drainer {
         tables,
         agg: FlowAggregator::default(),
-        timeouts: Timeouts {
-            idle_ns: cfg.idle_timeout.as_nanos() as u64,
-            active_ns: cfg.active_timeout.as_nanos() as u64,
-        },
+        timeouts: cfg.timeouts(),
         sinks,
         metrics,
         sampler_address: cfg.sampler_address,
