@@ -16,7 +16,7 @@ use serde::Deserialize;
 use crate::capture::afxdp::{Decap, Queues, Settings as AfxdpSettings, ZeroCopy, DEFAULT_FRAMES};
 use crate::capture::drain::Timeouts;
 use crate::capture::filter::Rule;
-use crate::capture::interfaces::is_glob;
+use crate::capture::interfaces::{host_address, is_glob};
 use crate::capture::loader::{Capture, XdpModeChoice};
 use crate::cmd::flags::{de, layered, ConfigFile, HumanDuration, KafkaArgs, Layer};
 use crate::sink::ipfix::{resolve, ExportSettings};
@@ -478,7 +478,7 @@ impl AgentArgs {
             .unwrap_or_else(|| DEFAULT_METRICS_ADDR.parse().expect("valid default"));
         let sampler_address = match a.sampler_address {
             Some(s) => parse_sampler(&s)?,
-            None => crate::capture::interfaces::host_address(),
+            None => host_address(),
         };
         let kafka = a.kafka.resolve()?;
         let resolve_all = |list: Vec<String>| -> Result<Vec<SocketAddr>> {
