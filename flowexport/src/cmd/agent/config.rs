@@ -629,6 +629,20 @@ mod tests {
         a.config = Some(p.clone());
         let err = format!("{:#}", a.resolve().unwrap_err());
         assert!(err.contains("expected a string or a number"), "{err}");
+        // A bad value says what its flag would: the same parser reads both.
+        for (line, flag_err) in [
+            ("capture = \"XDP\"", "XDP".parse::<Capture>().unwrap_err()),
+            (
+                "kafka-flush-timeout = \"3 parsecs\"",
+                "3 parsecs".parse::<HumanDuration>().unwrap_err(),
+            ),
+        ] {
+            std::fs::write(&p, format!("iface = [\"a\"]\n{line}\n")).unwrap();
+            let mut a = args(&[]);
+            a.config = Some(p.clone());
+            let err = format!("{:#}", a.resolve().unwrap_err());
+            assert!(err.contains(&flag_err), "{err}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
