@@ -65,6 +65,7 @@ pub(crate) mod rate_limited_log;
 pub mod record;
 pub(crate) mod runtime;
 pub mod sink;
+pub(crate) mod sockopt;
 pub(crate) mod timeconv;
 
 #[cfg(test)]

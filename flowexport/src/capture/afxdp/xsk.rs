@@ -161,45 +161,20 @@ pub struct Xsk {
 unsafe impl Send for Xsk {}
 
 fn setsockopt<T>(fd: RawFd, opt: libc::c_int, value: &T) -> io::Result<()> {
-    // SAFETY: value points at a T of the size passed.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_XDP,
-            opt,
-            std::ptr::from_ref(value).cast(),
-            size_of::<T>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    crate::sockopt::set(fd, libc::SOL_XDP, opt, value)
 }
 
-fn getsockopt<T: Default>(fd: RawFd, opt: libc::c_int) -> io::Result<T> {
+/// An SOL_XDP option: its structs are integers, any bytes are valid.
+fn getsockopt<T: Copy + Default>(fd: RawFd, opt: libc::c_int) -> io::Result<T> {
     let mut value = T::default();
-    let mut len = size_of::<T>() as libc::socklen_t;
-    // SAFETY: value is a T of the size passed; the kernel writes at most it.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_XDP,
-            opt,
-            std::ptr::from_mut(&mut value).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    crate::sockopt::get(fd, libc::SOL_XDP, opt, &mut value)?;
     Ok(value)
 }
 
 /// `XDP_STATISTICS` of a socket (any descriptor of it).
 pub fn stats(fd: RawFd) -> io::Result<XskStats> {
     #[repr(C)]
-    #[derive(Default)]
+    #[derive(Clone, Copy, Default)]
     struct Raw {
         rx_dropped: u64,
         rx_invalid_descs: u64,
@@ -220,7 +195,7 @@ pub fn stats(fd: RawFd) -> io::Result<XskStats> {
 /// The kernel's `struct xdp_ring_offset` and `xdp_mmap_offsets`
 /// (libc's have no `Default` for getsockopt to fill).
 #[repr(C)]
-#[derive(Default)]
+#[derive(Clone, Copy, Default)]
 struct RingOffset {
     producer: u64,
     consumer: u64,
@@ -229,7 +204,7 @@ struct RingOffset {
 }
 
 #[repr(C)]
-#[derive(Default)]
+#[derive(Clone, Copy, Default)]
 struct MmapOffsets {
     rx: RingOffset,
     tx: RingOffset,

@@ -80,43 +80,13 @@ pub(super) fn ensure_free(addr: SocketAddr) -> io::Result<()> {
 
 /// Sets the SOL_SOCKET option `opt` of `socket` to `value`.
 fn set_option(socket: &UdpSocket, opt: libc::c_int, value: libc::c_int) -> io::Result<()> {
-    // SAFETY: setsockopt reads one c_int from `value`.
-    let r = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            opt,
-            (&value as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    crate::sockopt::set(socket.as_raw_fd(), libc::SOL_SOCKET, opt, &value)
 }
 
 /// Reads the SOL_SOCKET option `opt` of `socket` into `value`; returns the
 /// bytes the kernel wrote.
 fn get_option<T: Copy>(socket: &UdpSocket, opt: libc::c_int, value: &mut T) -> io::Result<usize> {
-    let mut len = size_of::<T>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `value` (plain
-    // integers here) and sets `len` to what it wrote.
-    let r = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            opt,
-            (value as *mut T).cast(),
-            &mut len,
-        )
-    };
-    if r == 0 {
-        Ok(len as usize)
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    crate::sockopt::get(socket.as_raw_fd(), libc::SOL_SOCKET, opt, value)
 }
 
 /// The receive buffer `socket` got, in the bytes asked for (the kernel
