@@ -10,7 +10,7 @@ use anyhow::Result;
 use prometheus::{IntCounter, IntCounterVec};
 
 use super::config::AgentConfig;
-use super::EXPORT_BATCH;
+use super::{Batches, EXPORT_BATCH};
 use crate::capture::afxdp::xsk::XskStats;
 use crate::capture::afxdp::{AfXdp, XskKey};
 use crate::capture::drain::Timeouts;
@@ -73,13 +73,7 @@ fn export(
         }
     };
     let mut batch: Vec<FlowRecord> = Vec::with_capacity(EXPORT_BATCH);
-    let mut exported = 0;
-    let mut flush = |batch: &mut Vec<FlowRecord>| {
-        let n = batch.len();
-        sinks.send(batch);
-        metrics.flows_exported.inc_by(n as u64);
-        exported += n;
-    };
+    let mut out = Batches::new(&mut batch, sinks, metrics);
     for (k, c) in all.into_iter().flatten().chain(due) {
         let mut r = to_record(&k.flow, &c, &ctx);
         if let Some(t) = k.tunnel {
@@ -88,16 +82,11 @@ fn export(
             r.outer_src_addr = Some(t.outer_src);
             r.outer_dst_addr = Some(t.outer_dst);
         }
-        batch.push(r);
-        if batch.len() == EXPORT_BATCH {
-            flush(&mut batch);
-        }
+        out.push(r);
     }
-    if !batch.is_empty() {
-        flush(&mut batch);
-    }
+    out.flush();
     metrics.flows_active.set(active as i64);
-    exported
+    out.sent
 }
 
 fn update_metrics(

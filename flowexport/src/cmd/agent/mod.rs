@@ -51,6 +51,56 @@ fn raise_memlock() {
 /// flows builds and sends them in batches of this many, not all at once.
 pub(super) const EXPORT_BATCH: usize = 4096;
 
+/// A drain's records on their way to the sinks, [`EXPORT_BATCH`] at a
+/// time (both capture modes): counts them in
+/// `flowexport_flows_exported_total` and the time spent in the sinks.
+pub(super) struct Batches<'a> {
+    batch: &'a mut Vec<FlowRecord>,
+    sinks: &'a mut Fanout,
+    exported: &'a prometheus::IntCounter,
+    /// Records sent so far.
+    pub(super) sent: usize,
+    /// Time spent in the sinks, apart from the drain's own work.
+    pub(super) in_sinks: std::time::Duration,
+}
+
+impl<'a> Batches<'a> {
+    /// `batch` is the buffer (empty) the records gather in.
+    pub(super) fn new(
+        batch: &'a mut Vec<FlowRecord>,
+        sinks: &'a mut Fanout,
+        metrics: &'a AgentMetrics,
+    ) -> Batches<'a> {
+        Batches {
+            batch,
+            sinks,
+            exported: &metrics.flows_exported,
+            sent: 0,
+            in_sinks: std::time::Duration::ZERO,
+        }
+    }
+
+    pub(super) fn push(&mut self, record: FlowRecord) {
+        self.batch.push(record);
+        if self.batch.len() == EXPORT_BATCH {
+            self.flush();
+        }
+    }
+
+    /// Sends what is gathered (call it at the end of a drain).
+    pub(super) fn flush(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let t = Instant::now();
+        let n = self.batch.len();
+        self.sinks.send(self.batch);
+        self.exported.inc_by(n as u64);
+        self.sent += n;
+        self.in_sinks += t.elapsed();
+    }
+}
+
 /// How often, at most, the log says that flows found the table full.
 const TABLE_FULL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -325,30 +375,17 @@ impl Drainer {
             batch,
             ..
         } = self;
-        // Time spent in the sinks, apart from the drain's own work.
-        let mut in_sinks = std::time::Duration::ZERO;
+        let mut out = Batches::new(batch, sinks, metrics);
         let mut emit = |k: &flowexport_common::FlowKey, c: &crate::capture::flow::FlowCounters| {
-            batch.push(to_record(k, c, &ctx));
-            if batch.len() == EXPORT_BATCH {
-                let t = Instant::now();
-                let n = batch.len() as u64;
-                sinks.send(batch);
-                metrics.flows_exported.inc_by(n);
-                in_sinks += t.elapsed();
-            }
+            out.push(to_record(k, c, &ctx));
         };
         let report = match kind {
             Cycle::Periodic => tables.drain(agg, *timeouts, false, &mut emit)?,
             Cycle::Final => tables.drain(agg, *timeouts, true, &mut emit)?,
             Cycle::HandOver => tables.hand_over(agg, *timeouts, &mut emit)?,
         };
-        if !batch.is_empty() {
-            let t = Instant::now();
-            let n = batch.len() as u64;
-            sinks.send(batch);
-            metrics.flows_exported.inc_by(n);
-            in_sinks += t.elapsed();
-        }
+        out.flush();
+        let in_sinks = out.in_sinks;
         // The records are out: now the kernel's copies of their counts may
         // go (an agent killed before this re-exports them, never loses
         // them; see capture::drain).
