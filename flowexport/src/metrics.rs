@@ -53,6 +53,17 @@ pub(crate) fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str])
 }
 
 /// An integer counter, registered in `r`.
+/// `flowexport_sink_errors_total`, which [`Fanout`](crate::sink::Fanout)
+/// counts, for every command that sends records to sinks.
+pub(crate) fn sink_errors(r: &Registry) -> IntCounterVec {
+    counter_vec(
+        r,
+        "flowexport_sink_errors_total",
+        "Batches a sink failed to deliver, by sink.",
+        &["sink"],
+    )
+}
+
 pub(crate) fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
     register(r, IntCounter::new(name, help))
 }
@@ -226,12 +237,7 @@ impl AgentMetrics {
                  XDP program is there), by interface; they are skipped.",
                 &["iface"],
             ),
-            sink_errors: counter_vec(
-                &r,
-                "flowexport_sink_errors_total",
-                "Batches a sink failed to deliver, by sink.",
-                &["sink"],
-            ),
+            sink_errors: sink_errors(&r),
             registry: r,
         }
     }

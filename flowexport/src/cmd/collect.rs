@@ -123,11 +123,7 @@ impl CollectMetrics {
                 "sFlow counter samples received (counted, not exported).",
             ),
             socket_drops: SocketDrops::new(&r),
-            sink_errors: vec(
-                "flowexport_sink_errors_total",
-                "Batches a sink failed to deliver, by sink.",
-                &["sink"],
-            ),
+            sink_errors: crate::metrics::sink_errors(&r),
             registry: r,
         }
     }

@@ -372,16 +372,7 @@ mod tests {
         };
         let mut v = vec![FlowRecord::default(), max];
         // Each tunnel field alone, every tunnel type.
-        for (i, t) in [
-            TunnelType::Vxlan,
-            TunnelType::Geneve,
-            TunnelType::Gre,
-            TunnelType::Erspan,
-            TunnelType::Ipip,
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        for (i, t) in TunnelType::ALL.into_iter().enumerate() {
             v.push(FlowRecord {
                 tunnel_type: Some(t),
                 ..FlowRecord::default()
