@@ -283,7 +283,7 @@ pub const LAYOUT_VERSION: u32 = 4;
 /// An export in progress, kept in the `PENDING` map (userspace only) so that
 /// it survives the agent: the counts its first step took out of the table,
 /// which generation and at which drain epoch (see
-/// `flowexport/src/capture/drain.rs`).
+/// `flowexport/src/capture/drain/`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PendingExport {

@@ -26,7 +26,7 @@
 //! waits for an RCU grace period (so no program still runs with the old
 //! value), and only then reads and clears the old generation's counters and
 //! the old epoch's cache slots, which nobody writes any more. See
-//! `flowexport/src/capture/table.rs` and `drain.rs`.
+//! `flowexport/src/capture/table.rs` and `drain/mod.rs`.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]

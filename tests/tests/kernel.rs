@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
-use flowexport::capture::drain::{FlowAggregator, KernelTables, Start, Timeouts};
+use flowexport::capture::aggregator::{FlowAggregator, Timeouts};
+use flowexport::capture::drain::{KernelTables, Start};
 use flowexport::capture::filter::KernelFilter;
 use flowexport::capture::loader::{Capture, LoadOptions, Programs};
 use flowexport::capture::table::slots_for;

@@ -4,6 +4,7 @@
 //! counters into flows; and the second source, AF_XDP sockets counting in
 //! userspace with the same parser and flow table (`afxdp`).
 pub mod afxdp;
+pub mod aggregator;
 pub(crate) mod bpf_sys;
 pub(crate) mod clock;
 pub mod drain;

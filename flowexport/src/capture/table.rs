@@ -31,7 +31,7 @@
 //!   waits on a process that may be descheduled.
 //! * **Counting** (programs): atomic adds into the current generation's
 //!   counters. The drain reads and clears the other generation once no
-//!   program can still write it (see `drain.rs`).
+//!   program can still write it (see `drain/mod.rs`).
 //! * **Retiring** (drain): an idle flow's slot becomes RETIRING: programs
 //!   pass over it (a new packet of the flow inserts a new slot). Programs
 //!   that looked the slot up before may still count in it until the next
@@ -55,7 +55,7 @@ use flowexport_common::{
 };
 
 use super::bpf_sys::SharedMap;
-use crate::capture::drain::AggregateKey;
+use crate::capture::aggregator::AggregateKey;
 use crate::capture::flow::FlowCounters;
 
 /// Asks the CPU to start loading the cache line of `p`, a hint with no

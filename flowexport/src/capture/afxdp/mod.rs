@@ -31,7 +31,7 @@ use xsk::{Xsk, XskStats};
 
 use decap::{decap, Tunnel};
 
-use super::drain::{AggregateKey, FlowAggregator, FlowMap, Timeouts};
+use super::aggregator::{AggregateKey, FlowAggregator, FlowMap, Timeouts};
 use super::flow::FlowCounters;
 use super::loader::{ifindex, CaptureError, Programs};
 

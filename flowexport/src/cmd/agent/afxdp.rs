@@ -13,7 +13,7 @@ use super::config::AgentConfig;
 use super::{Batches, EXPORT_BATCH};
 use crate::capture::afxdp::xsk::XskStats;
 use crate::capture::afxdp::{AfXdp, XskKey};
-use crate::capture::drain::Timeouts;
+use crate::capture::aggregator::Timeouts;
 use crate::capture::flow::{to_record, FlowCounters, RecordContext};
 use crate::capture::loader::{Capture, LoadOptions, Programs};
 use crate::metrics::AgentMetrics;

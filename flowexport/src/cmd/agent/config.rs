@@ -14,7 +14,7 @@ use clap::Args;
 use serde::Deserialize;
 
 use crate::capture::afxdp::{Decap, Queues, Settings as AfxdpSettings, ZeroCopy, DEFAULT_FRAMES};
-use crate::capture::drain::Timeouts;
+use crate::capture::aggregator::Timeouts;
 use crate::capture::filter::Rule;
 use crate::capture::interfaces::{host_address, is_glob};
 use crate::capture::loader::{Capture, XdpModeChoice};

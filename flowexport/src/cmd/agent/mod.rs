@@ -12,9 +12,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use flowexport_common::{DIR_EGRESS, DIR_INGRESS};
 
-use crate::capture::drain::{
-    DrainReport, FlowAggregator, KernelStats, KernelTables, Start, Timeouts,
-};
+use crate::capture::aggregator::{FlowAggregator, Timeouts};
+use crate::capture::drain::{DrainReport, KernelStats, KernelTables, Start};
 use crate::capture::flow::{to_record, RecordContext};
 use crate::capture::interfaces::{self, Link, LinkEvent, LinkMonitor, Selection};
 use crate::capture::loader::{Capture, LoadOptions, Programs, XdpModeChoice};
