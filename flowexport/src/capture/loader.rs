@@ -53,7 +53,7 @@ pub enum Capture {
     /// The cheaper hook of each interface (the default): native XDP where
     /// the driver runs it on its own receive buffers, TC where native XDP
     /// would copy every packet first (veth), where the driver has no native
-    /// XDP, or where another program holds the XDP hook. See [`auto_hook`].
+    /// XDP, or where another program holds the XDP hook. See `auto_hook`.
     Auto,
     /// An XDP program (`--xdp-mode` says how it attaches).
     Xdp,
@@ -433,7 +433,7 @@ impl Programs {
     }
 
     /// Attaches the ingress program (XDP in `mode`, or TC; with
-    /// `--capture auto` the hook [`auto_hook`] picks for the interface's
+    /// `--capture auto` the hook `auto_hook` picks for the interface's
     /// driver) and the TC egress program to `iface`. Returns how ingress is
     /// counted, for the log.
     ///

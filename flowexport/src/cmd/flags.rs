@@ -175,7 +175,7 @@ pub mod de {
     }
 
     /// Any value whose flag is parsed with `FromStr` (see
-    /// [`deserialize_from_str`](super::deserialize_from_str)).
+    /// `deserialize_from_str!`).
     pub(crate) fn parsed<'de, D, T>(d: D) -> Result<T, D::Error>
     where
         D: Deserializer<'de>,
@@ -220,7 +220,7 @@ deserialize_from_str!(
     HumanDuration
 );
 
-/// A duration flag's value, as [`parse_duration`] reads it: "15s",
+/// A duration flag's value, as `parse_duration` reads it: "15s",
 /// "500ms", "2m", "1h" or a bare number of seconds, on the command line and
 /// in the config file alike.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

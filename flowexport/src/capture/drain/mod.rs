@@ -23,7 +23,7 @@
 //!    those in the table regions the programs marked in `DIRTY` (new flows
 //!    they put there, TCP FIN/RST), where it learns of new flows; the
 //!    replay program reports the new flows it puts in the table instead
-//!    (see [`TableDrain`]). Per flow, it decides from the old generation
+//!    (see `TableDrain`). Per flow, it decides from the old generation
 //!    (exact) and the current one (a snapshot) whether it is due: idle for
 //!    `--idle-timeout`, active for `--active-timeout` since the first packet
 //!    of its slice, or a TCP flow that saw FIN or RST. A flow that is not
@@ -36,7 +36,7 @@
 //!    to the sinks, then commits (stores the first steps' counts in the
 //!    pinned `PENDING` map and clears what it read), so that an agent
 //!    killed in between leaves every count in the kernel for the next one
-//!    (see [`TableDrain::commit`]). Every packet is in exactly one export:
+//!    (see `TableDrain::commit`). Every packet is in exactly one export:
 //!    those counted before this drain in the old generation, those counted
 //!    before the next drain in the other, and anything later starts the
 //!    next slice. Only an active timeout needs the two steps: a flow that
@@ -57,7 +57,7 @@
 //! receiving CPU: they wait in the `MISSES` ring, and the drain thread
 //! counts them in the table itself, every 10 ms while they come and at the
 //! start of every drain, in the generation current at that moment
-//! ([`super::replay`]). A record is counted once, in one generation, so the
+//! (`capture::replay`). A record is counted once, in one generation, so the
 //! scheme above holds for it; while the ring is full the programs count in
 //! the table directly.
 //!
@@ -277,7 +277,7 @@ fn shared(ebpf: &mut Ebpf, name: &'static str, len: usize) -> Result<SharedMap, 
     SharedMap::new(data, len).map_err(|source| DrainError::Mmap { name, source })
 }
 
-/// The pinned `PENDING` map as a [`PendingStore`].
+/// The pinned `PENDING` map as a `PendingStore`.
 pub struct PendingMap {
     /// Always `Map::HashMap`.
     map: aya::maps::Map,
@@ -490,7 +490,7 @@ impl KernelTables {
     }
 
     /// Second half of a drain, once its records are out: see
-    /// [`TableDrain::commit`].
+    /// `TableDrain::commit`.
     pub fn commit(&mut self) -> Result<(), DrainError> {
         self.table
             .commit(&mut self.pending)
@@ -625,7 +625,7 @@ impl KernelTables {
     }
 
     /// Counts the packets waiting in the `MISSES` ring in the table (see
-    /// [`super::replay`]): how many. The agent calls it between drains
+    /// `capture::replay`): how many. The agent calls it between drains
     /// while traffic flows; every drain calls it first.
     pub fn replay_misses(&mut self) -> Result<u64, DrainError> {
         let Some(r) = &mut self.replay else {
