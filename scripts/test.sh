@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine (scripts/setup.sh --test: build tools and the Tansu
 # Kafka broker) and runs every check and test:
-# formatting, clippy (-D warnings), the kernel object build, unit tests and the
-# veth/network-namespace and Kafka integration tests. Run as root.
+# formatting, clippy and rustdoc (-D warnings), the kernel object build, unit
+# tests and the veth/network-namespace and Kafka integration tests. Run as
+# root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -17,6 +18,8 @@ echo "==> cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 (cd flowexport-ebpf && cargo +nightly clippy --release -- -D warnings)
 (cd flowexport-ebpf && cargo +nightly clippy --release --features bench -- -D warnings)
+echo "==> cargo doc"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 echo "==> cargo build --bins"
 cargo build --workspace --bins
 # Each decoder's fuzz target for a bounded time (FUZZ_SECONDS, default 30);

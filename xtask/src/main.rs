@@ -22,7 +22,7 @@ enum Cmd {
         #[arg(long)]
         debug: bool,
     },
-    /// Build the Debian package target/debian/flowexport_<version>_<arch>.deb
+    /// Build the Debian package target/debian/flowexport_VERSION_ARCH.deb
     /// (the release binary with the kernel object embedded, the systemd unit,
     /// the commented /etc/flowexport/agent.toml, the Prometheus and Grafana
     /// files); needs cargo-deb (scripts/setup.sh --test installs it).
