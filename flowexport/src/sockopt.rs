@@ -23,10 +23,21 @@ pub(crate) fn set<T>(fd: RawFd, level: libc::c_int, opt: libc::c_int, value: &T)
     }
 }
 
+/// A type the kernel may fill with any bytes: integers, arrays of them and
+/// `#[repr(C)]` structs of integers.
+///
+/// # Safety
+/// Every bit pattern of the type's size must be a valid value.
+pub(crate) unsafe trait Plain: Copy {}
+
+// SAFETY: integers and arrays of them have no invalid bit patterns.
+unsafe impl Plain for libc::c_int {}
+// SAFETY: as above.
+unsafe impl<const N: usize> Plain for [u32; N] {}
+
 /// Reads option `opt` of `level` of socket `fd` into `value`; returns the
-/// bytes the kernel wrote. `T` is plain data (integers, or a `#[repr(C)]`
-/// struct of them), valid whatever bytes the kernel writes.
-pub(crate) fn get<T: Copy>(
+/// bytes the kernel wrote.
+pub(crate) fn get<T: Plain>(
     fd: RawFd,
     level: libc::c_int,
     opt: libc::c_int,
@@ -34,7 +45,7 @@ pub(crate) fn get<T: Copy>(
 ) -> io::Result<usize> {
     let mut len = size_of::<T>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `value` and sets
-    // `len` to what it wrote; any bytes are a valid T (see above).
+    // `len` to what it wrote; any bytes are a valid T (`Plain`).
     let r = unsafe { libc::getsockopt(fd, level, opt, std::ptr::from_mut(value).cast(), &mut len) };
     if r == 0 {
         Ok(len as usize)

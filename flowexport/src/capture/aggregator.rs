@@ -113,6 +113,7 @@ impl<K: AggregateKey> FlowAggregator<K> {
 }
 
 #[cfg(test)]
+/// Also the keys, counters and timeouts of `drain::table_drain`'s tests.
 pub(crate) mod tests {
     use super::*;
 

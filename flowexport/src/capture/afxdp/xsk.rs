@@ -16,6 +16,8 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::sockopt::Plain;
+
 /// Bytes per UMEM frame: a page, the kernel's default chunk. A longer frame
 /// (a jumbo frame) arrives in several, linked by `XDP_PKT_CONTD` (multi-buffer
 /// AF_XDP, `XDP_USE_SG`: Linux 6.6+); on a kernel without it the kernel
@@ -164,8 +166,7 @@ fn setsockopt<T>(fd: RawFd, opt: libc::c_int, value: &T) -> io::Result<()> {
     crate::sockopt::set(fd, libc::SOL_XDP, opt, value)
 }
 
-/// An SOL_XDP option: its structs are integers, any bytes are valid.
-fn getsockopt<T: Copy + Default>(fd: RawFd, opt: libc::c_int) -> io::Result<T> {
+fn getsockopt<T: Plain + Default>(fd: RawFd, opt: libc::c_int) -> io::Result<T> {
     let mut value = T::default();
     crate::sockopt::get(fd, libc::SOL_XDP, opt, &mut value)?;
     Ok(value)
@@ -183,6 +184,8 @@ pub fn stats(fd: RawFd) -> io::Result<XskStats> {
         rx_fill_ring_empty_descs: u64,
         tx_ring_empty_descs: u64,
     }
+    // SAFETY: u64s only.
+    unsafe impl Plain for Raw {}
     let s: Raw = getsockopt(fd, libc::XDP_STATISTICS)?;
     Ok(XskStats {
         rx_dropped: s.rx_dropped,
@@ -211,6 +214,9 @@ struct MmapOffsets {
     fr: RingOffset,
     cr: RingOffset,
 }
+
+// SAFETY: u64s only (`RingOffset`s).
+unsafe impl Plain for MmapOffsets {}
 
 impl Xsk {
     /// Opens a socket on queue `queue` of interface `ifindex` with `frames`

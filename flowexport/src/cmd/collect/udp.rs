@@ -85,7 +85,11 @@ fn set_option(socket: &UdpSocket, opt: libc::c_int, value: libc::c_int) -> io::R
 
 /// Reads the SOL_SOCKET option `opt` of `socket` into `value`; returns the
 /// bytes the kernel wrote.
-fn get_option<T: Copy>(socket: &UdpSocket, opt: libc::c_int, value: &mut T) -> io::Result<usize> {
+fn get_option<T: crate::sockopt::Plain>(
+    socket: &UdpSocket,
+    opt: libc::c_int,
+    value: &mut T,
+) -> io::Result<usize> {
     crate::sockopt::get(socket.as_raw_fd(), libc::SOL_SOCKET, opt, value)
 }
 
